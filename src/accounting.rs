@@ -1,0 +1,176 @@
+//! Live traffic counters for tunnels, services, node tunnels and access
+//! sessions: bytes each way, active and total connections, datagrams and drops.
+//!
+//! Counters are atomics shared (`Arc`) between the actor that moves the bytes
+//! and whoever reads them, so readings are live, not only at close.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Direction of traffic, seen from the tunnel server's public side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// From the visitor toward the service.
+    In,
+    /// From the service back to the visitor.
+    Out,
+}
+
+/// Counters of one tunnel, service, flow or session.
+#[derive(Debug, Default)]
+pub struct Counters {
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    connections_active: AtomicU64,
+    connections_total: AtomicU64,
+    datagrams_in: AtomicU64,
+    datagrams_out: AtomicU64,
+    drops: AtomicU64,
+}
+
+impl Counters {
+    /// Fresh counters at zero.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Counts `n` payload bytes moved in `direction`.
+    pub fn add_bytes(&self, direction: Direction, n: u64) {
+        match direction {
+            Direction::In => self.bytes_in.fetch_add(n, Relaxed),
+            Direction::Out => self.bytes_out.fetch_add(n, Relaxed),
+        };
+    }
+
+    /// Counts one datagram of `len` bytes in `direction`.
+    pub fn add_datagram(&self, direction: Direction, len: u64) {
+        self.add_bytes(direction, len);
+        match direction {
+            Direction::In => self.datagrams_in.fetch_add(1, Relaxed),
+            Direction::Out => self.datagrams_out.fetch_add(1, Relaxed),
+        };
+    }
+
+    /// Counts one dropped datagram.
+    pub fn add_drop(&self) {
+        self.drops.fetch_add(1, Relaxed);
+    }
+
+    /// A connection (or flow) opened.
+    pub fn connection_opened(&self) {
+        self.connections_active.fetch_add(1, Relaxed);
+        self.connections_total.fetch_add(1, Relaxed);
+    }
+
+    /// A connection (or flow) closed; never goes below zero.
+    pub fn connection_closed(&self) {
+        let _ = self
+            .connections_active
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
+    }
+
+    /// A consistent-enough reading of every counter.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            bytes_in: self.bytes_in.load(Relaxed),
+            bytes_out: self.bytes_out.load(Relaxed),
+            connections_active: self.connections_active.load(Relaxed),
+            connections_total: self.connections_total.load(Relaxed),
+            datagrams_in: self.datagrams_in.load(Relaxed),
+            datagrams_out: self.datagrams_out.load(Relaxed),
+            drops: self.drops.load(Relaxed),
+        }
+    }
+}
+
+/// A reading of [`Counters`], plain data for status pages and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Snapshot {
+    /// Bytes from visitors toward services.
+    pub bytes_in: u64,
+    /// Bytes from services toward visitors.
+    pub bytes_out: u64,
+    /// Connections or flows open now.
+    pub connections_active: u64,
+    /// Connections or flows ever opened.
+    pub connections_total: u64,
+    /// Datagrams toward services.
+    pub datagrams_in: u64,
+    /// Datagrams toward visitors.
+    pub datagrams_out: u64,
+    /// Datagrams dropped (over budget, oversized).
+    pub drops: u64,
+}
+
+/// Counters of a stream and of every scope it belongs to (service, tunnel, ...),
+/// updated together so that each level stays the sum of its parts.
+#[derive(Debug, Clone, Default)]
+pub struct CounterSet {
+    scopes: Vec<std::sync::Arc<Counters>>,
+}
+
+impl CounterSet {
+    /// Updates all of `scopes` together.
+    pub fn new(scopes: Vec<std::sync::Arc<Counters>>) -> Self {
+        Self { scopes }
+    }
+
+    /// Counts bytes on every scope.
+    pub fn add_bytes(&self, direction: Direction, n: u64) {
+        self.scopes.iter().for_each(|c| c.add_bytes(direction, n));
+    }
+
+    /// Counts a datagram on every scope.
+    pub fn add_datagram(&self, direction: Direction, len: u64) {
+        self.scopes
+            .iter()
+            .for_each(|c| c.add_datagram(direction, len));
+    }
+
+    /// Counts a drop on every scope.
+    pub fn add_drop(&self) {
+        self.scopes.iter().for_each(|c| c.add_drop());
+    }
+
+    /// Opens a connection on every scope.
+    pub fn connection_opened(&self) {
+        self.scopes.iter().for_each(|c| c.connection_opened());
+    }
+
+    /// Closes a connection on every scope.
+    pub fn connection_closed(&self) {
+        self.scopes.iter().for_each(|c| c.connection_closed());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn counts_each_way_and_connections() {
+        let c = Counters::new();
+        c.connection_opened();
+        c.add_bytes(Direction::In, 10);
+        c.add_bytes(Direction::Out, 7);
+        c.add_datagram(Direction::In, 5);
+        c.add_drop();
+        c.connection_closed();
+        c.connection_closed(); // never below zero
+        let s = c.snapshot();
+        assert_eq!((s.bytes_in, s.bytes_out), (15, 7));
+        assert_eq!((s.connections_active, s.connections_total), (0, 1));
+        assert_eq!((s.datagrams_in, s.drops), (1, 1));
+    }
+
+    #[test]
+    fn a_set_updates_every_scope() {
+        let service = Arc::new(Counters::new());
+        let tunnel = Arc::new(Counters::new());
+        let set = CounterSet::new(vec![service.clone(), tunnel.clone()]);
+        set.connection_opened();
+        set.add_bytes(Direction::Out, 3);
+        assert_eq!(service.snapshot(), tunnel.snapshot());
+        assert_eq!(tunnel.snapshot().bytes_out, 3);
+    }
+}

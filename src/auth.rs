@@ -1,0 +1,310 @@
+//! Token authentication: SHA-256 hashing, a masked `Secret`, validators, and a
+//! store of hashes compared in constant time. The token travels raw inside
+//! `Auth` (as in the original) and is hashed on arrival; only hashes are kept.
+
+use std::fmt;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// A seed-compatible token check: `Ok(())` admits the token.
+pub type TokenValidator = Arc<dyn Fn(&str) -> crate::Result<()> + Send + Sync>;
+
+/// Why a token was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// The token is empty.
+    #[error("token cannot be empty")]
+    EmptyToken,
+    /// No configured hash matches the token.
+    #[error("invalid tunnel token")]
+    InvalidToken,
+    /// A configured hash is not 64 hex digits.
+    #[error("token hash #{index} is not 64 hex digits")]
+    BadHash {
+        /// Position of the bad hash in the list given.
+        index: usize,
+    },
+    /// The token may not register this service.
+    #[error("token may not register service {0:?}")]
+    RegisterDenied(String),
+    /// The token may not open access streams to this service.
+    #[error("token may not access service {0:?}")]
+    AccessDenied(String),
+}
+
+/// Lowercase hex SHA-256 of the token's UTF-8 bytes: what servers store.
+///
+/// ```
+/// assert_eq!(
+///     zlayer_tunnel::hash_token("test"),
+///     "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+/// );
+/// ```
+#[must_use]
+pub fn hash_token(token: &str) -> String {
+    to_hex(&digest(token))
+}
+
+/// Admits any non-empty token (the seed's validator, for development).
+pub fn accept_all_tokens(token: &str) -> crate::Result<()> {
+    if token.is_empty() {
+        return Err(AuthError::EmptyToken.into());
+    }
+    Ok(())
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(HEX[usize::from(b >> 4)] as char);
+        out.push(HEX[usize::from(b & 0xf)] as char);
+    }
+    out
+}
+
+fn from_hex(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.as_bytes();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in hex.chunks_exact(2).enumerate() {
+        let text = std::str::from_utf8(pair).ok()?;
+        out[i] = u8::from_str_radix(text, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// A token or key: `Debug` and `Display` print a mask, never the value.
+#[derive(Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value itself, for the few places that must send or hash it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// True when the secret is the empty string.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_bytes().ct_eq(other.0.as_bytes()).into()
+    }
+}
+
+impl Eq for Secret {}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(****)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("****")
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Self {
+        Self::new(value)
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Self(value)
+    }
+}
+
+/// What a token may do. `None` in a list means "any service".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenScope {
+    /// Services the token may register; `None` allows any.
+    pub register: Option<Vec<String>>,
+    /// Services the token may open access streams to; `None` allows any.
+    pub access: Option<Vec<String>>,
+}
+
+impl TokenScope {
+    /// A scope that allows everything.
+    pub fn unrestricted() -> Self {
+        Self::default()
+    }
+
+    /// Checks that the token may register `service`.
+    pub fn check_register(&self, service: &str) -> Result<(), AuthError> {
+        allowed(self.register.as_deref(), service)
+            .then_some(())
+            .ok_or_else(|| AuthError::RegisterDenied(service.to_owned()))
+    }
+
+    /// Checks that the token may open access streams to `service`.
+    pub fn check_access(&self, service: &str) -> Result<(), AuthError> {
+        allowed(self.access.as_deref(), service)
+            .then_some(())
+            .ok_or_else(|| AuthError::AccessDenied(service.to_owned()))
+    }
+}
+
+fn allowed(list: Option<&[String]>, service: &str) -> bool {
+    list.is_none_or(|names| names.iter().any(|n| n == service))
+}
+
+/// A known token, by hash, with its scope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TokenEntry {
+    hash: [u8; 32],
+    scope: TokenScope,
+}
+
+/// Accepted tokens, kept only as SHA-256 hashes and compared in constant time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenStore {
+    entries: Vec<TokenEntry>,
+}
+
+impl TokenStore {
+    /// An empty store (refuses every token).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a raw token with an unrestricted scope (it is hashed at once).
+    #[must_use]
+    pub fn with_token(self, token: &str) -> Self {
+        self.with_hash_bytes(digest(token), TokenScope::unrestricted())
+    }
+
+    /// Adds a token by its hex hash, with a scope.
+    pub fn with_hash(self, hex: &str, scope: TokenScope) -> Result<Self, AuthError> {
+        let index = self.entries.len();
+        let hash = from_hex(&hex.to_ascii_lowercase()).ok_or(AuthError::BadHash { index })?;
+        Ok(self.with_hash_bytes(hash, scope))
+    }
+
+    fn with_hash_bytes(mut self, hash: [u8; 32], scope: TokenScope) -> Self {
+        self.entries.push(TokenEntry { hash, scope });
+        self
+    }
+
+    /// Number of tokens known.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when no token is known.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Checks `token` against every hash (no early exit) and returns its scope.
+    pub fn verify(&self, token: &str) -> Result<&TokenScope, AuthError> {
+        if token.is_empty() {
+            return Err(AuthError::EmptyToken);
+        }
+        let hash = digest(token);
+        let mut found = None;
+        for entry in &self.entries {
+            if bool::from(entry.hash.ct_eq(&hash)) {
+                found = Some(&entry.scope);
+            }
+        }
+        found.ok_or(AuthError::InvalidToken)
+    }
+
+    /// This store as a seed-style [`TokenValidator`].
+    pub fn into_validator(self) -> TokenValidator {
+        Arc::new(move |token: &str| self.verify(token).map(|_| ()).map_err(Into::into))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashes_are_lowercase_hex() {
+        let h = hash_token("tun_secret_token");
+        assert_eq!(
+            h,
+            "7b0ae9b2fbe54b98d1b7b10cdac4b33d9dc5ac0ef1e765303d3c034846a3111f"
+        );
+    }
+
+    #[test]
+    fn store_accepts_known_and_refuses_others() {
+        let store = TokenStore::new()
+            .with_token("alpha")
+            .with_hash(&hash_token("beta").to_uppercase(), TokenScope::default())
+            .unwrap();
+        assert!(store.verify("alpha").is_ok());
+        assert!(store.verify("beta").is_ok());
+        assert_eq!(store.verify("gamma"), Err(AuthError::InvalidToken));
+        assert_eq!(store.verify(""), Err(AuthError::EmptyToken));
+    }
+
+    #[test]
+    fn bad_hash_names_its_position() {
+        let err = TokenStore::new()
+            .with_token("a")
+            .with_hash("xyz", TokenScope::default())
+            .unwrap_err();
+        assert_eq!(err, AuthError::BadHash { index: 1 });
+    }
+
+    #[test]
+    fn scopes_limit_register_and_access() {
+        let scope = TokenScope {
+            register: Some(vec!["ssh".into()]),
+            access: Some(vec![]),
+        };
+        let store = TokenStore::new()
+            .with_hash(&hash_token("t"), scope)
+            .unwrap();
+        let scope = store.verify("t").unwrap();
+        assert!(scope.check_register("ssh").is_ok());
+        assert_eq!(
+            scope.check_register("db"),
+            Err(AuthError::RegisterDenied("db".into()))
+        );
+        assert!(scope.check_access("ssh").is_err());
+        assert!(TokenScope::unrestricted().check_access("any").is_ok());
+    }
+
+    #[test]
+    fn secret_never_prints() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s} {s:?}"), "**** Secret(****)");
+        assert_eq!(s, Secret::new("hunter2"));
+        assert_ne!(s, Secret::new("hunter3"));
+    }
+
+    #[test]
+    fn validators_refuse_empty_and_unknown() {
+        assert!(accept_all_tokens("x").is_ok());
+        assert!(accept_all_tokens("").is_err());
+        let v = TokenStore::new().with_token("ok").into_validator();
+        assert!(v("ok").is_ok());
+        assert!(v("no").is_err());
+    }
+}

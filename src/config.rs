@@ -1,0 +1,459 @@
+//! Configuration: the seed's builder API, serde/TOML, and `validate()` whose
+//! errors name the offending key. Every timeout, interval and limit is a field
+//! with a documented default. Files are read by the binary, not here.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::auth::Secret;
+use crate::protocol::{MAX_SERVICE_NAME_LEN, MAX_WINDOW, ServiceProtocol};
+
+/// Why a configuration is unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A key holds a bad value.
+    #[error("{key}: {reason}")]
+    Invalid {
+        /// The key, as written in TOML (`services[1].name`).
+        key: String,
+        /// What is wrong with its value.
+        reason: String,
+    },
+    /// The text is not valid TOML for this configuration.
+    #[error("{0}")]
+    Parse(String),
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Tunnel server settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TunnelServerConfig {
+    /// Whether the server runs at all. Default `true`.
+    pub enabled: bool,
+    /// HTTP path of the control WebSocket. Default `/tunnel/v1`.
+    pub control_path: String,
+    /// Public ports handed to services, inclusive. Default `(30000, 31000)`.
+    pub data_port_range: (u16, u16),
+    /// Host the public listeners bind. Default `0.0.0.0`.
+    pub bind_host: String,
+    /// How often the server sends `Heartbeat`. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// An agent silent (no `HeartbeatAck`) this long is dropped. Default 40 s.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_timeout: Duration,
+    /// A socket that has not authenticated within this is closed. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub auth_timeout: Duration,
+    /// Most agents connected at once. Default 1000.
+    pub max_tunnels: usize,
+    /// Most services one agent may register. Default 50.
+    pub max_services_per_tunnel: usize,
+    /// Most open visitor connections per service. Default 16384.
+    pub max_connections_per_service: usize,
+    /// Most open streams per tunnel, all services together. Default 16384.
+    pub max_streams_per_tunnel: usize,
+    /// Bytes an agent may send on a new stream before its first credit. Default 64 KiB.
+    pub stream_window: u32,
+    /// Largest window a busy stream grows to. Default 1 MiB.
+    pub max_stream_window: u32,
+    /// Credit shared by a tunnel's streams for growing their windows. Default 16 MiB.
+    pub tunnel_window_budget: u64,
+}
+
+impl Default for TunnelServerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            control_path: "/tunnel/v1".into(),
+            data_port_range: (30000, 31000),
+            bind_host: "0.0.0.0".into(),
+            heartbeat_interval: Duration::from_secs(30),
+            heartbeat_timeout: Duration::from_secs(40),
+            auth_timeout: Duration::from_secs(10),
+            max_tunnels: 1000,
+            max_services_per_tunnel: 50,
+            max_connections_per_service: 16384,
+            max_streams_per_tunnel: 16384,
+            stream_window: 64 * 1024,
+            max_stream_window: 1024 * 1024,
+            tunnel_window_budget: 16 * 1024 * 1024,
+        }
+    }
+}
+
+impl TunnelServerConfig {
+    /// The defaults.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Parses TOML (unknown keys are refused) and validates it.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Sets the public port range (inclusive).
+    #[must_use]
+    pub fn with_port_range(mut self, low: u16, high: u16) -> Self {
+        self.data_port_range = (low, high);
+        self
+    }
+
+    /// Sets the host public listeners bind.
+    #[must_use]
+    pub fn with_bind_host(mut self, host: impl Into<String>) -> Self {
+        self.bind_host = host.into();
+        self
+    }
+
+    /// Sets the heartbeat interval and timeout.
+    #[must_use]
+    pub fn with_heartbeat(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.heartbeat_interval = interval;
+        self.heartbeat_timeout = timeout;
+        self
+    }
+
+    /// Checks every key; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.control_path.starts_with('/') {
+            return Err(invalid("control_path", "must start with '/'"));
+        }
+        let (low, high) = self.data_port_range;
+        if low == 0 || low > high {
+            return Err(invalid(
+                "data_port_range",
+                format!("{low}-{high} is empty: need 1 <= low <= high"),
+            ));
+        }
+        if self.bind_host.is_empty() {
+            return Err(invalid("bind_host", "must not be empty"));
+        }
+        positive("heartbeat_interval", self.heartbeat_interval)?;
+        positive("auth_timeout", self.auth_timeout)?;
+        if self.heartbeat_timeout <= self.heartbeat_interval {
+            return Err(invalid(
+                "heartbeat_timeout",
+                format!(
+                    "must be longer than heartbeat_interval ({})",
+                    humantime::format_duration(self.heartbeat_interval)
+                ),
+            ));
+        }
+        self.validate_limits()
+    }
+
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        for (key, value) in [
+            ("max_tunnels", self.max_tunnels),
+            ("max_services_per_tunnel", self.max_services_per_tunnel),
+            (
+                "max_connections_per_service",
+                self.max_connections_per_service,
+            ),
+            ("max_streams_per_tunnel", self.max_streams_per_tunnel),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        validate_window("stream_window", self.stream_window)?;
+        if self.max_stream_window < self.stream_window || self.max_stream_window > MAX_WINDOW {
+            return Err(invalid(
+                "max_stream_window",
+                "must be between stream_window and 2147483647",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn positive(key: &str, value: Duration) -> Result<(), ConfigError> {
+    if value.is_zero() {
+        return Err(invalid(key, "must be longer than 0s"));
+    }
+    Ok(())
+}
+
+fn validate_window(key: &str, value: u32) -> Result<(), ConfigError> {
+    if !(1024..=MAX_WINDOW).contains(&value) {
+        return Err(invalid(key, "must be between 1024 and 2147483647"));
+    }
+    Ok(())
+}
+
+/// Tunnel agent settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelClientConfig {
+    /// Control URL of the server, `ws://` or `wss://`.
+    pub server_url: String,
+    /// The token, sent raw inside `Auth`; masked in logs.
+    pub token: Secret,
+    /// Stable id of this agent; drawn once at start when absent, kept across reconnects.
+    #[serde(default)]
+    pub client_id: Option<Uuid>,
+    /// First reconnect delay. Default 1 s.
+    #[serde(default = "default_reconnect", with = "humantime_serde")]
+    pub reconnect_interval: Duration,
+    /// Longest reconnect delay. Default 60 s.
+    #[serde(default = "default_max_reconnect", with = "humantime_serde")]
+    pub max_reconnect_interval: Duration,
+    /// A connection that lasted this long resets the backoff. Default 10 s.
+    #[serde(default = "default_stable_after", with = "humantime_serde")]
+    pub stable_after: Duration,
+    /// How often the agent sends its own `Heartbeat`. Default 15 s.
+    #[serde(default = "default_agent_heartbeat", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Nothing heard from the server for this long drops the connection. Default 40 s.
+    #[serde(default = "default_agent_timeout", with = "humantime_serde")]
+    pub heartbeat_timeout: Duration,
+    /// Deadline for the WebSocket handshake and authentication. Default 10 s.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Deadline for dialing a local service. Default 5 s.
+    #[serde(default = "default_local_timeout", with = "humantime_serde")]
+    pub local_connect_timeout: Duration,
+    /// Bytes the server may send on a new stream before its first credit. Default 64 KiB.
+    #[serde(default = "default_stream_window")]
+    pub stream_window: u32,
+    /// Largest window a busy stream grows to. Default 1 MiB.
+    #[serde(default = "default_max_stream_window")]
+    pub max_stream_window: u32,
+    /// Credit shared by the agent's streams for growing their windows. Default 16 MiB.
+    #[serde(default = "default_tunnel_budget")]
+    pub tunnel_window_budget: u64,
+    /// Services to register.
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
+}
+
+fn default_reconnect() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_max_reconnect() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_stable_after() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_agent_heartbeat() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_agent_timeout() -> Duration {
+    Duration::from_secs(40)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_local_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_stream_window() -> u32 {
+    64 * 1024
+}
+fn default_max_stream_window() -> u32 {
+    1024 * 1024
+}
+fn default_tunnel_budget() -> u64 {
+    16 * 1024 * 1024
+}
+
+impl TunnelClientConfig {
+    /// An agent for `server_url` with `token` and the defaults.
+    #[must_use]
+    pub fn new(server_url: impl Into<String>, token: impl Into<String>) -> Self {
+        Self {
+            server_url: server_url.into(),
+            token: Secret::new(token.into()),
+            client_id: None,
+            reconnect_interval: default_reconnect(),
+            max_reconnect_interval: default_max_reconnect(),
+            stable_after: default_stable_after(),
+            heartbeat_interval: default_agent_heartbeat(),
+            heartbeat_timeout: default_agent_timeout(),
+            connect_timeout: default_connect_timeout(),
+            local_connect_timeout: default_local_timeout(),
+            stream_window: default_stream_window(),
+            max_stream_window: default_max_stream_window(),
+            tunnel_window_budget: default_tunnel_budget(),
+            services: Vec::new(),
+        }
+    }
+
+    /// Parses TOML (unknown keys are refused) and validates it.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Adds a service.
+    #[must_use]
+    pub fn with_service(mut self, service: ServiceConfig) -> Self {
+        self.services.push(service);
+        self
+    }
+
+    /// Sets the reconnect backoff bounds.
+    #[must_use]
+    pub fn with_reconnect(mut self, initial: Duration, max: Duration) -> Self {
+        self.reconnect_interval = initial;
+        self.max_reconnect_interval = max;
+        self
+    }
+
+    /// Checks every key; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.server_url.starts_with("ws://") || self.server_url.starts_with("wss://")) {
+            return Err(invalid("server_url", "must start with ws:// or wss://"));
+        }
+        if self.token.is_empty() {
+            return Err(invalid("token", "must not be empty"));
+        }
+        positive("reconnect_interval", self.reconnect_interval)?;
+        if self.max_reconnect_interval < self.reconnect_interval {
+            return Err(invalid(
+                "max_reconnect_interval",
+                "must be at least reconnect_interval",
+            ));
+        }
+        positive("heartbeat_interval", self.heartbeat_interval)?;
+        if self.heartbeat_timeout <= self.heartbeat_interval {
+            return Err(invalid(
+                "heartbeat_timeout",
+                "must be longer than heartbeat_interval",
+            ));
+        }
+        positive("connect_timeout", self.connect_timeout)?;
+        positive("local_connect_timeout", self.local_connect_timeout)?;
+        validate_window("stream_window", self.stream_window)?;
+        self.validate_services()
+    }
+
+    fn validate_services(&self) -> Result<(), ConfigError> {
+        for (i, service) in self.services.iter().enumerate() {
+            service.validate_at(&format!("services[{i}]"))?;
+            if self.services[..i].iter().any(|s| s.name == service.name) {
+                return Err(invalid(
+                    format!("services[{i}].name"),
+                    format!("{:?} is registered twice", service.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A service the agent exposes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Name: 1-255 bytes of letters, digits, `-` and `_`.
+    pub name: String,
+    /// TCP or UDP. Default TCP.
+    #[serde(default)]
+    pub protocol: ServiceProtocol,
+    /// Port of the service next to the agent.
+    pub local_port: u16,
+    /// Host of the service next to the agent. Default `127.0.0.1`.
+    #[serde(default = "default_local_host")]
+    pub local_host: String,
+    /// Requested public port; 0 lets the server choose. Default 0.
+    #[serde(default)]
+    pub remote_port: u16,
+}
+
+fn default_local_host() -> String {
+    "127.0.0.1".into()
+}
+
+impl ServiceConfig {
+    /// A TCP service on `127.0.0.1:local_port`.
+    #[must_use]
+    pub fn tcp(name: impl Into<String>, local_port: u16) -> Self {
+        Self::with_protocol(name, ServiceProtocol::Tcp, local_port)
+    }
+
+    /// A UDP service on `127.0.0.1:local_port`.
+    #[must_use]
+    pub fn udp(name: impl Into<String>, local_port: u16) -> Self {
+        Self::with_protocol(name, ServiceProtocol::Udp, local_port)
+    }
+
+    fn with_protocol(name: impl Into<String>, protocol: ServiceProtocol, local_port: u16) -> Self {
+        Self {
+            name: name.into(),
+            protocol,
+            local_port,
+            local_host: default_local_host(),
+            remote_port: 0,
+        }
+    }
+
+    /// Asks for a specific public port.
+    #[must_use]
+    pub const fn with_remote_port(mut self, port: u16) -> Self {
+        self.remote_port = port;
+        self
+    }
+
+    /// Sets the host of the local service.
+    #[must_use]
+    pub fn with_local_host(mut self, host: impl Into<String>) -> Self {
+        self.local_host = host.into();
+        self
+    }
+
+    /// The local address to dial, `host:port`.
+    pub fn local_addr(&self) -> String {
+        if self.local_host.contains(':') {
+            format!("[{}]:{}", self.local_host, self.local_port)
+        } else {
+            format!("{}:{}", self.local_host, self.local_port)
+        }
+    }
+
+    /// Checks the service on its own.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_at("service")
+    }
+
+    fn validate_at(&self, at: &str) -> Result<(), ConfigError> {
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= MAX_SERVICE_NAME_LEN
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !name_ok {
+            return Err(invalid(
+                format!("{at}.name"),
+                format!("{:?} must be 1-255 letters, digits, '-' or '_'", self.name),
+            ));
+        }
+        if self.local_port == 0 {
+            return Err(invalid(format!("{at}.local_port"), "must not be 0"));
+        }
+        if self.local_host.is_empty() {
+            return Err(invalid(format!("{at}.local_host"), "must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

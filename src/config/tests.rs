@@ -1,0 +1,123 @@
+use super::*;
+
+#[test]
+fn seed_builder_api() {
+    let config = TunnelClientConfig::new("wss://tunnel.example.com/tunnel/v1", "my-auth-token")
+        .with_service(ServiceConfig::tcp("ssh", 22).with_remote_port(2222))
+        .with_service(ServiceConfig::udp("dns", 53));
+    assert_eq!(config.services[0].remote_port, 2222);
+    assert_eq!(config.services[1].protocol, ServiceProtocol::Udp);
+    assert_eq!(config.services[1].local_addr(), "127.0.0.1:53");
+    assert!(config.validate().is_ok());
+    assert!(!format!("{config:?}").contains("my-auth-token"));
+}
+
+#[test]
+fn server_defaults_are_valid() {
+    let config = TunnelServerConfig::default();
+    assert!(config.validate().is_ok());
+    assert_eq!(config.control_path, "/tunnel/v1");
+    assert_eq!(config.data_port_range, (30000, 31000));
+}
+
+#[test]
+fn errors_name_the_key() {
+    let bad =
+        TunnelServerConfig::new().with_heartbeat(Duration::from_secs(30), Duration::from_secs(5));
+    let err = bad.validate().unwrap_err();
+    assert!(err.to_string().starts_with("heartbeat_timeout:"), "{err}");
+
+    let bad = TunnelServerConfig::new().with_port_range(10, 9);
+    assert!(
+        bad.validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("data_port_range:")
+    );
+
+    let bad = TunnelClientConfig::new("http://x", "t");
+    assert!(
+        bad.validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("server_url:")
+    );
+
+    let bad = TunnelClientConfig::new("ws://x", "t")
+        .with_service(ServiceConfig::tcp("a", 1))
+        .with_service(ServiceConfig::tcp("a b", 2));
+    let err = bad.validate().unwrap_err().to_string();
+    assert!(err.starts_with("services[1].name:"), "{err}");
+
+    let bad = TunnelClientConfig::new("ws://x", "t")
+        .with_service(ServiceConfig::tcp("a", 1))
+        .with_service(ServiceConfig::tcp("a", 2));
+    assert!(bad.validate().unwrap_err().to_string().contains("twice"));
+
+    let long = "n".repeat(256);
+    let err = ServiceConfig::tcp(long, 1).validate().unwrap_err();
+    assert!(err.to_string().starts_with("service.name:"));
+}
+
+#[test]
+fn single_port_range_is_valid() {
+    assert!(
+        TunnelServerConfig::new()
+            .with_port_range(21011, 21011)
+            .validate()
+            .is_ok()
+    );
+}
+
+#[test]
+fn toml_round_trip_with_human_durations() {
+    let text = r#"
+        control_path = "/t"
+        data_port_range = [21000, 21010]
+        heartbeat_interval = "500ms"
+        heartbeat_timeout = "3s"
+        max_tunnels = 7
+    "#;
+    let config = TunnelServerConfig::from_toml_str(text).unwrap();
+    assert_eq!(config.heartbeat_interval, Duration::from_millis(500));
+    assert_eq!(config.max_tunnels, 7);
+    assert_eq!(config.bind_host, "0.0.0.0");
+    let again = toml::to_string(&config).unwrap();
+    assert_eq!(TunnelServerConfig::from_toml_str(&again).unwrap(), config);
+}
+
+#[test]
+fn toml_refuses_unknown_keys_and_bad_values() {
+    let err = TunnelServerConfig::from_toml_str("max_tunels = 3").unwrap_err();
+    assert!(
+        matches!(err, ConfigError::Parse(ref m) if m.contains("max_tunels")),
+        "{err}"
+    );
+    let err = TunnelServerConfig::from_toml_str("max_tunnels = 0").unwrap_err();
+    assert!(err.to_string().starts_with("max_tunnels:"));
+}
+
+#[test]
+fn client_toml_with_services() {
+    let text = r#"
+        server_url = "ws://127.0.0.1:7000/tunnel/v1"
+        token = "secret"
+        reconnect_interval = "100ms"
+
+        [[services]]
+        name = "ssh"
+        local_port = 22
+        remote_port = 30000
+
+        [[services]]
+        name = "dns"
+        protocol = "udp"
+        local_port = 53
+        local_host = "::1"
+    "#;
+    let config = TunnelClientConfig::from_toml_str(text).unwrap();
+    assert_eq!(config.token.expose(), "secret");
+    assert_eq!(config.reconnect_interval, Duration::from_millis(100));
+    assert_eq!(config.services[1].local_addr(), "[::1]:53");
+    assert_eq!(config.services[0].protocol, ServiceProtocol::Tcp);
+}

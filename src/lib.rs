@@ -1,0 +1,42 @@
+//! # zlayer-tunnel
+//!
+//! Secure reverse tunnels for ZLayer nodes. An **agent** next to private
+//! services dials *out* to a **tunnel server** over a WebSocket (`ws://` or
+//! `wss://`), authenticates with a token (the server keeps only SHA-256
+//! hashes) and registers TCP and UDP services; the server opens a public port
+//! for each and forwards every visitor through the tunnel to the agent.
+//!
+//! ## Architecture
+//!
+//! * `src/` is the **sans-IO core**: the wire protocol ([`protocol`]),
+//!   configuration ([`config`]), token auth ([`auth`]), the port pool
+//!   ([`ports`]), reconnect backoff ([`backoff`]), flow-control windows
+//!   ([`flow`]) and traffic counters ([`accounting`]). It opens no socket,
+//!   reads no clock and draws no random number: callers pass `now` and random
+//!   values in, so every rule is unit-tested with fabricated inputs.
+//! * `actors/` is the **runtime** ([`actors`]): actix actors that move bytes
+//!   and carry out the core's decisions, one actor per file.
+//!
+//! The normative wire format, including the negotiated data-plane extension,
+//! is `docs/PROTOCOL.md`.
+
+#[path = "../actors/mod.rs"]
+pub mod actors;
+
+pub mod accounting;
+pub mod auth;
+pub mod backoff;
+pub mod config;
+mod error;
+pub mod flow;
+pub mod ports;
+pub mod protocol;
+
+pub use auth::{
+    AuthError, Secret, TokenScope, TokenStore, TokenValidator, accept_all_tokens, hash_token,
+};
+pub use config::{ConfigError, ServiceConfig, TunnelClientConfig, TunnelServerConfig};
+pub use error::{Result, TunnelError};
+pub use protocol::{
+    HEADER_SIZE, MAX_MESSAGE_SIZE, Message, MessageType, PROTOCOL_VERSION, ServiceProtocol,
+};

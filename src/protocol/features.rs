@@ -1,0 +1,147 @@
+//! Capability bits that negotiate our data-plane extension (see docs/PROTOCOL.md §4).
+
+use std::fmt;
+
+/// Version of the extension block carried after `Auth` and `AuthOk`.
+pub const EXT_VERSION: u8 = 1;
+
+/// Default initial per-stream window, used when a peer announces none.
+pub const DEFAULT_INITIAL_WINDOW: u32 = 64 * 1024;
+
+/// Largest window (and window increment) a peer may announce: 2^31 - 1, as HTTP/2.
+pub const MAX_WINDOW: u32 = i32::MAX as u32;
+
+/// A set of data-plane features, as announced in the extension block.
+///
+/// ```
+/// use zlayer_tunnel::protocol::Features;
+/// let ours = Features::STREAMS | Features::DATAGRAMS;
+/// assert_eq!(ours & Features::STREAMS, Features::STREAMS);
+/// assert!(!ours.contains(Features::ACCESS));
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Features(u32);
+
+impl Features {
+    /// No feature: a legacy (control-plane only) peer.
+    pub const NONE: Self = Self(0);
+    /// TCP streams multiplexed over the control WebSocket (`Data`, `Close`, `Window`).
+    pub const STREAMS: Self = Self(1);
+    /// UDP flows carried as `Datagram` messages.
+    pub const DATAGRAMS: Self = Self(1 << 1);
+    /// `Open`: streams to a named service, for on-demand access sessions.
+    pub const ACCESS: Self = Self(1 << 2);
+    /// Everything this implementation supports.
+    pub const ALL: Self = Self(0b111);
+
+    /// Builds a set from raw bits; unknown bits are kept (a newer peer's features).
+    pub const fn from_bits(bits: u32) -> Self {
+        Self(bits)
+    }
+
+    /// The raw bits, as they travel on the wire.
+    pub const fn bits(self) -> u32 {
+        self.0
+    }
+
+    /// True when every bit of `other` is set in `self`.
+    pub const fn contains(self, other: Self) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// True when no bit is set.
+    pub const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+}
+
+impl std::ops::BitOr for Features {
+    type Output = Self;
+    fn bitor(self, rhs: Self) -> Self {
+        Self(self.0 | rhs.0)
+    }
+}
+
+impl std::ops::BitAnd for Features {
+    type Output = Self;
+    fn bitand(self, rhs: Self) -> Self {
+        Self(self.0 & rhs.0)
+    }
+}
+
+impl fmt::Debug for Features {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names = [
+            (Self::STREAMS, "STREAMS"),
+            (Self::DATAGRAMS, "DATAGRAMS"),
+            (Self::ACCESS, "ACCESS"),
+        ];
+        let mut list = f.debug_set();
+        for (bit, name) in names {
+            if self.contains(bit) {
+                list.entry(&format_args!("{name}"));
+            }
+        }
+        let unknown = self.0 & !Self::ALL.0;
+        if unknown != 0 {
+            list.entry(&format_args!("{unknown:#x}"));
+        }
+        list.finish()
+    }
+}
+
+/// What a peer announces in the extension block of `Auth` (agent) or `AuthOk` (server).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Features offered (`Auth`) or accepted (`AuthOk`, a subset of the offer).
+    pub features: Features,
+    /// Bytes the announcer accepts on each new stream before its first `Window`.
+    pub initial_window: u32,
+}
+
+impl Capabilities {
+    /// Capabilities with the default initial window.
+    pub const fn new(features: Features) -> Self {
+        Self {
+            features,
+            initial_window: DEFAULT_INITIAL_WINDOW,
+        }
+    }
+
+    /// The answer a server gives to `offer`: the features both sides support.
+    pub fn accept(offer: Self, supported: Features, initial_window: u32) -> Self {
+        Self {
+            features: offer.features & supported,
+            initial_window,
+        }
+    }
+}
+
+/// Features of a peer that sent no extension block: control plane only.
+pub fn features_of(caps: Option<Capabilities>) -> Features {
+    caps.map_or(Features::NONE, |c| c.features)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_is_the_intersection() {
+        let offer = Capabilities::new(Features::from_bits(0b1_0101));
+        let answer = Capabilities::accept(offer, Features::ALL, 4096);
+        assert_eq!(answer.features, Features::STREAMS | Features::ACCESS);
+        assert_eq!(answer.initial_window, 4096);
+    }
+
+    #[test]
+    fn debug_names_bits_and_keeps_unknown_ones() {
+        let f = Features::STREAMS | Features::from_bits(0x100);
+        assert_eq!(format!("{f:?}"), "{STREAMS, 0x100}");
+    }
+
+    #[test]
+    fn no_block_means_legacy() {
+        assert!(features_of(None).is_empty());
+    }
+}

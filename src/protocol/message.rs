@@ -1,0 +1,489 @@
+//! The protocol vocabulary: message types, the `Message` enum and its checked constructors.
+
+use bytes::Bytes;
+use uuid::Uuid;
+
+use super::{Capabilities, Features, HEADER_SIZE, MAX_MESSAGE_SIZE};
+use crate::auth::Secret;
+
+/// Length of a UUID on the wire.
+pub(crate) const UUID_LEN: usize = 16;
+
+/// Largest payload a `Data` or `Datagram` message carries in one frame.
+pub const MAX_DATA_PAYLOAD: usize = MAX_MESSAGE_SIZE - HEADER_SIZE - UUID_LEN;
+
+/// Longest service name (its length travels in one byte).
+pub const MAX_SERVICE_NAME_LEN: usize = u8::MAX as usize;
+
+/// The type byte of every message, the seed's 13 plus our 0x50-0x7F extension block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum MessageType {
+    /// Client authentication request (C->S).
+    Auth = 0x01,
+    /// Authentication success with the tunnel id (S->C).
+    AuthOk = 0x02,
+    /// Authentication failure with a reason (S->C).
+    AuthFail = 0x03,
+    /// Service registration request (C->S).
+    Register = 0x10,
+    /// Registration success with the service id (S->C).
+    RegisterOk = 0x11,
+    /// Registration failure (S->C).
+    RegisterFail = 0x12,
+    /// Incoming connection notification; opens a stream when STREAMS is on (S->C).
+    Connect = 0x20,
+    /// Connection accepted (C->S).
+    ConnectAck = 0x21,
+    /// Connection rejected (C->S).
+    ConnectFail = 0x22,
+    /// Keepalive with a timestamp (both ways).
+    Heartbeat = 0x30,
+    /// Heartbeat response (both ways).
+    HeartbeatAck = 0x31,
+    /// Service unregistration (C->S).
+    Unregister = 0x40,
+    /// Server disconnect notification (S->C).
+    Disconnect = 0x41,
+    /// Stream bytes (extension, STREAMS).
+    Data = 0x50,
+    /// Stream half-close or abort (extension, STREAMS).
+    Close = 0x51,
+    /// Stream credit (extension, STREAMS).
+    Window = 0x52,
+    /// One UDP datagram of a flow (extension, DATAGRAMS).
+    Datagram = 0x53,
+    /// Open a stream to a named service (extension, ACCESS).
+    Open = 0x54,
+}
+
+impl MessageType {
+    /// The feature a peer must have announced before it may be sent this type.
+    pub const fn required_feature(self) -> Features {
+        match self {
+            Self::Data | Self::Close | Self::Window => Features::STREAMS,
+            Self::Datagram => Features::DATAGRAMS,
+            Self::Open => Features::ACCESS,
+            _ => Features::NONE,
+        }
+    }
+}
+
+impl TryFrom<u8> for MessageType {
+    type Error = u8;
+
+    fn try_from(byte: u8) -> Result<Self, u8> {
+        Ok(match byte {
+            0x01 => Self::Auth,
+            0x02 => Self::AuthOk,
+            0x03 => Self::AuthFail,
+            0x10 => Self::Register,
+            0x11 => Self::RegisterOk,
+            0x12 => Self::RegisterFail,
+            0x20 => Self::Connect,
+            0x21 => Self::ConnectAck,
+            0x22 => Self::ConnectFail,
+            0x30 => Self::Heartbeat,
+            0x31 => Self::HeartbeatAck,
+            0x40 => Self::Unregister,
+            0x41 => Self::Disconnect,
+            0x50 => Self::Data,
+            0x51 => Self::Close,
+            0x52 => Self::Window,
+            0x53 => Self::Datagram,
+            0x54 => Self::Open,
+            other => return Err(other),
+        })
+    }
+}
+
+/// Transport protocol of a service.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceProtocol {
+    /// TCP (wire byte 0).
+    #[default]
+    Tcp,
+    /// UDP (wire byte 1).
+    Udp,
+}
+
+impl ServiceProtocol {
+    /// The wire byte.
+    pub const fn to_byte(self) -> u8 {
+        match self {
+            Self::Tcp => 0,
+            Self::Udp => 1,
+        }
+    }
+
+    /// Parses the wire byte; anything but 0 or 1 is refused.
+    pub const fn from_byte(byte: u8) -> Result<Self, u8> {
+        match byte {
+            0 => Ok(Self::Tcp),
+            1 => Ok(Self::Udp),
+            other => Err(other),
+        }
+    }
+}
+
+impl std::fmt::Display for ServiceProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        })
+    }
+}
+
+/// How a stream ends in one direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseKind {
+    /// Half-close: the sender will send no more bytes (TCP FIN). Wire byte 0.
+    Eof,
+    /// Reset: the stream is gone both ways (TCP RST). Wire byte 1.
+    Abort,
+}
+
+impl CloseKind {
+    /// The wire byte.
+    pub const fn to_byte(self) -> u8 {
+        match self {
+            Self::Eof => 0,
+            Self::Abort => 1,
+        }
+    }
+
+    /// Parses the wire byte.
+    pub const fn from_byte(byte: u8) -> Option<Self> {
+        match byte {
+            0 => Some(Self::Eof),
+            1 => Some(Self::Abort),
+            _ => None,
+        }
+    }
+}
+
+/// One protocol message. Variants with variable-length content are
+/// `#[non_exhaustive]`: build them with the checked constructors below, which
+/// refuse content that cannot be encoded instead of truncating it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Client authentication: the raw token (hashed on arrival) and a stable client id.
+    #[non_exhaustive]
+    Auth {
+        /// The token, masked in `Debug`.
+        token: Secret,
+        /// Identifies the agent across reconnects.
+        client_id: Uuid,
+        /// Extension block; `None` for a legacy agent.
+        capabilities: Option<Capabilities>,
+    },
+    /// Authentication success.
+    AuthOk {
+        /// The tunnel's id.
+        tunnel_id: Uuid,
+        /// Features accepted; `None` for a legacy server.
+        capabilities: Option<Capabilities>,
+    },
+    /// Authentication failure.
+    #[non_exhaustive]
+    AuthFail {
+        /// Why the token was refused.
+        reason: String,
+    },
+    /// Service registration.
+    #[non_exhaustive]
+    Register {
+        /// Service name, at most 255 bytes.
+        name: String,
+        /// TCP or UDP.
+        protocol: ServiceProtocol,
+        /// Port of the service next to the agent.
+        local_port: u16,
+        /// Requested public port, 0 for any.
+        remote_port: u16,
+    },
+    /// Registration success.
+    RegisterOk {
+        /// The service's id.
+        service_id: Uuid,
+        /// The public port assigned; `None` from a legacy server.
+        port: Option<u16>,
+    },
+    /// Registration failure.
+    #[non_exhaustive]
+    RegisterFail {
+        /// Why the registration was refused.
+        reason: String,
+    },
+    /// A visitor connected (or a UDP flow began); opens a stream under STREAMS.
+    #[non_exhaustive]
+    Connect {
+        /// The service the visitor reached.
+        service_id: Uuid,
+        /// The new connection (stream) id.
+        connection_id: Uuid,
+        /// The visitor's address, as text.
+        client_addr: String,
+    },
+    /// The agent accepted the connection.
+    ConnectAck {
+        /// The connection.
+        connection_id: Uuid,
+    },
+    /// The agent refused the connection.
+    #[non_exhaustive]
+    ConnectFail {
+        /// The connection.
+        connection_id: Uuid,
+        /// Why.
+        reason: String,
+    },
+    /// Keepalive.
+    Heartbeat {
+        /// Sender's clock, milliseconds since the Unix epoch.
+        timestamp: u64,
+    },
+    /// Keepalive answer, echoing the heartbeat's timestamp.
+    HeartbeatAck {
+        /// The timestamp of the heartbeat answered.
+        timestamp: u64,
+    },
+    /// Service unregistration.
+    Unregister {
+        /// The service.
+        service_id: Uuid,
+    },
+    /// The server is closing the session.
+    #[non_exhaustive]
+    Disconnect {
+        /// Why.
+        reason: String,
+    },
+    /// Stream bytes.
+    #[non_exhaustive]
+    Data {
+        /// The stream.
+        connection_id: Uuid,
+        /// At most [`MAX_DATA_PAYLOAD`] bytes.
+        data: Bytes,
+    },
+    /// End of a stream, one way (`Eof`) or both (`Abort`).
+    Close {
+        /// The stream.
+        connection_id: Uuid,
+        /// Half-close or reset.
+        kind: CloseKind,
+    },
+    /// Credit: the receiver accepts `increment` more bytes on the stream.
+    #[non_exhaustive]
+    Window {
+        /// The stream.
+        connection_id: Uuid,
+        /// Bytes of credit, 1 to 2^31-1.
+        increment: u32,
+    },
+    /// One UDP datagram of a flow.
+    #[non_exhaustive]
+    Datagram {
+        /// The flow.
+        connection_id: Uuid,
+        /// The whole datagram, at most [`MAX_DATA_PAYLOAD`] bytes.
+        data: Bytes,
+    },
+    /// Open a stream to the service named `service`.
+    #[non_exhaustive]
+    Open {
+        /// The new stream's id, chosen by the opener.
+        connection_id: Uuid,
+        /// Name of the registered service.
+        service: String,
+        /// Address the agent should dial instead of the service's own, or empty.
+        target: String,
+    },
+}
+
+/// A message that cannot be encoded, refused where it is built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BuildError {
+    /// A service name over 255 bytes.
+    #[error("service name is {len} bytes, at most {MAX_SERVICE_NAME_LEN} fit")]
+    NameTooLong {
+        /// Its length.
+        len: usize,
+    },
+    /// The whole frame would exceed [`MAX_MESSAGE_SIZE`].
+    #[error("{kind:?} message would be {len} bytes, at most {MAX_MESSAGE_SIZE} fit")]
+    TooLarge {
+        /// The message type.
+        kind: MessageType,
+        /// The frame length it would have.
+        len: usize,
+    },
+    /// A window increment of 0 or over 2^31-1.
+    #[error("window increment {0} is outside 1..=2147483647")]
+    BadIncrement(u32),
+}
+
+impl Message {
+    /// `Auth` with an optional extension block.
+    pub fn auth(
+        token: impl Into<Secret>,
+        client_id: Uuid,
+        capabilities: Option<Capabilities>,
+    ) -> Result<Self, BuildError> {
+        let token = token.into();
+        checked(Self::Auth {
+            token,
+            client_id,
+            capabilities,
+        })
+    }
+
+    /// `AuthFail` with a reason.
+    pub fn auth_fail(reason: impl Into<String>) -> Result<Self, BuildError> {
+        checked(Self::AuthFail {
+            reason: reason.into(),
+        })
+    }
+
+    /// `Register`; a name over 255 bytes is refused.
+    pub fn register(
+        name: impl Into<String>,
+        protocol: ServiceProtocol,
+        local_port: u16,
+        remote_port: u16,
+    ) -> Result<Self, BuildError> {
+        let name = name.into();
+        if name.len() > MAX_SERVICE_NAME_LEN {
+            return Err(BuildError::NameTooLong { len: name.len() });
+        }
+        checked(Self::Register {
+            name,
+            protocol,
+            local_port,
+            remote_port,
+        })
+    }
+
+    /// `RegisterFail` with a reason.
+    pub fn register_fail(reason: impl Into<String>) -> Result<Self, BuildError> {
+        checked(Self::RegisterFail {
+            reason: reason.into(),
+        })
+    }
+
+    /// `Connect` for a new visitor.
+    pub fn connect(
+        service_id: Uuid,
+        connection_id: Uuid,
+        client_addr: impl Into<String>,
+    ) -> Result<Self, BuildError> {
+        checked(Self::Connect {
+            service_id,
+            connection_id,
+            client_addr: client_addr.into(),
+        })
+    }
+
+    /// `ConnectFail` with a reason.
+    pub fn connect_fail(
+        connection_id: Uuid,
+        reason: impl Into<String>,
+    ) -> Result<Self, BuildError> {
+        checked(Self::ConnectFail {
+            connection_id,
+            reason: reason.into(),
+        })
+    }
+
+    /// `Disconnect` with a reason.
+    pub fn disconnect(reason: impl Into<String>) -> Result<Self, BuildError> {
+        checked(Self::Disconnect {
+            reason: reason.into(),
+        })
+    }
+
+    /// `Data`; more than [`MAX_DATA_PAYLOAD`] bytes is refused.
+    pub fn data(connection_id: Uuid, data: Bytes) -> Result<Self, BuildError> {
+        checked(Self::Data {
+            connection_id,
+            data,
+        })
+    }
+
+    /// `Window`; the increment must be in 1..=2^31-1.
+    pub fn window(connection_id: Uuid, increment: u32) -> Result<Self, BuildError> {
+        if increment == 0 || increment > super::MAX_WINDOW {
+            return Err(BuildError::BadIncrement(increment));
+        }
+        Ok(Self::Window {
+            connection_id,
+            increment,
+        })
+    }
+
+    /// `Datagram`; more than [`MAX_DATA_PAYLOAD`] bytes is refused.
+    pub fn datagram(connection_id: Uuid, data: Bytes) -> Result<Self, BuildError> {
+        checked(Self::Datagram {
+            connection_id,
+            data,
+        })
+    }
+
+    /// `Open` a stream to a named service, optionally asking for a specific target.
+    pub fn open(
+        connection_id: Uuid,
+        service: impl Into<String>,
+        target: impl Into<String>,
+    ) -> Result<Self, BuildError> {
+        let service = service.into();
+        if service.len() > MAX_SERVICE_NAME_LEN {
+            return Err(BuildError::NameTooLong { len: service.len() });
+        }
+        checked(Self::Open {
+            connection_id,
+            service,
+            target: target.into(),
+        })
+    }
+
+    /// The message's type byte.
+    pub const fn message_type(&self) -> MessageType {
+        match self {
+            Self::Auth { .. } => MessageType::Auth,
+            Self::AuthOk { .. } => MessageType::AuthOk,
+            Self::AuthFail { .. } => MessageType::AuthFail,
+            Self::Register { .. } => MessageType::Register,
+            Self::RegisterOk { .. } => MessageType::RegisterOk,
+            Self::RegisterFail { .. } => MessageType::RegisterFail,
+            Self::Connect { .. } => MessageType::Connect,
+            Self::ConnectAck { .. } => MessageType::ConnectAck,
+            Self::ConnectFail { .. } => MessageType::ConnectFail,
+            Self::Heartbeat { .. } => MessageType::Heartbeat,
+            Self::HeartbeatAck { .. } => MessageType::HeartbeatAck,
+            Self::Unregister { .. } => MessageType::Unregister,
+            Self::Disconnect { .. } => MessageType::Disconnect,
+            Self::Data { .. } => MessageType::Data,
+            Self::Close { .. } => MessageType::Close,
+            Self::Window { .. } => MessageType::Window,
+            Self::Datagram { .. } => MessageType::Datagram,
+            Self::Open { .. } => MessageType::Open,
+        }
+    }
+}
+
+/// Refuses a message whose frame would not fit in [`MAX_MESSAGE_SIZE`].
+fn checked(message: Message) -> Result<Message, BuildError> {
+    let len = message.encoded_len();
+    if len > MAX_MESSAGE_SIZE {
+        return Err(BuildError::TooLarge {
+            kind: message.message_type(),
+            len,
+        });
+    }
+    Ok(message)
+}
