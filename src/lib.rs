@@ -11,7 +11,8 @@
 //! * `src/` is the **sans-IO core**: the wire protocol ([`protocol`]),
 //!   configuration ([`config`]), token auth ([`auth`]), the port pool
 //!   ([`ports`]), reconnect backoff ([`backoff`]), flow-control windows
-//!   ([`flow`]) and traffic counters ([`accounting`]). It opens no socket,
+//!   ([`flow`]), the per-tunnel stream table ([`streams`]), heartbeat
+//!   bookkeeping ([`liveness`]) and traffic counters ([`accounting`]). It opens no socket,
 //!   reads no clock and draws no random number: callers pass `now` and random
 //!   values in, so every rule is unit-tested with fabricated inputs.
 //! * `actors/` is the **runtime** ([`actors`]): actix actors that move bytes
@@ -29,8 +30,10 @@ pub mod backoff;
 pub mod config;
 mod error;
 pub mod flow;
+pub mod liveness;
 pub mod ports;
 pub mod protocol;
+pub mod streams;
 
 pub use auth::{
     AuthError, Secret, TokenScope, TokenStore, TokenValidator, accept_all_tokens, hash_token,
