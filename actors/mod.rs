@@ -1,6 +1,54 @@
 //! The actix runtime: one actor per file, each thin. Actors receive a message,
 //! ask the sans-IO core (`src/`) what to do, and do the IO.
 //!
-//! The actors themselves arrive with the data plane; this module is where the
-//! crate mounts them (`#[path = "../actors/mod.rs"]` in `src/lib.rs`), so that
-//! the architecture test can tell core from runtime by directory.
+//! Server side, as built so far:
+//!
+//! ```text
+//!  agent ──ws──▶ ControlChannel ──OpenTunnel/AllocatePort/ReportAlive──▶ Registry
+//!                     ▲                                                    │
+//!                     └──────────────── CloseTunnel (takeover, silence) ◀──┘
+//! ```
+//!
+//! * [`Registry`](registry) (one per server, on the library's runtime thread):
+//!   port pool, tunnels by token hash and client id, the liveness watchdog.
+//! * `ControlChannel` (one per agent WebSocket): authentication with a
+//!   deadline, registrations answered in order, heartbeats.
+//! * [`ControlHandler`]: mounts the control route in an actix-web `App`, or
+//!   serves a raw TCP connection (`handle_connection`).
+
+mod control_channel;
+mod control_handler;
+mod frame_guard;
+pub mod registry;
+mod runtime;
+
+pub use control_handler::ControlHandler;
+pub use registry::{TunnelInfo, TunnelRegistry};
+
+use crate::ports::PortError;
+
+/// Failures of the runtime, mapped to a reply to the peer and a log line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The server holds its maximum of tunnels.
+    #[error("server is at its limit of {max} tunnels")]
+    TooManyTunnels {
+        /// The limit.
+        max: usize,
+    },
+    /// The tunnel is no longer registered (it was closed or taken over).
+    #[error("tunnel is no longer registered")]
+    UnknownTunnel,
+    /// A port could not be allocated.
+    #[error(transparent)]
+    Port(#[from] PortError),
+    /// An actor's mailbox is gone (shutting down).
+    #[error("server is shutting down")]
+    Mailbox,
+}
+
+impl From<actix::MailboxError> for Error {
+    fn from(_: actix::MailboxError) -> Self {
+        Self::Mailbox
+    }
+}

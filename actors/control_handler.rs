@@ -1,0 +1,230 @@
+//! `ControlHandler` (the seed's type): serves agents' control WebSockets,
+//! mounted as a route in a host's actix-web `App` or on a raw TCP connection.
+//! Not an actor: it starts a `ControlChannel` per connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web_actors::ws;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::control_channel::ControlChannel;
+use super::frame_guard::FrameGuard;
+use super::registry::TunnelRegistry;
+use crate::auth::TokenValidator;
+use crate::config::TunnelServerConfig;
+use crate::protocol::MAX_MESSAGE_SIZE;
+use crate::{Result, TunnelError};
+
+/// Longest HTTP upgrade request accepted on a raw connection.
+const MAX_REQUEST_HEAD: usize = 8 * 1024;
+
+/// What every control channel of one server shares.
+pub(crate) struct ServerShared {
+    pub(crate) registry: Arc<TunnelRegistry>,
+    pub(crate) config: TunnelServerConfig,
+    pub(crate) validator: TokenValidator,
+}
+
+/// Serves the control channel of a tunnel server.
+#[derive(Clone)]
+pub struct ControlHandler {
+    shared: Arc<ServerShared>,
+}
+
+impl ControlHandler {
+    /// A handler that admits agents whose token `validator` accepts.
+    #[must_use]
+    pub fn new(
+        registry: Arc<TunnelRegistry>,
+        config: TunnelServerConfig,
+        validator: TokenValidator,
+    ) -> Self {
+        Self {
+            shared: Arc::new(ServerShared {
+                registry,
+                config,
+                validator,
+            }),
+        }
+    }
+
+    /// The server configuration.
+    pub fn config(&self) -> &TunnelServerConfig {
+        &self.shared.config
+    }
+
+    /// Mounts the control route on `config.control_path`:
+    /// `App::new().configure(|c| handler.configure(c))`.
+    pub fn configure(&self, cfg: &mut web::ServiceConfig) {
+        let shared = self.shared.clone();
+        cfg.app_data(web::Data::from(Arc::new(shared)))
+            .route(&self.shared.config.control_path, web::get().to(upgrade));
+    }
+
+    /// Serves one raw TCP connection: the HTTP upgrade, then the control
+    /// channel, until the session ends. Works from any tokio task: the
+    /// session runs on the library's runtime thread.
+    pub async fn handle_connection(
+        &self,
+        stream: TcpStream,
+        client_addr: SocketAddr,
+    ) -> Result<()> {
+        let std = stream.into_std()?;
+        let shared = self.shared.clone();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let spawned = super::runtime::arbiter().spawn_fn(move || {
+            actix::spawn(async move {
+                let _ = done_tx.send(serve_raw(shared, std, client_addr).await);
+            });
+        });
+        if !spawned {
+            return Err(TunnelError::Shutdown);
+        }
+        done_rx.await.map_err(|_| TunnelError::Shutdown)?
+    }
+}
+
+impl std::fmt::Debug for ControlHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlHandler")
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn upgrade(
+    req: HttpRequest,
+    payload: web::Payload,
+    shared: web::Data<Arc<ServerShared>>,
+) -> std::result::Result<HttpResponse, actix_web::Error> {
+    let peer = req
+        .peer_addr()
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let channel = ControlChannel::new(shared.get_ref().clone(), peer);
+    ws::WsResponseBuilder::new(channel, &req, FrameGuard::new(payload, MAX_MESSAGE_SIZE))
+        .frame_size(MAX_MESSAGE_SIZE)
+        .start()
+}
+
+/// The upgrade and the session on a raw socket (runs on the runtime thread).
+async fn serve_raw(
+    shared: Arc<ServerShared>,
+    std: std::net::TcpStream,
+    peer: SocketAddr,
+) -> Result<()> {
+    let mut stream = TcpStream::from_std(std)?;
+    let deadline = shared.config.auth_timeout;
+    let (head, rest) = tokio::time::timeout(deadline, read_head(&mut stream))
+        .await
+        .map_err(|_| TunnelError::Timeout)??;
+    let key = match parse_upgrade(&head, &shared.config.control_path) {
+        Ok(key) => key,
+        Err(status) => {
+            stream.write_all(status.as_bytes()).await?;
+            return Err(TunnelError::protocol(
+                "not a websocket upgrade for the control path",
+            ));
+        }
+    };
+    let accept = actix_http::ws::hash_key(key.as_bytes());
+    let response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+        String::from_utf8_lossy(&accept)
+    );
+    stream.write_all(response.as_bytes()).await?;
+    let (read, mut write) = stream.into_split();
+    let incoming = futures::stream::iter((!rest.is_empty()).then(|| Ok(rest))).chain(
+        tokio_util::io::ReaderStream::new(read)
+            .map(|r| r.map_err(actix_web::error::PayloadError::Io)),
+    );
+    let guarded = FrameGuard::new(Box::pin(incoming), MAX_MESSAGE_SIZE);
+    let codec = actix_http::ws::Codec::new().max_size(MAX_MESSAGE_SIZE);
+    let mut outgoing = Box::pin(ws::WebsocketContext::with_codec(
+        ControlChannel::new(shared, peer),
+        guarded,
+        codec,
+    ));
+    while let Some(chunk) = outgoing.next().await {
+        match chunk {
+            Ok(bytes) => write.write_all(&bytes).await?,
+            Err(_) => break,
+        }
+    }
+    let _ = write.shutdown().await;
+    Ok(())
+}
+
+/// Reads the HTTP request head; returns it and the bytes that followed it.
+async fn read_head(stream: &mut TcpStream) -> Result<(String, Bytes)> {
+    let mut buf = BytesMut::with_capacity(1024);
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(end + 4).freeze();
+            return Ok((String::from_utf8_lossy(&buf).into_owned(), rest));
+        }
+        if buf.len() >= MAX_REQUEST_HEAD {
+            return Err(TunnelError::protocol("http request head too large"));
+        }
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(TunnelError::connection_msg(
+                "connection closed during the upgrade",
+            ));
+        }
+    }
+}
+
+/// Checks a WebSocket upgrade request for `path`; returns its key, or the HTTP error to send.
+fn parse_upgrade(head: &str, path: &str) -> std::result::Result<String, &'static str> {
+    const NOT_FOUND: &str =
+        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    const BAD: &str = "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    let mut lines = head.split("\r\n");
+    let mut request = lines.next().unwrap_or_default().split(' ');
+    if request.next() != Some("GET") {
+        return Err(BAD);
+    }
+    let target = request.next().unwrap_or_default();
+    if target.split('?').next() != Some(path) {
+        return Err(NOT_FOUND);
+    }
+    let header = |name: &str| {
+        head.split("\r\n").skip(1).find_map(|line| {
+            let (k, v) = line.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_owned())
+        })
+    };
+    let upgrade = header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    match (upgrade, header("sec-websocket-key")) {
+        (true, Some(key)) if !key.is_empty() => Ok(key),
+        _ => Err(BAD),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upgrade_requests_are_checked() {
+        let ok = "GET /tunnel/v1 HTTP/1.1\r\nHost: x\r\nUpgrade: WebSocket\r\nSec-WebSocket-Key: abc==\r\n";
+        assert_eq!(parse_upgrade(ok, "/tunnel/v1"), Ok("abc==".into()));
+        assert!(parse_upgrade(ok, "/other").unwrap_err().contains("404"));
+        assert!(
+            parse_upgrade("POST /tunnel/v1 HTTP/1.1\r\n", "/tunnel/v1")
+                .unwrap_err()
+                .contains("400")
+        );
+        assert!(
+            parse_upgrade("GET /tunnel/v1 HTTP/1.1\r\nHost: x\r\n", "/tunnel/v1")
+                .unwrap_err()
+                .contains("400")
+        );
+    }
+}

@@ -1,0 +1,311 @@
+//! `Registry`: one per server. Owns the port pool, the tunnels (by token hash
+//! and client id, for takeover), and their liveness watchdog.
+//!
+//! Receives `OpenTunnel`, `AllocatePort`, `ReleasePort`, `ReportAlive`,
+//! `TunnelClosed`, `ListTunnels`; sends `CloseTunnel` to a control channel
+//! that is taken over or has gone silent. Lives on the library's runtime
+//! thread; [`TunnelRegistry`] is the public handle to it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+use actix::prelude::*;
+use uuid::Uuid;
+
+use super::Error;
+use crate::liveness::Liveness;
+use crate::ports::{PortError, PortPool};
+
+/// Asks a control channel to end its session (takeover, silence, shutdown).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct CloseTunnel {
+    /// Why, sent to the agent in `Disconnect`.
+    pub reason: String,
+}
+
+/// Registers an authenticated session; answers its tunnel id.
+#[derive(Message)]
+#[rtype(result = "Result<Uuid, Error>")]
+pub(crate) struct OpenTunnel {
+    pub(crate) token_hash: String,
+    pub(crate) client_id: Uuid,
+    pub(crate) peer: SocketAddr,
+    pub(crate) channel: Recipient<CloseTunnel>,
+    pub(crate) timeout: Duration,
+    pub(crate) max_tunnels: usize,
+}
+
+/// Allocates a public port for a tunnel's service.
+#[derive(Message)]
+#[rtype(result = "Result<u16, Error>")]
+pub(crate) struct AllocatePort {
+    pub(crate) tunnel_id: Uuid,
+    pub(crate) requested: u16,
+}
+
+/// Returns a port (service unregistered).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct ReleasePort {
+    pub(crate) tunnel_id: Uuid,
+    pub(crate) port: u16,
+}
+
+/// A control channel's periodic proof of life (it may freeze; see ACTIX-NOTES).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct ReportAlive {
+    pub(crate) tunnel_id: Uuid,
+}
+
+/// A control channel ended; frees everything its tunnel held.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct TunnelClosed {
+    pub(crate) tunnel_id: Uuid,
+}
+
+/// Lists the connected tunnels.
+#[derive(Message)]
+#[rtype(result = "Vec<TunnelInfo>")]
+pub(crate) struct ListTunnels;
+
+/// Counts the free ports.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub(crate) struct CountFreePorts;
+
+/// A connected tunnel, as reported by [`TunnelRegistry::list_tunnels`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelInfo {
+    /// The tunnel's id.
+    pub id: Uuid,
+    /// The agent's stable client id.
+    pub client_id: Uuid,
+    /// The agent's address.
+    pub client_addr: SocketAddr,
+    /// When the agent authenticated.
+    pub connected_since: SystemTime,
+    /// Public ports held.
+    pub ports: Vec<u16>,
+}
+
+struct TunnelEntry {
+    info: TunnelInfo,
+    key: (String, Uuid),
+    channel: Recipient<CloseTunnel>,
+    liveness: Liveness,
+}
+
+/// The registry actor.
+pub(crate) struct Registry {
+    ports: Result<PortPool, PortError>,
+    tunnels: HashMap<Uuid, TunnelEntry>,
+    by_client: HashMap<(String, Uuid), Uuid>,
+}
+
+impl Actor for Registry {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(Duration::from_millis(500), |act, _| {
+            act.drop_silent(Instant::now())
+        });
+    }
+}
+
+impl Handler<OpenTunnel> for Registry {
+    type Result = Result<Uuid, Error>;
+
+    fn handle(&mut self, msg: OpenTunnel, _: &mut Self::Context) -> Self::Result {
+        let key = (msg.token_hash, msg.client_id);
+        if let Some(old) = self.by_client.get(&key).copied() {
+            tracing::info!(tunnel_id = %old, peer = %msg.peer, "session taken over by a reconnecting agent");
+            self.close(old, "taken over by a new session of the same agent");
+        }
+        if self.tunnels.len() >= msg.max_tunnels {
+            return Err(Error::TooManyTunnels {
+                max: msg.max_tunnels,
+            });
+        }
+        let id = Uuid::new_v4();
+        let info = TunnelInfo {
+            id,
+            client_id: msg.client_id,
+            client_addr: msg.peer,
+            connected_since: SystemTime::now(),
+            ports: Vec::new(),
+        };
+        let liveness = Liveness::new(Instant::now(), msg.timeout);
+        self.by_client.insert(key.clone(), id);
+        let channel = msg.channel;
+        self.tunnels.insert(
+            id,
+            TunnelEntry {
+                info,
+                key,
+                channel,
+                liveness,
+            },
+        );
+        Ok(id)
+    }
+}
+
+impl Handler<AllocatePort> for Registry {
+    type Result = Result<u16, Error>;
+
+    fn handle(&mut self, msg: AllocatePort, _: &mut Self::Context) -> Self::Result {
+        let entry = self
+            .tunnels
+            .get_mut(&msg.tunnel_id)
+            .ok_or(Error::UnknownTunnel)?;
+        let pool = self.ports.as_mut().map_err(|e| Error::Port(e.clone()))?;
+        let port = pool.allocate(msg.requested)?;
+        entry.info.ports.push(port);
+        Ok(port)
+    }
+}
+
+impl Handler<ReleasePort> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReleasePort, _: &mut Self::Context) {
+        if let Some(entry) = self.tunnels.get_mut(&msg.tunnel_id) {
+            entry.info.ports.retain(|p| *p != msg.port);
+            if let Ok(pool) = self.ports.as_mut() {
+                pool.release(msg.port);
+            }
+        }
+    }
+}
+
+impl Handler<ReportAlive> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReportAlive, _: &mut Self::Context) {
+        if let Some(entry) = self.tunnels.get_mut(&msg.tunnel_id) {
+            entry.liveness.seen(Instant::now());
+        }
+    }
+}
+
+impl Handler<TunnelClosed> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: TunnelClosed, _: &mut Self::Context) {
+        self.forget(msg.tunnel_id);
+    }
+}
+
+impl Handler<ListTunnels> for Registry {
+    type Result = Vec<TunnelInfo>;
+
+    fn handle(&mut self, _: ListTunnels, _: &mut Self::Context) -> Self::Result {
+        self.tunnels.values().map(|t| t.info.clone()).collect()
+    }
+}
+
+impl Handler<CountFreePorts> for Registry {
+    type Result = usize;
+
+    fn handle(&mut self, _: CountFreePorts, _: &mut Self::Context) -> usize {
+        self.ports.as_ref().map_or(0, PortPool::available)
+    }
+}
+
+impl Registry {
+    fn new(range: (u16, u16)) -> Self {
+        Self {
+            ports: PortPool::new(range),
+            tunnels: HashMap::new(),
+            by_client: HashMap::new(),
+        }
+    }
+
+    /// Drops tunnels whose channel stopped reporting (a frozen WebSocket actor).
+    fn drop_silent(&mut self, now: Instant) {
+        let silent: Vec<Uuid> = self
+            .tunnels
+            .iter()
+            .filter(|(_, t)| t.liveness.is_expired(now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in silent {
+            tracing::warn!(tunnel_id = %id, "tunnel stopped reporting; dropped by the registry");
+            self.close(id, "heartbeat timeout");
+        }
+    }
+
+    fn close(&mut self, id: Uuid, reason: &str) {
+        if let Some(entry) = self.forget(id) {
+            entry.channel.do_send(CloseTunnel {
+                reason: reason.into(),
+            });
+        }
+    }
+
+    fn forget(&mut self, id: Uuid) -> Option<TunnelEntry> {
+        let entry = self.tunnels.remove(&id)?;
+        if self.by_client.get(&entry.key) == Some(&id) {
+            self.by_client.remove(&entry.key);
+        }
+        if let Ok(pool) = self.ports.as_mut() {
+            entry.info.ports.iter().for_each(|p| {
+                pool.release(*p);
+            });
+        }
+        tracing::info!(tunnel_id = %id, ports = ?entry.info.ports, "tunnel closed, ports released");
+        Some(entry)
+    }
+}
+
+/// The server's registry of tunnels and public ports (the seed's type): a
+/// handle to the registry actor, which runs on the library's runtime thread.
+#[derive(Debug, Clone)]
+pub struct TunnelRegistry {
+    addr: Addr<Registry>,
+    range: (u16, u16),
+}
+
+impl TunnelRegistry {
+    /// A registry handing out public ports from `range` (inclusive). An
+    /// invalid range refuses every registration with a clear error.
+    pub fn new(range: (u16, u16)) -> Self {
+        let addr =
+            Registry::start_in_arbiter(super::runtime::arbiter(), move |_| Registry::new(range));
+        Self { addr, range }
+    }
+
+    /// The port range.
+    pub fn port_range(&self) -> (u16, u16) {
+        self.range
+    }
+
+    /// The connected tunnels.
+    pub async fn list_tunnels(&self) -> Vec<TunnelInfo> {
+        self.addr.send(ListTunnels).await.unwrap_or_default()
+    }
+
+    /// Number of connected tunnels.
+    pub async fn tunnel_count(&self) -> usize {
+        self.list_tunnels().await.len()
+    }
+
+    /// Number of free public ports.
+    pub async fn available_ports(&self) -> usize {
+        self.addr.send(CountFreePorts).await.unwrap_or(0)
+    }
+
+    pub(crate) fn addr(&self) -> &Addr<Registry> {
+        &self.addr
+    }
+}
+
+impl Default for TunnelRegistry {
+    fn default() -> Self {
+        Self::new((30000, 31000))
+    }
+}

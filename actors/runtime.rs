@@ -1,0 +1,31 @@
+//! The library's own actix `System`, on a dedicated thread, so that the
+//! registry and raw-socket sessions work from any host: an actix-web app or a
+//! plain `#[tokio::main]` program (where starting an actor the naive way
+//! panics). It hands out an `ArbiterHandle`, which is `Send`.
+
+use std::sync::OnceLock;
+
+use actix::ArbiterHandle;
+
+static RUNTIME: OnceLock<ArbiterHandle> = OnceLock::new();
+
+/// The runtime's arbiter, starting its thread on first use.
+pub(crate) fn arbiter() -> &'static ArbiterHandle {
+    RUNTIME.get_or_init(start)
+}
+
+fn start() -> ArbiterHandle {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("zlayer-tunnel".into())
+        .spawn(move || {
+            let system = actix::System::new();
+            let _ = tx.send(actix::Arbiter::current());
+            let _ = system.run();
+        });
+    match (spawned, rx.recv()) {
+        (Ok(_), Ok(handle)) => handle,
+        // invariant: a thread that cannot start leaves the process unable to serve anything
+        _ => panic!("zlayer-tunnel: cannot start the runtime thread"),
+    }
+}

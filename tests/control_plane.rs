@@ -1,0 +1,263 @@
+//! The server's control plane over real WebSockets on 127.0.0.1: auth,
+//! registration in order, heartbeats, takeover, limits and hostile input.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{RawWs, fast_config, spawn_server};
+use uuid::Uuid;
+use zlayer_tunnel::protocol::{Capabilities, Features, Message, ServiceProtocol};
+
+const PATH: &str = "/tunnel/v1";
+
+async fn authed(ws: &mut RawWs, token: &str, client_id: Uuid) -> Uuid {
+    let caps = Some(Capabilities::new(Features::ALL));
+    ws.send(&Message::auth(token, client_id, caps).unwrap())
+        .await;
+    let Some(Message::AuthOk {
+        tunnel_id,
+        capabilities,
+    }) = ws.expect().await
+    else {
+        panic!("no AuthOk");
+    };
+    assert!(
+        capabilities.is_some(),
+        "an extended agent gets an extension block"
+    );
+    assert!(
+        matches!(ws.expect().await, Some(Message::Heartbeat { .. })),
+        "heartbeat right after AuthOk"
+    );
+    tunnel_id
+}
+
+#[actix_web::test]
+async fn auth_register_in_order_and_release_on_close() {
+    let server = spawn_server(fast_config((40100, 40102)), "secret");
+    let mut ws = RawWs::connect(server.addr, PATH).await;
+    authed(&mut ws, "secret", Uuid::new_v4()).await;
+    for (name, port) in [("a", 0), ("b", 40102), ("c", 40102), ("d", 39999), ("e", 0)] {
+        ws.send(&Message::register(name, ServiceProtocol::Tcp, 22, port).unwrap())
+            .await;
+    }
+    let mut replies = Vec::new();
+    while replies.len() < 5 {
+        match ws.expect().await.unwrap() {
+            Message::Heartbeat { timestamp } => ws.send(&Message::HeartbeatAck { timestamp }).await,
+            other => replies.push(other),
+        }
+    }
+    let ports: Vec<String> = replies
+        .iter()
+        .map(|m| match m {
+            Message::RegisterOk { port, .. } => format!("ok {}", port.unwrap()),
+            Message::RegisterFail { reason, .. } => format!("fail {reason}"),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        ports,
+        [
+            "ok 40100",
+            "ok 40102",
+            "fail port 40102 is already in use",
+            "fail port 39999 is outside the range 40100-40102",
+            "ok 40101",
+        ]
+    );
+    assert_eq!(server.registry.available_ports().await, 0);
+    drop(ws);
+    wait_until(|| async { server.registry.available_ports().await == 3 }).await;
+    assert_eq!(server.registry.tunnel_count().await, 0);
+}
+
+#[actix_web::test]
+async fn a_wrong_token_gets_auth_fail_and_close() {
+    let server = spawn_server(fast_config((40110, 40110)), "secret");
+    let mut ws = RawWs::connect(server.addr, PATH).await;
+    ws.send(&Message::auth("nope", Uuid::new_v4(), None).unwrap())
+        .await;
+    match ws.expect().await {
+        Some(Message::AuthFail { reason, .. }) => {
+            assert!(reason.contains("invalid tunnel token"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(ws.closed_within(Duration::from_secs(2)).await);
+}
+
+#[actix_web::test]
+async fn a_legacy_agent_gets_no_extension() {
+    let server = spawn_server(fast_config((40120, 40120)), "secret");
+    let mut ws = RawWs::connect(server.addr, PATH).await;
+    ws.send(&Message::auth("secret", Uuid::new_v4(), None).unwrap())
+        .await;
+    let Some(Message::AuthOk { capabilities, .. }) = ws.expect().await else {
+        panic!()
+    };
+    assert_eq!(capabilities, None);
+}
+
+#[actix_web::test]
+async fn an_unauthenticated_socket_is_closed_at_the_deadline() {
+    let mut config = fast_config((40130, 40130));
+    config.auth_timeout = Duration::from_millis(300);
+    let server = spawn_server(config, "secret");
+    let mut ws = RawWs::connect(server.addr, PATH).await;
+    assert!(
+        ws.closed_within(Duration::from_secs(3)).await,
+        "silent socket kept open"
+    );
+}
+
+#[actix_web::test]
+async fn a_silent_agent_is_dropped_and_its_ports_freed() {
+    let server = spawn_server(fast_config((40140, 40140)), "secret");
+    let mut ws = RawWs::connect(server.addr, PATH).await;
+    authed(&mut ws, "secret", Uuid::new_v4()).await;
+    ws.send(&Message::register("svc", ServiceProtocol::Tcp, 22, 0).unwrap())
+        .await;
+    let mut disconnected = false;
+    while let Some(m) = ws.expect().await {
+        if let Message::Disconnect { reason, .. } = m {
+            assert_eq!(reason, "heartbeat timeout");
+            disconnected = true;
+        }
+    }
+    assert!(disconnected);
+    wait_until(|| async { server.registry.available_ports().await == 1 }).await;
+}
+
+#[actix_web::test]
+async fn a_reconnecting_agent_takes_over_its_session() {
+    let server = spawn_server(fast_config((40150, 40150)), "secret");
+    let client_id = Uuid::new_v4();
+    let mut old = RawWs::connect(server.addr, PATH).await;
+    authed(&mut old, "secret", client_id).await;
+    old.send(&Message::register("svc", ServiceProtocol::Tcp, 22, 40150).unwrap())
+        .await;
+    assert!(matches!(
+        old.expect().await,
+        Some(Message::RegisterOk {
+            port: Some(40150),
+            ..
+        })
+    ));
+
+    let mut new = RawWs::connect(server.addr, PATH).await;
+    authed(&mut new, "secret", client_id).await;
+    new.send(&Message::register("svc", ServiceProtocol::Tcp, 22, 40150).unwrap())
+        .await;
+    assert!(matches!(
+        new.expect().await,
+        Some(Message::RegisterOk {
+            port: Some(40150),
+            ..
+        })
+    ));
+    let mut reason = String::new();
+    while let Some(m) = old.expect().await {
+        if let Message::Disconnect { reason: r, .. } = m {
+            reason = r;
+        }
+    }
+    assert!(reason.contains("taken over"), "{reason:?}");
+}
+
+#[actix_web::test]
+async fn a_64_mib_frame_header_is_refused_and_other_routes_still_answer() {
+    let server = spawn_server(fast_config((40160, 40160)), "secret");
+    let mut ws = RawWs::connect(server.addr, PATH).await;
+    let mut header = vec![0x82, 0x80 | 127];
+    header.extend((64u64 << 20).to_be_bytes());
+    header.extend([1, 2, 3, 4]);
+    header.extend([0u8; 4096]);
+    tokio::io::AsyncWriteExt::write_all(&mut ws.stream, &header)
+        .await
+        .unwrap();
+    assert!(ws.closed_within(Duration::from_secs(3)).await);
+    let body = awc::Client::new()
+        .get(format!("http://{}/health", server.addr))
+        .send()
+        .await
+        .unwrap()
+        .body()
+        .await
+        .unwrap();
+    assert_eq!(&body[..], b"ok");
+}
+
+#[actix_web::test]
+async fn garbage_after_auth_ends_that_session_only() {
+    let server = spawn_server(fast_config((40170, 40171)), "secret");
+    let mut good = RawWs::connect(server.addr, PATH).await;
+    authed(&mut good, "secret", Uuid::new_v4()).await;
+    let mut bad = RawWs::connect(server.addr, PATH).await;
+    authed(&mut bad, "secret", Uuid::new_v4()).await;
+    bad.send_raw(b"\x99garbage").await;
+    let mut saw_disconnect = false;
+    while let Some(m) = bad.expect().await {
+        saw_disconnect |= matches!(m, Message::Disconnect { ref reason, .. } if reason.contains("protocol error"));
+    }
+    assert!(saw_disconnect);
+    good.send(&Message::register("svc", ServiceProtocol::Tcp, 22, 0).unwrap())
+        .await;
+    loop {
+        match good.expect().await.unwrap() {
+            Message::RegisterOk { port, .. } => break assert_eq!(port, Some(40170)),
+            Message::Heartbeat { timestamp } => {
+                good.send(&Message::HeartbeatAck { timestamp }).await
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handle_connection_serves_raw_sockets_from_plain_tokio() {
+    let registry = std::sync::Arc::new(zlayer_tunnel::TunnelRegistry::new((40180, 40180)));
+    let config = fast_config((40180, 40180));
+    let handler = zlayer_tunnel::ControlHandler::new(
+        registry,
+        config,
+        std::sync::Arc::new(zlayer_tunnel::accept_all_tokens),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, peer)) = listener.accept().await {
+            let handler = handler.clone();
+            tokio::spawn(async move { handler.handle_connection(stream, peer).await });
+        }
+    });
+    let mut ws = RawWs::connect(addr, PATH).await;
+    authed(&mut ws, "anything", Uuid::new_v4()).await;
+    ws.send(&Message::register("svc", ServiceProtocol::Udp, 53, 0).unwrap())
+        .await;
+    assert!(matches!(
+        ws.expect().await,
+        Some(Message::RegisterOk {
+            port: Some(40180),
+            ..
+        })
+    ));
+}
+
+async fn wait_until<F, Fut>(mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + common::DEADLINE;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met before the deadline"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
