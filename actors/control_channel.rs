@@ -1,46 +1,60 @@
 //! `ControlChannel`: one per agent WebSocket (actix-web-actors; the only file
 //! that knows the server's WebSocket crate).
 //!
-//! Owns the session's auth state, heartbeat timer and registered services.
-//! Receives WebSocket frames and `CloseTunnel`; sends `OpenTunnel`,
-//! `AllocatePort`, `ReleasePort`, `ReportAlive` and `TunnelClosed` to the
-//! registry. Lifecycle: closed at `auth_timeout` if the agent has not
-//! authenticated; after `AuthOk` a `Heartbeat` at once and every interval;
-//! stopped when the agent is silent for `heartbeat_timeout`, when the socket
-//! ends, or when the registry closes it. Stopping releases everything.
+//! Owns the session's auth state, heartbeat timer, registered services (their
+//! `ServiceListener`s) and its streams (a `StreamHub` of `ForwardedConnection`s).
+//! Receives WebSocket frames, `VisitorArrived`, `StreamEvent` and
+//! `CloseTunnel`; sends `OpenTunnel`, `AllocatePort`, `ReleasePort`,
+//! `ReportAlive` and `TunnelClosed` to the registry. Lifecycle: closed at
+//! `auth_timeout` if the agent has not authenticated; after `AuthOk` a
+//! `Heartbeat` at once and every interval; stopped when the agent is silent
+//! for `heartbeat_timeout`, when the socket ends, or when the registry closes
+//! it. Stopping cancels the tunnel's token: its listeners and connections stop.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
 use actix_web_actors::ws;
 use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::control_handler::ServerShared;
+use super::forwarded_connection::{ForwardedConnection, StreamEvent, StreamWiring};
 use super::registry::{
     AllocatePort, CloseTunnel, OpenTunnel, ReleasePort, ReportAlive, TunnelClosed,
 };
+use super::service_listener::{ServiceListener, StopListener, VisitorArrived};
+use super::stream_hub::StreamHub;
+use crate::accounting::{CounterSet, Counters, Direction};
 use crate::auth::hash_token;
 use crate::liveness::{Liveness, heartbeat_timestamp};
-use crate::protocol::{Capabilities, Features, Message, ServiceProtocol};
+use crate::protocol::{Capabilities, DEFAULT_INITIAL_WINDOW, Features, Message, ServiceProtocol};
+use crate::streams::StreamSettings;
 
-/// Features this server accepts (the data plane lands them one by one).
-const SUPPORTED: Features = Features::NONE;
+/// Features this server accepts.
+const SUPPORTED: Features = Features::STREAMS;
 
 /// A registered service of this tunnel.
 struct Service {
     name: String,
     port: u16,
+    listener: Addr<ServiceListener>,
+    counters: Arc<Counters>,
 }
 
 /// The authenticated part of a session.
 struct Session {
     tunnel_id: Uuid,
     features: Features,
+    cancel: CancellationToken,
     services: HashMap<Uuid, Service>,
+    streams: StreamHub,
+    agent_window: u32,
+    counters: Arc<Counters>,
 }
 
 /// The control channel actor.
@@ -49,6 +63,7 @@ pub(crate) struct ControlChannel {
     peer: SocketAddr,
     session: Option<Session>,
     liveness: Liveness,
+    outbox: Vec<Message>,
     span: tracing::Span,
 }
 
@@ -68,13 +83,21 @@ impl Actor for ControlChannel {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        if let Some(session) = &self.session {
-            let _span = self.span.enter();
-            tracing::info!(services = session.services.len(), "agent disconnected");
-            self.shared.registry.addr().do_send(TunnelClosed {
-                tunnel_id: session.tunnel_id,
-            });
-        }
+        let Some(mut session) = self.session.take() else {
+            return;
+        };
+        let _span = self.span.enter();
+        tracing::info!(
+            services = session.services.len(),
+            streams = session.streams.len(),
+            "agent disconnected"
+        );
+        session.streams.close_all();
+        session.cancel.cancel();
+        let registry = self.shared.registry.addr();
+        registry.do_send(TunnelClosed {
+            tunnel_id: session.tunnel_id,
+        });
     }
 }
 
@@ -82,12 +105,40 @@ impl Handler<CloseTunnel> for ControlChannel {
     type Result = ();
 
     fn handle(&mut self, msg: CloseTunnel, ctx: &mut Self::Context) {
-        let _span = self.span.enter();
-        tracing::info!(reason = %msg.reason, "closing session");
-        self.session = None; // the registry already forgot it
+        self.span
+            .in_scope(|| tracing::info!(reason = %msg.reason, "closing session"));
         self.send(ctx, Message::disconnect(msg.reason).ok());
         ctx.close(Some(ws::CloseCode::Normal.into()));
         ctx.stop();
+    }
+}
+
+impl Handler<VisitorArrived> for ControlChannel {
+    type Result = ();
+
+    fn handle(&mut self, msg: VisitorArrived, ctx: &mut Self::Context) {
+        match self.open_stream(msg.service_id, msg.socket, ctx) {
+            Ok(id) => {
+                let connect = Message::connect(msg.service_id, id, msg.peer.to_string());
+                self.send(ctx, connect.ok());
+            }
+            Err(reason) => self
+                .span
+                .in_scope(|| tracing::info!(visitor = %msg.peer, reason, "visitor refused")),
+        }
+    }
+}
+
+impl Handler<StreamEvent> for ControlChannel {
+    type Result = ();
+
+    fn handle(&mut self, event: StreamEvent, ctx: &mut Self::Context) {
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        let mut outbox = std::mem::take(&mut self.outbox);
+        session.streams.on_event(event, &mut |m| outbox.push(m));
+        self.flush(outbox, ctx);
     }
 }
 
@@ -121,6 +172,7 @@ impl ControlChannel {
             peer,
             session: None,
             liveness: Liveness::new(Instant::now(), timeout),
+            outbox: Vec::new(),
             span: tracing::info_span!("control", %peer, tunnel_id = tracing::field::Empty),
         }
     }
@@ -152,20 +204,43 @@ impl ControlChannel {
         match message {
             Message::HeartbeatAck { .. } => self.liveness.seen(Instant::now()),
             Message::Heartbeat { timestamp } => {
-                self.send(ctx, Some(Message::HeartbeatAck { timestamp }));
+                self.send(ctx, Some(Message::HeartbeatAck { timestamp }))
             }
             Message::Register {
                 name,
                 protocol,
-                local_port: _,
                 remote_port,
                 ..
-            } => {
-                self.register(name, protocol, remote_port, ctx);
-            }
+            } => self.register(name, protocol, remote_port, ctx),
             Message::Unregister { service_id } => self.unregister(service_id),
+            Message::ConnectAck { .. } => {}
+            Message::ConnectFail {
+                connection_id,
+                reason,
+                ..
+            } => {
+                self.span.in_scope(|| tracing::info!(stream = %connection_id, %reason, "agent refused the visitor"));
+                if let Some(session) = self.session.as_mut() {
+                    session.streams.refuse(connection_id);
+                }
+            }
+            m @ (Message::Data { .. } | Message::Window { .. } | Message::Close { .. }) => {
+                self.on_stream_frame(m, ctx)
+            }
             other => self.protocol_error(ctx, &format!("unexpected {:?}", other.message_type())),
         }
+    }
+
+    fn on_stream_frame(&mut self, message: Message, ctx: &mut ws::WebsocketContext<Self>) {
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        if !session.features.contains(Features::STREAMS) {
+            return self.protocol_error(ctx, "stream frame without the STREAMS feature");
+        }
+        let mut outbox = std::mem::take(&mut self.outbox);
+        session.streams.on_frame(message, &mut |m| outbox.push(m));
+        self.flush(outbox, ctx);
     }
 
     fn authenticate(
@@ -180,16 +255,15 @@ impl ControlChannel {
                 .in_scope(|| tracing::warn!(reason = %e, "authentication refused"));
             return self.refuse_auth(&e.to_string(), ctx);
         }
+        let config = &self.shared.config;
         let open = OpenTunnel {
             token_hash: hash_token(token),
             client_id,
             peer: self.peer,
             channel: ctx.address().recipient(),
-            timeout: self.shared.config.heartbeat_timeout + self.shared.config.heartbeat_interval,
-            max_tunnels: self.shared.config.max_tunnels,
+            timeout: config.heartbeat_timeout + config.heartbeat_interval,
+            max_tunnels: config.max_tunnels,
         };
-        let answer =
-            offer.map(|o| Capabilities::accept(o, SUPPORTED, self.shared.config.stream_window));
         self.shared
             .registry
             .addr()
@@ -197,7 +271,7 @@ impl ControlChannel {
             .into_actor(self)
             .map(
                 move |result, act, ctx| match result.map_err(super::Error::from).and_then(|r| r) {
-                    Ok(tunnel_id) => act.accepted(tunnel_id, answer, ctx),
+                    Ok((tunnel_id, cancel)) => act.accepted(tunnel_id, cancel, offer, ctx),
                     Err(e) => act.refuse_auth(&e.to_string(), ctx),
                 },
             )
@@ -207,25 +281,40 @@ impl ControlChannel {
     fn accepted(
         &mut self,
         tunnel_id: Uuid,
-        caps: Option<Capabilities>,
+        cancel: CancellationToken,
+        offer: Option<Capabilities>,
         ctx: &mut ws::WebsocketContext<Self>,
     ) {
         self.span
             .record("tunnel_id", tracing::field::display(tunnel_id));
-        let features = caps.map_or(Features::NONE, |c| c.features);
+        let config = &self.shared.config;
+        let answer = offer.map(|o| Capabilities::accept(o, SUPPORTED, config.stream_window));
+        let features = answer.map_or(Features::NONE, |c| c.features);
+        let agent_window = offer.map_or(DEFAULT_INITIAL_WINDOW, |o| o.initial_window);
+        let settings = StreamSettings {
+            max_streams: config.max_streams_per_tunnel,
+            recv_initial: config.stream_window,
+            recv_max: config.max_stream_window,
+            send_initial: agent_window,
+            budget: config.tunnel_window_budget,
+        };
         self.span
             .in_scope(|| tracing::info!(?features, "agent authenticated"));
         self.session = Some(Session {
             tunnel_id,
             features,
+            cancel,
             services: HashMap::new(),
+            streams: StreamHub::new(settings),
+            agent_window,
+            counters: Arc::new(Counters::new()),
         });
         self.liveness.seen(Instant::now());
         self.send(
             ctx,
             Some(Message::AuthOk {
                 tunnel_id,
-                capabilities: caps,
+                capabilities: answer,
             }),
         );
         self.send(
@@ -250,74 +339,145 @@ impl ControlChannel {
         ctx: &mut ws::WebsocketContext<Self>,
     ) {
         let Some(session) = &self.session else { return };
-        if session.services.len() >= self.shared.config.max_services_per_tunnel {
-            let reason = format!(
-                "tunnel is at its limit of {} services",
-                self.shared.config.max_services_per_tunnel
-            );
+        let limit = self.shared.config.max_services_per_tunnel;
+        let refusal = if session.services.len() >= limit {
+            Some(format!("tunnel is at its limit of {limit} services"))
+        } else if protocol == ServiceProtocol::Udp {
+            Some("udp services are not supported by this server yet".to_owned())
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
             self.span
                 .in_scope(|| tracing::warn!(service = %name, %reason, "registration refused"));
             return self.send(ctx, Message::register_fail(reason).ok());
         }
-        let alloc = AllocatePort {
-            tunnel_id: session.tunnel_id,
-            requested: remote_port,
-        };
+        let tunnel_id = session.tunnel_id;
+        let registry = self.shared.registry.addr().clone();
+        let host = self.shared.config.bind_host.clone();
         // `wait` holds later frames until this answer is sent: replies stay in order
-        self.shared
-            .registry
-            .addr()
-            .send(alloc)
-            .into_actor(self)
-            .map(move |result, act, ctx| {
-                let result = result.map_err(super::Error::from).and_then(|r| r);
-                act.registered(name, protocol, result, ctx);
-            })
-            .wait(ctx);
+        async move {
+            let alloc = AllocatePort {
+                tunnel_id,
+                requested: remote_port,
+            };
+            let port = match registry.send(alloc).await.map_err(super::Error::from) {
+                Ok(Ok(port)) => port,
+                Ok(Err(e)) | Err(e) => return Err(e.to_string()),
+            };
+            match bind_with_retry(&host, port).await {
+                Ok(listener) => Ok((port, listener)),
+                Err(e) => {
+                    registry.do_send(ReleasePort { tunnel_id, port });
+                    Err(format!("cannot listen on {host}:{port}: {e}"))
+                }
+            }
+        }
+        .into_actor(self)
+        .map(move |result: Result<_, String>, act, ctx| act.registered(name, result, ctx))
+        .wait(ctx);
     }
 
     fn registered(
         &mut self,
         name: String,
-        protocol: ServiceProtocol,
-        result: Result<u16, super::Error>,
+        result: Result<(u16, tokio::net::TcpListener), String>,
         ctx: &mut ws::WebsocketContext<Self>,
     ) {
         let _span = self.span.enter();
         let Some(session) = self.session.as_mut() else {
             return;
         };
-        match result {
-            Ok(port) => {
-                let service_id = Uuid::new_v4();
-                tracing::info!(service = %name, %protocol, port, "service registered");
-                session.services.insert(service_id, Service { name, port });
-                self.send(
-                    ctx,
-                    Some(Message::RegisterOk {
-                        service_id,
-                        port: Some(port),
-                    }),
-                );
+        let (port, listener) = match result {
+            Ok(ok) => ok,
+            Err(reason) => {
+                tracing::warn!(service = %name, %reason, "registration refused");
+                return self.send(ctx, Message::register_fail(reason).ok());
             }
-            Err(e) => {
-                tracing::warn!(service = %name, error = %e, "registration refused");
-                self.send(ctx, Message::register_fail(e.to_string()).ok());
-            }
-        }
+        };
+        let service_id = Uuid::new_v4();
+        let recipient = ctx.address().recipient();
+        let listener = ServiceListener::start(
+            listener,
+            service_id,
+            port,
+            recipient,
+            session.cancel.child_token(),
+        );
+        tracing::info!(service = %name, port, "service registered");
+        let counters = Arc::new(Counters::new());
+        session.services.insert(
+            service_id,
+            Service {
+                name,
+                port,
+                listener,
+                counters,
+            },
+        );
+        self.send(
+            ctx,
+            Some(Message::RegisterOk {
+                service_id,
+                port: Some(port),
+            }),
+        );
     }
 
     fn unregister(&mut self, service_id: Uuid) {
         let Some(session) = self.session.as_mut() else {
             return;
         };
-        if let Some(service) = session.services.remove(&service_id) {
-            self.span.in_scope(|| tracing::info!(service = %service.name, port = service.port, "service unregistered"));
-            self.shared.registry.addr().do_send(ReleasePort {
-                tunnel_id: session.tunnel_id,
-                port: service.port,
-            });
+        let Some(service) = session.services.remove(&service_id) else {
+            return;
+        };
+        self.span.in_scope(
+            || tracing::info!(service = %service.name, port = service.port, "service unregistered"),
+        );
+        service.listener.do_send(StopListener);
+        let release = ReleasePort {
+            tunnel_id: session.tunnel_id,
+            port: service.port,
+        };
+        self.shared.registry.addr().do_send(release);
+    }
+
+    /// Opens a stream for a visitor: its connection actor starts reading up to the agent's window.
+    fn open_stream(
+        &mut self,
+        service_id: Uuid,
+        socket: tokio::net::TcpStream,
+        ctx: &mut ws::WebsocketContext<Self>,
+    ) -> Result<Uuid, &'static str> {
+        let max = self.shared.config.max_connections_per_service as u64;
+        let session = self.session.as_mut().ok_or("session not authenticated")?;
+        if !session.features.contains(Features::STREAMS) {
+            return Err("legacy agent: no data plane");
         }
+        let service = session
+            .services
+            .get(&service_id)
+            .ok_or("service unregistered")?;
+        if service.counters.snapshot().connections_active >= max {
+            return Err("service is at its connection limit");
+        }
+        let id = Uuid::new_v4();
+        session
+            .streams
+            .open(id)
+            .map_err(|_| "tunnel is at its stream limit")?;
+        let wiring = StreamWiring {
+            id,
+            channel: ctx.address().recipient(),
+            initial_credit: session.agent_window,
+            counters: CounterSet::new(vec![service.counters.clone(), session.counters.clone()]),
+            read_direction: Direction::In,
+            cancel: session.cancel.child_token(),
+        };
+        session
+            .streams
+            .attach(id, ForwardedConnection::start(socket, wiring));
+        Ok(id)
     }
 
     fn tick(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
@@ -355,6 +515,13 @@ impl ControlChannel {
         ctx.stop();
     }
 
+    fn flush(&mut self, mut outbox: Vec<Message>, ctx: &mut ws::WebsocketContext<Self>) {
+        for message in outbox.drain(..) {
+            self.send(ctx, Some(message));
+        }
+        self.outbox = outbox;
+    }
+
     /// Sends one frame per WebSocket message; never a type the peer did not announce.
     fn send(&self, ctx: &mut ws::WebsocketContext<Self>, message: Option<Message>) {
         let Some(message) = message else { return };
@@ -364,6 +531,20 @@ impl ControlChannel {
             return;
         }
         ctx.binary(message.to_bytes());
+    }
+}
+
+/// Binds a public port, retrying briefly while a closing listener (takeover) still holds it.
+async fn bind_with_retry(host: &str, port: u16) -> std::io::Result<tokio::net::TcpListener> {
+    let mut attempts = 0;
+    loop {
+        match ServiceListener::bind(host, port) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempts < 100 => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
     }
 }
 

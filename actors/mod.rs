@@ -16,14 +16,20 @@
 //! * [`ControlHandler`]: mounts the control route in an actix-web `App`, or
 //!   serves a raw TCP connection (`handle_connection`).
 
+mod agent_connection;
 mod control_channel;
 mod control_handler;
+mod forwarded_connection;
 mod frame_guard;
 pub mod registry;
 mod runtime;
+mod service_listener;
+mod stream_hub;
+mod tunnel_agent;
 
 pub use control_handler::ControlHandler;
 pub use registry::{TunnelInfo, TunnelRegistry};
+pub use tunnel_agent::{ConnectionCallback, TunnelAgent};
 
 use crate::ports::PortError;
 

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
 use actix::prelude::*;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::Error;
@@ -25,9 +26,10 @@ pub struct CloseTunnel {
     pub reason: String,
 }
 
-/// Registers an authenticated session; answers its tunnel id.
+/// Registers an authenticated session; answers its tunnel id and the token
+/// that stops everything the tunnel owns (listeners, connections).
 #[derive(Message)]
-#[rtype(result = "Result<Uuid, Error>")]
+#[rtype(result = "Result<(Uuid, CancellationToken), Error>")]
 pub(crate) struct OpenTunnel {
     pub(crate) token_hash: String,
     pub(crate) client_id: Uuid,
@@ -97,6 +99,7 @@ struct TunnelEntry {
     key: (String, Uuid),
     channel: Recipient<CloseTunnel>,
     liveness: Liveness,
+    cancel: CancellationToken,
 }
 
 /// The registry actor.
@@ -117,7 +120,7 @@ impl Actor for Registry {
 }
 
 impl Handler<OpenTunnel> for Registry {
-    type Result = Result<Uuid, Error>;
+    type Result = Result<(Uuid, CancellationToken), Error>;
 
     fn handle(&mut self, msg: OpenTunnel, _: &mut Self::Context) -> Self::Result {
         let key = (msg.token_hash, msg.client_id);
@@ -141,16 +144,16 @@ impl Handler<OpenTunnel> for Registry {
         let liveness = Liveness::new(Instant::now(), msg.timeout);
         self.by_client.insert(key.clone(), id);
         let channel = msg.channel;
-        self.tunnels.insert(
-            id,
-            TunnelEntry {
-                info,
-                key,
-                channel,
-                liveness,
-            },
-        );
-        Ok(id)
+        let cancel = CancellationToken::new();
+        let entry = TunnelEntry {
+            info,
+            key,
+            channel,
+            liveness,
+            cancel: cancel.clone(),
+        };
+        self.tunnels.insert(id, entry);
+        Ok((id, cancel))
     }
 }
 
@@ -249,6 +252,7 @@ impl Registry {
 
     fn forget(&mut self, id: Uuid) -> Option<TunnelEntry> {
         let entry = self.tunnels.remove(&id)?;
+        entry.cancel.cancel();
         if self.by_client.get(&entry.key) == Some(&id) {
             self.by_client.remove(&entry.key);
         }

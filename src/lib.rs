@@ -35,7 +35,7 @@ pub mod ports;
 pub mod protocol;
 pub mod streams;
 
-pub use actors::{ControlHandler, TunnelInfo, TunnelRegistry};
+pub use actors::{ConnectionCallback, ControlHandler, TunnelAgent, TunnelInfo, TunnelRegistry};
 pub use auth::{
     AuthError, Secret, TokenScope, TokenStore, TokenValidator, accept_all_tokens, hash_token,
 };

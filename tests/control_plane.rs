@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{RawWs, fast_config, spawn_server};
+use common::{RawWs, fast_config, free_ports, spawn_server};
 use uuid::Uuid;
 use zlayer_tunnel::protocol::{Capabilities, Features, Message, ServiceProtocol};
 
@@ -37,10 +37,11 @@ async fn authed(ws: &mut RawWs, token: &str, client_id: Uuid) -> Uuid {
 
 #[actix_web::test]
 async fn auth_register_in_order_and_release_on_close() {
-    let server = spawn_server(fast_config((40100, 40102)), "secret");
+    let (p, last) = free_ports(3);
+    let server = spawn_server(fast_config((p, last)), "secret");
     let mut ws = RawWs::connect(server.addr, PATH).await;
     authed(&mut ws, "secret", Uuid::new_v4()).await;
-    for (name, port) in [("a", 0), ("b", 40102), ("c", 40102), ("d", 39999), ("e", 0)] {
+    for (name, port) in [("a", 0), ("b", last), ("c", last), ("d", p - 1), ("e", 0)] {
         ws.send(&Message::register(name, ServiceProtocol::Tcp, 22, port).unwrap())
             .await;
     }
@@ -62,11 +63,11 @@ async fn auth_register_in_order_and_release_on_close() {
     assert_eq!(
         ports,
         [
-            "ok 40100",
-            "ok 40102",
-            "fail port 40102 is already in use",
-            "fail port 39999 is outside the range 40100-40102",
-            "ok 40101",
+            format!("ok {p}"),
+            format!("ok {last}"),
+            format!("fail port {last} is already in use"),
+            format!("fail port {} is outside the range {p}-{last}", p - 1),
+            format!("ok {}", p + 1),
         ]
     );
     assert_eq!(server.registry.available_ports().await, 0);
@@ -77,7 +78,7 @@ async fn auth_register_in_order_and_release_on_close() {
 
 #[actix_web::test]
 async fn a_wrong_token_gets_auth_fail_and_close() {
-    let server = spawn_server(fast_config((40110, 40110)), "secret");
+    let server = spawn_server(fast_config(free_ports(1)), "secret");
     let mut ws = RawWs::connect(server.addr, PATH).await;
     ws.send(&Message::auth("nope", Uuid::new_v4(), None).unwrap())
         .await;
@@ -92,7 +93,7 @@ async fn a_wrong_token_gets_auth_fail_and_close() {
 
 #[actix_web::test]
 async fn a_legacy_agent_gets_no_extension() {
-    let server = spawn_server(fast_config((40120, 40120)), "secret");
+    let server = spawn_server(fast_config(free_ports(1)), "secret");
     let mut ws = RawWs::connect(server.addr, PATH).await;
     ws.send(&Message::auth("secret", Uuid::new_v4(), None).unwrap())
         .await;
@@ -104,7 +105,7 @@ async fn a_legacy_agent_gets_no_extension() {
 
 #[actix_web::test]
 async fn an_unauthenticated_socket_is_closed_at_the_deadline() {
-    let mut config = fast_config((40130, 40130));
+    let mut config = fast_config(free_ports(1));
     config.auth_timeout = Duration::from_millis(300);
     let server = spawn_server(config, "secret");
     let mut ws = RawWs::connect(server.addr, PATH).await;
@@ -116,7 +117,7 @@ async fn an_unauthenticated_socket_is_closed_at_the_deadline() {
 
 #[actix_web::test]
 async fn a_silent_agent_is_dropped_and_its_ports_freed() {
-    let server = spawn_server(fast_config((40140, 40140)), "secret");
+    let server = spawn_server(fast_config(free_ports(1)), "secret");
     let mut ws = RawWs::connect(server.addr, PATH).await;
     authed(&mut ws, "secret", Uuid::new_v4()).await;
     ws.send(&Message::register("svc", ServiceProtocol::Tcp, 22, 0).unwrap())
@@ -134,31 +135,20 @@ async fn a_silent_agent_is_dropped_and_its_ports_freed() {
 
 #[actix_web::test]
 async fn a_reconnecting_agent_takes_over_its_session() {
-    let server = spawn_server(fast_config((40150, 40150)), "secret");
+    let (p, _) = free_ports(1);
+    let server = spawn_server(fast_config((p, p)), "secret");
     let client_id = Uuid::new_v4();
     let mut old = RawWs::connect(server.addr, PATH).await;
     authed(&mut old, "secret", client_id).await;
-    old.send(&Message::register("svc", ServiceProtocol::Tcp, 22, 40150).unwrap())
+    old.send(&Message::register("svc", ServiceProtocol::Tcp, 22, p).unwrap())
         .await;
-    assert!(matches!(
-        old.expect().await,
-        Some(Message::RegisterOk {
-            port: Some(40150),
-            ..
-        })
-    ));
+    assert_eq!(register_ok(&mut old).await, p);
 
     let mut new = RawWs::connect(server.addr, PATH).await;
     authed(&mut new, "secret", client_id).await;
-    new.send(&Message::register("svc", ServiceProtocol::Tcp, 22, 40150).unwrap())
+    new.send(&Message::register("svc", ServiceProtocol::Tcp, 22, p).unwrap())
         .await;
-    assert!(matches!(
-        new.expect().await,
-        Some(Message::RegisterOk {
-            port: Some(40150),
-            ..
-        })
-    ));
+    assert_eq!(register_ok(&mut new).await, p);
     let mut reason = String::new();
     while let Some(m) = old.expect().await {
         if let Message::Disconnect { reason: r, .. } = m {
@@ -170,7 +160,7 @@ async fn a_reconnecting_agent_takes_over_its_session() {
 
 #[actix_web::test]
 async fn a_64_mib_frame_header_is_refused_and_other_routes_still_answer() {
-    let server = spawn_server(fast_config((40160, 40160)), "secret");
+    let server = spawn_server(fast_config(free_ports(1)), "secret");
     let mut ws = RawWs::connect(server.addr, PATH).await;
     let mut header = vec![0x82, 0x80 | 127];
     header.extend((64u64 << 20).to_be_bytes());
@@ -193,7 +183,8 @@ async fn a_64_mib_frame_header_is_refused_and_other_routes_still_answer() {
 
 #[actix_web::test]
 async fn garbage_after_auth_ends_that_session_only() {
-    let server = spawn_server(fast_config((40170, 40171)), "secret");
+    let (p, last) = free_ports(2);
+    let server = spawn_server(fast_config((p, last)), "secret");
     let mut good = RawWs::connect(server.addr, PATH).await;
     authed(&mut good, "secret", Uuid::new_v4()).await;
     let mut bad = RawWs::connect(server.addr, PATH).await;
@@ -208,7 +199,7 @@ async fn garbage_after_auth_ends_that_session_only() {
         .await;
     loop {
         match good.expect().await.unwrap() {
-            Message::RegisterOk { port, .. } => break assert_eq!(port, Some(40170)),
+            Message::RegisterOk { port, .. } => break assert_eq!(port, Some(p)),
             Message::Heartbeat { timestamp } => {
                 good.send(&Message::HeartbeatAck { timestamp }).await
             }
@@ -219,8 +210,9 @@ async fn garbage_after_auth_ends_that_session_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handle_connection_serves_raw_sockets_from_plain_tokio() {
-    let registry = std::sync::Arc::new(zlayer_tunnel::TunnelRegistry::new((40180, 40180)));
-    let config = fast_config((40180, 40180));
+    let (p, _) = free_ports(1);
+    let registry = std::sync::Arc::new(zlayer_tunnel::TunnelRegistry::new((p, p)));
+    let config = fast_config((p, p));
     let handler = zlayer_tunnel::ControlHandler::new(
         registry,
         config,
@@ -236,15 +228,9 @@ async fn handle_connection_serves_raw_sockets_from_plain_tokio() {
     });
     let mut ws = RawWs::connect(addr, PATH).await;
     authed(&mut ws, "anything", Uuid::new_v4()).await;
-    ws.send(&Message::register("svc", ServiceProtocol::Udp, 53, 0).unwrap())
+    ws.send(&Message::register("svc", ServiceProtocol::Tcp, 53, 0).unwrap())
         .await;
-    assert!(matches!(
-        ws.expect().await,
-        Some(Message::RegisterOk {
-            port: Some(40180),
-            ..
-        })
-    ));
+    assert_eq!(register_ok(&mut ws).await, p);
 }
 
 async fn wait_until<F, Fut>(mut check: F)
@@ -259,5 +245,20 @@ where
             "condition not met before the deadline"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The next `RegisterOk`'s port, answering heartbeats on the way.
+async fn register_ok(ws: &mut RawWs) -> u16 {
+    loop {
+        match ws.expect().await {
+            Some(Message::RegisterOk {
+                port: Some(port), ..
+            }) => return port,
+            Some(Message::Heartbeat { timestamp }) => {
+                ws.send(&Message::HeartbeatAck { timestamp }).await
+            }
+            other => panic!("expected RegisterOk, got {other:?}"),
+        }
     }
 }

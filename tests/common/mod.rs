@@ -26,10 +26,15 @@ pub struct TestServer {
 
 /// Starts a server that accepts `token`; must run inside an actix System.
 pub fn spawn_server(config: TunnelServerConfig, token: &str) -> TestServer {
+    spawn_server_on(config, token, 0)
+}
+
+/// Starts a server on a given control port (0 for any).
+pub fn spawn_server_on(config: TunnelServerConfig, token: &str, port: u16) -> TestServer {
     let registry = Arc::new(TunnelRegistry::new(config.data_port_range));
     let validator = TokenStore::new().with_token(token).into_validator();
     let handler = ControlHandler::new(registry.clone(), config, validator);
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listener = bind_reusable(port);
     let addr = listener.local_addr().unwrap();
     let server = HttpServer::new(move || {
         let handler = handler.clone();
@@ -179,4 +184,170 @@ impl RawWs {
             .await
             .is_ok()
     }
+}
+
+/// `n` consecutive free ports on 127.0.0.1, outside any listener (best effort).
+pub fn free_ports(n: u16) -> (u16, u16) {
+    for _ in 0..100 {
+        let first = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if first > u16::MAX - n {
+            continue;
+        }
+        let all: Vec<_> = (first..first + n)
+            .map(|p| std::net::TcpListener::bind(("127.0.0.1", p)))
+            .collect();
+        if all.iter().all(Result::is_ok) {
+            return (first, first + n - 1);
+        }
+    }
+    panic!("no {n} consecutive free ports");
+}
+
+/// Starts an agent for `services` in the background; returns it and its task.
+pub fn spawn_agent(
+    server: SocketAddr,
+    token: &str,
+    services: Vec<zlayer_tunnel::ServiceConfig>,
+) -> (
+    zlayer_tunnel::TunnelAgent,
+    tokio::task::JoinHandle<zlayer_tunnel::Result<()>>,
+) {
+    let mut config =
+        zlayer_tunnel::TunnelClientConfig::new(format!("ws://{server}/tunnel/v1"), token)
+            .with_reconnect(Duration::from_millis(50), Duration::from_millis(500));
+    config.heartbeat_interval = Duration::from_millis(200);
+    config.heartbeat_timeout = Duration::from_secs(2);
+    config.local_connect_timeout = Duration::from_secs(1);
+    for s in services {
+        config = config.with_service(s);
+    }
+    let agent = zlayer_tunnel::TunnelAgent::new(config);
+    let runner = agent.clone();
+    let task = tokio::spawn(async move { runner.run().await });
+    (agent, task)
+}
+
+/// Waits until `port` on 127.0.0.1 accepts connections.
+pub async fn wait_listening(port: u16) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "port {port} never opened"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until `port` on 127.0.0.1 refuses connections.
+pub async fn wait_closed(port: u16, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    true
+}
+
+/// A deterministic byte pattern; `seed` varies it per stream.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
+}
+
+/// Test services on 127.0.0.1:0, one task per connection.
+pub mod services {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// Echoes every byte; half-closes after the visitor does.
+    pub async fn echo() -> u16 {
+        serve(|mut s| async move {
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+            let _ = w.shutdown().await;
+        })
+        .await
+    }
+
+    /// Reads until EOF, then answers the SHA-256 of what it read and its length.
+    pub async fn digest() -> u16 {
+        serve(|mut s| async move {
+            let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+            let mut buf = vec![0; 64 * 1024];
+            let mut total = 0u64;
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        sha2::Digest::update(&mut hasher, &buf[..n]);
+                        total += n as u64;
+                    }
+                    Err(_) => return,
+                }
+            }
+            let digest: [u8; 32] = sha2::Digest::finalize(hasher).into();
+            let _ = s.write_all(&digest).await;
+            let _ = s.write_all(&total.to_be_bytes()).await;
+            let _ = s.shutdown().await;
+        })
+        .await
+    }
+
+    /// Reads an 16-byte request (seed, length), sends `pattern(seed, length)`, closes.
+    pub async fn source() -> u16 {
+        serve(|mut s| async move {
+            let mut req = [0u8; 16];
+            if s.read_exact(&mut req).await.is_err() {
+                return;
+            }
+            let seed = u64::from_be_bytes(req[..8].try_into().unwrap());
+            let len = u64::from_be_bytes(req[8..].try_into().unwrap()) as usize;
+            let data = pattern(seed, len);
+            let _ = s.write_all(&data).await;
+            let _ = s.shutdown().await;
+        })
+        .await
+    }
+
+    async fn serve<F, Fut>(handler: F) -> u16
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                tokio::spawn(handler(socket));
+            }
+        });
+        port
+    }
+}
+
+fn bind_reusable(port: u16) -> std::net::TcpListener {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    socket.bind(([127, 0, 0, 1], port).into()).unwrap();
+    socket.listen(128).unwrap().into_std().unwrap()
 }

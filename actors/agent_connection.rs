@@ -1,0 +1,598 @@
+//! `AgentConnection`: the agent's link to its server, one WebSocket at a time
+//! (awc; the only file that knows the agent's WebSocket crate).
+//!
+//! Owns the link: auth, registrations (answered first-in-first-out), heartbeats
+//! both ways, and its streams (a `StreamHub` of `ForwardedConnection`s to the
+//! local services). Runs under an actix `Supervisor`: any fault stops it, and
+//! `restarting` + `started` reconnect after a backoff delay. What must survive
+//! a reconnect lives in the struct (client id, backoff, ports assigned); what
+//! belongs to one link lives in `Link` and is dropped with it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::prelude::*;
+use awc::ws;
+use bytes::Bytes;
+use futures::stream::SplitSink;
+use futures::{SinkExt, StreamExt};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::forwarded_connection::{ForwardedConnection, StreamEvent, StreamWiring};
+use super::stream_hub::StreamHub;
+use super::tunnel_agent::{AgentShared, AgentStopped};
+use crate::accounting::{CounterSet, Direction};
+use crate::backoff::Backoff;
+use crate::config::ServiceConfig;
+use crate::liveness::Liveness;
+use crate::protocol::{Capabilities, DEFAULT_INITIAL_WINDOW, Features, MAX_MESSAGE_SIZE, Message};
+use crate::streams::StreamSettings;
+
+type WsSink = SplitSink<actix_codec::Framed<awc::BoxedSocket, ws::Codec>, ws::Message>;
+
+/// Features this agent offers.
+const OFFERED: Features = Features::STREAMS;
+
+/// Stops the agent for good (`TunnelAgent::stop`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct StopAgent;
+
+/// One WebSocket session's state.
+struct Link {
+    generation: u64,
+    sink: Option<WsSink>,
+    queue: VecDeque<Bytes>,
+    features: Features,
+    server_window: u32,
+    authenticated: bool,
+    streams: StreamHub,
+    services: HashMap<Uuid, ServiceConfig>,
+    awaiting: VecDeque<ServiceConfig>,
+    liveness: Liveness,
+    cancel: CancellationToken,
+    since: Instant,
+}
+
+/// The agent's connection actor.
+pub(crate) struct AgentConnection {
+    shared: Arc<AgentShared>,
+    backoff: Backoff,
+    starts: u64,
+    finished: bool,
+    assigned: HashMap<String, u16>,
+    link: Option<Link>,
+    outbox: Vec<Message>,
+}
+
+impl Actor for AgentConnection {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        if self.finished {
+            return;
+        }
+        self.starts += 1;
+        let delay = if self.starts == 1 {
+            std::time::Duration::ZERO
+        } else {
+            self.backoff.next_delay(Uuid::new_v4().as_u64_pair().0)
+        };
+        if !delay.is_zero() {
+            tracing::info!(delay = %humantime::format_duration(delay), attempt = self.backoff.attempt(), "reconnecting after a delay");
+        }
+        ctx.wait(
+            tokio::time::sleep(delay)
+                .into_actor(self)
+                .map(|(), act, ctx| act.connect(ctx)),
+        );
+        ctx.run_interval(self.shared.config.heartbeat_interval, |act, ctx| {
+            act.tick(ctx)
+        });
+    }
+}
+
+impl Supervised for AgentConnection {
+    fn restarting(&mut self, _: &mut Self::Context) {
+        if let Some(mut link) = self.link.take() {
+            link.streams.close_all();
+            link.cancel.cancel();
+            if link.authenticated {
+                self.backoff.connection_ended(link.since.elapsed());
+            }
+        }
+    }
+}
+
+impl Handler<StopAgent> for AgentConnection {
+    type Result = ();
+
+    fn handle(&mut self, _: StopAgent, ctx: &mut Self::Context) {
+        tracing::info!("agent stopping");
+        self.finish(Ok(()), ctx);
+    }
+}
+
+impl Handler<StreamEvent> for AgentConnection {
+    type Result = ();
+
+    fn handle(&mut self, event: StreamEvent, ctx: &mut Self::Context) {
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        let mut outbox = std::mem::take(&mut self.outbox);
+        link.streams.on_event(event, &mut |m| outbox.push(m));
+        self.flush(outbox, ctx);
+    }
+}
+
+impl StreamHandler<Result<ws::Frame, actix_http::ws::ProtocolError>> for AgentConnection {
+    fn handle(
+        &mut self,
+        item: Result<ws::Frame, actix_http::ws::ProtocolError>,
+        ctx: &mut Self::Context,
+    ) {
+        if let Some(link) = self.link.as_mut() {
+            link.liveness.seen(Instant::now());
+        }
+        match item {
+            Ok(ws::Frame::Binary(frame)) => self.on_frame(frame, ctx),
+            Ok(ws::Frame::Ping(p)) => self.queue_raw(ws::Message::Pong(p), ctx),
+            Ok(ws::Frame::Close(reason)) => {
+                tracing::info!(?reason, "server closed the connection");
+                ctx.stop();
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "websocket error; reconnecting");
+                ctx.stop();
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        if !self.finished {
+            tracing::info!("connection to the server lost; reconnecting");
+        }
+        ctx.stop();
+    }
+}
+
+impl AgentConnection {
+    pub(crate) fn new(shared: Arc<AgentShared>) -> Self {
+        let c = &shared.config;
+        let backoff = Backoff::new(
+            c.reconnect_interval,
+            c.max_reconnect_interval,
+            c.stable_after,
+        );
+        Self {
+            shared,
+            backoff,
+            starts: 0,
+            finished: false,
+            assigned: HashMap::new(),
+            link: None,
+            outbox: Vec::new(),
+        }
+    }
+
+    fn connect(&mut self, ctx: &mut Context<Self>) {
+        let config = &self.shared.config;
+        let (url, timeout) = (config.server_url.clone(), config.connect_timeout);
+        let client = self.shared.client();
+        let dial = async move {
+            let request = client.ws(url).max_frame_size(MAX_MESSAGE_SIZE);
+            match tokio::time::timeout(timeout, request.connect()).await {
+                Ok(Ok((_, framed))) => Ok(framed),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("timed out".to_owned()),
+            }
+        };
+        ctx.wait(dial.into_actor(self).map(|result, act, ctx| match result {
+            Ok(framed) => act.linked(framed, ctx),
+            Err(error) => {
+                tracing::warn!(server = %act.shared.config.server_url, %error, "cannot reach the server");
+                ctx.stop();
+            }
+        }));
+    }
+
+    fn linked(
+        &mut self,
+        framed: actix_codec::Framed<awc::BoxedSocket, ws::Codec>,
+        ctx: &mut Context<Self>,
+    ) {
+        let (sink, stream) = framed.split();
+        ctx.add_stream(stream);
+        let config = &self.shared.config;
+        self.link = Some(Link {
+            generation: self.starts,
+            sink: Some(sink),
+            queue: VecDeque::new(),
+            features: Features::NONE,
+            server_window: DEFAULT_INITIAL_WINDOW,
+            authenticated: false,
+            streams: StreamHub::new(self.settings(DEFAULT_INITIAL_WINDOW)),
+            services: HashMap::new(),
+            awaiting: VecDeque::new(),
+            liveness: Liveness::new(Instant::now(), config.heartbeat_timeout),
+            cancel: CancellationToken::new(),
+            since: Instant::now(),
+        });
+        let caps = Capabilities {
+            features: OFFERED,
+            initial_window: config.stream_window,
+        };
+        let auth = Message::auth(config.token.clone(), self.shared.client_id, Some(caps));
+        let deadline = config.connect_timeout;
+        self.send(auth.ok(), ctx);
+        ctx.run_later(deadline, |act, ctx| {
+            if act.link.as_ref().is_some_and(|l| !l.authenticated) {
+                tracing::warn!("no answer to Auth in time; reconnecting");
+                ctx.stop();
+            }
+        });
+    }
+
+    fn settings(&self, server_window: u32) -> StreamSettings {
+        let c = &self.shared.config;
+        StreamSettings {
+            max_streams: usize::MAX,
+            recv_initial: c.stream_window,
+            recv_max: c.max_stream_window,
+            send_initial: server_window,
+            budget: c.tunnel_window_budget,
+        }
+    }
+
+    fn on_frame(&mut self, frame: Bytes, ctx: &mut Context<Self>) {
+        let message = match Message::decode_bytes(&frame) {
+            Ok((message, _)) => message,
+            Err(e) => {
+                tracing::warn!(error = %e, "bad frame from the server; reconnecting");
+                return ctx.stop();
+            }
+        };
+        match message {
+            Message::AuthOk {
+                tunnel_id,
+                capabilities,
+            } => self.authenticated(tunnel_id, capabilities, ctx),
+            Message::AuthFail { reason, .. } => self.auth_failed(reason, ctx),
+            Message::RegisterOk { port, .. } => {
+                self.registered(message_service(&message), port, ctx)
+            }
+            Message::RegisterFail { reason, .. } => self.register_failed(reason, ctx),
+            Message::Heartbeat { timestamp } => {
+                self.send(Some(Message::HeartbeatAck { timestamp }), ctx)
+            }
+            Message::HeartbeatAck { .. } => {}
+            Message::Connect {
+                service_id,
+                connection_id,
+                client_addr,
+                ..
+            } => {
+                self.on_connect(service_id, connection_id, client_addr, ctx);
+            }
+            Message::Disconnect { reason, .. } => {
+                tracing::info!(%reason, "server disconnected the agent");
+                ctx.stop();
+            }
+            m @ (Message::Data { .. } | Message::Window { .. } | Message::Close { .. }) => {
+                self.on_stream_frame(m, ctx)
+            }
+            other => tracing::debug!(kind = ?other.message_type(), "ignored"),
+        }
+    }
+
+    fn authenticated(
+        &mut self,
+        tunnel_id: Uuid,
+        caps: Option<Capabilities>,
+        ctx: &mut Context<Self>,
+    ) {
+        let features = caps.map_or(Features::NONE, |c| c.features);
+        let server_window = caps.map_or(DEFAULT_INITIAL_WINDOW, |c| c.initial_window);
+        let settings = self.settings(server_window);
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        link.authenticated = true;
+        link.features = features;
+        link.server_window = server_window;
+        link.streams = StreamHub::new(settings);
+        tracing::info!(%tunnel_id, ?features, "authenticated");
+        if !features.contains(Features::STREAMS) {
+            tracing::warn!("the server has no data plane (legacy): visitors cannot be forwarded");
+        }
+        for service in self.shared.config.services.clone() {
+            self.register(service, ctx);
+        }
+    }
+
+    fn auth_failed(&mut self, reason: String, ctx: &mut Context<Self>) {
+        if reason.to_ascii_lowercase().contains("token") {
+            tracing::error!(%reason, "the server refused the token; stopping");
+            return self.finish(Err(crate::TunnelError::auth(reason)), ctx);
+        }
+        tracing::warn!(%reason, "authentication refused; retrying");
+        ctx.stop();
+    }
+
+    /// Registers a service, asking for the port it had before when it was auto-assigned.
+    fn register(&mut self, service: ServiceConfig, ctx: &mut Context<Self>) {
+        let port = match service.remote_port {
+            0 => self.assigned.get(&service.name).copied().unwrap_or(0),
+            p => p,
+        };
+        let register = Message::register(&service.name, service.protocol, service.local_port, port);
+        if let Some(link) = self.link.as_mut() {
+            link.awaiting.push_back(service);
+        }
+        self.send(register.ok(), ctx);
+    }
+
+    fn registered(&mut self, service_id: Uuid, port: Option<u16>, _: &mut Context<Self>) {
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        let Some(service) = link.awaiting.pop_front() else {
+            return;
+        };
+        match port {
+            Some(port) => {
+                tracing::info!(service = %service.name, public_port = port, local = %service.local_addr(), "service registered");
+                self.assigned.insert(service.name.clone(), port);
+            }
+            None => {
+                tracing::info!(service = %service.name, "service registered (the server did not say its port)")
+            }
+        }
+        link.services.insert(service_id, service);
+    }
+
+    fn register_failed(&mut self, reason: String, ctx: &mut Context<Self>) {
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        let Some(service) = link.awaiting.pop_front() else {
+            return;
+        };
+        let generation = link.generation;
+        let delay = self.shared.config.reconnect_interval;
+        tracing::warn!(service = %service.name, %reason, retry_in = %humantime::format_duration(delay), "registration refused");
+        if service.remote_port == 0 && self.assigned.remove(&service.name).is_some() {
+            tracing::info!(service = %service.name, "asking for any port next time");
+        }
+        ctx.run_later(delay, move |act, ctx| {
+            if act
+                .link
+                .as_ref()
+                .is_some_and(|l| l.generation == generation)
+            {
+                act.register(service, ctx);
+            }
+        });
+    }
+
+    fn on_connect(
+        &mut self,
+        service_id: Uuid,
+        id: Uuid,
+        client_addr: String,
+        ctx: &mut Context<Self>,
+    ) {
+        match self.accept_stream(service_id, id, &client_addr) {
+            Ok(local) => self.dial(id, local, ctx),
+            Err(reason) => {
+                tracing::info!(stream = %id, visitor = %client_addr, reason, "connection refused");
+                self.send(Message::connect_fail(id, reason).ok(), ctx);
+            }
+        }
+    }
+
+    fn accept_stream(
+        &mut self,
+        service_id: Uuid,
+        id: Uuid,
+        client_addr: &str,
+    ) -> Result<String, &'static str> {
+        let link = self.link.as_mut().ok_or("no link")?;
+        let service = link.services.get(&service_id).ok_or("unknown service")?;
+        if !link.features.contains(Features::STREAMS) {
+            return Err("the server has no data plane");
+        }
+        let accepted = self
+            .shared
+            .on_connection
+            .as_ref()
+            .is_none_or(|cb| cb(service_id, id, client_addr.to_owned()));
+        if !accepted {
+            return Err("connection rejected by client");
+        }
+        let local = service.local_addr();
+        link.streams
+            .open(id)
+            .map_err(|_| "agent is at its stream limit")?;
+        Ok(local)
+    }
+
+    fn dial(&mut self, id: Uuid, local: String, ctx: &mut Context<Self>) {
+        let timeout = self.shared.config.local_connect_timeout;
+        let generation = self.link.as_ref().map_or(0, |l| l.generation);
+        let dial = async move {
+            match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&local)).await {
+                Ok(Ok(socket)) => Ok(socket),
+                Ok(Err(e)) => Err(format!("local service {local} unreachable: {e}")),
+                Err(_) => Err(format!("local service {local} did not answer in time")),
+            }
+        };
+        ctx.spawn(
+            dial.into_actor(self)
+                .map(move |result, act, ctx| act.dialed(id, generation, result, ctx)),
+        );
+    }
+
+    fn dialed(
+        &mut self,
+        id: Uuid,
+        generation: u64,
+        result: Result<tokio::net::TcpStream, String>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(link) = self.link.as_mut().filter(|l| l.generation == generation) else {
+            return;
+        };
+        let socket = match result {
+            Ok(socket) => socket,
+            Err(reason) => {
+                tracing::info!(stream = %id, %reason, "connection refused");
+                link.streams.refuse(id);
+                return self.send(Message::connect_fail(id, reason).ok(), ctx);
+            }
+        };
+        let wiring = StreamWiring {
+            id,
+            channel: ctx.address().recipient(),
+            initial_credit: link.server_window,
+            counters: CounterSet::new(vec![self.shared.counters.clone()]),
+            read_direction: Direction::Out,
+            cancel: link.cancel.child_token(),
+        };
+        if link
+            .streams
+            .attach(id, ForwardedConnection::start(socket, wiring))
+        {
+            self.send(Some(Message::ConnectAck { connection_id: id }), ctx);
+        }
+    }
+
+    fn on_stream_frame(&mut self, message: Message, ctx: &mut Context<Self>) {
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        let mut outbox = std::mem::take(&mut self.outbox);
+        link.streams.on_frame(message, &mut |m| outbox.push(m));
+        self.flush(outbox, ctx);
+    }
+
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        let Some(link) = self.link.as_ref().filter(|l| l.authenticated) else {
+            return;
+        };
+        if link.liveness.is_expired(Instant::now()) {
+            tracing::warn!(
+                "nothing heard from the server within the heartbeat timeout; reconnecting"
+            );
+            return ctx.stop();
+        }
+        let timestamp = crate::liveness::heartbeat_timestamp(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default(),
+        );
+        self.send(Some(Message::Heartbeat { timestamp }), ctx);
+    }
+
+    fn finish(&mut self, result: crate::Result<()>, ctx: &mut Context<Self>) {
+        self.finished = true;
+        self.shared.done(AgentStopped(result));
+        ctx.stop();
+    }
+
+    fn flush(&mut self, mut outbox: Vec<Message>, ctx: &mut Context<Self>) {
+        for message in outbox.drain(..) {
+            self.send(Some(message), ctx);
+        }
+        self.outbox = outbox;
+    }
+
+    /// Queues one frame (never a type the server did not announce) and writes.
+    fn send(&mut self, message: Option<Message>, ctx: &mut Context<Self>) {
+        let Some(message) = message else { return };
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        if !link
+            .features
+            .contains(message.message_type().required_feature())
+        {
+            return;
+        }
+        link.queue.push_back(message.to_bytes());
+        self.write_next(ctx);
+    }
+
+    fn queue_raw(&mut self, message: ws::Message, ctx: &mut Context<Self>) {
+        if let (Some(link), ws::Message::Pong(p)) = (self.link.as_mut(), &message) {
+            let pong = p.clone();
+            let Some(mut sink) = link.sink.take() else {
+                return;
+            };
+            let generation = link.generation;
+            ctx.spawn(
+                async move { sink.send(ws::Message::Pong(pong)).await.map(|()| sink) }
+                    .into_actor(self)
+                    .map(move |result, act, ctx| act.written(generation, result, ctx)),
+            );
+        }
+    }
+
+    /// One batch in flight on the sink; awc's `send` gives real backpressure.
+    fn write_next(&mut self, ctx: &mut Context<Self>) {
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        if link.queue.is_empty() {
+            return;
+        }
+        let Some(mut sink) = link.sink.take() else {
+            return;
+        };
+        let generation = link.generation;
+        let batch: Vec<Bytes> = link.queue.drain(..).collect();
+        let write = async move {
+            for frame in batch {
+                sink.feed(ws::Message::Binary(frame)).await?;
+            }
+            sink.flush().await.map(|()| sink)
+        };
+        ctx.spawn(
+            write
+                .into_actor(self)
+                .map(move |result, act, ctx| act.written(generation, result, ctx)),
+        );
+    }
+
+    fn written(
+        &mut self,
+        generation: u64,
+        result: Result<WsSink, actix_http::ws::ProtocolError>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(link) = self.link.as_mut().filter(|l| l.generation == generation) else {
+            return;
+        };
+        match result {
+            Ok(sink) => {
+                link.sink = Some(sink);
+                self.write_next(ctx);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "writing to the server failed; reconnecting");
+                ctx.stop();
+            }
+        }
+    }
+}
+
+fn message_service(message: &Message) -> Uuid {
+    match message {
+        Message::RegisterOk { service_id, .. } => *service_id,
+        _ => Uuid::nil(),
+    }
+}

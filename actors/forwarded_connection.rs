@@ -1,0 +1,362 @@
+//! `ForwardedConnection`: one per forwarded TCP connection, on either side of
+//! the tunnel (the visitor's socket on the server, the local service's socket
+//! on the agent).
+//!
+//! Owns the socket, its read credit and its write queue. Reads only while the
+//! peer has granted credit (a chunk at most [`MAX_DATA_PAYLOAD`]), into a
+//! per-thread scratch buffer, so an idle connection keeps no buffer. Keeps one
+//! coalesced write in flight; the queue never holds more than the window the
+//! owning channel granted. Receives `StreamCommand`s; reports `StreamEvent`s
+//! to its channel. Stops when both directions are done, on reset, or when its
+//! tunnel's cancellation token fires.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context as TaskContext, Poll, Waker};
+use std::time::Duration;
+
+use actix::prelude::*;
+use bytes::Bytes;
+use futures::Stream;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::accounting::{CounterSet, Direction};
+use crate::protocol::MAX_DATA_PAYLOAD;
+
+/// What the owning channel tells a connection.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub(crate) enum StreamCommand {
+    /// Write these bytes to the socket.
+    Deliver(Bytes),
+    /// The peer granted this much more read credit.
+    Credit(u32),
+    /// The peer half-closed: shut the write side once the queue is written.
+    ShutdownWrite,
+    /// The stream is gone: reset the socket now.
+    Reset,
+}
+
+/// What a connection tells its channel.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub(crate) enum StreamEvent {
+    /// Bytes read from the socket, within the credit.
+    Read {
+        /// The stream.
+        id: Uuid,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// The socket's read side ended (FIN).
+    ReadEof {
+        /// The stream.
+        id: Uuid,
+    },
+    /// Bytes written to the socket: credit may go back to the peer.
+    Delivered {
+        /// The stream.
+        id: Uuid,
+        /// How many.
+        len: usize,
+    },
+    /// The socket failed or was reset.
+    Failed {
+        /// The stream.
+        id: Uuid,
+    },
+    /// The actor stopped.
+    Finished {
+        /// The stream.
+        id: Uuid,
+    },
+}
+
+/// How a connection is wired to its tunnel.
+pub(crate) struct StreamWiring {
+    pub(crate) id: Uuid,
+    pub(crate) channel: Recipient<StreamEvent>,
+    pub(crate) initial_credit: u32,
+    pub(crate) counters: CounterSet,
+    /// Direction of the bytes this side reads from its socket.
+    pub(crate) read_direction: Direction,
+    pub(crate) cancel: CancellationToken,
+}
+
+/// The connection actor.
+pub(crate) struct ForwardedConnection {
+    wiring: StreamWiring,
+    credit: Rc<Credit>,
+    writer: Option<OwnedWriteHalf>,
+    queue: VecDeque<Bytes>,
+    writing: bool,
+    shutdown_pending: bool,
+    read_done: bool,
+    write_done: bool,
+    reset: bool,
+}
+
+impl Actor for ForwardedConnection {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let cancel = self.wiring.cancel.clone();
+        ctx.spawn(
+            async move { cancel.cancelled_owned().await }
+                .into_actor(self)
+                .map(|(), act, ctx| {
+                    act.reset_now(ctx);
+                }),
+        );
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        self.wiring.counters.connection_closed();
+        self.wiring
+            .channel
+            .do_send(StreamEvent::Finished { id: self.wiring.id });
+    }
+}
+
+impl Handler<StreamCommand> for ForwardedConnection {
+    type Result = ();
+
+    fn handle(&mut self, command: StreamCommand, ctx: &mut Self::Context) {
+        match command {
+            StreamCommand::Deliver(data) => {
+                self.queue.push_back(data);
+                self.write_next(ctx);
+            }
+            StreamCommand::Credit(n) => self.credit.grant(n),
+            StreamCommand::ShutdownWrite => {
+                self.shutdown_pending = true;
+                self.write_next(ctx);
+            }
+            StreamCommand::Reset => self.reset_now(ctx),
+        }
+    }
+}
+
+impl StreamHandler<io::Result<Bytes>> for ForwardedConnection {
+    fn handle(&mut self, item: io::Result<Bytes>, ctx: &mut Self::Context) {
+        let id = self.wiring.id;
+        match item {
+            Ok(data) => {
+                self.wiring
+                    .counters
+                    .add_bytes(self.wiring.read_direction, data.len() as u64);
+                self.wiring.channel.do_send(StreamEvent::Read { id, data });
+            }
+            Err(e) => {
+                tracing::debug!(stream = %id, error = %e, "socket read failed; aborting the stream");
+                self.wiring.channel.do_send(StreamEvent::Failed { id });
+                ctx.stop();
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        if self.reset {
+            return;
+        }
+        self.read_done = true;
+        self.wiring
+            .channel
+            .do_send(StreamEvent::ReadEof { id: self.wiring.id });
+        self.stop_when_done(ctx);
+    }
+}
+
+impl ForwardedConnection {
+    /// Starts the actor on `socket` on the current arbiter.
+    pub(crate) fn start(socket: TcpStream, wiring: StreamWiring) -> Addr<Self> {
+        let _ = socket.set_nodelay(true);
+        wiring.counters.connection_opened();
+        let (read, write) = socket.into_split();
+        let credit = Rc::new(Credit::new(wiring.initial_credit));
+        Self::create(|ctx| {
+            ctx.add_stream(CreditedReader {
+                read,
+                credit: credit.clone(),
+            });
+            Self {
+                wiring,
+                credit,
+                writer: Some(write),
+                queue: VecDeque::new(),
+                writing: false,
+                shutdown_pending: false,
+                read_done: false,
+                write_done: false,
+                reset: false,
+            }
+        })
+    }
+
+    /// Writes everything queued in one batch; at most one batch in flight.
+    fn write_next(&mut self, ctx: &mut Context<Self>) {
+        if self.writing || self.write_done {
+            return;
+        }
+        let Some(mut writer) = self.writer.take() else {
+            return;
+        };
+        if self.queue.is_empty() {
+            self.writer = Some(writer);
+            return self.shutdown_if_asked(ctx);
+        }
+        let batch: Vec<Bytes> = self.queue.drain(..).collect();
+        let len: usize = batch.iter().map(Bytes::len).sum();
+        self.writing = true;
+        ctx.spawn(
+            async move {
+                for chunk in &batch {
+                    writer.write_all(chunk).await?;
+                }
+                Ok::<_, io::Error>(writer)
+            }
+            .into_actor(self)
+            .map(move |result, act, ctx| act.written(result, len, ctx)),
+        );
+    }
+
+    fn written(&mut self, result: io::Result<OwnedWriteHalf>, len: usize, ctx: &mut Context<Self>) {
+        self.writing = false;
+        match result {
+            Ok(writer) => {
+                self.writer = Some(writer);
+                let id = self.wiring.id;
+                self.wiring
+                    .counters
+                    .add_bytes(opposite(self.wiring.read_direction), len as u64);
+                self.wiring
+                    .channel
+                    .do_send(StreamEvent::Delivered { id, len });
+                self.write_next(ctx);
+            }
+            Err(e) => {
+                tracing::debug!(stream = %self.wiring.id, error = %e, "socket write failed; aborting the stream");
+                self.wiring
+                    .channel
+                    .do_send(StreamEvent::Failed { id: self.wiring.id });
+                ctx.stop();
+            }
+        }
+    }
+
+    fn shutdown_if_asked(&mut self, ctx: &mut Context<Self>) {
+        if !self.shutdown_pending {
+            return;
+        }
+        let Some(mut writer) = self.writer.take() else {
+            return;
+        };
+        self.writing = true;
+        ctx.spawn(
+            async move { writer.shutdown().await }
+                .into_actor(self)
+                .map(|_, act, ctx| {
+                    act.writing = false;
+                    act.write_done = true;
+                    act.stop_when_done(ctx);
+                }),
+        );
+    }
+
+    fn stop_when_done(&mut self, ctx: &mut Context<Self>) {
+        if self.read_done && self.write_done {
+            ctx.stop();
+        }
+    }
+
+    fn reset_now(&mut self, ctx: &mut Context<Self>) {
+        self.reset = true;
+        self.queue.clear();
+        if let Some(writer) = &self.writer {
+            // SO_LINGER 0 makes the close send RST; with a zero timeout it never blocks
+            #[allow(deprecated)]
+            let _ = writer.as_ref().set_linger(Some(Duration::ZERO));
+        }
+        ctx.stop();
+    }
+}
+
+fn opposite(direction: Direction) -> Direction {
+    match direction {
+        Direction::In => Direction::Out,
+        Direction::Out => Direction::In,
+    }
+}
+
+/// Read credit shared between the actor and its reader stream.
+struct Credit {
+    bytes: Cell<usize>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Credit {
+    fn new(initial: u32) -> Self {
+        Self {
+            bytes: Cell::new(initial as usize),
+            waker: RefCell::new(None),
+        }
+    }
+
+    fn grant(&self, n: u32) {
+        self.bytes.set(self.bytes.get() + n as usize);
+        if let Some(waker) = self.waker.borrow_mut().take() {
+            waker.wake();
+        }
+    }
+}
+
+thread_local! {
+    /// One read buffer per thread, shared by every connection on it.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_DATA_PAYLOAD]);
+}
+
+/// The socket's read side, gated by credit: returns `Pending` at zero credit.
+struct CreditedReader {
+    read: OwnedReadHalf,
+    credit: Rc<Credit>,
+}
+
+impl Stream for CreditedReader {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        let credit = self.credit.bytes.get();
+        if credit == 0 {
+            *self.credit.waker.borrow_mut() = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        loop {
+            if let Err(e) = futures::ready!(self.read.as_ref().poll_read_ready(cx)) {
+                return Poll::Ready(Some(Err(e)));
+            }
+            let want = credit.min(MAX_DATA_PAYLOAD);
+            let read = SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                self.read
+                    .try_read(&mut scratch[..want])
+                    .map(|n| Bytes::copy_from_slice(&scratch[..n]))
+            });
+            match read {
+                Ok(data) if data.is_empty() => return Poll::Ready(None),
+                Ok(data) => {
+                    self.credit.bytes.set(credit - data.len());
+                    return Poll::Ready(Some(Ok(data)));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Some(Err(e))),
+            }
+        }
+    }
+}

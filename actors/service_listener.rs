@@ -1,0 +1,124 @@
+//! `ServiceListener`: one per registered TCP service, on its public port.
+//!
+//! Owns the listening socket (bound with `SO_REUSEADDR`, so a port comes back
+//! at once after a restart or takeover). Sends each accepted visitor to its
+//! control channel as `VisitorArrived`. Stops with its tunnel (cancellation
+//! token) or when its service is unregistered (`StopListener`).
+
+use std::io;
+use std::net::SocketAddr;
+
+use actix::prelude::*;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// A visitor connected to a service's public port.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct VisitorArrived {
+    pub(crate) service_id: Uuid,
+    pub(crate) socket: TcpStream,
+    pub(crate) peer: SocketAddr,
+}
+
+/// Stops listening (service unregistered).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct StopListener;
+
+/// The listener actor.
+pub(crate) struct ServiceListener {
+    service_id: Uuid,
+    port: u16,
+    channel: Recipient<VisitorArrived>,
+    cancel: CancellationToken,
+}
+
+impl Actor for ServiceListener {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        tracing::info!(port = self.port, "public port listening");
+        let cancel = self.cancel.clone();
+        ctx.spawn(
+            async move { cancel.cancelled_owned().await }
+                .into_actor(self)
+                .map(|(), _, ctx| ctx.stop()),
+        );
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        tracing::info!(port = self.port, "public port closed");
+    }
+}
+
+impl Handler<StopListener> for ServiceListener {
+    type Result = ();
+
+    fn handle(&mut self, _: StopListener, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}
+
+impl StreamHandler<io::Result<(TcpStream, SocketAddr)>> for ServiceListener {
+    fn handle(&mut self, item: io::Result<(TcpStream, SocketAddr)>, _: &mut Self::Context) {
+        match item {
+            Ok((socket, peer)) => self.channel.do_send(VisitorArrived {
+                service_id: self.service_id,
+                socket,
+                peer,
+            }),
+            Err(e) => tracing::warn!(port = self.port, error = %e, "accept failed"),
+        }
+    }
+}
+
+impl ServiceListener {
+    /// Binds `host:port` with `SO_REUSEADDR`.
+    pub(crate) fn bind(host: &str, port: u16) -> io::Result<TcpListener> {
+        let addr: SocketAddr = format!("{host}:{port}")
+            .parse()
+            .or_else(|_| format!("[{host}]:{port}").parse())
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("bad bind host {host:?}"),
+                )
+            })?;
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(1024)
+    }
+
+    /// Starts accepting on `listener` for the service.
+    pub(crate) fn start(
+        listener: TcpListener,
+        service_id: Uuid,
+        port: u16,
+        channel: Recipient<VisitorArrived>,
+        cancel: CancellationToken,
+    ) -> Addr<Self> {
+        Self::create(|ctx| {
+            ctx.add_stream(futures::stream::unfold(listener, |l| async {
+                let next = l.accept().await;
+                if next.is_err() {
+                    // out of descriptors or similar: do not spin
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Some((next, l))
+            }));
+            Self {
+                service_id,
+                port,
+                channel,
+                cancel,
+            }
+        })
+    }
+}

@@ -1,0 +1,132 @@
+//! `StreamHub`: the streams of one tunnel side, as the control channel (server)
+//! or the agent connection holds them. Not an actor: it joins the sans-IO
+//! [`StreamTable`] to the `ForwardedConnection` actors, routing the table's
+//! actions to sockets and frames to the peer.
+
+use std::collections::HashMap;
+
+use actix::Addr;
+use uuid::Uuid;
+
+use super::forwarded_connection::{ForwardedConnection, StreamCommand, StreamEvent};
+use crate::protocol::Message;
+use crate::streams::{StreamAction, StreamError, StreamSettings, StreamTable};
+
+/// A tunnel side's streams and their connection actors.
+pub(crate) struct StreamHub {
+    table: StreamTable,
+    conns: HashMap<Uuid, Addr<ForwardedConnection>>,
+    /// Commands for streams whose socket is still being dialed (bounded by the window).
+    pending: HashMap<Uuid, Vec<StreamCommand>>,
+    actions: Vec<StreamAction>,
+}
+
+impl StreamHub {
+    pub(crate) fn new(settings: StreamSettings) -> Self {
+        Self {
+            table: StreamTable::new(settings),
+            conns: HashMap::new(),
+            pending: HashMap::new(),
+            actions: Vec::new(),
+        }
+    }
+
+    /// Open streams.
+    pub(crate) fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Opens a stream whose socket is not attached yet.
+    pub(crate) fn open(&mut self, id: Uuid) -> Result<(), StreamError> {
+        self.table.open(id)?;
+        self.pending.insert(id, Vec::new());
+        Ok(())
+    }
+
+    /// Attaches the socket's actor, handing it what arrived meanwhile. False
+    /// if the stream ended while the socket was dialed.
+    pub(crate) fn attach(&mut self, id: Uuid, addr: Addr<ForwardedConnection>) -> bool {
+        let Some(queued) = self.pending.remove(&id) else {
+            addr.do_send(StreamCommand::Reset);
+            return false;
+        };
+        queued.into_iter().for_each(|c| addr.do_send(c));
+        self.conns.insert(id, addr);
+        true
+    }
+
+    /// The peer refused or the socket could not be dialed: forgets the stream.
+    pub(crate) fn refuse(&mut self, id: Uuid) {
+        self.table.refused(id);
+        self.pending.remove(&id);
+        if let Some(addr) = self.conns.remove(&id) {
+            addr.do_send(StreamCommand::Reset);
+        }
+    }
+
+    /// A stream frame from the peer.
+    pub(crate) fn on_frame(&mut self, message: Message, send: &mut impl FnMut(Message)) {
+        let mut actions = std::mem::take(&mut self.actions);
+        self.table.on_frame(message, &mut actions);
+        for action in actions.drain(..) {
+            self.apply(action, send);
+        }
+        self.actions = actions;
+    }
+
+    /// An event from a connection actor.
+    pub(crate) fn on_event(&mut self, event: StreamEvent, send: &mut impl FnMut(Message)) {
+        let reply = match event {
+            StreamEvent::Read { id, data } => match self.table.send_data(id, data) {
+                Ok(frame) => Some(frame),
+                Err(e) => {
+                    tracing::debug!(error = %e, "read dropped");
+                    None
+                }
+            },
+            StreamEvent::ReadEof { id } => self.table.local_eof(id),
+            StreamEvent::Delivered { id, len } => self.table.on_delivered(id, len),
+            StreamEvent::Failed { id } => self.table.local_reset(id),
+            StreamEvent::Finished { id } => {
+                self.conns.remove(&id);
+                self.table.local_reset(id)
+            }
+        };
+        reply.into_iter().for_each(send);
+    }
+
+    /// The tunnel ended: resets every socket.
+    pub(crate) fn close_all(&mut self) {
+        self.table.drain();
+        self.pending.clear();
+        for (_, addr) in self.conns.drain() {
+            addr.do_send(StreamCommand::Reset);
+        }
+    }
+
+    fn apply(&mut self, action: StreamAction, send: &mut impl FnMut(Message)) {
+        match action {
+            StreamAction::Deliver { id, data } => self.command(id, StreamCommand::Deliver(data)),
+            StreamAction::Credit { id, increment } => {
+                self.command(id, StreamCommand::Credit(increment))
+            }
+            StreamAction::ShutdownWrite { id } => self.command(id, StreamCommand::ShutdownWrite),
+            StreamAction::Reset { id, reason } => {
+                tracing::debug!(stream = %id, reason, "stream reset");
+                self.pending.remove(&id);
+                if let Some(addr) = self.conns.remove(&id) {
+                    addr.do_send(StreamCommand::Reset);
+                }
+            }
+            StreamAction::Send(message) => send(message),
+        }
+    }
+
+    fn command(&mut self, id: Uuid, command: StreamCommand) {
+        if let Some(addr) = self.conns.get(&id) {
+            addr.do_send(command);
+        } else if let Some(queue) = self.pending.get_mut(&id) {
+            queue.push(command);
+        }
+    }
+}

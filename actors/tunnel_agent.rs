@@ -1,0 +1,152 @@
+//! `TunnelAgent` (the seed's type): the public handle of an agent. Not an
+//! actor: `run()` starts an `AgentConnection` under an actix `Supervisor` on
+//! the library's runtime thread and waits until the agent is stopped or meets
+//! a fault that retrying cannot fix (the server refused the token).
+
+use std::sync::{Arc, Mutex};
+
+use actix::{Addr, Supervisor};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use super::agent_connection::{AgentConnection, StopAgent};
+use crate::accounting::{Counters, Snapshot};
+use crate::config::TunnelClientConfig;
+use crate::{Result, TunnelError};
+
+/// Decides whether to accept a visitor: `(service_id, connection_id, client_addr) -> accept`.
+pub type ConnectionCallback = Arc<dyn Fn(Uuid, Uuid, String) -> bool + Send + Sync>;
+
+/// The agent ended: `Ok` when stopped, `Err` for a fatal refusal.
+pub(crate) struct AgentStopped(pub(crate) Result<()>);
+
+/// What the connection actor shares with its handle.
+pub(crate) struct AgentShared {
+    pub(crate) config: TunnelClientConfig,
+    pub(crate) client_id: Uuid,
+    pub(crate) on_connection: Option<ConnectionCallback>,
+    pub(crate) counters: Arc<Counters>,
+    done: Mutex<Option<oneshot::Sender<Result<()>>>>,
+}
+
+impl AgentShared {
+    /// A WebSocket client (HTTP/1.1 only: WebSockets do not run over h2 here).
+    pub(crate) fn client(&self) -> awc::Client {
+        awc::Client::builder()
+            .max_http_version(awc::http::Version::HTTP_11)
+            .finish()
+    }
+
+    /// Reports the end of the agent to `run()`.
+    pub(crate) fn done(&self, stopped: AgentStopped) {
+        let sender = self.done.lock().ok().and_then(|mut d| d.take());
+        if let Some(sender) = sender {
+            let _ = sender.send(stopped.0);
+        }
+    }
+}
+
+/// A tunnel agent: dials out to a server, registers its services, forwards
+/// visitors to them, and reconnects on exponential backoff.
+#[derive(Clone)]
+pub struct TunnelAgent {
+    config: TunnelClientConfig,
+    client_id: Uuid,
+    on_connection: Option<ConnectionCallback>,
+    counters: Arc<Counters>,
+    control: Arc<Mutex<Control>>,
+}
+
+#[derive(Default)]
+struct Control {
+    addr: Option<Addr<AgentConnection>>,
+    stop_requested: bool,
+}
+
+impl TunnelAgent {
+    /// An agent for `config`; its client id (from the config, or drawn now) is kept for its life.
+    #[must_use]
+    pub fn new(config: TunnelClientConfig) -> Self {
+        let client_id = config.client_id.unwrap_or_else(Uuid::new_v4);
+        Self {
+            config,
+            client_id,
+            on_connection: None,
+            counters: Arc::new(Counters::new()),
+            control: Arc::default(),
+        }
+    }
+
+    /// Sets the callback that accepts or refuses each visitor.
+    #[must_use]
+    pub fn on_connection(mut self, callback: ConnectionCallback) -> Self {
+        self.on_connection = Some(callback);
+        self
+    }
+
+    /// The stable client id sent in every `Auth`.
+    pub fn client_id(&self) -> Uuid {
+        self.client_id
+    }
+
+    /// Traffic through this agent so far.
+    pub fn stats(&self) -> Snapshot {
+        self.counters.snapshot()
+    }
+
+    /// Runs until [`stop`](Self::stop) (then `Ok`) or until the server refuses
+    /// the token (then `Err`). Every other fault is retried on backoff.
+    pub async fn run(&self) -> Result<()> {
+        self.config.validate()?;
+        let (done_tx, done_rx) = oneshot::channel();
+        let shared = Arc::new(AgentShared {
+            config: self.config.clone(),
+            client_id: self.client_id,
+            on_connection: self.on_connection.clone(),
+            counters: self.counters.clone(),
+            done: Mutex::new(Some(done_tx)),
+        });
+        let control = self.control.clone();
+        let spawned = super::runtime::arbiter().spawn_fn(move || {
+            let addr = Supervisor::start(move |_| AgentConnection::new(shared));
+            if let Ok(mut c) = control.lock() {
+                if c.stop_requested {
+                    addr.do_send(StopAgent);
+                }
+                c.addr = Some(addr);
+            }
+        });
+        if !spawned {
+            return Err(TunnelError::Shutdown);
+        }
+        let result = done_rx.await.unwrap_or(Err(TunnelError::Shutdown));
+        if let Ok(mut c) = self.control.lock() {
+            c.addr = None; // the last address: the actor ends instead of restarting
+        }
+        result
+    }
+
+    /// Stops the agent: its streams are closed and `run()` returns `Ok`.
+    pub fn stop(&self) {
+        if let Ok(mut c) = self.control.lock() {
+            c.stop_requested = true;
+            if let Some(addr) = &c.addr {
+                addr.do_send(StopAgent);
+            }
+        }
+    }
+
+    /// The seed's name for [`stop`](Self::stop).
+    pub fn disconnect(&self) {
+        self.stop();
+    }
+}
+
+impl std::fmt::Debug for TunnelAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelAgent")
+            .field("server_url", &self.config.server_url)
+            .field("client_id", &self.client_id)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,239 @@
+//! The TCP tunnel end to end: a real server and a real agent on 127.0.0.1,
+//! visitors on the public port, services next to the agent. Every transfer is
+//! checked byte for byte.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{
+    DEADLINE, fast_config, free_ports, pattern, services, sha256, spawn_agent, spawn_server,
+    wait_closed, wait_listening,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use zlayer_tunnel::ServiceConfig;
+
+async fn visit(port: u16) -> TcpStream {
+    TcpStream::connect(("127.0.0.1", port)).await.unwrap()
+}
+
+/// Uploads `len` bytes to the digest service and checks its answer.
+async fn upload(port: u16, seed: u64, len: usize) {
+    let data = pattern(seed, len);
+    let mut s = visit(port).await;
+    let (mut r, mut w) = s.split();
+    let send = async {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let mut answer = Vec::new();
+    let recv = r.read_to_end(&mut answer);
+    let (_, got) = tokio::join!(send, recv);
+    got.unwrap();
+    assert_eq!(answer.len(), 40, "digest service answer");
+    assert_eq!(
+        &answer[..32],
+        &sha256(&data),
+        "upload of {len} bytes corrupted"
+    );
+    assert_eq!(
+        u64::from_be_bytes(answer[32..].try_into().unwrap()),
+        len as u64
+    );
+}
+
+/// Downloads `len` bytes from the source service and checks them.
+async fn download(port: u16, seed: u64, len: usize) {
+    let mut s = visit(port).await;
+    let mut req = seed.to_be_bytes().to_vec();
+    req.extend((len as u64).to_be_bytes());
+    s.write_all(&req).await.unwrap();
+    let mut got = Vec::with_capacity(len);
+    s.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got.len(), len);
+    assert!(
+        got == pattern(seed, len),
+        "download of {len} bytes corrupted"
+    );
+}
+
+/// Echoes `len` bytes, sending and receiving at once.
+async fn echo(port: u16, seed: u64, len: usize) {
+    let data = pattern(seed, len);
+    let mut s = visit(port).await;
+    let (mut r, mut w) = s.split();
+    let send = async {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let mut back = Vec::with_capacity(len);
+    let recv = r.read_to_end(&mut back);
+    let (_, got) = tokio::join!(send, recv);
+    got.unwrap();
+    assert_eq!(back.len(), len);
+    assert!(
+        sha256(&back) == sha256(&data),
+        "echo of {len} bytes corrupted (seed {seed})"
+    );
+}
+
+#[actix_web::test]
+async fn sixty_four_mib_each_way_byte_exact() {
+    let (low, high) = free_ports(2);
+    let server = spawn_server(fast_config((low, high)), "secret");
+    let (digest, source) = (services::digest().await, services::source().await);
+    let (agent, _task) = spawn_agent(
+        server.addr,
+        "secret",
+        vec![
+            ServiceConfig::tcp("up", digest).with_remote_port(low),
+            ServiceConfig::tcp("down", source).with_remote_port(high),
+        ],
+    );
+    wait_listening(low).await;
+    wait_listening(high).await;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        upload(low, 1, 64 << 20).await;
+        download(high, 2, 64 << 20).await;
+    })
+    .await
+    .expect("transfers took too long");
+    let stats = agent.stats();
+    assert!(
+        stats.bytes_in >= 64 << 20 && stats.bytes_out >= 64 << 20,
+        "{stats:?}"
+    );
+    agent.stop();
+}
+
+#[actix_web::test]
+async fn thirty_two_concurrent_streams_both_ways() {
+    let (port, _) = free_ports(1);
+    let server = spawn_server(fast_config((port, port)), "secret");
+    let echo_port = services::echo().await;
+    let (agent, _task) = spawn_agent(
+        server.addr,
+        "secret",
+        vec![ServiceConfig::tcp("echo", echo_port).with_remote_port(port)],
+    );
+    wait_listening(port).await;
+    let streams: Vec<_> = (0..32)
+        .map(|i| tokio::spawn(echo(port, 100 + i, 1 << 20)))
+        .collect();
+    tokio::time::timeout(DEADLINE * 3, async {
+        for s in streams {
+            s.await.unwrap();
+        }
+    })
+    .await
+    .expect("concurrent echoes took too long");
+    agent.stop();
+}
+
+#[actix_web::test]
+async fn a_small_request_and_reply_with_half_close() {
+    let (port, _) = free_ports(1);
+    let server = spawn_server(fast_config((port, port)), "secret");
+    let digest = services::digest().await;
+    let (agent, _task) = spawn_agent(
+        server.addr,
+        "secret",
+        vec![ServiceConfig::tcp("d", digest).with_remote_port(port)],
+    );
+    wait_listening(port).await;
+    for len in [0, 1, 100, 65515, 65516, 300_000] {
+        upload(port, len as u64, len).await;
+    }
+    agent.stop();
+}
+
+#[actix_web::test]
+async fn a_service_that_is_down_closes_the_visitor_at_once_and_the_tunnel_stays_up() {
+    let (low, high) = free_ports(2);
+    let server = spawn_server(fast_config((low, high)), "secret");
+    let dead = free_ports(1).0; // nothing listens there
+    let echo_port = services::echo().await;
+    let (agent, _task) = spawn_agent(
+        server.addr,
+        "secret",
+        vec![
+            ServiceConfig::tcp("dead", dead).with_remote_port(low),
+            ServiceConfig::tcp("echo", echo_port).with_remote_port(high),
+        ],
+    );
+    wait_listening(low).await;
+    wait_listening(high).await;
+    let mut visitor = visit(low).await;
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(2), visitor.read(&mut buf))
+        .await
+        .expect("visitor left hanging");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    echo(high, 7, 100_000).await;
+    agent.stop();
+}
+
+#[actix_web::test]
+async fn stopping_the_agent_frees_its_ports_within_a_second() {
+    let (port, _) = free_ports(1);
+    let server = spawn_server(fast_config((port, port)), "secret");
+    let echo_port = services::echo().await;
+    let (agent, task) = spawn_agent(
+        server.addr,
+        "secret",
+        vec![ServiceConfig::tcp("echo", echo_port).with_remote_port(port)],
+    );
+    wait_listening(port).await;
+    agent.stop();
+    tokio::time::timeout(DEADLINE, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        wait_closed(port, Duration::from_secs(1)).await,
+        "public port still open"
+    );
+    assert_eq!(server.registry.available_ports().await, 1);
+}
+
+#[actix_web::test]
+async fn a_wrong_token_stops_the_agent_with_the_servers_reason() {
+    let (port, _) = free_ports(1);
+    let server = spawn_server(fast_config((port, port)), "secret");
+    let (_agent, task) = spawn_agent(server.addr, "wrong", vec![]);
+    let result = tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap();
+    let err = result.unwrap_err().to_string();
+    assert!(err.contains("invalid tunnel token"), "{err}");
+}
+
+#[actix_web::test]
+async fn the_agent_comes_back_after_a_server_restart_on_the_same_port() {
+    let (port, _) = free_ports(1);
+    let listener_port = free_ports(1).0;
+    let echo_port = services::echo().await;
+    let config = fast_config((port, port));
+    let first = common::spawn_server_on(config.clone(), "secret", listener_port);
+    let (agent, _task) = spawn_agent(
+        first.addr,
+        "secret",
+        vec![ServiceConfig::tcp("echo", echo_port)],
+    );
+    wait_listening(port).await;
+    echo(port, 1, 10_000).await;
+    first.handle.stop(false).await;
+    assert!(wait_closed(port, Duration::from_secs(3)).await);
+    let _second = common::spawn_server_on(config, "secret", listener_port);
+    wait_listening(port).await;
+    echo(port, 2, 10_000).await;
+    agent.stop();
+}
