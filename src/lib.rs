@@ -44,3 +44,8 @@ pub use error::{Result, TunnelError};
 pub use protocol::{
     HEADER_SIZE, MAX_MESSAGE_SIZE, Message, MessageType, PROTOCOL_VERSION, ServiceProtocol,
 };
+
+/// The README's Rust examples, compiled as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

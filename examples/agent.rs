@@ -1,0 +1,59 @@
+//! A tunnel agent: `agent URL TOKEN NAME:LOCAL_PORT:REMOTE_PORT...` (remote
+//! port 0 = any). Runs until killed, reconnecting; stops promptly on SIGINT or
+//! SIGTERM. A plain `#[tokio::main]` program: the library runs its actors on
+//! its own thread.
+//!
+//! ```sh
+//! cargo run --release --example agent -- ws://127.0.0.1:7000/tunnel/v1 secret ssh:22:30000
+//! ```
+
+use anyhow::{Context, bail};
+use tokio::signal::unix::{SignalKind, signal};
+use zlayer_tunnel::{ServiceConfig, TunnelAgent, TunnelClientConfig};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [url, token, services @ ..] = args.as_slice() else {
+        bail!("usage: agent URL TOKEN NAME:LOCAL_PORT:REMOTE_PORT...");
+    };
+    let mut config = TunnelClientConfig::new(url, token);
+    for spec in services {
+        config = config.with_service(parse_service(spec)?);
+    }
+    config.validate()?;
+
+    let agent = TunnelAgent::new(config);
+    let stopper = agent.clone();
+    tokio::spawn(async move {
+        let (mut int, mut term) = (
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+        );
+        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+        stopper.stop();
+        Ok::<_, std::io::Error>(())
+    });
+    agent.run().await?;
+    Ok(())
+}
+
+fn parse_service(spec: &str) -> anyhow::Result<ServiceConfig> {
+    let parts: Vec<&str> = spec.split(':').collect();
+    let [name, local, remote] = parts.as_slice() else {
+        bail!("{spec:?}: expected NAME:LOCAL_PORT:REMOTE_PORT");
+    };
+    let local = local
+        .parse()
+        .with_context(|| format!("{spec:?}: LOCAL_PORT"))?;
+    let remote = remote
+        .parse()
+        .with_context(|| format!("{spec:?}: REMOTE_PORT"))?;
+    Ok(ServiceConfig::tcp(*name, local).with_remote_port(remote))
+}

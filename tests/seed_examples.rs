@@ -1,0 +1,66 @@
+//! The seed README's code examples, as written, compile against this crate
+//! (the server and client ones; node-to-node and on-demand access arrive with
+//! their issue). The functions are compiled, not run: they name example hosts.
+
+#![allow(dead_code, unused_variables, clippy::print_stdout)]
+
+// "Server Setup", verbatim.
+mod server_setup {
+    use std::sync::Arc;
+    use zlayer_tunnel::{ControlHandler, TunnelRegistry, TunnelServerConfig, accept_all_tokens};
+
+    fn setup() {
+        // Create the registry with port range for service assignment
+        let registry = Arc::new(TunnelRegistry::new((30000, 31000)));
+
+        // Configure the server
+        let config = TunnelServerConfig::default();
+
+        // Create handler with token validator
+        let validator = Arc::new(accept_all_tokens);
+        let handler = ControlHandler::new(registry.clone(), config, validator);
+    }
+
+    // Handle incoming WebSocket connections
+    async fn handle_connection(
+        handler: &ControlHandler,
+        stream: tokio::net::TcpStream,
+        addr: std::net::SocketAddr,
+    ) {
+        if let Err(e) = handler.handle_connection(stream, addr).await {
+            tracing::error!("Connection error: {}", e);
+        }
+    }
+}
+
+// "Client Setup", verbatim.
+mod client_setup {
+    use std::sync::Arc;
+    use zlayer_tunnel::{ServiceConfig, TunnelAgent, TunnelClientConfig};
+
+    async fn setup() -> zlayer_tunnel::Result<()> {
+        // Configure the client
+        let config = TunnelClientConfig::new("wss://tunnel.example.com/tunnel/v1", "my-auth-token")
+            .with_service(ServiceConfig::tcp("ssh", 22).with_remote_port(2222))
+            .with_service(ServiceConfig::tcp("postgres", 5432));
+
+        // Create the agent with connection callback
+        let agent =
+            TunnelAgent::new(config).on_connection(Arc::new(|service_id, conn_id, client_addr| {
+                println!(
+                    "Connection {} to service {} from {}",
+                    conn_id, service_id, client_addr
+                );
+                true // Accept the connection
+            }));
+
+        // Run with automatic reconnection
+        agent.run().await?;
+        Ok(())
+    }
+}
+
+#[test]
+fn the_seed_examples_compile() {
+    // compiling this file is the test; this asserts the file is part of the suite
+}
