@@ -21,9 +21,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use bytes::Bytes;
 use futures::Stream;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -94,7 +92,7 @@ pub(crate) struct StreamWiring {
 pub(crate) struct ForwardedConnection {
     wiring: StreamWiring,
     credit: Rc<Credit>,
-    writer: Option<OwnedWriteHalf>,
+    socket: Rc<TcpStream>,
     queue: VecDeque<Bytes>,
     writing: bool,
     shutdown_pending: bool,
@@ -179,17 +177,17 @@ impl ForwardedConnection {
     pub(crate) fn start(socket: TcpStream, wiring: StreamWiring) -> Addr<Self> {
         let _ = socket.set_nodelay(true);
         wiring.counters.connection_opened();
-        let (read, write) = socket.into_split();
+        let socket = Rc::new(socket);
         let credit = Rc::new(Credit::new(wiring.initial_credit));
         Self::create(|ctx| {
             ctx.add_stream(CreditedReader {
-                read,
+                socket: socket.clone(),
                 credit: credit.clone(),
             });
             Self {
                 wiring,
                 credit,
-                writer: Some(write),
+                socket,
                 queue: VecDeque::new(),
                 writing: false,
                 shutdown_pending: false,
@@ -200,38 +198,29 @@ impl ForwardedConnection {
         })
     }
 
-    /// Writes everything queued in one batch; at most one batch in flight.
+    /// Writes everything queued in one batch (vectored); at most one batch in flight.
     fn write_next(&mut self, ctx: &mut Context<Self>) {
         if self.writing || self.write_done {
             return;
         }
-        let Some(mut writer) = self.writer.take() else {
-            return;
-        };
         if self.queue.is_empty() {
-            self.writer = Some(writer);
             return self.shutdown_if_asked(ctx);
         }
         let batch: Vec<Bytes> = self.queue.drain(..).collect();
         let len: usize = batch.iter().map(Bytes::len).sum();
         self.writing = true;
+        let socket = self.socket.clone();
         ctx.spawn(
-            async move {
-                for chunk in &batch {
-                    writer.write_all(chunk).await?;
-                }
-                Ok::<_, io::Error>(writer)
-            }
-            .into_actor(self)
-            .map(move |result, act, ctx| act.written(result, len, ctx)),
+            write_all(socket, batch)
+                .into_actor(self)
+                .map(move |result, act, ctx| act.written(result, len, ctx)),
         );
     }
 
-    fn written(&mut self, result: io::Result<OwnedWriteHalf>, len: usize, ctx: &mut Context<Self>) {
+    fn written(&mut self, result: io::Result<()>, len: usize, ctx: &mut Context<Self>) {
         self.writing = false;
         match result {
-            Ok(writer) => {
-                self.writer = Some(writer);
+            Ok(()) => {
                 let id = self.wiring.id;
                 self.wiring
                     .counters
@@ -251,23 +240,14 @@ impl ForwardedConnection {
         }
     }
 
+    /// Sends FIN once everything queued is written (the peer's half-close).
     fn shutdown_if_asked(&mut self, ctx: &mut Context<Self>) {
-        if !self.shutdown_pending {
+        if !self.shutdown_pending || self.write_done {
             return;
         }
-        let Some(mut writer) = self.writer.take() else {
-            return;
-        };
-        self.writing = true;
-        ctx.spawn(
-            async move { writer.shutdown().await }
-                .into_actor(self)
-                .map(|_, act, ctx| {
-                    act.writing = false;
-                    act.write_done = true;
-                    act.stop_when_done(ctx);
-                }),
-        );
+        let _ = socket2::SockRef::from(&*self.socket).shutdown(std::net::Shutdown::Write);
+        self.write_done = true;
+        self.stop_when_done(ctx);
     }
 
     fn stop_when_done(&mut self, ctx: &mut Context<Self>) {
@@ -276,14 +256,13 @@ impl ForwardedConnection {
         }
     }
 
+    /// Closes with RST: SO_LINGER 0, and no FIN before it (never `shutdown`).
     fn reset_now(&mut self, ctx: &mut Context<Self>) {
         self.reset = true;
         self.queue.clear();
-        if let Some(writer) = &self.writer {
-            // SO_LINGER 0 makes the close send RST; with a zero timeout it never blocks
-            #[allow(deprecated)]
-            let _ = writer.as_ref().set_linger(Some(Duration::ZERO));
-        }
+        // with a zero timeout SO_LINGER never blocks the thread
+        #[allow(deprecated)]
+        let _ = self.socket.set_linger(Some(Duration::ZERO));
         ctx.stop();
     }
 }
@@ -322,9 +301,34 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_DATA_PAYLOAD]);
 }
 
+/// Writes every chunk, vectored, waiting for writability as needed.
+async fn write_all(socket: Rc<TcpStream>, batch: Vec<Bytes>) -> io::Result<()> {
+    let (mut index, mut offset) = (0, 0);
+    while index < batch.len() {
+        socket.writable().await?;
+        let slices: Vec<io::IoSlice<'_>> = std::iter::once(&batch[index][offset..])
+            .chain(batch[index + 1..].iter().map(|b| &b[..]))
+            .take(64)
+            .map(io::IoSlice::new)
+            .collect();
+        let mut written = match socket.try_write_vectored(&slices) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        while index < batch.len() && written >= batch[index].len() - offset {
+            written -= batch[index].len() - offset;
+            index += 1;
+            offset = 0;
+        }
+        offset += written;
+    }
+    Ok(())
+}
+
 /// The socket's read side, gated by credit: returns `Pending` at zero credit.
 struct CreditedReader {
-    read: OwnedReadHalf,
+    socket: Rc<TcpStream>,
     credit: Rc<Credit>,
 }
 
@@ -338,13 +342,13 @@ impl Stream for CreditedReader {
             return Poll::Pending;
         }
         loop {
-            if let Err(e) = futures::ready!(self.read.as_ref().poll_read_ready(cx)) {
+            if let Err(e) = futures::ready!(self.socket.poll_read_ready(cx)) {
                 return Poll::Ready(Some(Err(e)));
             }
             let want = credit.min(MAX_DATA_PAYLOAD);
             let read = SCRATCH.with(|scratch| {
                 let mut scratch = scratch.borrow_mut();
-                self.read
+                self.socket
                     .try_read(&mut scratch[..want])
                     .map(|n| Bytes::copy_from_slice(&scratch[..n]))
             });

@@ -329,6 +329,49 @@ pub mod services {
         .await
     }
 
+    /// How a watched service connection ended: bytes read before EOF, or the error.
+    pub type Outcome = Result<usize, std::io::ErrorKind>;
+
+    /// Reads until the end and reports how it ended; never writes.
+    pub async fn watch() -> (u16, tokio::sync::mpsc::UnboundedReceiver<Outcome>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let port = serve(move |mut s| {
+            let tx = tx.clone();
+            async move {
+                let mut buf = vec![0; 16 * 1024];
+                let mut total = 0;
+                let outcome = loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) => break Ok(total),
+                        Ok(n) => total += n,
+                        Err(e) => break Err(e.kind()),
+                    }
+                };
+                let _ = tx.send(outcome);
+            }
+        })
+        .await;
+        (port, rx)
+    }
+
+    /// Reads `after` bytes, then resets the connection (RST).
+    pub async fn resetter(after: usize) -> u16 {
+        serve(move |mut s| async move {
+            let mut buf = vec![0; after];
+            let _ = s.read_exact(&mut buf).await;
+            reset(s);
+        })
+        .await
+    }
+
+    /// Discards everything it reads.
+    pub async fn sink() -> u16 {
+        serve(|mut s| async move {
+            let _ = tokio::io::copy(&mut s, &mut tokio::io::sink()).await;
+        })
+        .await
+    }
+
     async fn serve<F, Fut>(handler: F) -> u16
     where
         F: Fn(TcpStream) -> Fut + Send + 'static,
@@ -350,4 +393,11 @@ fn bind_reusable(port: u16) -> std::net::TcpListener {
     socket.set_reuseaddr(true).unwrap();
     socket.bind(([127, 0, 0, 1], port).into()).unwrap();
     socket.listen(128).unwrap().into_std().unwrap()
+}
+
+/// Closes `socket` with RST (SO_LINGER 0).
+pub fn reset(socket: TcpStream) {
+    #[allow(deprecated)] // zero linger never blocks
+    socket.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(socket);
 }

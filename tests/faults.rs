@@ -1,0 +1,264 @@
+//! Faults and fairness through a real tunnel: resets on either side, a silent
+//! service, a legacy agent's visitors, a bulk transfer beside a ping-pong, and
+//! the whole tunnel from plain tokio.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::{
+    DEADLINE, RawWs, fast_config, free_ports, reset, services, spawn_agent, spawn_server,
+    wait_listening,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use uuid::Uuid;
+use zlayer_tunnel::ServiceConfig;
+use zlayer_tunnel::protocol::{Message, ServiceProtocol};
+
+async fn visit(port: u16) -> TcpStream {
+    TcpStream::connect(("127.0.0.1", port)).await.unwrap()
+}
+
+async fn ping_pong(port: u16, rounds: usize) {
+    let mut s = visit(port).await;
+    let mut buf = [0u8; 64];
+    for i in 0..rounds {
+        let msg = [i as u8; 64];
+        s.write_all(&msg).await.unwrap();
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(buf, msg);
+    }
+}
+
+#[actix_web::test]
+async fn a_visitor_reset_resets_the_service_side_and_only_that_stream() {
+    let (low, high) = free_ports(2);
+    let server = spawn_server(fast_config((low, high)), "secret");
+    let (watched, mut outcomes) = services::watch().await;
+    let echo = services::echo().await;
+    let (agent, _task) = spawn_agent(
+        server.addr,
+        "secret",
+        vec![
+            ServiceConfig::tcp("w", watched).with_remote_port(low),
+            ServiceConfig::tcp("e", echo).with_remote_port(high),
+        ],
+    );
+    wait_listening(low).await;
+    wait_listening(high).await;
+    let mut visitor = visit(low).await;
+    visitor.write_all(&vec![7u8; 1 << 20]).await.unwrap();
+    reset(visitor);
+    loop {
+        let outcome = tokio::time::timeout(DEADLINE, outcomes.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if outcome == Ok(0) {
+            continue; // the readiness probe of wait_listening
+        }
+        assert_eq!(
+            outcome,
+            Err(std::io::ErrorKind::ConnectionReset),
+            "the service saw a clean close, not a reset"
+        );
+        break;
+    }
+    ping_pong(high, 10).await;
+    agent.stop();
+}
+
+#[actix_web::test]
+async fn a_service_reset_resets_the_visitor() {
+    let (port, _) = free_ports(1);
+    let server = spawn_server(fast_config((port, port)), "secret");
+    let resetter = services::resetter(1000).await;
+    let (agent, _task) = spawn_agent(
+        server.addr,
+        "secret",
+        vec![ServiceConfig::tcp("r", resetter).with_remote_port(port)],
+    );
+    wait_listening(port).await;
+    let mut visitor = visit(port).await;
+    let (mut r, mut w) = visitor.split();
+    let writer = async {
+        let chunk = vec![1u8; 64 * 1024];
+        while w.write_all(&chunk).await.is_ok() {}
+    };
+    let reader = async {
+        let mut buf = [0u8; 1024];
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e.kind()),
+            }
+        }
+    };
+    let (_, ended) = tokio::time::timeout(DEADLINE, async { tokio::join!(writer, reader) })
+        .await
+        .expect("visitor left hanging");
+    assert_eq!(ended, Err(std::io::ErrorKind::ConnectionReset));
+    agent.stop();
+}
+
+#[actix_web::test]
+async fn a_silent_service_keeps_its_visitor_and_sees_its_close() {
+    let (low, high) = free_ports(2);
+    let server = spawn_server(fast_config((low, high)), "secret");
+    let (silent, mut outcomes) = services::watch().await;
+    let echo = services::echo().await;
+    let (agent, _task) = spawn_agent(
+        server.addr,
+        "secret",
+        vec![
+            ServiceConfig::tcp("s", silent).with_remote_port(low),
+            ServiceConfig::tcp("e", echo).with_remote_port(high),
+        ],
+    );
+    wait_listening(low).await;
+    wait_listening(high).await;
+    let mut visitor = visit(low).await;
+    visitor.write_all(b"hello, anyone").await.unwrap();
+    let mut buf = [0u8; 8];
+    let quiet = tokio::time::timeout(Duration::from_millis(300), visitor.read(&mut buf)).await;
+    assert!(
+        quiet.is_err(),
+        "the visitor was answered or closed: {quiet:?}"
+    );
+    ping_pong(high, 10).await; // the tunnel is not blocked by the silent stream
+    visitor.shutdown().await.unwrap();
+    loop {
+        match tokio::time::timeout(DEADLINE, outcomes.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Ok(0) => continue, // the readiness probe
+            outcome => break assert_eq!(outcome, Ok(13)),
+        }
+    }
+    agent.stop();
+}
+
+#[actix_web::test]
+async fn a_legacy_agents_visitors_are_refused_cleanly() {
+    let (port, _) = free_ports(1);
+    let server = spawn_server(fast_config((port, port)), "secret");
+    let mut ws = RawWs::connect(server.addr, "/tunnel/v1").await;
+    ws.send(&Message::auth("secret", Uuid::new_v4(), None).unwrap())
+        .await;
+    assert!(matches!(
+        ws.expect().await,
+        Some(Message::AuthOk {
+            capabilities: None,
+            ..
+        })
+    ));
+    ws.send(&Message::register("ssh", ServiceProtocol::Tcp, 22, 0).unwrap())
+        .await;
+    loop {
+        match ws.expect().await.unwrap() {
+            Message::RegisterOk { .. } => break,
+            Message::Heartbeat { timestamp } => ws.send(&Message::HeartbeatAck { timestamp }).await,
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut visitor = visit(port).await;
+    let mut buf = [0u8; 8];
+    let read = tokio::time::timeout(Duration::from_secs(1), visitor.read(&mut buf))
+        .await
+        .expect("visitor left hanging");
+    assert!(matches!(read, Ok(0) | Err(_)));
+    // the legacy agent only ever sees control messages it knows
+    let seen = tokio::time::timeout(Duration::from_millis(500), ws.message()).await;
+    if let Ok(Some(m)) = seen {
+        assert!(
+            matches!(m, Message::Heartbeat { .. }),
+            "legacy agent was sent {m:?}"
+        );
+    }
+}
+
+#[actix_web::test]
+async fn a_ping_pong_progresses_beside_a_bulk_transfer() {
+    let (low, high) = free_ports(2);
+    let server = spawn_server(fast_config((low, high)), "secret");
+    let (sink, echo) = (services::sink().await, services::echo().await);
+    let (agent, _task) = spawn_agent(
+        server.addr,
+        "secret",
+        vec![
+            ServiceConfig::tcp("bulk", sink).with_remote_port(low),
+            ServiceConfig::tcp("pp", echo).with_remote_port(high),
+        ],
+    );
+    wait_listening(low).await;
+    wait_listening(high).await;
+    let sent = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let bulk = {
+        let (sent, stop) = (sent.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut s = visit(low).await;
+            let chunk = vec![0xabu8; 256 * 1024];
+            while !stop.load(Ordering::Relaxed) {
+                s.write_all(&chunk).await.unwrap();
+                sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+        })
+    };
+    while sent.load(Ordering::Relaxed) < 16 << 20 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let before = sent.load(Ordering::Relaxed);
+    tokio::time::timeout(DEADLINE, ping_pong(high, 200))
+        .await
+        .expect("ping-pong starved by the bulk transfer");
+    let during = sent.load(Ordering::Relaxed) - before;
+    stop.store(true, Ordering::Relaxed);
+    bulk.await.unwrap();
+    assert!(
+        during > 1 << 20,
+        "the bulk transfer stalled during the ping-pong ({during} bytes)"
+    );
+    agent.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_and_agent_from_plain_tokio() {
+    let (port, _) = free_ports(1);
+    let registry = Arc::new(zlayer_tunnel::TunnelRegistry::new((port, port)));
+    let validator = zlayer_tunnel::TokenStore::new()
+        .with_token("secret")
+        .into_validator();
+    let handler =
+        zlayer_tunnel::ControlHandler::new(registry, fast_config((port, port)), validator);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let control = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, peer)) = listener.accept().await {
+            let handler = handler.clone();
+            tokio::spawn(async move { handler.handle_connection(stream, peer).await });
+        }
+    });
+    let echo = services::echo().await;
+    let (agent, task) = spawn_agent(
+        control,
+        "secret",
+        vec![ServiceConfig::tcp("e", echo).with_remote_port(port)],
+    );
+    wait_listening(port).await;
+    ping_pong(port, 20).await;
+    agent.stop();
+    tokio::time::timeout(DEADLINE, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
