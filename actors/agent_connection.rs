@@ -32,6 +32,9 @@ use crate::streams::StreamSettings;
 
 type WsSink = SplitSink<actix_codec::Framed<awc::BoxedSocket, ws::Codec>, ws::Message>;
 
+/// Data bytes per write batch, so that a control frame waits for at most this much.
+const MAX_BATCH: usize = 256 * 1024;
+
 /// Features this agent offers.
 const OFFERED: Features = Features::STREAMS;
 
@@ -44,7 +47,10 @@ pub(crate) struct StopAgent;
 struct Link {
     generation: u64,
     sink: Option<WsSink>,
-    queue: VecDeque<Bytes>,
+    /// Control frames (heartbeats, credit, answers) go before stream frames
+    /// (`Data`, `Close`, kept in order), so they never wait behind windows of data.
+    control: VecDeque<Bytes>,
+    data: VecDeque<Bytes>,
     features: Features,
     server_window: u32,
     authenticated: bool,
@@ -211,7 +217,8 @@ impl AgentConnection {
         self.link = Some(Link {
             generation: self.starts,
             sink: Some(sink),
-            queue: VecDeque::new(),
+            control: VecDeque::new(),
+            data: VecDeque::new(),
             features: Features::NONE,
             server_window: DEFAULT_INITIAL_WINDOW,
             authenticated: false,
@@ -523,7 +530,12 @@ impl AgentConnection {
         {
             return;
         }
-        link.queue.push_back(message.to_bytes());
+        let frame = message.to_bytes();
+        match message {
+            // a stream's Close must not overtake its Data
+            Message::Data { .. } | Message::Close { .. } => link.data.push_back(frame),
+            _ => link.control.push_back(frame),
+        }
         self.write_next(ctx);
     }
 
@@ -547,14 +559,22 @@ impl AgentConnection {
         let Some(link) = self.link.as_mut() else {
             return;
         };
-        if link.queue.is_empty() {
+        if link.control.is_empty() && link.data.is_empty() {
             return;
         }
         let Some(mut sink) = link.sink.take() else {
             return;
         };
         let generation = link.generation;
-        let batch: Vec<Bytes> = link.queue.drain(..).collect();
+        let mut batch: Vec<Bytes> = link.control.drain(..).collect();
+        let mut size = 0;
+        while let Some(frame) = link.data.pop_front() {
+            size += frame.len();
+            batch.push(frame);
+            if size >= MAX_BATCH {
+                break;
+            }
+        }
         let write = async move {
             for frame in batch {
                 sink.feed(ws::Message::Binary(frame)).await?;

@@ -129,7 +129,9 @@ impl Handler<StreamCommand> for ForwardedConnection {
     fn handle(&mut self, command: StreamCommand, ctx: &mut Self::Context) {
         match command {
             StreamCommand::Deliver(data) => {
-                self.queue.push_back(data);
+                // copied out of the WebSocket read buffer it was sliced from, so
+                // that a chunk waiting for a stalled socket pins nothing larger
+                self.queue.push_back(Bytes::copy_from_slice(&data));
                 self.write_next(ctx);
             }
             StreamCommand::Credit(n) => self.credit.grant(n),

@@ -62,7 +62,7 @@ pub struct TunnelServerConfig {
     pub max_connections_per_service: usize,
     /// Most open streams per tunnel, all services together. Default 16384.
     pub max_streams_per_tunnel: usize,
-    /// Bytes an agent may send on a new stream before its first credit. Default 64 KiB.
+    /// Bytes an agent may send on a new stream before its first credit. Default 32 KiB.
     pub stream_window: u32,
     /// Largest window a busy stream grows to. Default 1 MiB.
     pub max_stream_window: u32,
@@ -84,7 +84,7 @@ impl Default for TunnelServerConfig {
             max_services_per_tunnel: 50,
             max_connections_per_service: 16384,
             max_streams_per_tunnel: 16384,
-            stream_window: 64 * 1024,
+            stream_window: 32 * 1024,
             max_stream_window: 1024 * 1024,
             tunnel_window_budget: 16 * 1024 * 1024,
         }
@@ -227,7 +227,7 @@ pub struct TunnelClientConfig {
     /// Deadline for dialing a local service. Default 5 s.
     #[serde(default = "default_local_timeout", with = "humantime_serde")]
     pub local_connect_timeout: Duration,
-    /// Bytes the server may send on a new stream before its first credit. Default 64 KiB.
+    /// Bytes the server may send on a new stream before its first credit. Default 32 KiB.
     #[serde(default = "default_stream_window")]
     pub stream_window: u32,
     /// Largest window a busy stream grows to. Default 1 MiB.
@@ -263,7 +263,7 @@ fn default_local_timeout() -> Duration {
     Duration::from_secs(5)
 }
 fn default_stream_window() -> u32 {
-    64 * 1024
+    32 * 1024
 }
 fn default_max_stream_window() -> u32 {
     1024 * 1024

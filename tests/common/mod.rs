@@ -221,7 +221,6 @@ pub fn spawn_agent(
             .with_reconnect(Duration::from_millis(50), Duration::from_millis(500));
     config.heartbeat_interval = Duration::from_millis(200);
     config.heartbeat_timeout = Duration::from_secs(2);
-    config.local_connect_timeout = Duration::from_secs(1);
     for s in services {
         config = config.with_service(s);
     }

@@ -1,0 +1,212 @@
+//! Memory stays bounded when visitors stop reading: the windows hold the line
+//! between a fast service and a stalled visitor, the service is seen to block,
+//! and every byte still arrives once the visitors read again.
+//!
+//! Server, agent, service and visitors share this process, so the RSS growth
+//! measured covers the server and the agent together. Run in release (the
+//! release pass of CI): moving gigabytes through an unoptimised build is slow.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::{DEADLINE, fast_config, free_ports, spawn_agent, spawn_server, wait_listening};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use zlayer_tunnel::ServiceConfig;
+
+/// Period of the test pattern: a prime, so a misplaced chunk shows.
+const PERIOD: usize = 65521;
+
+fn table() -> Arc<Vec<u8>> {
+    Arc::new(
+        (0..2 * PERIOD)
+            .map(|i| {
+                ((i % PERIOD) as u32)
+                    .wrapping_mul(2_654_435_761)
+                    .to_be_bytes()[1]
+            })
+            .collect(),
+    )
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A service that answers a request for N bytes with N bytes of the pattern,
+/// counting what it managed to write.
+async fn pattern_source(progress: Arc<AtomicU64>) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let table = table();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (table, progress) = (table.clone(), progress.clone());
+            tokio::spawn(async move {
+                let mut req = [0u8; 8];
+                if s.read_exact(&mut req).await.is_err() {
+                    return;
+                }
+                let mut left = u64::from_be_bytes(req);
+                let mut offset = 0usize;
+                while left > 0 {
+                    let n = (left as usize).min(16 * 1024);
+                    if s.write_all(&table[offset..offset + n]).await.is_err() {
+                        return;
+                    }
+                    offset = (offset + n) % PERIOD;
+                    left -= n as u64;
+                    progress.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+async fn request(port: u16, len: u64) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(&len.to_be_bytes()).await.unwrap();
+    s
+}
+
+/// Reads the whole answer, checking every byte against the pattern.
+async fn read_and_verify(mut s: TcpStream, len: u64) {
+    let table = table();
+    let mut buf = vec![0u8; 32 * 1024]; // < PERIOD, so offset + n stays inside the table
+    let (mut got, mut offset) = (0u64, 0usize);
+    loop {
+        let n = s.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        assert!(
+            buf[..n] == table[offset..offset + n],
+            "corrupted at byte {got}"
+        );
+        offset = (offset + n) % PERIOD;
+        got += n as u64;
+    }
+    assert_eq!(got, len, "short answer");
+}
+
+/// Waits until `progress` stops moving for half a second.
+async fn wait_stalled(progress: &AtomicU64) -> u64 {
+    let deadline = tokio::time::Instant::now() + DEADLINE * 3;
+    let mut last = u64::MAX;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = progress.load(Ordering::Relaxed);
+        if now == last {
+            return now;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the service never blocked"
+        );
+        last = now;
+    }
+}
+
+/// One test, so that nothing else runs in this process while RSS is measured.
+#[cfg_attr(
+    debug_assertions,
+    ignore = "moves gigabytes: runs in the release pass (cargo test --release)"
+)]
+#[actix_web::test]
+async fn stalled_visitors_hold_memory_bounded_and_then_get_every_byte() {
+    one_stalled_visitor_of_a_1_gib_answer().await;
+    a_thousand_stalled_visitors().await;
+}
+
+async fn one_stalled_visitor_of_a_1_gib_answer() {
+    const LEN: u64 = 1 << 30;
+    let (port, _) = free_ports(1);
+    let server = spawn_server(fast_config((port, port)), "secret");
+    let progress = Arc::new(AtomicU64::new(0));
+    let source = pattern_source(progress.clone()).await;
+    let (agent, _task) = spawn_agent(
+        server.addr,
+        "secret",
+        vec![ServiceConfig::tcp("src", source).with_remote_port(port)],
+    );
+    wait_listening(port).await;
+    let idle = rss_kib();
+    let visitor = request(port, LEN).await;
+    let sent = wait_stalled(&progress).await;
+    let grown = rss_kib().saturating_sub(idle);
+    eprintln!(
+        "stalled visitor: service blocked after {} KiB of 1 GiB; RSS +{grown} KiB",
+        sent / 1024
+    );
+    assert!(
+        sent < LEN / 4,
+        "the service was never held back ({sent} bytes sent)"
+    );
+    assert!(
+        grown < 16 * 1024,
+        "memory grew {grown} KiB with one stalled visitor"
+    );
+    tokio::time::timeout(Duration::from_secs(120), read_and_verify(visitor, LEN))
+        .await
+        .expect("resumed transfer too slow");
+    agent.stop();
+}
+
+async fn a_thousand_stalled_visitors() {
+    const STREAMS: usize = 1000;
+    const LEN: u64 = 4 << 20;
+    let (port, _) = free_ports(1);
+    let config =
+        fast_config((port, port)).with_heartbeat(Duration::from_secs(1), Duration::from_secs(10));
+    let server = spawn_server(config, "secret");
+    let progress = Arc::new(AtomicU64::new(0));
+    let source = pattern_source(progress.clone()).await;
+    let (agent, _task) = spawn_agent(
+        server.addr,
+        "secret",
+        vec![ServiceConfig::tcp("src", source).with_remote_port(port)],
+    );
+    wait_listening(port).await;
+    let idle = rss_kib();
+    let mut visitors = Vec::with_capacity(STREAMS);
+    for _ in 0..STREAMS {
+        visitors.push(request(port, LEN).await);
+    }
+    let sent = wait_stalled(&progress).await;
+    let grown = rss_kib().saturating_sub(idle);
+    eprintln!(
+        "{STREAMS} stalled visitors: service blocked after {} MiB of {} MiB; RSS +{grown} KiB ({} KiB per stream)",
+        sent >> 20,
+        (STREAMS as u64 * LEN) >> 20,
+        grown / STREAMS as u64
+    );
+    assert!(
+        sent < STREAMS as u64 * LEN / 2,
+        "the service was never held back"
+    );
+    assert!(
+        grown < 64 * 1024,
+        "memory grew {grown} KiB with {STREAMS} stalled visitors"
+    );
+    let readers: Vec<_> = visitors
+        .into_iter()
+        .map(|v| tokio::spawn(read_and_verify(v, LEN)))
+        .collect();
+    tokio::time::timeout(Duration::from_secs(120), async {
+        for r in readers {
+            r.await.unwrap();
+        }
+    })
+    .await
+    .expect("resumed transfers too slow");
+    agent.stop();
+}
