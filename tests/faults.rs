@@ -262,3 +262,41 @@ async fn server_and_agent_from_plain_tokio() {
         .unwrap()
         .unwrap();
 }
+
+#[actix_web::test]
+async fn an_agent_that_stops_reading_is_dropped_by_the_registry_watchdog() {
+    let (port, _) = free_ports(1);
+    let server = spawn_server(fast_config((port, port)), "secret");
+    let mut ws = RawWs::connect(server.addr, "/tunnel/v1").await;
+    // a large window, so the server has megabytes to push at an agent that never reads
+    let caps = zlayer_tunnel::protocol::Capabilities {
+        features: zlayer_tunnel::protocol::Features::STREAMS,
+        initial_window: 4 << 20,
+    };
+    ws.send(&Message::auth("secret", Uuid::new_v4(), Some(caps)).unwrap())
+        .await;
+    assert!(matches!(ws.expect().await, Some(Message::AuthOk { .. })));
+    ws.send(&Message::register("svc", ServiceProtocol::Tcp, 22, port).unwrap())
+        .await;
+    wait_listening(port).await;
+    // visitors upload; the frames pile up toward the agent, which stops reading
+    let mut visitors = Vec::new();
+    for _ in 0..8 {
+        let mut v = visit(port).await;
+        let chunk = vec![5u8; 4 << 20];
+        visitors.push(tokio::spawn(async move {
+            let _ = v.write_all(&chunk).await;
+            v
+        }));
+    }
+    // the WebSocket actor is frozen (its peer reads nothing); only the registry can end it
+    assert!(
+        common::wait_closed(port, Duration::from_secs(5)).await,
+        "the public port of a frozen, silent agent stayed open"
+    );
+    assert_eq!(server.registry.tunnel_count().await, 0);
+    drop(ws);
+    for v in visitors {
+        v.abort();
+    }
+}

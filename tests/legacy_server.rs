@@ -1,0 +1,169 @@
+//! Our agent against an original (control-plane only) server: it must
+//! authenticate, register, answer heartbeats, and never send a message type
+//! the server did not announce. The "original server" here is a minimal
+//! WebSocket server that speaks only the seed's 13 messages and answers
+//! without extension bytes, as the original does.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use common::DEADLINE;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+use zlayer_tunnel::ServiceConfig;
+use zlayer_tunnel::protocol::Message;
+
+/// Accepts one agent and answers like the original server; reports every message it gets.
+async fn original_server(listener: TcpListener, seen: mpsc::UnboundedSender<Message>) {
+    let (mut socket, _) = listener.accept().await.unwrap();
+    let mut buf = BytesMut::new();
+    let key = loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            buf.advance(end + 4);
+            assert!(!head.to_ascii_lowercase().contains("sec-websocket-protocol"));
+            break head
+                .lines()
+                .find_map(|l| {
+                    l.split_once(':')
+                        .filter(|(k, _)| k.eq_ignore_ascii_case("sec-websocket-key"))
+                })
+                .map(|(_, v)| v.trim().to_owned())
+                .unwrap();
+        }
+        assert!(socket.read_buf(&mut buf).await.unwrap() > 0);
+    };
+    let accept = actix_http::ws::hash_key(key.as_bytes());
+    let response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+        String::from_utf8_lossy(&accept)
+    );
+    socket.write_all(response.as_bytes()).await.unwrap();
+    while let Some(payload) = read_frame(&mut socket, &mut buf).await {
+        let (message, _) = Message::decode(&payload).unwrap();
+        let reply = match &message {
+            Message::Auth { .. } => vec![
+                Message::AuthOk {
+                    tunnel_id: Uuid::new_v4(),
+                    capabilities: None,
+                },
+                Message::Heartbeat { timestamp: 42 },
+            ],
+            Message::Register { .. } => vec![Message::RegisterOk {
+                service_id: Uuid::new_v4(),
+                port: None,
+            }],
+            Message::Heartbeat { timestamp } => vec![Message::HeartbeatAck {
+                timestamp: *timestamp,
+            }],
+            _ => vec![],
+        };
+        seen.send(message).unwrap();
+        for m in reply {
+            write_frame(&mut socket, &m.encode()).await;
+        }
+    }
+}
+
+/// Reads one masked client frame's payload; `None` at close or end.
+async fn read_frame(socket: &mut TcpStream, buf: &mut BytesMut) -> Option<Vec<u8>> {
+    loop {
+        if buf.len() >= 2 {
+            let (len, header) = match buf[1] & 0x7f {
+                126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+                127 if buf.len() >= 10 => (
+                    u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
+                    10,
+                ),
+                126 | 127 => (usize::MAX, 0),
+                n => (n as usize, 2),
+            };
+            if len != usize::MAX && buf.len() >= header + 4 + len {
+                let opcode = buf[0] & 0x0f;
+                let mask: [u8; 4] = buf[header..header + 4].try_into().unwrap();
+                let payload: Vec<u8> = buf[header + 4..header + 4 + len]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| b ^ mask[i % 4])
+                    .collect();
+                buf.advance(header + 4 + len);
+                match opcode {
+                    2 => return Some(payload),
+                    8 => return None,
+                    _ => continue,
+                }
+            }
+        }
+        if socket.read_buf(buf).await.ok()? == 0 {
+            return None;
+        }
+    }
+}
+
+async fn write_frame(socket: &mut TcpStream, payload: &[u8]) {
+    let mut frame = vec![0x82];
+    if payload.len() < 126 {
+        frame.push(payload.len() as u8);
+    } else {
+        frame.push(126);
+        frame.extend((payload.len() as u16).to_be_bytes());
+    }
+    frame.extend_from_slice(payload);
+    socket.write_all(&frame).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_agent_works_the_control_plane_of_an_original_server() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, mut seen) = mpsc::unbounded_channel();
+    tokio::spawn(original_server(listener, tx));
+    let (agent, _task) = common::spawn_agent(
+        addr,
+        "token",
+        vec![ServiceConfig::tcp("ssh", 22).with_remote_port(2222)],
+    );
+
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let answered = |got: &[Message]| {
+        got.iter()
+            .any(|m| matches!(m, Message::HeartbeatAck { timestamp: 42 }))
+    };
+    let registered = |got: &[Message]| {
+        got.iter().any(
+            |m| matches!(m, Message::Register { name, remote_port: 2222, .. } if name == "ssh"),
+        )
+    };
+    let own_heartbeat =
+        |got: &[Message]| got.iter().any(|m| matches!(m, Message::Heartbeat { .. }));
+    while !(answered(&got) && registered(&got) && own_heartbeat(&got)) {
+        let m = tokio::time::timeout_at(deadline, seen.recv())
+            .await
+            .expect("agent went quiet")
+            .unwrap();
+        got.push(m);
+    }
+    assert!(
+        matches!(got[0], Message::Auth { .. }),
+        "first message: {:?}",
+        got[0]
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await; // anything else it would send
+    while let Ok(m) = seen.try_recv() {
+        got.push(m);
+    }
+    for m in &got {
+        assert!(
+            m.message_type().required_feature().is_empty(),
+            "sent {m:?} to a server that did not announce it"
+        );
+    }
+    agent.stop();
+}
