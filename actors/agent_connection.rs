@@ -117,7 +117,21 @@ impl Handler<StopAgent> for AgentConnection {
 
     fn handle(&mut self, _: StopAgent, ctx: &mut Self::Context) {
         tracing::info!("agent stopping");
-        self.finish(Ok(()), ctx);
+        self.finished = true;
+        let Some(mut sink) = self.link.as_mut().and_then(|l| l.sink.take()) else {
+            return self.finish(Ok(()), ctx);
+        };
+        // a polite WebSocket close, bounded so that stopping stays prompt
+        let close = async move {
+            let bye = ws::Message::Close(Some(ws::CloseCode::Normal.into()));
+            let polite = async { sink.send(bye).await.and(sink.close().await) };
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(500), polite).await;
+        };
+        ctx.wait(
+            close
+                .into_actor(self)
+                .map(|(), act, ctx| act.finish(Ok(()), ctx)),
+        );
     }
 }
 

@@ -157,7 +157,7 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for ControlChannel {
             Ok(ws::Message::Pong(_) | ws::Message::Nop) => {}
             Err(e) => {
                 self.span
-                    .in_scope(|| tracing::warn!(error = %e, "websocket error; closing"));
+                    .in_scope(|| tracing::info!(error = %e, "agent connection lost"));
                 ctx.stop();
             }
         }
