@@ -23,12 +23,14 @@ mod forwarded_connection;
 mod frame_guard;
 pub mod registry;
 mod runtime;
+mod serve;
 mod service_listener;
 mod stream_hub;
 mod tunnel_agent;
 
 pub use control_handler::ControlHandler;
 pub use registry::{TunnelInfo, TunnelRegistry};
+pub use serve::{ServeOptions, serve};
 pub use tunnel_agent::{ConnectionCallback, TunnelAgent};
 
 use crate::ports::PortError;

@@ -74,6 +74,13 @@ pub(crate) struct TunnelClosed {
 #[rtype(result = "Vec<TunnelInfo>")]
 pub(crate) struct ListTunnels;
 
+/// Closes every tunnel (server shutdown); answers how many were open.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub(crate) struct CloseAll {
+    pub(crate) reason: String,
+}
+
 /// Counts the free ports.
 #[derive(Message)]
 #[rtype(result = "usize")]
@@ -211,6 +218,16 @@ impl Handler<ListTunnels> for Registry {
     }
 }
 
+impl Handler<CloseAll> for Registry {
+    type Result = usize;
+
+    fn handle(&mut self, msg: CloseAll, _: &mut Self::Context) -> usize {
+        let ids: Vec<Uuid> = self.tunnels.keys().copied().collect();
+        ids.iter().for_each(|id| self.close(*id, &msg.reason));
+        ids.len()
+    }
+}
+
 impl Handler<CountFreePorts> for Registry {
     type Result = usize;
 
@@ -296,6 +313,13 @@ impl TunnelRegistry {
     /// Number of connected tunnels.
     pub async fn tunnel_count(&self) -> usize {
         self.list_tunnels().await.len()
+    }
+
+    /// Tells every agent the server is going away (`Disconnect { reason }`),
+    /// closes their sessions and frees their ports; answers how many there were.
+    pub async fn close_all(&self, reason: &str) -> usize {
+        let reason = reason.to_owned();
+        self.addr.send(CloseAll { reason }).await.unwrap_or(0)
     }
 
     /// Number of free public ports.

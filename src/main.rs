@@ -1,8 +1,17 @@
-//! The `zlayer-tunnel` command: thin glue over the library.
+//! The `zlayer-tunnel` command: thin glue over the library. Logs go to stderr;
+//! stdout carries only what a command is asked for (a hash, a token).
 
+#![allow(clippy::print_stdout, clippy::print_stderr)] // this is the program's voice
+
+use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use zlayer_tunnel::{
+    ServiceConfig, TokenScope, TokenStore, TunnelAgent, TunnelClientConfig, TunnelServerConfig,
+};
 
 /// Secure reverse tunnels for ZLayer nodes.
 #[derive(Parser)]
@@ -14,33 +23,216 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Runs a tunnel server: agents connect to it, visitors to its public ports.
+    Server(ServerArgs),
+    /// Runs an agent: publishes local services through a tunnel server.
+    Agent(AgentArgs),
     /// Token utilities.
-    Token {
-        #[command(subcommand)]
-        command: TokenCommand,
-    },
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    /// Control listener address (IPv4 or IPv6), e.g. 0.0.0.0:7000.
+    #[arg(long, required = true)]
+    listen: Vec<SocketAddr>,
+    /// Public ports for services, inclusive: LOW-HIGH (one port: 21011-21011).
+    #[arg(long, value_parser = parse_range)]
+    port_range: (u16, u16),
+    /// Host the public listeners bind.
+    #[arg(long, default_value = "0.0.0.0")]
+    bind_host: String,
+    /// An accepted token (repeatable); also ZLAYER_TUNNEL_TOKEN.
+    #[arg(long, env = "ZLAYER_TUNNEL_TOKEN", hide_env_values = true)]
+    token: Vec<String>,
+    /// An accepted token's SHA-256, lowercase hex (repeatable).
+    #[arg(long)]
+    token_hash: Vec<String>,
+    /// A file of accepted token hashes, one per line (# comments).
+    #[arg(long)]
+    token_file: Option<std::path::PathBuf>,
+    /// Accept any non-empty token (development only).
+    #[arg(long)]
+    accept_any_token: bool,
+    /// How often to send heartbeats.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    heartbeat_interval: Duration,
+    /// Drop an agent silent this long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "40s")]
+    heartbeat_timeout: Duration,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// Control URL of the server, ws:// or wss://.
+    #[arg(long)]
+    server: String,
+    /// The token; prefer ZLAYER_TUNNEL_TOKEN, which stays out of `ps`.
+    #[arg(long, env = "ZLAYER_TUNNEL_TOKEN", hide_env_values = true)]
+    token: String,
+    /// A TCP service: NAME:LOCAL_PORT:REMOTE_PORT or NAME:HOST:PORT:REMOTE_PORT (remote 0 = any).
+    #[arg(long, value_parser = parse_service)]
+    tcp: Vec<ServiceConfig>,
 }
 
 #[derive(Subcommand)]
 enum TokenCommand {
-    /// Prints the lowercase hex SHA-256 of TOKEN, what a server's config stores.
+    /// Prints the lowercase hex SHA-256 of TOKEN (what a server stores), and nothing else.
     Hash {
-        /// The token to hash.
+        /// The token.
         token: String,
     },
+    /// Prints a new random token, then its hash.
+    Generate,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Token {
-            command: TokenCommand::Hash { token },
-        } => {
-            #[allow(clippy::print_stdout)] // the hash on stdout is this command's output
-            {
-                println!("{}", zlayer_tunnel::hash_token(&token));
-            }
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Server(args) => run_server(args),
+        Command::Agent(args) => run_agent(args),
+        Command::Token(TokenCommand::Hash { token }) => print_hash(&token),
+        Command::Token(TokenCommand::Generate) => generate_token(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
         }
     }
-    ExitCode::SUCCESS
+}
+
+fn run_server(args: ServerArgs) -> anyhow::Result<()> {
+    let config = TunnelServerConfig::new()
+        .with_port_range(args.port_range.0, args.port_range.1)
+        .with_bind_host(args.bind_host.clone())
+        .with_heartbeat(args.heartbeat_interval, args.heartbeat_timeout);
+    config.validate()?;
+    let validator = if args.accept_any_token {
+        tracing::warn!("accepting any token (--accept-any-token): for development only");
+        std::sync::Arc::new(zlayer_tunnel::accept_all_tokens)
+    } else {
+        token_store(&args)?.into_validator()
+    };
+    let options = zlayer_tunnel::actors::ServeOptions {
+        listen: args.listen,
+        config,
+        validator,
+    };
+    actix_web::rt::System::new().block_on(zlayer_tunnel::actors::serve(options))?;
+    Ok(())
+}
+
+fn token_store(args: &ServerArgs) -> anyhow::Result<TokenStore> {
+    let mut store = TokenStore::new();
+    for token in &args.token {
+        store = store.with_token(token);
+    }
+    let mut hashes = args.token_hash.clone();
+    if let Some(path) = &args.token_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("--token-file {}", path.display()))?;
+        hashes.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from),
+        );
+    }
+    for hash in &hashes {
+        store = store
+            .with_hash(hash, TokenScope::default())
+            .with_context(|| format!("--token-hash {hash:?}"))?;
+    }
+    if store.is_empty() {
+        bail!(
+            "no token configured: give --token, --token-hash or --token-file (or --accept-any-token for development)"
+        );
+    }
+    Ok(store)
+}
+
+fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    let mut config = TunnelClientConfig::new(args.server, args.token);
+    for service in args.tcp {
+        config = config.with_service(service);
+    }
+    config.validate()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let agent = TunnelAgent::new(config);
+        let stopper = agent.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (mut int, mut term) = (
+                signal(SignalKind::interrupt())?,
+                signal(SignalKind::terminate())?,
+            );
+            tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+            stopper.stop();
+            Ok::<_, std::io::Error>(())
+        });
+        agent.run().await
+    })?;
+    Ok(())
+}
+
+fn print_hash(token: &str) -> anyhow::Result<()> {
+    println!("{}", zlayer_tunnel::hash_token(token));
+    Ok(())
+}
+
+fn generate_token() -> anyhow::Result<()> {
+    // two v4 UUIDs: 244 random bits from the OS
+    let token = format!(
+        "zlt_{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    println!("{token}");
+    println!("{}", zlayer_tunnel::hash_token(&token));
+    Ok(())
+}
+
+fn parse_range(text: &str) -> Result<(u16, u16), String> {
+    let (low, high) = text
+        .split_once('-')
+        .ok_or_else(|| format!("{text:?}: expected LOW-HIGH"))?;
+    let port = |p: &str| {
+        p.parse::<u16>()
+            .map_err(|_| format!("{text:?}: {p:?} is not a port"))
+    };
+    let (low, high) = (port(low)?, port(high)?);
+    if low == 0 || low > high {
+        return Err(format!("{text:?}: need 1 <= LOW <= HIGH"));
+    }
+    Ok((low, high))
+}
+
+fn parse_service(text: &str) -> Result<ServiceConfig, String> {
+    let bad =
+        || format!("{text:?}: expected NAME:LOCAL_PORT:REMOTE_PORT or NAME:HOST:PORT:REMOTE_PORT");
+    let (name, rest) = text.split_once(':').ok_or_else(bad)?;
+    let (local, remote) = rest.rsplit_once(':').ok_or_else(bad)?;
+    let remote: u16 = remote.parse().map_err(|_| bad())?;
+    let (host, port) = match local.rsplit_once(':') {
+        Some((host, port)) => (host.trim_start_matches('[').trim_end_matches(']'), port),
+        None => ("127.0.0.1", local),
+    };
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let service = ServiceConfig::tcp(name, port)
+        .with_remote_port(remote)
+        .with_local_host(host);
+    service.validate().map_err(|e| format!("{text:?}: {e}"))?;
+    Ok(service)
 }

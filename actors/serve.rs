@@ -1,0 +1,67 @@
+//! `serve`: a whole tunnel server (actix-web `HttpServer` with the control
+//! route) that stops promptly and politely on SIGINT or SIGTERM: agents are
+//! told (`Disconnect`), public ports and the control port close, and it
+//! returns within about a second. Used by the `zlayer-tunnel server` command.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{App, HttpServer};
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::{ControlHandler, TunnelRegistry};
+use crate::auth::TokenValidator;
+use crate::config::TunnelServerConfig;
+
+/// What `serve` needs.
+pub struct ServeOptions {
+    /// Addresses of the control listener.
+    pub listen: Vec<SocketAddr>,
+    /// Server settings (port range, heartbeats, limits).
+    pub config: TunnelServerConfig,
+    /// Who may connect.
+    pub validator: TokenValidator,
+}
+
+/// Runs a tunnel server until SIGINT or SIGTERM; must run inside an actix `System`.
+pub async fn serve(options: ServeOptions) -> std::io::Result<()> {
+    let registry = Arc::new(TunnelRegistry::new(options.config.data_port_range));
+    let handler = ControlHandler::new(registry.clone(), options.config, options.validator);
+    let server = HttpServer::new(move || {
+        let handler = handler.clone();
+        App::new().configure(move |c| handler.configure(c))
+    })
+    .disable_signals()
+    .shutdown_timeout(1);
+    let server = options
+        .listen
+        .iter()
+        .try_fold(server, |s, addr| s.bind(addr))?;
+    for addr in server.addrs() {
+        tracing::info!(%addr, "control channel listening");
+    }
+    let server = server.run();
+    let handle = server.handle();
+    actix_web::rt::spawn(async move {
+        if wait_for_signal().await.is_ok() {
+            let agents = registry.close_all("server shutting down").await;
+            tracing::info!(agents, "shutting down");
+            tokio::time::sleep(Duration::from_millis(50)).await; // let the Disconnects go out
+            handle.stop(true).await;
+        }
+    });
+    server.await
+}
+
+async fn wait_for_signal() -> std::io::Result<()> {
+    let (mut int, mut term) = (
+        signal(SignalKind::interrupt())?,
+        signal(SignalKind::terminate())?,
+    );
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,210 @@
+//! The `zlayer-tunnel` binary as an operator runs it: token utilities, a
+//! hashed-token server and an agent moving bytes, a wrong token, bad flags,
+//! and a prompt, clean stop on SIGTERM.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_ports, services, wait_closed, wait_listening};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BIN: &str = env!("CARGO_BIN_EXE_zlayer-tunnel");
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("ZLAYER_TUNNEL_TOKEN")
+        .output()
+        .unwrap()
+}
+
+fn spawn(args: &[&str]) -> Child {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("ZLAYER_TUNNEL_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Sends SIGTERM and waits for the exit; returns the status and how long it took.
+fn terminate(child: &mut Child) -> (std::process::ExitStatus, Duration) {
+    let start = Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return (status, start.elapsed());
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn stderr_of(mut child: Child) -> String {
+    let mut text = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut text).unwrap();
+    text
+}
+
+#[test]
+fn token_hash_prints_the_hash_and_nothing_else() {
+    let out = run(&["token", "hash", "test"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\n"
+    );
+    let out = run(&["token", "generate"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1], zlayer_tunnel::hash_token(lines[0]));
+}
+
+#[test]
+fn help_and_bad_flags() {
+    for cmd in [
+        &["--help"][..],
+        &["server", "--help"],
+        &["agent", "--help"],
+        &["token", "--help"],
+    ] {
+        let out = run(cmd);
+        assert!(out.status.success(), "{cmd:?}");
+        assert!(String::from_utf8(out.stdout).unwrap().contains("Usage"));
+    }
+    let out = run(&[
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--port-range",
+        "9-3",
+        "--token",
+        "t",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8(out.stderr)
+            .unwrap()
+            .contains("--port-range")
+    );
+    let out = run(&[
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--port-range",
+        "30000-30001",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8(out.stderr)
+            .unwrap()
+            .contains("no token configured")
+    );
+}
+
+#[actix_web::test]
+async fn a_hashed_token_server_and_an_agent_move_bytes_and_stop_cleanly() {
+    let (control, public) = (free_ports(1).0, free_ports(1).0);
+    let echo = services::echo().await;
+    let hash = zlayer_tunnel::hash_token("s3cret");
+    let listen = format!("127.0.0.1:{control}");
+    let range = format!("{public}-{public}");
+    let mut server = spawn(&[
+        "server",
+        "--listen",
+        &listen,
+        "--port-range",
+        &range,
+        "--bind-host",
+        "127.0.0.1",
+        "--token-hash",
+        &hash,
+    ]);
+    wait_listening(control).await;
+    let url = format!("ws://127.0.0.1:{control}/tunnel/v1");
+    let spec = format!("echo:{echo}:0");
+    let mut agent = Command::new(BIN)
+        .args(["agent", "--server", &url, "--tcp", &spec])
+        .env("ZLAYER_TUNNEL_TOKEN", "s3cret")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_listening(public).await;
+
+    let data = common::pattern(9, 3 << 20);
+    let mut visitor = tokio::net::TcpStream::connect(("127.0.0.1", public))
+        .await
+        .unwrap();
+    let (mut r, mut w) = visitor.split();
+    let send = async {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let mut back = Vec::new();
+    let (_, got) = tokio::join!(send, r.read_to_end(&mut back));
+    got.unwrap();
+    assert!(back == data, "echo through the binaries corrupted data");
+
+    let (status, took) = terminate(&mut agent);
+    assert!(
+        status.success() && took < Duration::from_secs(2),
+        "agent: {status} after {took:?}"
+    );
+    assert!(
+        wait_closed(public, Duration::from_secs(1)).await,
+        "public port open after the agent left"
+    );
+    let (status, took) = terminate(&mut server);
+    assert!(
+        status.success() && took < Duration::from_secs(2),
+        "server: {status} after {took:?}"
+    );
+    assert!(wait_closed(control, Duration::from_secs(1)).await);
+    let log = stderr_of(agent);
+    assert!(
+        !log.contains("s3cret"),
+        "the token leaked into the agent's log"
+    );
+}
+
+#[actix_web::test]
+async fn an_agent_with_a_wrong_token_exits_with_the_reason() {
+    let (control, public) = (free_ports(1).0, free_ports(1).0);
+    let listen = format!("127.0.0.1:{control}");
+    let range = format!("{public}-{public}");
+    let mut server = spawn(&[
+        "server",
+        "--listen",
+        &listen,
+        "--port-range",
+        &range,
+        "--token",
+        "right",
+    ]);
+    wait_listening(control).await;
+    let url = format!("ws://127.0.0.1:{control}/tunnel/v1");
+    let out =
+        tokio::task::spawn_blocking(move || run(&["agent", "--server", &url, "--token", "wrong"]))
+            .await
+            .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("invalid tunnel token"), "{err}");
+    assert!(
+        !err.contains("wrong\n") && !err.contains("\"wrong\""),
+        "the token leaked: {err}"
+    );
+    terminate(&mut server);
+}
