@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::{
-    DEADLINE, RawWs, fast_config, free_ports, reset, services, spawn_agent, spawn_server,
-    wait_listening,
+    DEADLINE, RawWs, Tunnel, fast_config, free_ports, reset, services, spawn_agent, spawn_server,
+    tunnel, wait_listening,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -37,20 +37,15 @@ async fn ping_pong(port: u16, rounds: usize) {
 
 #[actix_web::test]
 async fn a_visitor_reset_resets_the_service_side_and_only_that_stream() {
-    let (low, high) = free_ports(2);
-    let server = spawn_server(fast_config((low, high)), "secret");
     let (watched, mut outcomes) = services::watch().await;
     let echo = services::echo().await;
-    let (agent, _task) = spawn_agent(
-        server.addr,
-        "secret",
-        vec![
-            ServiceConfig::tcp("w", watched).with_remote_port(low),
-            ServiceConfig::tcp("e", echo).with_remote_port(high),
-        ],
-    );
-    wait_listening(low).await;
-    wait_listening(high).await;
+    let Tunnel {
+        server: _server,
+        agent,
+        task: _task,
+        public,
+    } = tunnel(&[watched, echo]).await;
+    let (low, high) = (public[0], public[1]);
     let mut visitor = visit(low).await;
     visitor.write_all(&vec![7u8; 1 << 20]).await.unwrap();
     reset(visitor);
@@ -75,15 +70,14 @@ async fn a_visitor_reset_resets_the_service_side_and_only_that_stream() {
 
 #[actix_web::test]
 async fn a_service_reset_resets_the_visitor() {
-    let (port, _) = free_ports(1);
-    let server = spawn_server(fast_config((port, port)), "secret");
     let resetter = services::resetter(1000).await;
-    let (agent, _task) = spawn_agent(
-        server.addr,
-        "secret",
-        vec![ServiceConfig::tcp("r", resetter).with_remote_port(port)],
-    );
-    wait_listening(port).await;
+    let Tunnel {
+        server: _server,
+        agent,
+        task: _task,
+        public,
+    } = tunnel(&[resetter]).await;
+    let port = public[0];
     let mut visitor = visit(port).await;
     let (mut r, mut w) = visitor.split();
     let writer = async {
@@ -109,20 +103,15 @@ async fn a_service_reset_resets_the_visitor() {
 
 #[actix_web::test]
 async fn a_silent_service_keeps_its_visitor_and_sees_its_close() {
-    let (low, high) = free_ports(2);
-    let server = spawn_server(fast_config((low, high)), "secret");
     let (silent, mut outcomes) = services::watch().await;
     let echo = services::echo().await;
-    let (agent, _task) = spawn_agent(
-        server.addr,
-        "secret",
-        vec![
-            ServiceConfig::tcp("s", silent).with_remote_port(low),
-            ServiceConfig::tcp("e", echo).with_remote_port(high),
-        ],
-    );
-    wait_listening(low).await;
-    wait_listening(high).await;
+    let Tunnel {
+        server: _server,
+        agent,
+        task: _task,
+        public,
+    } = tunnel(&[silent, echo]).await;
+    let (low, high) = (public[0], public[1]);
     let mut visitor = visit(low).await;
     visitor.write_all(b"hello, anyone").await.unwrap();
     let mut buf = [0u8; 8];
@@ -187,19 +176,14 @@ async fn a_legacy_agents_visitors_are_refused_cleanly() {
 
 #[actix_web::test]
 async fn a_ping_pong_progresses_beside_a_bulk_transfer() {
-    let (low, high) = free_ports(2);
-    let server = spawn_server(fast_config((low, high)), "secret");
     let (sink, echo) = (services::sink().await, services::echo().await);
-    let (agent, _task) = spawn_agent(
-        server.addr,
-        "secret",
-        vec![
-            ServiceConfig::tcp("bulk", sink).with_remote_port(low),
-            ServiceConfig::tcp("pp", echo).with_remote_port(high),
-        ],
-    );
-    wait_listening(low).await;
-    wait_listening(high).await;
+    let Tunnel {
+        server: _server,
+        agent,
+        task: _task,
+        public,
+    } = tunnel(&[sink, echo]).await;
+    let (low, high) = (public[0], public[1]);
     let sent = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let bulk = {

@@ -9,8 +9,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    DEADLINE, fast_config, free_ports, pattern, services, sha256, spawn_agent, spawn_server,
-    wait_closed, wait_listening,
+    DEADLINE, Tunnel, fast_config, free_ports, pattern, services, sha256, spawn_agent,
+    spawn_server, tunnel, wait_closed, wait_listening,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -82,19 +82,14 @@ async fn echo(port: u16, seed: u64, len: usize) {
 
 #[actix_web::test]
 async fn sixty_four_mib_each_way_byte_exact() {
-    let (low, high) = free_ports(2);
-    let server = spawn_server(fast_config((low, high)), "secret");
     let (digest, source) = (services::digest().await, services::source().await);
-    let (agent, _task) = spawn_agent(
-        server.addr,
-        "secret",
-        vec![
-            ServiceConfig::tcp("up", digest).with_remote_port(low),
-            ServiceConfig::tcp("down", source).with_remote_port(high),
-        ],
-    );
-    wait_listening(low).await;
-    wait_listening(high).await;
+    let Tunnel {
+        server: _server,
+        agent,
+        task: _task,
+        public,
+    } = tunnel(&[digest, source]).await;
+    let (low, high) = (public[0], public[1]);
     tokio::time::timeout(Duration::from_secs(60), async {
         upload(low, 1, 64 << 20).await;
         download(high, 2, 64 << 20).await;
@@ -111,15 +106,14 @@ async fn sixty_four_mib_each_way_byte_exact() {
 
 #[actix_web::test]
 async fn thirty_two_concurrent_streams_both_ways() {
-    let (port, _) = free_ports(1);
-    let server = spawn_server(fast_config((port, port)), "secret");
     let echo_port = services::echo().await;
-    let (agent, _task) = spawn_agent(
-        server.addr,
-        "secret",
-        vec![ServiceConfig::tcp("echo", echo_port).with_remote_port(port)],
-    );
-    wait_listening(port).await;
+    let Tunnel {
+        server: _server,
+        agent,
+        task: _task,
+        public,
+    } = tunnel(&[echo_port]).await;
+    let port = public[0];
     let streams: Vec<_> = (0..32)
         .map(|i| tokio::spawn(echo(port, 100 + i, 1 << 20)))
         .collect();
@@ -135,15 +129,14 @@ async fn thirty_two_concurrent_streams_both_ways() {
 
 #[actix_web::test]
 async fn a_small_request_and_reply_with_half_close() {
-    let (port, _) = free_ports(1);
-    let server = spawn_server(fast_config((port, port)), "secret");
     let digest = services::digest().await;
-    let (agent, _task) = spawn_agent(
-        server.addr,
-        "secret",
-        vec![ServiceConfig::tcp("d", digest).with_remote_port(port)],
-    );
-    wait_listening(port).await;
+    let Tunnel {
+        server: _server,
+        agent,
+        task: _task,
+        public,
+    } = tunnel(&[digest]).await;
+    let port = public[0];
     for len in [0, 1, 100, 65515, 65516, 300_000] {
         upload(port, len as u64, len).await;
     }
@@ -152,20 +145,15 @@ async fn a_small_request_and_reply_with_half_close() {
 
 #[actix_web::test]
 async fn a_service_that_is_down_closes_the_visitor_at_once_and_the_tunnel_stays_up() {
-    let (low, high) = free_ports(2);
-    let server = spawn_server(fast_config((low, high)), "secret");
     let dead = free_ports(1).0; // nothing listens there
     let echo_port = services::echo().await;
-    let (agent, _task) = spawn_agent(
-        server.addr,
-        "secret",
-        vec![
-            ServiceConfig::tcp("dead", dead).with_remote_port(low),
-            ServiceConfig::tcp("echo", echo_port).with_remote_port(high),
-        ],
-    );
-    wait_listening(low).await;
-    wait_listening(high).await;
+    let Tunnel {
+        server: _server,
+        agent,
+        task: _task,
+        public,
+    } = tunnel(&[dead, echo_port]).await;
+    let (low, high) = (public[0], public[1]);
     let mut visitor = visit(low).await;
     let started = std::time::Instant::now();
     let mut buf = [0u8; 16];
@@ -184,15 +172,14 @@ async fn a_service_that_is_down_closes_the_visitor_at_once_and_the_tunnel_stays_
 
 #[actix_web::test]
 async fn stopping_the_agent_frees_its_ports_within_a_second() {
-    let (port, _) = free_ports(1);
-    let server = spawn_server(fast_config((port, port)), "secret");
     let echo_port = services::echo().await;
-    let (agent, task) = spawn_agent(
-        server.addr,
-        "secret",
-        vec![ServiceConfig::tcp("echo", echo_port).with_remote_port(port)],
-    );
-    wait_listening(port).await;
+    let Tunnel {
+        server,
+        agent,
+        task,
+        public,
+    } = tunnel(&[echo_port]).await;
+    let port = public[0];
     agent.stop();
     tokio::time::timeout(DEADLINE, task)
         .await

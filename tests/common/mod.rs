@@ -230,6 +230,40 @@ pub fn spawn_agent(
     (agent, task)
 }
 
+/// A server and an agent publishing one service per local port.
+pub struct Tunnel {
+    pub server: TestServer,
+    pub agent: zlayer_tunnel::TunnelAgent,
+    pub task: tokio::task::JoinHandle<zlayer_tunnel::Result<()>>,
+    /// The public port of each service, in the order given.
+    pub public: Vec<u16>,
+}
+
+/// Starts a server and an agent for TCP services on `local_ports`; returns once all are published.
+pub async fn tunnel(local_ports: &[u16]) -> Tunnel {
+    let (low, high) = free_ports(local_ports.len() as u16);
+    let server = spawn_server(fast_config((low, high)), "secret");
+    let public: Vec<u16> = (low..=high).collect();
+    let services = local_ports
+        .iter()
+        .zip(&public)
+        .enumerate()
+        .map(|(i, (local, remote))| {
+            zlayer_tunnel::ServiceConfig::tcp(format!("s{i}"), *local).with_remote_port(*remote)
+        })
+        .collect();
+    let (agent, task) = spawn_agent(server.addr, "secret", services);
+    for port in &public {
+        wait_listening(*port).await;
+    }
+    Tunnel {
+        server,
+        agent,
+        task,
+        public,
+    }
+}
+
 /// Waits until `port` on 127.0.0.1 accepts connections.
 pub async fn wait_listening(port: u16) {
     let deadline = tokio::time::Instant::now() + DEADLINE;
