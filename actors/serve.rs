@@ -33,6 +33,7 @@ pub async fn serve(options: ServeOptions) -> std::io::Result<()> {
         App::new().configure(move |c| handler.configure(c))
     })
     .disable_signals()
+    .tcp_nodelay(true) // small frames must not wait for Nagle and delayed ACKs
     .shutdown_timeout(1);
     let server = options
         .listen

@@ -30,9 +30,23 @@ pub(crate) struct AgentShared {
 }
 
 impl AgentShared {
-    /// A WebSocket client (HTTP/1.1 only: WebSockets do not run over h2 here).
+    /// A WebSocket client: HTTP/1.1 only (WebSockets do not run over h2
+    /// here), and TCP_NODELAY, without which Nagle's algorithm and delayed
+    /// ACKs hold small frames (a `Connect`, a 64-byte reply) for 40 ms.
     pub(crate) fn client(&self) -> awc::Client {
+        use actix_service::Service;
+        use actix_tls::connect::{ConnectError, ConnectInfo, ConnectorService};
+        let tcp = ConnectorService::default();
+        let nodelay = actix_service::fn_service(move |req: ConnectInfo<awc::http::Uri>| {
+            let tcp = tcp.clone();
+            async move {
+                let connection = tcp.call(req).await?;
+                let _ = connection.io_ref().set_nodelay(true);
+                Ok::<_, ConnectError>(connection)
+            }
+        });
         awc::Client::builder()
+            .connector(awc::Connector::new().connector(nodelay))
             .max_http_version(awc::http::Version::HTTP_11)
             .finish()
     }

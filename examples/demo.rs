@@ -130,6 +130,7 @@ async fn start_server() -> anyhow::Result<SocketAddr> {
         App::new().configure(move |c| handler.configure(c))
     })
     .workers(1)
+    .tcp_nodelay(true)
     .shutdown_timeout(1)
     .bind("127.0.0.1:0")?;
     let addr = server.addrs()[0];

@@ -42,6 +42,7 @@ async fn main() -> anyhow::Result<()> {
         let handler = handler.clone();
         App::new().configure(move |c| handler.configure(c))
     })
+    .tcp_nodelay(true)
     .shutdown_timeout(1) // actix-web's default waits 30 s for WebSocket connections
     .bind(listen)
     .with_context(|| format!("cannot listen on {listen}"))?

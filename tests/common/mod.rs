@@ -43,6 +43,7 @@ pub fn spawn_server_on(config: TunnelServerConfig, token: &str, port: u16) -> Te
             .route("/health", actix_web::web::get().to(|| async { "ok" }))
     })
     .workers(1)
+    .tcp_nodelay(true)
     .shutdown_timeout(1)
     .listen(listener)
     .unwrap()
