@@ -128,12 +128,7 @@ impl Handler<StreamCommand> for ForwardedConnection {
 
     fn handle(&mut self, command: StreamCommand, ctx: &mut Self::Context) {
         match command {
-            StreamCommand::Deliver(data) => {
-                // copied out of the WebSocket read buffer it was sliced from, so
-                // that a chunk waiting for a stalled socket pins nothing larger
-                self.queue.push_back(Bytes::copy_from_slice(&data));
-                self.write_next(ctx);
-            }
+            StreamCommand::Deliver(data) => self.deliver(data, ctx),
             StreamCommand::Credit(n) => self.credit.grant(n),
             StreamCommand::ShutdownWrite => {
                 self.shutdown_pending = true;
@@ -200,6 +195,30 @@ impl ForwardedConnection {
         })
     }
 
+    /// Writes `data` at once when the socket takes it (no copy, no spawned
+    /// write); what must wait is copied out of the WebSocket read buffer it was
+    /// sliced from, so that a stalled socket pins nothing larger than itself.
+    fn deliver(&mut self, data: Bytes, ctx: &mut Context<Self>) {
+        let idle = !self.writing && !self.write_done && self.queue.is_empty();
+        let written = if idle {
+            match self.socket.try_write(&data) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return self.write_failed(e, ctx),
+            }
+        } else {
+            0
+        };
+        if written < data.len() {
+            self.queue
+                .push_back(Bytes::copy_from_slice(&data[written..]));
+        }
+        if written > 0 {
+            self.report_written(written);
+        }
+        self.write_next(ctx);
+    }
+
     /// Writes everything queued in one batch (vectored); at most one batch in flight.
     fn write_next(&mut self, ctx: &mut Context<Self>) {
         if self.writing || self.write_done {
@@ -223,23 +242,29 @@ impl ForwardedConnection {
         self.writing = false;
         match result {
             Ok(()) => {
-                let id = self.wiring.id;
-                self.wiring
-                    .counters
-                    .add_bytes(opposite(self.wiring.read_direction), len as u64);
-                self.wiring
-                    .channel
-                    .do_send(StreamEvent::Delivered { id, len });
+                self.report_written(len);
                 self.write_next(ctx);
             }
-            Err(e) => {
-                tracing::debug!(stream = %self.wiring.id, error = %e, "socket write failed; aborting the stream");
-                self.wiring
-                    .channel
-                    .do_send(StreamEvent::Failed { id: self.wiring.id });
-                ctx.stop();
-            }
+            Err(e) => self.write_failed(e, ctx),
         }
+    }
+
+    /// Bytes reached the socket: count them and let the channel return credit.
+    fn report_written(&self, len: usize) {
+        let id = self.wiring.id;
+        let direction = opposite(self.wiring.read_direction);
+        self.wiring.counters.add_bytes(direction, len as u64);
+        self.wiring
+            .channel
+            .do_send(StreamEvent::Delivered { id, len });
+    }
+
+    fn write_failed(&mut self, error: io::Error, ctx: &mut Context<Self>) {
+        tracing::debug!(stream = %self.wiring.id, %error, "socket write failed; aborting the stream");
+        self.wiring
+            .channel
+            .do_send(StreamEvent::Failed { id: self.wiring.id });
+        ctx.stop();
     }
 
     /// Sends FIN once everything queued is written (the peer's half-close).
