@@ -200,8 +200,11 @@ fn validate_window(key: &str, value: u32) -> Result<(), ConfigError> {
 #[serde(deny_unknown_fields)]
 pub struct TunnelClientConfig {
     /// Control URL of the server, `ws://` or `wss://`.
+    #[serde(default)]
     pub server_url: String,
-    /// The token, sent raw inside `Auth`; masked in logs.
+    /// The token, sent raw inside `Auth`; masked in logs. A file may leave it
+    /// out and have it come from the environment.
+    #[serde(default)]
     pub token: Secret,
     /// Stable id of this agent; drawn once at start when absent, kept across reconnects.
     #[serde(default)]
@@ -355,6 +358,35 @@ impl TunnelClientConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// The `zlayer-tunnel server` configuration file: where to listen, which
+/// tokens to accept, and the tunnel settings in `[tunnel]`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerFile {
+    /// Control listener addresses, e.g. `["0.0.0.0:7000", "[::]:7000"]`.
+    pub listen: Vec<String>,
+    /// Accepted tokens, by lowercase hex SHA-256 (`zlayer-tunnel token hash`).
+    pub token_hashes: Vec<String>,
+    /// A file of accepted token hashes, one per line.
+    pub token_file: Option<String>,
+    /// Accept any non-empty token (development only). Default `false`.
+    pub accept_any_token: bool,
+    /// The tunnel settings.
+    pub tunnel: TunnelServerConfig,
+}
+
+impl ServerFile {
+    /// Parses TOML (unknown keys are refused) and validates the tunnel settings.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let file: Self = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        file.tunnel.validate().map_err(|e| match e {
+            ConfigError::Invalid { key, reason } => invalid(format!("tunnel.{key}"), reason),
+            other => other,
+        })?;
+        Ok(file)
     }
 }
 

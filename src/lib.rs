@@ -39,7 +39,7 @@ pub use actors::{ConnectionCallback, ControlHandler, TunnelAgent, TunnelInfo, Tu
 pub use auth::{
     AuthError, Secret, TokenScope, TokenStore, TokenValidator, accept_all_tokens, hash_token,
 };
-pub use config::{ConfigError, ServiceConfig, TunnelClientConfig, TunnelServerConfig};
+pub use config::{ConfigError, ServerFile, ServiceConfig, TunnelClientConfig, TunnelServerConfig};
 pub use error::{Result, TunnelError};
 pub use protocol::{
     HEADER_SIZE, MAX_MESSAGE_SIZE, Message, MessageType, PROTOCOL_VERSION, ServiceProtocol,

@@ -4,13 +4,14 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)] // this is the program's voice
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use zlayer_tunnel::{
-    ServiceConfig, TokenScope, TokenStore, TunnelAgent, TunnelClientConfig, TunnelServerConfig,
+    ServerFile, ServiceConfig, TokenScope, TokenStore, TunnelAgent, TunnelClientConfig,
 };
 
 /// Secure reverse tunnels for ZLayer nodes.
@@ -34,15 +35,18 @@ enum Command {
 
 #[derive(Args)]
 struct ServerArgs {
-    /// Control listener address (IPv4 or IPv6), e.g. 0.0.0.0:7000.
-    #[arg(long, required = true)]
+    /// A TOML file (see examples/config/server.toml); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Control listener address (IPv4 or IPv6), e.g. 0.0.0.0:7000 (repeatable).
+    #[arg(long)]
     listen: Vec<SocketAddr>,
-    /// Public ports for services, inclusive: LOW-HIGH (one port: 21011-21011).
+    /// Public ports for services, inclusive: LOW-HIGH (one port: 21011-21011). Default 30000-31000.
     #[arg(long, value_parser = parse_range)]
-    port_range: (u16, u16),
-    /// Host the public listeners bind.
-    #[arg(long, default_value = "0.0.0.0")]
-    bind_host: String,
+    port_range: Option<(u16, u16)>,
+    /// Host the public listeners bind. Default 0.0.0.0.
+    #[arg(long)]
+    bind_host: Option<String>,
     /// An accepted token (repeatable); also ZLAYER_TUNNEL_TOKEN.
     #[arg(long, env = "ZLAYER_TUNNEL_TOKEN", hide_env_values = true)]
     token: Vec<String>,
@@ -51,26 +55,29 @@ struct ServerArgs {
     token_hash: Vec<String>,
     /// A file of accepted token hashes, one per line (# comments).
     #[arg(long)]
-    token_file: Option<std::path::PathBuf>,
+    token_file: Option<PathBuf>,
     /// Accept any non-empty token (development only).
     #[arg(long)]
     accept_any_token: bool,
-    /// How often to send heartbeats.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
-    heartbeat_interval: Duration,
-    /// Drop an agent silent this long.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "40s")]
-    heartbeat_timeout: Duration,
+    /// How often to send heartbeats, e.g. 30s. Default 30s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    heartbeat_interval: Option<Duration>,
+    /// Drop an agent silent this long, e.g. 40s. Default 40s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    heartbeat_timeout: Option<Duration>,
 }
 
 #[derive(Args)]
 struct AgentArgs {
+    /// A TOML file (see examples/config/agent.toml); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Control URL of the server, ws:// or wss://.
     #[arg(long)]
-    server: String,
+    server: Option<String>,
     /// The token; prefer ZLAYER_TUNNEL_TOKEN, which stays out of `ps`.
     #[arg(long, env = "ZLAYER_TUNNEL_TOKEN", hide_env_values = true)]
-    token: String,
+    token: Option<String>,
     /// A TCP service: NAME:LOCAL_PORT:REMOTE_PORT or NAME:HOST:PORT:REMOTE_PORT (remote 0 = any).
     #[arg(long, value_parser = parse_service)]
     tcp: Vec<ServiceConfig>,
@@ -111,19 +118,30 @@ fn main() -> ExitCode {
 }
 
 fn run_server(args: ServerArgs) -> anyhow::Result<()> {
-    let config = TunnelServerConfig::new()
-        .with_port_range(args.port_range.0, args.port_range.1)
-        .with_bind_host(args.bind_host.clone())
-        .with_heartbeat(args.heartbeat_interval, args.heartbeat_timeout);
+    let file = match &args.config {
+        Some(path) => ServerFile::from_toml_str(&read(path)?)
+            .with_context(|| format!("--config {}", path.display()))?,
+        None => ServerFile::default(),
+    };
+    let mut config = file.tunnel.clone();
+    if let Some((low, high)) = args.port_range {
+        config.data_port_range = (low, high);
+    }
+    if let Some(host) = &args.bind_host {
+        config.bind_host.clone_from(host);
+    }
+    config.heartbeat_interval = args.heartbeat_interval.unwrap_or(config.heartbeat_interval);
+    config.heartbeat_timeout = args.heartbeat_timeout.unwrap_or(config.heartbeat_timeout);
     config.validate()?;
-    let validator = if args.accept_any_token {
+    let listen = listen_addrs(&args, &file)?;
+    let validator = if args.accept_any_token || file.accept_any_token {
         tracing::warn!("accepting any token (--accept-any-token): for development only");
         std::sync::Arc::new(zlayer_tunnel::accept_all_tokens)
     } else {
-        token_store(&args)?.into_validator()
+        token_store(&args, &file)?.into_validator()
     };
     let options = zlayer_tunnel::actors::ServeOptions {
-        listen: args.listen,
+        listen,
         config,
         validator,
     };
@@ -131,18 +149,39 @@ fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn token_store(args: &ServerArgs) -> anyhow::Result<TokenStore> {
+fn read(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+fn listen_addrs(args: &ServerArgs, file: &ServerFile) -> anyhow::Result<Vec<SocketAddr>> {
+    if !args.listen.is_empty() {
+        return Ok(args.listen.clone());
+    }
+    let parsed: Result<Vec<SocketAddr>, _> = file.listen.iter().map(|a| a.parse()).collect();
+    let addrs = parsed.context("listen: not an address like 0.0.0.0:7000")?;
+    if addrs.is_empty() {
+        bail!("no listen address: give --listen or `listen` in the config file");
+    }
+    Ok(addrs)
+}
+
+fn token_store(args: &ServerArgs, file: &ServerFile) -> anyhow::Result<TokenStore> {
     let mut store = TokenStore::new();
     for token in &args.token {
         store = store.with_token(token);
     }
     let mut hashes = args.token_hash.clone();
-    if let Some(path) = &args.token_file {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("--token-file {}", path.display()))?;
+    hashes.extend(file.token_hashes.iter().cloned());
+    let files = args
+        .token_file
+        .iter()
+        .cloned()
+        .chain(file.token_file.iter().map(PathBuf::from));
+    for path in files {
+        let text = read(&path).with_context(|| format!("--token-file {}", path.display()))?;
+        let lines = text.lines().map(str::trim);
         hashes.extend(
-            text.lines()
-                .map(str::trim)
+            lines
                 .filter(|l| !l.is_empty() && !l.starts_with('#'))
                 .map(String::from),
         );
@@ -150,7 +189,7 @@ fn token_store(args: &ServerArgs) -> anyhow::Result<TokenStore> {
     for hash in &hashes {
         store = store
             .with_hash(hash, TokenScope::default())
-            .with_context(|| format!("--token-hash {hash:?}"))?;
+            .with_context(|| format!("token hash {hash:?}"))?;
     }
     if store.is_empty() {
         bail!(
@@ -161,7 +200,17 @@ fn token_store(args: &ServerArgs) -> anyhow::Result<TokenStore> {
 }
 
 fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
-    let mut config = TunnelClientConfig::new(args.server, args.token);
+    let mut config = match &args.config {
+        Some(path) => toml::from_str::<TunnelClientConfig>(&read(path)?)
+            .with_context(|| format!("--config {}", path.display()))?,
+        None => TunnelClientConfig::new("", ""),
+    };
+    if let Some(server) = args.server {
+        config.server_url = server;
+    }
+    if let Some(token) = args.token {
+        config.token = token.into();
+    }
     for service in args.tcp {
         config = config.with_service(service);
     }

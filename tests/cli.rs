@@ -208,3 +208,62 @@ async fn an_agent_with_a_wrong_token_exits_with_the_reason() {
     );
     terminate(&mut server);
 }
+
+#[actix_web::test]
+async fn config_files_drive_server_and_agent_and_flags_override_them() {
+    let (control, public) = (free_ports(1).0, free_ports(1).0);
+    let echo = services::echo().await;
+    let dir = std::env::temp_dir().join(format!("zlt-cli-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let server_toml = dir.join("server.toml");
+    std::fs::write(
+        &server_toml,
+        format!(
+            "listen = [\"127.0.0.1:{control}\"]\ntoken_hashes = [\"{}\"]\n[tunnel]\ndata_port_range = [1, 2]\nbind_host = \"127.0.0.1\"\n",
+            zlayer_tunnel::hash_token("filetoken")
+        ),
+    )
+    .unwrap();
+    let agent_toml = dir.join("agent.toml");
+    std::fs::write(
+        &agent_toml,
+        format!("server_url = \"ws://127.0.0.1:{control}/tunnel/v1\"\n[[services]]\nname = \"echo\"\nlocal_port = {echo}\n"),
+    )
+    .unwrap();
+    // the flag overrides the file's port range
+    let range = format!("{public}-{public}");
+    let mut server = spawn(&[
+        "server",
+        "--config",
+        server_toml.to_str().unwrap(),
+        "--port-range",
+        &range,
+    ]);
+    wait_listening(control).await;
+    let mut agent = Command::new(BIN)
+        .args(["agent", "--config", agent_toml.to_str().unwrap()])
+        .env("ZLAYER_TUNNEL_TOKEN", "filetoken")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(public).await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", public))
+        .await
+        .unwrap();
+    s.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+    terminate(&mut agent);
+    terminate(&mut server);
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "listen = [\"127.0.0.1:1\"]\nlisten_typo = 1\n").unwrap();
+    let out = run(&["server", "--config", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8(out.stderr)
+            .unwrap()
+            .contains("listen_typo")
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
