@@ -25,7 +25,8 @@ use uuid::Uuid;
 use super::control_handler::ServerShared;
 use super::forwarded_connection::{ForwardedConnection, StreamEvent, StreamWiring};
 use super::registry::{
-    AllocatePort, CloseTunnel, OpenTunnel, ReleasePort, ReportAlive, TunnelClosed,
+    AllocatePort, CloseTunnel, OpenTunnel, ReleasePort, ReportAlive, ServiceEntry,
+    ServiceRegistered, TunnelClosed,
 };
 use super::service_listener::{ServiceListener, StopListener, VisitorArrived};
 use super::stream_hub::StreamHub;
@@ -64,6 +65,7 @@ pub(crate) struct ControlChannel {
     session: Option<Session>,
     liveness: Liveness,
     outbox: Vec<Message>,
+    counters: Arc<Counters>,
     span: tracing::Span,
 }
 
@@ -173,6 +175,7 @@ impl ControlChannel {
             session: None,
             liveness: Liveness::new(Instant::now(), timeout),
             outbox: Vec::new(),
+            counters: Arc::new(Counters::new()),
             span: tracing::info_span!("control", %peer, tunnel_id = tracing::field::Empty),
         }
     }
@@ -263,6 +266,7 @@ impl ControlChannel {
             channel: ctx.address().recipient(),
             timeout: config.heartbeat_timeout + config.heartbeat_interval,
             max_tunnels: config.max_tunnels,
+            counters: self.counters.clone(),
         };
         self.shared
             .registry
@@ -307,7 +311,7 @@ impl ControlChannel {
             services: HashMap::new(),
             streams: StreamHub::new(settings),
             agent_window,
-            counters: Arc::new(Counters::new()),
+            counters: self.counters.clone(),
         });
         self.liveness.seen(Instant::now());
         self.send(
@@ -406,6 +410,16 @@ impl ControlChannel {
         );
         tracing::info!(service = %name, port, "service registered");
         let counters = Arc::new(Counters::new());
+        self.shared.registry.addr().do_send(ServiceRegistered {
+            tunnel_id: session.tunnel_id,
+            service: ServiceEntry {
+                id: service_id,
+                name: name.clone(),
+                protocol: ServiceProtocol::Tcp,
+                port,
+            },
+            counters: counters.clone(),
+        });
         session.services.insert(
             service_id,
             Service {

@@ -16,6 +16,7 @@
 //! * [`ControlHandler`]: mounts the control route in an actix-web `App`, or
 //!   serves a raw TCP connection (`handle_connection`).
 
+mod admin;
 mod agent_connection;
 mod control_channel;
 mod control_handler;
@@ -29,7 +30,7 @@ mod stream_hub;
 mod tunnel_agent;
 
 pub use control_handler::ControlHandler;
-pub use registry::{TunnelInfo, TunnelRegistry};
+pub use registry::{ServiceInfo, TunnelInfo, TunnelRegistry};
 pub use serve::{ServeOptions, serve};
 pub use tunnel_agent::{ConnectionCallback, TunnelAgent};
 

@@ -15,8 +15,12 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::Error;
+use crate::accounting::{Counters, Snapshot};
 use crate::liveness::Liveness;
 use crate::ports::{PortError, PortPool};
+use crate::protocol::ServiceProtocol;
+pub use crate::status::{ServiceInfo, TunnelInfo};
+use std::sync::Arc;
 
 /// Asks a control channel to end its session (takeover, silence, shutdown).
 #[derive(Message, Debug, Clone)]
@@ -37,6 +41,25 @@ pub(crate) struct OpenTunnel {
     pub(crate) channel: Recipient<CloseTunnel>,
     pub(crate) timeout: Duration,
     pub(crate) max_tunnels: usize,
+    pub(crate) counters: Arc<Counters>,
+}
+
+/// A service went live on its public port (for status and metrics).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct ServiceRegistered {
+    pub(crate) tunnel_id: Uuid,
+    pub(crate) service: ServiceEntry,
+    pub(crate) counters: Arc<Counters>,
+}
+
+/// A registered service, as the registry keeps it.
+#[derive(Debug, Clone)]
+pub(crate) struct ServiceEntry {
+    pub(crate) id: Uuid,
+    pub(crate) name: String,
+    pub(crate) protocol: ServiceProtocol,
+    pub(crate) port: u16,
 }
 
 /// Allocates a public port for a tunnel's service.
@@ -86,27 +109,14 @@ pub(crate) struct CloseAll {
 #[rtype(result = "usize")]
 pub(crate) struct CountFreePorts;
 
-/// A connected tunnel, as reported by [`TunnelRegistry::list_tunnels`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TunnelInfo {
-    /// The tunnel's id.
-    pub id: Uuid,
-    /// The agent's stable client id.
-    pub client_id: Uuid,
-    /// The agent's address.
-    pub client_addr: SocketAddr,
-    /// When the agent authenticated.
-    pub connected_since: SystemTime,
-    /// Public ports held.
-    pub ports: Vec<u16>,
-}
-
 struct TunnelEntry {
     info: TunnelInfo,
     key: (String, Uuid),
     channel: Recipient<CloseTunnel>,
     liveness: Liveness,
     cancel: CancellationToken,
+    counters: Arc<Counters>,
+    services: Vec<(ServiceEntry, Arc<Counters>)>,
 }
 
 /// The registry actor.
@@ -147,6 +157,8 @@ impl Handler<OpenTunnel> for Registry {
             client_addr: msg.peer,
             connected_since: SystemTime::now(),
             ports: Vec::new(),
+            services: Vec::new(),
+            stats: Snapshot::default(),
         };
         let liveness = Liveness::new(Instant::now(), msg.timeout);
         self.by_client.insert(key.clone(), id);
@@ -158,6 +170,8 @@ impl Handler<OpenTunnel> for Registry {
             channel,
             liveness,
             cancel: cancel.clone(),
+            counters: msg.counters,
+            services: Vec::new(),
         };
         self.tunnels.insert(id, entry);
         Ok((id, cancel))
@@ -185,6 +199,7 @@ impl Handler<ReleasePort> for Registry {
     fn handle(&mut self, msg: ReleasePort, _: &mut Self::Context) {
         if let Some(entry) = self.tunnels.get_mut(&msg.tunnel_id) {
             entry.info.ports.retain(|p| *p != msg.port);
+            entry.services.retain(|(s, _)| s.port != msg.port);
             if let Ok(pool) = self.ports.as_mut() {
                 pool.release(msg.port);
             }
@@ -214,7 +229,35 @@ impl Handler<ListTunnels> for Registry {
     type Result = Vec<TunnelInfo>;
 
     fn handle(&mut self, _: ListTunnels, _: &mut Self::Context) -> Self::Result {
-        self.tunnels.values().map(|t| t.info.clone()).collect()
+        self.tunnels.values().map(TunnelEntry::status).collect()
+    }
+}
+
+impl Handler<ServiceRegistered> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: ServiceRegistered, _: &mut Self::Context) {
+        if let Some(entry) = self.tunnels.get_mut(&msg.tunnel_id) {
+            entry.services.push((msg.service, msg.counters));
+        }
+    }
+}
+
+impl TunnelEntry {
+    /// The tunnel's info with live readings of its counters.
+    fn status(&self) -> TunnelInfo {
+        let services = self.services.iter().map(|(s, counters)| ServiceInfo {
+            id: s.id,
+            name: s.name.clone(),
+            protocol: s.protocol,
+            port: s.port,
+            stats: counters.snapshot(),
+        });
+        TunnelInfo {
+            services: services.collect(),
+            stats: self.counters.snapshot(),
+            ..self.info.clone()
+        }
     }
 }
 

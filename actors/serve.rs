@@ -22,6 +22,8 @@ pub struct ServeOptions {
     pub config: TunnelServerConfig,
     /// Who may connect.
     pub validator: TokenValidator,
+    /// Where to serve `/healthz`, `/status` and `/metrics` (none: not served).
+    pub admin_listen: Vec<SocketAddr>,
 }
 
 /// Runs a tunnel server until SIGINT or SIGTERM; must run inside an actix `System`.
@@ -44,11 +46,26 @@ pub async fn serve(options: ServeOptions) -> std::io::Result<()> {
     }
     let server = server.run();
     let handle = server.handle();
+    let admin = if options.admin_listen.is_empty() {
+        None
+    } else {
+        Some(super::admin::start(
+            &options.admin_listen,
+            registry.clone(),
+        )?)
+    };
+    let admin_handle = admin.as_ref().map(actix_web::dev::Server::handle);
+    if let Some(admin) = admin {
+        actix_web::rt::spawn(admin);
+    }
     actix_web::rt::spawn(async move {
         if wait_for_signal().await.is_ok() {
             let agents = registry.close_all("server shutting down").await;
             tracing::info!(agents, "shutting down");
             tokio::time::sleep(Duration::from_millis(50)).await; // let the Disconnects go out
+            if let Some(admin) = admin_handle {
+                admin.stop(true).await;
+            }
             handle.stop(true).await;
         }
     });

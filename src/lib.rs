@@ -33,6 +33,7 @@ pub mod flow;
 pub mod liveness;
 pub mod ports;
 pub mod protocol;
+pub mod status;
 pub mod streams;
 
 pub use actors::{ConnectionCallback, ControlHandler, TunnelAgent, TunnelInfo, TunnelRegistry};

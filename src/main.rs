@@ -59,6 +59,9 @@ struct ServerArgs {
     /// Accept any non-empty token (development only).
     #[arg(long)]
     accept_any_token: bool,
+    /// Serve /healthz, /status and /metrics on this address (keep it private).
+    #[arg(long)]
+    admin_listen: Vec<SocketAddr>,
     /// How often to send heartbeats, e.g. 30s. Default 30s.
     #[arg(long, value_parser = humantime::parse_duration)]
     heartbeat_interval: Option<Duration>,
@@ -140,10 +143,12 @@ fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     } else {
         token_store(&args, &file)?.into_validator()
     };
+    let admin_listen = args.admin_listen.clone();
     let options = zlayer_tunnel::actors::ServeOptions {
         listen,
         config,
         validator,
+        admin_listen,
     };
     actix_web::rt::System::new().block_on(zlayer_tunnel::actors::serve(options))?;
     Ok(())

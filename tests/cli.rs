@@ -267,3 +267,88 @@ async fn config_files_drive_server_and_agent_and_flags_override_them() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[actix_web::test]
+async fn status_and_metrics_count_a_real_transfer_byte_for_byte() {
+    let (control, public, admin) = (free_ports(1).0, free_ports(1).0, free_ports(1).0);
+    let echo = services::echo().await;
+    let (listen, range, admin_addr) = (
+        format!("127.0.0.1:{control}"),
+        format!("{public}-{public}"),
+        format!("127.0.0.1:{admin}"),
+    );
+    let mut server = spawn(&[
+        "server",
+        "--listen",
+        &listen,
+        "--port-range",
+        &range,
+        "--bind-host",
+        "127.0.0.1",
+        "--token",
+        "t",
+        "--admin-listen",
+        &admin_addr,
+    ]);
+    wait_listening(control).await;
+    let url = format!("ws://127.0.0.1:{control}/tunnel/v1");
+    let spec = format!("web:{echo}:{public}");
+    let mut agent = spawn(&["agent", "--server", &url, "--token", "t", "--tcp", &spec]);
+    wait_listening(public).await;
+    let client = awc::Client::new();
+    let get = |path: &str| client.get(format!("http://{admin_addr}{path}")).send();
+    let baseline: serde_json::Value = get("/status").await.unwrap().json().await.unwrap();
+    let before = &baseline["tunnels"][0]["services"][0]["stats"];
+    let (in0, out0) = (
+        before["bytes_in"].as_u64().unwrap(),
+        before["bytes_out"].as_u64().unwrap(),
+    );
+
+    const LEN: usize = 1_234_567;
+    let data = common::pattern(3, LEN);
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", public))
+        .await
+        .unwrap();
+    let (mut r, mut w) = s.split();
+    let send = async {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let mut back = Vec::new();
+    let (_, got) = tokio::join!(send, r.read_to_end(&mut back));
+    got.unwrap();
+    assert_eq!(back.len(), LEN);
+
+    let status: serde_json::Value = get("/status").await.unwrap().json().await.unwrap();
+    let service = &status["tunnels"][0]["services"][0];
+    assert_eq!(service["name"], "web");
+    assert_eq!(service["port"], public);
+    assert_eq!(
+        service["stats"]["bytes_in"].as_u64().unwrap() - in0,
+        LEN as u64
+    );
+    assert_eq!(
+        service["stats"]["bytes_out"].as_u64().unwrap() - out0,
+        LEN as u64
+    );
+    let metrics = String::from_utf8(
+        get("/metrics")
+            .await
+            .unwrap()
+            .body()
+            .await
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
+    let line = format!(
+        "zlayer_tunnel_service_bytes_total{{service=\"web\",protocol=\"tcp\",port=\"{public}\",direction=\"in\"}} {}",
+        in0 + LEN as u64
+    );
+    assert!(metrics.contains(&line), "{line} not in\n{metrics}");
+    assert!(metrics.contains("zlayer_tunnel_tunnels 1\n"));
+    let health = get("/healthz").await.unwrap().body().await.unwrap();
+    assert_eq!(&health[..], b"ok\n");
+    terminate(&mut agent);
+    terminate(&mut server);
+}

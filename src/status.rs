@@ -1,0 +1,210 @@
+//! What a server reports about itself: tunnels and services with live
+//! counters, as plain data, and their renderings for `/status` (JSON) and
+//! `/metrics` (Prometheus text format). No IO: the runtime serves the text.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::accounting::Snapshot;
+use crate::protocol::ServiceProtocol;
+
+/// A registered service, as reported in [`TunnelInfo`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceInfo {
+    /// The service's id.
+    pub id: Uuid,
+    /// Its name.
+    pub name: String,
+    /// TCP or UDP.
+    pub protocol: ServiceProtocol,
+    /// Its public port.
+    pub port: u16,
+    /// Its traffic so far, live.
+    pub stats: Snapshot,
+}
+
+/// A connected tunnel (one agent session), as the registry reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TunnelInfo {
+    /// The tunnel's id.
+    pub id: Uuid,
+    /// The agent's stable client id.
+    pub client_id: Uuid,
+    /// The agent's address.
+    pub client_addr: SocketAddr,
+    /// When the agent authenticated (seconds since the Unix epoch in JSON).
+    #[serde(serialize_with = "unix_seconds")]
+    pub connected_since: SystemTime,
+    /// Public ports held.
+    pub ports: Vec<u16>,
+    /// Its services.
+    pub services: Vec<ServiceInfo>,
+    /// Its traffic so far, live (all services together).
+    pub stats: Snapshot,
+}
+
+fn unix_seconds<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
+}
+
+/// The `/status` document.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport<'a> {
+    /// Connected tunnels.
+    pub tunnels: &'a [TunnelInfo],
+    /// Free public ports.
+    pub free_ports: usize,
+}
+
+/// Renders the Prometheus text exposition format (version 0.0.4).
+///
+/// ```
+/// let text = zlayer_tunnel::status::render_metrics(&[], 10);
+/// assert!(text.contains("zlayer_tunnel_tunnels 0\n"));
+/// ```
+pub fn render_metrics(tunnels: &[TunnelInfo], free_ports: usize) -> String {
+    let mut out = String::new();
+    gauge(
+        &mut out,
+        "zlayer_tunnel_tunnels",
+        "Connected agents.",
+        tunnels.len() as u64,
+    );
+    gauge(
+        &mut out,
+        "zlayer_tunnel_free_ports",
+        "Free public ports.",
+        free_ports as u64,
+    );
+    let services: Vec<&ServiceInfo> = tunnels.iter().flat_map(|t| &t.services).collect();
+    let families: [Family; 4] = [
+        (
+            "zlayer_tunnel_service_bytes_total",
+            "counter",
+            "Payload bytes through a service.",
+            |s| vec![("in", s.bytes_in), ("out", s.bytes_out)],
+        ),
+        (
+            "zlayer_tunnel_service_connections",
+            "gauge",
+            "Open connections of a service.",
+            |s| vec![("", s.connections_active)],
+        ),
+        (
+            "zlayer_tunnel_service_connections_total",
+            "counter",
+            "Connections a service accepted.",
+            |s| vec![("", s.connections_total)],
+        ),
+        (
+            "zlayer_tunnel_service_drops_total",
+            "counter",
+            "Datagrams a service dropped.",
+            |s| vec![("", s.drops)],
+        ),
+    ];
+    for (name, kind, help, values) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for service in &services {
+            for (direction, value) in values(&service.stats) {
+                let labels = labels(service, direction);
+                let _ = writeln!(out, "{name}{{{labels}}} {value}");
+            }
+        }
+    }
+    out
+}
+
+/// A metric family: name, type, help, and its labelled values from a snapshot.
+type Family = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&Snapshot) -> Vec<(&'static str, u64)>,
+);
+
+fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+    );
+}
+
+fn labels(service: &ServiceInfo, direction: &str) -> String {
+    let mut labels = format!(
+        "service=\"{}\",protocol=\"{}\",port=\"{}\"",
+        escape(&service.name),
+        service.protocol,
+        service.port
+    );
+    if !direction.is_empty() {
+        let _ = write!(labels, ",direction=\"{direction}\"");
+    }
+    labels
+}
+
+/// Escapes a label value: backslash, double quote and newline.
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tunnel() -> TunnelInfo {
+        TunnelInfo {
+            id: Uuid::nil(),
+            client_id: Uuid::nil(),
+            client_addr: ([127, 0, 0, 1], 5000).into(),
+            connected_since: UNIX_EPOCH,
+            ports: vec![30000],
+            services: vec![ServiceInfo {
+                id: Uuid::nil(),
+                name: "s\"sh".into(),
+                protocol: ServiceProtocol::Tcp,
+                port: 30000,
+                stats: Snapshot {
+                    bytes_in: 1234,
+                    bytes_out: 99,
+                    connections_active: 1,
+                    connections_total: 3,
+                    ..Snapshot::default()
+                },
+            }],
+            stats: Snapshot::default(),
+        }
+    }
+
+    #[test]
+    fn metrics_carry_labels_and_values() {
+        let text = render_metrics(&[tunnel()], 7);
+        assert!(text.contains("zlayer_tunnel_tunnels 1\n"));
+        assert!(text.contains("zlayer_tunnel_free_ports 7\n"));
+        assert!(text.contains(
+            "zlayer_tunnel_service_bytes_total{service=\"s\\\"sh\",protocol=\"tcp\",port=\"30000\",direction=\"in\"} 1234\n"
+        ));
+        assert!(text.contains("zlayer_tunnel_service_connections_total{service=\"s\\\"sh\",protocol=\"tcp\",port=\"30000\"} 3\n"));
+        assert!(text.contains("# TYPE zlayer_tunnel_service_bytes_total counter\n"));
+    }
+
+    #[test]
+    fn status_is_json_with_unix_times() {
+        let tunnels = [tunnel()];
+        let json = serde_json::to_value(StatusReport {
+            tunnels: &tunnels,
+            free_ports: 0,
+        })
+        .unwrap();
+        assert_eq!(json["tunnels"][0]["connected_since"], 0);
+        assert_eq!(json["tunnels"][0]["services"][0]["stats"]["bytes_in"], 1234);
+        assert_eq!(json["tunnels"][0]["client_addr"], "127.0.0.1:5000");
+    }
+}
