@@ -61,7 +61,8 @@ impl ControlHandler {
     /// Mounts the control route on `config.control_path`:
     /// `App::new().configure(|c| handler.configure(c))`. Give the host's
     /// `HttpServer` `.tcp_nodelay(true)`: without it, small frames wait for
-    /// Nagle's algorithm and delayed ACKs (40 ms a round trip).
+    /// Nagle's algorithm and delayed ACKs (40 ms a round trip). `serve` also
+    /// sets keepalive and `TCP_USER_TIMEOUT` on accepted sockets (`on_connect`).
     pub fn configure(&self, cfg: &mut web::ServiceConfig) {
         let shared = self.shared.clone();
         cfg.app_data(web::Data::from(Arc::new(shared)))
@@ -121,6 +122,7 @@ async fn serve_raw(
 ) -> Result<()> {
     let mut stream = TcpStream::from_std(std)?;
     stream.set_nodelay(true)?;
+    harden_control_socket(&stream, shared.config.heartbeat_timeout);
     let deadline = shared.config.auth_timeout;
     let (head, rest) = tokio::time::timeout(deadline, read_head(&mut stream))
         .await
@@ -160,6 +162,19 @@ async fn serve_raw(
     }
     let _ = write.shutdown().await;
     Ok(())
+}
+
+/// Keepalive probes and `TCP_USER_TIMEOUT` on an agent's control socket, so
+/// that the kernel ends a connection whose peer vanished or stopped reading:
+/// the one fault a frozen WebSocket actor cannot detect itself.
+pub(crate) fn harden_control_socket(socket: &TcpStream, timeout: std::time::Duration) {
+    let sock = socket2::SockRef::from(socket);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(timeout)
+        .with_interval(std::time::Duration::from_secs(5))
+        .with_retries(3);
+    let _ = sock.set_tcp_keepalive(&keepalive);
+    let _ = sock.set_tcp_user_timeout(Some(timeout));
 }
 
 /// Reads the HTTP request head; returns it and the bytes that followed it.

@@ -29,10 +29,16 @@ pub struct ServeOptions {
 /// Runs a tunnel server until SIGINT or SIGTERM; must run inside an actix `System`.
 pub async fn serve(options: ServeOptions) -> std::io::Result<()> {
     let registry = Arc::new(TunnelRegistry::new(options.config.data_port_range));
+    let timeout = options.config.heartbeat_timeout;
     let handler = ControlHandler::new(registry.clone(), options.config, options.validator);
     let server = HttpServer::new(move || {
         let handler = handler.clone();
         App::new().configure(move |c| handler.configure(c))
+    })
+    .on_connect(move |conn, _| {
+        if let Some(tcp) = conn.downcast_ref::<tokio::net::TcpStream>() {
+            super::control_handler::harden_control_socket(tcp, timeout);
+        }
     })
     .disable_signals()
     .tcp_nodelay(true) // small frames must not wait for Nagle and delayed ACKs
