@@ -27,7 +27,10 @@ use crate::accounting::{CounterSet, Direction};
 use crate::backoff::Backoff;
 use crate::config::ServiceConfig;
 use crate::liveness::Liveness;
-use crate::protocol::{Capabilities, DEFAULT_INITIAL_WINDOW, Features, MAX_MESSAGE_SIZE, Message};
+use crate::protocol::{
+    Capabilities, DEFAULT_INITIAL_WINDOW, Features, MAX_MESSAGE_SIZE, Message, MessageType,
+    frame_feature,
+};
 use crate::streams::StreamSettings;
 
 type WsSink = SplitSink<actix_codec::Framed<awc::BoxedSocket, ws::Codec>, ws::Message>;
@@ -70,7 +73,7 @@ pub(crate) struct AgentConnection {
     finished: bool,
     assigned: HashMap<String, u16>,
     link: Option<Link>,
-    outbox: Vec<Message>,
+    outbox: Vec<Bytes>,
 }
 
 impl Actor for AgentConnection {
@@ -525,29 +528,33 @@ impl AgentConnection {
         ctx.stop();
     }
 
-    fn flush(&mut self, mut outbox: Vec<Message>, ctx: &mut Context<Self>) {
-        for message in outbox.drain(..) {
-            self.send(Some(message), ctx);
+    fn flush(&mut self, mut outbox: Vec<Bytes>, ctx: &mut Context<Self>) {
+        for frame in outbox.drain(..) {
+            self.send_frame(frame, ctx);
         }
         self.outbox = outbox;
     }
 
     /// Queues one frame (never a type the server did not announce) and writes.
     fn send(&mut self, message: Option<Message>, ctx: &mut Context<Self>) {
-        let Some(message) = message else { return };
+        if let Some(message) = message {
+            self.send_frame(message.to_bytes(), ctx);
+        }
+    }
+
+    /// Queues one encoded frame (never a type the server did not announce) and writes.
+    fn send_frame(&mut self, frame: Bytes, ctx: &mut Context<Self>) {
         let Some(link) = self.link.as_mut() else {
             return;
         };
-        if !link
-            .features
-            .contains(message.message_type().required_feature())
-        {
+        if !link.features.contains(frame_feature(&frame)) {
             return;
         }
-        let frame = message.to_bytes();
-        match message {
+        let data = MessageType::Data as u8;
+        let close = MessageType::Close as u8;
+        match frame.first() {
             // a stream's Close must not overtake its Data
-            Message::Data { .. } | Message::Close { .. } => link.data.push_back(frame),
+            Some(t) if *t == data || *t == close => link.data.push_back(frame),
             _ => link.control.push_back(frame),
         }
         self.write_next(ctx);

@@ -33,7 +33,9 @@ use super::stream_hub::StreamHub;
 use crate::accounting::{CounterSet, Counters, Direction};
 use crate::auth::hash_token;
 use crate::liveness::{Liveness, heartbeat_timestamp};
-use crate::protocol::{Capabilities, DEFAULT_INITIAL_WINDOW, Features, Message, ServiceProtocol};
+use crate::protocol::{
+    Capabilities, DEFAULT_INITIAL_WINDOW, Features, Message, ServiceProtocol, frame_feature,
+};
 use crate::streams::StreamSettings;
 
 /// Features this server accepts.
@@ -64,7 +66,7 @@ pub(crate) struct ControlChannel {
     peer: SocketAddr,
     session: Option<Session>,
     liveness: Liveness,
-    outbox: Vec<Message>,
+    outbox: Vec<Bytes>,
     counters: Arc<Counters>,
     span: tracing::Span,
 }
@@ -529,22 +531,30 @@ impl ControlChannel {
         ctx.stop();
     }
 
-    fn flush(&mut self, mut outbox: Vec<Message>, ctx: &mut ws::WebsocketContext<Self>) {
-        for message in outbox.drain(..) {
-            self.send(ctx, Some(message));
+    fn flush(&mut self, mut outbox: Vec<Bytes>, ctx: &mut ws::WebsocketContext<Self>) {
+        for frame in outbox.drain(..) {
+            self.send_frame(ctx, frame);
         }
         self.outbox = outbox;
     }
 
-    /// Sends one frame per WebSocket message; never a type the peer did not announce.
     fn send(&self, ctx: &mut ws::WebsocketContext<Self>, message: Option<Message>) {
-        let Some(message) = message else { return };
+        if let Some(message) = message {
+            self.send_frame(ctx, message.to_bytes());
+        }
+    }
+
+    /// Sends one frame per WebSocket message; never a type the peer did not announce.
+    fn send_frame(&self, ctx: &mut ws::WebsocketContext<Self>, frame: Bytes) {
         let features = self.session.as_ref().map_or(Features::NONE, |s| s.features);
-        if !features.contains(message.message_type().required_feature()) {
-            tracing::debug!(kind = ?message.message_type(), "not sent: the peer did not announce it");
+        if !features.contains(frame_feature(&frame)) {
+            tracing::debug!(
+                kind = frame.first(),
+                "not sent: the peer did not announce it"
+            );
             return;
         }
-        ctx.binary(message.to_bytes());
+        ctx.binary(frame);
     }
 }
 

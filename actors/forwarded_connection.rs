@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::accounting::{CounterSet, Direction};
-use crate::protocol::MAX_DATA_PAYLOAD;
+use crate::protocol::{MAX_DATA_PAYLOAD, Message};
 
 /// What the owning channel tells a connection.
 #[derive(Message, Debug)]
@@ -46,12 +46,14 @@ pub(crate) enum StreamCommand {
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub(crate) enum StreamEvent {
-    /// Bytes read from the socket, within the credit.
+    /// Bytes read from the socket, within the credit, already framed as `Data`.
     Read {
         /// The stream.
         id: Uuid,
-        /// The bytes.
-        data: Bytes,
+        /// The encoded `Data` frame.
+        frame: Bytes,
+        /// Payload bytes in it.
+        len: usize,
     },
     /// The socket's read side ended (FIN).
     ReadEof {
@@ -139,15 +141,16 @@ impl Handler<StreamCommand> for ForwardedConnection {
     }
 }
 
-impl StreamHandler<io::Result<Bytes>> for ForwardedConnection {
-    fn handle(&mut self, item: io::Result<Bytes>, ctx: &mut Self::Context) {
+impl StreamHandler<io::Result<(Bytes, usize)>> for ForwardedConnection {
+    fn handle(&mut self, item: io::Result<(Bytes, usize)>, ctx: &mut Self::Context) {
         let id = self.wiring.id;
         match item {
-            Ok(data) => {
+            Ok((frame, len)) => {
+                let direction = self.wiring.read_direction;
+                self.wiring.counters.add_bytes(direction, len as u64);
                 self.wiring
-                    .counters
-                    .add_bytes(self.wiring.read_direction, data.len() as u64);
-                self.wiring.channel.do_send(StreamEvent::Read { id, data });
+                    .channel
+                    .do_send(StreamEvent::Read { id, frame, len });
             }
             Err(e) => {
                 tracing::debug!(stream = %id, error = %e, "socket read failed; aborting the stream");
@@ -178,6 +181,7 @@ impl ForwardedConnection {
         let credit = Rc::new(Credit::new(wiring.initial_credit));
         Self::create(|ctx| {
             ctx.add_stream(CreditedReader {
+                id: wiring.id,
                 socket: socket.clone(),
                 credit: credit.clone(),
             });
@@ -355,12 +359,14 @@ async fn write_all(socket: Rc<TcpStream>, batch: Vec<Bytes>) -> io::Result<()> {
 
 /// The socket's read side, gated by credit: returns `Pending` at zero credit.
 struct CreditedReader {
+    id: Uuid,
     socket: Rc<TcpStream>,
     credit: Rc<Credit>,
 }
 
 impl Stream for CreditedReader {
-    type Item = io::Result<Bytes>;
+    /// A `Data` frame and the payload bytes in it.
+    type Item = io::Result<(Bytes, usize)>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
         let credit = self.credit.bytes.get();
@@ -373,17 +379,22 @@ impl Stream for CreditedReader {
                 return Poll::Ready(Some(Err(e)));
             }
             let want = credit.min(MAX_DATA_PAYLOAD);
+            let id = self.id;
             let read = SCRATCH.with(|scratch| {
                 let mut scratch = scratch.borrow_mut();
                 self.socket
                     .try_read(&mut scratch[..want])
-                    .map(|n| Bytes::copy_from_slice(&scratch[..n]))
+                    .map(|n| (Message::data_frame(id, &scratch[..n]), n))
             });
             match read {
-                Ok(data) if data.is_empty() => return Poll::Ready(None),
-                Ok(data) => {
-                    self.credit.bytes.set(credit - data.len());
-                    return Poll::Ready(Some(Ok(data)));
+                Ok((_, 0)) => return Poll::Ready(None),
+                Ok((Some(frame), n)) => {
+                    self.credit.bytes.set(credit - n);
+                    return Poll::Ready(Some(Ok((frame, n))));
+                }
+                // invariant: `want` is at most MAX_DATA_PAYLOAD, so a frame is always built
+                Ok((None, _)) => {
+                    return Poll::Ready(Some(Err(io::Error::other("chunk over a frame"))));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Some(Err(e))),

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 
 use actix::Addr;
+use bytes::Bytes;
 use uuid::Uuid;
 
 use super::forwarded_connection::{ForwardedConnection, StreamCommand, StreamEvent};
@@ -65,7 +66,7 @@ impl StreamHub {
     }
 
     /// A stream frame from the peer.
-    pub(crate) fn on_frame(&mut self, message: Message, send: &mut impl FnMut(Message)) {
+    pub(crate) fn on_frame(&mut self, message: Message, send: &mut impl FnMut(Bytes)) {
         let mut actions = std::mem::take(&mut self.actions);
         self.table.on_frame(message, &mut actions);
         for action in actions.drain(..) {
@@ -75,15 +76,15 @@ impl StreamHub {
     }
 
     /// An event from a connection actor.
-    pub(crate) fn on_event(&mut self, event: StreamEvent, send: &mut impl FnMut(Message)) {
+    pub(crate) fn on_event(&mut self, event: StreamEvent, send: &mut impl FnMut(Bytes)) {
         let reply = match event {
-            StreamEvent::Read { id, data } => match self.table.send_data(id, data) {
-                Ok(frame) => Some(frame),
-                Err(e) => {
-                    tracing::debug!(error = %e, "read dropped");
-                    None
+            StreamEvent::Read { id, frame, len } => {
+                match self.table.spend(id, len) {
+                    Ok(()) => send(frame),
+                    Err(e) => tracing::debug!(error = %e, "read dropped"),
                 }
-            },
+                None
+            }
             StreamEvent::ReadEof { id } => self.table.local_eof(id),
             StreamEvent::Delivered { id, len } => self.table.on_delivered(id, len),
             StreamEvent::Failed { id } => self.table.local_reset(id),
@@ -92,7 +93,9 @@ impl StreamHub {
                 self.table.local_reset(id)
             }
         };
-        reply.into_iter().for_each(send);
+        if let Some(message) = reply {
+            send(message.to_bytes());
+        }
     }
 
     /// The tunnel ended: resets every socket.
@@ -104,7 +107,7 @@ impl StreamHub {
         }
     }
 
-    fn apply(&mut self, action: StreamAction, send: &mut impl FnMut(Message)) {
+    fn apply(&mut self, action: StreamAction, send: &mut impl FnMut(Bytes)) {
         match action {
             StreamAction::Deliver { id, data } => self.command(id, StreamCommand::Deliver(data)),
             StreamAction::Credit { id, increment } => {
@@ -118,7 +121,7 @@ impl StreamHub {
                     addr.do_send(StreamCommand::Reset);
                 }
             }
-            StreamAction::Send(message) => send(message),
+            StreamAction::Send(message) => send(message.to_bytes()),
         }
     }
 

@@ -227,6 +227,17 @@ impl StreamTable {
 
     /// Builds the `Data` for `data` read from the socket; refuses more than the credit.
     pub fn send_data(&mut self, id: Uuid, data: Bytes) -> Result<Message, StreamError> {
+        let message = Message::data(id, data.clone()).map_err(|_| StreamError::Refused {
+            id,
+            reason: "chunk larger than a frame",
+        })?;
+        self.spend(id, data.len())?;
+        Ok(message)
+    }
+
+    /// Accounts for `len` bytes about to be sent on `id` (in a frame built by
+    /// the caller); refuses more than the credit, or data after our eof.
+    pub fn spend(&mut self, id: Uuid, len: usize) -> Result<(), StreamError> {
         let stream = self.streams.get_mut(&id).ok_or(StreamError::Unknown(id))?;
         if stream.sent_eof {
             return Err(StreamError::Refused {
@@ -234,17 +245,14 @@ impl StreamTable {
                 reason: "data after our eof",
             });
         }
-        if stream.send.allowance(data.len()) < data.len() {
+        if stream.send.allowance(len) < len {
             return Err(StreamError::Refused {
                 id,
                 reason: "more data than the peer's credit",
             });
         }
-        stream.send.spend(data.len());
-        Message::data(id, data).map_err(|_| StreamError::Refused {
-            id,
-            reason: "chunk larger than a frame",
-        })
+        stream.send.spend(len);
+        Ok(())
     }
 
     /// `len` bytes of `id` reached the socket; returns the `Window` to send, if due.

@@ -17,6 +17,15 @@ pub use message::{
     ServiceProtocol,
 };
 
+/// The feature a peer must have announced before it may be sent this encoded
+/// frame; an unknown type byte requires every feature (it is never sent).
+pub fn frame_feature(frame: &[u8]) -> Features {
+    frame
+        .first()
+        .and_then(|t| MessageType::try_from(*t).ok())
+        .map_or(Features::ALL, MessageType::required_feature)
+}
+
 /// Protocol version of the seed (not sent on the wire; the extension block has its own).
 pub const PROTOCOL_VERSION: u8 = 1;
 
