@@ -167,3 +167,66 @@ async fn our_agent_works_the_control_plane_of_an_original_server() {
     }
     agent.stop();
 }
+
+/// Accepts agents; answers the first one's Auth, then goes silent without
+/// closing (a server that vanished without a FIN). Reports each new connection.
+async fn silent_server(listener: TcpListener, connections: mpsc::UnboundedSender<()>) {
+    let mut held = Vec::new();
+    while let Ok((mut socket, _)) = listener.accept().await {
+        connections.send(()).unwrap();
+        let mut buf = BytesMut::new();
+        let key = loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                buf.advance(end + 4);
+                break head
+                    .lines()
+                    .find_map(|l| {
+                        l.split_once(':')
+                            .filter(|(k, _)| k.eq_ignore_ascii_case("sec-websocket-key"))
+                    })
+                    .map(|(_, v)| v.trim().to_owned())
+                    .unwrap();
+            }
+            assert!(socket.read_buf(&mut buf).await.unwrap() > 0);
+        };
+        let accept = actix_http::ws::hash_key(key.as_bytes());
+        let response = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+            String::from_utf8_lossy(&accept)
+        );
+        socket.write_all(response.as_bytes()).await.unwrap();
+        let _auth = read_frame(&mut socket, &mut buf).await.unwrap();
+        let ok = Message::AuthOk {
+            tunnel_id: Uuid::new_v4(),
+            capabilities: None,
+        };
+        write_frame(&mut socket, &ok.encode()).await;
+        held.push(socket); // never read or written again, never closed
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_agent_leaves_a_server_that_went_silent_and_reconnects() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, mut connections) = mpsc::unbounded_channel();
+    tokio::spawn(silent_server(listener, tx));
+    // heartbeat timeout 2 s (common::spawn_agent)
+    let (agent, _task) = common::spawn_agent(addr, "token", vec![]);
+    tokio::time::timeout(DEADLINE, connections.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    tokio::time::timeout(DEADLINE, connections.recv())
+        .await
+        .expect("the agent never left the silent server")
+        .unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "left after {waited:?}, before the heartbeat timeout"
+    );
+    agent.stop();
+}
