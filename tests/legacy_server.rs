@@ -22,29 +22,7 @@ use zlayer_tunnel::protocol::Message;
 /// Accepts one agent and answers like the original server; reports every message it gets.
 async fn original_server(listener: TcpListener, seen: mpsc::UnboundedSender<Message>) {
     let (mut socket, _) = listener.accept().await.unwrap();
-    let mut buf = BytesMut::new();
-    let key = loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_string();
-            buf.advance(end + 4);
-            assert!(!head.to_ascii_lowercase().contains("sec-websocket-protocol"));
-            break head
-                .lines()
-                .find_map(|l| {
-                    l.split_once(':')
-                        .filter(|(k, _)| k.eq_ignore_ascii_case("sec-websocket-key"))
-                })
-                .map(|(_, v)| v.trim().to_owned())
-                .unwrap();
-        }
-        assert!(socket.read_buf(&mut buf).await.unwrap() > 0);
-    };
-    let accept = actix_http::ws::hash_key(key.as_bytes());
-    let response = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-        String::from_utf8_lossy(&accept)
-    );
-    socket.write_all(response.as_bytes()).await.unwrap();
+    let mut buf = accept_upgrade(&mut socket).await;
     while let Some(payload) = read_frame(&mut socket, &mut buf).await {
         let (message, _) = Message::decode(&payload).unwrap();
         let reply = match &message {
@@ -69,6 +47,35 @@ async fn original_server(listener: TcpListener, seen: mpsc::UnboundedSender<Mess
             write_frame(&mut socket, &m.encode()).await;
         }
     }
+}
+
+/// Answers a WebSocket upgrade as the original server does (no subprotocol);
+/// returns the bytes read past the request head.
+async fn accept_upgrade(socket: &mut TcpStream) -> BytesMut {
+    let mut buf = BytesMut::new();
+    let key = loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            buf.advance(end + 4);
+            assert!(!head.to_ascii_lowercase().contains("sec-websocket-protocol"));
+            break head
+                .lines()
+                .find_map(|l| {
+                    l.split_once(':')
+                        .filter(|(k, _)| k.eq_ignore_ascii_case("sec-websocket-key"))
+                })
+                .map(|(_, v)| v.trim().to_owned())
+                .unwrap();
+        }
+        assert!(socket.read_buf(&mut buf).await.unwrap() > 0);
+    };
+    let accept = actix_http::ws::hash_key(key.as_bytes());
+    let response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+        String::from_utf8_lossy(&accept)
+    );
+    socket.write_all(response.as_bytes()).await.unwrap();
+    buf
 }
 
 /// Reads one masked client frame's payload; `None` at close or end.
@@ -174,28 +181,7 @@ async fn silent_server(listener: TcpListener, connections: mpsc::UnboundedSender
     let mut held = Vec::new();
     while let Ok((mut socket, _)) = listener.accept().await {
         connections.send(()).unwrap();
-        let mut buf = BytesMut::new();
-        let key = loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                buf.advance(end + 4);
-                break head
-                    .lines()
-                    .find_map(|l| {
-                        l.split_once(':')
-                            .filter(|(k, _)| k.eq_ignore_ascii_case("sec-websocket-key"))
-                    })
-                    .map(|(_, v)| v.trim().to_owned())
-                    .unwrap();
-            }
-            assert!(socket.read_buf(&mut buf).await.unwrap() > 0);
-        };
-        let accept = actix_http::ws::hash_key(key.as_bytes());
-        let response = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-            String::from_utf8_lossy(&accept)
-        );
-        socket.write_all(response.as_bytes()).await.unwrap();
+        let mut buf = accept_upgrade(&mut socket).await;
         let _auth = read_frame(&mut socket, &mut buf).await.unwrap();
         let ok = Message::AuthOk {
             tunnel_id: Uuid::new_v4(),
