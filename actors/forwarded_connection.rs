@@ -176,6 +176,7 @@ impl ForwardedConnection {
     /// Starts the actor on `socket` on the current arbiter.
     pub(crate) fn start(socket: TcpStream, wiring: StreamWiring) -> Addr<Self> {
         let _ = socket.set_nodelay(true);
+        limit_unsent(&socket);
         wiring.counters.connection_opened();
         let socket = Rc::new(socket);
         let credit = Rc::new(Credit::new(wiring.initial_credit));
@@ -296,6 +297,24 @@ impl ForwardedConnection {
         let _ = self.socket.set_linger(Some(Duration::ZERO));
         ctx.stop();
     }
+}
+
+/// Unsent bytes the kernel may hold for one forwarded socket before it stops
+/// taking writes: enough to keep a fast peer busy between two wake-ups.
+const UNSENT_LOW_WATER: u32 = 128 * 1024;
+
+/// Caps what a socket whose peer stopped reading keeps in the kernel
+/// (`TCP_NOTSENT_LOWAT`). Without it the kernel grows the send buffer to
+/// megabytes per socket, and a thousand stalled visitors push the whole host
+/// into TCP memory pressure, where every window, the tunnel's own included,
+/// shrinks to a crawl.
+fn limit_unsent(socket: &TcpStream) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(error) = socket2::SockRef::from(socket).set_tcp_notsent_lowat(UNSENT_LOW_WATER) {
+        tracing::debug!(%error, "cannot set TCP_NOTSENT_LOWAT");
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = (socket, UNSENT_LOW_WATER);
 }
 
 fn opposite(direction: Direction) -> Direction {

@@ -50,6 +50,7 @@ async fn pattern_source(progress: Arc<AtomicU64>) -> u16 {
         while let Ok((mut s, _)) = listener.accept().await {
             let (table, progress) = (table.clone(), progress.clone());
             tokio::spawn(async move {
+                let _ = socket2::SockRef::from(&s).set_send_buffer_size(SOCKET_BUFFER as usize);
                 let mut req = [0u8; 8];
                 if s.read_exact(&mut req).await.is_err() {
                     return;
@@ -72,8 +73,16 @@ async fn pattern_source(progress: Arc<AtomicU64>) -> u16 {
     port
 }
 
+/// Kernel buffer of each test socket (visitors' receive, the service's send):
+/// small and fixed, so that 1000 stalled streams stay far below the host's
+/// TCP memory limits (`tcp_mem`). Past those, the kernel shrinks every
+/// window on the machine and the tunnel's own socket crawls with the rest.
+const SOCKET_BUFFER: u32 = 64 * 1024;
+
 async fn request(port: u16, len: u64) -> TcpStream {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(SOCKET_BUFFER).unwrap();
+    let mut s = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
     s.write_all(&len.to_be_bytes()).await.unwrap();
     s
 }
@@ -189,9 +198,9 @@ async fn a_thousand_stalled_visitors() {
         (STREAMS as u64 * LEN) >> 20,
         grown / STREAMS as u64
     );
-    // kernel buffers absorb about 2 MiB per stream; the rest must wait
+    // windows and kernel buffers absorb well under 1 MiB per stream; the rest must wait
     assert!(
-        sent < STREAMS as u64 * LEN * 9 / 10,
+        sent < STREAMS as u64 * LEN / 4,
         "the service was never held back"
     );
     assert!(
