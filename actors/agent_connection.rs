@@ -216,6 +216,11 @@ impl AgentConnection {
         };
         ctx.wait(dial.into_actor(self).map(|result, act, ctx| match result {
             Ok(framed) => act.linked(framed, ctx),
+            Err(error) if error.contains("certificate") => {
+                let hint = "give ca_cert (--ca-cert): the CA that signed it, or the server's own certificate";
+                tracing::error!(server = %act.shared.config.server_url, %error, hint, "the server's certificate is not trusted; not connecting");
+                ctx.stop();
+            }
             Err(error) => {
                 tracing::warn!(server = %act.shared.config.server_url, %error, "cannot reach the server");
                 ctx.stop();

@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use actix_tls::accept::rustls_0_23::TlsStream;
 use actix_web::{App, HttpServer};
+use tokio::net::TcpStream;
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::{ControlHandler, TunnelRegistry};
@@ -24,6 +26,9 @@ pub struct ServeOptions {
     pub validator: TokenValidator,
     /// Where to serve `/healthz`, `/status` and `/metrics` (none: not served).
     pub admin_listen: Vec<SocketAddr>,
+    /// Serve `wss://` with this configuration (see [`crate::tls::server_config`]);
+    /// none: plain `ws://`.
+    pub tls: Option<rustls::ServerConfig>,
 }
 
 /// Runs a tunnel server until SIGINT or SIGTERM; must run inside an actix `System`.
@@ -36,19 +41,28 @@ pub async fn serve(options: ServeOptions) -> std::io::Result<()> {
         App::new().configure(move |c| handler.configure(c))
     })
     .on_connect(move |conn, _| {
-        if let Some(tcp) = conn.downcast_ref::<tokio::net::TcpStream>() {
+        let tls = conn.downcast_ref::<TlsStream<TcpStream>>();
+        let tcp = conn
+            .downcast_ref::<TcpStream>()
+            .or_else(|| tls.map(|s| s.get_ref().0));
+        if let Some(tcp) = tcp {
             super::control_handler::harden_control_socket(tcp, timeout);
         }
     })
     .disable_signals()
     .tcp_nodelay(true) // small frames must not wait for Nagle and delayed ACKs
     .shutdown_timeout(1);
+    let tls = options.tls;
     let server = options
         .listen
         .iter()
-        .try_fold(server, |s, addr| s.bind(addr))?;
+        .try_fold(server, |s, addr| match &tls {
+            Some(config) => s.bind_rustls_0_23(addr, config.clone()),
+            None => s.bind(addr),
+        })?;
+    let scheme = if tls.is_some() { "wss" } else { "ws" };
     for addr in server.addrs() {
-        tracing::info!(%addr, "control channel listening");
+        tracing::info!(%addr, scheme, "control channel listening");
     }
     let server = server.run();
     let handle = server.handle();

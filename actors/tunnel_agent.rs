@@ -26,6 +26,8 @@ pub(crate) struct AgentShared {
     pub(crate) client_id: Uuid,
     pub(crate) on_connection: Option<ConnectionCallback>,
     pub(crate) counters: Arc<Counters>,
+    /// For `wss://`: whom to trust (built once, at `run()`).
+    tls: Option<Arc<rustls::ClientConfig>>,
     done: Mutex<Option<oneshot::Sender<Result<()>>>>,
 }
 
@@ -45,10 +47,15 @@ impl AgentShared {
                 Ok::<_, ConnectError>(connection)
             }
         });
-        awc::Client::builder()
-            .connector(awc::Connector::new().connector(nodelay))
-            .max_http_version(awc::http::Version::HTTP_11)
-            .finish()
+        let connector = awc::Connector::new().connector(nodelay);
+        let connector = match &self.tls {
+            Some(tls) => connector.rustls_0_23(tls.clone()),
+            None => connector,
+        };
+        // no `max_http_version` here: awc rebuilds the TLS connector from its
+        // own roots when it is set, dropping ours; our TLS configuration
+        // offers only http/1.1 (ALPN), and plain TCP is HTTP/1.1 anyway
+        awc::Client::builder().connector(connector).finish()
     }
 
     /// Reports the end of the agent to `run()`.
@@ -112,12 +119,14 @@ impl TunnelAgent {
     /// the token (then `Err`). Every other fault is retried on backoff.
     pub async fn run(&self) -> Result<()> {
         self.config.validate()?;
+        let tls = client_tls(&self.config)?;
         let (done_tx, done_rx) = oneshot::channel();
         let shared = Arc::new(AgentShared {
             config: self.config.clone(),
             client_id: self.client_id,
             on_connection: self.on_connection.clone(),
             counters: self.counters.clone(),
+            tls,
             done: Mutex::new(Some(done_tx)),
         });
         let control = self.control.clone();
@@ -154,6 +163,32 @@ impl TunnelAgent {
     pub fn disconnect(&self) {
         self.stop();
     }
+}
+
+/// The TLS configuration of a `wss://` agent: the CA file it was given, or
+/// the system roots. `None` for `ws://`.
+fn client_tls(config: &TunnelClientConfig) -> Result<Option<Arc<rustls::ClientConfig>>> {
+    if !config.server_url.starts_with("wss://") {
+        return Ok(None);
+    }
+    let tls = match &config.ca_cert {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| {
+                TunnelError::config(format!("ca_cert: cannot read {}: {e}", path.display()))
+            })?;
+            crate::tls::client_config_with_ca(&pem)
+                .map_err(|e| TunnelError::config(format!("ca_cert {}: {e}", path.display())))?
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for error in &found.errors {
+                tracing::debug!(%error, "a system root certificate could not be loaded");
+            }
+            crate::tls::client_config_with_roots(found.certs)
+                .map_err(|e| TunnelError::config(format!("system roots: {e}; give ca_cert")))?
+        }
+    };
+    Ok(Some(Arc::new(tls)))
 }
 
 impl std::fmt::Debug for TunnelAgent {

@@ -2,6 +2,7 @@
 //! errors name the offending key. Every timeout, interval and limit is a field
 //! with a documented default. Files are read by the binary, not here.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -239,6 +240,10 @@ pub struct TunnelClientConfig {
     /// Credit shared by the agent's streams for growing their windows. Default 16 MiB.
     #[serde(default = "default_tunnel_budget")]
     pub tunnel_window_budget: u64,
+    /// For `wss://`: a PEM file of the CAs to trust instead of the system
+    /// roots, or of the server's own (pinned) certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
     /// Services to register.
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
@@ -293,6 +298,7 @@ impl TunnelClientConfig {
             stream_window: default_stream_window(),
             max_stream_window: default_max_stream_window(),
             tunnel_window_budget: default_tunnel_budget(),
+            ca_cert: None,
             services: Vec::new(),
         }
     }
@@ -308,6 +314,14 @@ impl TunnelClientConfig {
     #[must_use]
     pub fn with_service(mut self, service: ServiceConfig) -> Self {
         self.services.push(service);
+        self
+    }
+
+    /// Trusts the certificates of this PEM file (CAs, or the server's own)
+    /// instead of the system roots.
+    #[must_use]
+    pub fn with_ca_cert(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca_cert = Some(path.into());
         self
     }
 
@@ -374,6 +388,12 @@ pub struct ServerFile {
     pub token_file: Option<String>,
     /// Accept any non-empty token (development only). Default `false`.
     pub accept_any_token: bool,
+    /// Serve `wss://` with this certificate chain (PEM); needs `tls_key`.
+    pub tls_cert: Option<String>,
+    /// The private key of `tls_cert` (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub tls_key: Option<String>,
+    /// Serve `/healthz`, `/status` and `/metrics` here (keep it private).
+    pub admin_listen: Vec<String>,
     /// The tunnel settings.
     pub tunnel: TunnelServerConfig,
 }

@@ -68,6 +68,12 @@ struct ServerArgs {
     /// Drop an agent silent this long, e.g. 40s. Default 40s.
     #[arg(long, value_parser = humantime::parse_duration)]
     heartbeat_timeout: Option<Duration>,
+    /// Serve wss:// with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -84,6 +90,10 @@ struct AgentArgs {
     /// A TCP service: NAME:LOCAL_PORT:REMOTE_PORT or NAME:HOST:PORT:REMOTE_PORT (remote 0 = any).
     #[arg(long, value_parser = parse_service)]
     tcp: Vec<ServiceConfig>,
+    /// For wss://: trust the certificates of this PEM file (a private CA, or
+    /// the server's own self-signed certificate) instead of the system roots.
+    #[arg(long)]
+    ca_cert: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -104,6 +114,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
         Command::Server(args) => run_server(args),
@@ -143,12 +154,14 @@ fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     } else {
         token_store(&args, &file)?.into_validator()
     };
-    let admin_listen = args.admin_listen.clone();
+    let admin_listen = admin_addrs(&args, &file)?;
+    let tls = server_tls(&args, &file)?;
     let options = zlayer_tunnel::actors::ServeOptions {
         listen,
         config,
         validator,
         admin_listen,
+        tls,
     };
     actix_web::rt::System::new().block_on(zlayer_tunnel::actors::serve(options))?;
     Ok(())
@@ -168,6 +181,36 @@ fn listen_addrs(args: &ServerArgs, file: &ServerFile) -> anyhow::Result<Vec<Sock
         bail!("no listen address: give --listen or `listen` in the config file");
     }
     Ok(addrs)
+}
+
+fn admin_addrs(args: &ServerArgs, file: &ServerFile) -> anyhow::Result<Vec<SocketAddr>> {
+    if !args.admin_listen.is_empty() {
+        return Ok(args.admin_listen.clone());
+    }
+    let parsed: Result<Vec<SocketAddr>, _> = file.admin_listen.iter().map(|a| a.parse()).collect();
+    parsed.context("admin_listen: not an address like 127.0.0.1:7001")
+}
+
+/// The server's TLS configuration from --tls-cert/--tls-key or the file's keys.
+fn server_tls(
+    args: &ServerArgs,
+    file: &ServerFile,
+) -> anyhow::Result<Option<rustls::ServerConfig>> {
+    let cert = (args.tls_cert.clone()).or_else(|| file.tls_cert.as_ref().map(PathBuf::from));
+    let key = (args.tls_key.clone()).or_else(|| file.tls_key.as_ref().map(PathBuf::from));
+    let (cert, key) = match (cert, key) {
+        (None, None) => return Ok(None),
+        (Some(cert), Some(key)) => (cert, key),
+        (Some(_), None) => bail!("tls_cert is set but tls_key is not: give both"),
+        (None, Some(_)) => bail!("tls_key is set but tls_cert is not: give both"),
+    };
+    let cert_pem = std::fs::read(&cert)
+        .with_context(|| format!("--tls-cert: cannot read {}", cert.display()))?;
+    let key_pem =
+        std::fs::read(&key).with_context(|| format!("--tls-key: cannot read {}", key.display()))?;
+    let config = zlayer_tunnel::tls::server_config(&cert_pem, &key_pem)
+        .with_context(|| format!("--tls-cert {} --tls-key {}", cert.display(), key.display()))?;
+    Ok(Some(config))
 }
 
 fn token_store(args: &ServerArgs, file: &ServerFile) -> anyhow::Result<TokenStore> {
@@ -218,6 +261,9 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     }
     for service in args.tcp {
         config = config.with_service(service);
+    }
+    if let Some(path) = args.ca_cert {
+        config.ca_cert = Some(path);
     }
     config.validate()?;
     let runtime = tokio::runtime::Builder::new_current_thread()

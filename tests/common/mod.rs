@@ -14,6 +14,8 @@ use tokio::net::TcpStream;
 use zlayer_tunnel::protocol::Message;
 use zlayer_tunnel::{ControlHandler, TokenStore, TunnelRegistry, TunnelServerConfig};
 
+pub mod certs;
+
 /// Every wait in a test ends by this.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 

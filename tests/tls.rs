@@ -1,0 +1,209 @@
+//! `wss://` with the binaries, with certificates made at test time: a private
+//! CA, the server's own self-signed `CA:TRUE` certificate pinned with
+//! `--ca-cert`, and the refusal of a server the agent cannot verify.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::certs::{self, Pem};
+use common::{DEADLINE, free_ports, services, wait_closed, wait_listening};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BIN: &str = env!("CARGO_BIN_EXE_zlayer-tunnel");
+
+/// A directory of PEM files, removed on drop.
+struct Files(PathBuf);
+
+impl Files {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("zlt-tls-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn write(&self, name: &str, text: &str) -> String {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    }
+}
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A process whose stderr lines arrive on a channel; killed on drop.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Proc {
+    fn spawn(args: &[&str]) -> Self {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("ZLAYER_TUNNEL_TOKEN", "tls-token")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a stderr line containing `text`; panics with the log after `DEADLINE`.
+    fn wait_for(&mut self, text: &str) -> String {
+        let end = Instant::now() + DEADLINE;
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(text) => return line,
+                Ok(line) => self.seen.push(line),
+                Err(_) => break,
+            }
+        }
+        panic!("no line with {text:?} in:\n{}", self.seen.join("\n"));
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `wss://` server on `control` with `pem`, publishing on `public`.
+async fn tls_server(files: &Files, pem: &Pem, control: u16, public: u16) -> Proc {
+    let cert = files.write("server.pem", &pem.cert);
+    let key = files.write("server-key.pem", &pem.key);
+    let listen = format!("127.0.0.1:{control}");
+    let range = format!("{public}-{public}");
+    let args = [
+        "server",
+        "--listen",
+        &listen,
+        "--port-range",
+        &range,
+        "--bind-host",
+        "127.0.0.1",
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ];
+    let mut server = Proc::spawn(&args);
+    server.wait_for("scheme=\"wss\"");
+    wait_listening(control).await;
+    server
+}
+
+fn agent(url: &str, ca: &str, service: u16, public: u16) -> Proc {
+    let spec = format!("echo:{service}:{public}");
+    Proc::spawn(&["agent", "--server", url, "--ca-cert", ca, "--tcp", &spec])
+}
+
+/// 2 MiB each way through the tunnel, checked by digest.
+async fn echo_through(public: u16) {
+    let data = common::pattern(public.into(), 2 << 20);
+    let mut visitor = tokio::net::TcpStream::connect(("127.0.0.1", public))
+        .await
+        .unwrap();
+    let (mut r, mut w) = visitor.split();
+    let send = async {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let mut back = Vec::new();
+    let (_, got) = tokio::join!(send, r.read_to_end(&mut back));
+    got.unwrap();
+    assert_eq!(
+        common::sha256(&back),
+        common::sha256(&data),
+        "echo over wss corrupted data"
+    );
+}
+
+#[actix_web::test]
+async fn an_agent_trusts_a_private_ca() {
+    let files = Files::new("ca");
+    let (ca, pem) = certs::private_ca();
+    let (control, public) = (free_ports(1).0, free_ports(1).0);
+    let _server = tls_server(&files, &pem, control, public).await;
+    let ca = files.write("ca.pem", &ca);
+    let url = format!("wss://localhost:{control}/tunnel/v1");
+    let mut agent = agent(&url, &ca, services::echo().await, public);
+    agent.wait_for("service registered");
+    wait_listening(public).await;
+    echo_through(public).await;
+}
+
+#[actix_web::test]
+async fn an_agent_pins_a_self_signed_ca_true_certificate() {
+    let files = Files::new("pinned");
+    let pem = certs::self_signed_ca_true();
+    let (control, public) = (free_ports(1).0, free_ports(1).0);
+    let _server = tls_server(&files, &pem, control, public).await;
+    let pinned = files.write("cert.pem", &pem.cert);
+    let url = format!("wss://127.0.0.1:{control}/tunnel/v1");
+    let mut agent = agent(&url, &pinned, services::echo().await, public);
+    agent.wait_for("service registered");
+    wait_listening(public).await;
+    echo_through(public).await;
+}
+
+#[actix_web::test]
+async fn an_agent_refuses_a_server_it_cannot_verify() {
+    let files = Files::new("refused");
+    let pem = certs::self_signed_ca_true();
+    let (control, public) = (free_ports(1).0, free_ports(1).0);
+    let server = tls_server(&files, &pem, control, public).await;
+    let (other_ca, _) = certs::private_ca();
+    let other = files.write("other-ca.pem", &other_ca);
+    let url = format!("wss://localhost:{control}/tunnel/v1");
+    let mut agent = agent(&url, &other, services::echo().await, public);
+    let line = agent.wait_for("certificate");
+    assert!(line.contains("not trusted"), "{line}");
+    // without --ca-cert the system roots do not vouch for it either
+    let spec = format!("echo:1:{public}");
+    let mut system = Proc::spawn(&["agent", "--server", &url, "--tcp", &spec]);
+    let line = system.wait_for("certificate");
+    assert!(
+        line.contains("not trusted") || line.contains("no trusted root"),
+        "{line}"
+    );
+    // each told why, and neither registered anywhere
+    assert!(wait_closed(public, Duration::from_millis(200)).await);
+    assert!(
+        server
+            .lines
+            .try_iter()
+            .all(|l| !l.contains("authenticated")),
+        "an agent authenticated to a server it could not verify"
+    );
+}
