@@ -37,6 +37,7 @@ use crate::protocol::{
     Capabilities, DEFAULT_INITIAL_WINDOW, Features, Message, ServiceProtocol, frame_feature,
 };
 use crate::streams::StreamSettings;
+use crate::throttle::Admission;
 
 /// Features this server accepts.
 const SUPPORTED: Features = Features::STREAMS;
@@ -255,10 +256,8 @@ impl ControlChannel {
         offer: Option<Capabilities>,
         ctx: &mut ws::WebsocketContext<Self>,
     ) {
-        if let Err(e) = (self.shared.validator)(token) {
-            self.span
-                .in_scope(|| tracing::warn!(reason = %e, "authentication refused"));
-            return self.refuse_auth(&e.to_string(), ctx);
+        if let Err(reason) = self.check_token(token) {
+            return self.refuse_auth(&reason, ctx);
         }
         let config = &self.shared.config;
         let open = OpenTunnel {
@@ -282,6 +281,40 @@ impl ControlChannel {
                 },
             )
             .wait(ctx);
+    }
+
+    /// Checks a token, unless the peer's address is locked out after failed
+    /// attempts; failures count toward a lockout. The refusal's reason.
+    fn check_token(&self, token: &str) -> Result<(), String> {
+        let (ip, now) = (self.peer.ip(), Instant::now());
+        let Ok(mut throttle) = self.shared.throttle.lock() else {
+            return Err("server error".to_owned());
+        };
+        if let Admission::LockedOut(left) = throttle.admit(ip, now) {
+            let retry = left.as_secs() + 1;
+            self.span.in_scope(|| {
+                tracing::warn!(
+                    retry_in_s = retry,
+                    "authentication during a lockout refused unchecked"
+                )
+            });
+            return Err(format!(
+                "too many failed authentications from this address; retry in {retry}s"
+            ));
+        }
+        let Err(e) = (self.shared.validator)(token) else {
+            throttle.succeeded(ip);
+            return Ok(());
+        };
+        match throttle.failed(ip, now) {
+            (Some(lockout), failures) => self.span.in_scope(|| {
+                tracing::warn!(reason = %e, failures, lockout = %humantime::format_duration(lockout), "authentication refused; address locked out");
+            }),
+            (None, failures) => self.span.in_scope(|| {
+                tracing::warn!(reason = %e, failures, "authentication refused");
+            }),
+        }
+        Err(e.to_string())
     }
 
     fn accepted(

@@ -28,6 +28,8 @@ pub(crate) struct ServerShared {
     pub(crate) registry: Arc<TunnelRegistry>,
     pub(crate) config: TunnelServerConfig,
     pub(crate) validator: TokenValidator,
+    /// Failed authentications per address (token guessing is slowed down).
+    pub(crate) throttle: std::sync::Mutex<crate::throttle::AuthThrottle>,
 }
 
 /// Serves the control channel of a tunnel server.
@@ -49,6 +51,7 @@ impl ControlHandler {
                 registry,
                 config,
                 validator,
+                throttle: std::sync::Mutex::default(),
             }),
         }
     }

@@ -35,6 +35,7 @@ pub mod ports;
 pub mod protocol;
 pub mod status;
 pub mod streams;
+pub mod throttle;
 pub mod tls;
 
 pub use actors::{ConnectionCallback, ControlHandler, TunnelAgent, TunnelInfo, TunnelRegistry};

@@ -91,6 +91,49 @@ async fn a_wrong_token_gets_auth_fail_and_close() {
     assert!(ws.closed_within(Duration::from_secs(2)).await);
 }
 
+/// One `Auth` on a fresh socket; the `AuthFail` reason, or `None` on `AuthOk`.
+async fn try_auth(addr: std::net::SocketAddr, token: &str) -> Option<String> {
+    let mut ws = RawWs::connect(addr, PATH).await;
+    ws.send(&Message::auth(token, Uuid::new_v4(), None).unwrap())
+        .await;
+    match ws.expect().await {
+        Some(Message::AuthFail { reason, .. }) => Some(reason),
+        Some(Message::AuthOk { .. }) => None,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[actix_web::test]
+async fn repeated_failures_lock_the_address_out_without_checking_tokens() {
+    let server = spawn_server(fast_config(free_ports(1)), "secret");
+    for attempt in 1..=zlayer_tunnel::throttle::FREE_FAILURES + 1 {
+        let reason = try_auth(server.addr, "guess").await.unwrap();
+        assert!(
+            reason.contains("invalid tunnel token"),
+            "attempt {attempt}: {reason}"
+        );
+    }
+    // locked out: even the right token is refused, unchecked
+    let reason = try_auth(server.addr, "secret").await.unwrap();
+    assert!(
+        reason.contains("too many failed authentications"),
+        "{reason}"
+    );
+    assert!(!reason.contains("secret"));
+    // once the lockout (1 s) is over, the right token gets in and clears the record
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while let Some(reason) = try_auth(server.addr, "secret").await {
+        assert!(reason.contains("too many"), "{reason}");
+        assert!(std::time::Instant::now() < deadline, "still locked out");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reason = try_auth(server.addr, "guess").await.unwrap();
+    assert!(
+        reason.contains("invalid tunnel token"),
+        "counting restarted: {reason}"
+    );
+}
+
 #[actix_web::test]
 async fn a_legacy_agent_gets_no_extension() {
     let server = spawn_server(fast_config(free_ports(1)), "secret");
