@@ -1,21 +1,64 @@
 //! The admin endpoints, on their own listener so that they can stay private:
-//! `GET /healthz`, `GET /status` (JSON) and `GET /metrics` (Prometheus text).
-//! Not an actor: actix-web handlers that read the registry.
+//! `GET /healthz`, `GET /status` (JSON) and `GET /metrics` (Prometheus text),
+//! for a server (its registry) or an agent (its own session). Not an actor:
+//! actix-web handlers that read an [`AdminSource`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use actix_web::{App, HttpResponse, HttpServer, web};
+use futures::future::LocalBoxFuture;
 
-use super::TunnelRegistry;
-use crate::status::{StatusReport, render_metrics};
+use super::{TunnelAgent, TunnelRegistry};
+use crate::status::{StatusReport, render_agent_metrics, render_metrics};
+
+/// What the admin endpoints report on.
+pub(crate) trait AdminSource: Send + Sync + 'static {
+    /// The `/status` document.
+    fn status(&self) -> LocalBoxFuture<'_, serde_json::Value>;
+    /// The `/metrics` text.
+    fn metrics(&self) -> LocalBoxFuture<'_, String>;
+}
+
+impl AdminSource for TunnelRegistry {
+    fn status(&self) -> LocalBoxFuture<'_, serde_json::Value> {
+        Box::pin(async move {
+            let tunnels = self.list_tunnels().await;
+            let free_ports = self.available_ports().await;
+            let report = StatusReport {
+                tunnels: &tunnels,
+                free_ports,
+            };
+            serde_json::to_value(report).unwrap_or_default()
+        })
+    }
+
+    fn metrics(&self) -> LocalBoxFuture<'_, String> {
+        Box::pin(async move {
+            let tunnels = self.list_tunnels().await;
+            render_metrics(&tunnels, self.available_ports().await)
+        })
+    }
+}
+
+impl AdminSource for TunnelAgent {
+    fn status(&self) -> LocalBoxFuture<'_, serde_json::Value> {
+        let status = Self::status(self);
+        Box::pin(async move { serde_json::to_value(status).unwrap_or_default() })
+    }
+
+    fn metrics(&self) -> LocalBoxFuture<'_, String> {
+        let text = render_agent_metrics(&Self::status(self));
+        Box::pin(async move { text })
+    }
+}
 
 /// Starts the admin server on `listen`; it runs until `stop` on the returned handle.
 pub(crate) fn start(
     listen: &[SocketAddr],
-    registry: Arc<TunnelRegistry>,
+    source: Arc<dyn AdminSource>,
 ) -> std::io::Result<actix_web::dev::Server> {
-    let data = web::Data::from(registry);
+    let data: web::Data<dyn AdminSource> = web::Data::from(source);
     let server = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
@@ -33,19 +76,12 @@ pub(crate) fn start(
     Ok(server.run())
 }
 
-async fn status(registry: web::Data<TunnelRegistry>) -> HttpResponse {
-    let tunnels = registry.list_tunnels().await;
-    let free_ports = registry.available_ports().await;
-    HttpResponse::Ok().json(StatusReport {
-        tunnels: &tunnels,
-        free_ports,
-    })
+async fn status(source: web::Data<dyn AdminSource>) -> HttpResponse {
+    HttpResponse::Ok().json(source.status().await)
 }
 
-async fn metrics(registry: web::Data<TunnelRegistry>) -> HttpResponse {
-    let tunnels = registry.list_tunnels().await;
-    let text = render_metrics(&tunnels, registry.available_ports().await);
+async fn metrics(source: web::Data<dyn AdminSource>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(text)
+        .body(source.metrics().await)
 }

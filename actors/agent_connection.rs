@@ -20,6 +20,7 @@ use futures::{SinkExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::agent_view::{PublishedService, public_addr};
 use super::forwarded_connection::{ForwardedConnection, StreamEvent, StreamWiring};
 use super::stream_hub::StreamHub;
 use super::tunnel_agent::{AgentShared, AgentStopped};
@@ -105,6 +106,7 @@ impl Actor for AgentConnection {
 
 impl Supervised for AgentConnection {
     fn restarting(&mut self, _: &mut Self::Context) {
+        self.shared.view.disconnected();
         if let Some(mut link) = self.link.take() {
             link.streams.close_all();
             link.cancel.cancel();
@@ -334,6 +336,7 @@ impl AgentConnection {
         link.features = features;
         link.server_window = server_window;
         link.streams = StreamHub::new(settings);
+        self.shared.view.connected(tunnel_id);
         tracing::info!(%tunnel_id, ?features, "authenticated");
         if !features.contains(Features::STREAMS) {
             tracing::warn!("the server has no data plane (legacy): visitors cannot be forwarded");
@@ -366,22 +369,37 @@ impl AgentConnection {
     }
 
     fn registered(&mut self, service_id: Uuid, port: Option<u16>, _: &mut Context<Self>) {
-        let Some(link) = self.link.as_mut() else {
-            return;
-        };
-        let Some(service) = link.awaiting.pop_front() else {
+        let awaiting = self.link.as_mut().map(|l| l.awaiting.pop_front());
+        let Some(Some(service)) = awaiting else {
             return;
         };
         match port {
             Some(port) => {
                 tracing::info!(service = %service.name, public_port = port, local = %service.local_addr(), "service registered");
                 self.assigned.insert(service.name.clone(), port);
+                self.published(service_id, &service, port);
             }
             None => {
                 tracing::info!(service = %service.name, "service registered (the server did not say its port)")
             }
         }
-        link.services.insert(service_id, service);
+        if let Some(link) = self.link.as_mut() {
+            link.services.insert(service_id, service);
+        }
+    }
+
+    /// Records a published service and tells the `on_published` callback.
+    fn published(&self, service_id: Uuid, service: &ServiceConfig, port: u16) {
+        self.shared.view.registered(service_id, service, port);
+        if let Some(callback) = &self.shared.on_published {
+            callback(&PublishedService {
+                name: service.name.clone(),
+                protocol: service.protocol,
+                local: service.local_addr(),
+                public_port: port,
+                public_addr: public_addr(&self.shared.config.server_url, port),
+            });
+        }
     }
 
     fn register_failed(&mut self, reason: String, ctx: &mut Context<Self>) {
@@ -416,7 +434,7 @@ impl AgentConnection {
         ctx: &mut Context<Self>,
     ) {
         match self.accept_stream(service_id, id, &client_addr) {
-            Ok(local) => self.dial(id, local, ctx),
+            Ok((local, name)) => self.dial(id, local, name, ctx),
             Err(reason) => {
                 tracing::info!(stream = %id, visitor = %client_addr, reason, "connection refused");
                 self.send(Message::connect_fail(id, reason).ok(), ctx);
@@ -429,7 +447,7 @@ impl AgentConnection {
         service_id: Uuid,
         id: Uuid,
         client_addr: &str,
-    ) -> Result<String, &'static str> {
+    ) -> Result<(String, String), &'static str> {
         let link = self.link.as_mut().ok_or("no link")?;
         let service = link.services.get(&service_id).ok_or("unknown service")?;
         if !link.features.contains(Features::STREAMS) {
@@ -443,14 +461,14 @@ impl AgentConnection {
         if !accepted {
             return Err("connection rejected by client");
         }
-        let local = service.local_addr();
+        let (local, name) = (service.local_addr(), service.name.clone());
         link.streams
             .open(id)
             .map_err(|_| "agent is at its stream limit")?;
-        Ok(local)
+        Ok((local, name))
     }
 
-    fn dial(&mut self, id: Uuid, local: String, ctx: &mut Context<Self>) {
+    fn dial(&mut self, id: Uuid, local: String, service: String, ctx: &mut Context<Self>) {
         let timeout = self.shared.config.local_connect_timeout;
         let generation = self.link.as_ref().map_or(0, |l| l.generation);
         let dial = async move {
@@ -462,13 +480,14 @@ impl AgentConnection {
         };
         ctx.spawn(
             dial.into_actor(self)
-                .map(move |result, act, ctx| act.dialed(id, generation, result, ctx)),
+                .map(move |result, act, ctx| act.dialed(id, &service, generation, result, ctx)),
         );
     }
 
     fn dialed(
         &mut self,
         id: Uuid,
+        service: &str,
         generation: u64,
         result: Result<tokio::net::TcpStream, String>,
         ctx: &mut Context<Self>,
@@ -488,7 +507,11 @@ impl AgentConnection {
             id,
             channel: ctx.address().recipient(),
             initial_credit: link.server_window,
-            counters: CounterSet::new(vec![self.shared.counters.clone()]),
+            counters: CounterSet::new(
+                std::iter::once(self.shared.counters.clone())
+                    .chain(self.shared.view.counters(service))
+                    .collect(),
+            ),
             read_direction: Direction::Out,
             cancel: link.cancel.child_token(),
         };
@@ -529,6 +552,7 @@ impl AgentConnection {
 
     fn finish(&mut self, result: crate::Result<()>, ctx: &mut Context<Self>) {
         self.finished = true;
+        self.shared.view.disconnected();
         self.shared.done(AgentStopped(result));
         ctx.stop();
     }

@@ -18,6 +18,7 @@
 
 mod admin;
 mod agent_connection;
+mod agent_view;
 mod control_channel;
 mod control_handler;
 mod forwarded_connection;
@@ -29,6 +30,7 @@ mod service_listener;
 mod stream_hub;
 mod tunnel_agent;
 
+pub use agent_view::{PublishedCallback, PublishedService};
 pub use control_handler::ControlHandler;
 pub use registry::{ServiceInfo, TunnelInfo, TunnelRegistry};
 pub use serve::{ServeOptions, serve};

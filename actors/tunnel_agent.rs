@@ -10,9 +10,12 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::agent_connection::{AgentConnection, StopAgent};
+use super::agent_view::{AgentView, PublishedCallback};
 use crate::accounting::{Counters, Snapshot};
 use crate::config::TunnelClientConfig;
+use crate::status::AgentStatus;
 use crate::{Result, TunnelError};
+use std::net::SocketAddr;
 
 /// Decides whether to accept a visitor: `(service_id, connection_id, client_addr) -> accept`.
 pub type ConnectionCallback = Arc<dyn Fn(Uuid, Uuid, String) -> bool + Send + Sync>;
@@ -26,6 +29,8 @@ pub(crate) struct AgentShared {
     pub(crate) client_id: Uuid,
     pub(crate) on_connection: Option<ConnectionCallback>,
     pub(crate) counters: Arc<Counters>,
+    pub(crate) view: Arc<AgentView>,
+    pub(crate) on_published: Option<PublishedCallback>,
     /// For `wss://`: whom to trust (built once, at `run()`).
     tls: Option<Arc<rustls::ClientConfig>>,
     done: Mutex<Option<oneshot::Sender<Result<()>>>>,
@@ -74,7 +79,9 @@ pub struct TunnelAgent {
     config: TunnelClientConfig,
     client_id: Uuid,
     on_connection: Option<ConnectionCallback>,
+    on_published: Option<PublishedCallback>,
     counters: Arc<Counters>,
+    view: Arc<AgentView>,
     control: Arc<Mutex<Control>>,
 }
 
@@ -89,13 +96,49 @@ impl TunnelAgent {
     #[must_use]
     pub fn new(config: TunnelClientConfig) -> Self {
         let client_id = config.client_id.unwrap_or_else(Uuid::new_v4);
+        let view = Arc::new(AgentView::new(&config.services));
         Self {
             config,
             client_id,
             on_connection: None,
+            on_published: None,
             counters: Arc::new(Counters::new()),
+            view,
             control: Arc::default(),
         }
+    }
+
+    /// Sets the callback told of each service the server publishes, with its
+    /// public address (after every reconnect too).
+    #[must_use]
+    pub fn on_published(mut self, callback: PublishedCallback) -> Self {
+        self.on_published = Some(callback);
+        self
+    }
+
+    /// The agent's session and services, with live counters.
+    pub fn status(&self) -> AgentStatus {
+        let session = self.view.session();
+        let (tunnel_id, since, services) = match session {
+            Some((id, since, services)) => (Some(id), Some(since), services),
+            None => (None, None, Vec::new()),
+        };
+        AgentStatus {
+            server_url: self.config.server_url.clone(),
+            client_id: self.client_id,
+            connected: tunnel_id.is_some(),
+            tunnel_id,
+            connected_since: since,
+            services,
+            stats: self.counters.snapshot(),
+        }
+    }
+
+    /// Serves `/healthz`, `/status` and `/metrics` about this agent on
+    /// `listen`; must run inside an actix `System`. Runs until the returned
+    /// server is stopped.
+    pub fn serve_admin(&self, listen: &[SocketAddr]) -> std::io::Result<actix_web::dev::Server> {
+        super::admin::start(listen, Arc::new(self.clone()))
     }
 
     /// Sets the callback that accepts or refuses each visitor.
@@ -126,6 +169,8 @@ impl TunnelAgent {
             client_id: self.client_id,
             on_connection: self.on_connection.clone(),
             counters: self.counters.clone(),
+            view: self.view.clone(),
+            on_published: self.on_published.clone(),
             tls,
             done: Mutex::new(Some(done_tx)),
         });

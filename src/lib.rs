@@ -38,7 +38,10 @@ pub mod streams;
 pub mod throttle;
 pub mod tls;
 
-pub use actors::{ConnectionCallback, ControlHandler, TunnelAgent, TunnelInfo, TunnelRegistry};
+pub use actors::{
+    ConnectionCallback, ControlHandler, PublishedCallback, PublishedService, TunnelAgent,
+    TunnelInfo, TunnelRegistry,
+};
 pub use auth::{
     AuthError, Secret, TokenScope, TokenStore, TokenValidator, accept_all_tokens, hash_token,
 };

@@ -94,6 +94,9 @@ struct AgentArgs {
     /// the server's own self-signed certificate) instead of the system roots.
     #[arg(long)]
     ca_cert: Option<PathBuf>,
+    /// Serve /healthz, /status and /metrics about this agent on this address.
+    #[arg(long)]
+    admin_listen: Vec<SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -266,11 +269,17 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         config.ca_cert = Some(path);
     }
     config.validate()?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let agent = TunnelAgent::new(config);
+    actix_web::rt::System::new().block_on(async {
+        let agent = TunnelAgent::new(config).on_published(std::sync::Arc::new(print_published));
+        let admin = match args.admin_listen.as_slice() {
+            [] => None,
+            listen => {
+                let server = agent.serve_admin(listen)?;
+                let handle = server.handle();
+                actix_web::rt::spawn(server);
+                Some(handle)
+            }
+        };
         let stopper = agent.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{SignalKind, signal};
@@ -282,9 +291,24 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             stopper.stop();
             Ok::<_, std::io::Error>(())
         });
-        agent.run().await
-    })?;
-    Ok(())
+        let result = agent.run().await;
+        if let Some(admin) = admin {
+            admin.stop(true).await;
+        }
+        result.map_err(anyhow::Error::from)
+    })
+}
+
+/// One line on stdout per published service: `NAME PROTOCOL PUBLIC_ADDR`.
+fn print_published(service: &zlayer_tunnel::PublishedService) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "{} {} {}",
+        service.name, service.protocol, service.public_addr
+    );
+    let _ = out.flush();
 }
 
 fn print_hash(token: &str) -> anyhow::Result<()> {

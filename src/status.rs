@@ -81,6 +81,54 @@ pub fn render_metrics(tunnels: &[TunnelInfo], free_ports: usize) -> String {
         free_ports as u64,
     );
     let services: Vec<&ServiceInfo> = tunnels.iter().flat_map(|t| &t.services).collect();
+    render_services(&mut out, &services);
+    out
+}
+
+/// What an agent reports about itself: its session with the server, if
+/// connected, and its services with their public ports and live counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AgentStatus {
+    /// The server's control URL.
+    pub server_url: String,
+    /// The agent's stable client id.
+    pub client_id: Uuid,
+    /// True while authenticated to the server.
+    pub connected: bool,
+    /// The tunnel id the server gave this session.
+    pub tunnel_id: Option<Uuid>,
+    /// When this session authenticated (seconds since the Unix epoch in JSON).
+    #[serde(serialize_with = "unix_seconds_opt")]
+    pub connected_since: Option<SystemTime>,
+    /// Services registered in this session (`port`: the public port).
+    pub services: Vec<ServiceInfo>,
+    /// The agent's traffic since it started (all sessions).
+    pub stats: Snapshot,
+}
+
+fn unix_seconds_opt<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => unix_seconds(t, s),
+        None => s.serialize_none(),
+    }
+}
+
+/// Renders an agent's metrics (Prometheus text format, version 0.0.4).
+pub fn render_agent_metrics(status: &AgentStatus) -> String {
+    let mut out = String::new();
+    gauge(
+        &mut out,
+        "zlayer_tunnel_agent_connected",
+        "1 while the agent is authenticated to its server.",
+        u64::from(status.connected),
+    );
+    let services: Vec<&ServiceInfo> = status.services.iter().collect();
+    render_services(&mut out, &services);
+    out
+}
+
+/// The per-service families, shared by server and agent.
+fn render_services(out: &mut String, services: &[&ServiceInfo]) {
     let families: [Family; 4] = [
         (
             "zlayer_tunnel_service_bytes_total",
@@ -109,14 +157,13 @@ pub fn render_metrics(tunnels: &[TunnelInfo], free_ports: usize) -> String {
     ];
     for (name, kind, help, values) in families {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for service in &services {
+        for service in services {
             for (direction, value) in values(&service.stats) {
                 let labels = labels(service, direction);
                 let _ = writeln!(out, "{name}{{{labels}}} {value}");
             }
         }
     }
-    out
 }
 
 /// A metric family: name, type, help, and its labelled values from a snapshot.

@@ -271,6 +271,7 @@ async fn config_files_drive_server_and_agent_and_flags_override_them() {
 #[actix_web::test]
 async fn status_and_metrics_count_a_real_transfer_byte_for_byte() {
     let (control, public, admin) = (free_ports(1).0, free_ports(1).0, free_ports(1).0);
+    let agent_admin = format!("127.0.0.1:{}", free_ports(1).0);
     let echo = services::echo().await;
     let (listen, range, admin_addr) = (
         format!("127.0.0.1:{control}"),
@@ -293,7 +294,25 @@ async fn status_and_metrics_count_a_real_transfer_byte_for_byte() {
     wait_listening(control).await;
     let url = format!("ws://127.0.0.1:{control}/tunnel/v1");
     let spec = format!("web:{echo}:{public}");
-    let mut agent = spawn(&["agent", "--server", &url, "--token", "t", "--tcp", &spec]);
+    let mut agent = Command::new(BIN)
+        .args(["agent", "--server", &url, "--token", "t", "--tcp", &spec])
+        .args(["--admin-listen", &agent_admin])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // the agent prints each public address on stdout, once registered
+    let stdout = agent.stdout.take().unwrap();
+    let first = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+        line
+    });
+    let first = tokio::time::timeout(common::DEADLINE, first)
+        .await
+        .expect("no public address printed")
+        .unwrap();
+    assert_eq!(first, format!("web tcp 127.0.0.1:{public}\n"));
     wait_listening(public).await;
     let client = awc::Client::new();
     let get = |path: &str| client.get(format!("http://{admin_addr}{path}")).send();
@@ -349,6 +368,28 @@ async fn status_and_metrics_count_a_real_transfer_byte_for_byte() {
     assert!(metrics.contains("zlayer_tunnel_tunnels 1\n"));
     let health = get("/healthz").await.unwrap().body().await.unwrap();
     assert_eq!(&health[..], b"ok\n");
+
+    // the agent's own admin listener counts the same bytes
+    let agent_get = |path: &str| client.get(format!("http://{agent_admin}{path}")).send();
+    let status: serde_json::Value = agent_get("/status").await.unwrap().json().await.unwrap();
+    assert_eq!(status["connected"], true, "{status}");
+    let service = &status["services"][0];
+    assert_eq!(
+        (&service["name"], &service["port"]),
+        (&"web".into(), &public.into())
+    );
+    assert_eq!(service["stats"]["bytes_in"].as_u64().unwrap(), LEN as u64);
+    assert_eq!(service["stats"]["bytes_out"].as_u64().unwrap(), LEN as u64);
+    let body = agent_get("/metrics").await.unwrap().body().await.unwrap();
+    let metrics = String::from_utf8(body.to_vec()).unwrap();
+    assert!(
+        metrics.contains("zlayer_tunnel_agent_connected 1\n"),
+        "{metrics}"
+    );
+    let line = format!(
+        "zlayer_tunnel_service_bytes_total{{service=\"web\",protocol=\"tcp\",port=\"{public}\",direction=\"out\"}} {LEN}"
+    );
+    assert!(metrics.contains(&line), "{line} not in\n{metrics}");
     terminate(&mut agent);
     terminate(&mut server);
 }

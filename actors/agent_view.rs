@@ -1,0 +1,128 @@
+//! `AgentView`: what an agent knows about its session, shared between its
+//! connection actor (which writes it) and whoever asks (`TunnelAgent::status`,
+//! the agent's admin endpoints). Not an actor: a small locked record.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use uuid::Uuid;
+
+use crate::accounting::Counters;
+use crate::config::ServiceConfig;
+use crate::protocol::ServiceProtocol;
+use crate::status::ServiceInfo;
+
+/// A service the server published for this agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedService {
+    /// The service's name.
+    pub name: String,
+    /// TCP or UDP.
+    pub protocol: ServiceProtocol,
+    /// What the agent dials for it.
+    pub local: String,
+    /// Its public port on the server.
+    pub public_port: u16,
+    /// Where visitors reach it: the server's host and the public port.
+    pub public_addr: String,
+}
+
+/// Called once per service the server publishes (after every reconnect too).
+pub type PublishedCallback = Arc<dyn Fn(&PublishedService) + Send + Sync>;
+
+#[derive(Debug)]
+struct Session {
+    tunnel_id: Uuid,
+    since: SystemTime,
+    services: Vec<ServiceInfo>,
+}
+
+/// The agent's session and per-service counters (kept across reconnects).
+#[derive(Debug)]
+pub(crate) struct AgentView {
+    session: Mutex<Option<Session>>,
+    service_counters: HashMap<String, Arc<Counters>>,
+}
+
+impl AgentView {
+    /// A view with counters for each configured service.
+    pub(crate) fn new(services: &[ServiceConfig]) -> Self {
+        let service_counters = services
+            .iter()
+            .map(|s| (s.name.clone(), Arc::new(Counters::new())))
+            .collect();
+        Self {
+            session: Mutex::new(None),
+            service_counters,
+        }
+    }
+
+    /// The counters of service `name`, if configured.
+    pub(crate) fn counters(&self, name: &str) -> Option<Arc<Counters>> {
+        self.service_counters.get(name).cloned()
+    }
+
+    /// A session authenticated.
+    pub(crate) fn connected(&self, tunnel_id: Uuid) {
+        self.set(Some(Session {
+            tunnel_id,
+            since: SystemTime::now(),
+            services: Vec::new(),
+        }));
+    }
+
+    /// The session ended.
+    pub(crate) fn disconnected(&self) {
+        self.set(None);
+    }
+
+    /// The server registered `service` as `id` on public `port`.
+    pub(crate) fn registered(&self, id: Uuid, service: &ServiceConfig, port: u16) {
+        if let Ok(mut session) = self.session.lock()
+            && let Some(session) = session.as_mut()
+        {
+            session.services.push(ServiceInfo {
+                id,
+                name: service.name.clone(),
+                protocol: service.protocol,
+                port,
+                stats: Default::default(),
+            });
+        }
+    }
+
+    /// The session as reported: tunnel id, since when, services with live counters.
+    pub(crate) fn session(&self) -> Option<(Uuid, SystemTime, Vec<ServiceInfo>)> {
+        let session = self.session.lock().ok()?;
+        let session = session.as_ref()?;
+        let services = session
+            .services
+            .iter()
+            .map(|s| ServiceInfo {
+                stats: self
+                    .counters(&s.name)
+                    .map(|c| c.snapshot())
+                    .unwrap_or_default(),
+                ..s.clone()
+            })
+            .collect();
+        Some((session.tunnel_id, session.since, services))
+    }
+
+    fn set(&self, session: Option<Session>) {
+        if let Ok(mut current) = self.session.lock() {
+            *current = session;
+        }
+    }
+}
+
+/// `host:port` of a public port on the server of `server_url` (IPv6 in brackets).
+pub(crate) fn public_addr(server_url: &str, port: u16) -> String {
+    let host = server_url
+        .parse::<awc::http::Uri>()
+        .ok()
+        .and_then(|uri| uri.host().map(str::to_owned))
+        .unwrap_or_else(|| "server".to_owned());
+    format!("{host}:{port}")
+}
