@@ -393,3 +393,129 @@ async fn status_and_metrics_count_a_real_transfer_byte_for_byte() {
     terminate(&mut agent);
     terminate(&mut server);
 }
+
+/// Sends `signal` (e.g. "STOP", "CONT") to `child`.
+fn signal(child: &Child, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// 64 KiB through the echo tunnel on `addr`, compared byte for byte.
+async fn echo_check(addr: std::net::SocketAddr) {
+    let data = common::pattern(u64::from(addr.port()), 64 << 10);
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = s.split();
+    let send = async {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let mut back = Vec::new();
+    let (_, got) = tokio::join!(send, r.read_to_end(&mut back));
+    got.unwrap();
+    assert!(back == data, "echo corrupted data");
+}
+
+#[actix_web::test]
+async fn a_frozen_agent_is_dropped_and_comes_back_when_thawed() {
+    let (control, public) = (free_ports(1).0, free_ports(1).0);
+    let echo = services::echo().await;
+    let (listen, range) = (format!("127.0.0.1:{control}"), format!("{public}-{public}"));
+    let mut server = spawn(&[
+        "server",
+        "--listen",
+        &listen,
+        "--port-range",
+        &range,
+        "--bind-host",
+        "127.0.0.1",
+        "--token",
+        "t",
+        "--heartbeat-interval",
+        "200ms",
+        "--heartbeat-timeout",
+        "800ms",
+    ]);
+    wait_listening(control).await;
+    let url = format!("ws://127.0.0.1:{control}/tunnel/v1");
+    let spec = format!("echo:{echo}:{public}");
+    let mut agent = spawn(&["agent", "--server", &url, "--token", "t", "--tcp", &spec]);
+    wait_listening(public).await;
+    let public_addr = ([127, 0, 0, 1], public).into();
+    echo_check(public_addr).await;
+
+    signal(&agent, "STOP");
+    let frozen = Instant::now();
+    assert!(
+        wait_closed(public, Duration::from_secs(5)).await,
+        "the server kept a frozen agent's port"
+    );
+    let dropped_after = frozen.elapsed();
+    // within the heartbeat timeout, plus a watchdog tick
+    assert!(
+        dropped_after < Duration::from_secs(3),
+        "dropped after {dropped_after:?}"
+    );
+
+    signal(&agent, "CONT");
+    wait_listening(public).await; // the agent noticed, reconnected, got its port back
+    echo_check(public_addr).await;
+    terminate(&mut agent);
+    terminate(&mut server);
+}
+
+#[actix_web::test]
+async fn the_server_listens_and_publishes_on_ipv6() {
+    let port = || {
+        std::net::TcpListener::bind("[::1]:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (control, public) = (port(), port());
+    let echo = services::echo().await;
+    let (listen, range) = (format!("[::1]:{control}"), format!("{public}-{public}"));
+    let mut server = spawn(&[
+        "server",
+        "--listen",
+        &listen,
+        "--port-range",
+        &range,
+        "--bind-host",
+        "::1",
+        "--token",
+        "t",
+    ]);
+    let url = format!("ws://[::1]:{control}/tunnel/v1");
+    let spec = format!("echo:{echo}:{public}");
+    let public_addr = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, public));
+    let deadline = Instant::now() + common::DEADLINE;
+    let control_addr = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, control));
+    while tokio::net::TcpStream::connect(control_addr).await.is_err() {
+        assert!(Instant::now() < deadline, "no IPv6 control listener");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut agent = Command::new(BIN)
+        .args(["agent", "--server", &url, "--token", "t", "--tcp", &spec])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = agent.stdout.take().unwrap();
+    let first = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+        line
+    });
+    let first = tokio::time::timeout(common::DEADLINE, first)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first, format!("echo tcp [::1]:{public}\n"));
+    echo_check(public_addr).await;
+    terminate(&mut agent);
+    terminate(&mut server);
+}
