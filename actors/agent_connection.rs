@@ -21,16 +21,18 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::agent_view::{PublishedService, public_addr};
+use super::flow_hub::FlowHub;
 use super::forwarded_connection::{ForwardedConnection, StreamEvent, StreamWiring};
 use super::stream_hub::StreamHub;
 use super::tunnel_agent::{AgentShared, AgentStopped};
+use super::udp_flow::{FlowEvent, FlowWiring, UdpFlow};
 use crate::accounting::{CounterSet, Direction};
 use crate::backoff::Backoff;
 use crate::config::ServiceConfig;
 use crate::liveness::Liveness;
 use crate::protocol::{
-    Capabilities, DEFAULT_INITIAL_WINDOW, Features, MAX_MESSAGE_SIZE, Message, MessageType,
-    frame_feature,
+    Capabilities, CloseKind, DEFAULT_INITIAL_WINDOW, Features, MAX_MESSAGE_SIZE, Message,
+    MessageType, ServiceProtocol, frame_feature,
 };
 use crate::streams::StreamSettings;
 
@@ -40,7 +42,8 @@ type WsSink = SplitSink<actix_codec::Framed<awc::BoxedSocket, ws::Codec>, ws::Me
 const MAX_BATCH: usize = 256 * 1024;
 
 /// Features this agent offers.
-const OFFERED: Features = Features::STREAMS;
+const OFFERED: Features =
+    Features::from_bits(Features::STREAMS.bits() | Features::DATAGRAMS.bits());
 
 /// Stops the agent for good (`TunnelAgent::stop`).
 #[derive(Message)]
@@ -59,6 +62,7 @@ struct Link {
     server_window: u32,
     authenticated: bool,
     streams: StreamHub,
+    flows: FlowHub,
     services: HashMap<Uuid, ServiceConfig>,
     awaiting: VecDeque<ServiceConfig>,
     liveness: Liveness,
@@ -150,6 +154,34 @@ impl Handler<StreamEvent> for AgentConnection {
         let mut outbox = std::mem::take(&mut self.outbox);
         link.streams.on_event(event, &mut |m| outbox.push(m));
         self.flush(outbox, ctx);
+    }
+}
+
+impl Handler<FlowEvent> for AgentConnection {
+    type Result = ();
+
+    fn handle(&mut self, event: FlowEvent, ctx: &mut Self::Context) {
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        match event {
+            FlowEvent::Reply { frame } => {
+                if link.flows.queue(frame) {
+                    self.write_next(ctx);
+                } else {
+                    self.shared.counters.add_drop();
+                }
+            }
+            FlowEvent::Ended { id } => {
+                if link.flows.ended(id) {
+                    let close = Message::Close {
+                        connection_id: id,
+                        kind: CloseKind::Abort,
+                    };
+                    self.send(Some(close), ctx);
+                }
+            }
+        }
     }
 }
 
@@ -247,6 +279,7 @@ impl AgentConnection {
             server_window: DEFAULT_INITIAL_WINDOW,
             authenticated: false,
             streams: StreamHub::new(self.settings(DEFAULT_INITIAL_WINDOW)),
+            flows: FlowHub::default(),
             services: HashMap::new(),
             awaiting: VecDeque::new(),
             liveness: Liveness::new(Instant::now(), config.heartbeat_timeout),
@@ -313,6 +346,16 @@ impl AgentConnection {
                 tracing::info!(%reason, "server disconnected the agent");
                 ctx.stop();
             }
+            Message::Datagram {
+                connection_id,
+                data,
+            } => {
+                if let Some(link) = self.link.as_ref()
+                    && !link.flows.deliver(connection_id, data)
+                {
+                    self.shared.counters.add_drop(); // a race after the flow ended
+                }
+            }
             m @ (Message::Data { .. } | Message::Window { .. } | Message::Close { .. }) => {
                 self.on_stream_frame(m, ctx)
             }
@@ -342,6 +385,10 @@ impl AgentConnection {
             tracing::warn!("the server has no data plane (legacy): visitors cannot be forwarded");
         }
         for service in self.shared.config.services.clone() {
+            if service.protocol == ServiceProtocol::Udp && !features.contains(Features::DATAGRAMS) {
+                tracing::error!(service = %service.name, "the server does not carry UDP (no DATAGRAMS capability); not registered");
+                continue;
+            }
             self.register(service, ctx);
         }
     }
@@ -433,6 +480,10 @@ impl AgentConnection {
         client_addr: String,
         ctx: &mut Context<Self>,
     ) {
+        let udp = self.link.as_ref().and_then(|l| l.services.get(&service_id));
+        if udp.is_some_and(|s| s.protocol == ServiceProtocol::Udp) {
+            return self.open_flow(service_id, id, &client_addr, ctx);
+        }
         match self.accept_stream(service_id, id, &client_addr) {
             Ok((local, name)) => self.dial(id, local, name, ctx),
             Err(reason) => {
@@ -440,6 +491,63 @@ impl AgentConnection {
                 self.send(Message::connect_fail(id, reason).ok(), ctx);
             }
         }
+    }
+
+    /// A visitor address opened a flow of a UDP service: a socket toward the service for it.
+    fn open_flow(
+        &mut self,
+        service_id: Uuid,
+        id: Uuid,
+        client_addr: &str,
+        ctx: &mut Context<Self>,
+    ) {
+        match self.start_flow(service_id, id, client_addr, ctx) {
+            Ok(()) => self.send(Some(Message::ConnectAck { connection_id: id }), ctx),
+            Err(reason) => {
+                tracing::info!(flow = %id, visitor = %client_addr, %reason, "udp flow refused");
+                self.send(Message::connect_fail(id, reason).ok(), ctx);
+            }
+        }
+    }
+
+    fn start_flow(
+        &mut self,
+        service_id: Uuid,
+        id: Uuid,
+        client_addr: &str,
+        ctx: &mut Context<Self>,
+    ) -> Result<(), String> {
+        let link = self.link.as_mut().ok_or("no link")?;
+        let service = link.services.get(&service_id).ok_or("unknown service")?;
+        let accepted = self
+            .shared
+            .on_connection
+            .as_ref()
+            .is_none_or(|cb| cb(service_id, id, client_addr.to_owned()));
+        if !accepted {
+            return Err("connection rejected by client".to_owned());
+        }
+        let local = service.local_addr();
+        let target = std::net::ToSocketAddrs::to_socket_addrs(&local)
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .ok_or_else(|| format!("local service {local} has no address"))?;
+        let wiring = FlowWiring {
+            id,
+            connection: ctx.address().recipient(),
+            counters: CounterSet::new(
+                std::iter::once(self.shared.counters.clone())
+                    .chain(self.shared.view.counters(&service.name))
+                    .collect(),
+            ),
+            idle_timeout: self.shared.config.udp_idle_timeout,
+            cancel: link.cancel.child_token(),
+        };
+        let flow = UdpFlow::start(target, wiring)
+            .map_err(|e| format!("cannot open a socket toward {local}: {e}"))?;
+        link.flows.insert(id, flow);
+        tracing::debug!(flow = %id, visitor = %client_addr, %target, "udp flow opened");
+        Ok(())
     }
 
     fn accept_stream(
@@ -527,6 +635,11 @@ impl AgentConnection {
         let Some(link) = self.link.as_mut() else {
             return;
         };
+        if let Message::Close { connection_id, .. } = &message
+            && link.flows.close(*connection_id)
+        {
+            return;
+        }
         let mut outbox = std::mem::take(&mut self.outbox);
         link.streams.on_frame(message, &mut |m| outbox.push(m));
         self.flush(outbox, ctx);
@@ -609,7 +722,7 @@ impl AgentConnection {
         let Some(link) = self.link.as_mut() else {
             return;
         };
-        if link.control.is_empty() && link.data.is_empty() {
+        if link.control.is_empty() && link.data.is_empty() && link.flows.nothing_waiting() {
             return;
         }
         let Some(mut sink) = link.sink.take() else {
@@ -617,6 +730,7 @@ impl AgentConnection {
         };
         let generation = link.generation;
         let mut batch: Vec<Bytes> = link.control.drain(..).collect();
+        link.flows.drain_into(&mut batch); // bounded in bytes
         let mut size = 0;
         while let Some(frame) = link.data.pop_front() {
             size += frame.len();

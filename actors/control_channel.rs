@@ -30,24 +30,56 @@ use super::registry::{
 };
 use super::service_listener::{ServiceListener, StopListener, VisitorArrived};
 use super::stream_hub::StreamHub;
+use super::udp_listener::{
+    Budget, ForgetFlow, SendToVisitor, UdpEvent, UdpServiceListener, UdpWiring,
+};
 use crate::accounting::{CounterSet, Counters, Direction};
 use crate::auth::hash_token;
 use crate::liveness::{Liveness, heartbeat_timestamp};
 use crate::protocol::{
-    Capabilities, DEFAULT_INITIAL_WINDOW, Features, Message, ServiceProtocol, frame_feature,
+    Capabilities, CloseKind, DEFAULT_INITIAL_WINDOW, Features, Message, ServiceProtocol,
+    frame_feature,
 };
 use crate::streams::StreamSettings;
 use crate::throttle::Admission;
 
 /// Features this server accepts.
-const SUPPORTED: Features = Features::STREAMS;
+const SUPPORTED: Features =
+    Features::from_bits(Features::STREAMS.bits() | Features::DATAGRAMS.bits());
 
 /// A registered service of this tunnel.
 struct Service {
     name: String,
     port: u16,
-    listener: Addr<ServiceListener>,
+    listener: Listener,
     counters: Arc<Counters>,
+}
+
+/// The public side of a service.
+enum Listener {
+    Tcp(Addr<ServiceListener>),
+    Udp(Addr<UdpServiceListener>, Budget),
+}
+
+impl Listener {
+    fn stop(&self) {
+        match self {
+            Self::Tcp(addr) => addr.do_send(StopListener),
+            Self::Udp(addr, _) => addr.do_send(StopListener),
+        }
+    }
+}
+
+/// A socket bound for a service being registered.
+enum Bound {
+    Tcp(tokio::net::TcpListener),
+    Udp(tokio::net::UdpSocket),
+}
+
+/// A UDP flow of this tunnel: where the agent's datagrams for it go.
+struct Flow {
+    listener: Addr<UdpServiceListener>,
+    budget: Budget,
 }
 
 /// The authenticated part of a session.
@@ -57,6 +89,7 @@ struct Session {
     cancel: CancellationToken,
     services: HashMap<Uuid, Service>,
     streams: StreamHub,
+    flows: HashMap<Uuid, Flow>,
     agent_window: u32,
     counters: Arc<Counters>,
 }
@@ -134,6 +167,54 @@ impl Handler<VisitorArrived> for ControlChannel {
     }
 }
 
+impl Handler<UdpEvent> for ControlChannel {
+    type Result = ();
+
+    fn handle(&mut self, event: UdpEvent, ctx: &mut Self::Context) {
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        match event {
+            UdpEvent::Opened {
+                service_id,
+                id,
+                visitor,
+                listener,
+            } => {
+                let Some(budget) = session.udp_budget(service_id) else {
+                    return;
+                };
+                session.flows.insert(id, Flow { listener, budget });
+                self.send(
+                    ctx,
+                    Message::connect(service_id, id, visitor.to_string()).ok(),
+                );
+            }
+            UdpEvent::Datagram {
+                service_id,
+                id,
+                frame,
+            } => {
+                if let Some(budget) = session.udp_budget(service_id) {
+                    budget.give(frame.len());
+                }
+                if session.flows.contains_key(&id) {
+                    ctx.binary(frame);
+                }
+            }
+            UdpEvent::Closed { id } => {
+                if session.flows.remove(&id).is_some() {
+                    let close = Message::Close {
+                        connection_id: id,
+                        kind: CloseKind::Abort,
+                    };
+                    self.send(ctx, Some(close));
+                }
+            }
+        }
+    }
+}
+
 impl Handler<StreamEvent> for ControlChannel {
     type Result = ();
 
@@ -166,6 +247,35 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for ControlChannel {
                 ctx.stop();
             }
         }
+    }
+}
+
+impl Session {
+    /// The datagram budget of UDP service `service_id`.
+    fn udp_budget(&self, service_id: Uuid) -> Option<Budget> {
+        match self.services.get(&service_id).map(|s| &s.listener) {
+            Some(Listener::Udp(_, budget)) => Some(budget.clone()),
+            _ => None,
+        }
+    }
+
+    /// A datagram from the agent for flow `id`: to its listener, if within budget.
+    fn relay_to_visitor(&mut self, id: Uuid, data: Bytes) {
+        let Some(flow) = self.flows.get(&id) else {
+            return; // a race after the flow ended
+        };
+        if flow.budget.take(data.len()) {
+            flow.listener.do_send(SendToVisitor { id, data });
+        }
+    }
+
+    /// Forgets flow `id` on both sides of the server; false if it is not a flow.
+    fn forget_flow(&mut self, id: Uuid) -> bool {
+        let Some(flow) = self.flows.remove(&id) else {
+            return false;
+        };
+        flow.listener.do_send(ForgetFlow(id));
+        true
     }
 }
 
@@ -226,10 +336,16 @@ impl ControlChannel {
                 ..
             } => {
                 self.span.in_scope(|| tracing::info!(stream = %connection_id, %reason, "agent refused the visitor"));
-                if let Some(session) = self.session.as_mut() {
+                if let Some(session) = self.session.as_mut()
+                    && !session.forget_flow(connection_id)
+                {
                     session.streams.refuse(connection_id);
                 }
             }
+            Message::Datagram {
+                connection_id,
+                data,
+            } => self.on_datagram(connection_id, data, ctx),
             m @ (Message::Data { .. } | Message::Window { .. } | Message::Close { .. }) => {
                 self.on_stream_frame(m, ctx)
             }
@@ -237,10 +353,25 @@ impl ControlChannel {
         }
     }
 
+    fn on_datagram(&mut self, id: Uuid, data: Bytes, ctx: &mut ws::WebsocketContext<Self>) {
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        if !session.features.contains(Features::DATAGRAMS) {
+            return self.protocol_error(ctx, "datagram without the DATAGRAMS feature");
+        }
+        session.relay_to_visitor(id, data);
+    }
+
     fn on_stream_frame(&mut self, message: Message, ctx: &mut ws::WebsocketContext<Self>) {
         let Some(session) = self.session.as_mut() else {
             return;
         };
+        if let Message::Close { connection_id, .. } = &message
+            && session.forget_flow(*connection_id)
+        {
+            return;
+        }
         if !session.features.contains(Features::STREAMS) {
             return self.protocol_error(ctx, "stream frame without the STREAMS feature");
         }
@@ -345,6 +476,7 @@ impl ControlChannel {
             cancel,
             services: HashMap::new(),
             streams: StreamHub::new(settings),
+            flows: HashMap::new(),
             agent_window,
             counters: self.counters.clone(),
         });
@@ -381,8 +513,13 @@ impl ControlChannel {
         let limit = self.shared.config.max_services_per_tunnel;
         let refusal = if session.services.len() >= limit {
             Some(format!("tunnel is at its limit of {limit} services"))
-        } else if protocol == ServiceProtocol::Udp {
-            Some("udp services are not supported by this server yet".to_owned())
+        } else if protocol == ServiceProtocol::Udp
+            && !session.features.contains(Features::DATAGRAMS)
+        {
+            Some(
+                "udp services need the DATAGRAMS capability, which this agent did not offer"
+                    .to_owned(),
+            )
         } else {
             None
         };
@@ -404,8 +541,12 @@ impl ControlChannel {
                 Ok(Ok(port)) => port,
                 Ok(Err(e)) | Err(e) => return Err(e.to_string()),
             };
-            match bind_with_retry(&host, port).await {
-                Ok(listener) => Ok((port, listener)),
+            let bound = match protocol {
+                ServiceProtocol::Tcp => bind_with_retry(&host, port).await.map(Bound::Tcp),
+                ServiceProtocol::Udp => UdpServiceListener::bind(&host, port).map(Bound::Udp),
+            };
+            match bound {
+                Ok(bound) => Ok((port, bound)),
                 Err(e) => {
                     registry.do_send(ReleasePort { tunnel_id, port });
                     Err(format!("cannot listen on {host}:{port}: {e}"))
@@ -420,14 +561,14 @@ impl ControlChannel {
     fn registered(
         &mut self,
         name: String,
-        result: Result<(u16, tokio::net::TcpListener), String>,
+        result: Result<(u16, Bound), String>,
         ctx: &mut ws::WebsocketContext<Self>,
     ) {
         let _span = self.span.enter();
         let Some(session) = self.session.as_mut() else {
             return;
         };
-        let (port, listener) = match result {
+        let (port, bound) = match result {
             Ok(ok) => ok,
             Err(reason) => {
                 tracing::warn!(service = %name, %reason, "registration refused");
@@ -435,22 +576,36 @@ impl ControlChannel {
             }
         };
         let service_id = Uuid::new_v4();
-        let recipient = ctx.address().recipient();
-        let listener = ServiceListener::start(
-            listener,
-            service_id,
-            port,
-            recipient,
-            session.cancel.child_token(),
-        );
-        tracing::info!(service = %name, port, "service registered");
         let counters = Arc::new(Counters::new());
+        let cancel = session.cancel.child_token();
+        let (listener, protocol) = match bound {
+            Bound::Tcp(socket) => {
+                let recipient = ctx.address().recipient();
+                let addr = ServiceListener::start(socket, service_id, port, recipient, cancel);
+                (Listener::Tcp(addr), ServiceProtocol::Tcp)
+            }
+            Bound::Udp(socket) => {
+                let budget = Budget::default();
+                let wiring = UdpWiring {
+                    service_id,
+                    port,
+                    limits: self.shared.config.flow_limits(),
+                    channel: ctx.address().recipient(),
+                    budget: budget.clone(),
+                    counters: counters.clone(),
+                    cancel,
+                };
+                let addr = UdpServiceListener::start(socket, wiring);
+                (Listener::Udp(addr, budget), ServiceProtocol::Udp)
+            }
+        };
+        tracing::info!(service = %name, port, %protocol, "service registered");
         self.shared.registry.addr().do_send(ServiceRegistered {
             tunnel_id: session.tunnel_id,
             service: ServiceEntry {
                 id: service_id,
                 name: name.clone(),
-                protocol: ServiceProtocol::Tcp,
+                protocol,
                 port,
             },
             counters: counters.clone(),
@@ -483,7 +638,7 @@ impl ControlChannel {
         self.span.in_scope(
             || tracing::info!(service = %service.name, port = service.port, "service unregistered"),
         );
-        service.listener.do_send(StopListener);
+        service.listener.stop();
         let release = ReleasePort {
             tunnel_id: session.tunnel_id,
             port: service.port,

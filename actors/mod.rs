@@ -21,6 +21,7 @@ mod agent_connection;
 mod agent_view;
 mod control_channel;
 mod control_handler;
+mod flow_hub;
 mod forwarded_connection;
 mod frame_guard;
 pub mod registry;
@@ -29,6 +30,8 @@ mod serve;
 mod service_listener;
 mod stream_hub;
 mod tunnel_agent;
+mod udp_flow;
+mod udp_listener;
 
 pub use agent_view::{PublishedCallback, PublishedService};
 pub use control_handler::ControlHandler;

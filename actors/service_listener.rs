@@ -77,15 +77,7 @@ impl StreamHandler<io::Result<(TcpStream, SocketAddr)>> for ServiceListener {
 impl ServiceListener {
     /// Binds `host:port` with `SO_REUSEADDR`.
     pub(crate) fn bind(host: &str, port: u16) -> io::Result<TcpListener> {
-        let addr: SocketAddr = format!("{host}:{port}")
-            .parse()
-            .or_else(|_| format!("[{host}]:{port}").parse())
-            .map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("bad bind host {host:?}"),
-                )
-            })?;
+        let addr = Self::resolve(host, port)?;
         let socket = if addr.is_ipv4() {
             TcpSocket::new_v4()?
         } else {
@@ -94,6 +86,19 @@ impl ServiceListener {
         socket.set_reuseaddr(true)?;
         socket.bind(addr)?;
         socket.listen(1024)
+    }
+
+    /// `host:port` as a socket address (an IPv6 host with or without brackets).
+    pub(crate) fn resolve(host: &str, port: u16) -> io::Result<SocketAddr> {
+        format!("{host}:{port}")
+            .parse()
+            .or_else(|_| format!("[{host}]:{port}").parse())
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("bad bind host {host:?}"),
+                )
+            })
     }
 
     /// Starts accepting on `listener` for the service.

@@ -69,6 +69,15 @@ pub struct TunnelServerConfig {
     pub max_stream_window: u32,
     /// Credit shared by a tunnel's streams for growing their windows. Default 16 MiB.
     pub tunnel_window_budget: u64,
+    /// Most UDP flows (visitor addresses) per UDP service. Default 1024.
+    pub max_flows_per_service: usize,
+    /// Datagrams per second one UDP flow may send toward its service. Default 10000.
+    pub max_datagram_rate: u32,
+    /// Largest UDP datagram carried, 1..=65507; a larger one is dropped and counted. Default 65507.
+    pub max_datagram_size: usize,
+    /// A UDP flow silent both ways this long is forgotten. Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub udp_idle_timeout: Duration,
 }
 
 impl Default for TunnelServerConfig {
@@ -88,6 +97,10 @@ impl Default for TunnelServerConfig {
             stream_window: 32 * 1024,
             max_stream_window: 1024 * 1024,
             tunnel_window_budget: 16 * 1024 * 1024,
+            max_flows_per_service: 1024,
+            max_datagram_rate: 10_000,
+            max_datagram_size: crate::udp::MAX_DATAGRAM,
+            udp_idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -128,6 +141,16 @@ impl TunnelServerConfig {
         self
     }
 
+    /// The limits of each UDP service.
+    pub fn flow_limits(&self) -> crate::udp::FlowLimits {
+        crate::udp::FlowLimits {
+            max_flows: self.max_flows_per_service,
+            max_rate: self.max_datagram_rate,
+            idle_timeout: self.udp_idle_timeout,
+            max_datagram: self.max_datagram_size,
+        }
+    }
+
     /// Checks every key; the error names the first bad one.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !self.control_path.starts_with('/') {
@@ -166,11 +189,17 @@ impl TunnelServerConfig {
                 self.max_connections_per_service,
             ),
             ("max_streams_per_tunnel", self.max_streams_per_tunnel),
+            ("max_flows_per_service", self.max_flows_per_service),
+            ("max_datagram_rate", self.max_datagram_rate as usize),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
+        if !(1..=crate::udp::MAX_DATAGRAM).contains(&self.max_datagram_size) {
+            return Err(invalid("max_datagram_size", "must be between 1 and 65507"));
+        }
+        positive("udp_idle_timeout", self.udp_idle_timeout)?;
         validate_window("stream_window", self.stream_window)?;
         if self.max_stream_window < self.stream_window || self.max_stream_window > MAX_WINDOW {
             return Err(invalid(
@@ -240,6 +269,9 @@ pub struct TunnelClientConfig {
     /// Credit shared by the agent's streams for growing their windows. Default 16 MiB.
     #[serde(default = "default_tunnel_budget")]
     pub tunnel_window_budget: u64,
+    /// A UDP flow silent both ways this long is forgotten. Default 60 s.
+    #[serde(default = "default_udp_idle", with = "humantime_serde")]
+    pub udp_idle_timeout: Duration,
     /// For `wss://`: a PEM file of the CAs to trust instead of the system
     /// roots, or of the server's own (pinned) certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -270,6 +302,9 @@ fn default_connect_timeout() -> Duration {
 fn default_local_timeout() -> Duration {
     Duration::from_secs(5)
 }
+fn default_udp_idle() -> Duration {
+    Duration::from_secs(60)
+}
 fn default_stream_window() -> u32 {
     32 * 1024
 }
@@ -298,6 +333,7 @@ impl TunnelClientConfig {
             stream_window: default_stream_window(),
             max_stream_window: default_max_stream_window(),
             tunnel_window_budget: default_tunnel_budget(),
+            udp_idle_timeout: default_udp_idle(),
             ca_cert: None,
             services: Vec::new(),
         }
@@ -357,6 +393,7 @@ impl TunnelClientConfig {
         }
         positive("connect_timeout", self.connect_timeout)?;
         positive("local_connect_timeout", self.local_connect_timeout)?;
+        positive("udp_idle_timeout", self.udp_idle_timeout)?;
         validate_window("stream_window", self.stream_window)?;
         self.validate_services()
     }

@@ -37,6 +37,7 @@ pub mod status;
 pub mod streams;
 pub mod throttle;
 pub mod tls;
+pub mod udp;
 
 pub use actors::{
     ConnectionCallback, ControlHandler, PublishedCallback, PublishedService, TunnelAgent,

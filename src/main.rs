@@ -90,6 +90,9 @@ struct AgentArgs {
     /// A TCP service: NAME:LOCAL_PORT:REMOTE_PORT or NAME:HOST:PORT:REMOTE_PORT (remote 0 = any).
     #[arg(long, value_parser = parse_service)]
     tcp: Vec<ServiceConfig>,
+    /// A UDP service: NAME:LOCAL_PORT:REMOTE_PORT or NAME:HOST:PORT:REMOTE_PORT (remote 0 = any).
+    #[arg(long, value_parser = parse_udp_service)]
+    udp: Vec<ServiceConfig>,
     /// For wss://: trust the certificates of this PEM file (a private CA, or
     /// the server's own self-signed certificate) instead of the system roots.
     #[arg(long)]
@@ -262,7 +265,7 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     if let Some(token) = args.token {
         config.token = token.into();
     }
-    for service in args.tcp {
+    for service in args.tcp.into_iter().chain(args.udp) {
         config = config.with_service(service);
     }
     if let Some(path) = args.ca_cert {
@@ -341,6 +344,14 @@ fn parse_range(text: &str) -> Result<(u16, u16), String> {
         return Err(format!("{text:?}: need 1 <= LOW <= HIGH"));
     }
     Ok((low, high))
+}
+
+fn parse_udp_service(text: &str) -> Result<ServiceConfig, String> {
+    let tcp = parse_service(text)?;
+    Ok(ServiceConfig {
+        protocol: zlayer_tunnel::ServiceProtocol::Udp,
+        ..tcp
+    })
 }
 
 fn parse_service(text: &str) -> Result<ServiceConfig, String> {

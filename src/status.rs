@@ -129,7 +129,7 @@ pub fn render_agent_metrics(status: &AgentStatus) -> String {
 
 /// The per-service families, shared by server and agent.
 fn render_services(out: &mut String, services: &[&ServiceInfo]) {
-    let families: [Family; 4] = [
+    let families: [Family; 5] = [
         (
             "zlayer_tunnel_service_bytes_total",
             "counter",
@@ -139,7 +139,7 @@ fn render_services(out: &mut String, services: &[&ServiceInfo]) {
         (
             "zlayer_tunnel_service_connections",
             "gauge",
-            "Open connections of a service.",
+            "Open connections (UDP: flows) of a service.",
             |s| vec![("", s.connections_active)],
         ),
         (
@@ -147,6 +147,12 @@ fn render_services(out: &mut String, services: &[&ServiceInfo]) {
             "counter",
             "Connections a service accepted.",
             |s| vec![("", s.connections_total)],
+        ),
+        (
+            "zlayer_tunnel_service_datagrams_total",
+            "counter",
+            "UDP datagrams through a service.",
+            |s| vec![("in", s.datagrams_in), ("out", s.datagrams_out)],
         ),
         (
             "zlayer_tunnel_service_drops_total",

@@ -117,18 +117,31 @@ impl Message {
     ///
     /// [`MAX_DATA_PAYLOAD`]: super::MAX_DATA_PAYLOAD
     pub fn data_frame(connection_id: Uuid, payload: &[u8]) -> Option<Bytes> {
-        if payload.len() > super::MAX_DATA_PAYLOAD {
-            return None;
-        }
-        let mut buf = BytesMut::with_capacity(HEADER_SIZE + UUID_LEN + payload.len());
-        buf.put_u8(MessageType::Data as u8);
-        // invariant: bounded by MAX_DATA_PAYLOAD just above
-        buf.put_u32((UUID_LEN + payload.len()) as u32);
-        buf.put_slice(connection_id.as_bytes());
-        buf.put_slice(payload);
-        Some(buf.freeze())
+        id_payload_frame(MessageType::Data, connection_id, payload)
     }
 
+    /// The encoded `Datagram` frame for one whole datagram of flow `connection_id`
+    /// (as [`Message::datagram`] would encode it); `None` over the payload limit.
+    pub fn datagram_frame(connection_id: Uuid, payload: &[u8]) -> Option<Bytes> {
+        id_payload_frame(MessageType::Datagram, connection_id, payload)
+    }
+}
+
+/// A frame of `kind` carrying a connection id and a payload.
+fn id_payload_frame(kind: MessageType, connection_id: Uuid, payload: &[u8]) -> Option<Bytes> {
+    if payload.len() > super::MAX_DATA_PAYLOAD {
+        return None;
+    }
+    let mut buf = BytesMut::with_capacity(HEADER_SIZE + UUID_LEN + payload.len());
+    buf.put_u8(kind as u8);
+    // invariant: bounded by MAX_DATA_PAYLOAD just above
+    buf.put_u32((UUID_LEN + payload.len()) as u32);
+    buf.put_slice(connection_id.as_bytes());
+    buf.put_slice(payload);
+    Some(buf.freeze())
+}
+
+impl Message {
     /// Encodes the frame into `Bytes`, ready for a WebSocket binary message.
     #[must_use]
     pub fn to_bytes(&self) -> Bytes {

@@ -1,0 +1,74 @@
+//! `FlowHub`: the agent's UDP flows of one link, and the datagrams waiting
+//! for its WebSocket. Not an actor: it joins the agent connection to its
+//! `UdpFlow` actors, as `StreamHub` does for TCP streams. The waiting
+//! datagrams are bounded in bytes; past that they are dropped and counted.
+
+use std::collections::{HashMap, VecDeque};
+
+use actix::Addr;
+use bytes::Bytes;
+use uuid::Uuid;
+
+use super::udp_flow::{CloseFlow, ToService, UdpFlow};
+
+/// Bytes of datagrams that may wait for the WebSocket.
+pub(crate) const WAITING_DATAGRAMS: usize = 1024 * 1024;
+
+/// A link's flows and waiting datagrams.
+#[derive(Default)]
+pub(crate) struct FlowHub {
+    flows: HashMap<Uuid, Addr<UdpFlow>>,
+    waiting: VecDeque<Bytes>,
+    waiting_bytes: usize,
+}
+
+impl FlowHub {
+    /// Adds a started flow.
+    pub(crate) fn insert(&mut self, id: Uuid, flow: Addr<UdpFlow>) {
+        self.flows.insert(id, flow);
+    }
+
+    /// A datagram from the server for flow `id`; false if the flow is unknown.
+    pub(crate) fn deliver(&self, id: Uuid, data: Bytes) -> bool {
+        let Some(flow) = self.flows.get(&id) else {
+            return false;
+        };
+        flow.do_send(ToService(data));
+        true
+    }
+
+    /// The server closed flow `id`; false if it is not a flow.
+    pub(crate) fn close(&mut self, id: Uuid) -> bool {
+        let Some(flow) = self.flows.remove(&id) else {
+            return false;
+        };
+        flow.do_send(CloseFlow);
+        true
+    }
+
+    /// Flow `id` stopped on its own; true if the server must be told.
+    pub(crate) fn ended(&mut self, id: Uuid) -> bool {
+        self.flows.remove(&id).is_some()
+    }
+
+    /// Queues a reply frame for the WebSocket; false (dropped) over the bound.
+    pub(crate) fn queue(&mut self, frame: Bytes) -> bool {
+        if self.waiting_bytes + frame.len() > WAITING_DATAGRAMS {
+            return false;
+        }
+        self.waiting_bytes += frame.len();
+        self.waiting.push_back(frame);
+        true
+    }
+
+    /// True when no datagram waits.
+    pub(crate) fn nothing_waiting(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    /// Moves every waiting datagram into `batch`.
+    pub(crate) fn drain_into(&mut self, batch: &mut Vec<Bytes>) {
+        batch.extend(self.waiting.drain(..));
+        self.waiting_bytes = 0;
+    }
+}

@@ -1,0 +1,312 @@
+//! UDP flows on the server's public side: each visitor address is a flow,
+//! with a per-flow rate limit, a cap on flows per service and an idle timeout
+//! (docs/PROTOCOL.md §4.4). Pure: the caller passes `now` and fresh flow ids.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+/// The largest datagram the tunnel carries: the largest IPv4 UDP payload.
+/// A `Datagram` frame of it (5 + 16 + 65507 bytes) fits in `MAX_MESSAGE_SIZE`.
+pub const MAX_DATAGRAM: usize = 65_507;
+
+/// Limits of one UDP service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowLimits {
+    /// Flows (visitor addresses) open at once.
+    pub max_flows: usize,
+    /// Datagrams per second one flow may send toward the service (burst: one second's worth).
+    pub max_rate: u32,
+    /// A flow silent both ways this long is forgotten.
+    pub idle_timeout: Duration,
+    /// Largest datagram carried; a larger one is dropped, never truncated.
+    pub max_datagram: usize,
+}
+
+/// Why a visitor's datagram was not forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DropReason {
+    /// Larger than the largest datagram carried.
+    #[error("datagram of {len} bytes is over the {max}-byte limit")]
+    Oversized {
+        /// Its size.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The service has its maximum of flows.
+    #[error("service is at its limit of {max} flows")]
+    TooManyFlows {
+        /// The limit.
+        max: usize,
+    },
+    /// The flow is over its datagrams per second.
+    #[error("flow is over its rate of {rate} datagrams/s")]
+    RateLimited {
+        /// The limit.
+        rate: u32,
+    },
+}
+
+/// What to do with a visitor's datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forward it on flow `id`; `opened` when this datagram opened the flow
+    /// (announce it to the agent first).
+    Forward {
+        /// The flow.
+        id: Uuid,
+        /// True for a new flow.
+        opened: bool,
+    },
+    /// Drop it (and count it).
+    Drop(DropReason),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Flow {
+    visitor: SocketAddr,
+    last_seen: Instant,
+    tokens: f64,
+    refilled: Instant,
+}
+
+/// The flows of one UDP service.
+#[derive(Debug)]
+pub struct FlowTable {
+    limits: FlowLimits,
+    by_visitor: HashMap<SocketAddr, Uuid>,
+    flows: HashMap<Uuid, Flow>,
+}
+
+impl FlowTable {
+    /// An empty table.
+    pub fn new(limits: FlowLimits) -> Self {
+        Self {
+            limits,
+            by_visitor: HashMap::new(),
+            flows: HashMap::new(),
+        }
+    }
+
+    /// Flows open now.
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// True when no flow is open.
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    /// A datagram of `len` bytes from `visitor`; `fresh` is the id a new flow gets.
+    pub fn on_visitor(
+        &mut self,
+        visitor: SocketAddr,
+        len: usize,
+        now: Instant,
+        fresh: Uuid,
+    ) -> Verdict {
+        let max = self.limits.max_datagram;
+        if len > max {
+            return Verdict::Drop(DropReason::Oversized { len, max });
+        }
+        if let Some(&id) = self.by_visitor.get(&visitor) {
+            return self.spend(id, now);
+        }
+        if self.flows.len() >= self.limits.max_flows {
+            return Verdict::Drop(DropReason::TooManyFlows {
+                max: self.limits.max_flows,
+            });
+        }
+        let burst = f64::from(self.limits.max_rate);
+        self.by_visitor.insert(visitor, fresh);
+        self.flows.insert(
+            fresh,
+            Flow {
+                visitor,
+                last_seen: now,
+                tokens: burst,
+                refilled: now,
+            },
+        );
+        match self.spend(fresh, now) {
+            Verdict::Forward { id, .. } => Verdict::Forward { id, opened: true },
+            drop => drop,
+        }
+    }
+
+    /// A reply on flow `id`: the visitor to send it to (and the flow stays alive).
+    pub fn on_reply(&mut self, id: Uuid, now: Instant) -> Option<SocketAddr> {
+        let flow = self.flows.get_mut(&id)?;
+        flow.last_seen = now;
+        Some(flow.visitor)
+    }
+
+    /// Forgets flow `id` (the agent refused or closed it); its visitor, if it existed.
+    pub fn remove(&mut self, id: Uuid) -> Option<SocketAddr> {
+        let flow = self.flows.remove(&id)?;
+        self.by_visitor.remove(&flow.visitor);
+        Some(flow.visitor)
+    }
+
+    /// Forgets every flow idle since before `now - idle_timeout`; their ids.
+    pub fn expire(&mut self, now: Instant) -> Vec<Uuid> {
+        let timeout = self.limits.idle_timeout;
+        let idle: Vec<Uuid> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| now.saturating_duration_since(f.last_seen) >= timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &idle {
+            self.remove(*id);
+        }
+        idle
+    }
+
+    /// Forgets every flow; their ids.
+    pub fn drain(&mut self) -> Vec<Uuid> {
+        self.by_visitor.clear();
+        self.flows.drain().map(|(id, _)| id).collect()
+    }
+
+    /// Takes one token from flow `id`'s bucket, refilled at `max_rate` per second.
+    fn spend(&mut self, id: Uuid, now: Instant) -> Verdict {
+        let rate = self.limits.max_rate;
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return Verdict::Drop(DropReason::RateLimited { rate });
+        };
+        flow.last_seen = now;
+        let elapsed = now.saturating_duration_since(flow.refilled).as_secs_f64();
+        flow.tokens = (flow.tokens + elapsed * f64::from(rate)).min(f64::from(rate));
+        flow.refilled = now;
+        if flow.tokens < 1.0 {
+            return Verdict::Drop(DropReason::RateLimited { rate });
+        }
+        flow.tokens -= 1.0;
+        Verdict::Forward { id, opened: false }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> FlowLimits {
+        FlowLimits {
+            max_flows: 2,
+            max_rate: 10,
+            idle_timeout: Duration::from_secs(60),
+            max_datagram: 9000,
+        }
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        ([192, 0, 2, 1], port).into()
+    }
+
+    fn id(n: u128) -> Uuid {
+        Uuid::from_u128(n)
+    }
+
+    #[test]
+    fn each_visitor_address_is_one_flow() {
+        let mut t = FlowTable::new(limits());
+        let now = Instant::now();
+        let first = t.on_visitor(addr(1), 10, now, id(1));
+        assert_eq!(
+            first,
+            Verdict::Forward {
+                id: id(1),
+                opened: true
+            }
+        );
+        let again = t.on_visitor(addr(1), 10, now, id(9));
+        assert_eq!(
+            again,
+            Verdict::Forward {
+                id: id(1),
+                opened: false
+            }
+        );
+        let other = t.on_visitor(addr(2), 10, now, id(2));
+        assert_eq!(
+            other,
+            Verdict::Forward {
+                id: id(2),
+                opened: true
+            }
+        );
+        assert_eq!(t.on_reply(id(2), now), Some(addr(2)));
+        assert_eq!(t.on_reply(id(3), now), None);
+    }
+
+    #[test]
+    fn limits_drop_and_say_why() {
+        let mut t = FlowTable::new(limits());
+        let now = Instant::now();
+        let big = t.on_visitor(addr(1), 9001, now, id(1));
+        assert_eq!(
+            big,
+            Verdict::Drop(DropReason::Oversized {
+                len: 9001,
+                max: 9000
+            })
+        );
+        assert!(t.is_empty(), "an oversized datagram opens no flow");
+        t.on_visitor(addr(1), 9000, now, id(1));
+        t.on_visitor(addr(2), 1, now, id(2));
+        let third = t.on_visitor(addr(3), 1, now, id(3));
+        assert_eq!(third, Verdict::Drop(DropReason::TooManyFlows { max: 2 }));
+    }
+
+    #[test]
+    fn a_flow_is_held_to_its_rate_and_refills() {
+        let mut t = FlowTable::new(limits());
+        let now = Instant::now();
+        let forwarded = (0..15)
+            .filter(|_| {
+                matches!(
+                    t.on_visitor(addr(1), 1, now, id(1)),
+                    Verdict::Forward { .. }
+                )
+            })
+            .count();
+        assert_eq!(forwarded, 10, "one second's burst");
+        let later = now + Duration::from_millis(500);
+        let refilled = (0..15)
+            .filter(|_| {
+                matches!(
+                    t.on_visitor(addr(1), 1, later, id(1)),
+                    Verdict::Forward { .. }
+                )
+            })
+            .count();
+        assert_eq!(refilled, 5);
+    }
+
+    #[test]
+    fn idle_flows_expire_and_replies_keep_them_alive() {
+        let mut t = FlowTable::new(limits());
+        let now = Instant::now();
+        t.on_visitor(addr(1), 1, now, id(1));
+        t.on_visitor(addr(2), 1, now, id(2));
+        let later = now + Duration::from_secs(59);
+        t.on_reply(id(2), later);
+        assert_eq!(t.expire(now + Duration::from_secs(60)), vec![id(1)]);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.remove(id(2)), Some(addr(2)));
+        // the address opens a new flow after that
+        let again = t.on_visitor(addr(2), 1, later, id(7));
+        assert_eq!(
+            again,
+            Verdict::Forward {
+                id: id(7),
+                opened: true
+            }
+        );
+    }
+}

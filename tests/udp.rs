@@ -1,0 +1,310 @@
+//! UDP services through the tunnel, with real UDP sockets on 127.0.0.1:
+//! request/response from many visitors with every reply checked, a flood the
+//! service cannot keep up with (bounded, counted, TCP unharmed), flow idle
+//! timeout, agent restart, and oversized datagrams.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{DEADLINE, fast_config, free_ports, services, spawn_agent, spawn_server};
+use tokio::net::UdpSocket;
+use zlayer_tunnel::{ServiceConfig, TunnelAgent, TunnelServerConfig};
+
+/// A UDP socket on 127.0.0.1 with room for bursts.
+async fn udp_socket() -> UdpSocket {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let tuned = socket2::SockRef::from(&socket);
+    tuned.set_recv_buffer_size(8 << 20).unwrap();
+    tuned.set_send_buffer_size(8 << 20).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    UdpSocket::from_std(socket).unwrap()
+}
+
+/// A UDP echo service on a thread of its own, so that the test's checking
+/// cannot starve it; its port.
+async fn udp_echo() -> u16 {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let tuned = socket2::SockRef::from(&socket);
+    tuned.set_recv_buffer_size(8 << 20).unwrap();
+    tuned.set_send_buffer_size(8 << 20).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(&buf[..n], from);
+        }
+    });
+    port
+}
+
+/// Waits until `agent` has `n` services published.
+async fn published(agent: &TunnelAgent, n: usize) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while agent.status().services.len() < n {
+        assert!(tokio::time::Instant::now() < deadline, "not published");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Datagram `seq` of visitor `visitor`: its size and bytes (header: visitor, seq).
+fn datagram(visitor: u8, seq: u32, max: usize) -> Vec<u8> {
+    const SIZES: [usize; 6] = [1, 64, 1200, 1500, 9000, 20_000];
+    let len = match seq % 7 {
+        6 => max,
+        i => SIZES[i as usize],
+    };
+    let mut data = common::pattern(u64::from(visitor) << 32 | u64::from(seq), len);
+    if len >= 5 {
+        data[0] = visitor;
+        data[1..5].copy_from_slice(&seq.to_be_bytes());
+    }
+    data
+}
+
+fn udp_config(port: u16) -> TunnelServerConfig {
+    fast_config((port, port))
+}
+
+#[actix_web::test]
+async fn ten_thousand_datagrams_from_16_visitors_each_echoed_to_its_sender() {
+    const VISITORS: u8 = 16;
+    const TOTAL: u32 = 10_000;
+    const MAX: usize = zlayer_tunnel::udp::MAX_DATAGRAM;
+    let (port, _) = free_ports(1);
+    let server = spawn_server(udp_config(port), "secret");
+    let echo = udp_echo().await;
+    let (agent, _task) = spawn_agent(
+        server.addr,
+        "secret",
+        vec![ServiceConfig::udp("echo", echo).with_remote_port(port)],
+    );
+    published(&agent, 1).await;
+    let public: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut sockets = Vec::new();
+    for _ in 0..VISITORS {
+        sockets.push(Arc::new(udp_socket().await));
+    }
+    // receivers: each checks every reply is one of its own, intact
+    let receivers: Vec<_> = sockets
+        .iter()
+        .enumerate()
+        .map(|(v, socket)| {
+            let socket = socket.clone();
+            tokio::spawn(async move {
+                let v = v as u8;
+                let expected = (0..TOTAL)
+                    .filter(|s| s % u32::from(VISITORS) == u32::from(v))
+                    .count();
+                let mut seen = HashSet::new();
+                let mut buf = vec![0u8; 65536];
+                while seen.len() < expected {
+                    let (n, from) = socket.recv_from(&mut buf).await.unwrap();
+                    assert_eq!(from, public, "a reply from elsewhere");
+                    let got = &buf[..n];
+                    let seq = if n >= 5 {
+                        assert_eq!(got[0], v, "visitor {v} got another visitor's reply");
+                        u32::from_be_bytes(got[1..5].try_into().unwrap())
+                    } else {
+                        // 1-byte datagrams: seq % 7 == 0, identified by content alone
+                        (0..TOTAL)
+                            .filter(|s| s % 7 == 0 && s % u32::from(VISITORS) == u32::from(v))
+                            .find(|s| !seen.contains(s) && datagram(v, *s, MAX) == got)
+                            .expect("an unknown 1-byte reply")
+                    };
+                    assert!(
+                        datagram(v, seq, MAX) == got,
+                        "reply {seq} of visitor {v} corrupted"
+                    );
+                    assert!(seen.insert(seq), "reply {seq} of visitor {v} twice");
+                }
+            })
+        })
+        .collect();
+    // the sender: 10,000 datagrams round robin, paced at 5,000 per second
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    for seq in 0..TOTAL {
+        if seq % 5 == 0 {
+            tick.tick().await;
+        }
+        let v = (seq % u32::from(VISITORS)) as u8;
+        sockets[v as usize]
+            .send_to(&datagram(v, seq, MAX), public)
+            .await
+            .unwrap();
+    }
+    for r in receivers {
+        if tokio::time::timeout(DEADLINE, r).await.is_err() {
+            let tunnels = server.registry.list_tunnels().await;
+            panic!(
+                "datagrams lost: agent {:?}; server {:?}",
+                agent.status().services[0].stats,
+                tunnels[0].services[0].stats
+            );
+        }
+    }
+    let stats = &agent.status().services[0].stats;
+    assert_eq!(
+        (stats.datagrams_in, stats.datagrams_out),
+        (u64::from(TOTAL), u64::from(TOTAL))
+    );
+    assert_eq!(stats.drops, 0);
+    assert_eq!(
+        stats.connections_active,
+        u64::from(VISITORS),
+        "one flow per visitor"
+    );
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[actix_web::test]
+async fn a_flood_is_dropped_and_counted_while_tcp_keeps_working() {
+    let (low, high) = free_ports(2);
+    // the default limits: 10,000 datagrams/s per flow, 1 MiB of datagrams in flight
+    let server = spawn_server(fast_config((low, high)), "secret");
+    // a service that never reads
+    let deaf = udp_socket().await;
+    let deaf_port = deaf.local_addr().unwrap().port();
+    let echo = services::echo().await;
+    let (agent, _task) = spawn_agent(
+        server.addr,
+        "secret",
+        vec![
+            ServiceConfig::udp("deaf", deaf_port).with_remote_port(low),
+            ServiceConfig::tcp("echo", echo).with_remote_port(high),
+        ],
+    );
+    published(&agent, 2).await;
+    let before = rss_kib();
+    let flood = tokio::spawn(async move {
+        let socket = udp_socket().await;
+        let payload = vec![7u8; 1200];
+        for i in 0..200_000u32 {
+            let _ = socket.send_to(&payload, ("127.0.0.1", low)).await;
+            if i % 256 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    // a TCP transfer through the same tunnel, at the same time
+    let data = common::pattern(5, 8 << 20);
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", high))
+        .await
+        .unwrap();
+    let (mut r, mut w) = s.split();
+    let send = async {
+        tokio::io::AsyncWriteExt::write_all(&mut w, &data)
+            .await
+            .unwrap();
+        tokio::io::AsyncWriteExt::shutdown(&mut w).await.unwrap();
+    };
+    let mut back = Vec::new();
+    let (_, got) = tokio::time::timeout(DEADLINE * 3, async {
+        tokio::join!(
+            send,
+            tokio::io::AsyncReadExt::read_to_end(&mut r, &mut back)
+        )
+    })
+    .await
+    .expect("the TCP transfer stalled under the flood");
+    got.unwrap();
+    assert!(back == data, "the TCP transfer was corrupted");
+    flood.await.unwrap();
+    let grown = rss_kib().saturating_sub(before);
+    let server_drops: u64 = server
+        .registry
+        .list_tunnels()
+        .await
+        .iter()
+        .flat_map(|t| &t.services)
+        .map(|s| s.stats.drops)
+        .sum();
+    let agent_stats = agent.status().services[0].stats;
+    eprintln!(
+        "flood: RSS +{grown} KiB; server drops {server_drops}; agent: {} datagrams in, {} drops",
+        agent_stats.datagrams_in, agent_stats.drops
+    );
+    assert!(grown < 64 * 1024, "memory grew {grown} KiB under the flood");
+    assert!(
+        agent_stats.drops + server_drops > 0,
+        "nothing was counted as dropped"
+    );
+    drop(deaf);
+}
+
+#[actix_web::test]
+async fn flows_expire_when_idle_come_back_after_an_agent_restart_and_big_datagrams_drop() {
+    let (port, _) = free_ports(1);
+    let mut config = udp_config(port);
+    config.udp_idle_timeout = Duration::from_millis(300);
+    config.max_datagram_size = 9000;
+    let server = spawn_server(config, "secret");
+    let echo = udp_echo().await;
+    let service = ServiceConfig::udp("echo", echo).with_remote_port(port);
+    let (agent, task) = spawn_agent(server.addr, "secret", vec![service.clone()]);
+    published(&agent, 1).await;
+    let visitor = udp_socket().await;
+    let public: SocketAddr = ([127, 0, 0, 1], port).into();
+    let round_trip = |payload: Vec<u8>| {
+        let visitor = &visitor;
+        async move {
+            visitor.send_to(&payload, public).await.unwrap();
+            let mut buf = vec![0u8; 65536];
+            let (n, _) = tokio::time::timeout(Duration::from_secs(2), visitor.recv_from(&mut buf))
+                .await
+                .expect("no reply")
+                .unwrap();
+            assert!(buf[..n] == payload[..]);
+        }
+    };
+    round_trip(b"hello".to_vec()).await;
+    let flows = |agent: &TunnelAgent| agent.status().services[0].stats.connections_active;
+    assert_eq!(flows(&agent), 1);
+    // idle: both sides forget the flow
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while flows(&agent) != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the idle flow was never forgotten"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    round_trip(b"again".to_vec()).await;
+
+    // the largest allowed passes; one byte more is dropped and counted, not truncated
+    round_trip(common::pattern(1, 9000)).await;
+    visitor
+        .send_to(&common::pattern(2, 9001), public)
+        .await
+        .unwrap();
+    let dropped = async {
+        loop {
+            let tunnels = server.registry.list_tunnels().await;
+            if tunnels[0].services[0].stats.drops == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(DEADLINE, dropped)
+        .await
+        .expect("the oversized datagram was not counted");
+    round_trip(b"still fine".to_vec()).await;
+
+    // an agent restart: same port, flows re-created
+    agent.stop();
+    task.await.unwrap().unwrap();
+    let (agent, _task) = spawn_agent(server.addr, "secret", vec![service]);
+    published(&agent, 1).await;
+    round_trip(b"after restart".to_vec()).await;
+}
