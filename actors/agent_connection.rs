@@ -97,7 +97,9 @@ impl Actor for AgentConnection {
         if !delay.is_zero() {
             tracing::info!(delay = %humantime::format_duration(delay), attempt = self.backoff.attempt(), "reconnecting after a delay");
         }
-        ctx.wait(
+        // spawned, not awaited with `ctx.wait`: a StopAgent must not wait out
+        // the backoff delay or the dial
+        ctx.spawn(
             tokio::time::sleep(delay)
                 .into_actor(self)
                 .map(|(), act, ctx| act.connect(ctx)),
@@ -248,7 +250,8 @@ impl AgentConnection {
                 Err(_) => Err("timed out".to_owned()),
             }
         };
-        ctx.wait(dial.into_actor(self).map(|result, act, ctx| match result {
+        ctx.spawn(dial.into_actor(self).map(|result, act, ctx| match result {
+            _ if act.finished => {}
             Ok(framed) => act.linked(framed, ctx),
             Err(error) if error.contains("certificate") => {
                 let hint = "give ca_cert (--ca-cert): the CA that signed it, or the server's own certificate";

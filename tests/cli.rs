@@ -9,6 +9,7 @@ mod common;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::process::Proc;
 use common::{free_ports, services, wait_closed, wait_listening};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -518,4 +519,75 @@ async fn the_server_listens_and_publishes_on_ipv6() {
     echo_check(public_addr).await;
     terminate(&mut agent);
     terminate(&mut server);
+}
+
+#[actix_web::test]
+async fn an_agent_stops_promptly_while_waiting_to_reconnect() {
+    let (control, public) = (free_ports(1).0, free_ports(1).0);
+    let (listen, range) = (format!("127.0.0.1:{control}"), format!("{public}-{public}"));
+    let server = Proc::spawn(&[
+        "server",
+        "--listen",
+        &listen,
+        "--port-range",
+        &range,
+        "--bind-host",
+        "127.0.0.1",
+    ]);
+    wait_listening(control).await;
+    let url = format!("ws://127.0.0.1:{control}/tunnel/v1");
+    let spec = format!("svc:1:{public}");
+    let mut agent = Proc::spawn(&["agent", "--server", &url, "--tcp", &spec]);
+    agent.wait_for("service registered");
+    drop(server);
+    // the second wait is 1-2 s long: stop in the middle of it
+    agent.wait_for("reconnecting after a delay");
+    agent.wait_for("reconnecting after a delay");
+    let (status, took) = terminate(&mut agent.child);
+    assert!(
+        status.success() && took < Duration::from_secs(1),
+        "agent: {status} after {took:?}"
+    );
+}
+
+#[actix_web::test]
+async fn a_udp_service_through_the_binaries() {
+    let (control, public) = (free_ports(1).0, free_ports(1).0);
+    let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let echo_port = echo.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf) {
+            let _ = echo.send_to(&buf[..n], from);
+        }
+    });
+    let (listen, range) = (format!("127.0.0.1:{control}"), format!("{public}-{public}"));
+    let _server = Proc::spawn(&[
+        "server",
+        "--listen",
+        &listen,
+        "--port-range",
+        &range,
+        "--bind-host",
+        "127.0.0.1",
+    ]);
+    wait_listening(control).await;
+    let url = format!("ws://127.0.0.1:{control}/tunnel/v1");
+    let spec = format!("dns:{echo_port}:{public}");
+    let mut agent = Proc::spawn(&["agent", "--server", &url, "--udp", &spec]);
+    agent.wait_for("service registered");
+    let visitor = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut buf = [0u8; 2048];
+    for i in 0..10u8 {
+        let query = [i; 100];
+        visitor
+            .send_to(&query, ("127.0.0.1", public))
+            .await
+            .unwrap();
+        let (n, _) = tokio::time::timeout(Duration::from_secs(2), visitor.recv_from(&mut buf))
+            .await
+            .expect("no UDP answer through the binaries")
+            .unwrap();
+        assert_eq!(&buf[..n], &query[..]);
+    }
 }

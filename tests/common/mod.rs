@@ -15,6 +15,7 @@ use zlayer_tunnel::protocol::Message;
 use zlayer_tunnel::{ControlHandler, TokenStore, TunnelRegistry, TunnelServerConfig};
 
 pub mod certs;
+pub mod process;
 
 /// Every wait in a test ends by this.
 pub const DEADLINE: Duration = Duration::from_secs(10);
