@@ -14,7 +14,8 @@ CONNS=${CONNS:-10000} AGENTS=${AGENTS:-1000}
 ECHO=22001 CTRL=22010 PUB=22011 ADMIN=22009 RANGE_LOW=23000
 
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-[ "$(ulimit -n)" -ge $((CONNS * 2 + 1000)) ] || { echo "scale: need $((CONNS * 2 + 1000)) file descriptors, have $(ulimit -n)" >&2; exit 2; }
+# each process (load, service, server, agent) holds one socket per connection
+[ "$(ulimit -n)" -ge $((CONNS + 500)) ] || { echo "scale: need $((CONNS + 500)) file descriptors per process, have $(ulimit -n)" >&2; exit 2; }
 cargo build --release --quiet --bin zlayer-tunnel --example scale
 BIN=target/release/zlayer-tunnel LOAD=target/release/examples/scale
 work=$(mktemp -d) PIDS=()
