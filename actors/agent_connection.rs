@@ -34,6 +34,7 @@ use crate::protocol::{
     Capabilities, CloseKind, DEFAULT_INITIAL_WINDOW, Features, MAX_MESSAGE_SIZE, Message,
     MessageType, ServiceProtocol, frame_feature,
 };
+use crate::status::TunnelState;
 use crate::streams::StreamSettings;
 
 type WsSink = SplitSink<actix_codec::Framed<awc::BoxedSocket, ws::Codec>, ws::Message>;
@@ -94,6 +95,9 @@ impl Actor for AgentConnection {
         } else {
             self.backoff.next_delay(Uuid::new_v4().as_u64_pair().0)
         };
+        if self.starts > 1 {
+            self.shared.view.reconnecting(delay);
+        }
         if !delay.is_zero() {
             tracing::info!(delay = %humantime::format_duration(delay), attempt = self.backoff.attempt(), "reconnecting after a delay");
         }
@@ -201,12 +205,12 @@ impl StreamHandler<Result<ws::Frame, actix_http::ws::ProtocolError>> for AgentCo
             Ok(ws::Frame::Ping(p)) => self.queue_raw(ws::Message::Pong(p), ctx),
             Ok(ws::Frame::Close(reason)) => {
                 tracing::info!(?reason, "server closed the connection");
-                ctx.stop();
+                self.drop_link(format!("server closed the connection ({reason:?})"), ctx);
             }
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "websocket error; reconnecting");
-                ctx.stop();
+                self.drop_link(format!("websocket error: {e}"), ctx);
             }
         }
     }
@@ -215,7 +219,7 @@ impl StreamHandler<Result<ws::Frame, actix_http::ws::ProtocolError>> for AgentCo
         if !self.finished {
             tracing::info!("connection to the server lost; reconnecting");
         }
-        ctx.stop();
+        self.drop_link("connection to the server lost", ctx);
     }
 }
 
@@ -256,11 +260,11 @@ impl AgentConnection {
             Err(error) if error.contains("certificate") => {
                 let hint = "give ca_cert (--ca-cert): the CA that signed it, or the server's own certificate";
                 tracing::error!(server = %act.shared.config.server_url, %error, hint, "the server's certificate is not trusted; not connecting");
-                ctx.stop();
+                act.drop_link(format!("the server's certificate is not trusted: {error}"), ctx);
             }
             Err(error) => {
                 tracing::warn!(server = %act.shared.config.server_url, %error, "cannot reach the server");
-                ctx.stop();
+                act.drop_link(format!("cannot reach the server: {error}"), ctx);
             }
         }));
     }
@@ -299,7 +303,7 @@ impl AgentConnection {
         ctx.run_later(deadline, |act, ctx| {
             if act.link.as_ref().is_some_and(|l| !l.authenticated) {
                 tracing::warn!("no answer to Auth in time; reconnecting");
-                ctx.stop();
+                act.drop_link("no answer to Auth in time", ctx);
             }
         });
     }
@@ -320,7 +324,7 @@ impl AgentConnection {
             Ok((message, _)) => message,
             Err(e) => {
                 tracing::warn!(error = %e, "bad frame from the server; reconnecting");
-                return ctx.stop();
+                return self.drop_link(format!("bad frame from the server: {e}"), ctx);
             }
         };
         match message {
@@ -347,7 +351,7 @@ impl AgentConnection {
             }
             Message::Disconnect { reason, .. } => {
                 tracing::info!(%reason, "server disconnected the agent");
-                ctx.stop();
+                self.drop_link(format!("server disconnected the agent: {reason}"), ctx);
             }
             Message::Datagram {
                 connection_id,
@@ -387,6 +391,9 @@ impl AgentConnection {
         if !features.contains(Features::STREAMS) {
             tracing::warn!("the server has no data plane (legacy): visitors cannot be forwarded");
         }
+        if self.shared.config.services.is_empty() {
+            self.connected();
+        }
         for service in self.shared.config.services.clone() {
             if service.protocol == ServiceProtocol::Udp && !features.contains(Features::DATAGRAMS) {
                 tracing::error!(service = %service.name, "the server does not carry UDP (no DATAGRAMS capability); not registered");
@@ -402,7 +409,7 @@ impl AgentConnection {
             return self.finish(Err(crate::TunnelError::auth(reason)), ctx);
         }
         tracing::warn!(%reason, "authentication refused; retrying");
-        ctx.stop();
+        self.drop_link(format!("authentication refused: {reason}"), ctx);
     }
 
     /// Registers a service, asking for the port it had before when it was auto-assigned.
@@ -435,7 +442,16 @@ impl AgentConnection {
         }
         if let Some(link) = self.link.as_mut() {
             link.services.insert(service_id, service);
+            if link.awaiting.is_empty() {
+                self.connected();
+            }
         }
+    }
+
+    /// Authenticated and every service registered.
+    fn connected(&self) {
+        let since = std::time::SystemTime::now();
+        self.shared.view.set_state(TunnelState::Connected { since });
     }
 
     /// Records a published service and tells the `on_published` callback.
@@ -656,7 +672,10 @@ impl AgentConnection {
             tracing::warn!(
                 "nothing heard from the server within the heartbeat timeout; reconnecting"
             );
-            return ctx.stop();
+            return self.drop_link(
+                "nothing heard from the server within the heartbeat timeout",
+                ctx,
+            );
         }
         let timestamp = crate::liveness::heartbeat_timestamp(
             std::time::SystemTime::now()
@@ -666,9 +685,22 @@ impl AgentConnection {
         self.send(Some(Message::Heartbeat { timestamp }), ctx);
     }
 
+    /// Ends this link for `error` (the status reports it); the supervisor
+    /// reconnects after a backoff delay.
+    fn drop_link(&mut self, error: impl Into<String>, ctx: &mut Context<Self>) {
+        self.shared.view.link_failed(error);
+        ctx.stop();
+    }
+
     fn finish(&mut self, result: crate::Result<()>, ctx: &mut Context<Self>) {
         self.finished = true;
         self.shared.view.disconnected();
+        self.shared.view.set_state(match &result {
+            Ok(()) => TunnelState::Stopped,
+            Err(e) => TunnelState::Failed {
+                error: e.to_string(),
+            },
+        });
         self.shared.done(AgentStopped(result));
         ctx.stop();
     }
@@ -771,7 +803,7 @@ impl AgentConnection {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "writing to the server failed; reconnecting");
-                ctx.stop();
+                self.drop_link(format!("writing to the server failed: {e}"), ctx);
             }
         }
     }

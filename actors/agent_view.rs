@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::accounting::Counters;
 use crate::config::ServiceConfig;
 use crate::protocol::ServiceProtocol;
-use crate::status::ServiceInfo;
+use crate::status::{ServiceInfo, TunnelState};
 
 /// A service the server published for this agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +42,8 @@ struct Session {
 #[derive(Debug)]
 pub(crate) struct AgentView {
     session: Mutex<Option<Session>>,
+    state: Mutex<TunnelState>,
+    last_error: Mutex<Option<String>>,
     service_counters: HashMap<String, Arc<Counters>>,
 }
 
@@ -54,6 +56,8 @@ impl AgentView {
             .collect();
         Self {
             session: Mutex::new(None),
+            state: Mutex::new(TunnelState::Connecting),
+            last_error: Mutex::new(None),
             service_counters,
         }
     }
@@ -90,6 +94,41 @@ impl AgentView {
                 stats: Default::default(),
             });
         }
+    }
+
+    /// Where the link stands.
+    pub(crate) fn state(&self) -> TunnelState {
+        self.state
+            .lock()
+            .map_or(TunnelState::Connecting, |s| s.clone())
+    }
+
+    /// Moves the link to `state`.
+    pub(crate) fn set_state(&self, state: TunnelState) {
+        if let Ok(mut current) = self.state.lock() {
+            *current = state;
+        }
+    }
+
+    /// Records why the link ended; reported with the next `Reconnecting`.
+    pub(crate) fn link_failed(&self, error: impl Into<String>) {
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some(error.into());
+        }
+    }
+
+    /// The next attempt is `delay` away.
+    pub(crate) fn reconnecting(&self, delay: std::time::Duration) {
+        let last_error = self
+            .last_error
+            .lock()
+            .ok()
+            .and_then(|mut e| e.take())
+            .unwrap_or_else(|| "connection ended".to_owned());
+        self.set_state(TunnelState::Reconnecting {
+            last_error,
+            next_attempt: SystemTime::now() + delay,
+        });
     }
 
     /// The session as reported: tunnel id, since when, services with live counters.

@@ -24,6 +24,7 @@ mod control_handler;
 mod flow_hub;
 mod forwarded_connection;
 mod frame_guard;
+mod node_tunnels;
 pub mod registry;
 mod runtime;
 mod serve;
@@ -35,6 +36,7 @@ mod udp_listener;
 
 pub use agent_view::{PublishedCallback, PublishedService};
 pub use control_handler::ControlHandler;
+pub use node_tunnels::NodeTunnelManager;
 pub use registry::{ServiceInfo, TunnelInfo, TunnelRegistry};
 pub use serve::{ServeOptions, serve};
 pub use tunnel_agent::{ConnectionCallback, TunnelAgent};

@@ -127,11 +127,17 @@ impl TunnelAgent {
             server_url: self.config.server_url.clone(),
             client_id: self.client_id,
             connected: tunnel_id.is_some(),
+            state: self.view.state(),
             tunnel_id,
             connected_since: since,
             services,
             stats: self.counters.snapshot(),
         }
+    }
+
+    /// Traffic of service `name` since the agent started (all sessions).
+    pub fn service_stats(&self, name: &str) -> Option<Snapshot> {
+        self.view.counters(name).map(|c| c.snapshot())
     }
 
     /// Serves `/healthz`, `/status` and `/metrics` about this agent on

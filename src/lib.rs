@@ -31,6 +31,7 @@ pub mod config;
 mod error;
 pub mod flow;
 pub mod liveness;
+pub mod node;
 pub mod ports;
 pub mod protocol;
 pub mod status;
@@ -40,17 +41,19 @@ pub mod tls;
 pub mod udp;
 
 pub use actors::{
-    ConnectionCallback, ControlHandler, PublishedCallback, PublishedService, TunnelAgent,
-    TunnelInfo, TunnelRegistry,
+    ConnectionCallback, ControlHandler, NodeTunnelManager, PublishedCallback, PublishedService,
+    TunnelAgent, TunnelInfo, TunnelRegistry,
 };
 pub use auth::{
     AuthError, Secret, TokenScope, TokenStore, TokenValidator, accept_all_tokens, hash_token,
 };
 pub use config::{ConfigError, ServerFile, ServiceConfig, TunnelClientConfig, TunnelServerConfig};
 pub use error::{Result, TunnelError};
+pub use node::{NodeTunnel, NodeTunnelStatus};
 pub use protocol::{
     HEADER_SIZE, MAX_MESSAGE_SIZE, Message, MessageType, PROTOCOL_VERSION, ServiceProtocol,
 };
+pub use status::TunnelState;
 
 /// The README's Rust examples, compiled as doctests.
 #[doc = include_str!("../README.md")]

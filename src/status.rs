@@ -85,6 +85,35 @@ pub fn render_metrics(tunnels: &[TunnelInfo], free_ports: usize) -> String {
     out
 }
 
+/// Where an agent's (or a node tunnel's) link to its server stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum TunnelState {
+    /// Dialing, authenticating and registering, the first time.
+    Connecting,
+    /// Authenticated, every service registered.
+    Connected {
+        /// Since when (seconds since the Unix epoch in JSON).
+        #[serde(serialize_with = "unix_seconds")]
+        since: SystemTime,
+    },
+    /// The link failed; the next attempt is scheduled.
+    Reconnecting {
+        /// Why the last link ended or could not be made.
+        last_error: String,
+        /// When the next attempt starts (seconds since the Unix epoch in JSON).
+        #[serde(serialize_with = "unix_seconds")]
+        next_attempt: SystemTime,
+    },
+    /// A fault that retrying cannot fix (the server refused the token).
+    Failed {
+        /// The fault.
+        error: String,
+    },
+    /// Stopped on request.
+    Stopped,
+}
+
 /// What an agent reports about itself: its session with the server, if
 /// connected, and its services with their public ports and live counters.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -95,6 +124,8 @@ pub struct AgentStatus {
     pub client_id: Uuid,
     /// True while authenticated to the server.
     pub connected: bool,
+    /// Where the link stands.
+    pub state: TunnelState,
     /// The tunnel id the server gave this session.
     pub tunnel_id: Option<Uuid>,
     /// When this session authenticated (seconds since the Unix epoch in JSON).
