@@ -16,6 +16,8 @@
 //! * [`ControlHandler`]: mounts the control route in an actix-web `App`, or
 //!   serves a raw TCP connection (`handle_connection`).
 
+mod access_manager;
+mod access_session;
 mod admin;
 mod agent_connection;
 mod agent_view;
@@ -34,6 +36,7 @@ mod tunnel_agent;
 mod udp_flow;
 mod udp_listener;
 
+pub use access_manager::{AccessManager, StartedSession};
 pub use agent_view::{PublishedCallback, PublishedService};
 pub use control_handler::ControlHandler;
 pub use node_tunnels::NodeTunnelManager;

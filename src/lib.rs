@@ -24,6 +24,7 @@
 #[path = "../actors/mod.rs"]
 pub mod actors;
 
+pub mod access;
 pub mod accounting;
 pub mod auth;
 pub mod backoff;
@@ -40,9 +41,10 @@ pub mod throttle;
 pub mod tls;
 pub mod udp;
 
+pub use access::AccessSessionInfo;
 pub use actors::{
-    ConnectionCallback, ControlHandler, NodeTunnelManager, PublishedCallback, PublishedService,
-    TunnelAgent, TunnelInfo, TunnelRegistry,
+    AccessManager, ConnectionCallback, ControlHandler, NodeTunnelManager, PublishedCallback,
+    PublishedService, StartedSession, TunnelAgent, TunnelInfo, TunnelRegistry,
 };
 pub use auth::{
     AuthError, Secret, TokenScope, TokenStore, TokenValidator, accept_all_tokens, hash_token,

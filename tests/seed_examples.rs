@@ -1,6 +1,5 @@
-//! The seed README's code examples, as written, compile against this crate
-//! (server, client and node-to-node; on-demand access arrives with its part of
-//! the issue). The functions are compiled, not run: they name example hosts.
+//! The seed README's four code examples, as written, compile against this
+//! crate: server, client, node-to-node and on-demand access. The functions are compiled, not run: they name example hosts.
 
 #![allow(dead_code, unused_variables, clippy::print_stdout)]
 
@@ -86,6 +85,44 @@ mod node_to_node {
         if let Some(status) = manager.get_status("db-tunnel") {
             println!("Tunnel state: {:?}", status.state);
         }
+        Ok(())
+    }
+}
+
+// "On-Demand Access", verbatim.
+mod on_demand_access {
+    use std::time::Duration;
+    use zlayer_tunnel::AccessManager;
+
+    async fn setup() -> zlayer_tunnel::Result<()> {
+        // Create access manager with default 1-hour TTL
+        let manager = AccessManager::new().with_default_ttl(Duration::from_secs(3600));
+
+        // Start a session to access a remote service locally
+        let session = manager
+            .start_session(
+                "internal-api".to_string(),   // Endpoint name
+                "10.0.0.50:8080".to_string(), // Remote address
+                Some(8080),                   // Local port (None = auto-assign)
+                None,                         // TTL (None = use default)
+            )
+            .await?;
+
+        println!("Access via: http://127.0.0.1:{}", session.local_addr.port());
+
+        // List active sessions
+        for info in manager.list_sessions() {
+            println!(
+                "{}: {} -> {} ({}s remaining)",
+                info.endpoint,
+                info.local_addr,
+                info.remote_addr,
+                info.remaining.map(|d| d.as_secs()).unwrap_or(0)
+            );
+        }
+
+        // Clean up expired sessions
+        manager.cleanup_expired();
         Ok(())
     }
 }

@@ -1,0 +1,103 @@
+//! On-demand access sessions (direct mode): a checksummed transfer through a
+//! session with exact accounting, and the TTL enforced live: at expiry the
+//! listener closes and an open connection is closed mid-transfer after the grace.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{DEADLINE, services, wait_closed};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use zlayer_tunnel::AccessManager;
+
+#[actix_web::test]
+async fn a_session_carries_bytes_both_ways_and_counts_them_exactly() {
+    let echo = services::echo().await;
+    let manager = AccessManager::new().with_default_ttl(Duration::from_secs(60));
+    let session = manager
+        .start_session("echo".into(), format!("127.0.0.1:{echo}"), None, None)
+        .await
+        .unwrap();
+    let data = common::pattern(11, 5 << 20);
+    let mut s = tokio::net::TcpStream::connect(session.local_addr)
+        .await
+        .unwrap();
+    let (mut r, mut w) = s.split();
+    let send = async {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let mut back = Vec::new();
+    let (_, got) = tokio::join!(send, r.read_to_end(&mut back));
+    got.unwrap();
+    assert_eq!(common::sha256(&back), common::sha256(&data));
+    drop(s);
+
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let info = loop {
+        let info = manager.list_sessions().pop().unwrap();
+        if info.stats.connections_active == 0 {
+            break info;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the connection never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(info.endpoint, "echo");
+    assert_eq!(info.remote_addr, format!("127.0.0.1:{echo}"));
+    let len = data.len() as u64;
+    assert_eq!((info.stats.bytes_in, info.stats.bytes_out), (len, len));
+    assert_eq!(info.stats.connections_total, 1);
+    assert!(info.remaining.unwrap() > Duration::from_secs(50));
+    assert!(manager.end_session(info.id));
+    assert!(wait_closed(session.local_addr.port(), DEADLINE).await);
+    assert!(manager.list_sessions().is_empty());
+}
+
+#[actix_web::test]
+async fn the_ttl_closes_the_listener_and_open_connections_mid_transfer() {
+    let echo = services::echo().await;
+    let manager = AccessManager::new().with_grace(Duration::from_millis(200));
+    let session = manager
+        .start_session(
+            "echo".into(),
+            format!("127.0.0.1:{echo}"),
+            None,
+            Some(Duration::from_millis(500)),
+        )
+        .await
+        .unwrap();
+    let mut s = tokio::net::TcpStream::connect(session.local_addr)
+        .await
+        .unwrap();
+    // a transfer that would outlive the session: 16 KiB every 20 ms, echoed
+    let transfer = async {
+        let chunk = [7u8; 16 * 1024];
+        let mut back = vec![0u8; chunk.len()];
+        loop {
+            if s.write_all(&chunk).await.is_err() {
+                return;
+            }
+            match s.read_exact(&mut back).await {
+                Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(_) => return,
+            }
+        }
+    };
+    tokio::time::timeout(DEADLINE, transfer)
+        .await
+        .expect("the open connection outlived its session");
+    assert!(
+        wait_closed(session.local_addr.port(), DEADLINE).await,
+        "listener still open"
+    );
+    let info = manager.list_sessions().pop().unwrap();
+    assert!(info.expired && info.remaining.is_none(), "{info:?}");
+    assert!(info.stats.bytes_in > 0, "nothing crossed before the expiry");
+    assert_eq!(manager.cleanup_expired(), 1);
+    assert!(manager.list_sessions().is_empty());
+}
