@@ -3,10 +3,13 @@
 //! enforced live. Not an actor: a handle over `AccessSession` actors, which
 //! run on the library's runtime thread.
 //!
-//! This manager dials each session's `remote_addr` directly, as the original
-//! does: for nodes that share an overlay network. Relaying sessions through a
-//! tunnel server to the agent that registered the endpoint (the `Open`
-//! message of docs/PROTOCOL.md §4.5) is not built yet.
+//! With a server (`with_server`), each local connection becomes a stream
+//! through that tunnel server to the agent that registered the service named
+//! by the session's endpoint (the `Open` message of docs/PROTOCOL.md §4.5);
+//! `remote_addr` is what that agent dials if its `access_targets` allow it,
+//! and is otherwise only shown. Without a server, the manager dials
+//! `remote_addr` directly, as the original does: for nodes that share an
+//! overlay network.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,9 +20,11 @@ use actix::Addr;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::access_session::{AccessSession, EndSession, SessionWiring};
+use super::TunnelAgent;
+use super::access_session::{AccessSession, EndSession, Route, SessionWiring};
 use crate::access::{AccessSessionInfo, DEFAULT_GRACE, DEFAULT_TTL, Lifetime};
 use crate::accounting::{CounterSet, Counters};
+use crate::config::TunnelClientConfig;
 use crate::{Result, TunnelError};
 
 /// A session just started: where to connect.
@@ -46,6 +51,9 @@ struct Entry {
 pub struct AccessManager {
     default_ttl: Duration,
     grace: Duration,
+    /// The access link to a tunnel server (relay mode), started with the first session.
+    link: Option<TunnelAgent>,
+    link_started: std::sync::Once,
     sessions: Mutex<HashMap<Uuid, Entry>>,
 }
 
@@ -63,6 +71,8 @@ impl AccessManager {
         Self {
             default_ttl: DEFAULT_TTL,
             grace: DEFAULT_GRACE,
+            link: None,
+            link_started: std::sync::Once::new(),
             sessions: Mutex::new(HashMap::new()),
         }
     }
@@ -71,6 +81,14 @@ impl AccessManager {
     #[must_use]
     pub fn with_default_ttl(mut self, ttl: Duration) -> Self {
         self.default_ttl = ttl;
+        self
+    }
+
+    /// Relays sessions through the tunnel server at `url` (`ws://` or
+    /// `wss://`), authenticated with `token`, instead of dialing directly.
+    #[must_use]
+    pub fn with_server(mut self, url: impl Into<String>, token: impl Into<String>) -> Self {
+        self.link = Some(TunnelAgent::new(TunnelClientConfig::new(url, token)));
         self
     }
 
@@ -96,8 +114,20 @@ impl AccessManager {
         }
         let id = Uuid::new_v4();
         let counters = Arc::new(Counters::new());
+        let route = match &self.link {
+            Some(link) => {
+                self.start_link(link)?;
+                Self::link_ready(link).await?;
+                Route::Relay {
+                    link: Box::new(link.clone()),
+                    endpoint: endpoint.clone(),
+                }
+            }
+            None => Route::Direct,
+        };
         let wiring = SessionWiring {
             id,
+            route,
             remote: remote_addr.clone(),
             ttl,
             grace: self.grace,
@@ -170,6 +200,45 @@ impl AccessManager {
         true
     }
 
+    /// Waits until the access link is authenticated (or fails).
+    async fn link_ready(link: &TunnelAgent) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = link.status();
+            match status.state {
+                crate::status::TunnelState::Connected { .. } => return Ok(()),
+                crate::status::TunnelState::Failed { error } => {
+                    return Err(TunnelError::auth(error));
+                }
+                state if tokio::time::Instant::now() >= deadline => {
+                    return Err(TunnelError::config(format!(
+                        "cannot reach the tunnel server {}: {state:?}",
+                        status.server_url
+                    )));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+
+    /// Starts the access link once; it reconnects on its own from then on.
+    fn start_link(&self, link: &TunnelAgent) -> Result<()> {
+        let mut spawned = true;
+        self.link_started.call_once(|| {
+            let runner = link.clone();
+            spawned = super::runtime::arbiter().spawn(async move {
+                if let Err(error) = runner.run().await {
+                    tracing::error!(%error, "the access link to the tunnel server failed");
+                }
+            });
+        });
+        if spawned {
+            Ok(())
+        } else {
+            Err(TunnelError::Shutdown)
+        }
+    }
+
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, HashMap<Uuid, Entry>>> {
         self.sessions.lock().map_err(|_| TunnelError::Shutdown)
     }
@@ -199,6 +268,14 @@ async fn start_on_runtime(
             "local_port {port}: cannot listen on 127.0.0.1: {e}"
         ))),
         Err(_) => Err(TunnelError::Shutdown),
+    }
+}
+
+impl Drop for AccessManager {
+    fn drop(&mut self) {
+        if let Some(link) = &self.link {
+            link.stop();
+        }
     }
 }
 

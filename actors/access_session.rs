@@ -1,7 +1,8 @@
 //! `AccessSession`: one per on-demand access session. Owns the session's
-//! local listener; each accepted connection is spliced to the remote address
-//! (dialed directly: the manager's direct mode, for nodes on one overlay
-//! network) with live byte counts. At its TTL, or on `EndSession`, the
+//! local listener; each accepted connection becomes a stream through the
+//! tunnel server to the agent that registered the endpoint (relay mode), or is
+//! spliced to the remote address dialed directly (direct mode, for nodes on
+//! one overlay network), with live byte counts. At its TTL, or on `EndSession`, the
 //! listener closes at once and open connections get a grace period, then are
 //! closed.
 
@@ -15,6 +16,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::TunnelAgent;
+use super::agent_connection::OpenStream;
 use crate::accounting::{CounterSet, Direction};
 
 /// Deadline for dialing the remote address.
@@ -25,9 +28,23 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 #[rtype(result = "()")]
 pub(crate) struct EndSession;
 
+/// Where a session's connections go.
+#[derive(Clone)]
+pub(crate) enum Route {
+    /// Dial `remote` directly.
+    Direct,
+    /// Through the server this access link is connected to, to the service
+    /// named `endpoint`.
+    Relay {
+        link: Box<TunnelAgent>,
+        endpoint: String,
+    },
+}
+
 /// How a session is set up.
 pub(crate) struct SessionWiring {
     pub(crate) id: Uuid,
+    pub(crate) route: Route,
     pub(crate) remote: String,
     pub(crate) ttl: Duration,
     pub(crate) grace: Duration,
@@ -80,6 +97,19 @@ impl StreamHandler<io::Result<(TcpStream, SocketAddr)>> for AccessSession {
         let counters = self.wiring.counters.clone();
         let cancel = self.connections.child_token();
         let id = self.wiring.id;
+        if let Route::Relay { link, endpoint } = &self.wiring.route {
+            let open = OpenStream {
+                socket: local,
+                service: endpoint.clone(),
+                target: remote,
+                counters,
+                cancel,
+            };
+            if !link.open_stream(open) {
+                tracing::warn!(session = %id, %peer, "the access link is not running");
+            }
+            return;
+        }
         // a task, not an actor future: it outlives the listener by the grace period
         actix::spawn(async move {
             let dial = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(&remote)).await;

@@ -43,8 +43,9 @@ type WsSink = SplitSink<actix_codec::Framed<awc::BoxedSocket, ws::Codec>, ws::Me
 const MAX_BATCH: usize = 256 * 1024;
 
 /// Features this agent offers.
-const OFFERED: Features =
-    Features::from_bits(Features::STREAMS.bits() | Features::DATAGRAMS.bits());
+const OFFERED: Features = Features::from_bits(
+    Features::STREAMS.bits() | Features::DATAGRAMS.bits() | Features::ACCESS.bits(),
+);
 
 /// Stops the agent for good (`TunnelAgent::stop`).
 #[derive(Message)]
@@ -160,6 +161,51 @@ impl Handler<StreamEvent> for AgentConnection {
         let mut outbox = std::mem::take(&mut self.outbox);
         link.streams.on_event(event, &mut |m| outbox.push(m));
         self.flush(outbox, ctx);
+    }
+}
+
+/// Opens an access stream for `socket` to `service` through the server
+/// (`AccessManager` with a server).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct OpenStream {
+    pub(crate) socket: tokio::net::TcpStream,
+    pub(crate) service: String,
+    pub(crate) target: String,
+    pub(crate) counters: CounterSet,
+    pub(crate) cancel: CancellationToken,
+}
+
+impl Handler<OpenStream> for AgentConnection {
+    type Result = ();
+
+    fn handle(&mut self, msg: OpenStream, ctx: &mut Self::Context) {
+        let ready = self
+            .link
+            .as_mut()
+            .filter(|l| l.authenticated && l.features.contains(Features::ACCESS));
+        let Some(link) = ready else {
+            // the socket is dropped: the local client sees the connection close
+            return tracing::warn!(service = %msg.service, "no access link to the server yet; connection closed");
+        };
+        let id = Uuid::new_v4();
+        let window = match link.streams.open_relayed(id) {
+            Ok(window) => window,
+            Err(e) => return tracing::warn!(error = %e, "access stream not opened"),
+        };
+        let wiring = StreamWiring {
+            id,
+            channel: ctx.address().recipient(),
+            initial_credit: 0,
+            counters: msg.counters,
+            read_direction: Direction::In,
+            cancel: msg.cancel,
+        };
+        link.streams
+            .attach(id, ForwardedConnection::start(msg.socket, wiring));
+        tracing::debug!(stream = %id, service = %msg.service, "access stream opened");
+        self.send(Message::open(id, msg.service, msg.target).ok(), ctx);
+        self.send(Some(window), ctx);
     }
 }
 
@@ -349,6 +395,22 @@ impl AgentConnection {
             } => {
                 self.on_connect(service_id, connection_id, client_addr, ctx);
             }
+            Message::Open {
+                connection_id,
+                service,
+                target,
+            } => self.on_open(connection_id, &service, &target, ctx),
+            Message::ConnectFail {
+                connection_id,
+                reason,
+                ..
+            } => {
+                tracing::warn!(stream = %connection_id, %reason, "access stream refused");
+                if let Some(link) = self.link.as_mut() {
+                    link.streams.refuse(connection_id);
+                }
+            }
+            Message::ConnectAck { .. } => {}
             Message::Disconnect { reason, .. } => {
                 tracing::info!(%reason, "server disconnected the agent");
                 self.drop_link(format!("server disconnected the agent: {reason}"), ctx);
@@ -504,12 +566,54 @@ impl AgentConnection {
             return self.open_flow(service_id, id, &client_addr, ctx);
         }
         match self.accept_stream(service_id, id, &client_addr) {
-            Ok((local, name)) => self.dial(id, local, name, ctx),
+            Ok((local, name)) => {
+                let credit = self.link.as_ref().map_or(0, |l| l.server_window);
+                self.dial(id, local, name, credit, ctx)
+            }
             Err(reason) => {
                 tracing::info!(stream = %id, visitor = %client_addr, reason, "connection refused");
                 self.send(Message::connect_fail(id, reason).ok(), ctx);
             }
         }
+    }
+
+    /// An access client opened a stream to service `name` (relayed by the server).
+    fn on_open(&mut self, id: Uuid, name: &str, target: &str, ctx: &mut Context<Self>) {
+        match self.accept_open(id, name, target) {
+            Ok((dial, window)) => {
+                self.send(Some(window), ctx);
+                self.dial(id, dial, name.to_owned(), 0, ctx);
+            }
+            Err(reason) => {
+                tracing::info!(stream = %id, service = name, target, %reason, "access stream refused");
+                self.send(Message::connect_fail(id, reason).ok(), ctx);
+            }
+        }
+    }
+
+    /// What to dial for an `Open`, and the `Window` granting our receive window.
+    fn accept_open(
+        &mut self,
+        id: Uuid,
+        name: &str,
+        target: &str,
+    ) -> Result<(String, Message), String> {
+        let allowed = &self.shared.config.access_targets;
+        let link = self.link.as_mut().ok_or("no link")?;
+        let service = link
+            .services
+            .values()
+            .find(|s| s.name == name && s.protocol == ServiceProtocol::Tcp)
+            .ok_or_else(|| format!("no TCP service named {name:?} on this agent"))?;
+        // the target is dialed only if allowed; otherwise it is only shown
+        // to the access client, and the service's own address is dialed
+        let dial = if !target.is_empty() && allowed.iter().any(|a| a == target) {
+            target.to_owned()
+        } else {
+            service.local_addr()
+        };
+        let window = link.streams.open_relayed(id).map_err(|e| e.to_string())?;
+        Ok((dial, window))
     }
 
     /// A visitor address opened a flow of a UDP service: a socket toward the service for it.
@@ -595,7 +699,15 @@ impl AgentConnection {
         Ok((local, name))
     }
 
-    fn dial(&mut self, id: Uuid, local: String, service: String, ctx: &mut Context<Self>) {
+    /// Dials `local` for stream `id`; `credit` is what the stream may send before a `Window`.
+    fn dial(
+        &mut self,
+        id: Uuid,
+        local: String,
+        service: String,
+        credit: u32,
+        ctx: &mut Context<Self>,
+    ) {
         let timeout = self.shared.config.local_connect_timeout;
         let generation = self.link.as_ref().map_or(0, |l| l.generation);
         let dial = async move {
@@ -605,17 +717,16 @@ impl AgentConnection {
                 Err(_) => Err(format!("local service {local} did not answer in time")),
             }
         };
-        ctx.spawn(
-            dial.into_actor(self)
-                .map(move |result, act, ctx| act.dialed(id, &service, generation, result, ctx)),
-        );
+        ctx.spawn(dial.into_actor(self).map(move |result, act, ctx| {
+            act.dialed(id, &service, (generation, credit), result, ctx)
+        }));
     }
 
     fn dialed(
         &mut self,
         id: Uuid,
         service: &str,
-        generation: u64,
+        (generation, credit): (u64, u32),
         result: Result<tokio::net::TcpStream, String>,
         ctx: &mut Context<Self>,
     ) {
@@ -633,7 +744,7 @@ impl AgentConnection {
         let wiring = StreamWiring {
             id,
             channel: ctx.address().recipient(),
-            initial_credit: link.server_window,
+            initial_credit: credit,
             counters: CounterSet::new(
                 std::iter::once(self.shared.counters.clone())
                     .chain(self.shared.view.counters(service))

@@ -25,9 +25,10 @@ use uuid::Uuid;
 use super::control_handler::ServerShared;
 use super::forwarded_connection::{ForwardedConnection, StreamEvent, StreamWiring};
 use super::registry::{
-    AllocatePort, CloseTunnel, OpenTunnel, ReleasePort, ReportAlive, ServiceEntry,
+    AllocatePort, CloseTunnel, FindService, OpenTunnel, ReleasePort, ReportAlive, ServiceEntry,
     ServiceRegistered, TunnelClosed,
 };
+use super::relay::{Relay, Relays};
 use super::service_listener::{ServiceListener, StopListener, VisitorArrived};
 use super::stream_hub::StreamHub;
 use super::udp_listener::{
@@ -44,8 +45,9 @@ use crate::streams::StreamSettings;
 use crate::throttle::Admission;
 
 /// Features this server accepts.
-const SUPPORTED: Features =
-    Features::from_bits(Features::STREAMS.bits() | Features::DATAGRAMS.bits());
+const SUPPORTED: Features = Features::from_bits(
+    Features::STREAMS.bits() | Features::DATAGRAMS.bits() | Features::ACCESS.bits(),
+);
 
 /// A registered service of this tunnel.
 struct Service {
@@ -90,6 +92,7 @@ struct Session {
     services: HashMap<Uuid, Service>,
     streams: StreamHub,
     flows: HashMap<Uuid, Flow>,
+    relays: Relays,
     agent_window: u32,
     counters: Arc<Counters>,
 }
@@ -131,6 +134,7 @@ impl Actor for ControlChannel {
             "agent disconnected"
         );
         session.streams.close_all();
+        session.relays.end_all();
         session.cancel.cancel();
         let registry = self.shared.registry.addr();
         registry.do_send(TunnelClosed {
@@ -204,6 +208,51 @@ impl Handler<UdpEvent> for ControlChannel {
             }
             UdpEvent::Closed { id } => {
                 if session.flows.remove(&id).is_some() {
+                    let close = Message::Close {
+                        connection_id: id,
+                        kind: CloseKind::Abort,
+                    };
+                    self.send(ctx, Some(close));
+                }
+            }
+        }
+    }
+}
+
+impl Handler<Relay> for ControlChannel {
+    type Result = ();
+
+    fn handle(&mut self, relay: Relay, ctx: &mut Self::Context) {
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        match relay {
+            Relay::Open {
+                id,
+                service,
+                target,
+                from,
+            } => {
+                if !session.features.contains(Features::ACCESS) {
+                    let reason = "the agent of this service does not take access streams";
+                    if let Ok(refusal) = Message::connect_fail(id, reason) {
+                        from.do_send(Relay::Frame {
+                            id,
+                            frame: refusal.to_bytes(),
+                        });
+                    }
+                    return;
+                }
+                session.relays.insert(id, from);
+                self.send(ctx, Message::open(id, service, target).ok());
+            }
+            Relay::Frame { id, frame } => {
+                if session.relays.accept_from_other(id, &frame) {
+                    ctx.binary(frame);
+                }
+            }
+            Relay::Gone { id } => {
+                if session.relays.remove(id) {
                     let close = Message::Close {
                         connection_id: id,
                         kind: CloseKind::Abort,
@@ -312,7 +361,13 @@ impl ControlChannel {
             (false, other) => {
                 self.protocol_error(ctx, &format!("{:?} before Auth", other.message_type()))
             }
-            (true, message) => self.on_session_message(message, ctx),
+            (true, message) => {
+                let relayed = (self.session.as_mut())
+                    .is_some_and(|s| s.relays.relay_from_peer(&message, &frame));
+                if !relayed {
+                    self.on_session_message(message, ctx);
+                }
+            }
         }
     }
 
@@ -346,11 +401,62 @@ impl ControlChannel {
                 connection_id,
                 data,
             } => self.on_datagram(connection_id, data, ctx),
+            Message::Open {
+                connection_id,
+                service,
+                target,
+            } => self.open_relay(connection_id, service, target, ctx),
             m @ (Message::Data { .. } | Message::Window { .. } | Message::Close { .. }) => {
                 self.on_stream_frame(m, ctx)
             }
             other => self.protocol_error(ctx, &format!("unexpected {:?}", other.message_type())),
         }
+    }
+
+    /// An access client's `Open`: relayed to the channel of the agent that
+    /// registered `service`. Later frames wait for the lookup (`wait`), so the
+    /// client's first `Window` finds the relay in place.
+    fn open_relay(
+        &mut self,
+        id: Uuid,
+        service: String,
+        target: String,
+        ctx: &mut ws::WebsocketContext<Self>,
+    ) {
+        let Some(session) = self.session.as_ref() else {
+            return;
+        };
+        if !session.features.contains(Features::ACCESS) {
+            return self.protocol_error(ctx, "Open without the ACCESS feature");
+        }
+        let find = FindService {
+            name: service.clone(),
+        };
+        self.shared
+            .registry
+            .addr()
+            .send(find)
+            .into_actor(self)
+            .map(move |found, act, ctx| {
+                let Some(session) = act.session.as_mut() else {
+                    return;
+                };
+                let Ok(Some(agent)) = found else {
+                    let reason = format!("no service named {service:?} on this server");
+                    act.span.in_scope(
+                        || tracing::info!(stream = %id, %reason, "access stream refused"),
+                    );
+                    return act.send(ctx, Message::connect_fail(id, reason).ok());
+                };
+                session.relays.insert(id, agent.clone());
+                agent.do_send(Relay::Open {
+                    id,
+                    service,
+                    target,
+                    from: ctx.address().recipient(),
+                });
+            })
+            .wait(ctx);
     }
 
     fn on_datagram(&mut self, id: Uuid, data: Bytes, ctx: &mut ws::WebsocketContext<Self>) {
@@ -396,6 +502,7 @@ impl ControlChannel {
             client_id,
             peer: self.peer,
             channel: ctx.address().recipient(),
+            relay: ctx.address().recipient(),
             timeout: config.heartbeat_timeout + config.heartbeat_interval,
             max_tunnels: config.max_tunnels,
             counters: self.counters.clone(),
@@ -477,6 +584,7 @@ impl ControlChannel {
             services: HashMap::new(),
             streams: StreamHub::new(settings),
             flows: HashMap::new(),
+            relays: Relays::default(),
             agent_window,
             counters: self.counters.clone(),
         });

@@ -28,6 +28,7 @@ mod forwarded_connection;
 mod frame_guard;
 mod node_tunnels;
 pub mod registry;
+mod relay;
 mod runtime;
 mod serve;
 mod service_listener;

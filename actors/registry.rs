@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::Error;
+use super::relay::Relay;
 use crate::accounting::{Counters, Snapshot};
 use crate::liveness::Liveness;
 use crate::ports::{PortError, PortPool};
@@ -39,6 +40,8 @@ pub(crate) struct OpenTunnel {
     pub(crate) client_id: Uuid,
     pub(crate) peer: SocketAddr,
     pub(crate) channel: Recipient<CloseTunnel>,
+    /// Where relayed access streams for this tunnel's services go.
+    pub(crate) relay: Recipient<Relay>,
     pub(crate) timeout: Duration,
     pub(crate) max_tunnels: usize,
     pub(crate) counters: Arc<Counters>,
@@ -104,6 +107,13 @@ pub(crate) struct CloseAll {
     pub(crate) reason: String,
 }
 
+/// The channel of the tunnel that registered TCP service `name` (for `Open`).
+#[derive(Message)]
+#[rtype(result = "Option<Recipient<Relay>>")]
+pub(crate) struct FindService {
+    pub(crate) name: String,
+}
+
 /// Counts the free ports.
 #[derive(Message)]
 #[rtype(result = "usize")]
@@ -113,6 +123,7 @@ struct TunnelEntry {
     info: TunnelInfo,
     key: (String, Uuid),
     channel: Recipient<CloseTunnel>,
+    relay: Recipient<Relay>,
     liveness: Liveness,
     cancel: CancellationToken,
     counters: Arc<Counters>,
@@ -168,6 +179,7 @@ impl Handler<OpenTunnel> for Registry {
             info,
             key,
             channel,
+            relay: msg.relay,
             liveness,
             cancel: cancel.clone(),
             counters: msg.counters,
@@ -240,6 +252,20 @@ impl Handler<ServiceRegistered> for Registry {
         if let Some(entry) = self.tunnels.get_mut(&msg.tunnel_id) {
             entry.services.push((msg.service, msg.counters));
         }
+    }
+}
+
+impl Handler<FindService> for Registry {
+    type Result = Option<Recipient<Relay>>;
+
+    fn handle(&mut self, msg: FindService, _: &mut Self::Context) -> Self::Result {
+        let mut tunnels = self.tunnels.values();
+        let found = tunnels.find(|t| {
+            t.services
+                .iter()
+                .any(|(s, _)| s.name == msg.name && s.protocol == ServiceProtocol::Tcp)
+        })?;
+        Some(found.relay.clone())
     }
 }
 

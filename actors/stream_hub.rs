@@ -44,6 +44,14 @@ impl StreamHub {
         Ok(())
     }
 
+    /// Opens a relayed (`Open`) stream whose socket is not attached yet; the
+    /// `Window` to send (see `StreamTable::open_relayed`).
+    pub(crate) fn open_relayed(&mut self, id: Uuid) -> Result<Message, StreamError> {
+        let window = self.table.open_relayed(id)?;
+        self.pending.insert(id, Vec::new());
+        Ok(window)
+    }
+
     /// Attaches the socket's actor, handing it what arrived meanwhile. False
     /// if the stream ended while the socket was dialed.
     pub(crate) fn attach(&mut self, id: Uuid, addr: Addr<ForwardedConnection>) -> bool {

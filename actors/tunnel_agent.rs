@@ -135,6 +135,12 @@ impl TunnelAgent {
         }
     }
 
+    /// Opens an access stream through the server; false if the agent is not running.
+    pub(crate) fn open_stream(&self, open: super::agent_connection::OpenStream) -> bool {
+        let addr = self.control.lock().ok().and_then(|c| c.addr.clone());
+        addr.map(|addr| addr.do_send(open)).is_some()
+    }
+
     /// Traffic of service `name` since the agent started (all sessions).
     pub fn service_stats(&self, name: &str) -> Option<Snapshot> {
         self.view.counters(name).map(|c| c.snapshot())

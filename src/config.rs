@@ -272,6 +272,10 @@ pub struct TunnelClientConfig {
     /// A UDP flow silent both ways this long is forgotten. Default 60 s.
     #[serde(default = "default_udp_idle", with = "humantime_serde")]
     pub udp_idle_timeout: Duration,
+    /// Addresses an access client may ask this agent to dial (`Open` with a
+    /// target), besides its registered services. Default none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub access_targets: Vec<String>,
     /// For `wss://`: a PEM file of the CAs to trust instead of the system
     /// roots, or of the server's own (pinned) certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -334,6 +338,7 @@ impl TunnelClientConfig {
             max_stream_window: default_max_stream_window(),
             tunnel_window_budget: default_tunnel_budget(),
             udp_idle_timeout: default_udp_idle(),
+            access_targets: Vec::new(),
             ca_cert: None,
             services: Vec::new(),
         }

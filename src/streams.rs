@@ -153,6 +153,22 @@ impl StreamTable {
         Ok(())
     }
 
+    /// Opens `id` for an `Open` stream, relayed end to end by the server:
+    /// neither end knows the other's initial window, so each starts with no
+    /// send credit and grants its receive window explicitly. Returns that
+    /// `Window`, to send to the peer.
+    pub fn open_relayed(&mut self, id: Uuid) -> Result<Message, StreamError> {
+        self.open(id)?;
+        let recv_initial = self.settings.recv_initial;
+        if let Some(stream) = self.streams.get_mut(&id) {
+            stream.send = SendWindow::new(0);
+        }
+        Ok(Message::Window {
+            connection_id: id,
+            increment: recv_initial,
+        })
+    }
+
     /// Handles a stream frame from the peer (`Data`, `Window`, `Close`); other
     /// messages are not stream frames and produce nothing.
     pub fn on_frame(&mut self, message: Message, out: &mut Vec<StreamAction>) {

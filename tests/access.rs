@@ -1,6 +1,7 @@
-//! On-demand access sessions (direct mode): a checksummed transfer through a
-//! session with exact accounting, and the TTL enforced live: at expiry the
-//! listener closes and an open connection is closed mid-transfer after the grace.
+//! On-demand access sessions: through a tunnel server to the agent that
+//! registered the endpoint (relay), or dialed directly; checksummed transfers
+//! with exact accounting, and the TTL enforced live: at expiry the listener
+//! closes and an open connection is closed mid-transfer after the grace.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -8,7 +9,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{DEADLINE, services, wait_closed};
+use common::{
+    DEADLINE, fast_config, free_ports, services, spawn_agent, spawn_server, wait_closed,
+    wait_listening,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use zlayer_tunnel::AccessManager;
 
@@ -100,4 +104,75 @@ async fn the_ttl_closes_the_listener_and_open_connections_mid_transfer() {
     assert!(info.stats.bytes_in > 0, "nothing crossed before the expiry");
     assert_eq!(manager.cleanup_expired(), 1);
     assert!(manager.list_sessions().is_empty());
+}
+
+/// 4 MiB each way through `addr`, checked by digest; the bytes moved.
+async fn echo_through(addr: std::net::SocketAddr, seed: u64) -> u64 {
+    let data = common::pattern(seed, 4 << 20);
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = s.split();
+    let send = async {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let mut back = Vec::new();
+    let (_, got) = tokio::join!(send, r.read_to_end(&mut back));
+    got.unwrap();
+    assert_eq!(
+        common::sha256(&back),
+        common::sha256(&data),
+        "corrupted through the session"
+    );
+    data.len() as u64
+}
+
+#[actix_web::test]
+async fn a_session_through_the_server_reaches_the_agents_service() {
+    let (port, _) = free_ports(1);
+    let server = spawn_server(fast_config((port, port)), "secret");
+    let echo = services::echo().await;
+    let (_agent, _task) = spawn_agent(
+        server.addr,
+        "secret",
+        vec![zlayer_tunnel::ServiceConfig::tcp("db", echo).with_remote_port(port)],
+    );
+    wait_listening(port).await;
+    let manager =
+        AccessManager::new().with_server(format!("ws://{}/tunnel/v1", server.addr), "secret");
+    // the remote address is only shown: the agent dials its own service
+    let session = manager
+        .start_session("db".into(), "10.0.0.50:5432".into(), None, None)
+        .await
+        .unwrap();
+    let mut moved = echo_through(session.local_addr, 1).await;
+    moved += echo_through(session.local_addr, 2).await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let stats = manager.list_sessions().pop().unwrap().stats;
+        if stats.connections_active == 0 {
+            assert_eq!((stats.bytes_in, stats.bytes_out), (moved, moved));
+            assert_eq!(stats.connections_total, 2);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "connections never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // an endpoint nobody registered: the connection is closed, with a log line saying why
+    let nowhere = manager
+        .start_session("nope".into(), String::new(), None, None)
+        .await
+        .unwrap();
+    // (it may be reset so fast that even the connect sees it)
+    if let Ok(mut s) = tokio::net::TcpStream::connect(nowhere.local_addr).await {
+        let _ = s.write_all(b"hello?").await;
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(DEADLINE, s.read(&mut buf))
+            .await
+            .expect("left hanging");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
 }

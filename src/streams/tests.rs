@@ -264,3 +264,44 @@ fn limits_and_local_misuse_are_errors() {
     left.sort();
     assert_eq!(left, vec![id(0), id(2)]);
 }
+
+#[test]
+fn relayed_streams_start_without_credit_and_grant_their_window() {
+    let mut table = StreamTable::new(StreamSettings {
+        max_streams: 4,
+        recv_initial: 1000,
+        recv_max: 1000,
+        send_initial: 5000,
+        budget: 0,
+    });
+    let id = Uuid::from_u128(7);
+    let grant = table.open_relayed(id).unwrap();
+    assert_eq!(
+        grant,
+        Message::Window {
+            connection_id: id,
+            increment: 1000
+        }
+    );
+    assert_eq!(
+        table.send_credit(id),
+        0,
+        "nothing may be sent before the peer's Window"
+    );
+    assert!(table.spend(id, 1).is_err());
+    let mut out = Vec::new();
+    table.on_frame(
+        Message::Window {
+            connection_id: id,
+            increment: 300,
+        },
+        &mut out,
+    );
+    assert_eq!(table.send_credit(id), 300);
+    // what we granted is what the peer may send
+    table.on_frame(
+        Message::data(id, Bytes::from(vec![0; 1000])).unwrap(),
+        &mut out,
+    );
+    assert!(matches!(out.last(), Some(StreamAction::Deliver { .. })));
+}
