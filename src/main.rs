@@ -28,9 +28,35 @@ enum Command {
     Server(ServerArgs),
     /// Runs an agent: publishes local services through a tunnel server.
     Agent(AgentArgs),
+    /// Opens temporary local access to a service published on a tunnel
+    /// server (like `cloudflared access tcp`); prints the local address.
+    Access(AccessArgs),
     /// Token utilities.
     #[command(subcommand)]
     Token(TokenCommand),
+}
+
+#[derive(Args)]
+struct AccessArgs {
+    /// Control URL of the server, ws:// or wss://.
+    #[arg(long)]
+    server: String,
+    /// The token; prefer ZLAYER_TUNNEL_TOKEN, which stays out of `ps`.
+    #[arg(long, env = "ZLAYER_TUNNEL_TOKEN", hide_env_values = true)]
+    token: String,
+    /// The name of the service, as its agent registered it.
+    #[arg(long)]
+    service: String,
+    /// The local port to listen on, on 127.0.0.1. Default: any free port.
+    #[arg(long)]
+    local_port: Option<u16>,
+    /// How long the access lasts, e.g. 30m. Default 1h.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+    ttl: Duration,
+    /// An address for the agent to dial instead of the service's own, if its
+    /// access_targets allow it.
+    #[arg(long, default_value = "")]
+    target: String,
 }
 
 #[derive(Args)]
@@ -125,6 +151,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Server(args) => run_server(args),
         Command::Agent(args) => run_agent(args),
+        Command::Access(args) => run_access(args),
         Command::Token(TokenCommand::Hash { token }) => print_hash(&token),
         Command::Token(TokenCommand::Generate) => generate_token(),
     };
@@ -312,6 +339,32 @@ fn print_published(service: &zlayer_tunnel::PublishedService) {
         service.name, service.protocol, service.public_addr
     );
     let _ = out.flush();
+}
+
+fn run_access(args: AccessArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let manager = zlayer_tunnel::AccessManager::new().with_server(&args.server, &args.token);
+        let session = manager
+            .start_session(args.service.clone(), args.target, args.local_port, Some(args.ttl))
+            .await
+            .with_context(|| format!("--service {}", args.service))?;
+        println!("{}", session.local_addr);
+        tracing::info!(service = %args.service, local = %session.local_addr, ttl = %humantime::format_duration(args.ttl), "access open");
+        use tokio::signal::unix::{SignalKind, signal};
+        let (mut int, mut term) = (
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+        );
+        tokio::select! {
+            () = tokio::time::sleep(args.ttl) => tracing::info!("access expired"),
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        Ok(())
+    })
 }
 
 fn print_hash(token: &str) -> anyhow::Result<()> {

@@ -591,3 +591,57 @@ async fn a_udp_service_through_the_binaries() {
         assert_eq!(&buf[..n], &query[..]);
     }
 }
+
+#[actix_web::test]
+async fn the_access_command_opens_a_local_port_until_its_ttl() {
+    let (control, public) = (free_ports(1).0, free_ports(1).0);
+    let echo = services::echo().await;
+    let (listen, range) = (format!("127.0.0.1:{control}"), format!("{public}-{public}"));
+    let _server = Proc::spawn(&[
+        "server",
+        "--listen",
+        &listen,
+        "--port-range",
+        &range,
+        "--bind-host",
+        "127.0.0.1",
+    ]);
+    wait_listening(control).await;
+    let url = format!("ws://127.0.0.1:{control}/tunnel/v1");
+    let spec = format!("db:{echo}:{public}");
+    let mut agent = Proc::spawn(&["agent", "--server", &url, "--tcp", &spec]);
+    agent.wait_for("service registered");
+    let mut access = Command::new(BIN)
+        .args(["access", "--server", &url, "--service", "db", "--ttl", "2s"])
+        .env("ZLAYER_TUNNEL_TOKEN", common::process::TOKEN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = access.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+        line
+    });
+    let line = tokio::time::timeout(common::DEADLINE, line)
+        .await
+        .expect("no local address printed")
+        .unwrap();
+    let local: std::net::SocketAddr = line.trim().parse().unwrap();
+    echo_check(local).await;
+    // it exits by itself when the TTL ends
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = access.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "still running after its TTL"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status}");
+    assert!(wait_closed(local.port(), Duration::from_secs(1)).await);
+}
