@@ -35,7 +35,7 @@ use super::udp_listener::{
     Budget, ForgetFlow, SendToVisitor, UdpEvent, UdpServiceListener, UdpWiring,
 };
 use crate::accounting::{CounterSet, Counters, Direction};
-use crate::auth::hash_token;
+use crate::auth::{TokenScope, hash_token};
 use crate::liveness::{Liveness, heartbeat_timestamp};
 use crate::protocol::{
     Capabilities, CloseKind, DEFAULT_INITIAL_WINDOW, Features, Message, ServiceProtocol,
@@ -105,6 +105,8 @@ pub(crate) struct ControlChannel {
     liveness: Liveness,
     outbox: Vec<Bytes>,
     counters: Arc<Counters>,
+    /// What this session's token may register and access.
+    scope: TokenScope,
     span: tracing::Span,
 }
 
@@ -338,6 +340,7 @@ impl ControlChannel {
             liveness: Liveness::new(Instant::now(), timeout),
             outbox: Vec::new(),
             counters: Arc::new(Counters::new()),
+            scope: TokenScope::default(),
             span: tracing::info_span!("control", %peer, tunnel_id = tracing::field::Empty),
         }
     }
@@ -429,6 +432,11 @@ impl ControlChannel {
         if !session.features.contains(Features::ACCESS) {
             return self.protocol_error(ctx, "Open without the ACCESS feature");
         }
+        if let Err(e) = self.scope.check_access(&service) {
+            self.span
+                .in_scope(|| tracing::warn!(stream = %id, reason = %e, "access stream refused"));
+            return self.send(ctx, Message::connect_fail(id, e.to_string()).ok());
+        }
         let find = FindService {
             name: service.clone(),
         };
@@ -496,6 +504,7 @@ impl ControlChannel {
         if let Err(reason) = self.check_token(token) {
             return self.refuse_auth(&reason, ctx);
         }
+        self.scope = self.shared.scope(token);
         let config = &self.shared.config;
         let open = OpenTunnel {
             token_hash: hash_token(token),
@@ -619,7 +628,9 @@ impl ControlChannel {
     ) {
         let Some(session) = &self.session else { return };
         let limit = self.shared.config.max_services_per_tunnel;
-        let refusal = if session.services.len() >= limit {
+        let refusal = if let Err(e) = self.scope.check_register(&name) {
+            Some(e.to_string())
+        } else if session.services.len() >= limit {
             Some(format!("tunnel is at its limit of {limit} services"))
         } else if protocol == ServiceProtocol::Udp
             && !session.features.contains(Features::DATAGRAMS)

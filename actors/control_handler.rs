@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use super::control_channel::ControlChannel;
 use super::frame_guard::FrameGuard;
 use super::registry::TunnelRegistry;
-use crate::auth::TokenValidator;
+use crate::auth::{TokenScope, TokenStore, TokenValidator};
 use crate::config::TunnelServerConfig;
 use crate::protocol::MAX_MESSAGE_SIZE;
 use crate::{Result, TunnelError};
@@ -30,6 +30,18 @@ pub(crate) struct ServerShared {
     pub(crate) validator: TokenValidator,
     /// Failed authentications per address (token guessing is slowed down).
     pub(crate) throttle: std::sync::Mutex<crate::throttle::AuthThrottle>,
+    /// Scopes of the accepted tokens; none: every token may do everything.
+    pub(crate) scopes: Option<TokenStore>,
+}
+
+impl ServerShared {
+    /// What `token` may register and access.
+    pub(crate) fn scope(&self, token: &str) -> TokenScope {
+        self.scopes
+            .as_ref()
+            .and_then(|store| store.verify(token).ok().cloned())
+            .unwrap_or_default()
+    }
 }
 
 /// Serves the control channel of a tunnel server.
@@ -52,6 +64,26 @@ impl ControlHandler {
                 config,
                 validator,
                 throttle: std::sync::Mutex::default(),
+                scopes: None,
+            }),
+        }
+    }
+
+    /// A handler that admits the tokens of `store` and holds each session to
+    /// its token's scope: the services it may register and open access to.
+    #[must_use]
+    pub fn with_tokens(
+        registry: Arc<TunnelRegistry>,
+        config: TunnelServerConfig,
+        store: TokenStore,
+    ) -> Self {
+        Self {
+            shared: Arc::new(ServerShared {
+                registry,
+                config,
+                validator: store.clone().into_validator(),
+                throttle: std::sync::Mutex::default(),
+                scopes: Some(store),
             }),
         }
     }

@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::{ControlHandler, TunnelRegistry};
-use crate::auth::TokenValidator;
+use crate::auth::{TokenStore, TokenValidator};
 use crate::config::TunnelServerConfig;
 
 /// What `serve` needs.
@@ -24,6 +24,9 @@ pub struct ServeOptions {
     pub config: TunnelServerConfig,
     /// Who may connect.
     pub validator: TokenValidator,
+    /// The accepted tokens with their scopes; when given, it replaces
+    /// `validator` and each session is held to its token's scope.
+    pub tokens: Option<TokenStore>,
     /// Where to serve `/healthz`, `/status` and `/metrics` (none: not served).
     pub admin_listen: Vec<SocketAddr>,
     /// Serve `wss://` with this configuration (see [`crate::tls::server_config`]);
@@ -35,7 +38,10 @@ pub struct ServeOptions {
 pub async fn serve(options: ServeOptions) -> std::io::Result<()> {
     let registry = Arc::new(TunnelRegistry::new(options.config.data_port_range));
     let timeout = options.config.heartbeat_timeout;
-    let handler = ControlHandler::new(registry.clone(), options.config, options.validator);
+    let handler = match options.tokens {
+        Some(store) => ControlHandler::with_tokens(registry.clone(), options.config, store),
+        None => ControlHandler::new(registry.clone(), options.config, options.validator),
+    };
     let server = HttpServer::new(move || {
         let handler = handler.clone();
         App::new().configure(move |c| handler.configure(c))

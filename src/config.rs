@@ -428,6 +428,10 @@ pub struct ServerFile {
     pub token_hashes: Vec<String>,
     /// A file of accepted token hashes, one per line.
     pub token_file: Option<String>,
+    /// Accepted tokens with scopes: `[[tokens]]` with `hash`, and optionally
+    /// `register` and `access`, the services the token may register and open
+    /// access streams to (absent: any).
+    pub tokens: Vec<ScopedToken>,
     /// Accept any non-empty token (development only). Default `false`.
     pub accept_any_token: bool,
     /// Serve `wss://` with this certificate chain (PEM); needs `tls_key`.
@@ -450,6 +454,20 @@ impl ServerFile {
         })?;
         Ok(file)
     }
+}
+
+/// An accepted token with its scope, in the server's file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopedToken {
+    /// The token's lowercase hex SHA-256.
+    pub hash: String,
+    /// Services it may register; absent: any.
+    #[serde(default)]
+    pub register: Option<Vec<String>>,
+    /// Services it may open access streams to; absent: any.
+    #[serde(default)]
+    pub access: Option<Vec<String>>,
 }
 
 /// A service the agent exposes.

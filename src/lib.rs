@@ -49,7 +49,9 @@ pub use actors::{
 pub use auth::{
     AuthError, Secret, TokenScope, TokenStore, TokenValidator, accept_all_tokens, hash_token,
 };
-pub use config::{ConfigError, ServerFile, ServiceConfig, TunnelClientConfig, TunnelServerConfig};
+pub use config::{
+    ConfigError, ScopedToken, ServerFile, ServiceConfig, TunnelClientConfig, TunnelServerConfig,
+};
 pub use error::{Result, TunnelError};
 pub use node::{NodeTunnel, NodeTunnelStatus};
 pub use protocol::{

@@ -181,11 +181,14 @@ fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     config.heartbeat_timeout = args.heartbeat_timeout.unwrap_or(config.heartbeat_timeout);
     config.validate()?;
     let listen = listen_addrs(&args, &file)?;
-    let validator = if args.accept_any_token || file.accept_any_token {
+    let (validator, tokens) = if args.accept_any_token || file.accept_any_token {
         tracing::warn!("accepting any token (--accept-any-token): for development only");
-        std::sync::Arc::new(zlayer_tunnel::accept_all_tokens)
+        let any: zlayer_tunnel::TokenValidator =
+            std::sync::Arc::new(zlayer_tunnel::accept_all_tokens);
+        (any, None)
     } else {
-        token_store(&args, &file)?.into_validator()
+        let store = token_store(&args, &file)?;
+        (store.clone().into_validator(), Some(store))
     };
     let admin_listen = admin_addrs(&args, &file)?;
     let tls = server_tls(&args, &file)?;
@@ -193,6 +196,7 @@ fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         listen,
         config,
         validator,
+        tokens,
         admin_listen,
         tls,
     };
@@ -271,6 +275,15 @@ fn token_store(args: &ServerArgs, file: &ServerFile) -> anyhow::Result<TokenStor
         store = store
             .with_hash(hash, TokenScope::default())
             .with_context(|| format!("token hash {hash:?}"))?;
+    }
+    for (i, token) in file.tokens.iter().enumerate() {
+        let scope = TokenScope {
+            register: token.register.clone(),
+            access: token.access.clone(),
+        };
+        store = store
+            .with_hash(&token.hash, scope)
+            .with_context(|| format!("tokens[{i}].hash {:?}", token.hash))?;
     }
     if store.is_empty() {
         bail!(

@@ -10,8 +10,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    DEADLINE, fast_config, free_ports, services, spawn_agent, spawn_server, wait_closed,
-    wait_listening,
+    DEADLINE, fast_config, free_ports, services, spawn_agent, spawn_server,
+    spawn_server_with_tokens, wait_closed, wait_listening,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use zlayer_tunnel::AccessManager;
@@ -175,4 +175,66 @@ async fn a_session_through_the_server_reaches_the_agents_service() {
             .expect("left hanging");
         assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     }
+}
+
+/// Whether a connection to `addr` gets an echo back (false: closed or reset).
+async fn echoes(addr: std::net::SocketAddr) -> bool {
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return false;
+    };
+    if s.write_all(b"ping").await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 4];
+    let read = tokio::time::timeout(DEADLINE, s.read_exact(&mut buf))
+        .await
+        .expect("left hanging");
+    read.is_ok() && &buf == b"ping"
+}
+
+#[actix_web::test]
+async fn token_scopes_limit_what_is_registered_and_accessed() {
+    use zlayer_tunnel::{TokenScope, TokenStore, hash_token};
+    let scope = |register: Option<&[&str]>, access: Option<&[&str]>| TokenScope {
+        register: register.map(|r| r.iter().map(|s| (*s).to_owned()).collect()),
+        access: access.map(|a| a.iter().map(|s| (*s).to_owned()).collect()),
+    };
+    let store = TokenStore::new()
+        .with_hash(&hash_token("agent"), scope(Some(&["web", "db"]), Some(&[])))
+        .unwrap()
+        .with_hash(&hash_token("viewer"), scope(Some(&[]), Some(&["web"])))
+        .unwrap();
+    let (low, high) = free_ports(3);
+    let server = spawn_server_with_tokens(fast_config((low, high)), store);
+    let echo = services::echo().await;
+    let (agent, _task) = spawn_agent(
+        server.addr,
+        "agent",
+        vec![
+            zlayer_tunnel::ServiceConfig::tcp("web", echo).with_remote_port(low),
+            zlayer_tunnel::ServiceConfig::tcp("db", echo).with_remote_port(low + 1),
+            zlayer_tunnel::ServiceConfig::tcp("mail", echo).with_remote_port(high),
+        ],
+    );
+    wait_listening(low).await;
+    wait_listening(low + 1).await;
+    // "mail" is outside the agent token's scope: never published
+    assert!(wait_closed(high, Duration::from_millis(300)).await);
+    assert!(agent.status().services.iter().all(|s| s.name != "mail"));
+
+    let url = format!("ws://{}/tunnel/v1", server.addr);
+    let viewer = AccessManager::new().with_server(url, "viewer");
+    let web = viewer
+        .start_session("web".into(), String::new(), None, None)
+        .await
+        .unwrap();
+    assert!(echoes(web.local_addr).await, "an allowed access failed");
+    let db = viewer
+        .start_session("db".into(), String::new(), None, None)
+        .await
+        .unwrap();
+    assert!(
+        !echoes(db.local_addr).await,
+        "access outside the token's scope went through"
+    );
 }

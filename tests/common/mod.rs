@@ -37,6 +37,17 @@ pub fn spawn_server_on(config: TunnelServerConfig, token: &str, port: u16) -> Te
     let registry = Arc::new(TunnelRegistry::new(config.data_port_range));
     let validator = TokenStore::new().with_token(token).into_validator();
     let handler = ControlHandler::new(registry.clone(), config, validator);
+    serve_handler(handler, registry, port)
+}
+
+/// Starts a server that holds each session to its token's scope in `store`.
+pub fn spawn_server_with_tokens(config: TunnelServerConfig, store: TokenStore) -> TestServer {
+    let registry = Arc::new(TunnelRegistry::new(config.data_port_range));
+    let handler = ControlHandler::with_tokens(registry.clone(), config, store);
+    serve_handler(handler, registry, 0)
+}
+
+fn serve_handler(handler: ControlHandler, registry: Arc<TunnelRegistry>, port: u16) -> TestServer {
     let listener = bind_reusable(port);
     let addr = listener.local_addr().unwrap();
     let server = HttpServer::new(move || {
