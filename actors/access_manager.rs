@@ -239,6 +239,15 @@ impl AccessManager {
         }
     }
 
+    /// Serves `/healthz`, `/status` and `/metrics` about these on `listen`;
+    /// must run inside an actix `System`. Runs until the returned server is stopped.
+    pub fn serve_admin(
+        self: &Arc<Self>,
+        listen: &[SocketAddr],
+    ) -> std::io::Result<actix_web::dev::Server> {
+        super::admin::start(listen, self.clone())
+    }
+
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, HashMap<Uuid, Entry>>> {
         self.sessions.lock().map_err(|_| TunnelError::Shutdown)
     }

@@ -53,6 +53,30 @@ impl AdminSource for TunnelAgent {
     }
 }
 
+impl AdminSource for super::NodeTunnelManager {
+    fn status(&self) -> LocalBoxFuture<'_, serde_json::Value> {
+        let tunnels = self.list_status();
+        Box::pin(async move { serde_json::json!({ "node_tunnels": tunnels }) })
+    }
+
+    fn metrics(&self) -> LocalBoxFuture<'_, String> {
+        let text = crate::status::render_node_tunnel_metrics(&self.list_status());
+        Box::pin(async move { text })
+    }
+}
+
+impl AdminSource for super::AccessManager {
+    fn status(&self) -> LocalBoxFuture<'_, serde_json::Value> {
+        let sessions = self.list_sessions();
+        Box::pin(async move { serde_json::json!({ "access_sessions": sessions }) })
+    }
+
+    fn metrics(&self) -> LocalBoxFuture<'_, String> {
+        let text = crate::status::render_access_metrics(&self.list_sessions());
+        Box::pin(async move { text })
+    }
+}
+
 /// Starts the admin server on `listen`; it runs until `stop` on the returned handle.
 pub(crate) fn start(
     listen: &[SocketAddr],

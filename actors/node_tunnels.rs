@@ -130,6 +130,15 @@ impl NodeTunnelManager {
         all
     }
 
+    /// Serves `/healthz`, `/status` and `/metrics` about these on `listen`;
+    /// must run inside an actix `System`. Runs until the returned server is stopped.
+    pub fn serve_admin(
+        self: &std::sync::Arc<Self>,
+        listen: &[std::net::SocketAddr],
+    ) -> std::io::Result<actix_web::dev::Server> {
+        super::admin::start(listen, self.clone())
+    }
+
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, HashMap<String, Entry>>> {
         self.tunnels.lock().map_err(|_| TunnelError::Shutdown)
     }

@@ -158,6 +158,102 @@ pub fn render_agent_metrics(status: &AgentStatus) -> String {
     out
 }
 
+/// Renders node tunnels' metrics (Prometheus text format, version 0.0.4):
+/// state (1 while connected), bytes each way, connections.
+pub fn render_node_tunnel_metrics(tunnels: &[crate::node::NodeTunnelStatus]) -> String {
+    let mut out = String::new();
+    let rows: Vec<(String, bool, Snapshot)> = tunnels
+        .iter()
+        .map(|t| {
+            let labels = format!(
+                "tunnel=\"{}\",from=\"{}\",to=\"{}\"",
+                escape(&t.name),
+                escape(&t.from_node),
+                escape(&t.to_node)
+            );
+            let up = matches!(t.state, TunnelState::Connected { .. });
+            (labels, up, t.stats)
+        })
+        .collect();
+    render_scoped(&mut out, "zlayer_tunnel_node_tunnel", "node tunnel", &rows);
+    out
+}
+
+/// Renders access sessions' metrics (Prometheus text format, version 0.0.4):
+/// 1 while the session lives, bytes each way, connections.
+pub fn render_access_metrics(sessions: &[crate::access::AccessSessionInfo]) -> String {
+    let mut out = String::new();
+    let rows: Vec<(String, bool, Snapshot)> = sessions
+        .iter()
+        .map(|s| {
+            let labels = format!(
+                "session=\"{}\",endpoint=\"{}\",local=\"{}\"",
+                s.id,
+                escape(&s.endpoint),
+                s.local_addr
+            );
+            (labels, !s.expired, s.stats)
+        })
+        .collect();
+    render_scoped(
+        &mut out,
+        "zlayer_tunnel_access_session",
+        "access session",
+        &rows,
+    );
+    out
+}
+
+/// `<prefix>_up`, `<prefix>_bytes_total{direction}`, `<prefix>_connections`
+/// and `<prefix>_connections_total` for labelled rows.
+fn render_scoped(out: &mut String, prefix: &str, what: &str, rows: &[(String, bool, Snapshot)]) {
+    let _ = writeln!(
+        out,
+        "# HELP {prefix}_up 1 while the {what} is up.\n# TYPE {prefix}_up gauge"
+    );
+    for (labels, up, _) in rows {
+        let _ = writeln!(out, "{prefix}_up{{{labels}}} {}", u8::from(*up));
+    }
+    let _ = writeln!(
+        out,
+        "# HELP {prefix}_bytes_total Payload bytes through a {what}.\n# TYPE {prefix}_bytes_total counter"
+    );
+    for (labels, _, stats) in rows {
+        let _ = writeln!(
+            out,
+            "{prefix}_bytes_total{{{labels},direction=\"in\"}} {}",
+            stats.bytes_in
+        );
+        let _ = writeln!(
+            out,
+            "{prefix}_bytes_total{{{labels},direction=\"out\"}} {}",
+            stats.bytes_out
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP {prefix}_connections Open connections of a {what}.\n# TYPE {prefix}_connections gauge"
+    );
+    for (labels, _, stats) in rows {
+        let _ = writeln!(
+            out,
+            "{prefix}_connections{{{labels}}} {}",
+            stats.connections_active
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP {prefix}_connections_total Connections of a {what}.\n# TYPE {prefix}_connections_total counter"
+    );
+    for (labels, _, stats) in rows {
+        let _ = writeln!(
+            out,
+            "{prefix}_connections_total{{{labels}}} {}",
+            stats.connections_total
+        );
+    }
+}
+
 /// The per-service families, shared by server and agent.
 fn render_services(out: &mut String, services: &[&ServiceInfo]) {
     let families: [Family; 5] = [

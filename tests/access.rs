@@ -19,7 +19,8 @@ use zlayer_tunnel::AccessManager;
 #[actix_web::test]
 async fn a_session_carries_bytes_both_ways_and_counts_them_exactly() {
     let echo = services::echo().await;
-    let manager = AccessManager::new().with_default_ttl(Duration::from_secs(60));
+    let manager =
+        std::sync::Arc::new(AccessManager::new().with_default_ttl(Duration::from_secs(60)));
     let session = manager
         .start_session("echo".into(), format!("127.0.0.1:{echo}"), None, None)
         .await
@@ -57,6 +58,26 @@ async fn a_session_carries_bytes_both_ways_and_counts_them_exactly() {
     assert_eq!((info.stats.bytes_in, info.stats.bytes_out), (len, len));
     assert_eq!(info.stats.connections_total, 1);
     assert!(info.remaining.unwrap() > Duration::from_secs(50));
+    // the same figures on the admin endpoints
+    let admin = free_ports(1).0;
+    let server = manager
+        .serve_admin(&[([127, 0, 0, 1], admin).into()])
+        .unwrap();
+    actix_web::rt::spawn(server);
+    let body = awc::Client::new()
+        .get(format!("http://127.0.0.1:{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .body()
+        .await
+        .unwrap();
+    let metrics = String::from_utf8(body.to_vec()).unwrap();
+    let line = format!(
+        "zlayer_tunnel_access_session_bytes_total{{session=\"{}\",endpoint=\"echo\",local=\"{}\",direction=\"in\"}} {len}",
+        info.id, info.local_addr
+    );
+    assert!(metrics.contains(&line), "{line} not in\n{metrics}");
     assert!(manager.end_session(info.id));
     assert!(wait_closed(session.local_addr.port(), DEADLINE).await);
     assert!(manager.list_sessions().is_empty());

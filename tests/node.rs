@@ -74,7 +74,10 @@ async fn a_node_tunnel_carries_bytes_and_tells_the_truth_through_a_restart() {
     let (control, public) = (free_ports(1).0, free_ports(1).0);
     let node_b = spawn_server_on(fast_config((public, public)), "tun-secret", control);
     let echo = services::echo().await;
-    let node_a = NodeTunnelManager::new("node-a", TunnelServerConfig::default());
+    let node_a = std::sync::Arc::new(NodeTunnelManager::new(
+        "node-a",
+        TunnelServerConfig::default(),
+    ));
     let tunnel = NodeTunnel::new("db", "node-a", "node-b")
         .with_ports(echo, public)
         .with_token("tun-secret");
@@ -116,6 +119,30 @@ async fn a_node_tunnel_carries_bytes_and_tells_the_truth_through_a_restart() {
     // accounting: exactly the payload, each way, across both sessions
     let stats = node_a.get_status("db").unwrap().stats;
     assert_eq!((stats.bytes_in, stats.bytes_out), (moved, moved));
+    // and through the node's admin endpoints
+    let admin = free_ports(1).0;
+    let server = node_a
+        .serve_admin(&[([127, 0, 0, 1], admin).into()])
+        .unwrap();
+    actix_web::rt::spawn(server);
+    let client = awc::Client::new();
+    let get = |path: &str| client.get(format!("http://127.0.0.1:{admin}{path}")).send();
+    let status: serde_json::Value = get("/status").await.unwrap().json().await.unwrap();
+    assert_eq!(
+        status["node_tunnels"][0]["state"]["state"], "connected",
+        "{status}"
+    );
+    let body = get("/metrics").await.unwrap().body().await.unwrap();
+    let metrics = String::from_utf8(body.to_vec()).unwrap();
+    let line = format!(
+        "zlayer_tunnel_node_tunnel_bytes_total{{tunnel=\"db\",from=\"node-a\",to=\"node-b\",direction=\"out\"}} {moved}"
+    );
+    assert!(metrics.contains(&line), "{line} not in\n{metrics}");
+    assert!(
+        metrics.contains(
+            "zlayer_tunnel_node_tunnel_up{tunnel=\"db\",from=\"node-a\",to=\"node-b\"} 1"
+        )
+    );
 
     node_a.remove_tunnel("db").unwrap();
     watch(&node_a, "db", &mut seen, |s| {
