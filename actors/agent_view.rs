@@ -92,6 +92,7 @@ impl AgentView {
                 protocol: service.protocol,
                 port,
                 stats: Default::default(),
+                flows: Vec::new(),
             });
         }
     }

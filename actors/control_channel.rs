@@ -25,8 +25,8 @@ use uuid::Uuid;
 use super::control_handler::ServerShared;
 use super::forwarded_connection::{ForwardedConnection, StreamEvent, StreamWiring};
 use super::registry::{
-    AllocatePort, CloseTunnel, FindService, OpenTunnel, ReleasePort, ReportAlive, ServiceEntry,
-    ServiceRegistered, TunnelClosed,
+    AllocatePort, CloseTunnel, FindService, FlowView, OpenTunnel, ReleasePort, ReportAlive,
+    ServiceEntry, ServiceRegistered, TunnelClosed,
 };
 use super::relay::{Relay, Relays};
 use super::service_listener::{ServiceListener, StopListener, VisitorArrived};
@@ -697,6 +697,7 @@ impl ControlChannel {
         let service_id = Uuid::new_v4();
         let counters = Arc::new(Counters::new());
         let cancel = session.cancel.child_token();
+        let mut flows = None;
         let (listener, protocol) = match bound {
             Bound::Tcp(socket) => {
                 let recipient = ctx.address().recipient();
@@ -705,6 +706,8 @@ impl ControlChannel {
             }
             Bound::Udp(socket) => {
                 let budget = Budget::default();
+                let view = FlowView::default();
+                flows = Some(view.clone());
                 let wiring = UdpWiring {
                     service_id,
                     port,
@@ -712,6 +715,7 @@ impl ControlChannel {
                     channel: ctx.address().recipient(),
                     budget: budget.clone(),
                     counters: counters.clone(),
+                    view,
                     cancel,
                 };
                 let addr = UdpServiceListener::start(socket, wiring);
@@ -728,6 +732,7 @@ impl ControlChannel {
                 port,
             },
             counters: counters.clone(),
+            flows,
         });
         session.services.insert(
             service_id,

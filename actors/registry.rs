@@ -54,7 +54,12 @@ pub(crate) struct ServiceRegistered {
     pub(crate) tunnel_id: Uuid,
     pub(crate) service: ServiceEntry,
     pub(crate) counters: Arc<Counters>,
+    /// UDP: the flows' traffic, as the listener last published it.
+    pub(crate) flows: Option<FlowView>,
 }
+
+/// A UDP listener's flows, published for status pages.
+pub(crate) type FlowView = Arc<std::sync::Mutex<Vec<crate::udp::FlowInfo>>>;
 
 /// A registered service, as the registry keeps it.
 #[derive(Debug, Clone)]
@@ -127,7 +132,7 @@ struct TunnelEntry {
     liveness: Liveness,
     cancel: CancellationToken,
     counters: Arc<Counters>,
-    services: Vec<(ServiceEntry, Arc<Counters>)>,
+    services: Vec<(ServiceEntry, Arc<Counters>, Option<FlowView>)>,
 }
 
 /// The registry actor.
@@ -211,7 +216,7 @@ impl Handler<ReleasePort> for Registry {
     fn handle(&mut self, msg: ReleasePort, _: &mut Self::Context) {
         if let Some(entry) = self.tunnels.get_mut(&msg.tunnel_id) {
             entry.info.ports.retain(|p| *p != msg.port);
-            entry.services.retain(|(s, _)| s.port != msg.port);
+            entry.services.retain(|(s, _, _)| s.port != msg.port);
             if let Ok(pool) = self.ports.as_mut() {
                 pool.release(msg.port);
             }
@@ -250,7 +255,7 @@ impl Handler<ServiceRegistered> for Registry {
 
     fn handle(&mut self, msg: ServiceRegistered, _: &mut Self::Context) {
         if let Some(entry) = self.tunnels.get_mut(&msg.tunnel_id) {
-            entry.services.push((msg.service, msg.counters));
+            entry.services.push((msg.service, msg.counters, msg.flows));
         }
     }
 }
@@ -263,7 +268,7 @@ impl Handler<FindService> for Registry {
         let found = tunnels.find(|t| {
             t.services
                 .iter()
-                .any(|(s, _)| s.name == msg.name && s.protocol == ServiceProtocol::Tcp)
+                .any(|(s, _, _)| s.name == msg.name && s.protocol == ServiceProtocol::Tcp)
         })?;
         Some(found.relay.clone())
     }
@@ -272,13 +277,20 @@ impl Handler<FindService> for Registry {
 impl TunnelEntry {
     /// The tunnel's info with live readings of its counters.
     fn status(&self) -> TunnelInfo {
-        let services = self.services.iter().map(|(s, counters)| ServiceInfo {
-            id: s.id,
-            name: s.name.clone(),
-            protocol: s.protocol,
-            port: s.port,
-            stats: counters.snapshot(),
-        });
+        let services = self
+            .services
+            .iter()
+            .map(|(s, counters, flows)| ServiceInfo {
+                id: s.id,
+                name: s.name.clone(),
+                protocol: s.protocol,
+                port: s.port,
+                stats: counters.snapshot(),
+                flows: flows
+                    .as_ref()
+                    .and_then(|f| f.lock().ok().map(|f| f.clone()))
+                    .unwrap_or_default(),
+            });
         TunnelInfo {
             services: services.collect(),
             stats: self.counters.snapshot(),

@@ -22,6 +22,7 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::registry::FlowView;
 use super::service_listener::StopListener;
 use crate::accounting::{Counters, Direction};
 use crate::protocol::Message;
@@ -107,6 +108,8 @@ pub(crate) struct UdpWiring {
     /// Shared with the channel, which gives back what it wrote.
     pub(crate) budget: Budget,
     pub(crate) counters: Arc<Counters>,
+    /// Where the flows' traffic is published for status pages.
+    pub(crate) view: FlowView,
     pub(crate) cancel: CancellationToken,
 }
 
@@ -130,6 +133,7 @@ impl Actor for UdpServiceListener {
         );
         let sweep = (self.wiring.limits.idle_timeout / 4).max(Duration::from_millis(50));
         ctx.run_interval(sweep, |act, _| act.expire_idle());
+        ctx.run_interval(Duration::from_millis(500), |act, _| act.publish());
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
@@ -156,7 +160,7 @@ impl Handler<SendToVisitor> for UdpServiceListener {
     fn handle(&mut self, msg: SendToVisitor, _: &mut Self::Context) {
         let len = msg.data.len();
         self.wiring.budget.give(len);
-        let Some(visitor) = self.flows.on_reply(msg.id, Instant::now()) else {
+        let Some(visitor) = self.flows.on_reply(msg.id, len, Instant::now()) else {
             return self.wiring.counters.add_drop();
         };
         match super::udp_flow::send_now(&self.socket, &msg.data, Some(visitor)) {
@@ -252,6 +256,13 @@ impl UdpServiceListener {
             id,
             frame,
         });
+    }
+
+    /// Publishes each flow's traffic for status pages.
+    fn publish(&self) {
+        if let Ok(mut view) = self.wiring.view.lock() {
+            *view = self.flows.traffic();
+        }
     }
 
     fn expire_idle(&mut self) {

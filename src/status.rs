@@ -25,6 +25,9 @@ pub struct ServiceInfo {
     pub port: u16,
     /// Its traffic so far, live.
     pub stats: Snapshot,
+    /// UDP: each open flow's traffic (refreshed twice a second).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub flows: Vec<crate::udp::FlowInfo>,
 }
 
 /// A connected tunnel (one agent session), as the registry reports it.
@@ -358,6 +361,7 @@ mod tests {
                     connections_total: 3,
                     ..Snapshot::default()
                 },
+                flows: Vec::new(),
             }],
             stats: Snapshot::default(),
         }

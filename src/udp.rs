@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
 use uuid::Uuid;
 
 /// The largest datagram the tunnel carries: the largest IPv4 UDP payload.
@@ -65,12 +66,28 @@ pub enum Verdict {
     Drop(DropReason),
 }
 
+/// One flow's traffic, as reported in `/status`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct FlowInfo {
+    /// The visitor's address.
+    pub visitor: Option<SocketAddr>,
+    /// Datagrams from the visitor toward the service.
+    pub datagrams_in: u64,
+    /// Datagrams from the service back to the visitor.
+    pub datagrams_out: u64,
+    /// Payload bytes toward the service.
+    pub bytes_in: u64,
+    /// Payload bytes back to the visitor.
+    pub bytes_out: u64,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Flow {
     visitor: SocketAddr,
     last_seen: Instant,
     tokens: f64,
     refilled: Instant,
+    traffic: FlowInfo,
 }
 
 /// The flows of one UDP service.
@@ -114,7 +131,11 @@ impl FlowTable {
             return Verdict::Drop(DropReason::Oversized { len, max });
         }
         if let Some(&id) = self.by_visitor.get(&visitor) {
-            return self.spend(id, now);
+            let verdict = self.spend(id, now);
+            if matches!(verdict, Verdict::Forward { .. }) {
+                self.count_in(id, len);
+            }
+            return verdict;
         }
         if self.flows.len() >= self.limits.max_flows {
             return Verdict::Drop(DropReason::TooManyFlows {
@@ -130,18 +151,41 @@ impl FlowTable {
                 last_seen: now,
                 tokens: burst,
                 refilled: now,
+                traffic: FlowInfo {
+                    visitor: Some(visitor),
+                    ..FlowInfo::default()
+                },
             },
         );
         match self.spend(fresh, now) {
-            Verdict::Forward { id, .. } => Verdict::Forward { id, opened: true },
+            Verdict::Forward { id, .. } => {
+                self.count_in(id, len);
+                Verdict::Forward { id, opened: true }
+            }
             drop => drop,
         }
     }
 
-    /// A reply on flow `id`: the visitor to send it to (and the flow stays alive).
-    pub fn on_reply(&mut self, id: Uuid, now: Instant) -> Option<SocketAddr> {
+    /// Counts a forwarded datagram of `len` bytes toward the service.
+    fn count_in(&mut self, id: Uuid, len: usize) {
+        if let Some(flow) = self.flows.get_mut(&id) {
+            flow.traffic.datagrams_in += 1;
+            flow.traffic.bytes_in += len as u64;
+        }
+    }
+
+    /// Every flow's traffic so far.
+    pub fn traffic(&self) -> Vec<FlowInfo> {
+        self.flows.values().map(|f| f.traffic).collect()
+    }
+
+    /// A reply of `len` bytes on flow `id`: the visitor to send it to (the
+    /// flow stays alive, and the reply is counted).
+    pub fn on_reply(&mut self, id: Uuid, len: usize, now: Instant) -> Option<SocketAddr> {
         let flow = self.flows.get_mut(&id)?;
         flow.last_seen = now;
+        flow.traffic.datagrams_out += 1;
+        flow.traffic.bytes_out += len as u64;
         Some(flow.visitor)
     }
 
@@ -240,8 +284,12 @@ mod tests {
                 opened: true
             }
         );
-        assert_eq!(t.on_reply(id(2), now), Some(addr(2)));
-        assert_eq!(t.on_reply(id(3), now), None);
+        assert_eq!(t.on_reply(id(2), 1, now), Some(addr(2)));
+        assert_eq!(t.on_reply(id(3), 1, now), None);
+        let mut traffic = t.traffic();
+        traffic.sort_by_key(|f| f.visitor);
+        assert_eq!((traffic[0].datagrams_in, traffic[0].bytes_in), (2, 20));
+        assert_eq!((traffic[1].datagrams_out, traffic[1].bytes_out), (1, 1));
     }
 
     #[test]
@@ -295,7 +343,7 @@ mod tests {
         t.on_visitor(addr(1), 1, now, id(1));
         t.on_visitor(addr(2), 1, now, id(2));
         let later = now + Duration::from_secs(59);
-        t.on_reply(id(2), later);
+        t.on_reply(id(2), 1, later);
         assert_eq!(t.expire(now + Duration::from_secs(60)), vec![id(1)]);
         assert_eq!(t.len(), 1);
         assert_eq!(t.remove(id(2)), Some(addr(2)));

@@ -159,6 +159,28 @@ async fn ten_thousand_datagrams_from_16_visitors_each_echoed_to_its_sender() {
         u64::from(VISITORS),
         "one flow per visitor"
     );
+    // per flow, on the server's status: each visitor's share, exactly
+    let per_visitor = u64::from(TOTAL / u32::from(VISITORS));
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let tunnels = server.registry.list_tunnels().await;
+        let flows = &tunnels[0].services[0].flows;
+        let done = flows.len() == usize::from(VISITORS)
+            && flows
+                .iter()
+                .all(|f| f.datagrams_in == per_visitor && f.datagrams_out == per_visitor);
+        if done {
+            let bytes: u64 = flows.iter().map(|f| f.bytes_in).sum();
+            assert_eq!(bytes, stats.bytes_in);
+            assert!(flows.iter().all(|f| f.bytes_in == f.bytes_out));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "per-flow figures: {flows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn rss_kib() -> u64 {
