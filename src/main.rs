@@ -100,6 +100,16 @@ struct ServerArgs {
     /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// This node's id, for its node tunnels. Default: the listen address.
+    #[arg(long)]
+    node_id: Option<String>,
+    /// A node tunnel from this node: NAME:LOCAL_PORT:REMOTE_PORT@URL publishes
+    /// this node's LOCAL_PORT on the tunnel server at URL (repeatable).
+    #[arg(long, value_parser = parse_node_tunnel)]
+    node_tunnel: Vec<(String, u16, u16, String)>,
+    /// The token for the other nodes' servers; also ZLAYER_TUNNEL_NODE_TOKEN.
+    #[arg(long, env = "ZLAYER_TUNNEL_NODE_TOKEN", hide_env_values = true)]
+    node_token: Option<String>,
 }
 
 #[derive(Args)]
@@ -200,8 +210,85 @@ fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         admin_listen,
         tls,
     };
-    actix_web::rt::System::new().block_on(zlayer_tunnel::actors::serve(options))?;
+    let node_id = args
+        .node_id
+        .clone()
+        .unwrap_or_else(|| options.listen[0].to_string());
+    let nodes = node_tunnels(&node_id, &args, &options.config)?;
+    actix_web::rt::System::new().block_on(async move {
+        if let Some(nodes) = nodes {
+            for (name, _, _, url) in &args.node_tunnel {
+                nodes.start_outbound(name, url.clone())?;
+            }
+            actix_web::rt::spawn(log_node_tunnels(nodes));
+        }
+        zlayer_tunnel::actors::serve(options).await?;
+        anyhow::Ok(())
+    })?;
     Ok(())
+}
+
+/// This node's tunnels to other nodes, added (started inside the runtime).
+fn node_tunnels(
+    node_id: &str,
+    args: &ServerArgs,
+    config: &zlayer_tunnel::TunnelServerConfig,
+) -> anyhow::Result<Option<zlayer_tunnel::NodeTunnelManager>> {
+    if args.node_tunnel.is_empty() {
+        return Ok(None);
+    }
+    let token = args
+        .node_token
+        .clone()
+        .context("--node-tunnel needs --node-token (or ZLAYER_TUNNEL_NODE_TOKEN)")?;
+    let manager = zlayer_tunnel::NodeTunnelManager::new(node_id, config.clone());
+    for (name, local, remote, url) in &args.node_tunnel {
+        let tunnel = zlayer_tunnel::NodeTunnel::new(name, node_id, url)
+            .with_ports(*local, *remote)
+            .with_token(&token);
+        manager
+            .add_tunnel(tunnel)
+            .with_context(|| format!("--node-tunnel {name}"))?;
+    }
+    Ok(Some(manager))
+}
+
+/// Logs each node tunnel's state as it changes.
+async fn log_node_tunnels(nodes: zlayer_tunnel::NodeTunnelManager) {
+    let mut last: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    loop {
+        for status in nodes.list_status() {
+            let state = match &status.state {
+                zlayer_tunnel::TunnelState::Reconnecting { last_error, .. } => {
+                    format!("reconnecting ({last_error})")
+                }
+                zlayer_tunnel::TunnelState::Failed { error } => format!("failed ({error})"),
+                zlayer_tunnel::TunnelState::Connected { .. } => "connected".to_owned(),
+                other => format!("{other:?}").to_lowercase(),
+            };
+            if last.get(&status.name) != Some(&state) {
+                tracing::info!(tunnel = %status.name, to = %status.to_node, public_port = ?status.public_port, %state, "node tunnel");
+                last.insert(status.name.clone(), state);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn parse_node_tunnel(text: &str) -> Result<(String, u16, u16, String), String> {
+    let bad = || format!("{text:?}: expected NAME:LOCAL_PORT:REMOTE_PORT@URL");
+    let (spec, url) = text.split_once('@').ok_or_else(bad)?;
+    let mut parts = spec.split(':');
+    let (Some(name), Some(local), Some(remote), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad());
+    };
+    let port = |p: &str| p.parse::<u16>().map_err(|_| bad());
+    if !(url.starts_with("ws://") || url.starts_with("wss://")) {
+        return Err(format!("{text:?}: the URL must start with ws:// or wss://"));
+    }
+    Ok((name.to_owned(), port(local)?, port(remote)?, url.to_owned()))
 }
 
 fn read(path: &Path) -> anyhow::Result<String> {

@@ -645,3 +645,45 @@ async fn the_access_command_opens_a_local_port_until_its_ttl() {
     assert!(status.success(), "{status}");
     assert!(wait_closed(local.port(), Duration::from_secs(1)).await);
 }
+
+#[actix_web::test]
+async fn two_nodes_as_two_processes_with_a_node_tunnel() {
+    let (control_a, control_b) = (free_ports(1).0, free_ports(1).0);
+    let (public_a, public_b) = (free_ports(1).0, free_ports(1).0);
+    let echo = services::echo().await;
+    let listen_b = format!("127.0.0.1:{control_b}");
+    let range_b = format!("{public_b}-{public_b}");
+    let _node_b = Proc::spawn(&[
+        "server",
+        "--listen",
+        &listen_b,
+        "--port-range",
+        &range_b,
+        "--bind-host",
+        "127.0.0.1",
+    ]);
+    wait_listening(control_b).await;
+    // node A runs its own server and a node tunnel that publishes its echo on node B
+    let listen_a = format!("127.0.0.1:{control_a}");
+    let range_a = format!("{public_a}-{public_a}");
+    let tunnel = format!("db:{echo}:{public_b}@ws://127.0.0.1:{control_b}/tunnel/v1");
+    let mut node_a = Proc::spawn(&[
+        "server",
+        "--listen",
+        &listen_a,
+        "--port-range",
+        &range_a,
+        "--bind-host",
+        "127.0.0.1",
+        "--node-id",
+        "node-a",
+        "--node-tunnel",
+        &tunnel,
+        "--node-token",
+        common::process::TOKEN,
+    ]);
+    let line = node_a.wait_for("state=connected");
+    assert!(line.contains("tunnel=db"), "{line}");
+    wait_listening(public_b).await;
+    echo_check(([127, 0, 0, 1], public_b).into()).await;
+}
