@@ -176,5 +176,6 @@ async fn copy_counted(
         }
         to.write_all(&buf[..n]).await?;
         counters.add_bytes(direction, n as u64);
+        counters.touch(super::now_ms());
     }
 }

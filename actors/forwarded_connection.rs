@@ -148,6 +148,8 @@ impl StreamHandler<io::Result<(Bytes, usize)>> for ForwardedConnection {
             Ok((frame, len)) => {
                 let direction = self.wiring.read_direction;
                 self.wiring.counters.add_bytes(direction, len as u64);
+                self.wiring.counters.touch(super::now_ms());
+                self.wiring.counters.touch(super::now_ms());
                 self.wiring
                     .channel
                     .do_send(StreamEvent::Read { id, frame, len });

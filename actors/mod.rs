@@ -47,6 +47,13 @@ pub use tunnel_agent::{ConnectionCallback, TunnelAgent};
 
 use crate::ports::PortError;
 
+/// Now, in milliseconds since the Unix epoch (for last-activity stamps).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// Failures of the runtime, mapped to a reply to the peer and a log line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {

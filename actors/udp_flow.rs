@@ -96,6 +96,7 @@ impl Handler<ToService> for UdpFlow {
 
     fn handle(&mut self, msg: ToService, _: &mut Self::Context) {
         self.last_active = Instant::now();
+        self.wiring.counters.touch(super::now_ms());
         match send_now(&self.socket, &msg.0, None) {
             Ok(_) => self
                 .wiring
@@ -127,6 +128,7 @@ impl StreamHandler<io::Result<Bytes>> for UdpFlow {
             }
         };
         self.last_active = Instant::now();
+        self.wiring.counters.touch(super::now_ms());
         let frame = (data.len() <= MAX_DATAGRAM)
             .then(|| Message::datagram_frame(self.wiring.id, &data))
             .flatten();

@@ -160,6 +160,7 @@ impl Handler<SendToVisitor> for UdpServiceListener {
     fn handle(&mut self, msg: SendToVisitor, _: &mut Self::Context) {
         let len = msg.data.len();
         self.wiring.budget.give(len);
+        self.wiring.counters.touch(super::now_ms());
         let Some(visitor) = self.flows.on_reply(msg.id, len, Instant::now()) else {
             return self.wiring.counters.add_drop();
         };
@@ -250,6 +251,7 @@ impl UdpServiceListener {
         self.wiring
             .counters
             .add_datagram(Direction::In, data.len() as u64);
+        self.wiring.counters.touch(super::now_ms());
         let service_id = self.wiring.service_id;
         (self.wiring.channel).do_send(UdpEvent::Datagram {
             service_id,

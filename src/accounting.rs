@@ -25,6 +25,7 @@ pub struct Counters {
     datagrams_in: AtomicU64,
     datagrams_out: AtomicU64,
     drops: AtomicU64,
+    last_activity_ms: AtomicU64,
 }
 
 impl Counters {
@@ -48,6 +49,12 @@ impl Counters {
             Direction::In => self.datagrams_in.fetch_add(1, Relaxed),
             Direction::Out => self.datagrams_out.fetch_add(1, Relaxed),
         };
+    }
+
+    /// Records traffic at `unix_ms` (milliseconds since the Unix epoch, read
+    /// by the caller); the latest wins.
+    pub fn touch(&self, unix_ms: u64) {
+        self.last_activity_ms.fetch_max(unix_ms, Relaxed);
     }
 
     /// Counts one dropped datagram.
@@ -78,6 +85,7 @@ impl Counters {
             datagrams_in: self.datagrams_in.load(Relaxed),
             datagrams_out: self.datagrams_out.load(Relaxed),
             drops: self.drops.load(Relaxed),
+            last_activity_ms: self.last_activity_ms.load(Relaxed),
         }
     }
 }
@@ -99,6 +107,8 @@ pub struct Snapshot {
     pub datagrams_out: u64,
     /// Datagrams dropped (over budget, oversized).
     pub drops: u64,
+    /// Last traffic, in milliseconds since the Unix epoch (0: none yet).
+    pub last_activity_ms: u64,
 }
 
 /// Counters of a stream and of every scope it belongs to (service, tunnel, ...),
@@ -124,6 +134,11 @@ impl CounterSet {
         self.scopes
             .iter()
             .for_each(|c| c.add_datagram(direction, len));
+    }
+
+    /// Records traffic at `unix_ms` on every scope.
+    pub fn touch(&self, unix_ms: u64) {
+        self.scopes.iter().for_each(|c| c.touch(unix_ms));
     }
 
     /// Counts a drop on every scope.

@@ -58,6 +58,12 @@ async fn a_session_carries_bytes_both_ways_and_counts_them_exactly() {
     assert_eq!((info.stats.bytes_in, info.stats.bytes_out), (len, len));
     assert_eq!(info.stats.connections_total, 1);
     assert!(info.remaining.unwrap() > Duration::from_secs(50));
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let idle_ms = now_ms.saturating_sub(info.stats.last_activity_ms);
+    assert!(idle_ms < 60_000, "last activity {idle_ms} ms ago");
     // the same figures on the admin endpoints
     let admin = free_ports(1).0;
     let server = manager
