@@ -265,3 +265,48 @@ async fn token_scopes_limit_what_is_registered_and_accessed() {
         "access outside the token's scope went through"
     );
 }
+
+#[actix_web::test]
+async fn the_ttl_also_ends_relayed_connections() {
+    let (port, _) = free_ports(1);
+    let server = spawn_server(fast_config((port, port)), "secret");
+    let echo = services::echo().await;
+    let (_agent, _task) = spawn_agent(
+        server.addr,
+        "secret",
+        vec![zlayer_tunnel::ServiceConfig::tcp("db", echo).with_remote_port(port)],
+    );
+    wait_listening(port).await;
+    let manager = AccessManager::new()
+        .with_server(format!("ws://{}/tunnel/v1", server.addr), "secret")
+        .with_grace(Duration::from_millis(200));
+    let session = manager
+        .start_session(
+            "db".into(),
+            String::new(),
+            None,
+            Some(Duration::from_millis(500)),
+        )
+        .await
+        .unwrap();
+    let mut s = tokio::net::TcpStream::connect(session.local_addr)
+        .await
+        .unwrap();
+    let transfer = async {
+        let chunk = [9u8; 16 * 1024];
+        let mut back = vec![0u8; chunk.len()];
+        let mut rounds = 0u32;
+        loop {
+            if s.write_all(&chunk).await.is_err() || s.read_exact(&mut back).await.is_err() {
+                return rounds;
+            }
+            rounds += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let rounds = tokio::time::timeout(DEADLINE, transfer)
+        .await
+        .expect("the relayed connection outlived its session");
+    assert!(rounds > 0, "nothing crossed before the expiry");
+    assert!(wait_closed(session.local_addr.port(), DEADLINE).await);
+}
