@@ -108,13 +108,26 @@ async fn a_node_tunnel_carries_bytes_and_tells_the_truth_through_a_restart() {
         unreachable!()
     };
     assert!(!last_error.is_empty());
-    let _node_b = spawn_server_on(fast_config((public, public)), "tun-secret", control);
+    let node_b = spawn_server_on(fast_config((public, public)), "tun-secret", control);
     watch(&node_a, "db", &mut seen, |s| {
         matches!(s, TunnelState::Connected { .. })
     })
     .await;
     wait_listening(public).await;
-    moved += echo_through(public, 2, 1 << 20).await;
+    let second = echo_through(public, 2, 1 << 20).await;
+    moved += second;
+    // node B's side (the public socket) counted the same bytes, exactly
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let tunnels = node_b.registry.list_tunnels().await;
+        let stats = tunnels[0].services[0].stats;
+        if stats.connections_active == 0 {
+            assert_eq!((stats.bytes_in, stats.bytes_out), (second, second));
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 
     // accounting: exactly the payload, each way, across both sessions
     let stats = node_a.get_status("db").unwrap().stats;
