@@ -82,6 +82,8 @@ enum Bound {
 struct Flow {
     listener: Addr<UdpServiceListener>,
     budget: Budget,
+    /// The service's counters (a datagram over the budget is a counted drop).
+    counters: Arc<Counters>,
 }
 
 /// The authenticated part of a session.
@@ -190,7 +192,16 @@ impl Handler<UdpEvent> for ControlChannel {
                 let Some(budget) = session.udp_budget(service_id) else {
                     return;
                 };
-                session.flows.insert(id, Flow { listener, budget });
+                let Some(service) = session.services.get(&service_id) else {
+                    return;
+                };
+                let counters = service.counters.clone();
+                let flow = Flow {
+                    listener,
+                    budget,
+                    counters,
+                };
+                session.flows.insert(id, flow);
                 self.send(
                     ctx,
                     Message::connect(service_id, id, visitor.to_string()).ok(),
@@ -317,6 +328,8 @@ impl Session {
         };
         if flow.budget.take(data.len()) {
             flow.listener.do_send(SendToVisitor { id, data });
+        } else {
+            flow.counters.add_drop();
         }
     }
 

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::udp_flow::{CloseFlow, ToService, UdpFlow};
 
 /// Bytes of datagrams that may wait for the WebSocket.
-pub(crate) const WAITING_DATAGRAMS: usize = 1024 * 1024;
+pub(crate) const WAITING_DATAGRAMS: usize = 4 * 1024 * 1024;
 
 /// A link's flows and waiting datagrams.
 #[derive(Default)]

@@ -31,7 +31,7 @@ use crate::udp::{FlowLimits, FlowTable, Verdict};
 /// Bytes of datagrams on their way between a UDP listener and its control
 /// channel (both on one thread). Over it, datagrams are dropped: a control
 /// channel frozen by a slow agent WebSocket cannot make them pile up.
-pub(crate) const DATAGRAM_BUDGET: usize = 1024 * 1024;
+pub(crate) const DATAGRAM_BUDGET: usize = 4 * 1024 * 1024;
 
 /// Bytes in flight between two actors, against [`DATAGRAM_BUDGET`].
 #[derive(Debug, Clone, Default)]

@@ -192,7 +192,7 @@ fn rss_kib() -> u64 {
 #[actix_web::test]
 async fn a_flood_is_dropped_and_counted_while_tcp_keeps_working() {
     let (low, high) = free_ports(2);
-    // the default limits: 10,000 datagrams/s per flow, 1 MiB of datagrams in flight
+    // the default limits: 10,000 datagrams/s per flow, 4 MiB of datagrams in flight
     let server = spawn_server(fast_config((low, high)), "secret");
     // a service that never reads
     let deaf = udp_socket().await;
