@@ -37,6 +37,13 @@ use crate::protocol::{
 use crate::status::TunnelState;
 use crate::streams::StreamSettings;
 
+mod access;
+mod services;
+mod udp;
+mod writer;
+
+pub(crate) use access::OpenStream;
+
 type WsSink = SplitSink<actix_codec::Framed<awc::BoxedSocket, ws::Codec>, ws::Message>;
 
 /// Data bytes per write batch, so that a control frame waits for at most this much.
@@ -161,79 +168,6 @@ impl Handler<StreamEvent> for AgentConnection {
         let mut outbox = std::mem::take(&mut self.outbox);
         link.streams.on_event(event, &mut |m| outbox.push(m));
         self.flush(outbox, ctx);
-    }
-}
-
-/// Opens an access stream for `socket` to `service` through the server
-/// (`AccessManager` with a server).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub(crate) struct OpenStream {
-    pub(crate) socket: tokio::net::TcpStream,
-    pub(crate) service: String,
-    pub(crate) target: String,
-    pub(crate) counters: CounterSet,
-    pub(crate) cancel: CancellationToken,
-}
-
-impl Handler<OpenStream> for AgentConnection {
-    type Result = ();
-
-    fn handle(&mut self, msg: OpenStream, ctx: &mut Self::Context) {
-        let ready = self
-            .link
-            .as_mut()
-            .filter(|l| l.authenticated && l.features.contains(Features::ACCESS));
-        let Some(link) = ready else {
-            // the socket is dropped: the local client sees the connection close
-            return tracing::warn!(service = %msg.service, "no access link to the server yet; connection closed");
-        };
-        let id = Uuid::new_v4();
-        let window = match link.streams.open_relayed(id) {
-            Ok(window) => window,
-            Err(e) => return tracing::warn!(error = %e, "access stream not opened"),
-        };
-        let wiring = StreamWiring {
-            id,
-            channel: ctx.address().recipient(),
-            initial_credit: 0,
-            counters: msg.counters,
-            read_direction: Direction::In,
-            cancel: msg.cancel,
-        };
-        link.streams
-            .attach(id, ForwardedConnection::start(msg.socket, wiring));
-        tracing::debug!(stream = %id, service = %msg.service, "access stream opened");
-        self.send(Message::open(id, msg.service, msg.target).ok(), ctx);
-        self.send(Some(window), ctx);
-    }
-}
-
-impl Handler<FlowEvent> for AgentConnection {
-    type Result = ();
-
-    fn handle(&mut self, event: FlowEvent, ctx: &mut Self::Context) {
-        let Some(link) = self.link.as_mut() else {
-            return;
-        };
-        match event {
-            FlowEvent::Reply { frame } => {
-                if link.flows.queue(frame) {
-                    self.write_next(ctx);
-                } else {
-                    self.shared.counters.add_drop();
-                }
-            }
-            FlowEvent::Ended { id } => {
-                if link.flows.ended(id) {
-                    let close = Message::Close {
-                        connection_id: id,
-                        kind: CloseKind::Abort,
-                    };
-                    self.send(Some(close), ctx);
-                }
-            }
-        }
     }
 }
 
@@ -474,86 +408,6 @@ impl AgentConnection {
         self.drop_link(format!("authentication refused: {reason}"), ctx);
     }
 
-    /// Registers a service, asking for the port it had before when it was auto-assigned.
-    fn register(&mut self, service: ServiceConfig, ctx: &mut Context<Self>) {
-        let port = match service.remote_port {
-            0 => self.assigned.get(&service.name).copied().unwrap_or(0),
-            p => p,
-        };
-        let register = Message::register(&service.name, service.protocol, service.local_port, port);
-        if let Some(link) = self.link.as_mut() {
-            link.awaiting.push_back(service);
-        }
-        self.send(register.ok(), ctx);
-    }
-
-    fn registered(&mut self, service_id: Uuid, port: Option<u16>, _: &mut Context<Self>) {
-        let awaiting = self.link.as_mut().map(|l| l.awaiting.pop_front());
-        let Some(Some(service)) = awaiting else {
-            return;
-        };
-        match port {
-            Some(port) => {
-                tracing::info!(service = %service.name, public_port = port, local = %service.local_addr(), "service registered");
-                self.assigned.insert(service.name.clone(), port);
-                self.published(service_id, &service, port);
-            }
-            None => {
-                tracing::info!(service = %service.name, "service registered (the server did not say its port)")
-            }
-        }
-        if let Some(link) = self.link.as_mut() {
-            link.services.insert(service_id, service);
-            if link.awaiting.is_empty() {
-                self.connected();
-            }
-        }
-    }
-
-    /// Authenticated and every service registered.
-    fn connected(&self) {
-        let since = std::time::SystemTime::now();
-        self.shared.view.set_state(TunnelState::Connected { since });
-    }
-
-    /// Records a published service and tells the `on_published` callback.
-    fn published(&self, service_id: Uuid, service: &ServiceConfig, port: u16) {
-        self.shared.view.registered(service_id, service, port);
-        if let Some(callback) = &self.shared.on_published {
-            callback(&PublishedService {
-                name: service.name.clone(),
-                protocol: service.protocol,
-                local: service.local_addr(),
-                public_port: port,
-                public_addr: public_addr(&self.shared.config.server_url, port),
-            });
-        }
-    }
-
-    fn register_failed(&mut self, reason: String, ctx: &mut Context<Self>) {
-        let Some(link) = self.link.as_mut() else {
-            return;
-        };
-        let Some(service) = link.awaiting.pop_front() else {
-            return;
-        };
-        let generation = link.generation;
-        let delay = self.shared.config.reconnect_interval;
-        tracing::warn!(service = %service.name, %reason, retry_in = %humantime::format_duration(delay), "registration refused");
-        if service.remote_port == 0 && self.assigned.remove(&service.name).is_some() {
-            tracing::info!(service = %service.name, "asking for any port next time");
-        }
-        ctx.run_later(delay, move |act, ctx| {
-            if act
-                .link
-                .as_ref()
-                .is_some_and(|l| l.generation == generation)
-            {
-                act.register(service, ctx);
-            }
-        });
-    }
-
     fn on_connect(
         &mut self,
         service_id: Uuid,
@@ -575,102 +429,6 @@ impl AgentConnection {
                 self.send(Message::connect_fail(id, reason).ok(), ctx);
             }
         }
-    }
-
-    /// An access client opened a stream to service `name` (relayed by the server).
-    fn on_open(&mut self, id: Uuid, name: &str, target: &str, ctx: &mut Context<Self>) {
-        match self.accept_open(id, name, target) {
-            Ok((dial, window)) => {
-                self.send(Some(window), ctx);
-                self.dial(id, dial, name.to_owned(), 0, ctx);
-            }
-            Err(reason) => {
-                tracing::info!(stream = %id, service = name, target, %reason, "access stream refused");
-                self.send(Message::connect_fail(id, reason).ok(), ctx);
-            }
-        }
-    }
-
-    /// What to dial for an `Open`, and the `Window` granting our receive window.
-    fn accept_open(
-        &mut self,
-        id: Uuid,
-        name: &str,
-        target: &str,
-    ) -> Result<(String, Message), String> {
-        let allowed = &self.shared.config.access_targets;
-        let link = self.link.as_mut().ok_or("no link")?;
-        let service = link
-            .services
-            .values()
-            .find(|s| s.name == name && s.protocol == ServiceProtocol::Tcp)
-            .ok_or_else(|| format!("no TCP service named {name:?} on this agent"))?;
-        // the target is dialed only if allowed; otherwise it is only shown
-        // to the access client, and the service's own address is dialed
-        let dial = if !target.is_empty() && allowed.iter().any(|a| a == target) {
-            target.to_owned()
-        } else {
-            service.local_addr()
-        };
-        let window = link.streams.open_relayed(id).map_err(|e| e.to_string())?;
-        Ok((dial, window))
-    }
-
-    /// A visitor address opened a flow of a UDP service: a socket toward the service for it.
-    fn open_flow(
-        &mut self,
-        service_id: Uuid,
-        id: Uuid,
-        client_addr: &str,
-        ctx: &mut Context<Self>,
-    ) {
-        match self.start_flow(service_id, id, client_addr, ctx) {
-            Ok(()) => self.send(Some(Message::ConnectAck { connection_id: id }), ctx),
-            Err(reason) => {
-                tracing::info!(flow = %id, visitor = %client_addr, %reason, "udp flow refused");
-                self.send(Message::connect_fail(id, reason).ok(), ctx);
-            }
-        }
-    }
-
-    fn start_flow(
-        &mut self,
-        service_id: Uuid,
-        id: Uuid,
-        client_addr: &str,
-        ctx: &mut Context<Self>,
-    ) -> Result<(), String> {
-        let link = self.link.as_mut().ok_or("no link")?;
-        let service = link.services.get(&service_id).ok_or("unknown service")?;
-        let accepted = self
-            .shared
-            .on_connection
-            .as_ref()
-            .is_none_or(|cb| cb(service_id, id, client_addr.to_owned()));
-        if !accepted {
-            return Err("connection rejected by client".to_owned());
-        }
-        let local = service.local_addr();
-        let target = std::net::ToSocketAddrs::to_socket_addrs(&local)
-            .ok()
-            .and_then(|mut addrs| addrs.next())
-            .ok_or_else(|| format!("local service {local} has no address"))?;
-        let wiring = FlowWiring {
-            id,
-            connection: ctx.address().recipient(),
-            counters: CounterSet::new(
-                std::iter::once(self.shared.counters.clone())
-                    .chain(self.shared.view.counters(&service.name))
-                    .collect(),
-            ),
-            idle_timeout: self.shared.config.udp_idle_timeout,
-            cancel: link.cancel.child_token(),
-        };
-        let flow = UdpFlow::start(target, wiring)
-            .map_err(|e| format!("cannot open a socket toward {local}: {e}"))?;
-        link.flows.insert(id, flow);
-        tracing::debug!(flow = %id, visitor = %client_addr, %target, "udp flow opened");
-        Ok(())
     }
 
     fn accept_stream(
@@ -814,109 +572,6 @@ impl AgentConnection {
         });
         self.shared.done(AgentStopped(result));
         ctx.stop();
-    }
-
-    fn flush(&mut self, mut outbox: Vec<Bytes>, ctx: &mut Context<Self>) {
-        for frame in outbox.drain(..) {
-            self.send_frame(frame, ctx);
-        }
-        self.outbox = outbox;
-    }
-
-    /// Queues one frame (never a type the server did not announce) and writes.
-    fn send(&mut self, message: Option<Message>, ctx: &mut Context<Self>) {
-        if let Some(message) = message {
-            self.send_frame(message.to_bytes(), ctx);
-        }
-    }
-
-    /// Queues one encoded frame (never a type the server did not announce) and writes.
-    fn send_frame(&mut self, frame: Bytes, ctx: &mut Context<Self>) {
-        let Some(link) = self.link.as_mut() else {
-            return;
-        };
-        if !link.features.contains(frame_feature(&frame)) {
-            return;
-        }
-        let data = MessageType::Data as u8;
-        let close = MessageType::Close as u8;
-        match frame.first() {
-            // a stream's Close must not overtake its Data
-            Some(t) if *t == data || *t == close => link.data.push_back(frame),
-            _ => link.control.push_back(frame),
-        }
-        self.write_next(ctx);
-    }
-
-    fn queue_raw(&mut self, message: ws::Message, ctx: &mut Context<Self>) {
-        if let (Some(link), ws::Message::Pong(p)) = (self.link.as_mut(), &message) {
-            let pong = p.clone();
-            let Some(mut sink) = link.sink.take() else {
-                return;
-            };
-            let generation = link.generation;
-            ctx.spawn(
-                async move { sink.send(ws::Message::Pong(pong)).await.map(|()| sink) }
-                    .into_actor(self)
-                    .map(move |result, act, ctx| act.written(generation, result, ctx)),
-            );
-        }
-    }
-
-    /// One batch in flight on the sink; awc's `send` gives real backpressure.
-    fn write_next(&mut self, ctx: &mut Context<Self>) {
-        let Some(link) = self.link.as_mut() else {
-            return;
-        };
-        if link.control.is_empty() && link.data.is_empty() && link.flows.nothing_waiting() {
-            return;
-        }
-        let Some(mut sink) = link.sink.take() else {
-            return;
-        };
-        let generation = link.generation;
-        let mut batch: Vec<Bytes> = link.control.drain(..).collect();
-        link.flows.drain_into(&mut batch); // bounded in bytes
-        let mut size = 0;
-        while let Some(frame) = link.data.pop_front() {
-            size += frame.len();
-            batch.push(frame);
-            if size >= MAX_BATCH {
-                break;
-            }
-        }
-        let write = async move {
-            for frame in batch {
-                sink.feed(ws::Message::Binary(frame)).await?;
-            }
-            sink.flush().await.map(|()| sink)
-        };
-        ctx.spawn(
-            write
-                .into_actor(self)
-                .map(move |result, act, ctx| act.written(generation, result, ctx)),
-        );
-    }
-
-    fn written(
-        &mut self,
-        generation: u64,
-        result: Result<WsSink, actix_http::ws::ProtocolError>,
-        ctx: &mut Context<Self>,
-    ) {
-        let Some(link) = self.link.as_mut().filter(|l| l.generation == generation) else {
-            return;
-        };
-        match result {
-            Ok(sink) => {
-                link.sink = Some(sink);
-                self.write_next(ctx);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "writing to the server failed; reconnecting");
-                self.drop_link(format!("writing to the server failed: {e}"), ctx);
-            }
-        }
     }
 }
 

@@ -44,6 +44,10 @@ use crate::protocol::{
 use crate::streams::StreamSettings;
 use crate::throttle::Admission;
 
+mod access;
+mod services;
+mod udp;
+
 /// Features this server accepts.
 const SUPPORTED: Features = Features::from_bits(
     Features::STREAMS.bits() | Features::DATAGRAMS.bits() | Features::ACCESS.bits(),
@@ -175,108 +179,6 @@ impl Handler<VisitorArrived> for ControlChannel {
     }
 }
 
-impl Handler<UdpEvent> for ControlChannel {
-    type Result = ();
-
-    fn handle(&mut self, event: UdpEvent, ctx: &mut Self::Context) {
-        let Some(session) = self.session.as_mut() else {
-            return;
-        };
-        match event {
-            UdpEvent::Opened {
-                service_id,
-                id,
-                visitor,
-                listener,
-            } => {
-                let Some(budget) = session.udp_budget(service_id) else {
-                    return;
-                };
-                let Some(service) = session.services.get(&service_id) else {
-                    return;
-                };
-                let counters = service.counters.clone();
-                let flow = Flow {
-                    listener,
-                    budget,
-                    counters,
-                };
-                session.flows.insert(id, flow);
-                self.send(
-                    ctx,
-                    Message::connect(service_id, id, visitor.to_string()).ok(),
-                );
-            }
-            UdpEvent::Datagram {
-                service_id,
-                id,
-                frame,
-            } => {
-                if let Some(budget) = session.udp_budget(service_id) {
-                    budget.give(frame.len());
-                }
-                if session.flows.contains_key(&id) {
-                    ctx.binary(frame);
-                }
-            }
-            UdpEvent::Closed { id } => {
-                if session.flows.remove(&id).is_some() {
-                    let close = Message::Close {
-                        connection_id: id,
-                        kind: CloseKind::Abort,
-                    };
-                    self.send(ctx, Some(close));
-                }
-            }
-        }
-    }
-}
-
-impl Handler<Relay> for ControlChannel {
-    type Result = ();
-
-    fn handle(&mut self, relay: Relay, ctx: &mut Self::Context) {
-        let Some(session) = self.session.as_mut() else {
-            return;
-        };
-        match relay {
-            Relay::Open {
-                id,
-                service,
-                target,
-                from,
-            } => {
-                if !session.features.contains(Features::ACCESS) {
-                    let reason = "the agent of this service does not take access streams";
-                    if let Ok(refusal) = Message::connect_fail(id, reason) {
-                        from.do_send(Relay::Frame {
-                            id,
-                            frame: refusal.to_bytes(),
-                        });
-                    }
-                    return;
-                }
-                session.relays.insert(id, from);
-                self.send(ctx, Message::open(id, service, target).ok());
-            }
-            Relay::Frame { id, frame } => {
-                if session.relays.accept_from_other(id, &frame) {
-                    ctx.binary(frame);
-                }
-            }
-            Relay::Gone { id } => {
-                if session.relays.remove(id) {
-                    let close = Message::Close {
-                        connection_id: id,
-                        kind: CloseKind::Abort,
-                    };
-                    self.send(ctx, Some(close));
-                }
-            }
-        }
-    }
-}
-
 impl Handler<StreamEvent> for ControlChannel {
     type Result = ();
 
@@ -309,37 +211,6 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for ControlChannel {
                 ctx.stop();
             }
         }
-    }
-}
-
-impl Session {
-    /// The datagram budget of UDP service `service_id`.
-    fn udp_budget(&self, service_id: Uuid) -> Option<Budget> {
-        match self.services.get(&service_id).map(|s| &s.listener) {
-            Some(Listener::Udp(_, budget)) => Some(budget.clone()),
-            _ => None,
-        }
-    }
-
-    /// A datagram from the agent for flow `id`: to its listener, if within budget.
-    fn relay_to_visitor(&mut self, id: Uuid, data: Bytes) {
-        let Some(flow) = self.flows.get(&id) else {
-            return; // a race after the flow ended
-        };
-        if flow.budget.take(data.len()) {
-            flow.listener.do_send(SendToVisitor { id, data });
-        } else {
-            flow.counters.add_drop();
-        }
-    }
-
-    /// Forgets flow `id` on both sides of the server; false if it is not a flow.
-    fn forget_flow(&mut self, id: Uuid) -> bool {
-        let Some(flow) = self.flows.remove(&id) else {
-            return false;
-        };
-        flow.listener.do_send(ForgetFlow(id));
-        true
     }
 }
 
@@ -427,67 +298,6 @@ impl ControlChannel {
             }
             other => self.protocol_error(ctx, &format!("unexpected {:?}", other.message_type())),
         }
-    }
-
-    /// An access client's `Open`: relayed to the channel of the agent that
-    /// registered `service`. Later frames wait for the lookup (`wait`), so the
-    /// client's first `Window` finds the relay in place.
-    fn open_relay(
-        &mut self,
-        id: Uuid,
-        service: String,
-        target: String,
-        ctx: &mut ws::WebsocketContext<Self>,
-    ) {
-        let Some(session) = self.session.as_ref() else {
-            return;
-        };
-        if !session.features.contains(Features::ACCESS) {
-            return self.protocol_error(ctx, "Open without the ACCESS feature");
-        }
-        if let Err(e) = self.scope.check_access(&service) {
-            self.span
-                .in_scope(|| tracing::warn!(stream = %id, reason = %e, "access stream refused"));
-            return self.send(ctx, Message::connect_fail(id, e.to_string()).ok());
-        }
-        let find = FindService {
-            name: service.clone(),
-        };
-        self.shared
-            .registry
-            .addr()
-            .send(find)
-            .into_actor(self)
-            .map(move |found, act, ctx| {
-                let Some(session) = act.session.as_mut() else {
-                    return;
-                };
-                let Ok(Some(agent)) = found else {
-                    let reason = format!("no service named {service:?} on this server");
-                    act.span.in_scope(
-                        || tracing::info!(stream = %id, %reason, "access stream refused"),
-                    );
-                    return act.send(ctx, Message::connect_fail(id, reason).ok());
-                };
-                session.relays.insert(id, agent.clone());
-                agent.do_send(Relay::Open {
-                    id,
-                    service,
-                    target,
-                    from: ctx.address().recipient(),
-                });
-            })
-            .wait(ctx);
-    }
-
-    fn on_datagram(&mut self, id: Uuid, data: Bytes, ctx: &mut ws::WebsocketContext<Self>) {
-        let Some(session) = self.session.as_mut() else {
-            return;
-        };
-        if !session.features.contains(Features::DATAGRAMS) {
-            return self.protocol_error(ctx, "datagram without the DATAGRAMS feature");
-        }
-        session.relay_to_visitor(id, data);
     }
 
     fn on_stream_frame(&mut self, message: Message, ctx: &mut ws::WebsocketContext<Self>) {
@@ -632,157 +442,6 @@ impl ControlChannel {
         ctx.stop();
     }
 
-    fn register(
-        &mut self,
-        name: String,
-        protocol: ServiceProtocol,
-        remote_port: u16,
-        ctx: &mut ws::WebsocketContext<Self>,
-    ) {
-        let Some(session) = &self.session else { return };
-        let limit = self.shared.config.max_services_per_tunnel;
-        let refusal = if let Err(e) = self.scope.check_register(&name) {
-            Some(e.to_string())
-        } else if session.services.len() >= limit {
-            Some(format!("tunnel is at its limit of {limit} services"))
-        } else if protocol == ServiceProtocol::Udp
-            && !session.features.contains(Features::DATAGRAMS)
-        {
-            Some(
-                "udp services need the DATAGRAMS capability, which this agent did not offer"
-                    .to_owned(),
-            )
-        } else {
-            None
-        };
-        if let Some(reason) = refusal {
-            self.span
-                .in_scope(|| tracing::warn!(service = %name, %reason, "registration refused"));
-            return self.send(ctx, Message::register_fail(reason).ok());
-        }
-        let tunnel_id = session.tunnel_id;
-        let registry = self.shared.registry.addr().clone();
-        let host = self.shared.config.bind_host.clone();
-        // `wait` holds later frames until this answer is sent: replies stay in order
-        async move {
-            let alloc = AllocatePort {
-                tunnel_id,
-                requested: remote_port,
-            };
-            let port = match registry.send(alloc).await.map_err(super::Error::from) {
-                Ok(Ok(port)) => port,
-                Ok(Err(e)) | Err(e) => return Err(e.to_string()),
-            };
-            let bound = match protocol {
-                ServiceProtocol::Tcp => bind_with_retry(&host, port).await.map(Bound::Tcp),
-                ServiceProtocol::Udp => UdpServiceListener::bind(&host, port).map(Bound::Udp),
-            };
-            match bound {
-                Ok(bound) => Ok((port, bound)),
-                Err(e) => {
-                    registry.do_send(ReleasePort { tunnel_id, port });
-                    Err(format!("cannot listen on {host}:{port}: {e}"))
-                }
-            }
-        }
-        .into_actor(self)
-        .map(move |result: Result<_, String>, act, ctx| act.registered(name, result, ctx))
-        .wait(ctx);
-    }
-
-    fn registered(
-        &mut self,
-        name: String,
-        result: Result<(u16, Bound), String>,
-        ctx: &mut ws::WebsocketContext<Self>,
-    ) {
-        let _span = self.span.enter();
-        let Some(session) = self.session.as_mut() else {
-            return;
-        };
-        let (port, bound) = match result {
-            Ok(ok) => ok,
-            Err(reason) => {
-                tracing::warn!(service = %name, %reason, "registration refused");
-                return self.send(ctx, Message::register_fail(reason).ok());
-            }
-        };
-        let service_id = Uuid::new_v4();
-        let counters = Arc::new(Counters::new());
-        let cancel = session.cancel.child_token();
-        let mut flows = None;
-        let (listener, protocol) = match bound {
-            Bound::Tcp(socket) => {
-                let recipient = ctx.address().recipient();
-                let addr = ServiceListener::start(socket, service_id, port, recipient, cancel);
-                (Listener::Tcp(addr), ServiceProtocol::Tcp)
-            }
-            Bound::Udp(socket) => {
-                let budget = Budget::default();
-                let view = FlowView::default();
-                flows = Some(view.clone());
-                let wiring = UdpWiring {
-                    service_id,
-                    port,
-                    limits: self.shared.config.flow_limits(),
-                    channel: ctx.address().recipient(),
-                    budget: budget.clone(),
-                    counters: counters.clone(),
-                    view,
-                    cancel,
-                };
-                let addr = UdpServiceListener::start(socket, wiring);
-                (Listener::Udp(addr, budget), ServiceProtocol::Udp)
-            }
-        };
-        tracing::info!(service = %name, port, %protocol, "service registered");
-        self.shared.registry.addr().do_send(ServiceRegistered {
-            tunnel_id: session.tunnel_id,
-            service: ServiceEntry {
-                id: service_id,
-                name: name.clone(),
-                protocol,
-                port,
-            },
-            counters: counters.clone(),
-            flows,
-        });
-        session.services.insert(
-            service_id,
-            Service {
-                name,
-                port,
-                listener,
-                counters,
-            },
-        );
-        self.send(
-            ctx,
-            Some(Message::RegisterOk {
-                service_id,
-                port: Some(port),
-            }),
-        );
-    }
-
-    fn unregister(&mut self, service_id: Uuid) {
-        let Some(session) = self.session.as_mut() else {
-            return;
-        };
-        let Some(service) = session.services.remove(&service_id) else {
-            return;
-        };
-        self.span.in_scope(
-            || tracing::info!(service = %service.name, port = service.port, "service unregistered"),
-        );
-        service.listener.stop();
-        let release = ReleasePort {
-            tunnel_id: session.tunnel_id,
-            port: service.port,
-        };
-        self.shared.registry.addr().do_send(release);
-    }
-
     /// Opens a stream for a visitor: its connection actor starts reading up to the agent's window.
     fn open_stream(
         &mut self,
@@ -880,20 +539,6 @@ impl ControlChannel {
             return;
         }
         ctx.binary(frame);
-    }
-}
-
-/// Binds a public port, retrying briefly while a closing listener (takeover) still holds it.
-async fn bind_with_retry(host: &str, port: u16) -> std::io::Result<tokio::net::TcpListener> {
-    let mut attempts = 0;
-    loop {
-        match ServiceListener::bind(host, port) {
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempts < 100 => {
-                attempts += 1;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            other => return other,
-        }
     }
 }
 

@@ -1,0 +1,90 @@
+//! The agent's registrations: asked in order, answered in order, published.
+
+use super::*;
+
+impl AgentConnection {
+    /// Registers a service, asking for the port it had before when it was auto-assigned.
+    pub(super) fn register(&mut self, service: ServiceConfig, ctx: &mut Context<Self>) {
+        let port = match service.remote_port {
+            0 => self.assigned.get(&service.name).copied().unwrap_or(0),
+            p => p,
+        };
+        let register = Message::register(&service.name, service.protocol, service.local_port, port);
+        if let Some(link) = self.link.as_mut() {
+            link.awaiting.push_back(service);
+        }
+        self.send(register.ok(), ctx);
+    }
+
+    pub(super) fn registered(
+        &mut self,
+        service_id: Uuid,
+        port: Option<u16>,
+        _: &mut Context<Self>,
+    ) {
+        let awaiting = self.link.as_mut().map(|l| l.awaiting.pop_front());
+        let Some(Some(service)) = awaiting else {
+            return;
+        };
+        match port {
+            Some(port) => {
+                tracing::info!(service = %service.name, public_port = port, local = %service.local_addr(), "service registered");
+                self.assigned.insert(service.name.clone(), port);
+                self.published(service_id, &service, port);
+            }
+            None => {
+                tracing::info!(service = %service.name, "service registered (the server did not say its port)")
+            }
+        }
+        if let Some(link) = self.link.as_mut() {
+            link.services.insert(service_id, service);
+            if link.awaiting.is_empty() {
+                self.connected();
+            }
+        }
+    }
+
+    /// Authenticated and every service registered.
+    pub(super) fn connected(&self) {
+        let since = std::time::SystemTime::now();
+        self.shared.view.set_state(TunnelState::Connected { since });
+    }
+
+    /// Records a published service and tells the `on_published` callback.
+    pub(super) fn published(&self, service_id: Uuid, service: &ServiceConfig, port: u16) {
+        self.shared.view.registered(service_id, service, port);
+        if let Some(callback) = &self.shared.on_published {
+            callback(&PublishedService {
+                name: service.name.clone(),
+                protocol: service.protocol,
+                local: service.local_addr(),
+                public_port: port,
+                public_addr: public_addr(&self.shared.config.server_url, port),
+            });
+        }
+    }
+
+    pub(super) fn register_failed(&mut self, reason: String, ctx: &mut Context<Self>) {
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        let Some(service) = link.awaiting.pop_front() else {
+            return;
+        };
+        let generation = link.generation;
+        let delay = self.shared.config.reconnect_interval;
+        tracing::warn!(service = %service.name, %reason, retry_in = %humantime::format_duration(delay), "registration refused");
+        if service.remote_port == 0 && self.assigned.remove(&service.name).is_some() {
+            tracing::info!(service = %service.name, "asking for any port next time");
+        }
+        ctx.run_later(delay, move |act, ctx| {
+            if act
+                .link
+                .as_ref()
+                .is_some_and(|l| l.generation == generation)
+            {
+                act.register(service, ctx);
+            }
+        });
+    }
+}

@@ -1,0 +1,91 @@
+//! The agent's UDP flows: one `UdpFlow` per visitor address, replies queued
+//! for the WebSocket within the link's bound.
+
+use super::*;
+
+impl Handler<FlowEvent> for AgentConnection {
+    type Result = ();
+
+    fn handle(&mut self, event: FlowEvent, ctx: &mut Self::Context) {
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        match event {
+            FlowEvent::Reply { frame } => {
+                if link.flows.queue(frame) {
+                    self.write_next(ctx);
+                } else {
+                    self.shared.counters.add_drop();
+                }
+            }
+            FlowEvent::Ended { id } => {
+                if link.flows.ended(id) {
+                    let close = Message::Close {
+                        connection_id: id,
+                        kind: CloseKind::Abort,
+                    };
+                    self.send(Some(close), ctx);
+                }
+            }
+        }
+    }
+}
+
+impl AgentConnection {
+    /// A visitor address opened a flow of a UDP service: a socket toward the service for it.
+    pub(super) fn open_flow(
+        &mut self,
+        service_id: Uuid,
+        id: Uuid,
+        client_addr: &str,
+        ctx: &mut Context<Self>,
+    ) {
+        match self.start_flow(service_id, id, client_addr, ctx) {
+            Ok(()) => self.send(Some(Message::ConnectAck { connection_id: id }), ctx),
+            Err(reason) => {
+                tracing::info!(flow = %id, visitor = %client_addr, %reason, "udp flow refused");
+                self.send(Message::connect_fail(id, reason).ok(), ctx);
+            }
+        }
+    }
+
+    pub(super) fn start_flow(
+        &mut self,
+        service_id: Uuid,
+        id: Uuid,
+        client_addr: &str,
+        ctx: &mut Context<Self>,
+    ) -> Result<(), String> {
+        let link = self.link.as_mut().ok_or("no link")?;
+        let service = link.services.get(&service_id).ok_or("unknown service")?;
+        let accepted = self
+            .shared
+            .on_connection
+            .as_ref()
+            .is_none_or(|cb| cb(service_id, id, client_addr.to_owned()));
+        if !accepted {
+            return Err("connection rejected by client".to_owned());
+        }
+        let local = service.local_addr();
+        let target = std::net::ToSocketAddrs::to_socket_addrs(&local)
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .ok_or_else(|| format!("local service {local} has no address"))?;
+        let wiring = FlowWiring {
+            id,
+            connection: ctx.address().recipient(),
+            counters: CounterSet::new(
+                std::iter::once(self.shared.counters.clone())
+                    .chain(self.shared.view.counters(&service.name))
+                    .collect(),
+            ),
+            idle_timeout: self.shared.config.udp_idle_timeout,
+            cancel: link.cancel.child_token(),
+        };
+        let flow = UdpFlow::start(target, wiring)
+            .map_err(|e| format!("cannot open a socket toward {local}: {e}"))?;
+        link.flows.insert(id, flow);
+        tracing::debug!(flow = %id, visitor = %client_addr, %target, "udp flow opened");
+        Ok(())
+    }
+}

@@ -1,0 +1,101 @@
+//! The control channel's relayed access streams (docs/PROTOCOL.md §4.5).
+
+use super::*;
+
+impl Handler<Relay> for ControlChannel {
+    type Result = ();
+
+    fn handle(&mut self, relay: Relay, ctx: &mut Self::Context) {
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        match relay {
+            Relay::Open {
+                id,
+                service,
+                target,
+                from,
+            } => {
+                if !session.features.contains(Features::ACCESS) {
+                    let reason = "the agent of this service does not take access streams";
+                    if let Ok(refusal) = Message::connect_fail(id, reason) {
+                        from.do_send(Relay::Frame {
+                            id,
+                            frame: refusal.to_bytes(),
+                        });
+                    }
+                    return;
+                }
+                session.relays.insert(id, from);
+                self.send(ctx, Message::open(id, service, target).ok());
+            }
+            Relay::Frame { id, frame } => {
+                if session.relays.accept_from_other(id, &frame) {
+                    ctx.binary(frame);
+                }
+            }
+            Relay::Gone { id } => {
+                if session.relays.remove(id) {
+                    let close = Message::Close {
+                        connection_id: id,
+                        kind: CloseKind::Abort,
+                    };
+                    self.send(ctx, Some(close));
+                }
+            }
+        }
+    }
+}
+
+impl ControlChannel {
+    /// An access client's `Open`: relayed to the channel of the agent that
+    /// registered `service`. Later frames wait for the lookup (`wait`), so the
+    /// client's first `Window` finds the relay in place.
+    pub(super) fn open_relay(
+        &mut self,
+        id: Uuid,
+        service: String,
+        target: String,
+        ctx: &mut ws::WebsocketContext<Self>,
+    ) {
+        let Some(session) = self.session.as_ref() else {
+            return;
+        };
+        if !session.features.contains(Features::ACCESS) {
+            return self.protocol_error(ctx, "Open without the ACCESS feature");
+        }
+        if let Err(e) = self.scope.check_access(&service) {
+            self.span
+                .in_scope(|| tracing::warn!(stream = %id, reason = %e, "access stream refused"));
+            return self.send(ctx, Message::connect_fail(id, e.to_string()).ok());
+        }
+        let find = FindService {
+            name: service.clone(),
+        };
+        self.shared
+            .registry
+            .addr()
+            .send(find)
+            .into_actor(self)
+            .map(move |found, act, ctx| {
+                let Some(session) = act.session.as_mut() else {
+                    return;
+                };
+                let Ok(Some(agent)) = found else {
+                    let reason = format!("no service named {service:?} on this server");
+                    act.span.in_scope(
+                        || tracing::info!(stream = %id, %reason, "access stream refused"),
+                    );
+                    return act.send(ctx, Message::connect_fail(id, reason).ok());
+                };
+                session.relays.insert(id, agent.clone());
+                agent.do_send(Relay::Open {
+                    id,
+                    service,
+                    target,
+                    from: ctx.address().recipient(),
+                });
+            })
+            .wait(ctx);
+    }
+}

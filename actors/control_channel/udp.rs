@@ -1,0 +1,109 @@
+//! The control channel's UDP side: flows announced by its listeners, datagrams
+//! both ways within each service's budget.
+
+use super::*;
+
+impl Handler<UdpEvent> for ControlChannel {
+    type Result = ();
+
+    fn handle(&mut self, event: UdpEvent, ctx: &mut Self::Context) {
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        match event {
+            UdpEvent::Opened {
+                service_id,
+                id,
+                visitor,
+                listener,
+            } => {
+                let Some(budget) = session.udp_budget(service_id) else {
+                    return;
+                };
+                let Some(service) = session.services.get(&service_id) else {
+                    return;
+                };
+                let counters = service.counters.clone();
+                let flow = Flow {
+                    listener,
+                    budget,
+                    counters,
+                };
+                session.flows.insert(id, flow);
+                self.send(
+                    ctx,
+                    Message::connect(service_id, id, visitor.to_string()).ok(),
+                );
+            }
+            UdpEvent::Datagram {
+                service_id,
+                id,
+                frame,
+            } => {
+                if let Some(budget) = session.udp_budget(service_id) {
+                    budget.give(frame.len());
+                }
+                if session.flows.contains_key(&id) {
+                    ctx.binary(frame);
+                }
+            }
+            UdpEvent::Closed { id } => {
+                if session.flows.remove(&id).is_some() {
+                    let close = Message::Close {
+                        connection_id: id,
+                        kind: CloseKind::Abort,
+                    };
+                    self.send(ctx, Some(close));
+                }
+            }
+        }
+    }
+}
+
+impl Session {
+    /// The datagram budget of UDP service `service_id`.
+    pub(super) fn udp_budget(&self, service_id: Uuid) -> Option<Budget> {
+        match self.services.get(&service_id).map(|s| &s.listener) {
+            Some(Listener::Udp(_, budget)) => Some(budget.clone()),
+            _ => None,
+        }
+    }
+
+    /// A datagram from the agent for flow `id`: to its listener, if within budget.
+    pub(super) fn relay_to_visitor(&mut self, id: Uuid, data: Bytes) {
+        let Some(flow) = self.flows.get(&id) else {
+            return; // a race after the flow ended
+        };
+        if flow.budget.take(data.len()) {
+            flow.listener.do_send(SendToVisitor { id, data });
+        } else {
+            flow.counters.add_drop();
+        }
+    }
+
+    /// Forgets flow `id` on both sides of the server; false if it is not a flow.
+    pub(super) fn forget_flow(&mut self, id: Uuid) -> bool {
+        let Some(flow) = self.flows.remove(&id) else {
+            return false;
+        };
+        flow.listener.do_send(ForgetFlow(id));
+        true
+    }
+}
+
+impl ControlChannel {
+    pub(super) fn on_datagram(
+        &mut self,
+        id: Uuid,
+        data: Bytes,
+        ctx: &mut ws::WebsocketContext<Self>,
+    ) {
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        if !session.features.contains(Features::DATAGRAMS) {
+            return self.protocol_error(ctx, "datagram without the DATAGRAMS feature");
+        }
+        session.relay_to_visitor(id, data);
+    }
+}
