@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    DEADLINE, fast_config, free_ports, services, spawn_agent, spawn_server,
+    DEADLINE, echo_through, fast_config, free_ports, services, spawn_agent, spawn_server,
     spawn_server_with_tokens, wait_closed, wait_listening,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,20 +25,7 @@ async fn a_session_carries_bytes_both_ways_and_counts_them_exactly() {
         .start_session("echo".into(), format!("127.0.0.1:{echo}"), None, None)
         .await
         .unwrap();
-    let data = common::pattern(11, 5 << 20);
-    let mut s = tokio::net::TcpStream::connect(session.local_addr)
-        .await
-        .unwrap();
-    let (mut r, mut w) = s.split();
-    let send = async {
-        w.write_all(&data).await.unwrap();
-        w.shutdown().await.unwrap();
-    };
-    let mut back = Vec::new();
-    let (_, got) = tokio::join!(send, r.read_to_end(&mut back));
-    got.unwrap();
-    assert_eq!(common::sha256(&back), common::sha256(&data));
-    drop(s);
+    let len = echo_through(session.local_addr, 11, 5 << 20).await;
 
     let deadline = tokio::time::Instant::now() + DEADLINE;
     let info = loop {
@@ -54,7 +41,6 @@ async fn a_session_carries_bytes_both_ways_and_counts_them_exactly() {
     };
     assert_eq!(info.endpoint, "echo");
     assert_eq!(info.remote_addr, format!("127.0.0.1:{echo}"));
-    let len = data.len() as u64;
     assert_eq!((info.stats.bytes_in, info.stats.bytes_out), (len, len));
     assert_eq!(info.stats.connections_total, 1);
     assert!(info.remaining.unwrap() > Duration::from_secs(50));
@@ -133,26 +119,6 @@ async fn the_ttl_closes_the_listener_and_open_connections_mid_transfer() {
     assert!(manager.list_sessions().is_empty());
 }
 
-/// 4 MiB each way through `addr`, checked by digest; the bytes moved.
-async fn echo_through(addr: std::net::SocketAddr, seed: u64) -> u64 {
-    let data = common::pattern(seed, 4 << 20);
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut r, mut w) = s.split();
-    let send = async {
-        w.write_all(&data).await.unwrap();
-        w.shutdown().await.unwrap();
-    };
-    let mut back = Vec::new();
-    let (_, got) = tokio::join!(send, r.read_to_end(&mut back));
-    got.unwrap();
-    assert_eq!(
-        common::sha256(&back),
-        common::sha256(&data),
-        "corrupted through the session"
-    );
-    data.len() as u64
-}
-
 #[actix_web::test]
 async fn a_session_through_the_server_reaches_the_agents_service() {
     let (port, _) = free_ports(1);
@@ -171,8 +137,8 @@ async fn a_session_through_the_server_reaches_the_agents_service() {
         .start_session("db".into(), "10.0.0.50:5432".into(), None, None)
         .await
         .unwrap();
-    let mut moved = echo_through(session.local_addr, 1).await;
-    moved += echo_through(session.local_addr, 2).await;
+    let mut moved = echo_through(session.local_addr, 1, 4 << 20).await;
+    moved += echo_through(session.local_addr, 2, 4 << 20).await;
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
         let stats = manager.list_sessions().pop().unwrap().stats;

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::process::Proc;
-use common::{free_ports, services, wait_closed, wait_listening};
+use common::{echo_through, free_ports, services, wait_closed, wait_listening};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BIN: &str = env!("CARGO_BIN_EXE_zlayer-tunnel");
@@ -144,19 +144,7 @@ async fn a_hashed_token_server_and_an_agent_move_bytes_and_stop_cleanly() {
         .unwrap();
     wait_listening(public).await;
 
-    let data = common::pattern(9, 3 << 20);
-    let mut visitor = tokio::net::TcpStream::connect(("127.0.0.1", public))
-        .await
-        .unwrap();
-    let (mut r, mut w) = visitor.split();
-    let send = async {
-        w.write_all(&data).await.unwrap();
-        w.shutdown().await.unwrap();
-    };
-    let mut back = Vec::new();
-    let (_, got) = tokio::join!(send, r.read_to_end(&mut back));
-    got.unwrap();
-    assert!(back == data, "echo through the binaries corrupted data");
+    echo_through(([127, 0, 0, 1], public).into(), 9, 3 << 20).await;
 
     let (status, took) = terminate(&mut agent);
     assert!(
@@ -404,21 +392,6 @@ fn signal(child: &Child, signal: &str) {
     assert!(status.success());
 }
 
-/// 64 KiB through the echo tunnel on `addr`, compared byte for byte.
-async fn echo_check(addr: std::net::SocketAddr) {
-    let data = common::pattern(u64::from(addr.port()), 64 << 10);
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut r, mut w) = s.split();
-    let send = async {
-        w.write_all(&data).await.unwrap();
-        w.shutdown().await.unwrap();
-    };
-    let mut back = Vec::new();
-    let (_, got) = tokio::join!(send, r.read_to_end(&mut back));
-    got.unwrap();
-    assert!(back == data, "echo corrupted data");
-}
-
 #[actix_web::test]
 async fn a_frozen_agent_is_dropped_and_comes_back_when_thawed() {
     let (control, public) = (free_ports(1).0, free_ports(1).0);
@@ -445,7 +418,7 @@ async fn a_frozen_agent_is_dropped_and_comes_back_when_thawed() {
     let mut agent = spawn(&["agent", "--server", &url, "--token", "t", "--tcp", &spec]);
     wait_listening(public).await;
     let public_addr = ([127, 0, 0, 1], public).into();
-    echo_check(public_addr).await;
+    echo_through(public_addr, 1, 64 << 10).await;
 
     signal(&agent, "STOP");
     let frozen = Instant::now();
@@ -462,7 +435,7 @@ async fn a_frozen_agent_is_dropped_and_comes_back_when_thawed() {
 
     signal(&agent, "CONT");
     wait_listening(public).await; // the agent noticed, reconnected, got its port back
-    echo_check(public_addr).await;
+    echo_through(public_addr, 1, 64 << 10).await;
     terminate(&mut agent);
     terminate(&mut server);
 }
@@ -516,7 +489,7 @@ async fn the_server_listens_and_publishes_on_ipv6() {
         .unwrap()
         .unwrap();
     assert_eq!(first, format!("echo tcp [::1]:{public}\n"));
-    echo_check(public_addr).await;
+    echo_through(public_addr, 1, 64 << 10).await;
     terminate(&mut agent);
     terminate(&mut server);
 }
@@ -629,7 +602,7 @@ async fn the_access_command_opens_a_local_port_until_its_ttl() {
         .expect("no local address printed")
         .unwrap();
     let local: std::net::SocketAddr = line.trim().parse().unwrap();
-    echo_check(local).await;
+    echo_through(local, 1, 64 << 10).await;
     // it exits by itself when the TTL ends
     let start = Instant::now();
     let status = loop {
@@ -685,5 +658,5 @@ async fn two_nodes_as_two_processes_with_a_node_tunnel() {
     let line = node_a.wait_for("state=connected");
     assert!(line.contains("tunnel=db"), "{line}");
     wait_listening(public_b).await;
-    echo_check(([127, 0, 0, 1], public_b).into()).await;
+    echo_through(([127, 0, 0, 1], public_b).into(), 1, 64 << 10).await;
 }

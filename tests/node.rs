@@ -8,8 +8,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{DEADLINE, fast_config, free_ports, services, spawn_server_on, wait_listening};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use common::{
+    DEADLINE, echo_through, fast_config, free_ports, services, spawn_server_on, wait_listening,
+};
 use zlayer_tunnel::{NodeTunnel, NodeTunnelManager, TunnelServerConfig, TunnelState};
 
 /// The name of a state, without its fields.
@@ -47,28 +48,6 @@ async fn watch(
     }
 }
 
-/// `len` bytes through the echo on `port`, checked by digest; returns `len`.
-async fn echo_through(port: u16, seed: u64, len: usize) -> u64 {
-    let data = common::pattern(seed, len);
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let (mut r, mut w) = s.split();
-    let send = async {
-        w.write_all(&data).await.unwrap();
-        w.shutdown().await.unwrap();
-    };
-    let mut back = Vec::new();
-    let (_, got) = tokio::join!(send, r.read_to_end(&mut back));
-    got.unwrap();
-    assert_eq!(
-        common::sha256(&back),
-        common::sha256(&data),
-        "node tunnel corrupted data"
-    );
-    len as u64
-}
-
 #[actix_web::test]
 async fn a_node_tunnel_carries_bytes_and_tells_the_truth_through_a_restart() {
     let (control, public) = (free_ports(1).0, free_ports(1).0);
@@ -96,7 +75,7 @@ async fn a_node_tunnel_carries_bytes_and_tells_the_truth_through_a_restart() {
     })
     .await;
     assert_eq!(node_a.get_status("db").unwrap().public_port, Some(public));
-    let mut moved = echo_through(public, 1, 3 << 20).await;
+    let mut moved = echo_through(([127, 0, 0, 1], public).into(), 1, 3 << 20).await;
 
     // node B goes away: Reconnecting, with the error; it comes back: Connected, same port
     node_b.handle.stop(true).await;
@@ -114,7 +93,7 @@ async fn a_node_tunnel_carries_bytes_and_tells_the_truth_through_a_restart() {
     })
     .await;
     wait_listening(public).await;
-    let second = echo_through(public, 2, 1 << 20).await;
+    let second = echo_through(([127, 0, 0, 1], public).into(), 2, 1 << 20).await;
     moved += second;
     // node B's side (the public socket) counted the same bytes, exactly
     let deadline = tokio::time::Instant::now() + DEADLINE;

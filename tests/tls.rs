@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use common::certs::{self, Pem};
 use common::process::Proc;
-use common::{free_ports, services, wait_closed, wait_listening};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use common::{echo_through, free_ports, services, wait_closed, wait_listening};
 
 /// A directory of PEM files, removed on drop.
 struct Files(PathBuf);
@@ -67,27 +66,6 @@ fn agent(url: &str, ca: &str, service: u16, public: u16) -> Proc {
     Proc::spawn(&["agent", "--server", url, "--ca-cert", ca, "--tcp", &spec])
 }
 
-/// 2 MiB each way through the tunnel, checked by digest.
-async fn echo_through(public: u16) {
-    let data = common::pattern(public.into(), 2 << 20);
-    let mut visitor = tokio::net::TcpStream::connect(("127.0.0.1", public))
-        .await
-        .unwrap();
-    let (mut r, mut w) = visitor.split();
-    let send = async {
-        w.write_all(&data).await.unwrap();
-        w.shutdown().await.unwrap();
-    };
-    let mut back = Vec::new();
-    let (_, got) = tokio::join!(send, r.read_to_end(&mut back));
-    got.unwrap();
-    assert_eq!(
-        common::sha256(&back),
-        common::sha256(&data),
-        "echo over wss corrupted data"
-    );
-}
-
 #[actix_web::test]
 async fn an_agent_trusts_a_private_ca() {
     let files = Files::new("ca");
@@ -99,7 +77,7 @@ async fn an_agent_trusts_a_private_ca() {
     let mut agent = agent(&url, &ca, services::echo().await, public);
     agent.wait_for("service registered");
     wait_listening(public).await;
-    echo_through(public).await;
+    echo_through(([127, 0, 0, 1], public).into(), 7, 2 << 20).await;
 }
 
 #[actix_web::test]
@@ -113,7 +91,7 @@ async fn an_agent_pins_a_self_signed_ca_true_certificate() {
     let mut agent = agent(&url, &pinned, services::echo().await, public);
     agent.wait_for("service registered");
     wait_listening(public).await;
-    echo_through(public).await;
+    echo_through(([127, 0, 0, 1], public).into(), 7, 2 << 20).await;
 }
 
 #[actix_web::test]

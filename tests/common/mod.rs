@@ -303,6 +303,28 @@ pub async fn wait_closed(port: u16, within: Duration) -> bool {
     true
 }
 
+/// Sends `len` bytes of the pattern for `seed` through the echo at `addr`,
+/// half-closes, reads the answer to its end and checks it by digest; the
+/// bytes moved each way.
+pub async fn echo_through(addr: SocketAddr, seed: u64, len: usize) -> u64 {
+    let data = pattern(seed, len);
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = s.split();
+    let send = async {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let mut back = Vec::new();
+    let (_, got) = tokio::join!(send, r.read_to_end(&mut back));
+    got.unwrap();
+    assert_eq!(
+        sha256(&back),
+        sha256(&data),
+        "the echo through {addr} corrupted data"
+    );
+    len as u64
+}
+
 /// A deterministic byte pattern; `seed` varies it per stream.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
