@@ -23,6 +23,7 @@ use uuid::Uuid;
 use super::agent_view::{PublishedService, public_addr};
 use super::flow_hub::FlowHub;
 use super::forwarded_connection::{ForwardedConnection, StreamEvent, StreamWiring};
+use super::read_gate::{InTransit, ReadGate, TUNNEL_READ_AHEAD};
 use super::stream_hub::StreamHub;
 use super::tunnel_agent::{AgentShared, AgentStopped};
 use super::udp_flow::{FlowEvent, FlowWiring, UdpFlow};
@@ -67,6 +68,12 @@ struct Link {
     /// (`Data`, `Close`, kept in order), so they never wait behind windows of data.
     control: VecDeque<Bytes>,
     data: VecDeque<Bytes>,
+    /// Local sockets' bytes read and not yet handed to awc's sink (bounded).
+    gate: Arc<ReadGate>,
+    /// Tickets of the read frames in `data`, in order.
+    held: VecDeque<InTransit>,
+    /// Bytes taken from `data` that the front tickets have not yet covered.
+    taken: usize,
     features: Features,
     server_window: u32,
     authenticated: bool,
@@ -166,7 +173,9 @@ impl Handler<StreamEvent> for AgentConnection {
             return;
         };
         let mut outbox = std::mem::take(&mut self.outbox);
-        link.streams.on_event(event, &mut |m| outbox.push(m));
+        if let Some(held) = link.streams.on_event(event, &mut |m| outbox.push(m)) {
+            link.held.push_back(held);
+        }
         self.flush(outbox, ctx);
     }
 }
@@ -272,6 +281,9 @@ impl AgentConnection {
             liveness: Liveness::new(Instant::now(), config.heartbeat_timeout),
             cancel: CancellationToken::new(),
             since: Instant::now(),
+            gate: ReadGate::new(TUNNEL_READ_AHEAD),
+            held: VecDeque::new(),
+            taken: 0,
         });
         let caps = Capabilities {
             features: OFFERED,
@@ -510,6 +522,7 @@ impl AgentConnection {
             ),
             read_direction: Direction::Out,
             cancel: link.cancel.child_token(),
+            gate: link.gate.clone(),
         };
         if link
             .streams

@@ -24,6 +24,7 @@ use uuid::Uuid;
 
 use super::control_handler::ServerShared;
 use super::forwarded_connection::{ForwardedConnection, StreamEvent, StreamWiring};
+use super::read_gate::{ReadGate, TUNNEL_READ_AHEAD};
 use super::registry::{
     AllocatePort, CloseTunnel, FindService, FlowView, OpenTunnel, ReleasePort, ReportAlive,
     ServiceEntry, ServiceRegistered, TunnelClosed,
@@ -101,6 +102,8 @@ struct Session {
     relays: Relays,
     agent_window: u32,
     counters: Arc<Counters>,
+    /// Visitors' bytes read and not yet handed to the WebSocket (bounded).
+    gate: Arc<ReadGate>,
 }
 
 /// The control channel actor.
@@ -187,8 +190,9 @@ impl Handler<StreamEvent> for ControlChannel {
             return;
         };
         let mut outbox = std::mem::take(&mut self.outbox);
-        session.streams.on_event(event, &mut |m| outbox.push(m));
+        let held = session.streams.on_event(event, &mut |m| outbox.push(m));
         self.flush(outbox, ctx);
+        drop(held); // the frame is in the WebSocket's buffer now
     }
 }
 
@@ -419,6 +423,7 @@ impl ControlChannel {
             relays: Relays::default(),
             agent_window,
             counters: self.counters.clone(),
+            gate: ReadGate::new(TUNNEL_READ_AHEAD),
         });
         self.liveness.seen(Instant::now());
         self.send(
@@ -473,6 +478,7 @@ impl ControlChannel {
             counters: CounterSet::new(vec![service.counters.clone(), session.counters.clone()]),
             read_direction: Direction::In,
             cancel: session.cancel.child_token(),
+            gate: session.gate.clone(),
         };
         session
             .streams

@@ -15,6 +15,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::Duration;
 
@@ -25,6 +26,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::read_gate::{InTransit, ReadGate};
 use crate::accounting::{CounterSet, Direction};
 use crate::protocol::{MAX_DATA_PAYLOAD, Message};
 
@@ -54,6 +56,8 @@ pub(crate) enum StreamEvent {
         frame: Bytes,
         /// Payload bytes in it.
         len: usize,
+        /// The frame's ticket at the tunnel's read gate.
+        held: InTransit,
     },
     /// The socket's read side ended (FIN).
     ReadEof {
@@ -88,6 +92,8 @@ pub(crate) struct StreamWiring {
     /// Direction of the bytes this side reads from its socket.
     pub(crate) read_direction: Direction,
     pub(crate) cancel: CancellationToken,
+    /// The tunnel side's read gate, shared by all its connections.
+    pub(crate) gate: Arc<ReadGate>,
 }
 
 /// The connection actor.
@@ -149,10 +155,13 @@ impl StreamHandler<io::Result<(Bytes, usize)>> for ForwardedConnection {
                 let direction = self.wiring.read_direction;
                 self.wiring.counters.add_bytes(direction, len as u64);
                 self.wiring.counters.touch(super::now_ms());
-                self.wiring.counters.touch(super::now_ms());
-                self.wiring
-                    .channel
-                    .do_send(StreamEvent::Read { id, frame, len });
+                let held = self.wiring.gate.hold(frame.len());
+                self.wiring.channel.do_send(StreamEvent::Read {
+                    id,
+                    frame,
+                    len,
+                    held,
+                });
             }
             Err(e) => {
                 tracing::debug!(stream = %id, error = %e, "socket read failed; aborting the stream");
@@ -187,6 +196,7 @@ impl ForwardedConnection {
                 id: wiring.id,
                 socket: socket.clone(),
                 credit: credit.clone(),
+                gate: wiring.gate.clone(),
             });
             Self {
                 wiring,
@@ -378,11 +388,13 @@ async fn write_all(socket: Rc<TcpStream>, batch: Vec<Bytes>) -> io::Result<()> {
     Ok(())
 }
 
-/// The socket's read side, gated by credit: returns `Pending` at zero credit.
+/// The socket's read side, gated by credit and by the tunnel's read gate:
+/// returns `Pending` at zero credit or while the gate is closed.
 struct CreditedReader {
     id: Uuid,
     socket: Rc<TcpStream>,
     credit: Rc<Credit>,
+    gate: Arc<ReadGate>,
 }
 
 impl Stream for CreditedReader {
@@ -393,6 +405,9 @@ impl Stream for CreditedReader {
         let credit = self.credit.bytes.get();
         if credit == 0 {
             *self.credit.waker.borrow_mut() = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        if !self.gate.is_open(self.id, cx) {
             return Poll::Pending;
         }
         loop {

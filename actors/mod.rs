@@ -27,6 +27,7 @@ mod flow_hub;
 mod forwarded_connection;
 mod frame_guard;
 mod node_tunnels;
+mod read_gate;
 pub mod registry;
 mod relay;
 mod runtime;

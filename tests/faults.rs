@@ -284,3 +284,89 @@ async fn an_agent_that_stops_reading_is_dropped_by_the_registry_watchdog() {
         v.abort();
     }
 }
+
+/// RSS of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Credit windows bound what a truthful agent lets the server send. This
+/// agent announces a 2 GiB window per stream and then reads nothing: the
+/// server's WebSocket actor freezes, and without the tunnel's read gate its
+/// visitors' bytes would pile up in the actor's mailbox at memory speed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_lies_about_its_window_cannot_make_the_server_buffer() {
+    const PER_VISITOR: u64 = 256 << 20;
+    let (control, public) = free_ports(2);
+    let server = common::process::Proc::spawn(&[
+        "server",
+        "--listen",
+        &format!("127.0.0.1:{control}"),
+        "--port-range",
+        &format!("{public}-{public}"),
+        "--bind-host",
+        "127.0.0.1",
+        "--heartbeat-timeout",
+        "120s",
+    ]);
+    wait_listening(control).await;
+    let mut ws = RawWs::connect(([127, 0, 0, 1], control).into(), "/tunnel/v1").await;
+    let caps = zlayer_tunnel::protocol::Capabilities {
+        features: zlayer_tunnel::protocol::Features::STREAMS,
+        initial_window: i32::MAX as u32,
+    };
+    let token = common::process::TOKEN;
+    ws.send(&Message::auth(token, Uuid::new_v4(), Some(caps)).unwrap())
+        .await;
+    assert!(matches!(ws.expect().await, Some(Message::AuthOk { .. })));
+    ws.send(&Message::register("svc", ServiceProtocol::Tcp, 22, public).unwrap())
+        .await;
+    wait_listening(public).await;
+    let idle = rss_kib(server.child.id());
+
+    // from here on the agent reads nothing; 8 visitors upload 256 MiB each
+    let written = Arc::new(AtomicU64::new(0));
+    let mut visitors = Vec::new();
+    for _ in 0..8 {
+        let written = written.clone();
+        let mut v = visit(public).await;
+        visitors.push(tokio::spawn(async move {
+            let chunk = vec![7u8; 1 << 20];
+            for _ in 0..PER_VISITOR >> 20 {
+                if v.write_all(&chunk).await.is_err() {
+                    break;
+                }
+                written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+            v
+        }));
+    }
+    // the visitors stall: nothing more written for a second
+    let end = tokio::time::Instant::now() + Duration::from_secs(30);
+    let (mut last, mut still) = (u64::MAX, 0);
+    while still < 5 {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the visitors never stalled: {} MiB taken by the server",
+            written.load(Ordering::Relaxed) >> 20
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = written.load(Ordering::Relaxed);
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+    }
+    let grown_mib = rss_kib(server.child.id()).saturating_sub(idle) >> 10;
+    let taken_mib = last >> 20;
+    eprintln!("server RSS +{grown_mib} MiB; visitors stalled after {taken_mib} MiB");
+    assert!(
+        taken_mib < 8 * (PER_VISITOR >> 20) / 2,
+        "{taken_mib} MiB taken"
+    );
+    assert!(grown_mib < 48, "server RSS grew by {grown_mib} MiB");
+    drop(ws);
+    for v in visitors {
+        v.abort();
+    }
+}

@@ -39,6 +39,7 @@ impl Handler<OpenStream> for AgentConnection {
             counters: msg.counters,
             read_direction: Direction::In,
             cancel: msg.cancel,
+            gate: link.gate.clone(),
         };
         link.streams
             .attach(id, ForwardedConnection::start(msg.socket, wiring));
