@@ -93,6 +93,8 @@ pub(crate) struct AgentConnection {
     starts: u64,
     finished: bool,
     assigned: HashMap<String, u16>,
+    /// Retry delays of services whose registration the server refused.
+    refused: HashMap<String, Backoff>,
     link: Option<Link>,
     outbox: Vec<Bytes>,
 }
@@ -226,6 +228,7 @@ impl AgentConnection {
             starts: 0,
             finished: false,
             assigned: HashMap::new(),
+            refused: HashMap::new(),
             link: None,
             outbox: Vec::new(),
         }

@@ -216,3 +216,69 @@ async fn our_agent_leaves_a_server_that_went_silent_and_reconnects() {
     );
     agent.stop();
 }
+
+/// Accepts agents, authenticates them, refuses every registration; reports
+/// each message with when it arrived.
+async fn refusing_server(
+    listener: TcpListener,
+    seen: mpsc::UnboundedSender<(tokio::time::Instant, Message)>,
+) {
+    let (mut socket, _) = listener.accept().await.unwrap();
+    let mut buf = accept_upgrade(&mut socket).await;
+    while let Some(payload) = read_frame(&mut socket, &mut buf).await {
+        let (message, _) = Message::decode(&payload).unwrap();
+        let reply = match &message {
+            Message::Auth { .. } => Some(Message::AuthOk {
+                tunnel_id: Uuid::new_v4(),
+                capabilities: None,
+            }),
+            Message::Register { .. } => Some(Message::register_fail("port 2222 is taken").unwrap()),
+            _ => None,
+        };
+        let _ = seen.send((tokio::time::Instant::now(), message));
+        if let Some(m) = reply {
+            write_frame(&mut socket, &m.encode()).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_registration_is_retried_on_backoff_without_reconnecting() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, mut seen) = mpsc::unbounded_channel();
+    tokio::spawn(refusing_server(listener, tx));
+    // reconnect interval 50 ms, at most 500 ms (common::spawn_agent)
+    let (agent, _task) = common::spawn_agent(
+        addr,
+        "token",
+        vec![ServiceConfig::tcp("ssh", 22).with_remote_port(2222)],
+    );
+    let mut registers = Vec::new();
+    let mut auths = 0;
+    while registers.len() < 6 {
+        let (at, m) = tokio::time::timeout(DEADLINE, seen.recv())
+            .await
+            .expect("agent went quiet")
+            .unwrap();
+        match m {
+            Message::Register { .. } => registers.push(at),
+            Message::Auth { .. } => auths += 1,
+            _ => {}
+        }
+    }
+    agent.stop();
+    let gaps: Vec<Duration> = registers.windows(2).map(|w| w[1] - w[0]).collect();
+    assert_eq!(
+        auths, 1,
+        "the agent reconnected instead of retrying: {gaps:?}"
+    );
+    assert!(
+        gaps[0] < Duration::from_millis(200) && gaps[4] >= Duration::from_millis(200),
+        "retries do not back off: {gaps:?}"
+    );
+    assert!(
+        gaps.iter().all(|g| *g >= Duration::from_millis(25)),
+        "{gaps:?}"
+    );
+}

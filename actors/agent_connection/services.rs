@@ -26,6 +26,7 @@ impl AgentConnection {
         let Some(Some(service)) = awaiting else {
             return;
         };
+        self.refused.remove(&service.name);
         match port {
             Some(port) => {
                 tracing::info!(service = %service.name, public_port = port, local = %service.local_addr(), "service registered");
@@ -72,7 +73,18 @@ impl AgentConnection {
             return;
         };
         let generation = link.generation;
-        let delay = self.shared.config.reconnect_interval;
+        let config = &self.shared.config;
+        let delay = self
+            .refused
+            .entry(service.name.clone())
+            .or_insert_with(|| {
+                Backoff::new(
+                    config.reconnect_interval,
+                    config.max_reconnect_interval,
+                    config.stable_after,
+                )
+            })
+            .next_delay(Uuid::new_v4().as_u64_pair().0);
         tracing::warn!(service = %service.name, %reason, retry_in = %humantime::format_duration(delay), "registration refused");
         if service.remote_port == 0 && self.assigned.remove(&service.name).is_some() {
             tracing::info!(service = %service.name, "asking for any port next time");
