@@ -20,7 +20,7 @@ use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::Duration;
 
 use actix::prelude::*;
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use futures::Stream;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -28,7 +28,7 @@ use uuid::Uuid;
 
 use super::read_gate::{InTransit, ReadGate};
 use crate::accounting::{CounterSet, Direction};
-use crate::protocol::{MAX_DATA_PAYLOAD, Message};
+use crate::protocol::{DATA_FRAME_OVERHEAD, MAX_DATA_PAYLOAD, Message};
 
 /// What the owning channel tells a connection.
 #[derive(Message, Debug)]
@@ -358,9 +358,49 @@ impl Credit {
     }
 }
 
+/// Capacity of a thread's read arena: a few full frames, or many small ones.
+const ARENA_CAPACITY: usize = 256 * 1024;
+
 thread_local! {
-    /// One read buffer per thread, shared by every connection on it.
-    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_DATA_PAYLOAD]);
+    /// One read arena per thread, shared by every connection on it: frames are
+    /// read straight into it behind their header and split off, so an idle
+    /// connection keeps no buffer and a frame costs no copy. Its memory is
+    /// reused once the frames cut from it have been written out.
+    static ARENA: RefCell<BytesMut> = RefCell::new(BytesMut::with_capacity(ARENA_CAPACITY));
+}
+
+/// Reads at most `want` bytes (at most a frame's payload) from `socket`
+/// straight behind a `Data` header in `arena`: the frame and its payload
+/// length, `(empty, 0)` at end of stream.
+fn read_frame(
+    socket: &TcpStream,
+    arena: &mut BytesMut,
+    id: Uuid,
+    want: usize,
+) -> io::Result<(Bytes, usize)> {
+    arena.clear();
+    arena.reserve(DATA_FRAME_OVERHEAD + want);
+    arena.put_bytes(0, DATA_FRAME_OVERHEAD);
+    let read = socket.try_read_buf(&mut (&mut *arena).limit(want));
+    let header = match read {
+        Ok(0) => None,
+        Ok(n) => Message::data_frame_header(id, n),
+        Err(e) => {
+            arena.clear();
+            return Err(e);
+        }
+    };
+    match header {
+        Some(header) => {
+            arena[..DATA_FRAME_OVERHEAD].copy_from_slice(&header);
+            let n = arena.len() - DATA_FRAME_OVERHEAD;
+            Ok((arena.split().freeze(), n))
+        }
+        None => {
+            arena.clear();
+            Ok((Bytes::new(), 0))
+        }
+    }
 }
 
 /// Writes every chunk, vectored, waiting for writability as needed.
@@ -414,23 +454,15 @@ impl Stream for CreditedReader {
             if let Err(e) = futures::ready!(self.socket.poll_read_ready(cx)) {
                 return Poll::Ready(Some(Err(e)));
             }
+            // invariant: `want` is at most MAX_DATA_PAYLOAD, so a header is always built
             let want = credit.min(MAX_DATA_PAYLOAD);
-            let id = self.id;
-            let read = SCRATCH.with(|scratch| {
-                let mut scratch = scratch.borrow_mut();
-                self.socket
-                    .try_read(&mut scratch[..want])
-                    .map(|n| (Message::data_frame(id, &scratch[..n]), n))
-            });
+            let read = ARENA
+                .with(|arena| read_frame(&self.socket, &mut arena.borrow_mut(), self.id, want));
             match read {
                 Ok((_, 0)) => return Poll::Ready(None),
-                Ok((Some(frame), n)) => {
+                Ok((frame, n)) => {
                     self.credit.bytes.set(credit - n);
                     return Poll::Ready(Some(Ok((frame, n))));
-                }
-                // invariant: `want` is at most MAX_DATA_PAYLOAD, so a frame is always built
-                Ok((None, _)) => {
-                    return Poll::Ready(Some(Err(io::Error::other("chunk over a frame"))));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Some(Err(e))),

@@ -120,12 +120,35 @@ impl Message {
         id_payload_frame(MessageType::Data, connection_id, payload)
     }
 
+    /// The first [`DATA_FRAME_OVERHEAD`] bytes of a `Data` frame carrying
+    /// `payload_len` bytes, so that a reader can put the payload right after
+    /// them without a copy; `None` over [`MAX_DATA_PAYLOAD`].
+    ///
+    /// [`MAX_DATA_PAYLOAD`]: super::MAX_DATA_PAYLOAD
+    pub fn data_frame_header(
+        connection_id: Uuid,
+        payload_len: usize,
+    ) -> Option<[u8; DATA_FRAME_OVERHEAD]> {
+        if payload_len > super::MAX_DATA_PAYLOAD {
+            return None;
+        }
+        let mut header = [0; DATA_FRAME_OVERHEAD];
+        header[0] = MessageType::Data as u8;
+        // invariant: bounded by MAX_DATA_PAYLOAD just above
+        header[1..HEADER_SIZE].copy_from_slice(&((UUID_LEN + payload_len) as u32).to_be_bytes());
+        header[HEADER_SIZE..].copy_from_slice(connection_id.as_bytes());
+        Some(header)
+    }
+
     /// The encoded `Datagram` frame for one whole datagram of flow `connection_id`
     /// (as [`Message::datagram`] would encode it); `None` over the payload limit.
     pub fn datagram_frame(connection_id: Uuid, payload: &[u8]) -> Option<Bytes> {
         id_payload_frame(MessageType::Datagram, connection_id, payload)
     }
 }
+
+/// Bytes before the payload in a `Data` frame: the header and the connection id.
+pub const DATA_FRAME_OVERHEAD: usize = HEADER_SIZE + UUID_LEN;
 
 /// A frame of `kind` carrying a connection id and a payload.
 fn id_payload_frame(kind: MessageType, connection_id: Uuid, payload: &[u8]) -> Option<Bytes> {

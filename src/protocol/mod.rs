@@ -8,7 +8,7 @@ mod codec;
 mod features;
 mod message;
 
-pub use codec::{DecodeError, MAX_PAYLOAD_SIZE, frame_len};
+pub use codec::{DATA_FRAME_OVERHEAD, DecodeError, MAX_PAYLOAD_SIZE, frame_len};
 pub use features::{
     Capabilities, DEFAULT_INITIAL_WINDOW, EXT_VERSION, Features, MAX_WINDOW, features_of,
 };

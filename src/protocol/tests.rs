@@ -100,6 +100,17 @@ fn oversized_content_is_refused_where_built() {
 }
 
 #[test]
+fn a_data_frame_header_and_its_payload_are_the_data_frame() {
+    for len in [0, 1, 1000, MAX_DATA_PAYLOAD] {
+        let payload = vec![0xa5; len];
+        let mut frame = Message::data_frame_header(id(7), len).unwrap().to_vec();
+        frame.extend_from_slice(&payload);
+        assert_eq!(frame, Message::data_frame(id(7), &payload).unwrap());
+    }
+    assert!(Message::data_frame_header(id(7), MAX_DATA_PAYLOAD + 1).is_none());
+}
+
+#[test]
 fn debug_masks_the_token() {
     let m = Message::auth("super-secret", id(1), None).unwrap();
     assert!(!format!("{m:?}").contains("super-secret"));
