@@ -239,10 +239,12 @@ pub struct TunnelClientConfig {
     /// Stable id of this agent; drawn once at start when absent, kept across reconnects.
     #[serde(default)]
     pub client_id: Option<Uuid>,
-    /// First reconnect delay. Default 1 s.
+    /// First and shortest reconnect delay: delays double from it, jittered by
+    /// up to half a step, and never fall below it. Default 1 s.
     #[serde(default = "default_reconnect", with = "humantime_serde")]
     pub reconnect_interval: Duration,
-    /// Longest reconnect delay. Default 60 s.
+    /// Longest reconnect delay: no delay exceeds it, and once the doubling
+    /// reaches it delays spread over its upper half. Default 60 s.
     #[serde(default = "default_max_reconnect", with = "humantime_serde")]
     pub max_reconnect_interval: Duration,
     /// A connection that lasted this long resets the backoff. Default 10 s.
