@@ -65,9 +65,10 @@ pub struct TunnelServerConfig {
     pub max_streams_per_tunnel: usize,
     /// Bytes an agent may send on a new stream before its first credit. Default 32 KiB.
     pub stream_window: u32,
-    /// Largest window a busy stream grows to. Default 1 MiB.
+    /// Largest window a busy stream grows to, from `stream_window` to 2^31-1. Default 1 MiB.
     pub max_stream_window: u32,
-    /// Credit shared by a tunnel's streams for growing their windows. Default 16 MiB.
+    /// Credit shared by a tunnel's streams for growing their windows, at least
+    /// `max_stream_window - stream_window`. Default 16 MiB.
     pub tunnel_window_budget: u64,
     /// Most UDP flows (visitor addresses) per UDP service. Default 1024.
     pub max_flows_per_service: usize,
@@ -200,14 +201,11 @@ impl TunnelServerConfig {
             return Err(invalid("max_datagram_size", "must be between 1 and 65507"));
         }
         positive("udp_idle_timeout", self.udp_idle_timeout)?;
-        validate_window("stream_window", self.stream_window)?;
-        if self.max_stream_window < self.stream_window || self.max_stream_window > MAX_WINDOW {
-            return Err(invalid(
-                "max_stream_window",
-                "must be between stream_window and 2147483647",
-            ));
-        }
-        Ok(())
+        validate_windows(
+            self.stream_window,
+            self.max_stream_window,
+            self.tunnel_window_budget,
+        )
     }
 }
 
@@ -218,9 +216,28 @@ fn positive(key: &str, value: Duration) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn validate_window(key: &str, value: u32) -> Result<(), ConfigError> {
-    if !(1024..=MAX_WINDOW).contains(&value) {
-        return Err(invalid(key, "must be between 1024 and 2147483647"));
+/// Checks `stream_window`, `max_stream_window` and `tunnel_window_budget`
+/// together: the same rules hold on the server and on the agent.
+fn validate_windows(initial: u32, max: u32, budget: u64) -> Result<(), ConfigError> {
+    if !(1024..=MAX_WINDOW).contains(&initial) {
+        return Err(invalid(
+            "stream_window",
+            "must be between 1024 and 2147483647",
+        ));
+    }
+    if !(initial..=MAX_WINDOW).contains(&max) {
+        return Err(invalid(
+            "max_stream_window",
+            "must be between stream_window and 2147483647",
+        ));
+    }
+    // a budget too small for even one stream to reach its maximum makes
+    // `max_stream_window` a lie; no growth at all is max = stream_window
+    if budget < u64::from(max - initial) {
+        return Err(invalid(
+            "tunnel_window_budget",
+            "must be at least max_stream_window - stream_window",
+        ));
     }
     Ok(())
 }
@@ -247,7 +264,7 @@ pub struct TunnelClientConfig {
     /// reaches it delays spread over its upper half. Default 60 s.
     #[serde(default = "default_max_reconnect", with = "humantime_serde")]
     pub max_reconnect_interval: Duration,
-    /// A connection that lasted this long resets the backoff. Default 10 s.
+    /// A connection that lasted this long (more than 0 s) resets the backoff. Default 10 s.
     #[serde(default = "default_stable_after", with = "humantime_serde")]
     pub stable_after: Duration,
     /// How often the agent sends its own `Heartbeat`. Default 15 s.
@@ -265,10 +282,11 @@ pub struct TunnelClientConfig {
     /// Bytes the server may send on a new stream before its first credit. Default 32 KiB.
     #[serde(default = "default_stream_window")]
     pub stream_window: u32,
-    /// Largest window a busy stream grows to. Default 1 MiB.
+    /// Largest window a busy stream grows to, from `stream_window` to 2^31-1. Default 1 MiB.
     #[serde(default = "default_max_stream_window")]
     pub max_stream_window: u32,
-    /// Credit shared by the agent's streams for growing their windows. Default 16 MiB.
+    /// Credit shared by the agent's streams for growing their windows, at least
+    /// `max_stream_window - stream_window`. Default 16 MiB.
     #[serde(default = "default_tunnel_budget")]
     pub tunnel_window_budget: u64,
     /// A UDP flow silent both ways this long is forgotten. Default 60 s.
@@ -391,6 +409,8 @@ impl TunnelClientConfig {
                 "must be at least reconnect_interval",
             ));
         }
+        // zero would reset the backoff after every connection, however short
+        positive("stable_after", self.stable_after)?;
         positive("heartbeat_interval", self.heartbeat_interval)?;
         if self.heartbeat_timeout <= self.heartbeat_interval {
             return Err(invalid(
@@ -401,7 +421,11 @@ impl TunnelClientConfig {
         positive("connect_timeout", self.connect_timeout)?;
         positive("local_connect_timeout", self.local_connect_timeout)?;
         positive("udp_idle_timeout", self.udp_idle_timeout)?;
-        validate_window("stream_window", self.stream_window)?;
+        validate_windows(
+            self.stream_window,
+            self.max_stream_window,
+            self.tunnel_window_budget,
+        )?;
         self.validate_services()
     }
 
