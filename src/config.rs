@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use crate::auth::Secret;
 use crate::protocol::{MAX_SERVICE_NAME_LEN, MAX_WINDOW, ServiceProtocol};
+use crate::streams::StreamSettings;
 
 /// Why a configuration is unusable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -149,6 +150,17 @@ impl TunnelServerConfig {
             max_rate: self.max_datagram_rate,
             idle_timeout: self.udp_idle_timeout,
             max_datagram: self.max_datagram_size,
+        }
+    }
+
+    /// The stream table of one tunnel, given the initial window the agent announced.
+    pub fn stream_settings(&self, agent_window: u32) -> StreamSettings {
+        StreamSettings {
+            max_streams: self.max_streams_per_tunnel,
+            recv_initial: self.stream_window,
+            recv_max: self.max_stream_window,
+            send_initial: agent_window,
+            budget: self.tunnel_window_budget,
         }
     }
 
@@ -392,6 +404,19 @@ impl TunnelClientConfig {
         self.reconnect_interval = initial;
         self.max_reconnect_interval = max;
         self
+    }
+
+    /// The agent's stream table, given the initial window the server announced.
+    /// It has no stream cap of its own: the server's `max_streams_per_tunnel`
+    /// and `max_connections_per_service` are the limits.
+    pub fn stream_settings(&self, server_window: u32) -> StreamSettings {
+        StreamSettings {
+            max_streams: usize::MAX,
+            recv_initial: self.stream_window,
+            recv_max: self.max_stream_window,
+            send_initial: server_window,
+            budget: self.tunnel_window_budget,
+        }
     }
 
     /// Checks every key; the error names the first bad one.

@@ -192,3 +192,23 @@ fn client_toml_with_services() {
     assert_eq!(config.services[1].local_addr(), "[::1]:53");
     assert_eq!(config.services[0].protocol, ServiceProtocol::Tcp);
 }
+
+/// The target load: 10,000 visitor connections through one agent.
+const TEN_THOUSAND: usize = 10_000;
+
+#[test]
+fn defaults_carry_ten_thousand_connections_through_one_agent() {
+    let server = TunnelServerConfig::default();
+    assert!(server.max_connections_per_service >= TEN_THOUSAND);
+    assert!(server.max_streams_per_tunnel >= TEN_THOUSAND);
+    assert!(server.stream_settings(0).max_streams >= TEN_THOUSAND);
+    // the agent has no stream or connection cap of its own, so the server's
+    // limits above are the only ones
+    let agent = TunnelClientConfig::new("ws://x", "t");
+    assert_eq!(agent.stream_settings(0).max_streams, usize::MAX);
+    let keys = toml::to_string(&agent).unwrap();
+    assert!(
+        !keys.contains("max_streams") && !keys.contains("max_connections"),
+        "the agent grew a cap: {keys}"
+    );
+}
