@@ -304,14 +304,7 @@ impl AgentConnection {
     }
 
     fn settings(&self, server_window: u32) -> StreamSettings {
-        let c = &self.shared.config;
-        StreamSettings {
-            max_streams: usize::MAX,
-            recv_initial: c.stream_window,
-            recv_max: c.max_stream_window,
-            send_initial: server_window,
-            budget: c.tunnel_window_budget,
-        }
+        self.shared.config.stream_settings(server_window)
     }
 
     fn on_frame(&mut self, frame: Bytes, ctx: &mut Context<Self>) {

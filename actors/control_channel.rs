@@ -42,7 +42,6 @@ use crate::protocol::{
     Capabilities, CloseKind, DEFAULT_INITIAL_WINDOW, Features, Message, ServiceProtocol,
     frame_feature,
 };
-use crate::streams::StreamSettings;
 use crate::throttle::Admission;
 
 mod access;
@@ -404,13 +403,7 @@ impl ControlChannel {
         let answer = offer.map(|o| Capabilities::accept(o, SUPPORTED, config.stream_window));
         let features = answer.map_or(Features::NONE, |c| c.features);
         let agent_window = offer.map_or(DEFAULT_INITIAL_WINDOW, |o| o.initial_window);
-        let settings = StreamSettings {
-            max_streams: config.max_streams_per_tunnel,
-            recv_initial: config.stream_window,
-            recv_max: config.max_stream_window,
-            send_initial: agent_window,
-            budget: config.tunnel_window_budget,
-        };
+        let settings = config.stream_settings(agent_window);
         self.span
             .in_scope(|| tracing::info!(?features, "agent authenticated"));
         self.session = Some(Session {

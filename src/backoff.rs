@@ -1,5 +1,6 @@
-//! Reconnect delays: exponential from `initial` to `max`, jittered by a value
-//! the caller draws, reset after a connection that stayed up.
+//! Reconnect delays: exponential from `initial` to `max` (every delay within
+//! those bounds), jittered by a value the caller draws, reset after a
+//! connection that stayed up.
 
 use std::time::Duration;
 
@@ -32,24 +33,28 @@ impl Backoff {
 
     /// The delay before the next attempt, and counts the attempt.
     ///
-    /// `jitter` is a random draw; the delay is spread over the upper half of the
-    /// exponential step ("equal jitter"), so clients that lost the same server
-    /// do not come back in lockstep, and never wait more than `max`.
+    /// Every delay lies in `[initial, max]`. The step doubles from `initial`
+    /// and stops at `max`; the delay is drawn by `jitter` (a random value the
+    /// caller passes in) from a window half a step wide that ends at
+    /// `min(1.5 * step, max)`. So the first delay is between `initial` and
+    /// `1.5 * initial`, and once the step reaches `max` delays spread over
+    /// `[max / 2, max]` (never below `initial`): agents that lost the same
+    /// server do not come back in lockstep, even at the cap.
     ///
     /// ```
     /// use std::time::Duration;
     /// use zlayer_tunnel::backoff::Backoff;
     /// let s = Duration::from_secs(1);
     /// let mut b = Backoff::new(s, 8 * s, 10 * s);
-    /// assert_eq!(b.next_delay(0), Duration::from_millis(500));
-    /// assert_eq!(b.next_delay(0), Duration::from_secs(1));
+    /// assert_eq!(b.next_delay(0), s); // window [1 s, 1.5 s]
+    /// assert_eq!(b.next_delay(0), 2 * s); // window [2 s, 3 s]
     /// ```
     pub fn next_delay(&mut self, jitter: u64) -> Duration {
-        let step = self.step(self.attempt);
+        let (low, high) = self.window(self.attempt);
         self.attempt = self.attempt.saturating_add(1);
-        let half = step / 2;
-        let spread = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX).max(1);
-        half + Duration::from_nanos(jitter % spread)
+        let span = u64::try_from(high.saturating_sub(low).as_nanos()).unwrap_or(u64::MAX);
+        let offset = span.checked_add(1).map_or(jitter, |n| jitter % n);
+        low + Duration::from_nanos(offset)
     }
 
     /// Records that a connection ended after lasting `uptime`; a long one resets the delays.
@@ -64,6 +69,14 @@ impl Backoff {
         self.attempt = 0;
     }
 
+    /// The inclusive range the delay of `attempt` is drawn from.
+    fn window(&self, attempt: u32) -> (Duration, Duration) {
+        let step = self.step(attempt);
+        let high = step.saturating_add(step / 2).min(self.max);
+        let low = high.saturating_sub(step / 2).max(self.initial);
+        (low, high)
+    }
+
     fn step(&self, attempt: u32) -> Duration {
         let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
         self.initial.saturating_mul(factor).min(self.max)
@@ -75,14 +88,63 @@ mod tests {
     use super::*;
 
     const S: Duration = Duration::from_secs(1);
+    const JITTERS: [u64; 6] = [0, 1, 499_999_999, 123_456_789_012, u64::MAX - 7, u64::MAX];
+
+    #[test]
+    fn the_first_delay_is_at_least_the_reconnect_interval() {
+        for jitter in JITTERS {
+            let d = Backoff::new(S, 60 * S, 10 * S).next_delay(jitter);
+            assert!(d >= S && d <= S * 3 / 2, "{d:?} for jitter {jitter}");
+        }
+    }
 
     #[test]
     fn doubles_up_to_max_within_jitter_bounds() {
         let mut b = Backoff::new(S, 8 * S, 10 * S);
-        for step in [1, 2, 4, 8, 8, 8] {
+        let ms = Duration::from_millis;
+        let windows = [
+            (1000, 1500),
+            (2000, 3000),
+            (4000, 6000),
+            (4000, 8000),
+            (4000, 8000),
+        ];
+        for (low, high) in windows {
             let d = b.next_delay(u64::MAX - 7);
-            assert!(d >= step * S / 2 && d < step * S, "{d:?} for step {step}");
+            assert!(
+                d >= ms(low) && d <= ms(high),
+                "{d:?} outside {low}..={high} ms"
+            );
         }
+    }
+
+    #[test]
+    fn every_delay_lies_between_the_bounds() {
+        let ms = Duration::from_millis;
+        for (initial, max) in [(S, 60 * S), (S, S), (S, S * 6 / 5), (ms(50), ms(500))] {
+            for jitter in JITTERS {
+                let mut b = Backoff::new(initial, max, 10 * S);
+                for _ in 0..40 {
+                    let d = b.next_delay(jitter);
+                    assert!(
+                        d >= initial && d <= max,
+                        "{d:?} outside {initial:?}..={max:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reaches_max_and_still_spreads_there() {
+        let mut b = Backoff::new(S, 8 * S, 10 * S);
+        for _ in 0..3 {
+            b.next_delay(0);
+        }
+        // the step is now 8 s: the window is [4 s, 8 s]
+        assert_eq!(b.next_delay(4_000_000_000), 8 * S);
+        assert_eq!(b.next_delay(0), 4 * S);
+        assert!(b.next_delay(u64::MAX) <= 8 * S);
     }
 
     #[test]
@@ -99,16 +161,18 @@ mod tests {
         b.next_delay(0);
         b.connection_ended(3 * S);
         assert_eq!(b.attempt(), 2);
+        assert_eq!(b.next_delay(0), 4 * S);
         b.connection_ended(10 * S);
         assert_eq!(b.attempt(), 0);
-        assert_eq!(b.next_delay(0), S / 2);
+        assert_eq!(b.next_delay(0), S);
     }
 
     #[test]
     fn survives_huge_attempt_counts() {
         let mut b = Backoff::new(S, 60 * S, 10 * S);
         for _ in 0..100 {
-            assert!(b.next_delay(u64::MAX) <= 60 * S);
+            let d = b.next_delay(u64::MAX);
+            assert!(d >= S && d <= 60 * S, "{d:?}");
         }
     }
 }

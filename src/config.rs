@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use crate::auth::Secret;
 use crate::protocol::{MAX_SERVICE_NAME_LEN, MAX_WINDOW, ServiceProtocol};
+use crate::streams::StreamSettings;
 
 /// Why a configuration is unusable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -65,9 +66,10 @@ pub struct TunnelServerConfig {
     pub max_streams_per_tunnel: usize,
     /// Bytes an agent may send on a new stream before its first credit. Default 32 KiB.
     pub stream_window: u32,
-    /// Largest window a busy stream grows to. Default 1 MiB.
+    /// Largest window a busy stream grows to, from `stream_window` to 2^31-1. Default 1 MiB.
     pub max_stream_window: u32,
-    /// Credit shared by a tunnel's streams for growing their windows. Default 16 MiB.
+    /// Credit shared by a tunnel's streams for growing their windows, at least
+    /// `max_stream_window - stream_window`. Default 16 MiB.
     pub tunnel_window_budget: u64,
     /// Most UDP flows (visitor addresses) per UDP service. Default 1024.
     pub max_flows_per_service: usize,
@@ -151,6 +153,17 @@ impl TunnelServerConfig {
         }
     }
 
+    /// The stream table of one tunnel, given the initial window the agent announced.
+    pub fn stream_settings(&self, agent_window: u32) -> StreamSettings {
+        StreamSettings {
+            max_streams: self.max_streams_per_tunnel,
+            recv_initial: self.stream_window,
+            recv_max: self.max_stream_window,
+            send_initial: agent_window,
+            budget: self.tunnel_window_budget,
+        }
+    }
+
     /// Checks every key; the error names the first bad one.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !self.control_path.starts_with('/') {
@@ -200,14 +213,11 @@ impl TunnelServerConfig {
             return Err(invalid("max_datagram_size", "must be between 1 and 65507"));
         }
         positive("udp_idle_timeout", self.udp_idle_timeout)?;
-        validate_window("stream_window", self.stream_window)?;
-        if self.max_stream_window < self.stream_window || self.max_stream_window > MAX_WINDOW {
-            return Err(invalid(
-                "max_stream_window",
-                "must be between stream_window and 2147483647",
-            ));
-        }
-        Ok(())
+        validate_windows(
+            self.stream_window,
+            self.max_stream_window,
+            self.tunnel_window_budget,
+        )
     }
 }
 
@@ -218,9 +228,28 @@ fn positive(key: &str, value: Duration) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn validate_window(key: &str, value: u32) -> Result<(), ConfigError> {
-    if !(1024..=MAX_WINDOW).contains(&value) {
-        return Err(invalid(key, "must be between 1024 and 2147483647"));
+/// Checks `stream_window`, `max_stream_window` and `tunnel_window_budget`
+/// together: the same rules hold on the server and on the agent.
+fn validate_windows(initial: u32, max: u32, budget: u64) -> Result<(), ConfigError> {
+    if !(1024..=MAX_WINDOW).contains(&initial) {
+        return Err(invalid(
+            "stream_window",
+            "must be between 1024 and 2147483647",
+        ));
+    }
+    if !(initial..=MAX_WINDOW).contains(&max) {
+        return Err(invalid(
+            "max_stream_window",
+            "must be between stream_window and 2147483647",
+        ));
+    }
+    // a budget too small for even one stream to reach its maximum makes
+    // `max_stream_window` a lie; no growth at all is max = stream_window
+    if budget < u64::from(max - initial) {
+        return Err(invalid(
+            "tunnel_window_budget",
+            "must be at least max_stream_window - stream_window",
+        ));
     }
     Ok(())
 }
@@ -239,13 +268,15 @@ pub struct TunnelClientConfig {
     /// Stable id of this agent; drawn once at start when absent, kept across reconnects.
     #[serde(default)]
     pub client_id: Option<Uuid>,
-    /// First reconnect delay. Default 1 s.
+    /// First and shortest reconnect delay: delays double from it, jittered by
+    /// up to half a step, and never fall below it. Default 1 s.
     #[serde(default = "default_reconnect", with = "humantime_serde")]
     pub reconnect_interval: Duration,
-    /// Longest reconnect delay. Default 60 s.
+    /// Longest reconnect delay: no delay exceeds it, and once the doubling
+    /// reaches it delays spread over its upper half. Default 60 s.
     #[serde(default = "default_max_reconnect", with = "humantime_serde")]
     pub max_reconnect_interval: Duration,
-    /// A connection that lasted this long resets the backoff. Default 10 s.
+    /// A connection that lasted this long (more than 0 s) resets the backoff. Default 10 s.
     #[serde(default = "default_stable_after", with = "humantime_serde")]
     pub stable_after: Duration,
     /// How often the agent sends its own `Heartbeat`. Default 15 s.
@@ -263,10 +294,11 @@ pub struct TunnelClientConfig {
     /// Bytes the server may send on a new stream before its first credit. Default 32 KiB.
     #[serde(default = "default_stream_window")]
     pub stream_window: u32,
-    /// Largest window a busy stream grows to. Default 1 MiB.
+    /// Largest window a busy stream grows to, from `stream_window` to 2^31-1. Default 1 MiB.
     #[serde(default = "default_max_stream_window")]
     pub max_stream_window: u32,
-    /// Credit shared by the agent's streams for growing their windows. Default 16 MiB.
+    /// Credit shared by the agent's streams for growing their windows, at least
+    /// `max_stream_window - stream_window`. Default 16 MiB.
     #[serde(default = "default_tunnel_budget")]
     pub tunnel_window_budget: u64,
     /// A UDP flow silent both ways this long is forgotten. Default 60 s.
@@ -374,6 +406,19 @@ impl TunnelClientConfig {
         self
     }
 
+    /// The agent's stream table, given the initial window the server announced.
+    /// It has no stream cap of its own: the server's `max_streams_per_tunnel`
+    /// and `max_connections_per_service` are the limits.
+    pub fn stream_settings(&self, server_window: u32) -> StreamSettings {
+        StreamSettings {
+            max_streams: usize::MAX,
+            recv_initial: self.stream_window,
+            recv_max: self.max_stream_window,
+            send_initial: server_window,
+            budget: self.tunnel_window_budget,
+        }
+    }
+
     /// Checks every key; the error names the first bad one.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !(self.server_url.starts_with("ws://") || self.server_url.starts_with("wss://")) {
@@ -389,6 +434,8 @@ impl TunnelClientConfig {
                 "must be at least reconnect_interval",
             ));
         }
+        // zero would reset the backoff after every connection, however short
+        positive("stable_after", self.stable_after)?;
         positive("heartbeat_interval", self.heartbeat_interval)?;
         if self.heartbeat_timeout <= self.heartbeat_interval {
             return Err(invalid(
@@ -399,7 +446,11 @@ impl TunnelClientConfig {
         positive("connect_timeout", self.connect_timeout)?;
         positive("local_connect_timeout", self.local_connect_timeout)?;
         positive("udp_idle_timeout", self.udp_idle_timeout)?;
-        validate_window("stream_window", self.stream_window)?;
+        validate_windows(
+            self.stream_window,
+            self.max_stream_window,
+            self.tunnel_window_budget,
+        )?;
         self.validate_services()
     }
 

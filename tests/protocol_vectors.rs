@@ -9,8 +9,10 @@
 use bytes::Bytes;
 use serde_json::{Value, json};
 use uuid::Uuid;
+use zlayer_tunnel::MAX_MESSAGE_SIZE;
 use zlayer_tunnel::protocol::{
-    Capabilities, CloseKind, DecodeError, Features, Message, ServiceProtocol,
+    BuildError, Capabilities, CloseKind, DecodeError, Features, Message, MessageType,
+    ServiceProtocol,
 };
 
 const SEED_VECTORS: &str = concat!(
@@ -78,10 +80,14 @@ fn protocol(v: &Value) -> ServiceProtocol {
     }
 }
 
-/// Builds the message a vector's fields describe, through the checked constructors.
+/// Builds the message a vector's fields describe; it must be buildable.
 fn message_from(f: &Value) -> Message {
-    let ty = f["type"].as_str().unwrap();
-    let built = match ty {
+    build(f).unwrap_or_else(|e| panic!("{} cannot be built: {e}", f["type"]))
+}
+
+/// Builds the message a vector's fields describe, through the checked constructors.
+fn build(f: &Value) -> Result<Message, BuildError> {
+    match f["type"].as_str().unwrap() {
         "Auth" => Message::auth(text(&f["token"]), uuid(&f["client_id"]), caps(f)),
         "AuthOk" => Ok(Message::AuthOk {
             tunnel_id: uuid(&f["tunnel_id"]),
@@ -120,11 +126,11 @@ fn message_from(f: &Value) -> Message {
         "Disconnect" => Message::disconnect(text(&f["reason"])),
         "Data" => Message::data(
             uuid(&f["connection_id"]),
-            Bytes::from(unhex(f["data_hex"].as_str().unwrap())),
+            Bytes::from(unhex(&text(&f["data_hex"]))),
         ),
         "Datagram" => Message::datagram(
             uuid(&f["connection_id"]),
-            Bytes::from(unhex(f["data_hex"].as_str().unwrap())),
+            Bytes::from(unhex(&text(&f["data_hex"]))),
         ),
         "Close" => Ok(Message::Close {
             connection_id: uuid(&f["connection_id"]),
@@ -144,8 +150,7 @@ fn message_from(f: &Value) -> Message {
             text(&f["target"]),
         ),
         other => panic!("unknown type {other}"),
-    };
-    built.unwrap_or_else(|e| panic!("{ty} cannot be built: {e}"))
+    }
 }
 
 /// The seed's fields of a message, as the vectors write them (extension fields left out).
@@ -315,20 +320,41 @@ fn check_boundary(doc: &Value) -> usize {
             }
             "error" => {
                 let err = Message::decode(&bytes).map(|(m, _)| m).expect_err(name);
-                assert!(
-                    matches!(err, DecodeError::TooLarge { .. }),
-                    "{name}: {err:?}"
-                );
+                let why = v["why"].as_str().unwrap();
+                if bytes.len() > MAX_MESSAGE_SIZE {
+                    assert!(
+                        matches!(err, DecodeError::TooLarge { .. }),
+                        "{name}: {err:?}"
+                    );
+                } else {
+                    assert!(matches_why(&err, why), "{name}: got {err:?} for {why:?}");
+                }
                 // and the same content cannot even be built: refused where it is built
-                assert!(
-                    std::panic::catch_unwind(|| message_from(&v["fields"])).is_err(),
-                    "{name}: an over-long message was built"
+                assert_eq!(
+                    build(&v["fields"]).map(|m| m.message_type()),
+                    Err(refusal(&v["fields"], &bytes)),
+                    "{name}"
                 );
             }
             other => panic!("{name}: decode {other}"),
         }
     }
     vectors.len()
+}
+
+/// The error a checked constructor gives for a refused boundary vector: too
+/// large past `MAX_MESSAGE_SIZE`, else the out-of-range field.
+fn refusal(fields: &Value, frame: &[u8]) -> BuildError {
+    if frame.len() > MAX_MESSAGE_SIZE {
+        return BuildError::TooLarge {
+            kind: MessageType::try_from(frame[0]).unwrap(),
+            len: frame.len(),
+        };
+    }
+    match fields["type"].as_str().unwrap() {
+        "Window" => BuildError::BadIncrement(fields["increment"].as_u64().unwrap() as u32),
+        other => panic!("no refusal within the size limit is known for {other}"),
+    }
 }
 
 fn check_hashes(doc: &Value) -> usize {
@@ -363,7 +389,7 @@ fn seed_vectors_agree_with_the_original() {
     );
     let c = &doc["constants"];
     assert_eq!(c["HEADER_SIZE"], zlayer_tunnel::HEADER_SIZE);
-    assert_eq!(c["MAX_MESSAGE_SIZE"], zlayer_tunnel::MAX_MESSAGE_SIZE);
+    assert_eq!(c["MAX_MESSAGE_SIZE"], MAX_MESSAGE_SIZE);
     assert_eq!(c["PROTOCOL_VERSION"], zlayer_tunnel::PROTOCOL_VERSION);
     assert_eq!(c["max_payload"], zlayer_tunnel::protocol::MAX_PAYLOAD_SIZE);
 }
@@ -374,7 +400,7 @@ fn seed_message_type_codes() {
     let types = doc["message_types"].as_object().unwrap();
     assert_eq!(types.len(), 13);
     for (name, code) in types {
-        let ty = zlayer_tunnel::MessageType::try_from(code.as_u64().unwrap() as u8).unwrap();
+        let ty = MessageType::try_from(code.as_u64().unwrap() as u8).unwrap();
         assert_eq!(&format!("{ty:?}"), name);
     }
 }
@@ -384,9 +410,9 @@ fn extension_vectors() {
     let doc = load(EXT_VECTORS);
     let n = check_all(&doc, true);
     assert_eq!(
-        (n.valid, n.invalid, n.lenient),
-        (15, 12, 5),
-        "extension vector counts changed"
+        (n.valid, n.boundary, n.invalid, n.lenient, n.hashes),
+        (15, 6, 12, 5, 0),
+        "extension vector counts changed: update this assertion together with the file"
     );
 }
 
@@ -394,8 +420,5 @@ fn extension_vectors() {
 fn the_original_encoder_quirk_is_refused_where_built() {
     // the original casts a 256-byte name's length to u8 and emits a corrupt frame
     let err = Message::register("n".repeat(256), ServiceProtocol::Tcp, 8080, 0).unwrap_err();
-    assert_eq!(
-        err,
-        zlayer_tunnel::protocol::BuildError::NameTooLong { len: 256 }
-    );
+    assert_eq!(err, BuildError::NameTooLong { len: 256 });
 }

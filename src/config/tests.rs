@@ -59,6 +59,77 @@ fn errors_name_the_key() {
     assert!(err.to_string().starts_with("service.name:"));
 }
 
+/// The first key a validation error names.
+fn bad_key(result: Result<(), ConfigError>) -> String {
+    match result {
+        Err(ConfigError::Invalid { key, .. }) => key,
+        other => panic!("expected an invalid key, got {other:?}"),
+    }
+}
+
+#[test]
+fn window_and_budget_errors_name_the_key() {
+    let server = |edit: fn(&mut TunnelServerConfig)| {
+        let mut config = TunnelServerConfig::new();
+        edit(&mut config);
+        bad_key(config.validate())
+    };
+    assert_eq!(server(|c| c.stream_window = 1023), "stream_window");
+    assert_eq!(
+        server(|c| c.max_stream_window = c.stream_window - 1),
+        "max_stream_window"
+    );
+    assert_eq!(
+        server(|c| c.max_stream_window = MAX_WINDOW + 1),
+        "max_stream_window"
+    );
+    assert_eq!(
+        server(|c| c.tunnel_window_budget = 0),
+        "tunnel_window_budget"
+    );
+
+    let agent = |edit: fn(&mut TunnelClientConfig)| {
+        let mut config = TunnelClientConfig::new("ws://x", "t");
+        edit(&mut config);
+        bad_key(config.validate())
+    };
+    assert_eq!(agent(|c| c.stable_after = Duration::ZERO), "stable_after");
+    assert_eq!(agent(|c| c.stream_window = 0), "stream_window");
+    assert_eq!(
+        agent(|c| c.max_stream_window = c.stream_window - 1),
+        "max_stream_window"
+    );
+    assert_eq!(
+        agent(|c| c.max_stream_window = MAX_WINDOW + 1),
+        "max_stream_window"
+    );
+    assert_eq!(
+        agent(|c| c.tunnel_window_budget = 0),
+        "tunnel_window_budget"
+    );
+}
+
+#[test]
+fn no_growth_at_all_is_a_valid_window_setting() {
+    let mut server = TunnelServerConfig::new();
+    server.max_stream_window = server.stream_window;
+    server.tunnel_window_budget = 0;
+    assert_eq!(server.validate(), Ok(()));
+    let mut agent = TunnelClientConfig::new("ws://x", "t");
+    agent.max_stream_window = agent.stream_window;
+    agent.tunnel_window_budget = 0;
+    assert_eq!(agent.validate(), Ok(()));
+}
+
+#[test]
+fn the_server_file_prefixes_tunnel_keys() {
+    let err = ServerFile::from_toml_str("[tunnel]\ntunnel_window_budget = 0").unwrap_err();
+    assert!(
+        err.to_string().starts_with("tunnel.tunnel_window_budget:"),
+        "{err}"
+    );
+}
+
 #[test]
 fn single_port_range_is_valid() {
     assert!(
@@ -120,4 +191,24 @@ fn client_toml_with_services() {
     assert_eq!(config.reconnect_interval, Duration::from_millis(100));
     assert_eq!(config.services[1].local_addr(), "[::1]:53");
     assert_eq!(config.services[0].protocol, ServiceProtocol::Tcp);
+}
+
+/// The target load: 10,000 visitor connections through one agent.
+const TEN_THOUSAND: usize = 10_000;
+
+#[test]
+fn defaults_carry_ten_thousand_connections_through_one_agent() {
+    let server = TunnelServerConfig::default();
+    assert!(server.max_connections_per_service >= TEN_THOUSAND);
+    assert!(server.max_streams_per_tunnel >= TEN_THOUSAND);
+    assert!(server.stream_settings(0).max_streams >= TEN_THOUSAND);
+    // the agent has no stream or connection cap of its own, so the server's
+    // limits above are the only ones
+    let agent = TunnelClientConfig::new("ws://x", "t");
+    assert_eq!(agent.stream_settings(0).max_streams, usize::MAX);
+    let keys = toml::to_string(&agent).unwrap();
+    assert!(
+        !keys.contains("max_streams") && !keys.contains("max_connections"),
+        "the agent grew a cap: {keys}"
+    );
 }
