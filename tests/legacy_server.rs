@@ -282,3 +282,111 @@ async fn a_refused_registration_is_retried_on_backoff_without_reconnecting() {
         "{gaps:?}"
     );
 }
+
+/// RSS of this test process, in KiB.
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Credit windows bound what a truthful server lets the agent send. This
+/// server grants 2 GiB windows, opens four streams to a service that writes
+/// as fast as it can, and from then on reads nothing (it keeps sending
+/// heartbeats, so the agent stays): the agent's read gate must stop reading
+/// its local sockets instead of queueing for the WebSocket without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_lies_about_its_window_cannot_make_the_agent_buffer() {
+    const PER_STREAM: u64 = 256 << 20;
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let service = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let service_port = service.local_addr().unwrap().port();
+    let counted = written.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = service.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let chunk = vec![3u8; 1 << 20];
+                for _ in 0..PER_STREAM >> 20 {
+                    if s.write_all(&chunk).await.is_err() {
+                        break;
+                    }
+                    counted.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                s
+            });
+        }
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (agent, _task) = common::spawn_agent(
+        addr,
+        "token",
+        vec![ServiceConfig::tcp("bulk", service_port).with_remote_port(2222)],
+    );
+    let (mut socket, _) = listener.accept().await.unwrap();
+    let mut buf = accept_upgrade(&mut socket).await;
+    let caps = zlayer_tunnel::protocol::Capabilities {
+        features: zlayer_tunnel::protocol::Features::STREAMS,
+        initial_window: i32::MAX as u32,
+    };
+    let mut service_id = None;
+    while service_id.is_none() {
+        let payload = read_frame(&mut socket, &mut buf).await.unwrap();
+        match Message::decode(&payload).unwrap().0 {
+            Message::Auth { .. } => {
+                let ok = Message::AuthOk {
+                    tunnel_id: Uuid::new_v4(),
+                    capabilities: Some(caps),
+                };
+                write_frame(&mut socket, &ok.encode()).await;
+            }
+            Message::Register { .. } => {
+                let id = Uuid::new_v4();
+                let ok = Message::RegisterOk {
+                    service_id: id,
+                    port: Some(2222),
+                };
+                write_frame(&mut socket, &ok.encode()).await;
+                service_id = Some(id);
+            }
+            _ => {}
+        }
+    }
+    let idle = rss_kib();
+    for _ in 0..4 {
+        let connect = Message::connect(service_id.unwrap(), Uuid::new_v4(), "127.0.0.1:9").unwrap();
+        write_frame(&mut socket, &connect.encode()).await;
+    }
+    // from here on nothing is read; heartbeats keep the agent's liveness
+    let heartbeats = tokio::spawn(async move {
+        loop {
+            let beat = Message::Heartbeat { timestamp: 1 };
+            write_frame(&mut socket, &beat.encode()).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let end = tokio::time::Instant::now() + Duration::from_secs(30);
+    let (mut last, mut still) = (u64::MAX, 0);
+    while still < 5 {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the service never stalled: {} MiB taken by the agent",
+            written.load(std::sync::atomic::Ordering::Relaxed) >> 20
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = written.load(std::sync::atomic::Ordering::Relaxed);
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+    }
+    let grown_mib = rss_kib().saturating_sub(idle) >> 10;
+    let taken_mib = last >> 20;
+    eprintln!("test process RSS +{grown_mib} MiB; the service stalled after {taken_mib} MiB");
+    assert!(
+        taken_mib < 4 * (PER_STREAM >> 20) / 2,
+        "{taken_mib} MiB taken"
+    );
+    assert!(grown_mib < 48, "RSS grew by {grown_mib} MiB");
+    heartbeats.abort();
+    agent.stop();
+}
