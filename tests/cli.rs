@@ -660,3 +660,39 @@ async fn two_nodes_as_two_processes_with_a_node_tunnel() {
     wait_listening(public_b).await;
     echo_through(([127, 0, 0, 1], public_b).into(), 1, 64 << 10).await;
 }
+
+#[actix_web::test]
+async fn a_killed_agents_port_is_free_within_a_second() {
+    let (control, public) = (free_ports(1).0, free_ports(1).0);
+    let echo = services::echo().await;
+    let (listen, range) = (format!("127.0.0.1:{control}"), format!("{public}-{public}"));
+    let _server = Proc::spawn(&[
+        "server",
+        "--listen",
+        &listen,
+        "--port-range",
+        &range,
+        "--bind-host",
+        "127.0.0.1",
+    ]);
+    wait_listening(control).await;
+    let url = format!("ws://127.0.0.1:{control}/tunnel/v1");
+    let spec = format!("echo:{echo}:{public}");
+    let mut agent = Proc::spawn(&["agent", "--server", &url, "--tcp", &spec]);
+    agent.wait_for("service registered");
+    let public_addr = ([127, 0, 0, 1], public).into();
+    echo_through(public_addr, 1, 64 << 10).await;
+
+    let killed = Instant::now();
+    agent.child.kill().unwrap(); // SIGKILL: no goodbye, only the kernel closing its socket
+    assert!(
+        wait_closed(public, Duration::from_secs(1)).await,
+        "the public port of a killed agent was still open after {:?}",
+        killed.elapsed()
+    );
+    agent.child.wait().unwrap();
+    // the port is free for real: the next agent gets it
+    let mut next = Proc::spawn(&["agent", "--server", &url, "--tcp", &spec]);
+    next.wait_for("service registered");
+    echo_through(public_addr, 2, 64 << 10).await;
+}
