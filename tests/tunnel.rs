@@ -224,3 +224,49 @@ async fn the_agent_comes_back_after_a_server_restart_on_the_same_port() {
     echo(port, 2, 10_000).await;
     agent.stop();
 }
+
+#[actix_web::test]
+async fn sixty_four_mib_each_way_on_one_stream_at_once() {
+    let (echo_port, mut received) = services::echo_digest().await;
+    let Tunnel {
+        server: _server,
+        agent,
+        task: _task,
+        public,
+    } = tunnel(&[echo_port]).await;
+    // one visitor writes 64 MiB while reading the 64 MiB echo on the same stream
+    const LEN: usize = 64 << 20;
+    let data = pattern(5, LEN);
+    let mut s = visit(public[0]).await;
+    let (mut r, mut w) = s.split();
+    let send = async {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let mut back = Vec::with_capacity(LEN);
+    let (_, got) = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(send, r.read_to_end(&mut back))
+    })
+    .await
+    .expect("the echo took too long");
+    got.unwrap();
+    let sent = sha256(&data);
+    // what reached the service, and what came back from it
+    let (upstream, len) = loop {
+        match tokio::time::timeout(DEADLINE, received.recv()).await {
+            Ok(Some((_, 0))) => continue, // the readiness probe of wait_listening
+            Ok(Some(digest)) => break digest,
+            other => panic!("no digest from the service: {other:?}"),
+        }
+    };
+    assert_eq!(len, LEN as u64);
+    assert!(upstream == sent, "corrupted on the way to the service");
+    assert_eq!(back.len(), LEN);
+    assert!(back == data, "corrupted on the way back");
+    let stats = agent.service_stats("s0").unwrap();
+    assert!(
+        stats.bytes_in >= LEN as u64 && stats.bytes_out >= LEN as u64,
+        "{stats:?}"
+    );
+    agent.stop();
+}

@@ -359,6 +359,37 @@ pub mod services {
         .await
     }
 
+    /// Echoes every byte like [`echo`], and reports the SHA-256 and length
+    /// of what each connection read (what reached the service).
+    pub async fn echo_digest() -> (u16, tokio::sync::mpsc::UnboundedReceiver<([u8; 32], u64)>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let port = serve(move |mut s| {
+            let tx = tx.clone();
+            async move {
+                let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+                let mut buf = vec![0; 64 * 1024];
+                let mut total = 0u64;
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            sha2::Digest::update(&mut hasher, &buf[..n]);
+                            total += n as u64;
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                }
+                let _ = s.shutdown().await;
+                let _ = tx.send((sha2::Digest::finalize(hasher).into(), total));
+            }
+        })
+        .await;
+        (port, rx)
+    }
+
     /// Reads until EOF, then answers the SHA-256 of what it read and its length.
     pub async fn digest() -> u16 {
         serve(|mut s| async move {
