@@ -270,3 +270,66 @@ async fn sixty_four_mib_each_way_on_one_stream_at_once() {
     );
     agent.stop();
 }
+
+#[actix_web::test]
+async fn an_auto_assigned_port_comes_back_after_a_server_restart() {
+    let (low, high) = free_ports(3);
+    let control = free_ports(1).0;
+    let echo_port = services::echo().await;
+    let config = fast_config((low, high));
+    let first = common::spawn_server_on(config.clone(), "secret", control);
+    // B takes the lowest port, A the next one; both asked for any port
+    let (b, b_task) = spawn_agent(
+        first.addr,
+        "secret",
+        vec![ServiceConfig::tcp("b", echo_port)],
+    );
+    wait_listening(low).await;
+    let (a, _a_task) = spawn_agent(
+        first.addr,
+        "secret",
+        vec![ServiceConfig::tcp("a", echo_port)],
+    );
+    assert_eq!(published_port(&a).await, low + 1);
+    b.stop();
+    tokio::time::timeout(DEADLINE, b_task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(wait_closed(low, Duration::from_secs(1)).await);
+
+    first.handle.stop(false).await;
+    assert!(wait_closed(low + 1, Duration::from_secs(3)).await);
+    // a fresh server's pool would hand A the lowest port, now free
+    let second = common::spawn_server_on(config, "secret", control);
+    common::wait_until("A registered on the new server", || async {
+        second
+            .registry
+            .list_tunnels()
+            .await
+            .iter()
+            .any(|t| !t.ports.is_empty())
+    })
+    .await;
+    let tunnels = second.registry.list_tunnels().await;
+    assert_eq!(tunnels[0].ports, [low + 1], "A did not get its port back");
+    echo(low + 1, 3, 100_000).await;
+    assert_eq!(published_port(&a).await, low + 1);
+    assert!(
+        wait_closed(low, Duration::ZERO).await,
+        "the lowest port is held"
+    );
+    a.stop();
+}
+
+/// The public port of `agent`'s one service, once the server published it.
+async fn published_port(agent: &zlayer_tunnel::TunnelAgent) -> u16 {
+    let mut port = 0;
+    common::wait_until("the service is published", || {
+        port = agent.status().services.first().map_or(0, |s| s.port);
+        std::future::ready(port != 0)
+    })
+    .await;
+    port
+}

@@ -245,6 +245,19 @@ pub fn spawn_agent(
     (agent, task)
 }
 
+/// Polls `check` until it holds; panics with `what` after `DEADLINE`.
+pub async fn wait_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A server and an agent publishing one service per local port.
 pub struct Tunnel {
     pub server: TestServer,
