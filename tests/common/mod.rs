@@ -16,6 +16,7 @@ use zlayer_tunnel::{ControlHandler, TokenStore, TunnelRegistry, TunnelServerConf
 
 pub mod certs;
 pub mod process;
+pub mod proxy;
 
 /// Every wait in a test ends by this.
 pub const DEADLINE: Duration = Duration::from_secs(10);
@@ -222,15 +223,15 @@ pub fn free_ports(n: u16) -> (u16, u16) {
     panic!("no {n} consecutive free ports");
 }
 
-/// Starts an agent for `services` in the background; returns it and its task.
-pub fn spawn_agent(
+/// An agent's running task: `run()`'s result.
+pub type AgentTask = tokio::task::JoinHandle<zlayer_tunnel::Result<()>>;
+
+/// The test agents' configuration: fast heartbeats and reconnects.
+pub fn agent_config(
     server: SocketAddr,
     token: &str,
     services: Vec<zlayer_tunnel::ServiceConfig>,
-) -> (
-    zlayer_tunnel::TunnelAgent,
-    tokio::task::JoinHandle<zlayer_tunnel::Result<()>>,
-) {
+) -> zlayer_tunnel::TunnelClientConfig {
     let mut config =
         zlayer_tunnel::TunnelClientConfig::new(format!("ws://{server}/tunnel/v1"), token)
             .with_reconnect(Duration::from_millis(50), Duration::from_millis(500));
@@ -239,7 +240,22 @@ pub fn spawn_agent(
     for s in services {
         config = config.with_service(s);
     }
-    let agent = zlayer_tunnel::TunnelAgent::new(config);
+    config
+}
+
+/// Starts an agent for `services` in the background; returns it and its task.
+pub fn spawn_agent(
+    server: SocketAddr,
+    token: &str,
+    services: Vec<zlayer_tunnel::ServiceConfig>,
+) -> (zlayer_tunnel::TunnelAgent, AgentTask) {
+    run_agent(zlayer_tunnel::TunnelAgent::new(agent_config(
+        server, token, services,
+    )))
+}
+
+/// Runs `agent` in the background; returns it and its task.
+pub fn run_agent(agent: zlayer_tunnel::TunnelAgent) -> (zlayer_tunnel::TunnelAgent, AgentTask) {
     let runner = agent.clone();
     let task = tokio::spawn(async move { runner.run().await });
     (agent, task)
@@ -262,7 +278,7 @@ where
 pub struct Tunnel {
     pub server: TestServer,
     pub agent: zlayer_tunnel::TunnelAgent,
-    pub task: tokio::task::JoinHandle<zlayer_tunnel::Result<()>>,
+    pub task: AgentTask,
     /// The public port of each service, in the order given.
     pub public: Vec<u16>,
 }
