@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{RawWs, fast_config, free_ports, spawn_server};
 use uuid::Uuid;
@@ -121,10 +121,10 @@ async fn repeated_failures_lock_the_address_out_without_checking_tokens() {
     );
     assert!(!reason.contains("secret"));
     // once the lockout (1 s) is over, the right token gets in and clears the record
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(5);
     while let Some(reason) = try_auth(server.addr, "secret").await {
         assert!(reason.contains("too many"), "{reason}");
-        assert!(std::time::Instant::now() < deadline, "still locked out");
+        assert!(Instant::now() < deadline, "still locked out");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let reason = try_auth(server.addr, "guess").await.unwrap();
@@ -201,18 +201,70 @@ async fn a_reconnecting_agent_takes_over_its_session() {
     assert!(reason.contains("taken over"), "{reason:?}");
 }
 
+/// Sends a binary frame header declaring 64 MiB, then up to `payload` bytes
+/// of it, 64 KiB at a time through a small send buffer (no autotuning), for
+/// at most 3 s; the bytes the server took, and whether a write failed (the
+/// server closed the connection).
+async fn send_oversized_frame(ws: &mut RawWs, payload: usize) -> (usize, bool) {
+    use tokio::io::AsyncWriteExt;
+    socket2::SockRef::from(&ws.stream)
+        .set_send_buffer_size(64 << 10)
+        .unwrap();
+    let mut header = vec![0x82, 0x80 | 127];
+    header.extend((64u64 << 20).to_be_bytes());
+    header.extend([1, 2, 3, 4]);
+    ws.stream.write_all(&header).await.unwrap();
+    let chunk = vec![0x5au8; 64 << 10];
+    let mut accepted = 0;
+    let failed = tokio::time::timeout(Duration::from_secs(3), async {
+        while accepted < payload {
+            if ws.stream.write_all(&chunk).await.is_err() {
+                return true;
+            }
+            accepted += chunk.len();
+        }
+        false
+    })
+    .await
+    .expect("the server stopped reading the refused frame but kept the connection open");
+    (accepted, failed)
+}
+
+/// This process's resident memory (the test's server runs in it).
+fn resident_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap();
+    line.trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
 #[actix_web::test]
 async fn a_64_mib_frame_header_is_refused_and_other_routes_still_answer() {
     let server = spawn_server(fast_config(free_ports(1)), "secret");
     let mut ws = RawWs::connect(server.addr, PATH).await;
-    let mut header = vec![0x82, 0x80 | 127];
-    header.extend((64u64 << 20).to_be_bytes());
-    header.extend([1, 2, 3, 4]);
-    header.extend([0u8; 4096]);
-    tokio::io::AsyncWriteExt::write_all(&mut ws.stream, &header)
-        .await
-        .unwrap();
+    let (before, started) = (resident_bytes(), Instant::now());
+    // 48 of the 64 MiB: a server buffering the frame would hold all of it, waiting for the rest
+    let (accepted, _) = send_oversized_frame(&mut ws, 48 << 20).await;
+    let grown = resident_bytes().saturating_sub(before);
+    assert!(
+        grown < 16 << 20,
+        "the server's memory grew by {grown} bytes as it took {accepted} bytes of a refused frame"
+    );
+    // actix-web reads and discards what follows for its client-disconnect
+    // timeout (1 s by default), then closes
     assert!(ws.closed_within(Duration::from_secs(3)).await);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "closed {:?} after the header",
+        started.elapsed()
+    );
     let body = awc::Client::new()
         .get(format!("http://{}/health", server.addr))
         .send()
@@ -222,6 +274,20 @@ async fn a_64_mib_frame_header_is_refused_and_other_routes_still_answer() {
         .await
         .unwrap();
     assert_eq!(&body[..], b"ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_64_mib_frame_header_on_a_raw_socket_closes_it_at_once() {
+    let (p, _) = free_ports(1);
+    let addr = raw_server(fast_config((p, p))).await;
+    let mut ws = RawWs::connect(addr, PATH).await;
+    let (accepted, refused) = send_oversized_frame(&mut ws, 16 << 20).await;
+    assert!(refused, "the server took all 16 MiB of a refused frame");
+    assert!(
+        accepted < 1 << 20,
+        "the server took {accepted} bytes of a refused frame before closing"
+    );
+    assert!(ws.closed_within(Duration::from_secs(1)).await);
 }
 
 #[actix_web::test]
@@ -254,8 +320,17 @@ async fn garbage_after_auth_ends_that_session_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handle_connection_serves_raw_sockets_from_plain_tokio() {
     let (p, _) = free_ports(1);
-    let registry = std::sync::Arc::new(zlayer_tunnel::TunnelRegistry::new((p, p)));
-    let config = fast_config((p, p));
+    let addr = raw_server(fast_config((p, p))).await;
+    let mut ws = RawWs::connect(addr, PATH).await;
+    authed(&mut ws, "anything", Uuid::new_v4()).await;
+    ws.send(&Message::register("svc", ServiceProtocol::Tcp, 53, 0).unwrap())
+        .await;
+    assert_eq!(register_ok(&mut ws).await, p);
+}
+
+/// A server on plain tokio: `handle_connection` for each accepted socket; any token goes.
+async fn raw_server(config: zlayer_tunnel::TunnelServerConfig) -> std::net::SocketAddr {
+    let registry = std::sync::Arc::new(zlayer_tunnel::TunnelRegistry::new(config.data_port_range));
     let handler = zlayer_tunnel::ControlHandler::new(
         registry,
         config,
@@ -269,11 +344,7 @@ async fn handle_connection_serves_raw_sockets_from_plain_tokio() {
             tokio::spawn(async move { handler.handle_connection(stream, peer).await });
         }
     });
-    let mut ws = RawWs::connect(addr, PATH).await;
-    authed(&mut ws, "anything", Uuid::new_v4()).await;
-    ws.send(&Message::register("svc", ServiceProtocol::Tcp, 53, 0).unwrap())
-        .await;
-    assert_eq!(register_ok(&mut ws).await, p);
+    addr
 }
 
 async fn wait_until<F, Fut>(mut check: F)
