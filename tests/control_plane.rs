@@ -376,3 +376,146 @@ async fn register_ok(ws: &mut RawWs) -> u16 {
         }
     }
 }
+
+/// The next message other than a `Heartbeat` (answered on the way).
+async fn next_reply(ws: &mut RawWs) -> Message {
+    loop {
+        match ws.expect().await {
+            Some(Message::Heartbeat { timestamp }) => {
+                ws.send(&Message::HeartbeatAck { timestamp }).await
+            }
+            Some(other) => return other,
+            None => panic!("closed while waiting for a reply"),
+        }
+    }
+}
+
+#[actix_web::test]
+async fn a_registration_over_max_services_per_tunnel_is_refused_naming_the_limit() {
+    let (p, last) = free_ports(3);
+    let mut config = fast_config((p, last));
+    config.max_services_per_tunnel = 2;
+    let server = spawn_server(config, "secret");
+    let mut ws = RawWs::connect(server.addr, PATH).await;
+    authed(&mut ws, "secret", Uuid::new_v4()).await;
+    let mut ids = Vec::new();
+    for name in ["a", "b"] {
+        ws.send(&Message::register(name, ServiceProtocol::Tcp, 22, 0).unwrap())
+            .await;
+        match next_reply(&mut ws).await {
+            Message::RegisterOk { service_id, .. } => ids.push(service_id),
+            other => panic!("{other:?}"),
+        }
+    }
+    ws.send(&Message::register("c", ServiceProtocol::Tcp, 22, 0).unwrap())
+        .await;
+    match next_reply(&mut ws).await {
+        Message::RegisterFail { reason, .. } => assert!(
+            reason.contains("limit of 2 services"),
+            "the reason does not name the limit: {reason}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(server.registry.available_ports().await, 1);
+    // the session goes on; a freed slot takes the next registration
+    ws.send(&Message::Unregister { service_id: ids[0] }).await;
+    ws.send(&Message::register("c", ServiceProtocol::Tcp, 22, 0).unwrap())
+        .await;
+    assert!(matches!(
+        next_reply(&mut ws).await,
+        Message::RegisterOk { .. }
+    ));
+}
+
+#[actix_web::test]
+async fn an_agent_over_max_tunnels_gets_auth_fail_with_the_reason() {
+    let mut config = fast_config(free_ports(1));
+    config.max_tunnels = 1;
+    config.heartbeat_timeout = Duration::from_secs(30); // the first agent answers no heartbeat
+    let server = spawn_server(config, "secret");
+    let mut first = RawWs::connect(server.addr, PATH).await;
+    authed(&mut first, "secret", Uuid::new_v4()).await;
+    let mut second = RawWs::connect(server.addr, PATH).await;
+    second
+        .send(&Message::auth("secret", Uuid::new_v4(), None).unwrap())
+        .await;
+    match second.expect().await {
+        Some(Message::AuthFail { reason, .. }) => assert!(
+            reason.contains("limit of 1 tunnels"),
+            "the reason does not name the limit: {reason}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(second.closed_within(Duration::from_secs(2)).await);
+    assert_eq!(server.registry.tunnel_count().await, 1);
+    // once the first agent leaves, the next one gets in
+    drop(first);
+    wait_until(|| async { server.registry.tunnel_count().await == 0 }).await;
+    let mut third = RawWs::connect(server.addr, PATH).await;
+    authed(&mut third, "secret", Uuid::new_v4()).await;
+}
+
+#[actix_web::test]
+async fn a_visitor_over_max_connections_per_service_is_closed_and_the_others_keep_working() {
+    let (p, _) = free_ports(1);
+    let mut config = fast_config((p, p));
+    config.max_connections_per_service = 2;
+    let server = spawn_server(config, "secret");
+    let echo = common::services::echo().await;
+    let (agent, _task) = common::spawn_agent(
+        server.addr,
+        "secret",
+        vec![zlayer_tunnel::ServiceConfig::tcp("e", echo).with_remote_port(p)],
+    );
+    // no readiness probe on the port: its stream could take a slot
+    common::wait_until("the service is published", || {
+        std::future::ready(!agent.status().services.is_empty())
+    })
+    .await;
+    let active = || async {
+        let tunnels = server.registry.list_tunnels().await;
+        tunnels[0].services[0].stats.connections_active
+    };
+    let mut first = visit(p).await;
+    ping(&mut first, 1).await;
+    let mut second = visit(p).await;
+    ping(&mut second, 2).await;
+
+    let mut third = visit(p).await;
+    let started = Instant::now();
+    let mut buf = [0u8; 8];
+    let read = tokio::time::timeout(Duration::from_secs(1), async {
+        tokio::io::AsyncReadExt::read(&mut third, &mut buf).await
+    })
+    .await
+    .expect("the visitor over the limit was left hanging");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    ping(&mut first, 3).await;
+    ping(&mut second, 4).await;
+    // a closed visitor frees its slot
+    drop(first);
+    wait_until(|| async { active().await == 1 }).await;
+    let mut fourth = visit(p).await;
+    ping(&mut fourth, 5).await;
+    agent.stop();
+}
+
+async fn visit(port: u16) -> tokio::net::TcpStream {
+    tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap()
+}
+
+/// One small round trip through an echo.
+async fn ping(visitor: &mut tokio::net::TcpStream, seed: u8) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let msg = [seed; 64];
+    visitor.write_all(&msg).await.unwrap();
+    let mut back = [0u8; 64];
+    tokio::time::timeout(common::DEADLINE, visitor.read_exact(&mut back))
+        .await
+        .expect("no echo")
+        .unwrap();
+    assert_eq!(back, msg);
+}
