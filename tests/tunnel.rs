@@ -333,3 +333,63 @@ async fn published_port(agent: &zlayer_tunnel::TunnelAgent) -> u16 {
     .await;
     port
 }
+
+#[actix_web::test]
+async fn a_visitor_the_agents_callback_refuses_is_closed_and_the_tunnel_stays_up() {
+    use std::sync::{Arc, Mutex};
+    let (low, high) = free_ports(2);
+    let server = spawn_server(fast_config((low, high)), "secret");
+    let echo_port = services::echo().await;
+    let services = vec![
+        ServiceConfig::tcp("no", echo_port).with_remote_port(low),
+        ServiceConfig::tcp("yes", echo_port).with_remote_port(high),
+    ];
+    let refused = Arc::new(Mutex::new(None::<uuid::Uuid>));
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let callback: zlayer_tunnel::ConnectionCallback = {
+        let (refused, asked) = (refused.clone(), asked.clone());
+        Arc::new(move |service, _connection, visitor: String| {
+            asked.lock().unwrap().push(visitor);
+            *refused.lock().unwrap() != Some(service)
+        })
+    };
+    let agent =
+        zlayer_tunnel::TunnelAgent::new(common::agent_config(server.addr, "secret", services))
+            .on_connection(callback);
+    let (agent, _task) = common::run_agent(agent);
+    wait_listening(low).await;
+    wait_listening(high).await;
+    common::wait_until("both services published", || {
+        std::future::ready(agent.status().services.len() == 2)
+    })
+    .await;
+    let status = agent.status();
+    let no = status.services.iter().find(|s| s.name == "no").unwrap().id;
+    *refused.lock().unwrap() = Some(no);
+
+    let mut visitor = visit(low).await;
+    let address = visitor.local_addr().unwrap().to_string();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let _ = visitor.write_all(b"let me in").await;
+    let read = tokio::time::timeout(Duration::from_secs(1), visitor.read(&mut buf))
+        .await
+        .expect("the refused visitor was left hanging");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(
+        asked.lock().unwrap().contains(&address),
+        "the callback was not asked about {address}"
+    );
+    // the tunnel is up: the other service serves, and so does this one once the callback agrees
+    echo(high, 1, 100_000).await;
+    *refused.lock().unwrap() = None;
+    echo(low, 2, 100_000).await;
+    assert_eq!(
+        agent.status().tunnel_id,
+        status.tunnel_id,
+        "the session changed"
+    );
+    assert_eq!(server.registry.tunnel_count().await, 1);
+    agent.stop();
+}
