@@ -519,3 +519,65 @@ async fn ping(visitor: &mut tokio::net::TcpStream, seed: u8) {
         .unwrap();
     assert_eq!(back, msg);
 }
+
+#[actix_web::test]
+async fn a_legacy_agent_answering_heartbeats_keeps_its_port_until_it_falls_silent() {
+    let (p, _) = free_ports(1);
+    let config = fast_config((p, p));
+    let timeout = config.heartbeat_timeout; // 600 ms
+    let server = spawn_server(config, "secret");
+    let mut ws = RawWs::connect(server.addr, PATH).await;
+    // the seed's Auth: no capability bytes after the client id
+    ws.send(&Message::auth("secret", Uuid::new_v4(), None).unwrap())
+        .await;
+    assert!(matches!(
+        ws.expect().await,
+        Some(Message::AuthOk {
+            capabilities: None,
+            ..
+        })
+    ));
+    ws.send(&Message::register("legacy", ServiceProtocol::Tcp, 22, 0).unwrap())
+        .await;
+    assert_eq!(register_ok(&mut ws).await, p);
+
+    // it answers each Heartbeat with a HeartbeatAck, and sends nothing else
+    let until = Instant::now() + timeout * 5 / 2;
+    let mut answered = 0;
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        match tokio::time::timeout(left, ws.message()).await {
+            Err(_) => break,
+            Ok(Some(Message::Heartbeat { timestamp })) => {
+                ws.send(&Message::HeartbeatAck { timestamp }).await;
+                answered += 1;
+            }
+            Ok(other) => panic!("the legacy agent got {other:?} while answering heartbeats"),
+        }
+    }
+    assert!(
+        answered >= 5,
+        "{answered} heartbeats in {:?}",
+        timeout * 5 / 2
+    );
+    let tunnels = server.registry.list_tunnels().await;
+    assert_eq!(tunnels.len(), 1);
+    assert_eq!(tunnels[0].ports, [p]);
+    common::wait_listening(p).await;
+
+    // now silent: dropped within the timeout, plus a heartbeat tick
+    let silent = Instant::now();
+    let mut reason = None;
+    while let Some(m) = ws.expect().await {
+        if let Message::Disconnect { reason: r, .. } = m {
+            reason = Some(r);
+        }
+    }
+    let took = silent.elapsed();
+    assert_eq!(reason.as_deref(), Some("heartbeat timeout"));
+    assert!(
+        took < Duration::from_secs(2),
+        "dropped {took:?} after falling silent"
+    );
+    assert!(common::wait_closed(p, Duration::from_secs(1)).await);
+    assert_eq!(server.registry.tunnel_count().await, 0);
+}
