@@ -350,7 +350,12 @@ impl ControlChannel {
             .map(
                 move |result, act, ctx| match result.map_err(super::Error::from).and_then(|r| r) {
                     Ok((tunnel_id, cancel)) => act.accepted(tunnel_id, cancel, offer, ctx),
-                    Err(e) => act.refuse_auth(&e.to_string(), ctx),
+                    Err(e) => {
+                        act.span.in_scope(|| {
+                            tracing::warn!(reason = %e, "authentication refused by the registry")
+                        });
+                        act.refuse_auth(&e.to_string(), ctx)
+                    }
                 },
             )
             .wait(ctx);

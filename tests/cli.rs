@@ -660,3 +660,73 @@ async fn two_nodes_as_two_processes_with_a_node_tunnel() {
     wait_listening(public_b).await;
     echo_through(([127, 0, 0, 1], public_b).into(), 1, 64 << 10).await;
 }
+
+#[actix_web::test]
+async fn a_killed_agents_port_is_free_within_a_second() {
+    let (control, public) = (free_ports(1).0, free_ports(1).0);
+    let echo = services::echo().await;
+    let (listen, range) = (format!("127.0.0.1:{control}"), format!("{public}-{public}"));
+    let _server = Proc::spawn(&[
+        "server",
+        "--listen",
+        &listen,
+        "--port-range",
+        &range,
+        "--bind-host",
+        "127.0.0.1",
+    ]);
+    wait_listening(control).await;
+    let url = format!("ws://127.0.0.1:{control}/tunnel/v1");
+    let spec = format!("echo:{echo}:{public}");
+    let mut agent = Proc::spawn(&["agent", "--server", &url, "--tcp", &spec]);
+    agent.wait_for("service registered");
+    let public_addr = ([127, 0, 0, 1], public).into();
+    echo_through(public_addr, 1, 64 << 10).await;
+
+    let killed = Instant::now();
+    agent.child.kill().unwrap(); // SIGKILL: no goodbye, only the kernel closing its socket
+    assert!(
+        wait_closed(public, Duration::from_secs(1)).await,
+        "the public port of a killed agent was still open after {:?}",
+        killed.elapsed()
+    );
+    agent.child.wait().unwrap();
+    // the port is free for real: the next agent gets it
+    let mut next = Proc::spawn(&["agent", "--server", &url, "--tcp", &spec]);
+    next.wait_for("service registered");
+    echo_through(public_addr, 2, 64 << 10).await;
+}
+
+#[actix_web::test]
+async fn the_server_logs_an_agent_refused_over_max_tunnels() {
+    let (control, public) = (free_ports(1).0, free_ports(1).0);
+    let echo = services::echo().await;
+    let dir = std::env::temp_dir().join(format!("zlt-cli-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = [\"127.0.0.1:{control}\"]\n[tunnel]\nmax_tunnels = 1\n\
+             data_port_range = [{public}, {public}]\nbind_host = \"127.0.0.1\"\n"
+        ),
+    )
+    .unwrap();
+    let mut server = Proc::spawn(&["server", "--config", config.to_str().unwrap()]);
+    wait_listening(control).await;
+    let url = format!("ws://127.0.0.1:{control}/tunnel/v1");
+    let spec = format!("echo:{echo}:{public}");
+    let mut first = Proc::spawn(&["agent", "--server", &url, "--tcp", &spec]);
+    first.wait_for("service registered");
+    let mut second = Proc::spawn(&["agent", "--server", &url]);
+    let line = second.wait_for("authentication refused");
+    assert!(line.contains("limit of 1 tunnels"), "{line}");
+    let line = server.wait_for("limit of 1 tunnels");
+    assert!(
+        line.contains("WARN") && line.contains("authentication refused"),
+        "{line}"
+    );
+    // the first agent is undisturbed
+    echo_through(([127, 0, 0, 1], public).into(), 1, 64 << 10).await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}

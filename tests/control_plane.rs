@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{RawWs, fast_config, free_ports, spawn_server};
 use uuid::Uuid;
@@ -121,10 +121,10 @@ async fn repeated_failures_lock_the_address_out_without_checking_tokens() {
     );
     assert!(!reason.contains("secret"));
     // once the lockout (1 s) is over, the right token gets in and clears the record
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(5);
     while let Some(reason) = try_auth(server.addr, "secret").await {
         assert!(reason.contains("too many"), "{reason}");
-        assert!(std::time::Instant::now() < deadline, "still locked out");
+        assert!(Instant::now() < deadline, "still locked out");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let reason = try_auth(server.addr, "guess").await.unwrap();
@@ -201,18 +201,70 @@ async fn a_reconnecting_agent_takes_over_its_session() {
     assert!(reason.contains("taken over"), "{reason:?}");
 }
 
+/// Sends a binary frame header declaring 64 MiB, then up to `payload` bytes
+/// of it, 64 KiB at a time through a small send buffer (no autotuning), for
+/// at most 3 s; the bytes the server took, and whether a write failed (the
+/// server closed the connection).
+async fn send_oversized_frame(ws: &mut RawWs, payload: usize) -> (usize, bool) {
+    use tokio::io::AsyncWriteExt;
+    socket2::SockRef::from(&ws.stream)
+        .set_send_buffer_size(64 << 10)
+        .unwrap();
+    let mut header = vec![0x82, 0x80 | 127];
+    header.extend((64u64 << 20).to_be_bytes());
+    header.extend([1, 2, 3, 4]);
+    ws.stream.write_all(&header).await.unwrap();
+    let chunk = vec![0x5au8; 64 << 10];
+    let mut accepted = 0;
+    let failed = tokio::time::timeout(Duration::from_secs(3), async {
+        while accepted < payload {
+            if ws.stream.write_all(&chunk).await.is_err() {
+                return true;
+            }
+            accepted += chunk.len();
+        }
+        false
+    })
+    .await
+    .expect("the server stopped reading the refused frame but kept the connection open");
+    (accepted, failed)
+}
+
+/// This process's resident memory (the test's server runs in it).
+fn resident_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap();
+    line.trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
 #[actix_web::test]
 async fn a_64_mib_frame_header_is_refused_and_other_routes_still_answer() {
     let server = spawn_server(fast_config(free_ports(1)), "secret");
     let mut ws = RawWs::connect(server.addr, PATH).await;
-    let mut header = vec![0x82, 0x80 | 127];
-    header.extend((64u64 << 20).to_be_bytes());
-    header.extend([1, 2, 3, 4]);
-    header.extend([0u8; 4096]);
-    tokio::io::AsyncWriteExt::write_all(&mut ws.stream, &header)
-        .await
-        .unwrap();
+    let (before, started) = (resident_bytes(), Instant::now());
+    // 48 of the 64 MiB: a server buffering the frame would hold all of it, waiting for the rest
+    let (accepted, _) = send_oversized_frame(&mut ws, 48 << 20).await;
+    let grown = resident_bytes().saturating_sub(before);
+    assert!(
+        grown < 16 << 20,
+        "the server's memory grew by {grown} bytes as it took {accepted} bytes of a refused frame"
+    );
+    // actix-web reads and discards what follows for its client-disconnect
+    // timeout (1 s by default), then closes
     assert!(ws.closed_within(Duration::from_secs(3)).await);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "closed {:?} after the header",
+        started.elapsed()
+    );
     let body = awc::Client::new()
         .get(format!("http://{}/health", server.addr))
         .send()
@@ -222,6 +274,20 @@ async fn a_64_mib_frame_header_is_refused_and_other_routes_still_answer() {
         .await
         .unwrap();
     assert_eq!(&body[..], b"ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_64_mib_frame_header_on_a_raw_socket_closes_it_at_once() {
+    let (p, _) = free_ports(1);
+    let addr = raw_server(fast_config((p, p))).await;
+    let mut ws = RawWs::connect(addr, PATH).await;
+    let (accepted, refused) = send_oversized_frame(&mut ws, 16 << 20).await;
+    assert!(refused, "the server took all 16 MiB of a refused frame");
+    assert!(
+        accepted < 1 << 20,
+        "the server took {accepted} bytes of a refused frame before closing"
+    );
+    assert!(ws.closed_within(Duration::from_secs(1)).await);
 }
 
 #[actix_web::test]
@@ -254,8 +320,17 @@ async fn garbage_after_auth_ends_that_session_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handle_connection_serves_raw_sockets_from_plain_tokio() {
     let (p, _) = free_ports(1);
-    let registry = std::sync::Arc::new(zlayer_tunnel::TunnelRegistry::new((p, p)));
-    let config = fast_config((p, p));
+    let addr = raw_server(fast_config((p, p))).await;
+    let mut ws = RawWs::connect(addr, PATH).await;
+    authed(&mut ws, "anything", Uuid::new_v4()).await;
+    ws.send(&Message::register("svc", ServiceProtocol::Tcp, 53, 0).unwrap())
+        .await;
+    assert_eq!(register_ok(&mut ws).await, p);
+}
+
+/// A server on plain tokio: `handle_connection` for each accepted socket; any token goes.
+async fn raw_server(config: zlayer_tunnel::TunnelServerConfig) -> std::net::SocketAddr {
+    let registry = std::sync::Arc::new(zlayer_tunnel::TunnelRegistry::new(config.data_port_range));
     let handler = zlayer_tunnel::ControlHandler::new(
         registry,
         config,
@@ -269,11 +344,7 @@ async fn handle_connection_serves_raw_sockets_from_plain_tokio() {
             tokio::spawn(async move { handler.handle_connection(stream, peer).await });
         }
     });
-    let mut ws = RawWs::connect(addr, PATH).await;
-    authed(&mut ws, "anything", Uuid::new_v4()).await;
-    ws.send(&Message::register("svc", ServiceProtocol::Tcp, 53, 0).unwrap())
-        .await;
-    assert_eq!(register_ok(&mut ws).await, p);
+    addr
 }
 
 async fn wait_until<F, Fut>(mut check: F)
@@ -304,4 +375,209 @@ async fn register_ok(ws: &mut RawWs) -> u16 {
             other => panic!("expected RegisterOk, got {other:?}"),
         }
     }
+}
+
+/// The next message other than a `Heartbeat` (answered on the way).
+async fn next_reply(ws: &mut RawWs) -> Message {
+    loop {
+        match ws.expect().await {
+            Some(Message::Heartbeat { timestamp }) => {
+                ws.send(&Message::HeartbeatAck { timestamp }).await
+            }
+            Some(other) => return other,
+            None => panic!("closed while waiting for a reply"),
+        }
+    }
+}
+
+#[actix_web::test]
+async fn a_registration_over_max_services_per_tunnel_is_refused_naming_the_limit() {
+    let (p, last) = free_ports(3);
+    let mut config = fast_config((p, last));
+    config.max_services_per_tunnel = 2;
+    let server = spawn_server(config, "secret");
+    let mut ws = RawWs::connect(server.addr, PATH).await;
+    authed(&mut ws, "secret", Uuid::new_v4()).await;
+    let mut ids = Vec::new();
+    for name in ["a", "b"] {
+        ws.send(&Message::register(name, ServiceProtocol::Tcp, 22, 0).unwrap())
+            .await;
+        match next_reply(&mut ws).await {
+            Message::RegisterOk { service_id, .. } => ids.push(service_id),
+            other => panic!("{other:?}"),
+        }
+    }
+    ws.send(&Message::register("c", ServiceProtocol::Tcp, 22, 0).unwrap())
+        .await;
+    match next_reply(&mut ws).await {
+        Message::RegisterFail { reason, .. } => assert!(
+            reason.contains("limit of 2 services"),
+            "the reason does not name the limit: {reason}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(server.registry.available_ports().await, 1);
+    // the session goes on; a freed slot takes the next registration
+    ws.send(&Message::Unregister { service_id: ids[0] }).await;
+    ws.send(&Message::register("c", ServiceProtocol::Tcp, 22, 0).unwrap())
+        .await;
+    assert!(matches!(
+        next_reply(&mut ws).await,
+        Message::RegisterOk { .. }
+    ));
+}
+
+#[actix_web::test]
+async fn an_agent_over_max_tunnels_gets_auth_fail_with_the_reason() {
+    let mut config = fast_config(free_ports(1));
+    config.max_tunnels = 1;
+    config.heartbeat_timeout = Duration::from_secs(30); // the first agent answers no heartbeat
+    let server = spawn_server(config, "secret");
+    let mut first = RawWs::connect(server.addr, PATH).await;
+    authed(&mut first, "secret", Uuid::new_v4()).await;
+    let mut second = RawWs::connect(server.addr, PATH).await;
+    second
+        .send(&Message::auth("secret", Uuid::new_v4(), None).unwrap())
+        .await;
+    match second.expect().await {
+        Some(Message::AuthFail { reason, .. }) => assert!(
+            reason.contains("limit of 1 tunnels"),
+            "the reason does not name the limit: {reason}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(second.closed_within(Duration::from_secs(2)).await);
+    assert_eq!(server.registry.tunnel_count().await, 1);
+    // once the first agent leaves, the next one gets in
+    drop(first);
+    wait_until(|| async { server.registry.tunnel_count().await == 0 }).await;
+    let mut third = RawWs::connect(server.addr, PATH).await;
+    authed(&mut third, "secret", Uuid::new_v4()).await;
+}
+
+#[actix_web::test]
+async fn a_visitor_over_max_connections_per_service_is_closed_and_the_others_keep_working() {
+    let (p, _) = free_ports(1);
+    let mut config = fast_config((p, p));
+    config.max_connections_per_service = 2;
+    let server = spawn_server(config, "secret");
+    let echo = common::services::echo().await;
+    let (agent, _task) = common::spawn_agent(
+        server.addr,
+        "secret",
+        vec![zlayer_tunnel::ServiceConfig::tcp("e", echo).with_remote_port(p)],
+    );
+    // no readiness probe on the port: its stream could take a slot
+    common::wait_until("the service is published", || {
+        std::future::ready(!agent.status().services.is_empty())
+    })
+    .await;
+    let active = || async {
+        let tunnels = server.registry.list_tunnels().await;
+        tunnels[0].services[0].stats.connections_active
+    };
+    let mut first = visit(p).await;
+    ping(&mut first, 1).await;
+    let mut second = visit(p).await;
+    ping(&mut second, 2).await;
+
+    let mut third = visit(p).await;
+    let started = Instant::now();
+    let mut buf = [0u8; 8];
+    let read = tokio::time::timeout(Duration::from_secs(1), async {
+        tokio::io::AsyncReadExt::read(&mut third, &mut buf).await
+    })
+    .await
+    .expect("the visitor over the limit was left hanging");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    ping(&mut first, 3).await;
+    ping(&mut second, 4).await;
+    // a closed visitor frees its slot
+    drop(first);
+    wait_until(|| async { active().await == 1 }).await;
+    let mut fourth = visit(p).await;
+    ping(&mut fourth, 5).await;
+    agent.stop();
+}
+
+async fn visit(port: u16) -> tokio::net::TcpStream {
+    tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap()
+}
+
+/// One small round trip through an echo.
+async fn ping(visitor: &mut tokio::net::TcpStream, seed: u8) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let msg = [seed; 64];
+    visitor.write_all(&msg).await.unwrap();
+    let mut back = [0u8; 64];
+    tokio::time::timeout(common::DEADLINE, visitor.read_exact(&mut back))
+        .await
+        .expect("no echo")
+        .unwrap();
+    assert_eq!(back, msg);
+}
+
+#[actix_web::test]
+async fn a_legacy_agent_answering_heartbeats_keeps_its_port_until_it_falls_silent() {
+    let (p, _) = free_ports(1);
+    let config = fast_config((p, p));
+    let timeout = config.heartbeat_timeout; // 600 ms
+    let server = spawn_server(config, "secret");
+    let mut ws = RawWs::connect(server.addr, PATH).await;
+    // the seed's Auth: no capability bytes after the client id
+    ws.send(&Message::auth("secret", Uuid::new_v4(), None).unwrap())
+        .await;
+    assert!(matches!(
+        ws.expect().await,
+        Some(Message::AuthOk {
+            capabilities: None,
+            ..
+        })
+    ));
+    ws.send(&Message::register("legacy", ServiceProtocol::Tcp, 22, 0).unwrap())
+        .await;
+    assert_eq!(register_ok(&mut ws).await, p);
+
+    // it answers each Heartbeat with a HeartbeatAck, and sends nothing else
+    let until = Instant::now() + timeout * 5 / 2;
+    let mut answered = 0;
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        match tokio::time::timeout(left, ws.message()).await {
+            Err(_) => break,
+            Ok(Some(Message::Heartbeat { timestamp })) => {
+                ws.send(&Message::HeartbeatAck { timestamp }).await;
+                answered += 1;
+            }
+            Ok(other) => panic!("the legacy agent got {other:?} while answering heartbeats"),
+        }
+    }
+    assert!(
+        answered >= 5,
+        "{answered} heartbeats in {:?}",
+        timeout * 5 / 2
+    );
+    let tunnels = server.registry.list_tunnels().await;
+    assert_eq!(tunnels.len(), 1);
+    assert_eq!(tunnels[0].ports, [p]);
+    common::wait_listening(p).await;
+
+    // now silent: dropped within the timeout, plus a heartbeat tick
+    let silent = Instant::now();
+    let mut reason = None;
+    while let Some(m) = ws.expect().await {
+        if let Message::Disconnect { reason: r, .. } = m {
+            reason = Some(r);
+        }
+    }
+    let took = silent.elapsed();
+    assert_eq!(reason.as_deref(), Some("heartbeat timeout"));
+    assert!(
+        took < Duration::from_secs(2),
+        "dropped {took:?} after falling silent"
+    );
+    assert!(common::wait_closed(p, Duration::from_secs(1)).await);
+    assert_eq!(server.registry.tunnel_count().await, 0);
 }

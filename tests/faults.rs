@@ -10,9 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use common::proxy::Proxy;
 use common::{
-    DEADLINE, RawWs, Tunnel, fast_config, free_ports, reset, services, spawn_agent, spawn_server,
-    tunnel, wait_listening,
+    DEADLINE, RawWs, Tunnel, echo_through, fast_config, free_ports, reset, services, spawn_agent,
+    spawn_server, tunnel, wait_listening,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -369,4 +370,49 @@ async fn an_agent_that_lies_about_its_window_cannot_make_the_server_buffer() {
     for v in visitors {
         v.abort();
     }
+}
+
+#[actix_web::test]
+async fn an_agent_replaces_a_half_dead_link_and_takes_its_session_over_at_once() {
+    let (low, high) = free_ports(2);
+    let mut config = fast_config((low, high));
+    config.heartbeat_timeout = Duration::from_secs(30); // the server alone would wait 30 s
+    let server = spawn_server(config, "secret");
+    let proxy = Proxy::start(server.addr).await;
+    let echo = services::echo().await;
+    let mut client =
+        common::agent_config(proxy.addr, "secret", vec![ServiceConfig::tcp("e", echo)]);
+    client.heartbeat_timeout = Duration::from_secs(1);
+    let (agent, _task) = common::run_agent(zlayer_tunnel::TunnelAgent::new(client));
+    wait_listening(low).await;
+    let public = ([127, 0, 0, 1], low).into();
+    echo_through(public, 1, 64 << 10).await;
+    let before = server.registry.list_tunnels().await;
+    assert_eq!(before.len(), 1);
+    assert_eq!(before[0].client_id, agent.client_id());
+
+    // the link goes half-dead: both ends open, nothing crosses
+    let frozen = std::time::Instant::now();
+    assert_eq!(proxy.freeze_open(), 1);
+    common::wait_until("a new session of the agent", || async {
+        let tunnels = server.registry.list_tunnels().await;
+        tunnels
+            .iter()
+            .any(|t| t.id != before[0].id && !t.ports.is_empty())
+    })
+    .await;
+    // taken over by (token, client id): the old session is gone, its port is the new one's
+    let after = server.registry.list_tunnels().await;
+    assert_eq!(after.len(), 1, "the half-dead session was not taken over");
+    assert_eq!(after[0].client_id, agent.client_id(), "client id changed");
+    assert_eq!(after[0].ports, [low], "not the same public port");
+    tokio::time::timeout(DEADLINE, echo_through(public, 2, 64 << 10))
+        .await
+        .expect("the port does not serve through the new session");
+    let took = frozen.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "serving again only {took:?} after the freeze (the server's timeout: 30 s)"
+    );
+    agent.stop();
 }

@@ -224,3 +224,172 @@ async fn the_agent_comes_back_after_a_server_restart_on_the_same_port() {
     echo(port, 2, 10_000).await;
     agent.stop();
 }
+
+#[actix_web::test]
+async fn sixty_four_mib_each_way_on_one_stream_at_once() {
+    let (echo_port, mut received) = services::echo_digest().await;
+    let Tunnel {
+        server: _server,
+        agent,
+        task: _task,
+        public,
+    } = tunnel(&[echo_port]).await;
+    // one visitor writes 64 MiB while reading the 64 MiB echo on the same stream
+    const LEN: usize = 64 << 20;
+    let data = pattern(5, LEN);
+    let mut s = visit(public[0]).await;
+    let (mut r, mut w) = s.split();
+    let send = async {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let mut back = Vec::with_capacity(LEN);
+    let (_, got) = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(send, r.read_to_end(&mut back))
+    })
+    .await
+    .expect("the echo took too long");
+    got.unwrap();
+    let sent = sha256(&data);
+    // what reached the service, and what came back from it
+    let (upstream, len) = loop {
+        match tokio::time::timeout(DEADLINE, received.recv()).await {
+            Ok(Some((_, 0))) => continue, // the readiness probe of wait_listening
+            Ok(Some(digest)) => break digest,
+            other => panic!("no digest from the service: {other:?}"),
+        }
+    };
+    assert_eq!(len, LEN as u64);
+    assert!(upstream == sent, "corrupted on the way to the service");
+    assert_eq!(back.len(), LEN);
+    assert!(back == data, "corrupted on the way back");
+    let stats = agent.service_stats("s0").unwrap();
+    assert!(
+        stats.bytes_in >= LEN as u64 && stats.bytes_out >= LEN as u64,
+        "{stats:?}"
+    );
+    agent.stop();
+}
+
+#[actix_web::test]
+async fn an_auto_assigned_port_comes_back_after_a_server_restart() {
+    let (low, high) = free_ports(3);
+    let control = free_ports(1).0;
+    let echo_port = services::echo().await;
+    let config = fast_config((low, high));
+    let first = common::spawn_server_on(config.clone(), "secret", control);
+    // B takes the lowest port, A the next one; both asked for any port
+    let (b, b_task) = spawn_agent(
+        first.addr,
+        "secret",
+        vec![ServiceConfig::tcp("b", echo_port)],
+    );
+    wait_listening(low).await;
+    let (a, _a_task) = spawn_agent(
+        first.addr,
+        "secret",
+        vec![ServiceConfig::tcp("a", echo_port)],
+    );
+    assert_eq!(published_port(&a).await, low + 1);
+    b.stop();
+    tokio::time::timeout(DEADLINE, b_task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(wait_closed(low, Duration::from_secs(1)).await);
+
+    first.handle.stop(false).await;
+    assert!(wait_closed(low + 1, Duration::from_secs(3)).await);
+    // a fresh server's pool would hand A the lowest port, now free
+    let second = common::spawn_server_on(config, "secret", control);
+    common::wait_until("A registered on the new server", || async {
+        second
+            .registry
+            .list_tunnels()
+            .await
+            .iter()
+            .any(|t| !t.ports.is_empty())
+    })
+    .await;
+    let tunnels = second.registry.list_tunnels().await;
+    assert_eq!(tunnels[0].ports, [low + 1], "A did not get its port back");
+    echo(low + 1, 3, 100_000).await;
+    assert_eq!(published_port(&a).await, low + 1);
+    assert!(
+        wait_closed(low, Duration::ZERO).await,
+        "the lowest port is held"
+    );
+    a.stop();
+}
+
+/// The public port of `agent`'s one service, once the server published it.
+async fn published_port(agent: &zlayer_tunnel::TunnelAgent) -> u16 {
+    let mut port = 0;
+    common::wait_until("the service is published", || {
+        port = agent.status().services.first().map_or(0, |s| s.port);
+        std::future::ready(port != 0)
+    })
+    .await;
+    port
+}
+
+#[actix_web::test]
+async fn a_visitor_the_agents_callback_refuses_is_closed_and_the_tunnel_stays_up() {
+    use std::sync::{Arc, Mutex};
+    let (low, high) = free_ports(2);
+    let server = spawn_server(fast_config((low, high)), "secret");
+    let echo_port = services::echo().await;
+    let services = vec![
+        ServiceConfig::tcp("no", echo_port).with_remote_port(low),
+        ServiceConfig::tcp("yes", echo_port).with_remote_port(high),
+    ];
+    let refused = Arc::new(Mutex::new(None::<uuid::Uuid>));
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let callback: zlayer_tunnel::ConnectionCallback = {
+        let (refused, asked) = (refused.clone(), asked.clone());
+        Arc::new(move |service, _connection, visitor: String| {
+            asked.lock().unwrap().push(visitor);
+            *refused.lock().unwrap() != Some(service)
+        })
+    };
+    let agent =
+        zlayer_tunnel::TunnelAgent::new(common::agent_config(server.addr, "secret", services))
+            .on_connection(callback);
+    let (agent, _task) = common::run_agent(agent);
+    wait_listening(low).await;
+    wait_listening(high).await;
+    common::wait_until("both services published", || {
+        std::future::ready(agent.status().services.len() == 2)
+    })
+    .await;
+    let status = agent.status();
+    let no = status.services.iter().find(|s| s.name == "no").unwrap().id;
+    *refused.lock().unwrap() = Some(no);
+
+    let mut visitor = visit(low).await;
+    let address = visitor.local_addr().unwrap().to_string();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let _ = visitor.write_all(b"let me in").await;
+    let read = tokio::time::timeout(Duration::from_secs(1), visitor.read(&mut buf))
+        .await
+        .expect("the refused visitor was left hanging");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(
+        asked.lock().unwrap().contains(&address),
+        "the callback was not asked about {address}"
+    );
+    // the tunnel is up: the other service serves, and so does this one once the callback agrees
+    echo(high, 1, 100_000).await;
+    *refused.lock().unwrap() = None;
+    echo(low, 2, 100_000).await;
+    assert_eq!(
+        agent.status().tunnel_id,
+        status.tunnel_id,
+        "the session changed"
+    );
+    assert_eq!(server.registry.tunnel_count().await, 1);
+    agent.stop();
+}

@@ -16,6 +16,7 @@ use zlayer_tunnel::{ControlHandler, TokenStore, TunnelRegistry, TunnelServerConf
 
 pub mod certs;
 pub mod process;
+pub mod proxy;
 
 /// Every wait in a test ends by this.
 pub const DEADLINE: Duration = Duration::from_secs(10);
@@ -222,15 +223,15 @@ pub fn free_ports(n: u16) -> (u16, u16) {
     panic!("no {n} consecutive free ports");
 }
 
-/// Starts an agent for `services` in the background; returns it and its task.
-pub fn spawn_agent(
+/// An agent's running task: `run()`'s result.
+pub type AgentTask = tokio::task::JoinHandle<zlayer_tunnel::Result<()>>;
+
+/// The test agents' configuration: fast heartbeats and reconnects.
+pub fn agent_config(
     server: SocketAddr,
     token: &str,
     services: Vec<zlayer_tunnel::ServiceConfig>,
-) -> (
-    zlayer_tunnel::TunnelAgent,
-    tokio::task::JoinHandle<zlayer_tunnel::Result<()>>,
-) {
+) -> zlayer_tunnel::TunnelClientConfig {
     let mut config =
         zlayer_tunnel::TunnelClientConfig::new(format!("ws://{server}/tunnel/v1"), token)
             .with_reconnect(Duration::from_millis(50), Duration::from_millis(500));
@@ -239,17 +240,45 @@ pub fn spawn_agent(
     for s in services {
         config = config.with_service(s);
     }
-    let agent = zlayer_tunnel::TunnelAgent::new(config);
+    config
+}
+
+/// Starts an agent for `services` in the background; returns it and its task.
+pub fn spawn_agent(
+    server: SocketAddr,
+    token: &str,
+    services: Vec<zlayer_tunnel::ServiceConfig>,
+) -> (zlayer_tunnel::TunnelAgent, AgentTask) {
+    run_agent(zlayer_tunnel::TunnelAgent::new(agent_config(
+        server, token, services,
+    )))
+}
+
+/// Runs `agent` in the background; returns it and its task.
+pub fn run_agent(agent: zlayer_tunnel::TunnelAgent) -> (zlayer_tunnel::TunnelAgent, AgentTask) {
     let runner = agent.clone();
     let task = tokio::spawn(async move { runner.run().await });
     (agent, task)
+}
+
+/// Polls `check` until it holds; panics with `what` after `DEADLINE`.
+pub async fn wait_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// A server and an agent publishing one service per local port.
 pub struct Tunnel {
     pub server: TestServer,
     pub agent: zlayer_tunnel::TunnelAgent,
-    pub task: tokio::task::JoinHandle<zlayer_tunnel::Result<()>>,
+    pub task: AgentTask,
     /// The public port of each service, in the order given.
     pub public: Vec<u16>,
 }
@@ -357,6 +386,37 @@ pub mod services {
             let _ = w.shutdown().await;
         })
         .await
+    }
+
+    /// Echoes every byte like [`echo`], and reports the SHA-256 and length
+    /// of what each connection read (what reached the service).
+    pub async fn echo_digest() -> (u16, tokio::sync::mpsc::UnboundedReceiver<([u8; 32], u64)>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let port = serve(move |mut s| {
+            let tx = tx.clone();
+            async move {
+                let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+                let mut buf = vec![0; 64 * 1024];
+                let mut total = 0u64;
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            sha2::Digest::update(&mut hasher, &buf[..n]);
+                            total += n as u64;
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                }
+                let _ = s.shutdown().await;
+                let _ = tx.send((sha2::Digest::finalize(hasher).into(), total));
+            }
+        })
+        .await;
+        (port, rx)
     }
 
     /// Reads until EOF, then answers the SHA-256 of what it read and its length.

@@ -1,9 +1,10 @@
 //! The `zlayer-tunnel` binary as a child process whose log can be waited on.
 
 use std::io::BufRead;
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::DEADLINE;
 
@@ -18,11 +19,18 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Runs the `zlayer-tunnel` binary with `args`.
     pub fn spawn(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_zlayer-tunnel"))
+        Self::spawn_exe(Path::new(env!("CARGO_BIN_EXE_zlayer-tunnel")), args)
+    }
+
+    /// Runs the program at `exe` with `args`.
+    pub fn spawn_exe(exe: &Path, args: &[&str]) -> Self {
+        let mut child = Command::new(exe)
             .args(args)
             .env("ZLAYER_TUNNEL_TOKEN", TOKEN)
             .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1") // plain log lines to match, whatever the program does
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -57,6 +65,31 @@ impl Proc {
             }
         }
         panic!("no line with {text:?} in:\n{}", self.seen.join("\n"));
+    }
+}
+
+impl Proc {
+    /// Sends `signal` ("TERM", "INT", "KILL", "STOP", ...) to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Sends `signal` and waits up to `DEADLINE` for the exit; the status
+    /// and how long the exit took from the signal.
+    pub fn stop_with(&mut self, signal: &str) -> (ExitStatus, Duration) {
+        let start = Instant::now();
+        self.signal(signal);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, start.elapsed());
+            }
+            assert!(start.elapsed() < DEADLINE, "no exit after SIG{signal}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 
