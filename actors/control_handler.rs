@@ -179,7 +179,7 @@ async fn serve_raw(
     stream.write_all(response.as_bytes()).await?;
     let (read, mut write) = stream.into_split();
     let incoming = futures::stream::iter((!rest.is_empty()).then(|| Ok(rest))).chain(
-        tokio_util::io::ReaderStream::new(read)
+        tokio_util::io::ReaderStream::with_capacity(read, 64 * 1024)
             .map(|r| r.map_err(actix_web::error::PayloadError::Io)),
     );
     let guarded = FrameGuard::new(Box::pin(incoming), MAX_MESSAGE_SIZE);
