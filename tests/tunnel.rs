@@ -393,3 +393,49 @@ async fn a_visitor_the_agents_callback_refuses_is_closed_and_the_tunnel_stays_up
     assert_eq!(server.registry.tunnel_count().await, 1);
     agent.stop();
 }
+
+/// The third way a stream is refused: the local service neither accepts nor
+/// refuses (its accept queue is full, so the kernel drops the agent's SYNs).
+/// The agent gives up at its local connect timeout and the visitor is closed
+/// then, not left hanging; the tunnel stays up.
+#[actix_web::test]
+async fn a_local_dial_that_times_out_closes_the_visitor_and_the_tunnel_stays_up() {
+    use socket2::{Domain, Socket, Type};
+    let hang = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    hang.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    hang.listen(0).unwrap();
+    let hang_port = hang.local_addr().unwrap().as_socket().unwrap().port();
+    // one connection nobody accepts fills a backlog of 0: later SYNs are dropped
+    let _queued = TcpStream::connect(("127.0.0.1", hang_port)).await.unwrap();
+    let echo_port = services::echo().await;
+    let (low, high) = free_ports(2);
+    let server = common::spawn_server(common::fast_config((low, high)), "secret");
+    let mut config = common::agent_config(
+        server.addr,
+        "secret",
+        vec![
+            ServiceConfig::tcp("hang", hang_port).with_remote_port(low),
+            ServiceConfig::tcp("echo", echo_port).with_remote_port(high),
+        ],
+    );
+    config.local_connect_timeout = Duration::from_millis(300);
+    let (agent, _task) = common::run_agent(zlayer_tunnel::TunnelAgent::new(config));
+    wait_listening(low).await;
+    wait_listening(high).await;
+
+    let mut visitor = TcpStream::connect(("127.0.0.1", low)).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(3), visitor.read(&mut buf))
+        .await
+        .expect("visitor left hanging after the dial timed out");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+        "closed after {took:?} (dial timeout: 300 ms)"
+    );
+    echo(high, 11, 100_000).await;
+    agent.stop();
+}
