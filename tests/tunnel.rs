@@ -410,7 +410,7 @@ async fn a_local_dial_that_times_out_closes_the_visitor_and_the_tunnel_stays_up(
     let _queued = TcpStream::connect(("127.0.0.1", hang_port)).await.unwrap();
     let echo_port = services::echo().await;
     let (low, high) = free_ports(2);
-    let server = common::spawn_server(common::fast_config((low, high)), "secret");
+    let server = spawn_server(fast_config((low, high)), "secret");
     let mut config = common::agent_config(
         server.addr,
         "secret",
