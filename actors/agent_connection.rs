@@ -30,10 +30,11 @@ use super::udp_flow::{FlowEvent, FlowWiring, UdpFlow};
 use crate::accounting::{CounterSet, Direction};
 use crate::backoff::Backoff;
 use crate::config::ServiceConfig;
+use crate::fair::FairQueue;
 use crate::liveness::Liveness;
 use crate::protocol::{
     Capabilities, CloseKind, DEFAULT_INITIAL_WINDOW, Features, MAX_MESSAGE_SIZE, Message,
-    MessageType, ServiceProtocol, frame_feature,
+    ServiceProtocol, frame_feature,
 };
 use crate::status::TunnelState;
 use crate::streams::StreamSettings;
@@ -67,7 +68,8 @@ struct Link {
     /// Control frames (heartbeats, credit, answers) go before stream frames
     /// (`Data`, `Close`, kept in order), so they never wait behind windows of data.
     control: VecDeque<Bytes>,
-    data: VecDeque<Bytes>,
+    /// Stream frames (`Data`, `Close`), round-robin across streams.
+    data: FairQueue,
     /// Local sockets' bytes read and not yet handed to awc's sink (bounded).
     gate: Arc<ReadGate>,
     /// Tickets of the read frames in `data`, in order.
@@ -273,7 +275,7 @@ impl AgentConnection {
             generation: self.starts,
             sink: Some(sink),
             control: VecDeque::new(),
-            data: VecDeque::new(),
+            data: FairQueue::default(),
             features: Features::NONE,
             server_window: DEFAULT_INITIAL_WINDOW,
             authenticated: false,

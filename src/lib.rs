@@ -30,6 +30,7 @@ pub mod auth;
 pub mod backoff;
 pub mod config;
 mod error;
+pub mod fair;
 pub mod flow;
 pub mod liveness;
 pub mod node;

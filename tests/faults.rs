@@ -416,3 +416,60 @@ async fn an_agent_replaces_a_half_dead_link_and_takes_its_session_over_at_once()
     );
     agent.stop();
 }
+
+/// The same the other way: the bulk flows from a service to its visitor (so
+/// the agent's queue toward the WebSocket is the busy one) while a ping-pong
+/// runs on another service of the tunnel.
+#[actix_web::test]
+async fn a_ping_pong_progresses_beside_a_bulk_download() {
+    let firehose = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let firehose_port = firehose.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = firehose.accept().await {
+            tokio::spawn(async move {
+                let chunk = vec![0xcdu8; 256 * 1024];
+                while s.write_all(&chunk).await.is_ok() {}
+            });
+        }
+    });
+    let echo = services::echo().await;
+    let Tunnel {
+        server: _server,
+        agent,
+        task: _task,
+        public,
+    } = tunnel(&[firehose_port, echo]).await;
+    let (low, high) = (public[0], public[1]);
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let bulk = {
+        let (received, stop) = (received.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut s = visit(low).await;
+            let mut buf = vec![0u8; 256 * 1024];
+            while !stop.load(Ordering::Relaxed) {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the download ended early");
+                assert!(buf[..n].iter().all(|b| *b == 0xcd), "corrupted download");
+                received.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        })
+    };
+    while received.load(Ordering::Relaxed) < 16 << 20 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let before = received.load(Ordering::Relaxed);
+    // each round trip waits behind up to the bulk stream's window (1 MiB)
+    // queued ahead of it on the one WebSocket: 50 rounds, not 200
+    tokio::time::timeout(DEADLINE, ping_pong(high, 50))
+        .await
+        .expect("ping-pong starved by the bulk download");
+    let during = received.load(Ordering::Relaxed) - before;
+    stop.store(true, Ordering::Relaxed);
+    bulk.await.unwrap();
+    assert!(
+        during > 1 << 20,
+        "the bulk download stalled during the ping-pong ({during} bytes)"
+    );
+    agent.stop();
+}

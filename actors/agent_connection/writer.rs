@@ -26,12 +26,10 @@ impl AgentConnection {
         if !link.features.contains(frame_feature(&frame)) {
             return;
         }
-        let data = MessageType::Data as u8;
-        let close = MessageType::Close as u8;
-        match frame.first() {
-            // a stream's Close must not overtake its Data
-            Some(t) if *t == data || *t == close => link.data.push_back(frame),
-            _ => link.control.push_back(frame),
+        match Message::stream_of_frame(&frame) {
+            // Data and Close: in turn with other streams, in order within their own
+            Some(stream) => link.data.push(stream, frame),
+            None => link.control.push_back(frame),
         }
         self.write_next(ctx);
     }
@@ -66,7 +64,7 @@ impl AgentConnection {
         let mut batch: Vec<Bytes> = link.control.drain(..).collect();
         link.flows.drain_into(&mut batch); // bounded in bytes
         let mut size = 0;
-        while let Some(frame) = link.data.pop_front() {
+        while let Some(frame) = link.data.pop() {
             size += frame.len();
             batch.push(frame);
             if size >= MAX_BATCH {
