@@ -23,7 +23,7 @@ use uuid::Uuid;
 use super::agent_view::{PublishedService, public_addr};
 use super::flow_hub::FlowHub;
 use super::forwarded_connection::{ForwardedConnection, StreamEvent, StreamWiring};
-use super::read_gate::{InTransit, ReadGate, TUNNEL_READ_AHEAD};
+use super::read_gate::{InTransit, ReadGate};
 use super::stream_hub::StreamHub;
 use super::tunnel_agent::{AgentShared, AgentStopped};
 use super::udp_flow::{FlowEvent, FlowWiring, UdpFlow};
@@ -280,13 +280,13 @@ impl AgentConnection {
             server_window: DEFAULT_INITIAL_WINDOW,
             authenticated: false,
             streams: StreamHub::new(self.settings(DEFAULT_INITIAL_WINDOW)),
-            flows: FlowHub::default(),
+            flows: FlowHub::new(config.udp_waiting),
             services: HashMap::new(),
             awaiting: VecDeque::new(),
             liveness: Liveness::new(Instant::now(), config.heartbeat_timeout),
             cancel: CancellationToken::new(),
             since: Instant::now(),
-            gate: ReadGate::new(TUNNEL_READ_AHEAD),
+            gate: ReadGate::new(config.read_ahead),
             held: VecDeque::new(),
             taken: 0,
         });

@@ -24,7 +24,7 @@ use uuid::Uuid;
 
 use super::control_handler::ServerShared;
 use super::forwarded_connection::{ForwardedConnection, StreamEvent, StreamWiring};
-use super::read_gate::{ReadGate, TUNNEL_READ_AHEAD};
+use super::read_gate::ReadGate;
 use super::registry::{
     AllocatePort, CloseTunnel, FindService, FlowView, OpenTunnel, ReleasePort, ReportAlive,
     ServiceEntry, ServiceRegistered, TunnelClosed,
@@ -421,7 +421,7 @@ impl ControlChannel {
             relays: Relays::default(),
             agent_window,
             counters: self.counters.clone(),
-            gate: ReadGate::new(TUNNEL_READ_AHEAD),
+            gate: ReadGate::new(self.shared.config.read_ahead),
         });
         self.liveness.seen(Instant::now());
         self.send(

@@ -11,18 +11,26 @@ use uuid::Uuid;
 
 use super::udp_flow::{CloseFlow, ToService, UdpFlow};
 
-/// Bytes of datagrams that may wait for the WebSocket.
-pub(crate) const WAITING_DATAGRAMS: usize = 4 * 1024 * 1024;
-
 /// A link's flows and waiting datagrams.
-#[derive(Default)]
 pub(crate) struct FlowHub {
     flows: HashMap<Uuid, Addr<UdpFlow>>,
     waiting: VecDeque<Bytes>,
     waiting_bytes: usize,
+    /// Bytes of datagrams that may wait for the WebSocket (the agent's `udp_waiting`).
+    limit: usize,
 }
 
 impl FlowHub {
+    /// No flows, nothing waiting; at most `limit` bytes may wait.
+    pub(crate) fn new(limit: usize) -> Self {
+        Self {
+            flows: HashMap::new(),
+            waiting: VecDeque::new(),
+            waiting_bytes: 0,
+            limit,
+        }
+    }
+
     /// Adds a started flow.
     pub(crate) fn insert(&mut self, id: Uuid, flow: Addr<UdpFlow>) {
         self.flows.insert(id, flow);
@@ -53,7 +61,7 @@ impl FlowHub {
 
     /// Queues a reply frame for the WebSocket; false (dropped) over the bound.
     pub(crate) fn queue(&mut self, frame: Bytes) -> bool {
-        if self.waiting_bytes + frame.len() > WAITING_DATAGRAMS {
+        if self.waiting_bytes + frame.len() > self.limit {
             return false;
         }
         self.waiting_bytes += frame.len();

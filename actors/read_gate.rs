@@ -17,9 +17,6 @@ use std::task::{Context, Waker};
 
 use uuid::Uuid;
 
-/// Bytes a tunnel side may hold read but not yet handed to its WebSocket.
-pub(crate) const TUNNEL_READ_AHEAD: usize = 1024 * 1024;
-
 /// The read gate of one tunnel side (a control channel, or an agent's link).
 #[derive(Debug)]
 pub(crate) struct ReadGate {

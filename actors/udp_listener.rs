@@ -29,28 +29,37 @@ use crate::protocol::Message;
 use crate::udp::{FlowLimits, FlowTable, Verdict};
 
 /// Bytes of datagrams on their way between a UDP listener and its control
-/// channel (both on one thread). Over it, datagrams are dropped: a control
-/// channel frozen by a slow agent WebSocket cannot make them pile up.
-pub(crate) const DATAGRAM_BUDGET: usize = 4 * 1024 * 1024;
-
-/// Bytes in flight between two actors, against [`DATAGRAM_BUDGET`].
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Budget(Rc<Cell<usize>>);
+/// channel (both on one thread), against the server's `udp_in_flight`. Over
+/// it, datagrams are dropped: a control channel frozen by a slow agent
+/// WebSocket cannot make them pile up.
+#[derive(Debug, Clone)]
+pub(crate) struct Budget {
+    used: Rc<Cell<usize>>,
+    limit: usize,
+}
 
 impl Budget {
+    /// A budget of `limit` bytes.
+    pub(crate) fn new(limit: usize) -> Self {
+        Self {
+            used: Rc::default(),
+            limit,
+        }
+    }
+
     /// Takes `n` bytes if they fit.
     pub(crate) fn take(&self, n: usize) -> bool {
-        let used = self.0.get();
-        if used + n > DATAGRAM_BUDGET {
+        let used = self.used.get();
+        if used + n > self.limit {
             return false;
         }
-        self.0.set(used + n);
+        self.used.set(used + n);
         true
     }
 
     /// Gives `n` bytes back.
     pub(crate) fn give(&self, n: usize) {
-        self.0.set(self.0.get().saturating_sub(n));
+        self.used.set(self.used.get().saturating_sub(n));
     }
 }
 

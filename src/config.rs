@@ -28,6 +28,14 @@ pub enum ConfigError {
     Parse(String),
 }
 
+/// A byte budget must hold at least one whole frame.
+fn at_least_a_frame(key: &str, bytes: usize) -> Result<(), ConfigError> {
+    if bytes < crate::protocol::MAX_MESSAGE_SIZE {
+        return Err(invalid(key, "must be at least 65536 bytes"));
+    }
+    Ok(())
+}
+
 fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
@@ -80,7 +88,20 @@ pub struct TunnelServerConfig {
     /// A UDP flow silent both ways this long is forgotten. Default 60 s.
     #[serde(with = "humantime_serde")]
     pub udp_idle_timeout: Duration,
+    /// Bytes a tunnel's visitor sockets may have read and not yet handed to
+    /// its WebSocket, whatever windows the agent announces; at least 64 KiB.
+    /// Default 1 MiB.
+    pub read_ahead: usize,
+    /// Bytes of datagrams in flight between a UDP service's listener and its
+    /// control channel; over it they are dropped and counted; at least 64 KiB.
+    /// Default 4 MiB.
+    pub udp_in_flight: usize,
 }
+
+/// Default of `read_ahead` (server and agent).
+pub const DEFAULT_READ_AHEAD: usize = 1024 * 1024;
+/// Default of the UDP budgets (`udp_in_flight`, `udp_waiting`).
+pub const DEFAULT_UDP_BUDGET: usize = 4 * 1024 * 1024;
 
 impl Default for TunnelServerConfig {
     fn default() -> Self {
@@ -103,6 +124,8 @@ impl Default for TunnelServerConfig {
             max_datagram_rate: 10_000,
             max_datagram_size: crate::udp::MAX_DATAGRAM,
             udp_idle_timeout: Duration::from_secs(60),
+            read_ahead: DEFAULT_READ_AHEAD,
+            udp_in_flight: DEFAULT_UDP_BUDGET,
         }
     }
 }
@@ -213,6 +236,8 @@ impl TunnelServerConfig {
             return Err(invalid("max_datagram_size", "must be between 1 and 65507"));
         }
         positive("udp_idle_timeout", self.udp_idle_timeout)?;
+        at_least_a_frame("read_ahead", self.read_ahead)?;
+        at_least_a_frame("udp_in_flight", self.udp_in_flight)?;
         validate_windows(
             self.stream_window,
             self.max_stream_window,
@@ -304,6 +329,15 @@ pub struct TunnelClientConfig {
     /// A UDP flow silent both ways this long is forgotten. Default 60 s.
     #[serde(default = "default_udp_idle", with = "humantime_serde")]
     pub udp_idle_timeout: Duration,
+    /// Bytes the local sockets may have read and not yet handed to the
+    /// WebSocket, whatever windows the server announces; at least 64 KiB.
+    /// Default 1 MiB.
+    #[serde(default = "default_read_ahead")]
+    pub read_ahead: usize,
+    /// Bytes of datagrams waiting for the WebSocket; over it they are dropped
+    /// and counted; at least 64 KiB. Default 4 MiB.
+    #[serde(default = "default_udp_budget")]
+    pub udp_waiting: usize,
     /// Addresses an access client may ask this agent to dial (`Open` with a
     /// target), besides its registered services. Default none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -338,6 +372,12 @@ fn default_connect_timeout() -> Duration {
 fn default_local_timeout() -> Duration {
     Duration::from_secs(5)
 }
+fn default_read_ahead() -> usize {
+    DEFAULT_READ_AHEAD
+}
+fn default_udp_budget() -> usize {
+    DEFAULT_UDP_BUDGET
+}
 fn default_udp_idle() -> Duration {
     Duration::from_secs(60)
 }
@@ -370,6 +410,8 @@ impl TunnelClientConfig {
             max_stream_window: default_max_stream_window(),
             tunnel_window_budget: default_tunnel_budget(),
             udp_idle_timeout: default_udp_idle(),
+            read_ahead: default_read_ahead(),
+            udp_waiting: default_udp_budget(),
             access_targets: Vec::new(),
             ca_cert: None,
             services: Vec::new(),
@@ -446,6 +488,8 @@ impl TunnelClientConfig {
         positive("connect_timeout", self.connect_timeout)?;
         positive("local_connect_timeout", self.local_connect_timeout)?;
         positive("udp_idle_timeout", self.udp_idle_timeout)?;
+        at_least_a_frame("read_ahead", self.read_ahead)?;
+        at_least_a_frame("udp_waiting", self.udp_waiting)?;
         validate_windows(
             self.stream_window,
             self.max_stream_window,

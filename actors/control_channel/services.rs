@@ -94,7 +94,7 @@ impl ControlChannel {
                 (Listener::Tcp(addr), ServiceProtocol::Tcp)
             }
             Bound::Udp(socket) => {
-                let budget = Budget::default();
+                let budget = Budget::new(self.shared.config.udp_in_flight);
                 let view = FlowView::default();
                 flows = Some(view.clone());
                 let wiring = UdpWiring {

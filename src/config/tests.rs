@@ -75,6 +75,8 @@ fn window_and_budget_errors_name_the_key() {
         bad_key(config.validate())
     };
     assert_eq!(server(|c| c.stream_window = 1023), "stream_window");
+    assert_eq!(server(|c| c.read_ahead = 65535), "read_ahead");
+    assert_eq!(server(|c| c.udp_in_flight = 0), "udp_in_flight");
     assert_eq!(
         server(|c| c.max_stream_window = c.stream_window - 1),
         "max_stream_window"
@@ -94,6 +96,8 @@ fn window_and_budget_errors_name_the_key() {
         bad_key(config.validate())
     };
     assert_eq!(agent(|c| c.stable_after = Duration::ZERO), "stable_after");
+    assert_eq!(agent(|c| c.read_ahead = 1000), "read_ahead");
+    assert_eq!(agent(|c| c.udp_waiting = 0), "udp_waiting");
     assert_eq!(agent(|c| c.stream_window = 0), "stream_window");
     assert_eq!(
         agent(|c| c.max_stream_window = c.stream_window - 1),
