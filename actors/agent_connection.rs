@@ -452,12 +452,7 @@ impl AgentConnection {
         if !link.features.contains(Features::STREAMS) {
             return Err("the server has no data plane");
         }
-        let accepted = self
-            .shared
-            .on_connection
-            .as_ref()
-            .is_none_or(|cb| cb(service_id, id, client_addr.to_owned()));
-        if !accepted {
+        if !self.shared.admits(service_id, id, client_addr) {
             return Err("connection rejected by client");
         }
         let (local, name) = (service.local_addr(), service.name.clone());

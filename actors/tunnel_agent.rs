@@ -37,6 +37,14 @@ pub(crate) struct AgentShared {
 }
 
 impl AgentShared {
+    /// Whether the `on_connection` callback, if any, lets visitor `id` from
+    /// `client_addr` reach service `service_id`.
+    pub(crate) fn admits(&self, service_id: Uuid, id: Uuid, client_addr: &str) -> bool {
+        self.on_connection
+            .as_ref()
+            .is_none_or(|cb| cb(service_id, id, client_addr.to_owned()))
+    }
+
     /// A WebSocket client: HTTP/1.1 only (WebSockets do not run over h2
     /// here), and TCP_NODELAY, without which Nagle's algorithm and delayed
     /// ACKs hold small frames (a `Connect`, a 64-byte reply) for 40 ms.

@@ -33,6 +33,37 @@ fn spawn(args: &[&str]) -> Child {
         .unwrap()
 }
 
+/// A server on control port `control` publishing on port `public` only,
+/// listening once this returns; and its control URL.
+async fn server_proc(control: u16, public: u16) -> (Proc, String) {
+    let (listen, range) = (format!("127.0.0.1:{control}"), format!("{public}-{public}"));
+    let server = Proc::spawn(&[
+        "server",
+        "--listen",
+        &listen,
+        "--port-range",
+        &range,
+        "--bind-host",
+        "127.0.0.1",
+    ]);
+    wait_listening(control).await;
+    (server, format!("ws://127.0.0.1:{control}/tunnel/v1"))
+}
+
+/// The first line `child` prints on its (piped) stdout, within the deadline.
+async fn first_stdout_line(child: &mut Child) -> String {
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+        line
+    });
+    tokio::time::timeout(common::DEADLINE, line)
+        .await
+        .expect("nothing printed on stdout")
+        .unwrap()
+}
+
 /// Sends SIGTERM and waits for the exit; returns the status and how long it took.
 fn terminate(child: &mut Child) -> (std::process::ExitStatus, Duration) {
     let start = Instant::now();
@@ -291,16 +322,7 @@ async fn status_and_metrics_count_a_real_transfer_byte_for_byte() {
         .spawn()
         .unwrap();
     // the agent prints each public address on stdout, once registered
-    let stdout = agent.stdout.take().unwrap();
-    let first = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
-        line
-    });
-    let first = tokio::time::timeout(common::DEADLINE, first)
-        .await
-        .expect("no public address printed")
-        .unwrap();
+    let first = first_stdout_line(&mut agent).await;
     assert_eq!(first, format!("web tcp 127.0.0.1:{public}\n"));
     wait_listening(public).await;
     let client = awc::Client::new();
@@ -478,16 +500,7 @@ async fn the_server_listens_and_publishes_on_ipv6() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let stdout = agent.stdout.take().unwrap();
-    let first = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
-        line
-    });
-    let first = tokio::time::timeout(common::DEADLINE, first)
-        .await
-        .unwrap()
-        .unwrap();
+    let first = first_stdout_line(&mut agent).await;
     assert_eq!(first, format!("echo tcp [::1]:{public}\n"));
     echo_through(public_addr, 1, 64 << 10).await;
     terminate(&mut agent);
@@ -497,18 +510,7 @@ async fn the_server_listens_and_publishes_on_ipv6() {
 #[actix_web::test]
 async fn an_agent_stops_promptly_while_waiting_to_reconnect() {
     let (control, public) = (free_ports(1).0, free_ports(1).0);
-    let (listen, range) = (format!("127.0.0.1:{control}"), format!("{public}-{public}"));
-    let server = Proc::spawn(&[
-        "server",
-        "--listen",
-        &listen,
-        "--port-range",
-        &range,
-        "--bind-host",
-        "127.0.0.1",
-    ]);
-    wait_listening(control).await;
-    let url = format!("ws://127.0.0.1:{control}/tunnel/v1");
+    let (server, url) = server_proc(control, public).await;
     let spec = format!("svc:1:{public}");
     let mut agent = Proc::spawn(&["agent", "--server", &url, "--tcp", &spec]);
     agent.wait_for("service registered");
@@ -534,18 +536,7 @@ async fn a_udp_service_through_the_binaries() {
             let _ = echo.send_to(&buf[..n], from);
         }
     });
-    let (listen, range) = (format!("127.0.0.1:{control}"), format!("{public}-{public}"));
-    let _server = Proc::spawn(&[
-        "server",
-        "--listen",
-        &listen,
-        "--port-range",
-        &range,
-        "--bind-host",
-        "127.0.0.1",
-    ]);
-    wait_listening(control).await;
-    let url = format!("ws://127.0.0.1:{control}/tunnel/v1");
+    let (_server, url) = server_proc(control, public).await;
     let spec = format!("dns:{echo_port}:{public}");
     let mut agent = Proc::spawn(&["agent", "--server", &url, "--udp", &spec]);
     agent.wait_for("service registered");
@@ -569,18 +560,7 @@ async fn a_udp_service_through_the_binaries() {
 async fn the_access_command_opens_a_local_port_until_its_ttl() {
     let (control, public) = (free_ports(1).0, free_ports(1).0);
     let echo = services::echo().await;
-    let (listen, range) = (format!("127.0.0.1:{control}"), format!("{public}-{public}"));
-    let _server = Proc::spawn(&[
-        "server",
-        "--listen",
-        &listen,
-        "--port-range",
-        &range,
-        "--bind-host",
-        "127.0.0.1",
-    ]);
-    wait_listening(control).await;
-    let url = format!("ws://127.0.0.1:{control}/tunnel/v1");
+    let (_server, url) = server_proc(control, public).await;
     let spec = format!("db:{echo}:{public}");
     let mut agent = Proc::spawn(&["agent", "--server", &url, "--tcp", &spec]);
     agent.wait_for("service registered");
@@ -591,16 +571,7 @@ async fn the_access_command_opens_a_local_port_until_its_ttl() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let stdout = access.stdout.take().unwrap();
-    let line = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
-        line
-    });
-    let line = tokio::time::timeout(common::DEADLINE, line)
-        .await
-        .expect("no local address printed")
-        .unwrap();
+    let line = first_stdout_line(&mut access).await;
     let local: std::net::SocketAddr = line.trim().parse().unwrap();
     echo_through(local, 1, 64 << 10).await;
     // it exits by itself when the TTL ends
@@ -665,18 +636,7 @@ async fn two_nodes_as_two_processes_with_a_node_tunnel() {
 async fn a_killed_agents_port_is_free_within_a_second() {
     let (control, public) = (free_ports(1).0, free_ports(1).0);
     let echo = services::echo().await;
-    let (listen, range) = (format!("127.0.0.1:{control}"), format!("{public}-{public}"));
-    let _server = Proc::spawn(&[
-        "server",
-        "--listen",
-        &listen,
-        "--port-range",
-        &range,
-        "--bind-host",
-        "127.0.0.1",
-    ]);
-    wait_listening(control).await;
-    let url = format!("ws://127.0.0.1:{control}/tunnel/v1");
+    let (_server, url) = server_proc(control, public).await;
     let spec = format!("echo:{echo}:{public}");
     let mut agent = Proc::spawn(&["agent", "--server", &url, "--tcp", &spec]);
     agent.wait_for("service registered");

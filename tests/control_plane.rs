@@ -528,15 +528,7 @@ async fn a_legacy_agent_answering_heartbeats_keeps_its_port_until_it_falls_silen
     let server = spawn_server(config, "secret");
     let mut ws = RawWs::connect(server.addr, PATH).await;
     // the seed's Auth: no capability bytes after the client id
-    ws.send(&Message::auth("secret", Uuid::new_v4(), None).unwrap())
-        .await;
-    assert!(matches!(
-        ws.expect().await,
-        Some(Message::AuthOk {
-            capabilities: None,
-            ..
-        })
-    ));
+    ws.auth_legacy("secret").await;
     ws.send(&Message::register("legacy", ServiceProtocol::Tcp, 22, 0).unwrap())
         .await;
     assert_eq!(register_ok(&mut ws).await, p);

@@ -141,15 +141,7 @@ async fn a_legacy_agents_visitors_are_refused_cleanly() {
     let (port, _) = free_ports(1);
     let server = spawn_server(fast_config((port, port)), "secret");
     let mut ws = RawWs::connect(server.addr, "/tunnel/v1").await;
-    ws.send(&Message::auth("secret", Uuid::new_v4(), None).unwrap())
-        .await;
-    assert!(matches!(
-        ws.expect().await,
-        Some(Message::AuthOk {
-            capabilities: None,
-            ..
-        })
-    ));
+    ws.auth_legacy("secret").await;
     ws.send(&Message::register("ssh", ServiceProtocol::Tcp, 22, 0).unwrap())
         .await;
     loop {
@@ -175,6 +167,23 @@ async fn a_legacy_agents_visitors_are_refused_cleanly() {
     }
 }
 
+/// Once a bulk transfer on another stream has moved 16 MiB (counted in
+/// `moved`), runs `rounds` of ping-pong on `port`; returns what the bulk moved
+/// meanwhile.
+async fn ping_pong_beside(moved: &AtomicU64, port: u16, rounds: usize, bulk: &str) -> u64 {
+    while moved.load(Ordering::Relaxed) < 16 << 20 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let before = moved.load(Ordering::Relaxed);
+    if tokio::time::timeout(DEADLINE, ping_pong(port, rounds))
+        .await
+        .is_err()
+    {
+        panic!("ping-pong starved by {bulk}");
+    }
+    moved.load(Ordering::Relaxed) - before
+}
+
 #[actix_web::test]
 async fn a_ping_pong_progresses_beside_a_bulk_transfer() {
     let (sink, echo) = (services::sink().await, services::echo().await);
@@ -198,14 +207,7 @@ async fn a_ping_pong_progresses_beside_a_bulk_transfer() {
             }
         })
     };
-    while sent.load(Ordering::Relaxed) < 16 << 20 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let before = sent.load(Ordering::Relaxed);
-    tokio::time::timeout(DEADLINE, ping_pong(high, 200))
-        .await
-        .expect("ping-pong starved by the bulk transfer");
-    let during = sent.load(Ordering::Relaxed) - before;
+    let during = ping_pong_beside(&sent, high, 200, "the bulk transfer").await;
     stop.store(true, Ordering::Relaxed);
     bulk.await.unwrap();
     assert!(
@@ -286,13 +288,6 @@ async fn an_agent_that_stops_reading_is_dropped_by_the_registry_watchdog() {
     }
 }
 
-/// RSS of process `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 /// Credit windows bound what a truthful agent lets the server send. This
 /// agent announces a 2 GiB window per stream and then reads nothing: the
 /// server's WebSocket actor freezes, and without the tunnel's read gate its
@@ -325,7 +320,7 @@ async fn an_agent_that_lies_about_its_window_cannot_make_the_server_buffer() {
     ws.send(&Message::register("svc", ServiceProtocol::Tcp, 22, public).unwrap())
         .await;
     wait_listening(public).await;
-    let idle = rss_kib(server.child.id());
+    let idle = common::rss_kib(server.child.id());
 
     // from here on the agent reads nothing; 8 visitors upload 256 MiB each
     let written = Arc::new(AtomicU64::new(0));
@@ -345,20 +340,8 @@ async fn an_agent_that_lies_about_its_window_cannot_make_the_server_buffer() {
         }));
     }
     // the visitors stall: nothing more written for a second
-    let end = tokio::time::Instant::now() + Duration::from_secs(30);
-    let (mut last, mut still) = (u64::MAX, 0);
-    while still < 5 {
-        assert!(
-            tokio::time::Instant::now() < end,
-            "the visitors never stalled: {} MiB taken by the server",
-            written.load(Ordering::Relaxed) >> 20
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let now = written.load(Ordering::Relaxed);
-        still = if now == last { still + 1 } else { 0 };
-        last = now;
-    }
-    let grown_mib = rss_kib(server.child.id()).saturating_sub(idle) >> 10;
+    let last = common::wait_stalled(&written, Duration::from_secs(1), "the visitors").await;
+    let grown_mib = common::rss_kib(server.child.id()).saturating_sub(idle) >> 10;
     let taken_mib = last >> 20;
     eprintln!("server RSS +{grown_mib} MiB; visitors stalled after {taken_mib} MiB");
     assert!(
@@ -455,16 +438,9 @@ async fn a_ping_pong_progresses_beside_a_bulk_download() {
             }
         })
     };
-    while received.load(Ordering::Relaxed) < 16 << 20 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let before = received.load(Ordering::Relaxed);
     // each round trip waits behind up to the bulk stream's window (1 MiB)
     // queued ahead of it on the one WebSocket: 50 rounds, not 200
-    tokio::time::timeout(DEADLINE, ping_pong(high, 50))
-        .await
-        .expect("ping-pong starved by the bulk download");
-    let during = received.load(Ordering::Relaxed) - before;
+    let during = ping_pong_beside(&received, high, 50, "the bulk download").await;
     stop.store(true, Ordering::Relaxed);
     bulk.await.unwrap();
     assert!(

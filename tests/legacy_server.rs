@@ -283,13 +283,6 @@ async fn a_refused_registration_is_retried_on_backoff_without_reconnecting() {
     );
 }
 
-/// RSS of this test process, in KiB.
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 /// Credit windows bound what a truthful server lets the agent send. This
 /// server grants 2 GiB windows, opens four streams to a service that writes
 /// as fast as it can, and from then on reads nothing (it keeps sending
@@ -353,7 +346,7 @@ async fn a_server_that_lies_about_its_window_cannot_make_the_agent_buffer() {
             _ => {}
         }
     }
-    let idle = rss_kib();
+    let idle = common::rss_kib(std::process::id());
     for _ in 0..4 {
         let connect = Message::connect(service_id.unwrap(), Uuid::new_v4(), "127.0.0.1:9").unwrap();
         write_frame(&mut socket, &connect.encode()).await;
@@ -366,20 +359,8 @@ async fn a_server_that_lies_about_its_window_cannot_make_the_agent_buffer() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
-    let end = tokio::time::Instant::now() + Duration::from_secs(30);
-    let (mut last, mut still) = (u64::MAX, 0);
-    while still < 5 {
-        assert!(
-            tokio::time::Instant::now() < end,
-            "the service never stalled: {} MiB taken by the agent",
-            written.load(std::sync::atomic::Ordering::Relaxed) >> 20
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let now = written.load(std::sync::atomic::Ordering::Relaxed);
-        still = if now == last { still + 1 } else { 0 };
-        last = now;
-    }
-    let grown_mib = rss_kib().saturating_sub(idle) >> 10;
+    let last = common::wait_stalled(&written, Duration::from_secs(1), "the service").await;
+    let grown_mib = common::rss_kib(std::process::id()).saturating_sub(idle) >> 10;
     let taken_mib = last >> 20;
     eprintln!("test process RSS +{grown_mib} MiB; the service stalled after {taken_mib} MiB");
     assert!(

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{DEADLINE, fast_config, free_ports, spawn_agent, spawn_server, wait_listening};
+use common::{fast_config, free_ports, spawn_agent, spawn_server, wait_listening};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use zlayer_tunnel::ServiceConfig;
@@ -35,9 +35,7 @@ fn table() -> Arc<Vec<u8>> {
 }
 
 fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    common::rss_kib(std::process::id())
 }
 
 /// A service that answers a request for N bytes with N bytes of the pattern,
@@ -109,20 +107,7 @@ async fn read_and_verify(mut s: TcpStream, len: u64) {
 
 /// Waits until `progress` stops moving for half a second.
 async fn wait_stalled(progress: &AtomicU64) -> u64 {
-    let deadline = tokio::time::Instant::now() + DEADLINE * 3;
-    let mut last = u64::MAX;
-    loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = progress.load(Ordering::Relaxed);
-        if now == last {
-            return now;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the service never blocked"
-        );
-        last = now;
-    }
+    common::wait_stalled(progress, Duration::from_millis(500), "the service").await
 }
 
 /// One test, so that nothing else runs in this process while RSS is measured.

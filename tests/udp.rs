@@ -184,9 +184,7 @@ async fn ten_thousand_datagrams_from_16_visitors_each_echoed_to_its_sender() {
 }
 
 fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    common::rss_kib(std::process::id())
 }
 
 #[actix_web::test]

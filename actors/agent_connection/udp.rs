@@ -58,12 +58,7 @@ impl AgentConnection {
     ) -> Result<(), String> {
         let link = self.link.as_mut().ok_or("no link")?;
         let service = link.services.get(&service_id).ok_or("unknown service")?;
-        let accepted = self
-            .shared
-            .on_connection
-            .as_ref()
-            .is_none_or(|cb| cb(service_id, id, client_addr.to_owned()));
-        if !accepted {
+        if !self.shared.admits(service_id, id, client_addr) {
             return Err("connection rejected by client".to_owned());
         }
         let local = service.local_addr();

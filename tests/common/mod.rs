@@ -135,6 +135,20 @@ impl RawWs {
         self.stream.write_all(&frame).await.unwrap();
     }
 
+    /// Authenticates as an original agent (`Auth` without capability
+    /// bytes); panics unless `AuthOk` comes back without any either.
+    pub async fn auth_legacy(&mut self, token: &str) {
+        self.send(&Message::auth(token, uuid::Uuid::new_v4(), None).unwrap())
+            .await;
+        assert!(matches!(
+            self.expect().await,
+            Some(Message::AuthOk {
+                capabilities: None,
+                ..
+            })
+        ));
+    }
+
     /// Sends one protocol message.
     pub async fn send(&mut self, message: &Message) {
         self.send_raw(&message.encode()).await;
@@ -200,6 +214,37 @@ impl RawWs {
             .await
             .is_ok()
     }
+}
+
+/// RSS of process `pid` (`std::process::id()` for this one), in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Waits until `progress` has not moved for `quiet`, and returns where it
+/// stopped; panics with `what` and the bytes so far after `3 * DEADLINE`.
+pub async fn wait_stalled(
+    progress: &std::sync::atomic::AtomicU64,
+    quiet: Duration,
+    what: &str,
+) -> u64 {
+    let load = || progress.load(std::sync::atomic::Ordering::Relaxed);
+    let deadline = tokio::time::Instant::now() + DEADLINE * 3;
+    let (mut last, mut still) = (u64::MAX, 0);
+    while still < 5 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} never stalled: {} MiB so far",
+            load() >> 20
+        );
+        tokio::time::sleep(quiet / 5).await;
+        let now = load();
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+    }
+    last
 }
 
 /// `n` consecutive free ports on 127.0.0.1, outside any listener (best effort).
@@ -395,47 +440,42 @@ pub mod services {
         let port = serve(move |mut s| {
             let tx = tx.clone();
             async move {
-                let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
-                let mut buf = vec![0; 64 * 1024];
-                let mut total = 0u64;
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) => break,
-                        Ok(n) => {
-                            sha2::Digest::update(&mut hasher, &buf[..n]);
-                            total += n as u64;
-                            if s.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(_) => return,
-                    }
-                }
+                let Some((digest, total)) = hash_until_eof(&mut s, true).await else {
+                    return;
+                };
                 let _ = s.shutdown().await;
-                let _ = tx.send((sha2::Digest::finalize(hasher).into(), total));
+                let _ = tx.send((digest, total));
             }
         })
         .await;
         (port, rx)
     }
 
+    /// Reads `s` to its end (writing each chunk back if `echo`): the SHA-256
+    /// of what was read and its length; `None` if the socket failed.
+    async fn hash_until_eof(s: &mut TcpStream, echo: bool) -> Option<([u8; 32], u64)> {
+        let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+        let mut buf = vec![0; 64 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = s.read(&mut buf).await.ok()?;
+            if n == 0 {
+                return Some((sha2::Digest::finalize(hasher).into(), total));
+            }
+            sha2::Digest::update(&mut hasher, &buf[..n]);
+            total += n as u64;
+            if echo {
+                s.write_all(&buf[..n]).await.ok()?;
+            }
+        }
+    }
+
     /// Reads until EOF, then answers the SHA-256 of what it read and its length.
     pub async fn digest() -> u16 {
         serve(|mut s| async move {
-            let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
-            let mut buf = vec![0; 64 * 1024];
-            let mut total = 0u64;
-            loop {
-                match s.read(&mut buf).await {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        sha2::Digest::update(&mut hasher, &buf[..n]);
-                        total += n as u64;
-                    }
-                    Err(_) => return,
-                }
-            }
-            let digest: [u8; 32] = sha2::Digest::finalize(hasher).into();
+            let Some((digest, total)) = hash_until_eof(&mut s, false).await else {
+                return;
+            };
             let _ = s.write_all(&digest).await;
             let _ = s.write_all(&total.to_be_bytes()).await;
             let _ = s.shutdown().await;
