@@ -68,6 +68,12 @@ struct Link {
     /// Control frames (heartbeats, credit, answers) go before stream frames
     /// (`Data`, `Close`, kept in order), so they never wait behind windows of data.
     control: VecDeque<Bytes>,
+    /// `ConnectAck`s: they leave with the next write, never on their own
+    /// (the server forwards without waiting for them), so that a new
+    /// stream's acknowledgment and its first reply share one write.
+    acks: Vec<Bytes>,
+    /// A `WriteOut` is on its way: frames queued until then leave together.
+    write_scheduled: bool,
     /// Stream frames (`Data`, `Close`), round-robin across streams.
     data: FairQueue,
     /// Local sockets' bytes read and not yet handed to awc's sink (bounded).
@@ -275,6 +281,8 @@ impl AgentConnection {
             generation: self.starts,
             sink: Some(sink),
             control: VecDeque::new(),
+            acks: Vec::new(),
+            write_scheduled: false,
             data: FairQueue::default(),
             features: Features::NONE,
             server_window: DEFAULT_INITIAL_WINDOW,
@@ -516,12 +524,14 @@ impl AgentConnection {
             read_direction: Direction::Out,
             cancel: link.cancel.child_token(),
             gate: link.gate.clone(),
+            tuned: false,
         };
         if link
             .streams
             .attach(id, ForwardedConnection::start(socket, wiring))
         {
-            self.send(Some(Message::ConnectAck { connection_id: id }), ctx);
+            link.acks
+                .push(Message::ConnectAck { connection_id: id }.to_bytes());
         }
     }
 

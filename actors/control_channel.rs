@@ -30,7 +30,9 @@ use super::registry::{
     ServiceEntry, ServiceRegistered, TunnelClosed,
 };
 use super::relay::{Relay, Relays};
-use super::service_listener::{ServiceListener, StopListener, VisitorArrived};
+use super::service_listener::{
+    ACCEPTED_SOCKETS_TUNED, ServiceListener, StopListener, VisitorArrived,
+};
 use super::stream_hub::StreamHub;
 use super::udp_listener::{
     Budget, ForgetFlow, SendToVisitor, UdpEvent, UdpServiceListener, UdpWiring,
@@ -170,9 +172,13 @@ impl Handler<VisitorArrived> for ControlChannel {
 
     fn handle(&mut self, msg: VisitorArrived, ctx: &mut Self::Context) {
         match self.open_stream(msg.service_id, msg.socket, ctx) {
-            Ok(id) => {
+            Ok((id, first)) => {
                 let connect = Message::connect(msg.service_id, id, msg.peer.to_string());
                 self.send(ctx, connect.ok());
+                // the visitor's first bytes ride in the same write as `Connect`
+                if let Some(first) = first {
+                    <Self as Handler<StreamEvent>>::handle(self, first, ctx);
+                }
             }
             Err(reason) => self
                 .span
@@ -445,13 +451,15 @@ impl ControlChannel {
         ctx.stop();
     }
 
-    /// Opens a stream for a visitor: its connection actor starts reading up to the agent's window.
+    /// Opens a stream for a visitor: its connection actor starts reading up
+    /// to the agent's window. The stream's id, and what the visitor had
+    /// already sent, if anything (to send right after `Connect`).
     fn open_stream(
         &mut self,
         service_id: Uuid,
         socket: tokio::net::TcpStream,
         ctx: &mut ws::WebsocketContext<Self>,
-    ) -> Result<Uuid, &'static str> {
+    ) -> Result<(Uuid, Option<StreamEvent>), &'static str> {
         let max = self.shared.config.max_connections_per_service as u64;
         let session = self.session.as_mut().ok_or("session not authenticated")?;
         if !session.features.contains(Features::STREAMS) {
@@ -477,11 +485,11 @@ impl ControlChannel {
             read_direction: Direction::In,
             cancel: session.cancel.child_token(),
             gate: session.gate.clone(),
+            tuned: ACCEPTED_SOCKETS_TUNED,
         };
-        session
-            .streams
-            .attach(id, ForwardedConnection::start(socket, wiring));
-        Ok(id)
+        let (addr, first) = ForwardedConnection::start_reading(socket, wiring);
+        session.streams.attach(id, addr);
+        Ok((id, first))
     }
 
     fn tick(&mut self, ctx: &mut ws::WebsocketContext<Self>) {

@@ -22,6 +22,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::Stream;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -94,6 +95,10 @@ pub(crate) struct StreamWiring {
     pub(crate) cancel: CancellationToken,
     /// The tunnel side's read gate, shared by all its connections.
     pub(crate) gate: Arc<ReadGate>,
+    /// The socket already has `TCP_NODELAY` and `TCP_NOTSENT_LOWAT` (accepted
+    /// sockets inherit them from a listener that has them, on Linux): two
+    /// system calls fewer per connection.
+    pub(crate) tuned: bool,
 }
 
 /// The connection actor.
@@ -186,11 +191,62 @@ impl StreamHandler<io::Result<(Bytes, usize)>> for ForwardedConnection {
 impl ForwardedConnection {
     /// Starts the actor on `socket` on the current arbiter.
     pub(crate) fn start(socket: TcpStream, wiring: StreamWiring) -> Addr<Self> {
-        let _ = socket.set_nodelay(true);
-        limit_unsent(&socket);
+        let credit = wiring.initial_credit as usize;
+        Self::start_with_credit(socket, wiring, credit)
+    }
+
+    /// Starts the actor on a visitor's socket that may already hold the
+    /// visitor's first bytes, and reads them now (within the peer's window and
+    /// the read gate): the caller sends them right behind the stream's opening
+    /// frame, in the same WebSocket write, so the agent wakes once for both.
+    /// The event to hand the channel, if anything was read.
+    pub(crate) fn start_reading(
+        socket: TcpStream,
+        wiring: StreamWiring,
+    ) -> (Addr<Self>, Option<StreamEvent>) {
+        let (id, credit) = (wiring.id, wiring.initial_credit as usize);
+        let want = credit.min(MAX_DATA_PAYLOAD);
+        if want == 0 || !wiring.gate.has_room() {
+            return (Self::start_with_credit(socket, wiring, credit), None);
+        }
+        match read_now(&socket, id, want) {
+            Ok((frame, len)) if len > 0 => {
+                wiring.counters.add_bytes(wiring.read_direction, len as u64);
+                wiring.counters.touch(super::now_ms());
+                let held = wiring.gate.hold(frame.len());
+                let addr = Self::start_with_credit(socket, wiring, credit - len);
+                let read = StreamEvent::Read {
+                    id,
+                    frame,
+                    len,
+                    held,
+                };
+                (addr, Some(read))
+            }
+            // nothing yet, or end of stream (which the reader sees again)
+            Ok(_) => (Self::start_with_credit(socket, wiring, credit), None),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                (Self::start_with_credit(socket, wiring, credit), None)
+            }
+            Err(e) => {
+                tracing::debug!(stream = %id, error = %e, "visitor socket failed at once; aborting the stream");
+                let addr = Self::start_with_credit(socket, wiring, credit);
+                addr.do_send(StreamCommand::Reset);
+                (addr, Some(StreamEvent::Failed { id }))
+            }
+        }
+    }
+
+    fn start_with_credit(socket: TcpStream, wiring: StreamWiring, credit: usize) -> Addr<Self> {
+        if !wiring.tuned {
+            let _ = socket.set_nodelay(true);
+            if let Err(error) = limit_unsent(&socket) {
+                tracing::debug!(%error, "cannot set TCP_NOTSENT_LOWAT");
+            }
+        }
         wiring.counters.connection_opened();
         let socket = Rc::new(socket);
-        let credit = Rc::new(Credit::new(wiring.initial_credit));
+        let credit = Rc::new(Credit::new(credit));
         Self::create(|ctx| {
             ctx.add_stream(CreditedReader {
                 id: wiring.id,
@@ -285,11 +341,15 @@ impl ForwardedConnection {
     }
 
     /// Sends FIN once everything queued is written (the peer's half-close).
+    /// When the read side has ended too, closing the socket sends the FIN:
+    /// no `shutdown` call first.
     fn shutdown_if_asked(&mut self, ctx: &mut Context<Self>) {
         if !self.shutdown_pending || self.write_done {
             return;
         }
-        let _ = socket2::SockRef::from(&*self.socket).shutdown(std::net::Shutdown::Write);
+        if !self.read_done {
+            let _ = socket2::SockRef::from(&*self.socket).shutdown(std::net::Shutdown::Write);
+        }
         self.write_done = true;
         self.stop_when_done(ctx);
     }
@@ -320,13 +380,16 @@ const UNSENT_LOW_WATER: u32 = 128 * 1024;
 /// megabytes per socket, and a thousand stalled visitors push the whole host
 /// into TCP memory pressure, where every window, the tunnel's own included,
 /// shrinks to a crawl.
-fn limit_unsent(socket: &TcpStream) {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    if let Err(error) = socket2::SockRef::from(socket).set_tcp_notsent_lowat(UNSENT_LOW_WATER) {
-        tracing::debug!(%error, "cannot set TCP_NOTSENT_LOWAT");
-    }
-    #[cfg(not(any(target_os = "linux", target_os = "android")))]
-    let _ = (socket, UNSENT_LOW_WATER);
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn limit_unsent<S: std::os::fd::AsFd>(socket: &S) -> io::Result<()> {
+    socket2::SockRef::from(socket).set_tcp_notsent_lowat(UNSENT_LOW_WATER)
+}
+
+/// Elsewhere the kernel has no such option.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(crate) fn limit_unsent<S>(_: &S) -> io::Result<()> {
+    let _ = UNSENT_LOW_WATER;
+    Ok(())
 }
 
 fn opposite(direction: Direction) -> Direction {
@@ -343,9 +406,9 @@ struct Credit {
 }
 
 impl Credit {
-    fn new(initial: u32) -> Self {
+    fn new(initial: usize) -> Self {
         Self {
-            bytes: Cell::new(initial as usize),
+            bytes: Cell::new(initial),
             waker: RefCell::new(None),
         }
     }
@@ -403,6 +466,30 @@ fn read_frame(
     }
 }
 
+/// Reads at most `want` bytes as a `Data` frame, as [`read_frame`] does, into
+/// this thread's arena. A short read means the socket is drained for now: its
+/// read readiness is cleared then (as tokio's own `AsyncRead` does), which
+/// spares the `EAGAIN` read that would follow every small message.
+fn read_now(socket: &TcpStream, id: Uuid, want: usize) -> io::Result<(Bytes, usize)> {
+    let mut read = None;
+    let outcome = socket.try_io(Interest::READABLE, || {
+        let (frame, n) =
+            ARENA.with(|arena| read_frame(socket, &mut arena.borrow_mut(), id, want))?;
+        let drained = n > 0 && n < want;
+        read = Some((frame, n));
+        if drained {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(())
+        }
+    });
+    match (read, outcome) {
+        (Some(read), _) => Ok(read),
+        (None, Err(e)) => Err(e),
+        (None, Ok(())) => Err(io::ErrorKind::WouldBlock.into()),
+    }
+}
+
 /// Writes every chunk, vectored, waiting for writability as needed.
 async fn write_all(socket: Rc<TcpStream>, batch: Vec<Bytes>) -> io::Result<()> {
     let (mut index, mut offset) = (0, 0);
@@ -456,9 +543,7 @@ impl Stream for CreditedReader {
             }
             // invariant: `want` is at most MAX_DATA_PAYLOAD, so a header is always built
             let want = credit.min(MAX_DATA_PAYLOAD);
-            let read = ARENA
-                .with(|arena| read_frame(&self.socket, &mut arena.borrow_mut(), self.id, want));
-            match read {
+            match read_now(&self.socket, self.id, want) {
                 Ok((_, 0)) => return Poll::Ready(None),
                 Ok((frame, n)) => {
                     self.credit.bytes.set(credit - n);

@@ -40,6 +40,11 @@ impl ReadGate {
         self.in_transit.load(Ordering::Acquire)
     }
 
+    /// True if a read may be taken now (without waiting to be woken).
+    pub(crate) fn has_room(&self) -> bool {
+        self.in_transit() < self.limit
+    }
+
     /// True if `stream` may read now; otherwise its task is woken when the
     /// gate opens again.
     pub(crate) fn is_open(&self, stream: Uuid, cx: &Context<'_>) -> bool {

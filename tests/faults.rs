@@ -449,3 +449,86 @@ async fn a_ping_pong_progresses_beside_a_bulk_download() {
     );
     agent.stop();
 }
+
+/// The next stream message (`Data`, `Window`, `Close`, `Connect`) from the
+/// server, answering heartbeats meanwhile; `None` if none comes within `within`.
+async fn next_stream_message(ws: &mut RawWs, within: Duration) -> Option<Message> {
+    tokio::time::timeout(within, async {
+        loop {
+            match ws.message().await {
+                Some(Message::Heartbeat { timestamp }) => {
+                    ws.send(&Message::HeartbeatAck { timestamp }).await;
+                }
+                Some(Message::HeartbeatAck { .. }) => {}
+                other => return other,
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// The server reads a visitor's first bytes as it opens the stream (to send
+/// them in the same write as `Connect`): that early read must still count
+/// against the agent's window. A visitor that sends 5000 bytes to an agent
+/// with a 1000-byte window gets exactly 1000 through until the agent grants
+/// more, then the rest, in order.
+#[actix_web::test]
+async fn a_visitors_first_bytes_follow_connect_within_the_agents_window() {
+    const WINDOW: usize = 1000;
+    let (low, high) = free_ports(1);
+    let server = spawn_server(fast_config((low, high)), "t");
+    let mut ws = RawWs::connect(server.addr, "/tunnel/v1").await;
+    let caps = zlayer_tunnel::protocol::Capabilities {
+        features: zlayer_tunnel::protocol::Features::STREAMS,
+        initial_window: WINDOW as u32,
+    };
+    ws.send(&Message::auth("t", Uuid::new_v4(), Some(caps)).unwrap())
+        .await;
+    assert!(matches!(ws.expect().await, Some(Message::AuthOk { .. })));
+    ws.send(&Message::register("svc", ServiceProtocol::Tcp, 22, low).unwrap())
+        .await;
+    // listening once registered (no probe connection: it would be a visitor too)
+    let registered = next_stream_message(&mut ws, DEADLINE).await;
+    assert!(
+        matches!(registered, Some(Message::RegisterOk { .. })),
+        "{registered:?}"
+    );
+
+    let sent = common::pattern(11, 5 * WINDOW);
+    let mut visitor = visit(low).await;
+    visitor.write_all(&sent).await.unwrap();
+    let id = loop {
+        match next_stream_message(&mut ws, DEADLINE).await {
+            Some(Message::Connect { connection_id, .. }) => break connection_id,
+            Some(_) => {}
+            None => panic!("no Connect"),
+        }
+    };
+    let mut got = Vec::new();
+    while got.len() < WINDOW {
+        match next_stream_message(&mut ws, DEADLINE).await {
+            Some(Message::Data {
+                connection_id,
+                data,
+                ..
+            }) if connection_id == id => got.extend_from_slice(&data),
+            other => panic!("expected the first bytes, got {other:?}"),
+        }
+    }
+    assert_eq!(got.len(), WINDOW, "more than the window before any grant");
+    // nothing more without credit
+    let early = next_stream_message(&mut ws, Duration::from_millis(300)).await;
+    assert!(early.is_none(), "sent past the window: {early:?}");
+
+    ws.send(&Message::window(id, (4 * WINDOW) as u32).unwrap())
+        .await;
+    while got.len() < sent.len() {
+        match next_stream_message(&mut ws, DEADLINE).await {
+            Some(Message::Data { data, .. }) => got.extend_from_slice(&data),
+            other => panic!("expected the rest, got {other:?}"),
+        }
+    }
+    assert_eq!(got, sent, "the visitor's bytes, in order");
+}

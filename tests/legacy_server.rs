@@ -371,3 +371,104 @@ async fn a_server_that_lies_about_its_window_cannot_make_the_agent_buffer() {
     heartbeats.abort();
     agent.stop();
 }
+
+/// Our agent acknowledges a stream (`ConnectAck`) with the next frame it
+/// writes rather than in a write of its own: before that stream's first
+/// reply, or, for a stream whose service stays silent, by its next
+/// heartbeat at the latest. The server here speaks the data plane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_is_acknowledged_before_its_first_reply_or_by_the_next_heartbeat() {
+    let echo = common::services::echo().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (agent, _task) = common::spawn_agent(
+        addr,
+        "token",
+        vec![ServiceConfig::tcp("echo", echo).with_remote_port(2222)],
+    );
+    let (mut socket, _) = listener.accept().await.unwrap();
+    let mut buf = accept_upgrade(&mut socket).await;
+    let caps = zlayer_tunnel::protocol::Capabilities {
+        features: zlayer_tunnel::protocol::Features::STREAMS,
+        initial_window: 256 * 1024,
+    };
+    // answers the control plane; returns the next stream message
+    let mut service_id = None;
+    let next = async |socket: &mut TcpStream, buf: &mut BytesMut, service: &mut Option<Uuid>| loop {
+        let payload = read_frame(socket, buf).await.expect("the agent closed");
+        let reply = match Message::decode(&payload).unwrap().0 {
+            Message::Auth { .. } => Message::AuthOk {
+                tunnel_id: Uuid::new_v4(),
+                capabilities: Some(caps),
+            },
+            Message::Register { .. } => {
+                let id = Uuid::new_v4();
+                *service = Some(id);
+                Message::RegisterOk {
+                    service_id: id,
+                    port: Some(2222),
+                }
+            }
+            Message::Heartbeat { timestamp } => Message::HeartbeatAck { timestamp },
+            stream => return stream,
+        };
+        write_frame(socket, &reply.encode()).await;
+    };
+    tokio::time::timeout(DEADLINE, async {
+        while service_id.is_none() {
+            let _ = tokio::time::timeout(
+                Duration::from_millis(50),
+                next(&mut socket, &mut buf, &mut service_id),
+            )
+            .await;
+        }
+    })
+    .await
+    .expect("no registration");
+    let service = service_id.unwrap();
+
+    // a stream whose first bytes come back: the ack, then the echo
+    let talking = Uuid::new_v4();
+    let connect = Message::connect(service, talking, "127.0.0.1:9").unwrap();
+    write_frame(&mut socket, &connect.encode()).await;
+    let hello = Message::data(talking, bytes::Bytes::from_static(b"hello")).unwrap();
+    write_frame(&mut socket, &hello.encode()).await;
+    let first = tokio::time::timeout(DEADLINE, next(&mut socket, &mut buf, &mut service_id))
+        .await
+        .unwrap();
+    assert!(
+        matches!(first, Message::ConnectAck { connection_id, .. } if connection_id == talking),
+        "expected the ack first, got {first:?}"
+    );
+    let mut echoed = Vec::new();
+    while echoed.len() < 5 {
+        match tokio::time::timeout(DEADLINE, next(&mut socket, &mut buf, &mut service_id))
+            .await
+            .unwrap()
+        {
+            Message::Data {
+                connection_id,
+                data,
+                ..
+            } if connection_id == talking => echoed.extend_from_slice(&data),
+            other => panic!("expected the echo, got {other:?}"),
+        }
+    }
+    assert_eq!(echoed, b"hello");
+
+    // a stream whose service says nothing: acknowledged by the next heartbeat
+    let silent = Uuid::new_v4();
+    let connect = Message::connect(service, silent, "127.0.0.1:9").unwrap();
+    write_frame(&mut socket, &connect.encode()).await;
+    let ack = tokio::time::timeout(
+        Duration::from_secs(1), // the agent's heartbeat interval is 200 ms
+        next(&mut socket, &mut buf, &mut service_id),
+    )
+    .await
+    .expect("no ConnectAck within a second");
+    assert!(
+        matches!(ack, Message::ConnectAck { connection_id, .. } if connection_id == silent),
+        "expected the ack, got {ack:?}"
+    );
+    agent.stop();
+}

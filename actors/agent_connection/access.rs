@@ -40,6 +40,7 @@ impl Handler<OpenStream> for AgentConnection {
             read_direction: Direction::In,
             cancel: msg.cancel,
             gate: link.gate.clone(),
+            tuned: false,
         };
         link.streams
             .attach(id, ForwardedConnection::start(msg.socket, wiring));

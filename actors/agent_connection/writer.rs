@@ -1,7 +1,26 @@
 //! The agent's WebSocket writes: control frames first, then datagrams, then
-//! stream frames in order; one batch in flight on awc's sink.
+//! stream frames in order; one batch in flight on awc's sink. Frames queued
+//! while the actor handles its mailbox and streams leave together: the write
+//! starts once they are handled (`WriteOut`), so that, say, a reply and the
+//! `Close` right behind it wake the server once.
 
 use super::*;
+
+/// Writes what is queued (sent to itself, handled after what is pending).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct WriteOut;
+
+impl Handler<WriteOut> for AgentConnection {
+    type Result = ();
+
+    fn handle(&mut self, _: WriteOut, ctx: &mut Self::Context) {
+        if let Some(link) = self.link.as_mut() {
+            link.write_scheduled = false;
+        }
+        self.write_next(ctx);
+    }
+}
 
 impl AgentConnection {
     pub(super) fn flush(&mut self, mut outbox: Vec<Bytes>, ctx: &mut Context<Self>) {
@@ -31,7 +50,10 @@ impl AgentConnection {
             Some(stream) => link.data.push(stream, frame),
             None => link.control.push_back(frame),
         }
-        self.write_next(ctx);
+        if !link.write_scheduled {
+            link.write_scheduled = true;
+            ctx.notify(WriteOut);
+        }
     }
 
     pub(super) fn queue_raw(&mut self, message: ws::Message, ctx: &mut Context<Self>) {
@@ -62,6 +84,7 @@ impl AgentConnection {
         };
         let generation = link.generation;
         let mut batch: Vec<Bytes> = link.control.drain(..).collect();
+        batch.append(&mut link.acks);
         link.flows.drain_into(&mut batch); // bounded in bytes
         let mut size = 0;
         while let Some(frame) = link.data.pop() {

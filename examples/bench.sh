@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The project's benchmark: one local service (examples/tcpload.rs) exposed
+# through each target on 127.0.0.1, and the same loads against each public
+# port, every bulk byte verified. One JSON line per measurement, prefixed by
+# the target; compare targets only within one run (the machine is shared).
+#
+#   examples/bench.sh                      # direct and zlt, plus rathole and bore if installed
+#   examples/bench.sh zlt rathole          # chosen targets
+#
+# Targets: direct (no tunnel: the machine's limit), zlt (this project, built
+# with the dist profile), rathole and bore (from
+# `cargo install --root ~/.cache/tunnel-peers rathole@0.5.0 bore-cli@0.6.0`).
+# Loads: 1 GiB up and down on one stream, 1 GiB up on each of 8 streams,
+# 64-byte ping-pong on 1 and on 64 connections, new connections/s (connect,
+# one ping-pong, the service closes) with 4 workers, 1000 idle connections
+# held. Memory: the tunnel's processes' RSS fresh, after the loads (idle) and
+# with the 1000 connections held. SECS (default 5) and BYTES (per stream,
+# default 1 GiB) change the sizes; ports 21201-21211 must be free.
+set -u
+cd "$(dirname "$0")/.."
+PEERS=${PEERS:-$HOME/.cache/tunnel-peers} SECS=${SECS:-5} BYTES=${BYTES:-1073741824}
+LOCAL=21201 CTRL=21210 PUB=21211
+# two builds: an example pulls in the dev-dependencies' features (tokio's
+# multi-thread runtime), and a binary built with them is measurably slower
+cargo build --profile dist --quiet --bin zlayer-tunnel || exit 2
+cargo build --profile dist --quiet --example tcpload || exit 2
+BIN=target/dist/zlayer-tunnel LOAD=target/dist/examples/tcpload
+ulimit -n 4096 2>/dev/null || true
+work=$(mktemp -d) SERVICE= TPIDS=()
+stop_target() {
+  for p in "${TPIDS[@]}"; do kill "$p" 2>/dev/null; done
+  for p in "${TPIDS[@]}"; do wait "$p" 2>/dev/null; done
+  TPIDS=()
+}
+cleanup() { stop_target; [ -n "$SERVICE" ] && kill "$SERVICE" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+
+start() { "$@" >>"$work/log" 2>&1 & TPIDS+=($!); }
+wait_tcp() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+# a connection through the tunnel echoes: the agent has registered
+wait_echo() { for _ in $(seq 100); do timeout 5 "$LOAD" hold 127.0.0.1:$1 1 0 >/dev/null 2>&1 && return 0; sleep 0.1; done; return 1; }
+rss_kb() { local t=0; for p in "$@"; do t=$((t + $(awk '/VmRSS/{print $2}' "/proc/$p/status" 2>/dev/null || echo 0))); done; echo $t; }
+
+up_target() {
+  case $1 in
+    direct) PORT=$LOCAL ;;
+    zlt)
+      start "$BIN" server --listen 127.0.0.1:$CTRL --port-range $PUB-$PUB --bind-host 127.0.0.1 --token bench-token
+      wait_tcp $CTRL || return 1
+      start env ZLAYER_TUNNEL_TOKEN=bench-token "$BIN" agent --server ws://127.0.0.1:$CTRL/tunnel/v1 --tcp svc:$LOCAL:$PUB
+      PORT=$PUB ;;
+    rathole)
+      [ -x "$PEERS/bin/rathole" ] || return 1
+      printf '[server]\nbind_addr = "127.0.0.1:%s"\n[server.services.svc]\ntoken = "bench-token"\nbind_addr = "127.0.0.1:%s"\n' $CTRL $PUB >"$work/s.toml"
+      printf '[client]\nremote_addr = "127.0.0.1:%s"\n[client.services.svc]\ntoken = "bench-token"\nlocal_addr = "127.0.0.1:%s"\n' $CTRL $LOCAL >"$work/c.toml"
+      start "$PEERS/bin/rathole" "$work/s.toml"; wait_tcp $CTRL || return 1
+      start "$PEERS/bin/rathole" "$work/c.toml"; PORT=$PUB ;;
+    bore)
+      [ -x "$PEERS/bin/bore" ] || return 1
+      start "$PEERS/bin/bore" server --bind-addr 127.0.0.1 --min-port $PUB --max-port $PUB; wait_tcp 7835 || return 1
+      start "$PEERS/bin/bore" local $LOCAL --local-host 127.0.0.1 --to 127.0.0.1 --port $PUB; PORT=$PUB ;;
+    *) echo "unknown target $1" >&2; return 1 ;;
+  esac
+  wait_echo "$PORT"
+}
+
+run_target() {
+  local t=$1
+  up_target "$t" || { echo "$t {\"error\":\"could not start (not installed, or its port never echoed)\"}"; stop_target; return; }
+  local fresh; fresh=$(rss_kb "${TPIDS[@]}")
+  for load in "up $BYTES 1" "down $BYTES 1" "up $BYTES 8" "rr 1 64 $SECS" "rr 64 64 $SECS" "conn 4 $SECS"; do
+    set -- $load
+    echo "$t $(timeout 300 "$LOAD" "$1" 127.0.0.1:$PORT "${@:2}" || true)"
+  done
+  local idle; idle=$(rss_kb "${TPIDS[@]}")
+  timeout 120 "$LOAD" hold 127.0.0.1:$PORT 1000 3 >"$work/hold" & local hold=$!
+  for _ in $(seq 100); do grep -q '"mode":"hold"' "$work/hold" 2>/dev/null && break; sleep 0.1; done
+  local held; held=$(rss_kb "${TPIDS[@]}")
+  wait $hold
+  echo "$t $(tail -1 "$work/hold") {\"rss_kb_fresh\":$fresh,\"rss_kb_idle\":$idle,\"rss_kb_1000_conns\":$held,\"kb_per_conn\":$(( (held - idle) / 1000 ))}"
+  stop_target
+}
+
+"$LOAD" serve 127.0.0.1:$LOCAL 2>>"$work/log" & SERVICE=$!
+wait_tcp $LOCAL || { echo "the service did not start" >&2; exit 2; }
+targets=("$@")
+if [ ${#targets[@]} -eq 0 ]; then
+  targets=(direct zlt)
+  [ -x "$PEERS/bin/rathole" ] && targets+=(rathole)
+  [ -x "$PEERS/bin/bore" ] && targets+=(bore)
+fi
+for t in "${targets[@]}"; do run_target "$t"; done
