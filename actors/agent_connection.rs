@@ -23,7 +23,7 @@ use uuid::Uuid;
 use super::agent_view::{PublishedService, public_addr};
 use super::flow_hub::FlowHub;
 use super::forwarded_connection::{ForwardedConnection, StreamEvent, StreamWiring};
-use super::read_gate::{InTransit, ReadGate};
+use super::read_gate::ReadGate;
 use super::stream_hub::StreamHub;
 use super::tunnel_agent::{AgentShared, AgentStopped};
 use super::udp_flow::{FlowEvent, FlowWiring, UdpFlow};
@@ -76,12 +76,9 @@ struct Link {
     write_scheduled: bool,
     /// Stream frames (`Data`, `Close`), round-robin across streams.
     data: FairQueue,
-    /// Local sockets' bytes read and not yet handed to awc's sink (bounded).
+    /// Local sockets' bytes read and not yet encoded for the server (bounded;
+    /// each read frame holds its ticket).
     gate: Arc<ReadGate>,
-    /// Tickets of the read frames in `data`, in order.
-    held: VecDeque<InTransit>,
-    /// Bytes taken from `data` that the front tickets have not yet covered.
-    taken: usize,
     features: Features,
     server_window: u32,
     authenticated: bool,
@@ -183,9 +180,7 @@ impl Handler<StreamEvent> for AgentConnection {
             return;
         };
         let mut outbox = std::mem::take(&mut self.outbox);
-        if let Some(held) = link.streams.on_event(event, &mut |m| outbox.push(m)) {
-            link.held.push_back(held);
-        }
+        link.streams.on_event(event, &mut |m| outbox.push(m));
         self.flush(outbox, ctx);
     }
 }
@@ -295,8 +290,6 @@ impl AgentConnection {
             cancel: CancellationToken::new(),
             since: Instant::now(),
             gate: ReadGate::new(config.read_ahead),
-            held: VecDeque::new(),
-            taken: 0,
         });
         let caps = Capabilities {
             features: OFFERED,

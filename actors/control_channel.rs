@@ -195,9 +195,8 @@ impl Handler<StreamEvent> for ControlChannel {
             return;
         };
         let mut outbox = std::mem::take(&mut self.outbox);
-        let held = session.streams.on_event(event, &mut |m| outbox.push(m));
+        session.streams.on_event(event, &mut |m| outbox.push(m));
         self.flush(outbox, ctx);
-        drop(held); // the frame is in the WebSocket's buffer now
     }
 }
 

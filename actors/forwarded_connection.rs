@@ -27,7 +27,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::read_gate::{InTransit, ReadGate};
+use super::read_gate::ReadGate;
 use crate::accounting::{CounterSet, Direction};
 use crate::protocol::{DATA_FRAME_OVERHEAD, MAX_DATA_PAYLOAD, Message};
 
@@ -53,12 +53,11 @@ pub(crate) enum StreamEvent {
     Read {
         /// The stream.
         id: Uuid,
-        /// The encoded `Data` frame.
+        /// The encoded `Data` frame; it holds its ticket at the tunnel's read
+        /// gate until the WebSocket's encoder has copied it.
         frame: Bytes,
         /// Payload bytes in it.
         len: usize,
-        /// The frame's ticket at the tunnel's read gate.
-        held: InTransit,
     },
     /// The socket's read side ended (FIN).
     ReadEof {
@@ -160,13 +159,10 @@ impl StreamHandler<io::Result<(Bytes, usize)>> for ForwardedConnection {
                 let direction = self.wiring.read_direction;
                 self.wiring.counters.add_bytes(direction, len as u64);
                 self.wiring.counters.touch(super::now_ms());
-                let held = self.wiring.gate.hold(frame.len());
-                self.wiring.channel.do_send(StreamEvent::Read {
-                    id,
-                    frame,
-                    len,
-                    held,
-                });
+                let frame = self.wiring.gate.hold(frame.len()).attach(frame);
+                self.wiring
+                    .channel
+                    .do_send(StreamEvent::Read { id, frame, len });
             }
             Err(e) => {
                 tracing::debug!(stream = %id, error = %e, "socket read failed; aborting the stream");
@@ -213,14 +209,9 @@ impl ForwardedConnection {
             Ok((frame, len)) if len > 0 => {
                 wiring.counters.add_bytes(wiring.read_direction, len as u64);
                 wiring.counters.touch(super::now_ms());
-                let held = wiring.gate.hold(frame.len());
+                let frame = wiring.gate.hold(frame.len()).attach(frame);
                 let addr = Self::start_with_credit(socket, wiring, credit - len);
-                let read = StreamEvent::Read {
-                    id,
-                    frame,
-                    len,
-                    held,
-                };
+                let read = StreamEvent::Read { id, frame, len };
                 (addr, Some(read))
             }
             // nothing yet, or end of stream (which the reader sees again)

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Waker};
 
+use bytes::Bytes;
 use uuid::Uuid;
 
 /// The read gate of one tunnel side (a control channel, or an agent's link).
@@ -91,9 +92,27 @@ pub(crate) struct InTransit {
 }
 
 impl InTransit {
-    /// Bytes this ticket holds.
-    pub(crate) fn bytes(&self) -> usize {
-        self.bytes
+    /// The frame these bytes were read into, holding this ticket until its
+    /// last copy is dropped: once the WebSocket's encoder has copied it out
+    /// (not when it is queued for the WebSocket), so the gate also bounds
+    /// what waits in the WebSocket's own queue. No copy of the bytes.
+    pub(crate) fn attach(self, frame: Bytes) -> Bytes {
+        Bytes::from_owner(Ticketed {
+            frame,
+            _ticket: self,
+        })
+    }
+}
+
+/// A frame and its ticket (see [`InTransit::attach`]).
+struct Ticketed {
+    frame: Bytes,
+    _ticket: InTransit,
+}
+
+impl AsRef<[u8]> for Ticketed {
+    fn as_ref(&self) -> &[u8] {
+        &self.frame
     }
 }
 

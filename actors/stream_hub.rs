@@ -10,7 +10,6 @@ use bytes::Bytes;
 use uuid::Uuid;
 
 use super::forwarded_connection::{ForwardedConnection, StreamCommand, StreamEvent};
-use super::read_gate::InTransit;
 use crate::protocol::Message;
 use crate::streams::{StreamAction, StreamError, StreamSettings, StreamTable};
 
@@ -84,31 +83,15 @@ impl StreamHub {
         self.actions = actions;
     }
 
-    /// An event from a connection actor. For a read that was sent, returns
-    /// its read-gate ticket: the caller keeps it until the frame has left for
-    /// the WebSocket.
-    pub(crate) fn on_event(
-        &mut self,
-        event: StreamEvent,
-        send: &mut impl FnMut(Bytes),
-    ) -> Option<InTransit> {
+    /// An event from a connection actor.
+    pub(crate) fn on_event(&mut self, event: StreamEvent, send: &mut impl FnMut(Bytes)) {
         let reply = match event {
-            StreamEvent::Read {
-                id,
-                frame,
-                len,
-                held,
-            } => {
-                return match self.table.spend(id, len) {
-                    Ok(()) => {
-                        send(frame);
-                        Some(held)
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "read dropped");
-                        None
-                    }
-                };
+            StreamEvent::Read { id, frame, len } => {
+                match self.table.spend(id, len) {
+                    Ok(()) => send(frame),
+                    Err(e) => tracing::debug!(error = %e, "read dropped"),
+                }
+                return;
             }
             StreamEvent::ReadEof { id } => self.table.local_eof(id),
             StreamEvent::Delivered { id, len } => self.table.on_delivered(id, len),
@@ -121,7 +104,6 @@ impl StreamHub {
         if let Some(message) = reply {
             send(message.to_bytes());
         }
-        None
     }
 
     /// The tunnel ended: resets every socket.

@@ -94,7 +94,6 @@ impl AgentConnection {
                 break;
             }
         }
-        link.release_taken(size);
         let write = async move {
             for frame in batch {
                 sink.feed(ws::Message::Binary(frame)).await?;
@@ -127,21 +126,5 @@ impl AgentConnection {
                 self.drop_link(format!("writing to the server failed: {e}"), ctx);
             }
         }
-    }
-}
-
-impl Link {
-    /// `size` bytes left `data` for the sink: the tickets they cover go back
-    /// to the read gate.
-    fn release_taken(&mut self, size: usize) {
-        self.taken += size;
-        while let Some(front) = self.held.front() {
-            if front.bytes() > self.taken {
-                return;
-            }
-            self.taken -= front.bytes();
-            self.held.pop_front();
-        }
-        self.taken = 0; // bytes of frames without tickets (Close) cover nothing
     }
 }
