@@ -88,9 +88,9 @@ pub struct TunnelServerConfig {
     /// A UDP flow silent both ways this long is forgotten. Default 60 s.
     #[serde(with = "humantime_serde")]
     pub udp_idle_timeout: Duration,
-    /// Bytes a tunnel's visitor sockets may have read and not yet handed to
+    /// Bytes a tunnel's visitor sockets may have read and not yet encoded for
     /// its WebSocket, whatever windows the agent announces; at least 64 KiB.
-    /// Default 1 MiB.
+    /// Default 256 KiB.
     pub read_ahead: usize,
     /// Bytes of datagrams in flight between a UDP service's listener and its
     /// control channel; over it they are dropped and counted; at least 64 KiB.
@@ -99,7 +99,7 @@ pub struct TunnelServerConfig {
 }
 
 /// Default of `read_ahead` (server and agent).
-pub const DEFAULT_READ_AHEAD: usize = 1024 * 1024;
+pub const DEFAULT_READ_AHEAD: usize = 256 * 1024;
 /// Default of the UDP budgets (`udp_in_flight`, `udp_waiting`).
 pub const DEFAULT_UDP_BUDGET: usize = 4 * 1024 * 1024;
 
@@ -329,9 +329,9 @@ pub struct TunnelClientConfig {
     /// A UDP flow silent both ways this long is forgotten. Default 60 s.
     #[serde(default = "default_udp_idle", with = "humantime_serde")]
     pub udp_idle_timeout: Duration,
-    /// Bytes the local sockets may have read and not yet handed to the
+    /// Bytes the local sockets may have read and not yet encoded for the
     /// WebSocket, whatever windows the server announces; at least 64 KiB.
-    /// Default 1 MiB.
+    /// Default 256 KiB.
     #[serde(default = "default_read_ahead")]
     pub read_ahead: usize,
     /// Bytes of datagrams waiting for the WebSocket; over it they are dropped
