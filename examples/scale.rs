@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use zlayer_tunnel::{ServiceConfig, TunnelAgent, TunnelClientConfig};
 
 /// Connections opened at once before waiting for their echoes.
@@ -55,9 +55,19 @@ fn token(i: usize) -> String {
     format!("scale-token-{i:05}")
 }
 
-/// An echo service.
+/// An echo service. Its accept queue holds a whole batch: with the default
+/// (128) the agent's burst of dials overflows it, and each overflowed SYN
+/// waits a second to be sent again.
 async fn echo(listen: &str) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(listen).await?;
+    let addr: std::net::SocketAddr = listen.parse()?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    let listener = socket.listen(4096)?;
     loop {
         let (mut socket, _) = listener.accept().await?;
         tokio::spawn(async move {
