@@ -283,6 +283,37 @@ async fn a_refused_registration_is_retried_on_backoff_without_reconnecting() {
     );
 }
 
+/// A data-plane server's first steps: an agent for one TCP service on
+/// `service_port` connects and is upgraded; returns the agent, its socket, the
+/// bytes read past the upgrade, and the capabilities to answer with (`STREAMS`
+/// and `window`).
+async fn agent_of_a_streams_server(
+    name: &str,
+    service_port: u16,
+    window: u32,
+) -> (
+    zlayer_tunnel::TunnelAgent,
+    common::AgentTask,
+    TcpStream,
+    BytesMut,
+    zlayer_tunnel::protocol::Capabilities,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (agent, task) = common::spawn_agent(
+        addr,
+        "token",
+        vec![ServiceConfig::tcp(name, service_port).with_remote_port(2222)],
+    );
+    let (mut socket, _) = listener.accept().await.unwrap();
+    let buf = accept_upgrade(&mut socket).await;
+    let caps = zlayer_tunnel::protocol::Capabilities {
+        features: zlayer_tunnel::protocol::Features::STREAMS,
+        initial_window: window,
+    };
+    (agent, task, socket, buf, caps)
+}
+
 /// Credit windows bound what a truthful server lets the agent send. This
 /// server grants 2 GiB windows, opens four streams to a service that writes
 /// as fast as it can, and from then on reads nothing (it keeps sending
@@ -310,19 +341,8 @@ async fn a_server_that_lies_about_its_window_cannot_make_the_agent_buffer() {
             });
         }
     });
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (agent, _task) = common::spawn_agent(
-        addr,
-        "token",
-        vec![ServiceConfig::tcp("bulk", service_port).with_remote_port(2222)],
-    );
-    let (mut socket, _) = listener.accept().await.unwrap();
-    let mut buf = accept_upgrade(&mut socket).await;
-    let caps = zlayer_tunnel::protocol::Capabilities {
-        features: zlayer_tunnel::protocol::Features::STREAMS,
-        initial_window: i32::MAX as u32,
-    };
+    let (agent, _task, mut socket, mut buf, caps) =
+        agent_of_a_streams_server("bulk", service_port, i32::MAX as u32).await;
     let mut service_id = None;
     while service_id.is_none() {
         let payload = read_frame(&mut socket, &mut buf).await.unwrap();
@@ -379,19 +399,8 @@ async fn a_server_that_lies_about_its_window_cannot_make_the_agent_buffer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_is_acknowledged_before_its_first_reply_or_by_the_next_heartbeat() {
     let echo = common::services::echo().await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (agent, _task) = common::spawn_agent(
-        addr,
-        "token",
-        vec![ServiceConfig::tcp("echo", echo).with_remote_port(2222)],
-    );
-    let (mut socket, _) = listener.accept().await.unwrap();
-    let mut buf = accept_upgrade(&mut socket).await;
-    let caps = zlayer_tunnel::protocol::Capabilities {
-        features: zlayer_tunnel::protocol::Features::STREAMS,
-        initial_window: 256 * 1024,
-    };
+    let (agent, _task, mut socket, mut buf, caps) =
+        agent_of_a_streams_server("echo", echo, 256 * 1024).await;
     // answers the control plane; returns the next stream message
     let mut service_id = None;
     let next = async |socket: &mut TcpStream, buf: &mut BytesMut, service: &mut Option<Uuid>| loop {
