@@ -100,6 +100,21 @@ pub(crate) struct StreamWiring {
     pub(crate) tuned: bool,
 }
 
+impl StreamWiring {
+    /// Counts `len` bytes just read and holds their ticket at the read gate:
+    /// the `Read` event for the channel.
+    fn read_event(&self, frame: Bytes, len: usize) -> StreamEvent {
+        self.counters.add_bytes(self.read_direction, len as u64);
+        self.counters.touch(super::now_ms());
+        let frame = self.gate.hold(frame.len()).attach(frame);
+        StreamEvent::Read {
+            id: self.id,
+            frame,
+            len,
+        }
+    }
+}
+
 /// The connection actor.
 pub(crate) struct ForwardedConnection {
     wiring: StreamWiring,
@@ -156,13 +171,8 @@ impl StreamHandler<io::Result<(Bytes, usize)>> for ForwardedConnection {
         let id = self.wiring.id;
         match item {
             Ok((frame, len)) => {
-                let direction = self.wiring.read_direction;
-                self.wiring.counters.add_bytes(direction, len as u64);
-                self.wiring.counters.touch(super::now_ms());
-                let frame = self.wiring.gate.hold(frame.len()).attach(frame);
-                self.wiring
-                    .channel
-                    .do_send(StreamEvent::Read { id, frame, len });
+                let read = self.wiring.read_event(frame, len);
+                self.wiring.channel.do_send(read);
             }
             Err(e) => {
                 tracing::debug!(stream = %id, error = %e, "socket read failed; aborting the stream");
@@ -207,12 +217,11 @@ impl ForwardedConnection {
         }
         match read_now(&socket, id, want) {
             Ok((frame, len)) if len > 0 => {
-                wiring.counters.add_bytes(wiring.read_direction, len as u64);
-                wiring.counters.touch(super::now_ms());
-                let frame = wiring.gate.hold(frame.len()).attach(frame);
-                let addr = Self::start_with_credit(socket, wiring, credit - len);
-                let read = StreamEvent::Read { id, frame, len };
-                (addr, Some(read))
+                let read = wiring.read_event(frame, len);
+                (
+                    Self::start_with_credit(socket, wiring, credit - len),
+                    Some(read),
+                )
             }
             // nothing yet, or end of stream (which the reader sees again)
             Ok(_) => (Self::start_with_credit(socket, wiring, credit), None),

@@ -50,6 +50,13 @@ async fn server_proc(control: u16, public: u16) -> (Proc, String) {
     (server, format!("ws://127.0.0.1:{control}/tunnel/v1"))
 }
 
+/// An agent for the one service `spec` at `url`, once it says it registered.
+fn registered_agent(url: &str, spec: &str) -> Proc {
+    let mut agent = Proc::spawn(&["agent", "--server", url, "--tcp", spec]);
+    agent.wait_for("service registered");
+    agent
+}
+
 /// The first line `child` prints on its (piped) stdout, within the deadline.
 async fn first_stdout_line(child: &mut Child) -> String {
     let stdout = child.stdout.take().unwrap();
@@ -512,8 +519,7 @@ async fn an_agent_stops_promptly_while_waiting_to_reconnect() {
     let (control, public) = (free_ports(1).0, free_ports(1).0);
     let (server, url) = server_proc(control, public).await;
     let spec = format!("svc:1:{public}");
-    let mut agent = Proc::spawn(&["agent", "--server", &url, "--tcp", &spec]);
-    agent.wait_for("service registered");
+    let mut agent = registered_agent(&url, &spec);
     drop(server);
     // the second wait is 1-2 s long: stop in the middle of it
     agent.wait_for("reconnecting after a delay");
@@ -562,8 +568,7 @@ async fn the_access_command_opens_a_local_port_until_its_ttl() {
     let echo = services::echo().await;
     let (_server, url) = server_proc(control, public).await;
     let spec = format!("db:{echo}:{public}");
-    let mut agent = Proc::spawn(&["agent", "--server", &url, "--tcp", &spec]);
-    agent.wait_for("service registered");
+    let _agent = registered_agent(&url, &spec);
     let mut access = Command::new(BIN)
         .args(["access", "--server", &url, "--service", "db", "--ttl", "2s"])
         .env("ZLAYER_TUNNEL_TOKEN", common::process::TOKEN)
@@ -638,8 +643,7 @@ async fn a_killed_agents_port_is_free_within_a_second() {
     let echo = services::echo().await;
     let (_server, url) = server_proc(control, public).await;
     let spec = format!("echo:{echo}:{public}");
-    let mut agent = Proc::spawn(&["agent", "--server", &url, "--tcp", &spec]);
-    agent.wait_for("service registered");
+    let mut agent = registered_agent(&url, &spec);
     let public_addr = ([127, 0, 0, 1], public).into();
     echo_through(public_addr, 1, 64 << 10).await;
 
@@ -652,8 +656,7 @@ async fn a_killed_agents_port_is_free_within_a_second() {
     );
     agent.child.wait().unwrap();
     // the port is free for real: the next agent gets it
-    let mut next = Proc::spawn(&["agent", "--server", &url, "--tcp", &spec]);
-    next.wait_for("service registered");
+    let _next = registered_agent(&url, &spec);
     echo_through(public_addr, 2, 64 << 10).await;
 }
 
@@ -676,8 +679,7 @@ async fn the_server_logs_an_agent_refused_over_max_tunnels() {
     wait_listening(control).await;
     let url = format!("ws://127.0.0.1:{control}/tunnel/v1");
     let spec = format!("echo:{echo}:{public}");
-    let mut first = Proc::spawn(&["agent", "--server", &url, "--tcp", &spec]);
-    first.wait_for("service registered");
+    let _first = registered_agent(&url, &spec);
     let mut second = Proc::spawn(&["agent", "--server", &url]);
     let line = second.wait_for("authentication refused");
     assert!(line.contains("limit of 1 tunnels"), "{line}");
@@ -712,9 +714,8 @@ async fn an_upload_through_the_binaries_costs_the_server_almost_no_page_faults()
     let digest = services::digest().await;
     let (server, url) = server_proc(control, public).await;
     let spec = format!("digest:{digest}:{public}");
-    let mut agent = Proc::spawn(&["agent", "--server", &url, "--tcp", &spec]);
-    agent.wait_for("service registered");
-    echo_through_digest_warm_up(public).await;
+    let _agent = registered_agent(&url, &spec);
+    warm_up_through_digest(public).await;
 
     let before = minor_faults(server.child.id());
     let chunk: Vec<u8> = common::pattern(7, 1 << 20);
@@ -742,7 +743,7 @@ async fn an_upload_through_the_binaries_costs_the_server_almost_no_page_faults()
 
 /// One small transfer first, so that what a first connection allocates for
 /// good is not counted.
-async fn echo_through_digest_warm_up(public: u16) {
+async fn warm_up_through_digest(public: u16) {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", public))
         .await
         .unwrap();
