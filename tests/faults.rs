@@ -469,20 +469,15 @@ async fn next_stream_message(ws: &mut RawWs, within: Duration) -> Option<Message
     .flatten()
 }
 
-/// The server reads a visitor's first bytes as it opens the stream (to send
-/// them in the same write as `Connect`): that early read must still count
-/// against the agent's window. A visitor that sends 5000 bytes to an agent
-/// with a 1000-byte window gets exactly 1000 through until the agent grants
-/// more, then the rest, in order.
-#[actix_web::test]
-async fn a_visitors_first_bytes_follow_connect_within_the_agents_window() {
-    const WINDOW: usize = 1000;
+/// A server, and a raw agent on it that announced `STREAMS` with `window` and
+/// registered one TCP service: the server, the agent's socket, the public port.
+async fn raw_streams_agent(window: u32) -> (common::TestServer, RawWs, u16) {
     let (low, high) = free_ports(1);
     let server = spawn_server(fast_config((low, high)), "t");
     let mut ws = RawWs::connect(server.addr, "/tunnel/v1").await;
     let caps = zlayer_tunnel::protocol::Capabilities {
         features: zlayer_tunnel::protocol::Features::STREAMS,
-        initial_window: WINDOW as u32,
+        initial_window: window,
     };
     ws.send(&Message::auth("t", Uuid::new_v4(), Some(caps)).unwrap())
         .await;
@@ -495,6 +490,59 @@ async fn a_visitors_first_bytes_follow_connect_within_the_agents_window() {
         matches!(registered, Some(Message::RegisterOk { .. })),
         "{registered:?}"
     );
+    (server, ws, low)
+}
+
+/// A visitor that resets its connection right after connecting (before or
+/// after the server reads it as the stream opens) costs the agent a `Connect`
+/// and a `Close abort` for that stream, nothing else; the next visitor's bytes
+/// go through.
+#[actix_web::test]
+async fn a_visitor_that_resets_at_once_is_aborted_and_the_next_one_served() {
+    let (_server, mut ws, port) = raw_streams_agent(64 * 1024).await;
+    reset(visit(port).await);
+    let id = match next_stream_message(&mut ws, DEADLINE).await {
+        Some(Message::Connect { connection_id, .. }) => connection_id,
+        other => panic!("expected Connect, got {other:?}"),
+    };
+    match next_stream_message(&mut ws, DEADLINE).await {
+        Some(Message::Close {
+            connection_id,
+            kind: zlayer_tunnel::protocol::CloseKind::Abort,
+            ..
+        }) if connection_id == id => {}
+        other => panic!("expected Close abort for {id}, got {other:?}"),
+    }
+
+    let mut next = visit(port).await;
+    next.write_all(b"still here").await.unwrap();
+    let next_id = match next_stream_message(&mut ws, DEADLINE).await {
+        Some(Message::Connect { connection_id, .. }) => connection_id,
+        other => panic!("expected the next Connect, got {other:?}"),
+    };
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        match next_stream_message(&mut ws, DEADLINE).await {
+            Some(Message::Data {
+                connection_id,
+                data,
+                ..
+            }) if connection_id == next_id => got.extend_from_slice(&data),
+            other => panic!("expected the next visitor's bytes, got {other:?}"),
+        }
+    }
+    assert_eq!(got, b"still here");
+}
+
+/// The server reads a visitor's first bytes as it opens the stream (to send
+/// them in the same write as `Connect`): that early read must still count
+/// against the agent's window. A visitor that sends 5000 bytes to an agent
+/// with a 1000-byte window gets exactly 1000 through until the agent grants
+/// more, then the rest, in order.
+#[actix_web::test]
+async fn a_visitors_first_bytes_follow_connect_within_the_agents_window() {
+    const WINDOW: usize = 1000;
+    let (_server, mut ws, low) = raw_streams_agent(WINDOW as u32).await;
 
     let sent = common::pattern(11, 5 * WINDOW);
     let mut visitor = visit(low).await;
