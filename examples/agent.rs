@@ -9,15 +9,21 @@
 
 use anyhow::{Context, bail};
 use tokio::signal::unix::{SignalKind, signal};
+use tracing_subscriber::prelude::*;
 use zlayer_tunnel::{ServiceConfig, TunnelAgent, TunnelClientConfig};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter: tracing_subscriber::filter::Targets = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|wanted| wanted.parse().ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
+        });
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .finish()
+        .with(filter)
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [url, token, services @ ..] = args.as_slice() else {

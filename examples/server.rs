@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use actix_web::{App, HttpServer};
 use anyhow::{Context, bail};
+use tracing_subscriber::prelude::*;
 use zlayer_tunnel::{ControlHandler, TokenStore, TunnelRegistry, TunnelServerConfig};
 
 #[actix_web::main]
@@ -54,10 +55,15 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn init_logs() {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter: tracing_subscriber::filter::Targets = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|wanted| wanted.parse().ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
+        });
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .finish()
+        .with(filter)
         .init();
 }

@@ -21,6 +21,8 @@
 //! The normative wire format, including the negotiated data-plane extension,
 //! is `docs/PROTOCOL.md`.
 
+#![forbid(unsafe_code)]
+
 #[path = "../actors/mod.rs"]
 pub mod actors;
 

@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+#[path = "main/allocator.rs"]
+mod allocator;
+
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use zlayer_tunnel::{
@@ -149,35 +152,10 @@ enum TokenCommand {
     Generate,
 }
 
-/// Size of the block that [`settle_allocator`] frees: above any buffer a
-/// tunnel allocates per frame or per write (frames are at most 64 KiB, the
-/// read gate holds 256 KiB by default).
-const SETTLING_BLOCK: usize = 512 * 1024;
-
-/// glibc's malloc starts out serving blocks of 128 KiB and more with `mmap`
-/// and giving the top of its heap back to the kernel whenever 128 KiB are free
-/// there. A tunnel's buffers (64 KiB to a few hundred KiB, allocated and freed
-/// at memory speed, many inside actix) then cycle their pages out and back in:
-/// measured, about one page fault per 4 KiB moved, a 4 GiB upload costing the
-/// server a million faults and twice the CPU. Freeing one `mmap`ed block raises
-/// both thresholds, to its size and twice that (mallopt(3), "dynamic mmap
-/// threshold"); done once here, before any traffic. Other allocators just
-/// allocate and free the block.
-fn settle_allocator() {
-    let block: Vec<u8> = Vec::with_capacity(SETTLING_BLOCK);
-    drop(std::hint::black_box(block));
-}
-
 fn main() -> ExitCode {
-    settle_allocator();
+    allocator::settle();
     let cli = Cli::parse();
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logs();
     let result = match cli.command {
         Command::Server(args) => run_server(args),
         Command::Agent(args) => run_agent(args),
@@ -191,6 +169,31 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (`info`, `zlayer_tunnel=debug,warn`:
+/// a default level and per-target levels), `info` without it. `Targets`, not
+/// `EnvFilter`: no regex engine compiled at startup and carried in every process.
+fn init_logs() {
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    let wanted = std::env::var("RUST_LOG").ok();
+    let parsed = wanted.as_deref().map(str::parse::<Targets>);
+    let filter = match &parsed {
+        Some(Ok(filter)) => filter.clone(),
+        _ => Targets::new().with_default(tracing::Level::INFO),
+    };
+    let stderr = std::io::stderr;
+    let ansi = std::io::IsTerminal::is_terminal(&stderr());
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(stderr)
+        .with_ansi(ansi);
+    tracing_subscriber::registry()
+        .with(layer.with_filter(filter))
+        .init();
+    if let (Some(wanted), Some(Err(e))) = (wanted, parsed) {
+        tracing::warn!(RUST_LOG = %wanted, error = %e, "RUST_LOG not understood; logging at info");
     }
 }
 
@@ -236,6 +239,7 @@ fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| options.listen[0].to_string());
     let nodes = node_tunnels(&node_id, &args, &options.config)?;
     actix_web::rt::System::new().block_on(async move {
+        actix_web::rt::spawn(allocator::release_after_activity());
         if let Some(nodes) = nodes {
             for (name, _, _, url) in &args.node_tunnel {
                 nodes.start_outbound(name, url.clone())?;
@@ -420,6 +424,7 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     }
     config.validate()?;
     actix_web::rt::System::new().block_on(async {
+        actix_web::rt::spawn(allocator::release_after_activity());
         let agent = TunnelAgent::new(config).on_published(std::sync::Arc::new(print_published));
         let admin = match args.admin_listen.as_slice() {
             [] => None,
@@ -466,6 +471,7 @@ fn run_access(args: AccessArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
+        tokio::spawn(allocator::release_after_activity());
         let manager = zlayer_tunnel::AccessManager::new().with_server(&args.server, &args.token);
         let session = manager
             .start_session(args.service.clone(), args.target, args.local_port, Some(args.ttl))

@@ -344,7 +344,8 @@ fn the_core_does_no_io() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut files = Vec::new();
     rust_files(&src, &mut files);
-    files.retain(|f| f != &src.join("main.rs"));
+    // the binary (main.rs and its modules under src/main/) is not the core
+    files.retain(|f| f != &src.join("main.rs") && !f.starts_with(src.join("main")));
     assert!(
         files.len() >= 10,
         "scanned only {} files in src/",

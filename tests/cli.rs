@@ -753,3 +753,83 @@ async fn warm_up_through_digest(public: u16) {
     s.read_to_end(&mut answer).await.unwrap();
     assert_eq!(answer.len(), 40);
 }
+
+/// Resident anonymous memory of process `pid`, in KiB (`/proc/PID/status`).
+fn rss_anon_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("RssAnon:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// The binary gives back what a burst freed (`release_after_activity` in
+/// src/main/allocator.rs): glibc keeps freed memory below live allocations.
+/// Here the agent holds a window of data for each of 200 streams whose service
+/// is not reading, then they all drain and close.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[actix_web::test]
+async fn after_a_burst_the_agent_gives_its_memory_back() {
+    const STREAMS: u64 = 200;
+    const SIZE: usize = 256 << 10;
+    let (control, public) = (free_ports(1).0, free_ports(1).0);
+    let (gated, gate) = services::gated_digest().await;
+    let (_server, url) = server_proc(control, public).await;
+    let agent = registered_agent(&url, &format!("gated:{gated}:{public}"));
+    warm_up_through_digest_gate(public, &gate).await;
+    let pid = agent.child.id();
+    let before = rss_anon_kib(pid);
+
+    let uploads: Vec<_> = (0..STREAMS)
+        .map(|seed| tokio::spawn(upload_checked(public, seed, SIZE)))
+        .collect();
+    // the agent takes a window of each stream (32 KiB, and read buffers)
+    let mut held = before;
+    let deadline = Instant::now() + common::DEADLINE;
+    while held < before + 4096 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        held = rss_anon_kib(pid);
+    }
+    assert!(
+        held >= before + 4096,
+        "the burst never took the agent's memory up: {held} KiB"
+    );
+    gate.send_replace(true);
+    for upload in uploads {
+        upload.await.unwrap();
+    }
+    let drained = rss_anon_kib(pid);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut now = drained;
+    while now > before + 2048 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        now = rss_anon_kib(pid);
+    }
+    eprintln!(
+        "agent RssAnon: {before} KiB before, {held} held, {drained} drained, {now} at the end"
+    );
+    assert!(now <= before + 2048, "{now} KiB resident, {before} before");
+}
+
+async fn warm_up_through_digest_gate(public: u16, gate: &tokio::sync::watch::Sender<bool>) {
+    gate.send_replace(true);
+    warm_up_through_digest(public).await;
+    gate.send_replace(false);
+}
+
+/// One upload of `size` pattern bytes to the digest service behind `public`,
+/// checked byte for byte by the digest it answers.
+async fn upload_checked(public: u16, seed: u64, size: usize) {
+    let data = common::pattern(seed, size);
+    let mut visitor = tokio::net::TcpStream::connect(("127.0.0.1", public))
+        .await
+        .unwrap();
+    visitor.write_all(&data).await.unwrap();
+    visitor.shutdown().await.unwrap();
+    let mut answer = [0u8; 40];
+    visitor.read_exact(&mut answer).await.unwrap();
+    let sent: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&data).into();
+    assert_eq!(answer[..32], sent, "the service got other bytes");
+    assert_eq!(
+        u64::from_be_bytes(answer[32..].try_into().unwrap()),
+        size as u64
+    );
+}

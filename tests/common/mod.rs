@@ -534,6 +534,29 @@ pub mod services {
         .await
     }
 
+    /// Like [`digest`], but each connection waits for the gate to be open
+    /// (`true`) before it reads anything.
+    pub async fn gated_digest() -> (u16, tokio::sync::watch::Sender<bool>) {
+        let (gate, _) = tokio::sync::watch::channel(false);
+        let opened = gate.clone();
+        let port = serve(move |mut s| {
+            let mut open = opened.subscribe();
+            async move {
+                if open.wait_for(|open| *open).await.is_err() {
+                    return;
+                }
+                let Some((digest, total)) = hash_until_eof(&mut s, false).await else {
+                    return;
+                };
+                let _ = s.write_all(&digest).await;
+                let _ = s.write_all(&total.to_be_bytes()).await;
+                let _ = s.shutdown().await;
+            }
+        })
+        .await;
+        (port, gate)
+    }
+
     /// Discards everything it reads.
     pub async fn sink() -> u16 {
         serve(|mut s| async move {
