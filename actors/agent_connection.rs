@@ -23,6 +23,7 @@ use uuid::Uuid;
 use super::agent_view::{PublishedService, public_addr};
 use super::flow_hub::FlowHub;
 use super::forwarded_connection::{ForwardedConnection, StreamEvent, StreamWiring};
+use super::local_dial::{self, Dialing};
 use super::read_gate::ReadGate;
 use super::stream_hub::StreamHub;
 use super::tunnel_agent::{AgentShared, AgentStopped};
@@ -474,8 +475,16 @@ impl AgentConnection {
     ) {
         let timeout = self.shared.config.local_connect_timeout;
         let generation = self.link.as_ref().map_or(0, |l| l.generation);
+        let unreachable = |e| format!("local service {local} unreachable: {e}");
+        let connecting = match local_dial::dial(&local) {
+            Dialing::Done(result) => {
+                let result = result.map_err(unreachable);
+                return self.dialed(id, &service, (generation, credit), result, ctx);
+            }
+            Dialing::Later(connecting) => connecting,
+        };
         let dial = async move {
-            match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&local)).await {
+            match tokio::time::timeout(timeout, connecting).await {
                 Ok(Ok(socket)) => Ok(socket),
                 Ok(Err(e)) => Err(format!("local service {local} unreachable: {e}")),
                 Err(_) => Err(format!("local service {local} did not answer in time")),

@@ -271,10 +271,13 @@ impl ForwardedConnection {
     /// Writes `data` at once when the socket takes it (no copy, no spawned
     /// write); what must wait is copied out of the WebSocket read buffer it was
     /// sliced from, so that a stalled socket pins nothing larger than itself.
+    /// The write goes straight to the (non-blocking) socket, not through
+    /// tokio's readiness: a socket just dialed has none until the reactor's
+    /// next turn, and the first bytes would wait for it.
     fn deliver(&mut self, data: Bytes, ctx: &mut Context<Self>) {
         let idle = !self.writing && !self.write_done && self.queue.is_empty();
         let written = if idle {
-            match self.socket.try_write(&data) {
+            match socket2::SockRef::from(&*self.socket).send(&data) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                 Err(e) => return self.write_failed(e, ctx),

@@ -26,6 +26,7 @@ mod control_handler;
 mod flow_hub;
 mod forwarded_connection;
 mod frame_guard;
+mod local_dial;
 mod node_tunnels;
 mod read_gate;
 pub mod registry;
