@@ -702,7 +702,7 @@ fn minor_faults(pid: u32) -> u64 {
 }
 
 /// The binary settles glibc's allocator before any traffic (see
-/// `settle_allocator` in src/main.rs). Without it, the buffers a transfer
+/// `settle` in src/main/allocator.rs). Without it, the buffers a transfer
 /// allocates and frees cycle their pages through the kernel: measured, 2,300 to
 /// 28,500 faults for the 32,768 pages of a 128 MiB upload (a million for 4 GiB),
 /// and twice the CPU. With it, 215-240.
