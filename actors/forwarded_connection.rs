@@ -424,8 +424,13 @@ impl Credit {
     }
 }
 
-/// Capacity of a thread's read arena: a few full frames, or many small ones.
+/// Capacity of a thread's first read arena block: a few full frames, or many
+/// small ones.
 const ARENA_CAPACITY: usize = 256 * 1024;
+
+/// The least room a read takes from what is left of the arena's block; below
+/// it, the block is reclaimed (its frames all gone) or a new one started.
+const ARENA_MIN_READ: usize = 16 * 1024;
 
 thread_local! {
     /// One read arena per thread, shared by every connection on it: frames are
@@ -435,19 +440,39 @@ thread_local! {
     static ARENA: RefCell<BytesMut> = RefCell::new(BytesMut::with_capacity(ARENA_CAPACITY));
 }
 
+/// Makes room in `arena` for a `Data` frame of up to `want` payload bytes and
+/// says how many a read may take. A read takes what is left of the block,
+/// even less than `want`, rather than a block of its own: reserving `want`
+/// (up to 64 KiB) for every 64-byte message started a new 64 KiB block per
+/// read while earlier frames were in flight (measured: 8-11 % of the server's
+/// CPU in malloc, heap trims and page faults under 64-connection ping-pong).
+fn make_room(arena: &mut BytesMut, want: usize) -> usize {
+    arena.clear();
+    let needed = DATA_FRAME_OVERHEAD + want;
+    if arena.capacity() >= needed || arena.try_reclaim(needed) {
+        return want;
+    }
+    if arena.capacity() >= DATA_FRAME_OVERHEAD + ARENA_MIN_READ {
+        return arena.capacity() - DATA_FRAME_OVERHEAD;
+    }
+    // a block of one full frame, as `reserve` would allocate: larger ones
+    // (256 KiB) cost a single upload a page fault per 4 KiB again
+    *arena = BytesMut::with_capacity(needed);
+    want
+}
+
 /// Reads at most `want` bytes (at most a frame's payload) from `socket`
-/// straight behind a `Data` header in `arena`: the frame and its payload
-/// length, `(empty, 0)` at end of stream.
+/// straight behind a `Data` header in `arena`: the frame, its payload length
+/// (`(empty, 0)` at end of stream), and how many bytes the read could take.
 fn read_frame(
     socket: &TcpStream,
     arena: &mut BytesMut,
     id: Uuid,
     want: usize,
-) -> io::Result<(Bytes, usize)> {
-    arena.clear();
-    arena.reserve(DATA_FRAME_OVERHEAD + want);
+) -> io::Result<(Bytes, usize, usize)> {
+    let room = make_room(arena, want);
     arena.put_bytes(0, DATA_FRAME_OVERHEAD);
-    let read = socket.try_read_buf(&mut (&mut *arena).limit(want));
+    let read = socket.try_read_buf(&mut (&mut *arena).limit(room));
     let header = match read {
         Ok(0) => None,
         Ok(n) => Message::data_frame_header(id, n),
@@ -460,11 +485,11 @@ fn read_frame(
         Some(header) => {
             arena[..DATA_FRAME_OVERHEAD].copy_from_slice(&header);
             let n = arena.len() - DATA_FRAME_OVERHEAD;
-            Ok((arena.split().freeze(), n))
+            Ok((arena.split().freeze(), n, room))
         }
         None => {
             arena.clear();
-            Ok((Bytes::new(), 0))
+            Ok((Bytes::new(), 0, room))
         }
     }
 }
@@ -476,9 +501,9 @@ fn read_frame(
 fn read_now(socket: &TcpStream, id: Uuid, want: usize) -> io::Result<(Bytes, usize)> {
     let mut read = None;
     let outcome = socket.try_io(Interest::READABLE, || {
-        let (frame, n) =
+        let (frame, n, room) =
             ARENA.with(|arena| read_frame(socket, &mut arena.borrow_mut(), id, want))?;
-        let drained = n > 0 && n < want;
+        let drained = n > 0 && n < room;
         read = Some((frame, n));
         if drained {
             Err(io::ErrorKind::WouldBlock.into())
@@ -556,5 +581,43 @@ impl Stream for CreditedReader {
                 Err(e) => return Poll::Ready(Some(Err(e))),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Small reads while their frames are still in flight share blocks: a
+    /// new block only every few hundred reads, not one per read.
+    #[test]
+    fn small_reads_share_the_arena_blocks_while_their_frames_live() {
+        let mut arena = BytesMut::with_capacity(ARENA_CAPACITY);
+        let mut in_flight = Vec::new();
+        let mut blocks = 0;
+        for _ in 0..5000 {
+            let before = arena.as_ptr() as usize + arena.len();
+            let room = make_room(&mut arena, MAX_DATA_PAYLOAD);
+            assert!((ARENA_MIN_READ..=MAX_DATA_PAYLOAD).contains(&room));
+            assert!(arena.capacity() >= DATA_FRAME_OVERHEAD + room);
+            if arena.as_ptr() as usize != before {
+                blocks += 1;
+            }
+            arena.put_bytes(7, DATA_FRAME_OVERHEAD + 64);
+            in_flight.push(arena.split().freeze());
+        }
+        assert!(blocks < 20, "{blocks} blocks for 5000 small reads");
+    }
+
+    /// Once its frames are gone, a block is reused from its start.
+    #[test]
+    fn a_block_whose_frames_are_gone_is_reclaimed() {
+        let mut arena = BytesMut::with_capacity(DATA_FRAME_OVERHEAD + MAX_DATA_PAYLOAD);
+        let start = arena.as_ptr();
+        let room = make_room(&mut arena, MAX_DATA_PAYLOAD);
+        arena.put_bytes(7, DATA_FRAME_OVERHEAD + room);
+        drop(arena.split());
+        assert_eq!(make_room(&mut arena, MAX_DATA_PAYLOAD), MAX_DATA_PAYLOAD);
+        assert_eq!(arena.as_ptr(), start);
     }
 }
