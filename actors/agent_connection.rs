@@ -524,7 +524,7 @@ impl AgentConnection {
                     .collect(),
             ),
             read_direction: Direction::Out,
-            cancel: link.cancel.child_token(),
+            cancel: None,
             gate: link.gate.clone(),
             tuned: false,
         };

@@ -482,7 +482,7 @@ impl ControlChannel {
             initial_credit: session.agent_window,
             counters: CounterSet::new(vec![service.counters.clone(), session.counters.clone()]),
             read_direction: Direction::In,
-            cancel: session.cancel.child_token(),
+            cancel: None,
             gate: session.gate.clone(),
             tuned: ACCEPTED_SOCKETS_TUNED,
         };

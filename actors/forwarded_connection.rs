@@ -7,8 +7,9 @@
 //! per-thread scratch buffer, so an idle connection keeps no buffer. Keeps one
 //! coalesced write in flight; the queue never holds more than the window the
 //! owning channel granted. Receives `StreamCommand`s; reports `StreamEvent`s
-//! to its channel. Stops when both directions are done, on reset, or when its
-//! tunnel's cancellation token fires.
+//! to its channel. Stops when both directions are done, on reset (its stream
+//! hub resets every connection when the tunnel ends), or when its
+//! cancellation token, if it has one, fires.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -91,7 +92,12 @@ pub(crate) struct StreamWiring {
     pub(crate) counters: CounterSet,
     /// Direction of the bytes this side reads from its socket.
     pub(crate) read_direction: Direction,
-    pub(crate) cancel: CancellationToken,
+    /// Resets the connection when cancelled: for connections that end with
+    /// something other than their tunnel (an access session's TTL). A stream
+    /// hub resets its own connections when the tunnel ends
+    /// (`StreamHub::close_all`), so they carry none: a cancellation future is
+    /// polled on every wake-up of its actor.
+    pub(crate) cancel: Option<CancellationToken>,
     /// The tunnel side's read gate, shared by all its connections.
     pub(crate) gate: Arc<ReadGate>,
     /// The socket already has `TCP_NODELAY` and `TCP_NOTSENT_LOWAT` (accepted
@@ -132,7 +138,9 @@ impl Actor for ForwardedConnection {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let cancel = self.wiring.cancel.clone();
+        let Some(cancel) = self.wiring.cancel.clone() else {
+            return;
+        };
         ctx.spawn(
             async move { cancel.cancelled_owned().await }
                 .into_actor(self)

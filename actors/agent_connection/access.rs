@@ -38,7 +38,7 @@ impl Handler<OpenStream> for AgentConnection {
             initial_credit: 0,
             counters: msg.counters,
             read_direction: Direction::In,
-            cancel: msg.cancel,
+            cancel: Some(msg.cancel),
             gate: link.gate.clone(),
             tuned: false,
         };
