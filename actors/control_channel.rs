@@ -482,7 +482,7 @@ impl ControlChannel {
             initial_credit: session.agent_window,
             counters: CounterSet::new(vec![service.counters.clone(), session.counters.clone()]),
             read_direction: Direction::In,
-            cancel: None,
+            cancel: Some(session.cancel.child_token()),
             gate: session.gate.clone(),
             tuned: ACCEPTED_SOCKETS_TUNED,
         };

@@ -8,7 +8,7 @@
 //! coalesced write in flight; the queue never holds more than the window the
 //! owning channel granted. Receives `StreamCommand`s; reports `StreamEvent`s
 //! to its channel. Stops when both directions are done, on reset (its stream
-//! hub resets every connection when the tunnel ends), or when its
+//! hub resets every connection when the tunnel ends), or when its tunnel's
 //! cancellation token, if it has one, fires.
 
 use std::cell::{Cell, RefCell};
@@ -92,11 +92,13 @@ pub(crate) struct StreamWiring {
     pub(crate) counters: CounterSet,
     /// Direction of the bytes this side reads from its socket.
     pub(crate) read_direction: Direction,
-    /// Resets the connection when cancelled: for connections that end with
-    /// something other than their tunnel (an access session's TTL). A stream
-    /// hub resets its own connections when the tunnel ends
-    /// (`StreamHub::close_all`), so they carry none: a cancellation future is
-    /// polled on every wake-up of its actor.
+    /// Resets the connection when cancelled, whatever its channel is doing:
+    /// the server's connections (the registry fires the tunnel's token when it
+    /// drops a tunnel whose WebSocket actor is frozen) and an access
+    /// session's. The agent's tunnel connections carry none: the agent's
+    /// channel never freezes (its writes are futures of their own) and resets
+    /// them itself when its link ends (`StreamHub::close_all`), and a token's
+    /// future is polled on every wake-up of its actor.
     pub(crate) cancel: Option<CancellationToken>,
     /// The tunnel side's read gate, shared by all its connections.
     pub(crate) gate: Arc<ReadGate>,

@@ -266,6 +266,15 @@ async fn an_agent_that_stops_reading_is_dropped_by_the_registry_watchdog() {
     ws.send(&Message::register("svc", ServiceProtocol::Tcp, 22, port).unwrap())
         .await;
     wait_listening(port).await;
+    // a visitor whose stream is open (the agent saw its Connect)
+    let mut first = visit(port).await;
+    loop {
+        match ws.expect().await {
+            Some(Message::Connect { .. }) => break,
+            Some(_) => continue,
+            None => panic!("the server never opened the first visitor's stream"),
+        }
+    }
     // visitors upload; the frames pile up toward the agent, which stops reading
     let mut visitors = Vec::new();
     for _ in 0..8 {
@@ -282,6 +291,13 @@ async fn an_agent_that_stops_reading_is_dropped_by_the_registry_watchdog() {
         "the public port of a frozen, silent agent stayed open"
     );
     assert_eq!(server.registry.tunnel_count().await, 0);
+    // its connection ends with the tunnel, though the WebSocket actor is frozen
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(DEADLINE, first.read_to_end(&mut rest)).await;
+    assert!(
+        ended.is_ok(),
+        "a visitor of the dropped tunnel was left open"
+    );
     drop(ws);
     for v in visitors {
         v.abort();
