@@ -800,14 +800,14 @@ async fn after_a_burst_the_agent_gives_its_memory_back() {
     let drained = rss_anon_kib(pid);
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut now = drained;
-    while now > before + 2048 && Instant::now() < deadline {
+    while now > before + 3072 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
         now = rss_anon_kib(pid);
     }
     eprintln!(
         "agent RssAnon: {before} KiB before, {held} held, {drained} drained, {now} at the end"
     );
-    assert!(now <= before + 2048, "{now} KiB resident, {before} before");
+    assert!(now <= before + 3072, "{now} KiB resident, {before} before");
 }
 
 async fn warm_up_through_digest_gate(public: u16, gate: &tokio::sync::watch::Sender<bool>) {
