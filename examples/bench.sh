@@ -6,6 +6,7 @@
 #
 #   examples/bench.sh                      # direct and zlt, plus rathole and bore if installed
 #   examples/bench.sh zlt rathole          # chosen targets
+#   ROUNDS=3 examples/bench.sh rathole zlt # interleaved: see below
 #
 # Targets: direct (no tunnel: the machine's limit), zlt (this project, built
 # with the dist profile), rathole and bore (from
@@ -16,6 +17,15 @@
 # held. Memory: the tunnel's processes' RSS fresh, after the loads (idle) and
 # with the 1000 connections held. SECS (default 5) and BYTES (per stream,
 # default 1 GiB) change the sizes; ports 21201-21211 must be free.
+#
+# Interleaved (ROUNDS=N): this machine switches for minutes at a time between
+# a fast and a slow state, so targets run one after the other can land in
+# different ones. With ROUNDS set, every target is started at once on its own
+# ports (21210+10i, 21211+10i), and each load runs ROUNDS times on every target
+# in turn (the order rotating), then one summary line per load gives each
+# target's median (MiB/s, or operations/s and p50 µs) and its ratio to the
+# first target's: name rathole first to read zlt's ratio to it. No memory
+# figures in this mode.
 set -u
 cd "$(dirname "$0")/.."
 PEERS=${PEERS:-$HOME/.cache/tunnel-peers} SECS=${SECS:-5} BYTES=${BYTES:-1073741824}
@@ -90,4 +100,37 @@ if [ ${#targets[@]} -eq 0 ]; then
   [ -x "$PEERS/bin/rathole" ] && targets+=(rathole)
   [ -x "$PEERS/bin/bore" ] && targets+=(bore)
 fi
-for t in "${targets[@]}"; do run_target "$t"; done
+[ "${ROUNDS:-0}" -gt 0 ] || { for t in "${targets[@]}"; do run_target "$t"; done; exit 0; }
+
+# interleaved: every target up at once, on its own ports
+declare -A PORTS
+for i in "${!targets[@]}"; do
+  t=${targets[$i]} CTRL=$((21210 + 10 * i)) PUB=$((21211 + 10 * i))
+  up_target "$t" || { echo "$t {\"error\":\"could not start\"}"; exit 2; }
+  PORTS[$t]=$PORT
+done
+# the figure a load is judged by: MiB/s, or operations/s and the p50 latency
+figure() { grep -o "\"$1\":[0-9.]*" | head -1 | cut -d: -f2; }
+median() { sort -n | awk '{v[NR]=$1} END {if (NR) print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'; }
+n=${#targets[@]}
+for load in "up $BYTES 1" "down $BYTES 1" "up $BYTES 8" "rr 1 64 $SECS" "rr 64 64 $SECS" "conn 4 $SECS"; do
+  set -- $load
+  for r in $(seq "$ROUNDS"); do
+    for k in $(seq 0 $((n - 1))); do
+      t=${targets[$(( (k + r) % n ))]}
+      line=$(timeout 300 "$LOAD" "$1" "127.0.0.1:${PORTS[$t]}" "${@:2}" || true)
+      echo "$t round $r $line"
+      echo "$t $(echo "$line" | figure mib_per_s)$(echo "$line" | figure per_s) $(echo "$line" | figure p50_us)" >>"$work/figures"
+    done
+  done
+  summary="{\"load\":\"$load\",\"rounds\":$ROUNDS"
+  first=
+  for t in "${targets[@]}"; do
+    rate=$(awk -v t="$t" '$1 == t {print $2}' "$work/figures" | median)
+    p50=$(awk -v t="$t" '$1 == t && $3 != "" {print $3}' "$work/figures" | median)
+    first=${first:-$rate}
+    summary+=",\"$t\":{\"median\":$rate,\"p50_us\":${p50:-null},\"ratio\":$(awk -v a="$rate" -v b="$first" 'BEGIN {printf "%.2f", (b > 0) ? a / b : 0}')}"
+  done
+  echo "summary $summary}"
+  : >"$work/figures"
+done
