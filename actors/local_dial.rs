@@ -39,8 +39,7 @@ enum Started {
 
 /// A non-blocking `connect`; connected at once when the peer is known.
 fn start(addr: SocketAddr) -> io::Result<Started> {
-    let kind = socket2::Type::STREAM.nonblocking().cloexec();
-    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), kind, None)?;
+    let socket = nonblocking_stream(addr)?;
     match socket.connect(&addr.into()) {
         Ok(()) => {}
         Err(e) if in_progress(&e) => {}
@@ -53,6 +52,27 @@ fn start(addr: SocketAddr) -> io::Result<Started> {
     } else {
         Started::InFlight(socket)
     })
+}
+
+/// A non-blocking TCP socket for `addr` (close-on-exec, as `socket2` makes
+/// every socket), in one system call where the kernel takes the flag.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn nonblocking_stream(addr: SocketAddr) -> io::Result<socket2::Socket> {
+    let kind = socket2::Type::STREAM.nonblocking();
+    socket2::Socket::new(socket2::Domain::for_address(addr), kind, None)
+}
+
+/// A non-blocking TCP socket for `addr` (close-on-exec, as `socket2` makes
+/// every socket).
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn nonblocking_stream(addr: SocketAddr) -> io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
 }
 
 /// Waits for an in-flight handshake: writable, then the socket's error if any
