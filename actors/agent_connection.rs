@@ -475,18 +475,17 @@ impl AgentConnection {
     ) {
         let timeout = self.shared.config.local_connect_timeout;
         let generation = self.link.as_ref().map_or(0, |l| l.generation);
-        let unreachable = |e| format!("local service {local} unreachable: {e}");
+        let unreachable = |local: &str, e| format!("local service {local} unreachable: {e}");
         let connecting = match local_dial::dial(&local) {
             Dialing::Done(result) => {
-                let result = result.map_err(unreachable);
+                let result = result.map_err(|e| unreachable(&local, e));
                 return self.dialed(id, &service, (generation, credit), result, ctx);
             }
             Dialing::Later(connecting) => connecting,
         };
         let dial = async move {
             match tokio::time::timeout(timeout, connecting).await {
-                Ok(Ok(socket)) => Ok(socket),
-                Ok(Err(e)) => Err(format!("local service {local} unreachable: {e}")),
+                Ok(result) => result.map_err(|e| unreachable(&local, e)),
                 Err(_) => Err(format!("local service {local} did not answer in time")),
             }
         };

@@ -25,20 +25,11 @@ pub(crate) fn dial(addr: &str) -> Dialing {
         let addr = addr.to_owned();
         return Dialing::Later(Box::pin(async move { TcpStream::connect(addr).await }));
     };
-    match start(ip) {
-        Ok(Started::Connected(socket)) => Dialing::Done(Ok(socket)),
-        Ok(Started::InFlight(socket)) => Dialing::Later(Box::pin(finish(socket))),
-        Err(e) => Dialing::Done(Err(e)),
-    }
+    start(ip).unwrap_or_else(|e| Dialing::Done(Err(e)))
 }
 
-enum Started {
-    Connected(TcpStream),
-    InFlight(TcpStream),
-}
-
-/// A non-blocking `connect`; connected at once when the peer is known.
-fn start(addr: SocketAddr) -> io::Result<Started> {
+/// A non-blocking `connect`: done when the peer is known at once.
+fn start(addr: SocketAddr) -> io::Result<Dialing> {
     let socket = nonblocking_stream(addr)?;
     match socket.connect(&addr.into()) {
         Ok(()) => {}
@@ -48,9 +39,9 @@ fn start(addr: SocketAddr) -> io::Result<Started> {
     let connected = socket.peer_addr().is_ok();
     let socket = TcpStream::from_std(socket.into())?;
     Ok(if connected {
-        Started::Connected(socket)
+        Dialing::Done(Ok(socket))
     } else {
-        Started::InFlight(socket)
+        Dialing::Later(Box::pin(finish(socket)))
     })
 }
 

@@ -755,13 +755,6 @@ async fn warm_up_through_digest(public: u16) {
     assert_eq!(answer.len(), 40);
 }
 
-/// Resident anonymous memory of process `pid`, in KiB (`/proc/PID/status`).
-fn rss_anon_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("RssAnon:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 /// The binary gives back what a burst freed (`release_after_activity` in
 /// src/main/allocator.rs): glibc keeps freed memory below live allocations.
 /// Here the agent holds a window of data for each of 200 streams whose service
@@ -777,17 +770,17 @@ async fn after_a_burst_the_agent_gives_its_memory_back() {
     let agent = registered_agent(&url, &format!("gated:{gated}:{public}"));
     warm_up_through_digest_gate(public, &gate).await;
     let pid = agent.child.id();
-    let before = rss_anon_kib(pid);
+    let before = common::rss_anon_kib(pid);
 
     let uploads: Vec<_> = (0..STREAMS)
-        .map(|seed| tokio::spawn(upload_checked(public, seed, SIZE)))
+        .map(|seed| tokio::spawn(common::upload_digest(public, seed, SIZE)))
         .collect();
     // the agent takes a window of each stream (32 KiB, and read buffers)
     let mut held = before;
     let deadline = Instant::now() + common::DEADLINE;
     while held < before + 4096 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        held = rss_anon_kib(pid);
+        held = common::rss_anon_kib(pid);
     }
     assert!(
         held >= before + 4096,
@@ -797,12 +790,12 @@ async fn after_a_burst_the_agent_gives_its_memory_back() {
     for upload in uploads {
         upload.await.unwrap();
     }
-    let drained = rss_anon_kib(pid);
+    let drained = common::rss_anon_kib(pid);
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut now = drained;
     while now > before + 3072 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        now = rss_anon_kib(pid);
+        now = common::rss_anon_kib(pid);
     }
     eprintln!(
         "agent RssAnon: {before} KiB before, {held} held, {drained} drained, {now} at the end"
@@ -814,23 +807,4 @@ async fn warm_up_through_digest_gate(public: u16, gate: &tokio::sync::watch::Sen
     gate.send_replace(true);
     warm_up_through_digest(public).await;
     gate.send_replace(false);
-}
-
-/// One upload of `size` pattern bytes to the digest service behind `public`,
-/// checked byte for byte by the digest it answers.
-async fn upload_checked(public: u16, seed: u64, size: usize) {
-    let data = common::pattern(seed, size);
-    let mut visitor = tokio::net::TcpStream::connect(("127.0.0.1", public))
-        .await
-        .unwrap();
-    visitor.write_all(&data).await.unwrap();
-    visitor.shutdown().await.unwrap();
-    let mut answer = [0u8; 40];
-    visitor.read_exact(&mut answer).await.unwrap();
-    let sent: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&data).into();
-    assert_eq!(answer[..32], sent, "the service got other bytes");
-    assert_eq!(
-        u64::from_be_bytes(answer[32..].try_into().unwrap()),
-        size as u64
-    );
 }

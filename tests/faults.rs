@@ -485,6 +485,23 @@ async fn next_stream_message(ws: &mut RawWs, within: Duration) -> Option<Message
     .flatten()
 }
 
+/// The payload of stream `id`'s next `Data` messages, until at least `len`
+/// bytes; panics, naming `what`, at any other message.
+async fn stream_bytes(ws: &mut RawWs, id: Uuid, len: usize, what: &str) -> Vec<u8> {
+    let mut got = Vec::new();
+    while got.len() < len {
+        match next_stream_message(ws, DEADLINE).await {
+            Some(Message::Data {
+                connection_id,
+                data,
+                ..
+            }) if connection_id == id => got.extend_from_slice(&data),
+            other => panic!("expected {what}, got {other:?}"),
+        }
+    }
+    got
+}
+
 /// A server, and a raw agent on it that announced `STREAMS` with `window` and
 /// registered one TCP service: the server, the agent's socket, the public port.
 async fn raw_streams_agent(window: u32) -> (common::TestServer, RawWs, u16) {
@@ -536,17 +553,7 @@ async fn a_visitor_that_resets_at_once_is_aborted_and_the_next_one_served() {
         Some(Message::Connect { connection_id, .. }) => connection_id,
         other => panic!("expected the next Connect, got {other:?}"),
     };
-    let mut got = Vec::new();
-    while got.len() < 10 {
-        match next_stream_message(&mut ws, DEADLINE).await {
-            Some(Message::Data {
-                connection_id,
-                data,
-                ..
-            }) if connection_id == next_id => got.extend_from_slice(&data),
-            other => panic!("expected the next visitor's bytes, got {other:?}"),
-        }
-    }
+    let got = stream_bytes(&mut ws, next_id, 10, "the next visitor's bytes").await;
     assert_eq!(got, b"still here");
 }
 
@@ -570,17 +577,7 @@ async fn a_visitors_first_bytes_follow_connect_within_the_agents_window() {
             None => panic!("no Connect"),
         }
     };
-    let mut got = Vec::new();
-    while got.len() < WINDOW {
-        match next_stream_message(&mut ws, DEADLINE).await {
-            Some(Message::Data {
-                connection_id,
-                data,
-                ..
-            }) if connection_id == id => got.extend_from_slice(&data),
-            other => panic!("expected the first bytes, got {other:?}"),
-        }
-    }
+    let mut got = stream_bytes(&mut ws, id, WINDOW, "the first bytes").await;
     assert_eq!(got.len(), WINDOW, "more than the window before any grant");
     // nothing more without credit
     let early = next_stream_message(&mut ws, Duration::from_millis(300)).await;

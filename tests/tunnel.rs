@@ -20,31 +20,6 @@ async fn visit(port: u16) -> TcpStream {
     TcpStream::connect(("127.0.0.1", port)).await.unwrap()
 }
 
-/// Uploads `len` bytes to the digest service and checks its answer.
-async fn upload(port: u16, seed: u64, len: usize) {
-    let data = pattern(seed, len);
-    let mut s = visit(port).await;
-    let (mut r, mut w) = s.split();
-    let send = async {
-        w.write_all(&data).await.unwrap();
-        w.shutdown().await.unwrap();
-    };
-    let mut answer = Vec::new();
-    let recv = r.read_to_end(&mut answer);
-    let (_, got) = tokio::join!(send, recv);
-    got.unwrap();
-    assert_eq!(answer.len(), 40, "digest service answer");
-    assert_eq!(
-        &answer[..32],
-        &sha256(&data),
-        "upload of {len} bytes corrupted"
-    );
-    assert_eq!(
-        u64::from_be_bytes(answer[32..].try_into().unwrap()),
-        len as u64
-    );
-}
-
 /// Downloads `len` bytes from the source service and checks them.
 async fn download(port: u16, seed: u64, len: usize) {
     let mut s = visit(port).await;
@@ -91,7 +66,7 @@ async fn sixty_four_mib_each_way_byte_exact() {
     } = tunnel(&[digest, source]).await;
     let (low, high) = (public[0], public[1]);
     tokio::time::timeout(Duration::from_secs(60), async {
-        upload(low, 1, 64 << 20).await;
+        common::upload_digest(low, 1, 64 << 20).await;
         download(high, 2, 64 << 20).await;
     })
     .await
@@ -138,7 +113,7 @@ async fn a_small_request_and_reply_with_half_close() {
     } = tunnel(&[digest]).await;
     let port = public[0];
     for len in [0, 1, 100, 65515, 65516, 300_000] {
-        upload(port, len as u64, len).await;
+        common::upload_digest(port, len as u64, len).await;
     }
     agent.stop();
 }

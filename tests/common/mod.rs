@@ -218,8 +218,19 @@ impl RawWs {
 
 /// RSS of process `pid` (`std::process::id()` for this one), in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// Resident anonymous memory of process `pid` (heap, stacks), in KiB.
+#[allow(dead_code)] // not every test binary uses it
+pub fn rss_anon_kib(pid: u32) -> u64 {
+    status_kib(pid, "RssAnon:")
+}
+
+/// A KiB figure of `/proc/PID/status`, by its field name.
+fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
@@ -397,6 +408,33 @@ pub async fn echo_through(addr: SocketAddr, seed: u64, len: usize) -> u64 {
         "the echo through {addr} corrupted data"
     );
     len as u64
+}
+
+/// Uploads `len` pattern bytes to a digest service (`services::digest`)
+/// behind `port` and checks its answer: the bytes' SHA-256 and their count.
+#[allow(dead_code)] // not every test binary uses it
+pub async fn upload_digest(port: u16, seed: u64, len: usize) {
+    let data = pattern(seed, len);
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut r, mut w) = s.split();
+    let send = async {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let mut answer = Vec::new();
+    let recv = r.read_to_end(&mut answer);
+    let (_, got) = tokio::join!(send, recv);
+    got.unwrap();
+    assert_eq!(answer.len(), 40, "digest service answer");
+    assert_eq!(
+        &answer[..32],
+        &sha256(&data),
+        "upload of {len} bytes corrupted"
+    );
+    assert_eq!(
+        u64::from_be_bytes(answer[32..].try_into().unwrap()),
+        len as u64
+    );
 }
 
 /// A deterministic byte pattern; `seed` varies it per stream.
