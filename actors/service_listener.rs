@@ -2,14 +2,21 @@
 //!
 //! Owns the listening socket (bound with `SO_REUSEADDR`, so a port comes back
 //! at once after a restart or takeover). Sends each accepted visitor to its
-//! control channel as `VisitorArrived`. Stops with its tunnel (cancellation
-//! token) or when its service is unregistered (`StopListener`).
+//! control channel as `VisitorArrived`, at most [`MAX_WAITING_VISITORS`] at a
+//! time not yet taken by the channel: a channel that is not taking them (its
+//! WebSocket actor frozen by an agent that reads nothing) pauses accepting,
+//! and further visitors wait in the kernel's listen backlog instead of as
+//! the server's sockets. Stops with its tunnel (cancellation token) or when
+//! its service is unregistered (`StopListener`).
 
 use std::io;
 use std::net::SocketAddr;
 
+use std::sync::Arc;
+
 use actix::prelude::*;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -19,6 +26,10 @@ use uuid::Uuid;
 /// connection).
 pub(crate) const ACCEPTED_SOCKETS_TUNED: bool = cfg!(target_os = "linux");
 
+/// Visitors a listener hands its control channel that the channel has not
+/// taken yet; at this many, the listener stops accepting until it takes one.
+pub(crate) const MAX_WAITING_VISITORS: usize = 128;
+
 /// A visitor connected to a service's public port.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -26,7 +37,13 @@ pub(crate) struct VisitorArrived {
     pub(crate) service_id: Uuid,
     pub(crate) socket: TcpStream,
     pub(crate) peer: SocketAddr,
+    /// Its place among the listener's waiting visitors, freed when the
+    /// channel has handled (or dropped) the message.
+    pub(crate) _waiting: OwnedSemaphorePermit,
 }
+
+/// An accepted visitor and its place among the waiting ones.
+type Accepted = io::Result<(TcpStream, SocketAddr, OwnedSemaphorePermit)>;
 
 /// Stops listening (service unregistered).
 #[derive(Message)]
@@ -67,13 +84,14 @@ impl Handler<StopListener> for ServiceListener {
     }
 }
 
-impl StreamHandler<io::Result<(TcpStream, SocketAddr)>> for ServiceListener {
-    fn handle(&mut self, item: io::Result<(TcpStream, SocketAddr)>, _: &mut Self::Context) {
+impl StreamHandler<Accepted> for ServiceListener {
+    fn handle(&mut self, item: Accepted, _: &mut Self::Context) {
         match item {
-            Ok((socket, peer)) => self.channel.do_send(VisitorArrived {
+            Ok((socket, peer, waiting)) => self.channel.do_send(VisitorArrived {
                 service_id: self.service_id,
                 socket,
                 peer,
+                _waiting: waiting,
             }),
             Err(e) => tracing::warn!(port = self.port, error = %e, "accept failed"),
         }
@@ -120,14 +138,18 @@ impl ServiceListener {
         channel: Recipient<VisitorArrived>,
         cancel: CancellationToken,
     ) -> Addr<Self> {
+        let waiting = Arc::new(Semaphore::new(MAX_WAITING_VISITORS));
         Self::create(|ctx| {
-            ctx.add_stream(futures::stream::unfold(listener, |l| async {
-                let next = l.accept().await;
-                if next.is_err() {
-                    // out of descriptors or similar: do not spin
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            ctx.add_stream(futures::stream::unfold(listener, move |l| {
+                let waiting = waiting.clone();
+                async move {
+                    let next = accept(&l, waiting, port).await;
+                    if next.is_err() {
+                        // out of descriptors or similar: do not spin
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                    Some((next, l))
                 }
-                Some((next, l))
             }));
             Self {
                 service_id,
@@ -137,6 +159,26 @@ impl ServiceListener {
             }
         })
     }
+}
+
+/// Accepts the next visitor once fewer than [`MAX_WAITING_VISITORS`] wait for
+/// the channel.
+async fn accept(listener: &TcpListener, waiting: Arc<Semaphore>, port: u16) -> Accepted {
+    let place = match waiting.clone().try_acquire_owned() {
+        Ok(place) => place,
+        Err(_) => {
+            tracing::warn!(
+                port,
+                waiting = MAX_WAITING_VISITORS,
+                "the tunnel is not taking its visitors; accepting paused"
+            );
+            let place = waiting.acquire_owned().await;
+            tracing::info!(port, "the tunnel takes visitors again; accepting");
+            place.map_err(|_| io::Error::other("visitor limit closed"))?
+        }
+    };
+    let (socket, peer) = listener.accept().await?;
+    Ok((socket, peer, place))
 }
 
 #[cfg(test)]

@@ -371,6 +371,78 @@ async fn an_agent_that_lies_about_its_window_cannot_make_the_server_buffer() {
     }
 }
 
+/// A tunnel whose WebSocket actor is frozen (its agent reads nothing, and
+/// has a long heartbeat timeout) takes only a bounded number of visitors off
+/// its public port: the rest wait in the kernel's listen backlog, not as
+/// sockets the server holds, so visitors cannot run the server out of file
+/// descriptors (which every other tunnel shares) through one stuck agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_tunnel_takes_a_bounded_number_of_visitors() {
+    const VISITORS: usize = 600;
+    let (control, public) = free_ports(2);
+    let server = common::process::Proc::spawn(&[
+        "server",
+        "--listen",
+        &format!("127.0.0.1:{control}"),
+        "--port-range",
+        &format!("{public}-{public}"),
+        "--bind-host",
+        "127.0.0.1",
+        "--heartbeat-timeout",
+        "120s",
+    ]);
+    wait_listening(control).await;
+    let mut ws = RawWs::connect(([127, 0, 0, 1], control).into(), "/tunnel/v1").await;
+    let caps = zlayer_tunnel::protocol::Capabilities {
+        features: zlayer_tunnel::protocol::Features::STREAMS,
+        initial_window: 64 << 20,
+    };
+    let token = common::process::TOKEN;
+    ws.send(&Message::auth(token, Uuid::new_v4(), Some(caps)).unwrap())
+        .await;
+    assert!(matches!(ws.expect().await, Some(Message::AuthOk { .. })));
+    ws.send(&Message::register("svc", ServiceProtocol::Tcp, 22, public).unwrap())
+        .await;
+    wait_listening(public).await;
+
+    // from here on the agent reads nothing: one upload fills the WebSocket
+    let written = Arc::new(AtomicU64::new(0));
+    let uploader = {
+        let written = written.clone();
+        let mut v = visit(public).await;
+        tokio::spawn(async move {
+            let chunk = vec![7u8; 1 << 20];
+            while v.write_all(&chunk).await.is_ok() {
+                written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+        })
+    };
+    common::wait_stalled(&written, Duration::from_secs(1), "the upload").await;
+    let before = common::fd_count(server.child.id());
+
+    let mut visitors = Vec::with_capacity(VISITORS);
+    for _ in 0..VISITORS {
+        visitors.push(visit(public).await);
+    }
+    // the server takes what it takes; wait until its descriptors stop moving
+    let (mut last, mut still) = (usize::MAX, 0);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while still < 5 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = common::fd_count(server.child.id());
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+    }
+    let taken = last.saturating_sub(before);
+    eprintln!("{taken} of {VISITORS} visitors taken by the frozen tunnel");
+    assert!(
+        taken <= 200,
+        "a frozen tunnel holds {taken} visitor sockets"
+    );
+    drop(ws);
+    uploader.abort();
+}
+
 #[actix_web::test]
 async fn an_agent_replaces_a_half_dead_link_and_takes_its_session_over_at_once() {
     let (low, high) = free_ports(2);
