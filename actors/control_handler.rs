@@ -2,9 +2,12 @@
 //! mounted as a route in a host's actix-web `App` or on a raw TCP connection.
 //! Not an actor: it starts a `ControlChannel` per connection.
 
+use std::any::Any;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use actix_tls::accept::rustls_0_23::TlsStream;
+use actix_web::dev::Extensions;
 use actix_web::{HttpRequest, HttpResponse, web};
 use actix_web_actors::ws;
 use bytes::{Bytes, BytesMut};
@@ -93,11 +96,31 @@ impl ControlHandler {
         &self.shared.config
     }
 
+    /// A hook for the host's `HttpServer::on_connect` (plain TCP or rustls):
+    /// TCP keepalive and `TCP_USER_TIMEOUT` at the heartbeat timeout on each
+    /// accepted connection. Without it, an agent that stops reading freezes
+    /// its WebSocket actor (actix-web#2441) for as long as its peer keeps the
+    /// TCP connection open; the registry then drops the tunnel and its ports,
+    /// but the actor, its socket and the visitors waiting in its mailbox stay
+    /// until that connection dies. `serve` installs it.
+    pub fn on_connect(&self) -> impl Fn(&dyn Any, &mut Extensions) + Send + Sync + 'static {
+        let timeout = self.shared.config.heartbeat_timeout;
+        move |connection, _| {
+            let tls = connection.downcast_ref::<TlsStream<TcpStream>>();
+            let tcp = connection
+                .downcast_ref::<TcpStream>()
+                .or_else(|| tls.map(|s| s.get_ref().0));
+            if let Some(tcp) = tcp {
+                harden_control_socket(tcp, timeout);
+            }
+        }
+    }
+
     /// Mounts the control route on `config.control_path`:
     /// `App::new().configure(|c| handler.configure(c))`. Give the host's
     /// `HttpServer` `.tcp_nodelay(true)`: without it, small frames wait for
-    /// Nagle's algorithm and delayed ACKs (40 ms a round trip). `serve` also
-    /// sets keepalive and `TCP_USER_TIMEOUT` on accepted sockets (`on_connect`).
+    /// Nagle's algorithm and delayed ACKs (40 ms a round trip); and
+    /// `.on_connect(handler.on_connect())` (see [`Self::on_connect`]).
     pub fn configure(&self, cfg: &mut web::ServiceConfig) {
         let shared = self.shared.clone();
         cfg.app_data(web::Data::from(Arc::new(shared)))

@@ -7,9 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_tls::accept::rustls_0_23::TlsStream;
 use actix_web::{App, HttpServer};
-use tokio::net::TcpStream;
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::{ControlHandler, TunnelRegistry};
@@ -37,24 +35,16 @@ pub struct ServeOptions {
 /// Runs a tunnel server until SIGINT or SIGTERM; must run inside an actix `System`.
 pub async fn serve(options: ServeOptions) -> std::io::Result<()> {
     let registry = Arc::new(TunnelRegistry::new(options.config.data_port_range));
-    let timeout = options.config.heartbeat_timeout;
     let handler = match options.tokens {
         Some(store) => ControlHandler::with_tokens(registry.clone(), options.config, store),
         None => ControlHandler::new(registry.clone(), options.config, options.validator),
     };
+    let hardening = handler.on_connect();
     let server = HttpServer::new(move || {
         let handler = handler.clone();
         App::new().configure(move |c| handler.configure(c))
     })
-    .on_connect(move |conn, _| {
-        let tls = conn.downcast_ref::<TlsStream<TcpStream>>();
-        let tcp = conn
-            .downcast_ref::<TcpStream>()
-            .or_else(|| tls.map(|s| s.get_ref().0));
-        if let Some(tcp) = tcp {
-            super::control_handler::harden_control_socket(tcp, timeout);
-        }
-    })
+    .on_connect(hardening)
     .disable_signals()
     .tcp_nodelay(true) // small frames must not wait for Nagle and delayed ACKs
     .shutdown_timeout(1);

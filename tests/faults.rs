@@ -285,19 +285,23 @@ async fn an_agent_that_stops_reading_is_dropped_by_the_registry_watchdog() {
             v
         }));
     }
+    // a visitor that arrives now waits in the frozen actor's mailbox
+    let mut late = visit(port).await;
     // the WebSocket actor is frozen (its peer reads nothing); only the registry can end it
     assert!(
         common::wait_closed(port, Duration::from_secs(5)).await,
         "the public port of a frozen, silent agent stayed open"
     );
     assert_eq!(server.registry.tunnel_count().await, 0);
-    // its connection ends with the tunnel, though the WebSocket actor is frozen
-    let mut rest = Vec::new();
-    let ended = tokio::time::timeout(DEADLINE, first.read_to_end(&mut rest)).await;
-    assert!(
-        ended.is_ok(),
-        "a visitor of the dropped tunnel was left open"
-    );
+    // its connections end with the tunnel, though the WebSocket actor is frozen
+    for visitor in [&mut first, &mut late] {
+        let mut rest = Vec::new();
+        let ended = tokio::time::timeout(DEADLINE, visitor.read_to_end(&mut rest)).await;
+        assert!(
+            ended.is_ok(),
+            "a visitor of the dropped tunnel was left open"
+        );
+    }
     drop(ws);
     for v in visitors {
         v.abort();
@@ -371,11 +375,12 @@ async fn an_agent_that_lies_about_its_window_cannot_make_the_server_buffer() {
     }
 }
 
-/// A tunnel whose WebSocket actor is frozen (its agent reads nothing, and
-/// has a long heartbeat timeout) takes only a bounded number of visitors off
-/// its public port: the rest wait in the kernel's listen backlog, not as
-/// sockets the server holds, so visitors cannot run the server out of file
-/// descriptors (which every other tunnel shares) through one stuck agent.
+/// A tunnel whose WebSocket actor is frozen (its agent reads nothing) takes
+/// only a bounded number of visitors off its public port: the rest wait in
+/// the kernel's listen backlog, not as sockets the server holds, so visitors
+/// cannot run the server out of file descriptors (which every other tunnel
+/// shares) through one stuck agent. Once the server drops the tunnel, every
+/// one of them is closed, those the frozen actor holds included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_tunnel_takes_a_bounded_number_of_visitors() {
     const VISITORS: usize = 600;
@@ -388,8 +393,10 @@ async fn a_frozen_tunnel_takes_a_bounded_number_of_visitors() {
         &format!("{public}-{public}"),
         "--bind-host",
         "127.0.0.1",
+        "--heartbeat-interval",
+        "1s",
         "--heartbeat-timeout",
-        "120s",
+        "4s",
     ]);
     wait_listening(control).await;
     let mut ws = RawWs::connect(([127, 0, 0, 1], control).into(), "/tunnel/v1").await;
@@ -439,6 +446,23 @@ async fn a_frozen_tunnel_takes_a_bounded_number_of_visitors() {
         taken <= 200,
         "a frozen tunnel holds {taken} visitor sockets"
     );
+
+    // the heartbeat timeout drops the tunnel; no visitor is left open
+    let dropped = std::time::Instant::now();
+    assert!(
+        common::wait_closed(public, DEADLINE).await,
+        "the frozen tunnel's port stayed open"
+    );
+    for (i, mut visitor) in visitors.into_iter().enumerate() {
+        let mut byte = [0u8; 1];
+        let ended = tokio::time::timeout(DEADLINE, visitor.read(&mut byte)).await;
+        assert!(
+            matches!(ended, Ok(Ok(0) | Err(_))),
+            "visitor {i} still open {:?} after the tunnel was dropped",
+            dropped.elapsed()
+        );
+    }
+    eprintln!("all visitors closed {:?} after the drop", dropped.elapsed());
     drop(ws);
     uploader.abort();
 }

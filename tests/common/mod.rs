@@ -51,6 +51,7 @@ pub fn spawn_server_with_tokens(config: TunnelServerConfig, store: TokenStore) -
 fn serve_handler(handler: ControlHandler, registry: Arc<TunnelRegistry>, port: u16) -> TestServer {
     let listener = bind_reusable(port);
     let addr = listener.local_addr().unwrap();
+    let hardening = handler.on_connect();
     let server = HttpServer::new(move || {
         let handler = handler.clone();
         App::new()
@@ -58,6 +59,7 @@ fn serve_handler(handler: ControlHandler, registry: Arc<TunnelRegistry>, port: u
             .route("/health", actix_web::web::get().to(|| async { "ok" }))
     })
     .workers(1)
+    .on_connect(hardening)
     .tcp_nodelay(true)
     .shutdown_timeout(1)
     .listen(listener)
