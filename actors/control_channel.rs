@@ -22,7 +22,7 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::control_handler::ServerShared;
+use super::control_handler::{AuthPlace, ServerShared};
 use super::forwarded_connection::{ForwardedConnection, StreamEvent, StreamWiring};
 use super::read_gate::ReadGate;
 use super::registry::{
@@ -117,6 +117,9 @@ pub(crate) struct ControlChannel {
     counters: Arc<Counters>,
     /// What this session's token may register and access.
     scope: TokenScope,
+    /// Its place among the connections awaiting authentication, until it
+    /// authenticates.
+    place: Option<AuthPlace>,
     span: tracing::Span,
 }
 
@@ -136,6 +139,7 @@ impl Actor for ControlChannel {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
+        self.place = None;
         let Some(mut session) = self.session.take() else {
             return;
         };
@@ -223,7 +227,7 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for ControlChannel {
 }
 
 impl ControlChannel {
-    pub(crate) fn new(shared: Arc<ServerShared>, peer: SocketAddr) -> Self {
+    pub(crate) fn new(shared: Arc<ServerShared>, peer: SocketAddr, place: AuthPlace) -> Self {
         let timeout = shared.config.heartbeat_timeout;
         Self {
             shared,
@@ -233,6 +237,7 @@ impl ControlChannel {
             outbox: Vec::new(),
             counters: Arc::new(Counters::new()),
             scope: TokenScope::default(),
+            place: Some(place),
             span: tracing::info_span!("control", %peer, tunnel_id = tracing::field::Empty),
         }
     }
@@ -407,6 +412,7 @@ impl ControlChannel {
         offer: Option<Capabilities>,
         ctx: &mut ws::WebsocketContext<Self>,
     ) {
+        self.place = None;
         self.span
             .record("tunnel_id", tracing::field::display(tunnel_id));
         let config = &self.shared.config;

@@ -3,8 +3,9 @@
 //! Not an actor: it starts a `ControlChannel` per connection.
 
 use std::any::Any;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Instant;
 
 use actix_tls::accept::rustls_0_23::TlsStream;
 use actix_web::dev::Extensions;
@@ -18,6 +19,7 @@ use tokio::net::TcpStream;
 use super::control_channel::ControlChannel;
 use super::frame_guard::FrameGuard;
 use super::registry::TunnelRegistry;
+use crate::admission::{PendingAuth, PendingRefused};
 use crate::auth::{TokenScope, TokenStore, TokenValidator};
 use crate::config::TunnelServerConfig;
 use crate::protocol::MAX_MESSAGE_SIZE;
@@ -35,15 +37,76 @@ pub(crate) struct ServerShared {
     pub(crate) throttle: std::sync::Mutex<crate::throttle::AuthThrottle>,
     /// Scopes of the accepted tokens; none: every token may do everything.
     pub(crate) scopes: Option<TokenStore>,
+    /// Connections awaiting authentication (bounded).
+    pub(crate) pending: std::sync::Mutex<PendingAuth>,
 }
 
 impl ServerShared {
+    fn new(
+        registry: Arc<TunnelRegistry>,
+        config: TunnelServerConfig,
+        validator: TokenValidator,
+        scopes: Option<TokenStore>,
+    ) -> Self {
+        let pending = PendingAuth::new(
+            config.max_unauthenticated,
+            config.max_unauthenticated_per_address,
+        );
+        Self {
+            registry,
+            config,
+            validator,
+            throttle: std::sync::Mutex::default(),
+            scopes,
+            pending: std::sync::Mutex::new(pending),
+        }
+    }
+
     /// What `token` may register and access.
     pub(crate) fn scope(&self, token: &str) -> TokenScope {
         self.scopes
             .as_ref()
             .and_then(|store| store.verify(token).ok().cloned())
             .unwrap_or_default()
+    }
+}
+
+/// A connection's place among those awaiting authentication (see
+/// [`crate::admission`]), given back when dropped: once its session has
+/// authenticated, or has ended.
+pub(crate) struct AuthPlace {
+    shared: Arc<ServerShared>,
+    addr: IpAddr,
+}
+
+impl AuthPlace {
+    /// A place for a connection from `peer`, or why there is none (logged, at
+    /// most once a second).
+    fn take(shared: &Arc<ServerShared>, peer: SocketAddr) -> Result<Self, PendingRefused> {
+        let mut pending = shared.pending.lock().unwrap_or_else(|e| e.into_inner());
+        match pending.enter(peer.ip()) {
+            Ok(()) => Ok(Self {
+                shared: shared.clone(),
+                addr: peer.ip(),
+            }),
+            Err(refused) => {
+                if let Some(count) = pending.note_refusal(Instant::now()) {
+                    tracing::warn!(%peer, reason = %refused, refused = count, "control connection refused before authentication");
+                }
+                Err(refused)
+            }
+        }
+    }
+}
+
+impl Drop for AuthPlace {
+    fn drop(&mut self) {
+        let mut pending = self
+            .shared
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        pending.leave(self.addr);
     }
 }
 
@@ -62,13 +125,7 @@ impl ControlHandler {
         validator: TokenValidator,
     ) -> Self {
         Self {
-            shared: Arc::new(ServerShared {
-                registry,
-                config,
-                validator,
-                throttle: std::sync::Mutex::default(),
-                scopes: None,
-            }),
+            shared: Arc::new(ServerShared::new(registry, config, validator, None)),
         }
     }
 
@@ -80,14 +137,9 @@ impl ControlHandler {
         config: TunnelServerConfig,
         store: TokenStore,
     ) -> Self {
+        let validator = store.clone().into_validator();
         Self {
-            shared: Arc::new(ServerShared {
-                registry,
-                config,
-                validator: store.clone().into_validator(),
-                throttle: std::sync::Mutex::default(),
-                scopes: Some(store),
-            }),
+            shared: Arc::new(ServerShared::new(registry, config, validator, Some(store))),
         }
     }
 
@@ -166,7 +218,15 @@ async fn upgrade(
     let peer = req
         .peer_addr()
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let channel = ControlChannel::new(shared.get_ref().clone(), peer);
+    let place = match AuthPlace::take(shared.get_ref(), peer) {
+        Ok(place) => place,
+        Err(refused) => {
+            return Ok(HttpResponse::ServiceUnavailable()
+                .insert_header(("Retry-After", "1"))
+                .body(refused.to_string()));
+        }
+    };
+    let channel = ControlChannel::new(shared.get_ref().clone(), peer, place);
     ws::WsResponseBuilder::new(channel, &req, FrameGuard::new(payload, MAX_MESSAGE_SIZE))
         .frame_size(MAX_MESSAGE_SIZE)
         .start()
@@ -179,6 +239,18 @@ async fn serve_raw(
     peer: SocketAddr,
 ) -> Result<()> {
     let mut stream = TcpStream::from_std(std)?;
+    let place = match AuthPlace::take(&shared, peer) {
+        Ok(place) => place,
+        Err(refused) => {
+            let reason = refused.to_string();
+            let response = format!(
+                "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reason}",
+                reason.len()
+            );
+            stream.write_all(response.as_bytes()).await?;
+            return Err(TunnelError::protocol(reason));
+        }
+    };
     stream.set_nodelay(true)?;
     harden_control_socket(&stream, shared.config.heartbeat_timeout);
     let deadline = shared.config.auth_timeout;
@@ -208,7 +280,7 @@ async fn serve_raw(
     let guarded = FrameGuard::new(Box::pin(incoming), MAX_MESSAGE_SIZE);
     let codec = actix_http::ws::Codec::new().max_size(MAX_MESSAGE_SIZE);
     let mut outgoing = Box::pin(ws::WebsocketContext::with_codec(
-        ControlChannel::new(shared, peer),
+        ControlChannel::new(shared, peer, place),
         guarded,
         codec,
     ));

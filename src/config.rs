@@ -64,6 +64,11 @@ pub struct TunnelServerConfig {
     /// A socket that has not authenticated within this is closed. Default 10 s.
     #[serde(with = "humantime_serde")]
     pub auth_timeout: Duration,
+    /// Most control connections awaiting authentication at once; past it, a
+    /// WebSocket upgrade is answered `503`. Default 1024.
+    pub max_unauthenticated: usize,
+    /// Most of those from one address (an IPv6 /64). Default 64.
+    pub max_unauthenticated_per_address: usize,
     /// Most agents connected at once. Default 1000.
     pub max_tunnels: usize,
     /// Most services one agent may register. Default 50.
@@ -113,6 +118,8 @@ impl Default for TunnelServerConfig {
             heartbeat_interval: Duration::from_secs(30),
             heartbeat_timeout: Duration::from_secs(40),
             auth_timeout: Duration::from_secs(10),
+            max_unauthenticated: 1024,
+            max_unauthenticated_per_address: 64,
             max_tunnels: 1000,
             max_services_per_tunnel: 50,
             max_connections_per_service: 16384,
@@ -218,6 +225,11 @@ impl TunnelServerConfig {
 
     fn validate_limits(&self) -> Result<(), ConfigError> {
         for (key, value) in [
+            ("max_unauthenticated", self.max_unauthenticated),
+            (
+                "max_unauthenticated_per_address",
+                self.max_unauthenticated_per_address,
+            ),
             ("max_tunnels", self.max_tunnels),
             ("max_services_per_tunnel", self.max_services_per_tunnel),
             (

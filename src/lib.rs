@@ -28,6 +28,7 @@ pub mod actors;
 
 pub mod access;
 pub mod accounting;
+pub mod admission;
 pub mod auth;
 pub mod backoff;
 pub mod config;

@@ -317,6 +317,69 @@ async fn garbage_after_auth_ends_that_session_only() {
     }
 }
 
+/// Connections that never authenticate hold a bounded number of places: past
+/// `max_unauthenticated_per_address` from one address, or
+/// `max_unauthenticated` in all, an upgrade is answered 503 with the reason.
+/// A place comes back when its connection authenticates or closes.
+async fn unauthenticated_connections_are_bounded(addr: std::net::SocketAddr, token: &str) {
+    let from = |last: u8| std::net::IpAddr::from([127, 0, 0, last]);
+    let upgrade = |last: u8| RawWs::try_connect_from(addr, PATH, from(last));
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(upgrade(1).await.unwrap());
+    }
+    let refused = upgrade(1)
+        .await
+        .err()
+        .expect("a 4th from one address upgraded");
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(
+        refused.contains("awaiting authentication from this address (3)"),
+        "{refused}"
+    );
+    held.push(upgrade(2).await.unwrap());
+    held.push(upgrade(2).await.unwrap());
+    let refused = upgrade(3).await.err().expect("a 6th upgraded");
+    assert!(
+        refused.contains("too many connections awaiting authentication (5)"),
+        "{refused}"
+    );
+    // authenticating gives the place back
+    authed(&mut held[0], token, Uuid::new_v4()).await;
+    held.push(upgrade(3).await.unwrap());
+    // so does closing
+    drop(held.pop());
+    let deadline = Instant::now() + common::DEADLINE;
+    while upgrade(4).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "a closed connection kept its place"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn few_unauthenticated(port: u16) -> zlayer_tunnel::TunnelServerConfig {
+    let mut config = fast_config((port, port));
+    config.max_unauthenticated = 5;
+    config.max_unauthenticated_per_address = 3;
+    config
+}
+
+#[actix_web::test]
+async fn unauthenticated_connections_are_bounded_on_a_mounted_route() {
+    let (p, _) = free_ports(1);
+    let server = spawn_server(few_unauthenticated(p), "secret");
+    unauthenticated_connections_are_bounded(server.addr, "secret").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_connections_are_bounded_on_raw_sockets() {
+    let (p, _) = free_ports(1);
+    let addr = raw_server(few_unauthenticated(p)).await;
+    unauthenticated_connections_are_bounded(addr, "anything").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handle_connection_serves_raw_sockets_from_plain_tokio() {
     let (p, _) = free_ports(1);

@@ -94,7 +94,22 @@ pub type Frame = (u8, Vec<u8>);
 impl RawWs {
     /// Connects and upgrades; panics unless the server answers 101.
     pub async fn connect(addr: SocketAddr, path: &str) -> Self {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let source = std::net::IpAddr::from([127, 0, 0, 1]);
+        Self::try_connect_from(addr, path, source)
+            .await
+            .unwrap_or_else(|refused| panic!("{refused}"))
+    }
+
+    /// Connects from `source` (any loopback address) and upgrades; what the
+    /// server answered (head and body) when it is not 101.
+    pub async fn try_connect_from(
+        addr: SocketAddr,
+        path: &str,
+        source: std::net::IpAddr,
+    ) -> Result<Self, String> {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(source, 0)).unwrap();
+        let mut stream = socket.connect(addr).await.unwrap();
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -111,10 +126,28 @@ impl RawWs {
             );
         };
         let head = String::from_utf8_lossy(&buf[..end]).to_string();
-        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        if !head.starts_with("HTTP/1.1 101") {
+            // the body, as long as the head says
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_owned())
+                })
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            let body = tokio::time::timeout(DEADLINE, async {
+                while buf.len() < end + length
+                    && stream.read_buf(&mut buf).await.is_ok_and(|n| n > 0)
+                {}
+            });
+            let _ = body.await;
+            return Err(String::from_utf8_lossy(&buf).to_string());
+        }
         assert!(!head.to_ascii_lowercase().contains("sec-websocket-protocol"));
         buf.advance(end);
-        Self { stream, buf }
+        Ok(Self { stream, buf })
     }
 
     /// Sends raw bytes as one masked binary frame.
