@@ -246,7 +246,7 @@ impl AgentConnection {
             let request = client.ws(url).max_frame_size(MAX_MESSAGE_SIZE);
             match tokio::time::timeout(timeout, request.connect()).await {
                 Ok(Ok((_, framed))) => Ok(framed),
-                Ok(Err(e)) => Err(e.to_string()),
+                Ok(Err(e)) => Err(describe_refusal(&e)),
                 Err(_) => Err("timed out".to_owned()),
             }
         };
@@ -596,5 +596,26 @@ fn message_service(message: &Message) -> Uuid {
     match message {
         Message::RegisterOk { service_id, .. } => *service_id,
         _ => Uuid::nil(),
+    }
+}
+
+/// What went wrong with a WebSocket upgrade, for the log and the status: a
+/// refusal says what the server's status means (awc's own text leaves the
+/// status out).
+fn describe_refusal(error: &awc::error::WsClientError) -> String {
+    use awc::error::WsClientError;
+    use awc::http::StatusCode;
+    match error {
+        WsClientError::InvalidResponseStatus(StatusCode::SERVICE_UNAVAILABLE) => {
+            "the server is busy (503: too many connections awaiting authentication); retrying"
+                .to_owned()
+        }
+        WsClientError::InvalidResponseStatus(StatusCode::NOT_FOUND) => {
+            "the server has no tunnel endpoint at this URL's path (404)".to_owned()
+        }
+        WsClientError::InvalidResponseStatus(status) => {
+            format!("the server answered {status} instead of a WebSocket upgrade")
+        }
+        other => other.to_string(),
     }
 }

@@ -359,6 +359,37 @@ async fn unauthenticated_connections_are_bounded(addr: std::net::SocketAddr, tok
     }
 }
 
+/// An agent refused for want of a place says so, and gets in once one is free.
+#[actix_web::test]
+async fn an_agent_refused_while_the_server_is_busy_says_so_and_gets_in_later() {
+    let (p, _) = free_ports(1);
+    let mut config = fast_config((p, p));
+    config.max_unauthenticated = 1;
+    let server = spawn_server(config, "secret");
+    let squatter = RawWs::connect(server.addr, PATH).await;
+    let echo = common::services::echo().await;
+    let services = vec![zlayer_tunnel::ServiceConfig::tcp("e", echo)];
+    let (agent, _task) = common::spawn_agent(server.addr, "secret", services);
+    let deadline = Instant::now() + common::DEADLINE;
+    let error = loop {
+        if let zlayer_tunnel::TunnelState::Reconnecting { last_error, .. } = agent.status().state
+            && !last_error.is_empty()
+        {
+            break last_error;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never reported the refusal"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(error.contains("the server is busy (503"), "{error}");
+    drop(squatter);
+    common::wait_listening(p).await;
+    assert!(agent.status().connected);
+    agent.stop();
+}
+
 fn few_unauthenticated(port: u16) -> zlayer_tunnel::TunnelServerConfig {
     let mut config = fast_config((port, port));
     config.max_unauthenticated = 5;
