@@ -76,6 +76,8 @@ pub(crate) struct ServiceEntry {
 pub(crate) struct AllocatePort {
     pub(crate) tunnel_id: Uuid,
     pub(crate) requested: u16,
+    /// The ports the tunnel's token may use (`None`: any in the range).
+    pub(crate) allowed: Option<Vec<(u16, u16)>>,
 }
 
 /// Returns a port (service unregistered).
@@ -204,7 +206,10 @@ impl Handler<AllocatePort> for Registry {
             .get_mut(&msg.tunnel_id)
             .ok_or(Error::UnknownTunnel)?;
         let pool = self.ports.as_mut().map_err(|e| Error::Port(e.clone()))?;
-        let port = pool.allocate(msg.requested)?;
+        let port = match &msg.allowed {
+            Some(allowed) => pool.allocate_within(msg.requested, allowed)?,
+            None => pool.allocate(msg.requested)?,
+        };
         entry.info.ports.push(port);
         Ok(port)
     }

@@ -32,6 +32,14 @@ pub enum AuthError {
     /// The token may not open access streams to this service.
     #[error("token may not access service {0:?}")]
     AccessDenied(String),
+    /// The token may not be given this public port.
+    #[error("token may not use port {port} (its ports: {ranges})")]
+    PortDenied {
+        /// The port asked for.
+        port: u16,
+        /// The token's ports, as `low-high` ranges.
+        ranges: String,
+    },
 }
 
 /// Lowercase hex SHA-256 of the token's UTF-8 bytes: what servers store.
@@ -136,13 +144,17 @@ impl From<String> for Secret {
     }
 }
 
-/// What a token may do. `None` in a list means "any service".
+/// What a token may do. `None` in a list means "any".
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TokenScope {
     /// Services the token may register; `None` allows any.
     pub register: Option<Vec<String>>,
     /// Services the token may open access streams to; `None` allows any.
     pub access: Option<Vec<String>>,
+    /// Public ports its services may be given, as inclusive ranges; `None`
+    /// allows any of the server's range. A registration asking for port 0
+    /// gets the lowest free one of these.
+    pub ports: Option<Vec<(u16, u16)>>,
 }
 
 impl TokenScope {
@@ -156,6 +168,19 @@ impl TokenScope {
         allowed(self.register.as_deref(), service)
             .then_some(())
             .ok_or_else(|| AuthError::RegisterDenied(service.to_owned()))
+    }
+
+    /// Checks that the token may be given public port `port` (0: any of its ports).
+    pub fn check_port(&self, port: u16) -> Result<(), AuthError> {
+        match &self.ports {
+            Some(ranges) if port != 0 && !crate::ports::in_ranges(ranges, port) => {
+                Err(AuthError::PortDenied {
+                    port,
+                    ranges: crate::ports::format_ranges(ranges),
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Checks that the token may open access streams to `service`.
@@ -277,6 +302,7 @@ mod tests {
         let scope = TokenScope {
             register: Some(vec!["ssh".into()]),
             access: Some(vec![]),
+            ports: None,
         };
         let store = TokenStore::new()
             .with_hash(&hash_token("t"), scope)
@@ -289,6 +315,22 @@ mod tests {
         );
         assert!(scope.check_access("ssh").is_err());
         assert!(TokenScope::unrestricted().check_access("any").is_ok());
+    }
+
+    #[test]
+    fn a_port_scope_allows_its_ranges_and_any_port_request() {
+        let scope = TokenScope {
+            ports: Some(vec![(30000, 30009), (30100, 30100)]),
+            ..TokenScope::default()
+        };
+        assert!(scope.check_port(0).is_ok());
+        assert!(scope.check_port(30009).is_ok());
+        assert!(scope.check_port(30100).is_ok());
+        assert_eq!(
+            scope.check_port(30010).unwrap_err().to_string(),
+            "token may not use port 30010 (its ports: 30000-30009, 30100)"
+        );
+        assert!(TokenScope::unrestricted().check_port(1).is_ok());
     }
 
     #[test]

@@ -559,8 +559,30 @@ impl ServerFile {
             ConfigError::Invalid { key, reason } => invalid(format!("tunnel.{key}"), reason),
             other => other,
         })?;
+        for (i, token) in file.tokens.iter().enumerate() {
+            validate_port_scope(token.ports.as_deref(), file.tunnel.data_port_range)
+                .map_err(|reason| invalid(format!("tokens[{i}].ports"), reason))?;
+        }
         Ok(file)
     }
+}
+
+/// Checks a token's port ranges: each non-empty and inside the server's range.
+fn validate_port_scope(
+    ranges: Option<&[(u16, u16)]>,
+    (low, high): (u16, u16),
+) -> Result<(), String> {
+    for &(first, last) in ranges.unwrap_or_default() {
+        if first == 0 || first > last {
+            return Err(format!("{first}-{last} is empty: need 1 <= low <= high"));
+        }
+        if first < low || last > high {
+            return Err(format!(
+                "{first}-{last} is outside data_port_range {low}-{high}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// An accepted token with its scope, in the server's file.
@@ -575,6 +597,10 @@ pub struct ScopedToken {
     /// Services it may open access streams to; absent: any.
     #[serde(default)]
     pub access: Option<Vec<String>>,
+    /// Public ports its services may be given, as inclusive `[low, high]`
+    /// ranges within `data_port_range`; absent: any.
+    #[serde(default)]
+    pub ports: Option<Vec<(u16, u16)>>,
 }
 
 /// A service the agent exposes.

@@ -391,6 +391,7 @@ fn token_store(args: &ServerArgs, file: &ServerFile) -> anyhow::Result<TokenStor
         let scope = TokenScope {
             register: token.register.clone(),
             access: token.access.clone(),
+            ports: token.ports.clone(),
         };
         store = store
             .with_hash(&token.hash, scope)

@@ -23,6 +23,12 @@ pub enum PortError {
     /// The requested port is in use.
     #[error("port {0} is already in use")]
     Taken(u16),
+    /// None of the ports a token may use is free (or in the range).
+    #[error("no free port among those this token may use ({ranges})")]
+    NoneAllowed {
+        /// The token's ports, as `low-high` ranges.
+        ranges: String,
+    },
     /// The requested port is outside the range.
     #[error("port {port} is outside the range {low}-{high}")]
     OutOfRange {
@@ -79,6 +85,28 @@ impl PortPool {
         Ok(self.port_at(index))
     }
 
+    /// Allocates `requested` if `allowed` holds it, or, when it is 0, the
+    /// lowest free port that `allowed` (inclusive ranges) holds.
+    pub fn allocate_within(
+        &mut self,
+        requested: u16,
+        allowed: &[(u16, u16)],
+    ) -> Result<u16, PortError> {
+        let none_allowed = || PortError::NoneAllowed {
+            ranges: format_ranges(allowed),
+        };
+        if requested != 0 {
+            if !in_ranges(allowed, requested) {
+                return Err(none_allowed());
+            }
+            return self.allocate(requested);
+        }
+        let index = (0..self.used.len())
+            .find(|&i| !self.used[i] && in_ranges(allowed, self.port_at(i)))
+            .ok_or_else(none_allowed)?;
+        self.allocate(self.port_at(index))
+    }
+
     /// Returns `port` to the pool; true if it was in use. Releasing twice is harmless.
     pub fn release(&mut self, port: u16) -> bool {
         let Ok(index) = self.index_of(port) else {
@@ -126,9 +154,63 @@ impl PortPool {
     }
 }
 
+/// Whether one of the inclusive `ranges` holds `port`.
+pub fn in_ranges(ranges: &[(u16, u16)], port: u16) -> bool {
+    ranges
+        .iter()
+        .any(|&(low, high)| (low..=high).contains(&port))
+}
+
+/// `ranges` as `low-high` (or `port`), comma-separated; `none` when empty.
+pub fn format_ranges(ranges: &[(u16, u16)]) -> String {
+    if ranges.is_empty() {
+        return "none".to_owned();
+    }
+    let parts: Vec<String> = ranges
+        .iter()
+        .map(|&(low, high)| {
+            if low == high {
+                low.to_string()
+            } else {
+                format!("{low}-{high}")
+            }
+        })
+        .collect();
+    parts.join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scope_gets_the_lowest_free_port_it_holds_and_nothing_else() {
+        let mut pool = PortPool::new((100, 110)).unwrap();
+        let scope = [(103, 104), (108, 108)];
+        assert_eq!(pool.allocate_within(0, &scope), Ok(103));
+        assert_eq!(pool.allocate_within(0, &scope), Ok(104));
+        assert_eq!(pool.allocate_within(108, &scope), Ok(108));
+        let none = pool.allocate_within(0, &scope).unwrap_err();
+        assert_eq!(
+            none.to_string(),
+            "no free port among those this token may use (103-104, 108)"
+        );
+        assert!(matches!(
+            pool.allocate_within(100, &scope),
+            Err(PortError::NoneAllowed { .. })
+        ));
+        assert!(matches!(
+            pool.allocate_within(0, &[(200, 300)]),
+            Err(PortError::NoneAllowed { .. })
+        ));
+        assert_eq!(
+            pool.allocate(0),
+            Ok(100),
+            "outside a scope, the pool is unchanged"
+        );
+        assert!(pool.release(103));
+        assert_eq!(pool.allocate_within(0, &scope), Ok(103));
+    }
 
     #[test]
     fn zero_takes_the_lowest_free_port() {

@@ -295,6 +295,38 @@ async fn config_files_drive_server_and_agent_and_flags_override_them() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A `[[tokens]]` entry's `ports` in the server's file holds its agent to
+/// those public ports: a service asking for any port gets the scope's.
+#[actix_web::test]
+async fn a_token_file_scope_holds_an_agent_to_its_ports() {
+    let control = free_ports(1).0;
+    let (low, high) = free_ports(2);
+    let echo = services::echo().await;
+    let dir = std::env::temp_dir().join(format!("zlt-cli-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let server_toml = dir.join("server.toml");
+    std::fs::write(
+        &server_toml,
+        format!(
+            "listen = [\"127.0.0.1:{control}\"]\n[[tokens]]\nhash = \"{}\"\nports = [[{high}, {high}]]\n[tunnel]\ndata_port_range = [{low}, {high}]\nbind_host = \"127.0.0.1\"\n",
+            zlayer_tunnel::hash_token(common::process::TOKEN)
+        ),
+    )
+    .unwrap();
+    let _server = Proc::spawn(&["server", "--config", server_toml.to_str().unwrap()]);
+    wait_listening(control).await;
+    let url = format!("ws://127.0.0.1:{control}/tunnel/v1");
+    let _agent = registered_agent(&url, &format!("echo:{echo}:0"));
+    echo_through(([127, 0, 0, 1], high).into(), 1, 64 << 10).await;
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", low))
+            .await
+            .is_err(),
+        "the service was given {low}, outside its token's ports"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[actix_web::test]
 async fn status_and_metrics_count_a_real_transfer_byte_for_byte() {
     let (control, public, admin) = (free_ports(1).0, free_ports(1).0, free_ports(1).0);

@@ -484,6 +484,61 @@ async fn next_reply(ws: &mut RawWs) -> Message {
     }
 }
 
+/// A token scoped to some public ports gets only those: port 0 takes the
+/// lowest free one of them, a port outside them is refused naming them, and
+/// a full scope says so; other tokens are unaffected.
+#[actix_web::test]
+async fn a_token_scoped_to_ports_gets_only_those() {
+    use zlayer_tunnel::{TokenScope, TokenStore, hash_token};
+    let (p, last) = free_ports(4);
+    let scope = TokenScope {
+        ports: Some(vec![(p + 1, p + 2)]),
+        ..TokenScope::default()
+    };
+    let store = TokenStore::new()
+        .with_hash(&hash_token("tenant"), scope)
+        .unwrap()
+        .with_token("other");
+    let server = common::spawn_server_with_tokens(fast_config((p, last)), store);
+    let mut tenant = RawWs::connect(server.addr, PATH).await;
+    authed(&mut tenant, "tenant", Uuid::new_v4()).await;
+    let register = |name: &'static str, port: u16| {
+        Message::register(name, ServiceProtocol::Tcp, 22, port).unwrap()
+    };
+    tenant.send(&register("outside", p)).await;
+    match next_reply(&mut tenant).await {
+        Message::RegisterFail { reason, .. } => assert_eq!(
+            reason,
+            format!(
+                "token may not use port {p} (its ports: {}-{})",
+                p + 1,
+                p + 2
+            )
+        ),
+        other => panic!("{other:?}"),
+    }
+    tenant.send(&register("a", 0)).await;
+    assert_eq!(register_ok(&mut tenant).await, p + 1);
+    tenant.send(&register("b", p + 2)).await;
+    assert_eq!(register_ok(&mut tenant).await, p + 2);
+    tenant.send(&register("c", 0)).await;
+    match next_reply(&mut tenant).await {
+        Message::RegisterFail { reason, .. } => assert!(
+            reason.contains(&format!(
+                "no free port among those this token may use ({}-{})",
+                p + 1,
+                p + 2
+            )),
+            "{reason}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let mut other = RawWs::connect(server.addr, PATH).await;
+    authed(&mut other, "other", Uuid::new_v4()).await;
+    other.send(&register("d", 0)).await;
+    assert_eq!(register_ok(&mut other).await, p);
+}
+
 #[actix_web::test]
 async fn a_registration_over_max_services_per_tunnel_is_refused_naming_the_limit() {
     let (p, last) = free_ports(3);

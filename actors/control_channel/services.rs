@@ -15,6 +15,8 @@ impl ControlChannel {
         let limit = self.shared.config.max_services_per_tunnel;
         let refusal = if let Err(e) = self.scope.check_register(&name) {
             Some(e.to_string())
+        } else if let Err(e) = self.scope.check_port(remote_port) {
+            Some(e.to_string())
         } else if session.services.len() >= limit {
             Some(format!("tunnel is at its limit of {limit} services"))
         } else if protocol == ServiceProtocol::Udp
@@ -35,11 +37,13 @@ impl ControlChannel {
         let tunnel_id = session.tunnel_id;
         let registry = self.shared.registry.addr().clone();
         let host = self.shared.config.bind_host.clone();
+        let allowed = self.scope.ports.clone();
         // `wait` holds later frames until this answer is sent: replies stay in order
         async move {
             let alloc = AllocatePort {
                 tunnel_id,
                 requested: remote_port,
+                allowed,
             };
             let port = match registry
                 .send(alloc)

@@ -135,6 +135,34 @@ fn the_server_file_prefixes_tunnel_keys() {
 }
 
 #[test]
+fn a_token_scope_takes_port_ranges_inside_the_server_range() {
+    let hash = "a".repeat(64);
+    let file = ServerFile::from_toml_str(&format!(
+        "[[tokens]]\nhash = \"{hash}\"\nports = [[30000, 30009], [30100, 30100]]\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        file.tokens[0].ports,
+        Some(vec![(30000, 30009), (30100, 30100)])
+    );
+    for (ports, reason) in [
+        (
+            "[[31000, 31001]]",
+            "31000-31001 is outside data_port_range 30000-31000",
+        ),
+        (
+            "[[30005, 30001]]",
+            "30005-30001 is empty: need 1 <= low <= high",
+        ),
+    ] {
+        let err =
+            ServerFile::from_toml_str(&format!("[[tokens]]\nhash = \"{hash}\"\nports = {ports}\n"))
+                .unwrap_err();
+        assert_eq!(err.to_string(), format!("tokens[0].ports: {reason}"));
+    }
+}
+
+#[test]
 fn single_port_range_is_valid() {
     assert!(
         TunnelServerConfig::new()
