@@ -10,7 +10,7 @@ use actix_web::{App, HttpResponse, HttpServer, web};
 use futures::future::LocalBoxFuture;
 
 use super::{TunnelAgent, TunnelRegistry};
-use crate::status::{StatusReport, render_agent_metrics, render_metrics};
+use crate::status::{StatusReport, render_agent_metrics, render_guard_metrics, render_metrics};
 
 /// What the admin endpoints report on.
 pub(crate) trait AdminSource: Send + Sync + 'static {
@@ -28,6 +28,7 @@ impl AdminSource for TunnelRegistry {
             let report = StatusReport {
                 tunnels: &tunnels,
                 free_ports,
+                guards: self.guards(),
             };
             serde_json::to_value(report).unwrap_or_default()
         })
@@ -36,7 +37,9 @@ impl AdminSource for TunnelRegistry {
     fn metrics(&self) -> LocalBoxFuture<'_, String> {
         Box::pin(async move {
             let tunnels = self.list_tunnels().await;
-            render_metrics(&tunnels, self.available_ports().await)
+            let mut text = render_metrics(&tunnels, self.available_ports().await);
+            text.push_str(&render_guard_metrics(&self.guards()));
+            text
         })
     }
 }

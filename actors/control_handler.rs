@@ -84,12 +84,17 @@ impl AuthPlace {
     /// most once a second).
     fn take(shared: &Arc<ServerShared>, peer: SocketAddr) -> Result<Self, PendingRefused> {
         let mut pending = shared.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let guards = shared.registry.guard_counters();
         match pending.enter(peer.ip()) {
-            Ok(()) => Ok(Self {
-                shared: shared.clone(),
-                addr: peer.ip(),
-            }),
+            Ok(()) => {
+                guards.auth_started();
+                Ok(Self {
+                    shared: shared.clone(),
+                    addr: peer.ip(),
+                })
+            }
             Err(refused) => {
+                guards.refused_unauthenticated();
                 if let Some(count) = pending.note_refusal(Instant::now()) {
                     tracing::warn!(%peer, reason = %refused, refused = count, "control connection refused before authentication");
                 }
@@ -107,6 +112,7 @@ impl Drop for AuthPlace {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         pending.leave(self.addr);
+        self.shared.registry.guard_counters().auth_ended();
     }
 }
 

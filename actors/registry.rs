@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use super::Error;
 use super::relay::Relay;
-use crate::accounting::{Counters, Snapshot};
+use crate::accounting::{Counters, GuardCounters, GuardSnapshot, Snapshot};
 use crate::liveness::Liveness;
 use crate::ports::{PortError, PortPool};
 use crate::protocol::ServiceProtocol;
@@ -375,6 +375,7 @@ impl Registry {
 pub struct TunnelRegistry {
     addr: Addr<Registry>,
     range: (u16, u16),
+    guards: Arc<GuardCounters>,
 }
 
 impl TunnelRegistry {
@@ -383,7 +384,22 @@ impl TunnelRegistry {
     pub fn new(range: (u16, u16)) -> Self {
         let addr =
             Registry::start_in_arbiter(super::runtime::arbiter(), move |_| Registry::new(range));
-        Self { addr, range }
+        Self {
+            addr,
+            range,
+            guards: Arc::default(),
+        }
+    }
+
+    /// What the admission limits turned away (connections awaiting
+    /// authentication, refused, public ports that paused accepting).
+    pub fn guards(&self) -> GuardSnapshot {
+        self.guards.snapshot()
+    }
+
+    /// The admission counters, for the handler and listeners to count into.
+    pub(crate) fn guard_counters(&self) -> &Arc<GuardCounters> {
+        &self.guards
     }
 
     /// The port range.

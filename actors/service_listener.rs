@@ -20,6 +20,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::accounting::GuardCounters;
+
 /// Accepted sockets inherit `TCP_NODELAY` and `TCP_NOTSENT_LOWAT` from their
 /// listener on Linux, so [`ServiceListener::bind`] sets them there once, and
 /// visitors' sockets need no setting of their own (two system calls fewer per
@@ -137,13 +139,14 @@ impl ServiceListener {
         port: u16,
         channel: Recipient<VisitorArrived>,
         cancel: CancellationToken,
+        guards: Arc<GuardCounters>,
     ) -> Addr<Self> {
         let waiting = Arc::new(Semaphore::new(MAX_WAITING_VISITORS));
         Self::create(|ctx| {
             ctx.add_stream(futures::stream::unfold(listener, move |l| {
-                let waiting = waiting.clone();
+                let (waiting, guards) = (waiting.clone(), guards.clone());
                 async move {
-                    let next = accept(&l, waiting, port).await;
+                    let next = accept(&l, waiting, port, &guards).await;
                     if next.is_err() {
                         // out of descriptors or similar: do not spin
                         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -163,10 +166,16 @@ impl ServiceListener {
 
 /// Accepts the next visitor once fewer than [`MAX_WAITING_VISITORS`] wait for
 /// the channel.
-async fn accept(listener: &TcpListener, waiting: Arc<Semaphore>, port: u16) -> Accepted {
+async fn accept(
+    listener: &TcpListener,
+    waiting: Arc<Semaphore>,
+    port: u16,
+    guards: &GuardCounters,
+) -> Accepted {
     let place = match waiting.clone().try_acquire_owned() {
         Ok(place) => place,
         Err(_) => {
+            guards.accept_paused();
             tracing::warn!(
                 port,
                 waiting = MAX_WAITING_VISITORS,

@@ -157,6 +157,59 @@ impl CounterSet {
     }
 }
 
+/// What a server's admission limits turned away: atomics shared by the
+/// control handler, the service listeners and `/status` and `/metrics`.
+#[derive(Debug, Default)]
+pub struct GuardCounters {
+    awaiting_auth: AtomicU64,
+    refused_unauthenticated: AtomicU64,
+    accept_pauses: AtomicU64,
+}
+
+impl GuardCounters {
+    /// A control connection took a place to authenticate.
+    pub fn auth_started(&self) {
+        self.awaiting_auth.fetch_add(1, Relaxed);
+    }
+
+    /// A control connection gave its place back (authenticated, or ended).
+    pub fn auth_ended(&self) {
+        let _ = self
+            .awaiting_auth
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
+    }
+
+    /// A control connection was refused for want of a place.
+    pub fn refused_unauthenticated(&self) {
+        self.refused_unauthenticated.fetch_add(1, Relaxed);
+    }
+
+    /// A public port paused accepting: its tunnel was not taking visitors.
+    pub fn accept_paused(&self) {
+        self.accept_pauses.fetch_add(1, Relaxed);
+    }
+
+    /// A reading.
+    pub fn snapshot(&self) -> GuardSnapshot {
+        GuardSnapshot {
+            awaiting_auth: self.awaiting_auth.load(Relaxed),
+            refused_unauthenticated: self.refused_unauthenticated.load(Relaxed),
+            accept_pauses: self.accept_pauses.load(Relaxed),
+        }
+    }
+}
+
+/// A reading of [`GuardCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GuardSnapshot {
+    /// Control connections awaiting authentication now.
+    pub awaiting_auth: u64,
+    /// Control connections refused before authentication, since the start.
+    pub refused_unauthenticated: u64,
+    /// Times a public port paused accepting, since the start.
+    pub accept_pauses: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

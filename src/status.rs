@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::accounting::Snapshot;
+use crate::accounting::{GuardSnapshot, Snapshot};
 use crate::protocol::ServiceProtocol;
 
 /// A registered service, as reported in [`TunnelInfo`].
@@ -61,6 +61,38 @@ pub struct StatusReport<'a> {
     pub tunnels: &'a [TunnelInfo],
     /// Free public ports.
     pub free_ports: usize,
+    /// What the admission limits turned away.
+    pub guards: GuardSnapshot,
+}
+
+/// What the server's admission limits did, in the same format (appended to
+/// [`render_metrics`]'s text by the admin listener).
+///
+/// ```
+/// let text = zlayer_tunnel::status::render_guard_metrics(&Default::default());
+/// assert!(text.contains("zlayer_tunnel_unauthenticated_refused_total 0\n"));
+/// ```
+pub fn render_guard_metrics(guards: &GuardSnapshot) -> String {
+    let mut out = String::new();
+    gauge(
+        &mut out,
+        "zlayer_tunnel_awaiting_auth",
+        "Control connections awaiting authentication.",
+        guards.awaiting_auth,
+    );
+    counter(
+        &mut out,
+        "zlayer_tunnel_unauthenticated_refused_total",
+        "Control connections refused before authentication (no place free).",
+        guards.refused_unauthenticated,
+    );
+    counter(
+        &mut out,
+        "zlayer_tunnel_accept_pauses_total",
+        "Times a public port paused accepting because its tunnel was not taking visitors.",
+        guards.accept_pauses,
+    );
+    out
 }
 
 /// Renders the Prometheus text exposition format (version 0.0.4).
@@ -310,6 +342,13 @@ type Family = (
     fn(&Snapshot) -> Vec<(&'static str, u64)>,
 );
 
+fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+    );
+}
+
 fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
     let _ = writeln!(
         out,
@@ -385,8 +424,10 @@ mod tests {
         let json = serde_json::to_value(StatusReport {
             tunnels: &tunnels,
             free_ports: 0,
+            guards: GuardSnapshot::default(),
         })
         .unwrap();
+        assert_eq!(json["guards"]["refused_unauthenticated"], 0);
         assert_eq!(json["tunnels"][0]["connected_since"], 0);
         assert_eq!(json["tunnels"][0]["services"][0]["stats"]["bytes_in"], 1234);
         assert_eq!(json["tunnels"][0]["client_addr"], "127.0.0.1:5000");

@@ -402,6 +402,9 @@ async fn unauthenticated_connections_are_bounded_on_a_mounted_route() {
     let (p, _) = free_ports(1);
     let server = spawn_server(few_unauthenticated(p), "secret");
     unauthenticated_connections_are_bounded(server.addr, "secret").await;
+    // what `/status` and `/metrics` report: the refusals, and no place left taken
+    assert!(server.registry.guards().refused_unauthenticated >= 2);
+    wait_until(|| async { server.registry.guards().awaiting_auth == 0 }).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,6 +25,17 @@ async fn visit(port: u16) -> TcpStream {
     TcpStream::connect(("127.0.0.1", port)).await.unwrap()
 }
 
+/// The body of a plain HTTP/1.0 GET to 127.0.0.1:`port`.
+async fn http_get(port: u16, path: &str) -> String {
+    let mut s = visit(port).await;
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).await.unwrap();
+    response
+}
+
 async fn ping_pong(port: u16, rounds: usize) {
     let mut s = visit(port).await;
     let mut buf = [0u8; 64];
@@ -384,7 +395,8 @@ async fn an_agent_that_lies_about_its_window_cannot_make_the_server_buffer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_tunnel_takes_a_bounded_number_of_visitors() {
     const VISITORS: usize = 600;
-    let (control, public) = free_ports(2);
+    let (control, admin) = free_ports(2);
+    let public = free_ports(1).0;
     let server = common::process::Proc::spawn(&[
         "server",
         "--listen",
@@ -397,6 +409,8 @@ async fn a_frozen_tunnel_takes_a_bounded_number_of_visitors() {
         "1s",
         "--heartbeat-timeout",
         "4s",
+        "--admin-listen",
+        &format!("127.0.0.1:{admin}"),
     ]);
     wait_listening(control).await;
     let mut ws = RawWs::connect(([127, 0, 0, 1], control).into(), "/tunnel/v1").await;
@@ -445,6 +459,11 @@ async fn a_frozen_tunnel_takes_a_bounded_number_of_visitors() {
     assert!(
         taken <= 200,
         "a frozen tunnel holds {taken} visitor sockets"
+    );
+    let metrics = http_get(admin, "/metrics").await;
+    assert!(
+        metrics.contains("zlayer_tunnel_accept_pauses_total 1\n"),
+        "{metrics}"
     );
 
     // the heartbeat timeout drops the tunnel; no visitor is left open

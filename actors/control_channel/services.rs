@@ -94,7 +94,9 @@ impl ControlChannel {
         let (listener, protocol) = match bound {
             Bound::Tcp(socket) => {
                 let recipient = ctx.address().recipient();
-                let addr = ServiceListener::start(socket, service_id, port, recipient, cancel);
+                let guards = self.shared.registry.guard_counters().clone();
+                let addr =
+                    ServiceListener::start(socket, service_id, port, recipient, cancel, guards);
                 (Listener::Tcp(addr), ServiceProtocol::Tcp)
             }
             Bound::Udp(socket) => {
