@@ -57,6 +57,13 @@ fn registered_agent(url: &str, spec: &str) -> Proc {
     agent
 }
 
+/// A fresh directory for a test's files.
+fn temp_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("zlt-cli-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// The first line `child` prints on its (piped) stdout, within the deadline.
 async fn first_stdout_line(child: &mut Child) -> String {
     let stdout = child.stdout.take().unwrap();
@@ -240,8 +247,7 @@ async fn an_agent_with_a_wrong_token_exits_with_the_reason() {
 async fn config_files_drive_server_and_agent_and_flags_override_them() {
     let (control, public) = (free_ports(1).0, free_ports(1).0);
     let echo = services::echo().await;
-    let dir = std::env::temp_dir().join(format!("zlt-cli-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir();
     let server_toml = dir.join("server.toml");
     std::fs::write(
         &server_toml,
@@ -302,17 +308,13 @@ async fn a_token_file_scope_holds_an_agent_to_its_ports() {
     let control = free_ports(1).0;
     let (low, high) = free_ports(2);
     let echo = services::echo().await;
-    let dir = std::env::temp_dir().join(format!("zlt-cli-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir();
     let server_toml = dir.join("server.toml");
-    std::fs::write(
-        &server_toml,
-        format!(
-            "listen = [\"127.0.0.1:{control}\"]\n[[tokens]]\nhash = \"{}\"\nports = [[{high}, {high}]]\n[tunnel]\ndata_port_range = [{low}, {high}]\nbind_host = \"127.0.0.1\"\n",
-            zlayer_tunnel::hash_token(common::process::TOKEN)
-        ),
-    )
-    .unwrap();
+    let text = format!(
+        "listen = [\"127.0.0.1:{control}\"]\n[[tokens]]\nhash = \"{}\"\nports = [[{high}, {high}]]\n[tunnel]\ndata_port_range = [{low}, {high}]\nbind_host = \"127.0.0.1\"\n",
+        zlayer_tunnel::hash_token(common::process::TOKEN)
+    );
+    std::fs::write(&server_toml, text).unwrap();
     let _server = Proc::spawn(&["server", "--config", server_toml.to_str().unwrap()]);
     wait_listening(control).await;
     let url = format!("ws://127.0.0.1:{control}/tunnel/v1");
@@ -697,8 +699,7 @@ async fn a_killed_agents_port_is_free_within_a_second() {
 async fn the_server_logs_an_agent_refused_over_max_tunnels() {
     let (control, public) = (free_ports(1).0, free_ports(1).0);
     let echo = services::echo().await;
-    let dir = std::env::temp_dir().join(format!("zlt-cli-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir();
     let config = dir.join("server.toml");
     std::fs::write(
         &config,

@@ -319,30 +319,29 @@ async fn an_agent_that_stops_reading_is_dropped_by_the_registry_watchdog() {
     }
 }
 
-/// Credit windows bound what a truthful agent lets the server send. This
-/// agent announces a 2 GiB window per stream and then reads nothing: the
-/// server's WebSocket actor freezes, and without the tunnel's read gate its
-/// visitors' bytes would pile up in the actor's mailbox at memory speed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_that_lies_about_its_window_cannot_make_the_server_buffer() {
-    const PER_VISITOR: u64 = 256 << 20;
+/// A server process on fresh ports, with `flags` besides its listen address,
+/// port and bind host, and a raw agent authenticated with a `window` per
+/// stream and one TCP service registered: the server, the agent's
+/// WebSocket, and the service's public port.
+async fn server_with_raw_agent(flags: &[&str], window: u32) -> (common::process::Proc, RawWs, u16) {
     let (control, public) = free_ports(2);
-    let server = common::process::Proc::spawn(&[
+    let (listen, range) = (format!("127.0.0.1:{control}"), format!("{public}-{public}"));
+    let mut args = vec![
         "server",
         "--listen",
-        &format!("127.0.0.1:{control}"),
+        &listen,
         "--port-range",
-        &format!("{public}-{public}"),
+        &range,
         "--bind-host",
         "127.0.0.1",
-        "--heartbeat-timeout",
-        "120s",
-    ]);
+    ];
+    args.extend_from_slice(flags);
+    let server = common::process::Proc::spawn(&args);
     wait_listening(control).await;
     let mut ws = RawWs::connect(([127, 0, 0, 1], control).into(), "/tunnel/v1").await;
     let caps = zlayer_tunnel::protocol::Capabilities {
         features: zlayer_tunnel::protocol::Features::STREAMS,
-        initial_window: i32::MAX as u32,
+        initial_window: window,
     };
     let token = common::process::TOKEN;
     ws.send(&Message::auth(token, Uuid::new_v4(), Some(caps)).unwrap())
@@ -351,6 +350,18 @@ async fn an_agent_that_lies_about_its_window_cannot_make_the_server_buffer() {
     ws.send(&Message::register("svc", ServiceProtocol::Tcp, 22, public).unwrap())
         .await;
     wait_listening(public).await;
+    (server, ws, public)
+}
+
+/// Credit windows bound what a truthful agent lets the server send. This
+/// agent announces a 2 GiB window per stream and then reads nothing: the
+/// server's WebSocket actor freezes, and without the tunnel's read gate its
+/// visitors' bytes would pile up in the actor's mailbox at memory speed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_lies_about_its_window_cannot_make_the_server_buffer() {
+    const PER_VISITOR: u64 = 256 << 20;
+    let (server, ws, public) =
+        server_with_raw_agent(&["--heartbeat-timeout", "120s"], i32::MAX as u32).await;
     let idle = common::rss_kib(server.child.id());
 
     // from here on the agent reads nothing; 8 visitors upload 256 MiB each
@@ -395,36 +406,17 @@ async fn an_agent_that_lies_about_its_window_cannot_make_the_server_buffer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_tunnel_takes_a_bounded_number_of_visitors() {
     const VISITORS: usize = 600;
-    let (control, admin) = free_ports(2);
-    let public = free_ports(1).0;
-    let server = common::process::Proc::spawn(&[
-        "server",
-        "--listen",
-        &format!("127.0.0.1:{control}"),
-        "--port-range",
-        &format!("{public}-{public}"),
-        "--bind-host",
-        "127.0.0.1",
+    let admin = free_ports(1).0;
+    let admin_listen = format!("127.0.0.1:{admin}");
+    let flags = [
         "--heartbeat-interval",
         "1s",
         "--heartbeat-timeout",
         "4s",
         "--admin-listen",
-        &format!("127.0.0.1:{admin}"),
-    ]);
-    wait_listening(control).await;
-    let mut ws = RawWs::connect(([127, 0, 0, 1], control).into(), "/tunnel/v1").await;
-    let caps = zlayer_tunnel::protocol::Capabilities {
-        features: zlayer_tunnel::protocol::Features::STREAMS,
-        initial_window: 64 << 20,
-    };
-    let token = common::process::TOKEN;
-    ws.send(&Message::auth(token, Uuid::new_v4(), Some(caps)).unwrap())
-        .await;
-    assert!(matches!(ws.expect().await, Some(Message::AuthOk { .. })));
-    ws.send(&Message::register("svc", ServiceProtocol::Tcp, 22, public).unwrap())
-        .await;
-    wait_listening(public).await;
+        &admin_listen,
+    ];
+    let (server, ws, public) = server_with_raw_agent(&flags, 64 << 20).await;
 
     // from here on the agent reads nothing: one upload fills the WebSocket
     let written = Arc::new(AtomicU64::new(0));
