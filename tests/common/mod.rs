@@ -301,17 +301,27 @@ pub async fn wait_stalled(
     last
 }
 
-/// `n` consecutive free ports on 127.0.0.1, outside any listener (best effort).
+/// `n` consecutive free ports on 127.0.0.1 (best effort), drawn at random
+/// below the kernel's ephemeral range: a client socket of a concurrent test
+/// never takes one of them between this probe and its use, and the
+/// `TIME_WAIT`s that benchmarks leave on ephemeral ports do not block them.
 pub fn free_ports(n: u16) -> (u16, u16) {
-    for _ in 0..100 {
-        let first = std::net::TcpListener::bind("127.0.0.1:0")
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    // above the benchmarks' fixed ports (21001-24999)
+    let (low, high) = (25000u16, ephemeral.max(26000));
+    let mut seed = u64::from(std::process::id())
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if first > u16::MAX - n {
-            continue;
-        }
+            .as_nanos() as u64;
+    for _ in 0..1000 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let first = low + (seed % u64::from(high - low - n)) as u16;
         let all: Vec<_> = (first..first + n)
             .map(|p| std::net::TcpListener::bind(("127.0.0.1", p)))
             .collect();
