@@ -607,7 +607,8 @@ fn describe_refusal(error: &awc::error::WsClientError) -> String {
     use awc::http::StatusCode;
     match error {
         WsClientError::InvalidResponseStatus(StatusCode::SERVICE_UNAVAILABLE) => {
-            "the server is busy (503: too many connections awaiting authentication); retrying"
+            "the server answered 503 Service Unavailable (busy: a zlayer-tunnel server says so \
+             when too many connections await authentication); retrying"
                 .to_owned()
         }
         WsClientError::InvalidResponseStatus(StatusCode::NOT_FOUND) => {

@@ -5,7 +5,7 @@
 use std::any::Any;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix_tls::accept::rustls_0_23::TlsStream;
 use actix_web::dev::Extensions;
@@ -154,7 +154,8 @@ impl ControlHandler {
         &self.shared.config
     }
 
-    /// A hook for the host's `HttpServer::on_connect` (plain TCP or rustls):
+    /// A hook for the host's `HttpServer::on_connect` (plain TCP, or TLS
+    /// through actix-tls's rustls 0.23 acceptor):
     /// TCP keepalive and `TCP_USER_TIMEOUT` at the heartbeat timeout on each
     /// accepted connection. Without it, an agent that stops reading freezes
     /// its WebSocket actor (actix-web#2441) for as long as its peer keeps the
@@ -247,15 +248,7 @@ async fn serve_raw(
     let mut stream = TcpStream::from_std(std)?;
     let place = match AuthPlace::take(&shared, peer) {
         Ok(place) => place,
-        Err(refused) => {
-            let reason = refused.to_string();
-            let response = format!(
-                "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reason}",
-                reason.len()
-            );
-            stream.write_all(response.as_bytes()).await?;
-            return Err(TunnelError::protocol(reason));
-        }
+        Err(refused) => return refuse_busy(stream, refused).await,
     };
     stream.set_nodelay(true)?;
     harden_control_socket(&stream, shared.config.heartbeat_timeout);
@@ -303,14 +296,29 @@ async fn serve_raw(
 /// Keepalive probes and `TCP_USER_TIMEOUT` on an agent's control socket, so
 /// that the kernel ends a connection whose peer vanished or stopped reading:
 /// the one fault a frozen WebSocket actor cannot detect itself.
-pub(crate) fn harden_control_socket(socket: &TcpStream, timeout: std::time::Duration) {
+pub(crate) fn harden_control_socket(socket: &TcpStream, timeout: Duration) {
     let sock = socket2::SockRef::from(socket);
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(timeout)
-        .with_interval(std::time::Duration::from_secs(5))
+        .with_interval(Duration::from_secs(5))
         .with_retries(3);
     let _ = sock.set_tcp_keepalive(&keepalive);
     let _ = sock.set_tcp_user_timeout(Some(timeout));
+}
+
+/// Answers a raw connection for which no place is free with `503`, once its
+/// request head is in (within a second), so that the answer is not lost to
+/// the reset that closing a socket with unread bytes sends.
+async fn refuse_busy(mut stream: TcpStream, refused: PendingRefused) -> Result<()> {
+    let _ = tokio::time::timeout(Duration::from_secs(1), read_head(&mut stream)).await;
+    let reason = refused.to_string();
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reason}",
+        reason.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    let _ = stream.shutdown().await;
+    Err(TunnelError::protocol(reason))
 }
 
 /// Reads the HTTP request head; returns it and the bytes that followed it.

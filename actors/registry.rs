@@ -391,8 +391,8 @@ impl TunnelRegistry {
         }
     }
 
-    /// What the admission limits turned away (connections awaiting
-    /// authentication, refused, public ports that paused accepting).
+    /// Connections awaiting authentication, and what the admission limits
+    /// turned away (connections refused, public ports that paused accepting).
     pub fn guards(&self) -> GuardSnapshot {
         self.guards.snapshot()
     }

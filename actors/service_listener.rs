@@ -32,6 +32,9 @@ pub(crate) const ACCEPTED_SOCKETS_TUNED: bool = cfg!(target_os = "linux");
 /// taken yet; at this many, the listener stops accepting until it takes one.
 pub(crate) const MAX_WAITING_VISITORS: usize = 128;
 
+/// A pause in accepting that lasts this long is logged and counted.
+const PAUSE_WORTH_A_LINE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A visitor connected to a service's public port.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -175,15 +178,24 @@ async fn accept(
     let place = match waiting.clone().try_acquire_owned() {
         Ok(place) => place,
         Err(_) => {
-            guards.accept_paused();
-            tracing::warn!(
-                port,
-                waiting = MAX_WAITING_VISITORS,
-                "the tunnel is not taking its visitors; accepting paused"
-            );
-            let place = waiting.acquire_owned().await;
-            tracing::info!(port, "the tunnel takes visitors again; accepting");
-            place.map_err(|_| io::Error::other("visitor limit closed"))?
+            // a registration holds the channel's mailbox for a moment: only a
+            // pause that lasts is worth a line
+            let next = waiting.clone().acquire_owned();
+            match tokio::time::timeout(PAUSE_WORTH_A_LINE, next).await {
+                Ok(place) => place,
+                Err(_) => {
+                    guards.accept_paused();
+                    tracing::warn!(
+                        port,
+                        waiting = MAX_WAITING_VISITORS,
+                        "the tunnel is not taking its visitors; accepting paused"
+                    );
+                    let place = waiting.acquire_owned().await;
+                    tracing::info!(port, "the tunnel takes visitors again; accepting");
+                    place
+                }
+            }
+            .map_err(|_| io::Error::other("visitor limit closed"))?
         }
     };
     let (socket, peer) = listener.accept().await?;

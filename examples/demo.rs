@@ -125,10 +125,12 @@ async fn start_server() -> anyhow::Result<SocketAddr> {
         .with_bind_host("127.0.0.1");
     let validator = TokenStore::new().with_token("demo-token").into_validator();
     let handler = ControlHandler::new(registry, config, validator);
+    let hardening = handler.on_connect(); // keepalive, TCP_USER_TIMEOUT
     let server = HttpServer::new(move || {
         let handler = handler.clone();
         App::new().configure(move |c| handler.configure(c))
     })
+    .on_connect(hardening)
     .workers(1)
     .tcp_nodelay(true)
     .shutdown_timeout(1)

@@ -30,10 +30,12 @@ async fn main() -> anyhow::Result<()> {
     let registry = Arc::new(TunnelRegistry::new(config.data_port_range));
     let validator = TokenStore::new().with_token("node-token").into_validator();
     let handler = ControlHandler::new(registry, config, validator);
+    let hardening = handler.on_connect(); // keepalive, TCP_USER_TIMEOUT
     let server = HttpServer::new(move || {
         let handler = handler.clone();
         App::new().configure(move |c| handler.configure(c))
     })
+    .on_connect(hardening)
     .workers(1)
     .tcp_nodelay(true)
     .bind("127.0.0.1:0")?;

@@ -38,11 +38,13 @@ async fn main() -> anyhow::Result<()> {
     let registry = Arc::new(TunnelRegistry::new(range));
     let validator = TokenStore::new().with_token(token).into_validator();
     let handler = ControlHandler::new(registry, config, validator);
+    let hardening = handler.on_connect(); // keepalive, TCP_USER_TIMEOUT
     tracing::info!(%listen, ports = ?range, "tunnel server listening on ws://{listen}/tunnel/v1");
     HttpServer::new(move || {
         let handler = handler.clone();
         App::new().configure(move |c| handler.configure(c))
     })
+    .on_connect(hardening)
     .tcp_nodelay(true)
     .shutdown_timeout(1) // actix-web's default waits 30 s for WebSocket connections
     .bind(listen)

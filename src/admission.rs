@@ -5,9 +5,9 @@
 //! token, and each holds a socket and a session until it authenticates or its
 //! `auth_timeout` ends it. Without a bound, a few thousand idle connections
 //! run the server out of file descriptors, which its tunnels' visitors need
-//! too. A connection takes a place when it is upgraded to a WebSocket and
-//! gives it back when it authenticates or ends; with no place free, it is
-//! refused before the upgrade. The per-address share keeps one address from
+//! too. A connection takes a place before its upgrade to a WebSocket (on a
+//! raw socket, as soon as it is handed over) and gives it back when it
+//! authenticates or ends; with no place free, it is answered `503`. The per-address share keeps one address from
 //! taking every place (an IPv6 address counts by its /64, what one host is
 //! usually given); agents behind one NAT still get in, a few at a time.
 //! Pure: no clock, no IO.
@@ -89,13 +89,13 @@ impl PendingAuth {
                 max: self.max_total,
             });
         }
-        let taken = self.per_address.entry(address_key(addr)).or_insert(0);
-        if *taken >= self.max_per_address {
+        let key = address_key(addr);
+        if self.per_address.get(&key).copied().unwrap_or(0) >= self.max_per_address {
             return Err(PendingRefused::AddressFull {
                 max: self.max_per_address,
             });
         }
-        *taken += 1;
+        *self.per_address.entry(key).or_insert(0) += 1;
         self.total += 1;
         Ok(())
     }
@@ -196,6 +196,16 @@ mod tests {
         assert_eq!(pending.note_refusal(t0 + Duration::from_millis(500)), None);
         assert_eq!(pending.note_refusal(t0 + REFUSAL_LOG_INTERVAL), Some(3));
         assert_eq!(pending.refused(), 4);
+    }
+
+    #[test]
+    fn a_refused_address_leaves_nothing_behind() {
+        let mut pending = PendingAuth::new(10, 0);
+        for last in 0..100u8 {
+            let addr = IpAddr::from([10, 0, 0, last]);
+            assert!(pending.enter(addr).is_err());
+        }
+        assert!(pending.per_address.is_empty());
     }
 
     #[test]

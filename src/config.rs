@@ -559,23 +559,32 @@ impl ServerFile {
             ConfigError::Invalid { key, reason } => invalid(format!("tunnel.{key}"), reason),
             other => other,
         })?;
-        for (i, token) in file.tokens.iter().enumerate() {
-            validate_port_scope(token.ports.as_deref(), file.tunnel.data_port_range)
+        file.check_token_ports(None)?;
+        Ok(file)
+    }
+
+    /// Checks each token's `ports`: every range non-empty and, given the
+    /// server's final `data_port_range` (after command-line flags), inside it.
+    pub fn check_token_ports(&self, range: Option<(u16, u16)>) -> Result<(), ConfigError> {
+        for (i, token) in self.tokens.iter().enumerate() {
+            validate_port_scope(token.ports.as_deref(), range)
                 .map_err(|reason| invalid(format!("tokens[{i}].ports"), reason))?;
         }
-        Ok(file)
+        Ok(())
     }
 }
 
-/// Checks a token's port ranges: each non-empty and inside the server's range.
+/// Checks a token's port ranges: each non-empty and inside the server's
+/// range, when given.
 fn validate_port_scope(
     ranges: Option<&[(u16, u16)]>,
-    (low, high): (u16, u16),
+    server: Option<(u16, u16)>,
 ) -> Result<(), String> {
     for &(first, last) in ranges.unwrap_or_default() {
         if first == 0 || first > last {
             return Err(format!("{first}-{last} is empty: need 1 <= low <= high"));
         }
+        let Some((low, high)) = server else { continue };
         if first < low || last > high {
             return Err(format!(
                 "{first}-{last} is outside data_port_range {low}-{high}"

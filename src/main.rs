@@ -213,6 +213,7 @@ fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     config.heartbeat_interval = args.heartbeat_interval.unwrap_or(config.heartbeat_interval);
     config.heartbeat_timeout = args.heartbeat_timeout.unwrap_or(config.heartbeat_timeout);
     config.validate()?;
+    file.check_token_ports(Some(config.data_port_range))?;
     let listen = listen_addrs(&args, &file)?;
     let (validator, tokens) = if args.accept_any_token || file.accept_any_token {
         tracing::warn!("accepting any token (--accept-any-token): for development only");

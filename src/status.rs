@@ -61,7 +61,8 @@ pub struct StatusReport<'a> {
     pub tunnels: &'a [TunnelInfo],
     /// Free public ports.
     pub free_ports: usize,
-    /// What the admission limits turned away.
+    /// Connections awaiting authentication, and what the admission limits
+    /// turned away.
     pub guards: GuardSnapshot,
 }
 

@@ -264,7 +264,10 @@ async fn server_and_agent_from_plain_tokio() {
 #[actix_web::test]
 async fn an_agent_that_stops_reading_is_dropped_by_the_registry_watchdog() {
     let (port, _) = free_ports(1);
-    let server = spawn_server(fast_config((port, port)), "secret");
+    let mut config = fast_config((port, port));
+    // long enough to see the WebSocket frozen before the watchdog drops it
+    config.heartbeat_timeout = Duration::from_secs(2);
+    let server = spawn_server(config, "secret");
     let mut ws = RawWs::connect(server.addr, "/tunnel/v1").await;
     // a large window, so the server has megabytes to push at an agent that never reads
     let caps = zlayer_tunnel::protocol::Capabilities {
@@ -287,16 +290,24 @@ async fn an_agent_that_stops_reading_is_dropped_by_the_registry_watchdog() {
         }
     }
     // visitors upload; the frames pile up toward the agent, which stops reading
+    let written = Arc::new(AtomicU64::new(0));
     let mut visitors = Vec::new();
     for _ in 0..8 {
         let mut v = visit(port).await;
-        let chunk = vec![5u8; 4 << 20];
+        let written = written.clone();
         visitors.push(tokio::spawn(async move {
-            let _ = v.write_all(&chunk).await;
+            let chunk = vec![5u8; 64 << 10];
+            for _ in 0..64 {
+                if v.write_all(&chunk).await.is_err() {
+                    break;
+                }
+                written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
             v
         }));
     }
-    // a visitor that arrives now waits in the frozen actor's mailbox
+    common::wait_stalled(&written, Duration::from_millis(300), "the uploads").await;
+    // the WebSocket actor is frozen: a visitor that arrives now waits in its mailbox
     let mut late = visit(port).await;
     // the WebSocket actor is frozen (its peer reads nothing); only the registry can end it
     assert!(
@@ -412,7 +423,7 @@ async fn a_frozen_tunnel_takes_a_bounded_number_of_visitors() {
         "--heartbeat-interval",
         "1s",
         "--heartbeat-timeout",
-        "4s",
+        "6s",
         "--admin-listen",
         &admin_listen,
     ];
@@ -452,11 +463,16 @@ async fn a_frozen_tunnel_takes_a_bounded_number_of_visitors() {
         taken <= 200,
         "a frozen tunnel holds {taken} visitor sockets"
     );
-    let metrics = http_get(admin, "/metrics").await;
-    assert!(
-        metrics.contains("zlayer_tunnel_accept_pauses_total 1\n"),
-        "{metrics}"
-    );
+    // the pause lasts, so it is counted (after a second)
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let metrics = http_get(admin, "/metrics").await;
+        if metrics.contains("zlayer_tunnel_accept_pauses_total 1\n") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // the heartbeat timeout drops the tunnel; no visitor is left open
     let dropped = std::time::Instant::now();

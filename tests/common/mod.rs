@@ -306,12 +306,23 @@ pub async fn wait_stalled(
 /// never takes one of them between this probe and its use, and the
 /// `TIME_WAIT`s that benchmarks leave on ephemeral ports do not block them.
 pub fn free_ports(n: u16) -> (u16, u16) {
-    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
-    // above the benchmarks' fixed ports (21001-24999)
-    let (low, high) = (25000u16, ephemeral.max(26000));
+    let ephemeral: Vec<u16> = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let (first_ephemeral, last_ephemeral) = match ephemeral[..] {
+        [low, high] => (low, high),
+        _ => (32768, 60999),
+    };
+    // above the benchmarks' fixed ports (21001-24999), outside the ephemeral range
+    let (low, high) = if first_ephemeral >= 25000 + 2 * n {
+        (25000, first_ephemeral)
+    } else if last_ephemeral <= u16::MAX - 2 * n {
+        (last_ephemeral + 1, u16::MAX)
+    } else {
+        (1024, u16::MAX) // no room outside it: anywhere
+    };
     let mut seed = u64::from(std::process::id())
         ^ std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
