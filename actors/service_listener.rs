@@ -175,31 +175,37 @@ async fn accept(
     port: u16,
     guards: &GuardCounters,
 ) -> Accepted {
-    let place = match waiting.clone().try_acquire_owned() {
-        Ok(place) => place,
-        Err(_) => {
-            // a registration holds the channel's mailbox for a moment: only a
-            // pause that lasts is worth a line
-            let next = waiting.clone().acquire_owned();
-            match tokio::time::timeout(PAUSE_WORTH_A_LINE, next).await {
-                Ok(place) => place,
-                Err(_) => {
-                    guards.accept_paused();
-                    tracing::warn!(
-                        port,
-                        waiting = MAX_WAITING_VISITORS,
-                        "the tunnel is not taking its visitors; accepting paused"
-                    );
-                    let place = waiting.acquire_owned().await;
-                    tracing::info!(port, "the tunnel takes visitors again; accepting");
-                    place
-                }
-            }
-            .map_err(|_| io::Error::other("visitor limit closed"))?
-        }
-    };
+    let place = take_place(waiting, port, guards)
+        .await
+        .map_err(|_| io::Error::other("visitor limit closed"))?;
     let (socket, peer) = listener.accept().await?;
     Ok((socket, peer, place))
+}
+
+/// A place among the visitors waiting for the channel, as soon as one is
+/// free. A wait that lasts (the channel is stuck, not just busy with a
+/// registration for a moment) is logged and counted.
+async fn take_place(
+    waiting: Arc<Semaphore>,
+    port: u16,
+    guards: &GuardCounters,
+) -> Result<OwnedSemaphorePermit, tokio::sync::AcquireError> {
+    if let Ok(place) = waiting.clone().try_acquire_owned() {
+        return Ok(place);
+    }
+    let next = waiting.clone().acquire_owned();
+    if let Ok(place) = tokio::time::timeout(PAUSE_WORTH_A_LINE, next).await {
+        return place;
+    }
+    guards.accept_paused();
+    tracing::warn!(
+        port,
+        waiting = MAX_WAITING_VISITORS,
+        "the tunnel is not taking its visitors; accepting paused"
+    );
+    let place = waiting.acquire_owned().await;
+    tracing::info!(port, "the tunnel takes visitors again; accepting");
+    place
 }
 
 #[cfg(test)]
