@@ -43,7 +43,6 @@ pub struct PendingAuth {
     per_address: HashMap<IpAddr, usize>,
     max_total: usize,
     max_per_address: usize,
-    refused: u64,
     refused_unlogged: u64,
     logged_at: Option<Instant>,
 }
@@ -56,7 +55,6 @@ impl PendingAuth {
             per_address: HashMap::new(),
             max_total,
             max_per_address,
-            refused: 0,
             refused_unlogged: 0,
             logged_at: None,
         }
@@ -65,7 +63,6 @@ impl PendingAuth {
     /// Counts a refusal at `now`; when a log line is due, the refusals it
     /// reports (this one and those not logged since the last line).
     pub fn note_refusal(&mut self, now: Instant) -> Option<u64> {
-        self.refused += 1;
         self.refused_unlogged += 1;
         let due = self
             .logged_at
@@ -75,11 +72,6 @@ impl PendingAuth {
         }
         self.logged_at = Some(now);
         Some(std::mem::take(&mut self.refused_unlogged))
-    }
-
-    /// Connections refused so far.
-    pub fn refused(&self) -> u64 {
-        self.refused
     }
 
     /// Takes a place for a connection from `addr`.
@@ -195,7 +187,6 @@ mod tests {
         assert_eq!(pending.note_refusal(t0 + Duration::from_millis(10)), None);
         assert_eq!(pending.note_refusal(t0 + Duration::from_millis(500)), None);
         assert_eq!(pending.note_refusal(t0 + REFUSAL_LOG_INTERVAL), Some(3));
-        assert_eq!(pending.refused(), 4);
     }
 
     #[test]

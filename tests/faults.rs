@@ -449,30 +449,27 @@ async fn a_frozen_tunnel_takes_a_bounded_number_of_visitors() {
         visitors.push(visit(public).await);
     }
     // the server takes what it takes; wait until its descriptors stop moving
-    let (mut last, mut still) = (usize::MAX, 0);
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while still < 5 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = common::fd_count(server.child.id());
-        still = if now == last { still + 1 } else { 0 };
-        last = now;
-    }
-    let taken = last.saturating_sub(before);
+    let fds = || common::fd_count(server.child.id()) as u64;
+    let settled = common::wait_settled(fds, Duration::from_millis(500), |n| {
+        format!("the server's descriptors never settled: {n}")
+    })
+    .await;
+    let taken = (settled as usize).saturating_sub(before);
     eprintln!("{taken} of {VISITORS} visitors taken by the frozen tunnel");
     assert!(
         taken <= 200,
         "a frozen tunnel holds {taken} visitor sockets"
     );
     // the pause lasts, so it is counted (after a second)
-    let deadline = std::time::Instant::now() + DEADLINE;
-    loop {
-        let metrics = http_get(admin, "/metrics").await;
-        if metrics.contains("zlayer_tunnel_accept_pauses_total 1\n") {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{metrics}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::wait_until(
+        "zlayer_tunnel_accept_pauses_total 1 in /metrics",
+        || async {
+            http_get(admin, "/metrics")
+                .await
+                .contains("zlayer_tunnel_accept_pauses_total 1\n")
+        },
+    )
+    .await;
 
     // the heartbeat timeout drops the tunnel; no visitor is left open
     let dropped = std::time::Instant::now();

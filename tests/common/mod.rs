@@ -285,16 +285,25 @@ pub async fn wait_stalled(
     what: &str,
 ) -> u64 {
     let load = || progress.load(std::sync::atomic::Ordering::Relaxed);
+    wait_settled(load, quiet, |last| {
+        format!("{what} never stalled: {} MiB so far", last >> 20)
+    })
+    .await
+}
+
+/// Waits until `read` gives the same value for `quiet`, and returns it;
+/// panics with `failure(last value)` after `3 * DEADLINE`.
+pub async fn wait_settled(
+    mut read: impl FnMut() -> u64,
+    quiet: Duration,
+    failure: impl Fn(u64) -> String,
+) -> u64 {
     let deadline = tokio::time::Instant::now() + DEADLINE * 3;
     let (mut last, mut still) = (u64::MAX, 0);
     while still < 5 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what} never stalled: {} MiB so far",
-            load() >> 20
-        );
+        assert!(tokio::time::Instant::now() < deadline, "{}", failure(last));
         tokio::time::sleep(quiet / 5).await;
-        let now = load();
+        let now = read();
         still = if now == last { still + 1 } else { 0 };
         last = now;
     }
