@@ -10,7 +10,12 @@
 #
 # Targets: direct (no tunnel: the machine's limit), zlt (this project, built
 # with the dist profile), rathole and bore (from
-# `cargo install --root ~/.cache/tunnel-peers rathole@0.5.0 bore-cli@0.6.0`).
+# `cargo install --root ~/.cache/tunnel-peers rathole@0.5.0 bore-cli@0.6.0`),
+# and two baselines that are not tunnels: relay (one plain TCP relay process,
+# `tcpload relay`: accept, dial the service, copy; the least work any tunnel
+# that ends the visitor's TCP and dials the service must do) and relay2 (two
+# relays chained by a TCP connection per visitor: a two-process tunnel's
+# shape with nothing else in it).
 # Loads: 1 GiB up and down on one stream, 1 GiB up on each of 8 streams,
 # 64-byte ping-pong on 1 and on 64 connections, new connections/s (connect,
 # one ping-pong, the service closes) with 4 workers, 1000 idle connections
@@ -55,6 +60,11 @@ rss_kb() { local t=0; for p in "$@"; do t=$((t + $(awk '/VmRSS/{print $2}' "/pro
 up_target() {
   case $1 in
     direct) PORT=$LOCAL ;;
+    relay)
+      start "$LOAD" relay 127.0.0.1:$PUB 127.0.0.1:$LOCAL; PORT=$PUB ;;
+    relay2)
+      start "$LOAD" relay 127.0.0.1:$CTRL 127.0.0.1:$LOCAL; wait_tcp $CTRL || return 1
+      start "$LOAD" relay 127.0.0.1:$PUB 127.0.0.1:$CTRL; PORT=$PUB ;;
     zlt)
       start "$BIN" server --listen 127.0.0.1:$CTRL --port-range $PUB-$PUB --bind-host 127.0.0.1 --token bench-token
       wait_tcp $CTRL || return 1

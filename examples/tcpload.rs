@@ -9,6 +9,7 @@
 //! cargo run --release --example tcpload -- rr 127.0.0.1:21211 64 64 5         # conns, size, seconds
 //! cargo run --release --example tcpload -- conn 127.0.0.1:21211 4 5           # workers, seconds
 //! cargo run --release --example tcpload -- hold 127.0.0.1:21211 1000 3        # conns, seconds
+//! cargo run --release --example tcpload -- relay 127.0.0.1:21211 127.0.0.1:21201  # listen, target
 //! ```
 //!
 //! * `up` / `down`: each stream carries BYTES of a pattern that depends on the
@@ -20,6 +21,10 @@
 //!   closes first (so TIME_WAIT stays on the service's side), wait for its FIN.
 //! * `hold`: CONNS idle connections, each checked to echo when opened and
 //!   again after SECONDS.
+//! * `relay`: not a load but a baseline, the least any tunnel must do: a
+//!   plain TCP relay on one thread that accepts, dials TARGET and copies both
+//!   ways (half-close passed on). `bench.sh relay` and `relay2` (two relays in
+//!   a chain, one TCP connection between them per visitor) measure it.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -35,9 +40,19 @@ const DOWN: u8 = 2;
 const ECHO: u8 = 3;
 const PING: u8 = 4;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let runtime = match args.first().map(String::as_str) {
+        // one thread, as a tunnel's server or agent serves one session on one
+        Some("relay") => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        _ => tokio::runtime::Runtime::new()?,
+    };
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Vec<String>) -> anyhow::Result<()> {
     let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or_default();
     let num = |i: usize| -> anyhow::Result<u64> {
         arg(i)
@@ -47,11 +62,14 @@ async fn main() -> anyhow::Result<()> {
     let addr = arg(1).to_owned();
     let ok = match arg(0) {
         "serve" => return serve(&addr).await,
+        "relay" => return relay(&addr, arg(2)).await,
         mode @ ("up" | "down") => bulk(mode, &addr, num(2)?, num(3)? as usize).await,
         "rr" => rr(&addr, num(2)? as usize, num(3)? as usize, secs(num(4)?)).await,
         "conn" => conn(&addr, num(2)? as usize, secs(num(3)?)).await,
         "hold" => hold(&addr, num(2)? as usize, secs(num(3)?)).await,
-        _ => bail!("usage: tcpload serve|up|down|rr|conn|hold ADDR ... (see the file's header)"),
+        _ => bail!(
+            "usage: tcpload serve|up|down|rr|conn|hold|relay ADDR ... (see the file's header)"
+        ),
     };
     std::process::exit(if ok { 0 } else { 1 });
 }
@@ -107,6 +125,22 @@ async fn serve(addr: &str) -> anyhow::Result<()> {
         let (socket, _) = listener.accept().await?;
         tokio::spawn(async move {
             let _ = serve_one(socket).await;
+        });
+    }
+}
+
+async fn relay(addr: &str, target: &str) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr).await.context("bind")?;
+    eprintln!("tcpload relaying {} to {target}", listener.local_addr()?);
+    loop {
+        let (mut visitor, _) = listener.accept().await?;
+        let target = target.to_owned();
+        tokio::spawn(async move {
+            let Ok(mut service) = TcpStream::connect(&target).await else {
+                return;
+            };
+            let _ = (visitor.set_nodelay(true), service.set_nodelay(true));
+            let _ = tokio::io::copy_bidirectional(&mut visitor, &mut service).await;
         });
     }
 }
