@@ -32,11 +32,11 @@ use crate::accounting::{CounterSet, Direction};
 use crate::backoff::Backoff;
 use crate::config::ServiceConfig;
 use crate::fair::FairQueue;
-use crate::liveness::Liveness;
 use crate::protocol::{
-    Capabilities, CloseKind, DEFAULT_INITIAL_WINDOW, Features, MAX_MESSAGE_SIZE, Message,
-    ServiceProtocol, frame_feature,
+    CloseKind, DEFAULT_INITIAL_WINDOW, Features, MAX_MESSAGE_SIZE, Message, ServiceProtocol,
+    frame_feature,
 };
+use crate::session::{AgentAction, AgentSession, LinkError};
 use crate::status::TunnelState;
 use crate::streams::StreamSettings;
 
@@ -52,20 +52,19 @@ type WsSink = SplitSink<actix_codec::Framed<awc::BoxedSocket, ws::Codec>, ws::Me
 /// Data bytes per write batch, so that a control frame waits for at most this much.
 const MAX_BATCH: usize = 256 * 1024;
 
-/// Features this agent offers.
-const OFFERED: Features = Features::from_bits(
-    Features::STREAMS.bits() | Features::DATAGRAMS.bits() | Features::ACCESS.bits(),
-);
-
 /// Stops the agent for good (`TunnelAgent::stop`).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub(crate) struct StopAgent;
 
-/// One WebSocket session's state.
+/// One WebSocket's state.
 struct Link {
     generation: u64,
     sink: Option<WsSink>,
+    /// The link's rules: auth, registrations, heartbeats.
+    session: AgentSession,
+    /// The armed timer of the session's next deadline.
+    timer: Option<(Instant, SpawnHandle)>,
     /// Control frames (heartbeats, credit, answers) go before stream frames
     /// (`Data`, `Close`, kept in order), so they never wait behind windows of data.
     control: VecDeque<Bytes>,
@@ -80,14 +79,9 @@ struct Link {
     /// Local sockets' bytes read and not yet encoded for the server (bounded;
     /// each read frame holds its ticket).
     gate: Arc<ReadGate>,
-    features: Features,
     server_window: u32,
-    authenticated: bool,
     streams: StreamHub,
     flows: FlowHub,
-    services: HashMap<Uuid, ServiceConfig>,
-    awaiting: VecDeque<ServiceConfig>,
-    liveness: Liveness,
     cancel: CancellationToken,
     since: Instant,
 }
@@ -131,9 +125,6 @@ impl Actor for AgentConnection {
                 .into_actor(self)
                 .map(|(), act, ctx| act.connect(ctx)),
         );
-        ctx.run_interval(self.shared.config.heartbeat_interval, |act, ctx| {
-            act.tick(ctx)
-        });
     }
 }
 
@@ -143,7 +134,7 @@ impl Supervised for AgentConnection {
         if let Some(mut link) = self.link.take() {
             link.streams.close_all();
             link.cancel.cancel();
-            if link.authenticated {
+            if link.session.was_authenticated() {
                 self.backoff.connection_ended(link.since.elapsed());
             }
         }
@@ -192,9 +183,6 @@ impl StreamHandler<Result<ws::Frame, actix_http::ws::ProtocolError>> for AgentCo
         item: Result<ws::Frame, actix_http::ws::ProtocolError>,
         ctx: &mut Self::Context,
     ) {
-        if let Some(link) = self.link.as_mut() {
-            link.liveness.seen(Instant::now());
-        }
         match item {
             Ok(ws::Frame::Binary(frame)) => self.on_frame(frame, ctx),
             Ok(ws::Frame::Ping(p)) => self.queue_raw(ws::Message::Pong(p), ctx),
@@ -273,38 +261,24 @@ impl AgentConnection {
         let (sink, stream) = framed.split();
         ctx.add_stream(stream);
         let config = &self.shared.config;
+        let settings = config.session_settings(self.shared.client_id);
         self.link = Some(Link {
             generation: self.starts,
             sink: Some(sink),
+            session: AgentSession::new(settings, Instant::now()),
+            timer: None,
             control: VecDeque::new(),
             acks: Vec::new(),
             write_scheduled: false,
             data: FairQueue::default(),
-            features: Features::NONE,
             server_window: DEFAULT_INITIAL_WINDOW,
-            authenticated: false,
             streams: StreamHub::new(self.settings(DEFAULT_INITIAL_WINDOW)),
             flows: FlowHub::new(config.udp_waiting),
-            services: HashMap::new(),
-            awaiting: VecDeque::new(),
-            liveness: Liveness::new(Instant::now(), config.heartbeat_timeout),
             cancel: CancellationToken::new(),
             since: Instant::now(),
             gate: ReadGate::new(config.read_ahead),
         });
-        let caps = Capabilities {
-            features: OFFERED,
-            initial_window: config.stream_window,
-        };
-        let auth = Message::auth(config.token.clone(), self.shared.client_id, Some(caps));
-        let deadline = config.connect_timeout;
-        self.send(auth.ok(), ctx);
-        ctx.run_later(deadline, |act, ctx| {
-            if act.link.as_ref().is_some_and(|l| !l.authenticated) {
-                tracing::warn!("no answer to Auth in time; reconnecting");
-                act.drop_link("no answer to Auth in time", ctx);
-            }
-        });
+        self.execute(ctx);
     }
 
     fn settings(&self, server_window: u32) -> StreamSettings {
@@ -319,28 +293,18 @@ impl AgentConnection {
                 return self.drop_link(format!("bad frame from the server: {e}"), ctx);
             }
         };
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        if let Some(routed) = link.session.handle_frame(message, Instant::now()) {
+            self.route(routed, ctx);
+        }
+        self.execute(ctx);
+    }
+
+    /// A data-plane frame the session passed: to its stream, flow or access stream.
+    fn route(&mut self, message: Message, ctx: &mut Context<Self>) {
         match message {
-            Message::AuthOk {
-                tunnel_id,
-                capabilities,
-            } => self.authenticated(tunnel_id, capabilities, ctx),
-            Message::AuthFail { reason, .. } => self.auth_failed(reason, ctx),
-            Message::RegisterOk { port, .. } => {
-                self.registered(message_service(&message), port, ctx)
-            }
-            Message::RegisterFail { reason, .. } => self.register_failed(reason, ctx),
-            Message::Heartbeat { timestamp } => {
-                self.send(Some(Message::HeartbeatAck { timestamp }), ctx)
-            }
-            Message::HeartbeatAck { .. } => {}
-            Message::Connect {
-                service_id,
-                connection_id,
-                client_addr,
-                ..
-            } => {
-                self.on_connect(service_id, connection_id, client_addr, ctx);
-            }
             Message::Open {
                 connection_id,
                 service,
@@ -356,11 +320,6 @@ impl AgentConnection {
                     link.streams.refuse(connection_id);
                 }
             }
-            Message::ConnectAck { .. } => {}
-            Message::Disconnect { reason, .. } => {
-                tracing::info!(%reason, "server disconnected the agent");
-                self.drop_link(format!("server disconnected the agent: {reason}"), ctx);
-            }
             Message::Datagram {
                 connection_id,
                 data,
@@ -374,24 +333,85 @@ impl AgentConnection {
             m @ (Message::Data { .. } | Message::Window { .. } | Message::Close { .. }) => {
                 self.on_stream_frame(m, ctx)
             }
-            other => tracing::debug!(kind = ?other.message_type(), "ignored"),
+            _ => {} // ConnectAck of an access stream: it is open both ways
         }
     }
 
-    fn authenticated(
-        &mut self,
-        tunnel_id: Uuid,
-        caps: Option<Capabilities>,
-        ctx: &mut Context<Self>,
-    ) {
-        let features = caps.map_or(Features::NONE, |c| c.features);
-        let server_window = caps.map_or(DEFAULT_INITIAL_WINDOW, |c| c.initial_window);
+    /// Carries out what the session decided, in order.
+    fn execute(&mut self, ctx: &mut Context<Self>) {
+        loop {
+            let Some(action) = self.link.as_mut().and_then(|l| l.session.poll_action()) else {
+                break;
+            };
+            match action {
+                AgentAction::Send(message) => self.send(Some(message), ctx),
+                AgentAction::Authenticated {
+                    tunnel_id,
+                    features,
+                    server_window,
+                } => self.authenticated(tunnel_id, features, server_window),
+                AgentAction::NotRegistered { service, reason } => {
+                    tracing::error!(service = %service.name, reason, "not registered")
+                }
+                AgentAction::Registered {
+                    service_id,
+                    service,
+                    port,
+                } => self.registered(service_id, &service, port),
+                AgentAction::RegistrationRefused { service, reason } => {
+                    self.register_failed(service, &reason, ctx)
+                }
+                AgentAction::Ready => self.connected(),
+                AgentAction::OpenStream {
+                    connection_id,
+                    service_id,
+                    service,
+                    client_addr,
+                } => self.on_connect(service_id, connection_id, &service, &client_addr, ctx),
+                AgentAction::OpenFlow {
+                    connection_id,
+                    service_id,
+                    service,
+                    client_addr,
+                } => self.open_flow(service_id, connection_id, &service, &client_addr, ctx),
+                AgentAction::Close(error) => return self.link_ended(error, ctx),
+            }
+        }
+        self.arm_timer(ctx);
+    }
+
+    /// Arms a timer for the session's next deadline, unless one as early is armed.
+    fn arm_timer(&mut self, ctx: &mut Context<Self>) {
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        let Some(deadline) = link.session.next_deadline() else {
+            return;
+        };
+        if link.timer.as_ref().is_some_and(|(at, _)| *at <= deadline) {
+            return;
+        }
+        if let Some((_, handle)) = link.timer.take() {
+            ctx.cancel_future(handle);
+        }
+        let generation = link.generation;
+        let delay = deadline.saturating_duration_since(Instant::now());
+        let handle = ctx.run_later(delay, move |act, ctx| {
+            let Some(link) = act.link.as_mut().filter(|l| l.generation == generation) else {
+                return;
+            };
+            link.timer = None;
+            link.session.handle_timeout(Instant::now(), super::now_ms());
+            act.execute(ctx);
+        });
+        link.timer = Some((deadline, handle));
+    }
+
+    fn authenticated(&mut self, tunnel_id: Uuid, features: Features, server_window: u32) {
         let settings = self.settings(server_window);
         let Some(link) = self.link.as_mut() else {
             return;
         };
-        link.authenticated = true;
-        link.features = features;
         link.server_window = server_window;
         link.streams = StreamHub::new(settings);
         self.shared.view.connected(tunnel_id);
@@ -403,42 +423,53 @@ impl AgentConnection {
             self.connected();
         }
         for service in self.shared.config.services.clone() {
-            if service.protocol == ServiceProtocol::Udp && !features.contains(Features::DATAGRAMS) {
-                tracing::error!(service = %service.name, "the server does not carry UDP (no DATAGRAMS capability); not registered");
-                continue;
-            }
-            self.register(service, ctx);
+            self.register(service);
         }
     }
 
-    fn auth_failed(&mut self, reason: String, ctx: &mut Context<Self>) {
-        if reason.to_ascii_lowercase().contains("token") {
-            tracing::error!(%reason, "the server refused the token; stopping");
-            return self.finish(Err(crate::TunnelError::auth(reason)), ctx);
+    /// How the session ended: for good (a refused token), or to reconnect.
+    fn link_ended(&mut self, error: LinkError, ctx: &mut Context<Self>) {
+        match &error {
+            LinkError::TokenRefused { reason } => {
+                tracing::error!(%reason, "the server refused the token; stopping");
+                return self.finish(Err(crate::TunnelError::auth(reason.clone())), ctx);
+            }
+            LinkError::AuthRefused { reason } => {
+                tracing::warn!(%reason, "authentication refused; retrying")
+            }
+            LinkError::Disconnected { reason } => {
+                tracing::info!(%reason, "server disconnected the agent")
+            }
+            LinkError::AuthTimeout => tracing::warn!("no answer to Auth in time; reconnecting"),
+            LinkError::HeartbeatTimeout => tracing::warn!(
+                "nothing heard from the server within the heartbeat timeout; reconnecting"
+            ),
+            LinkError::Protocol(violation) => {
+                tracing::warn!(%violation, "protocol error by the server; reconnecting")
+            }
         }
-        tracing::warn!(%reason, "authentication refused; retrying");
-        self.drop_link(format!("authentication refused: {reason}"), ctx);
+        self.drop_link(error.to_string(), ctx);
     }
 
     fn on_connect(
         &mut self,
         service_id: Uuid,
         id: Uuid,
-        client_addr: String,
+        service: &ServiceConfig,
+        client_addr: &str,
         ctx: &mut Context<Self>,
     ) {
-        let udp = self.link.as_ref().and_then(|l| l.services.get(&service_id));
-        if udp.is_some_and(|s| s.protocol == ServiceProtocol::Udp) {
-            return self.open_flow(service_id, id, &client_addr, ctx);
-        }
-        match self.accept_stream(service_id, id, &client_addr) {
-            Ok((local, name)) => {
+        match self.accept_stream(service_id, id, client_addr) {
+            Ok(()) => {
                 let credit = self.link.as_ref().map_or(0, |l| l.server_window);
+                let (local, name) = (service.local_addr(), service.name.clone());
                 self.dial(id, local, name, credit, ctx)
             }
             Err(reason) => {
                 tracing::info!(stream = %id, visitor = %client_addr, reason, "connection refused");
-                self.send(Message::connect_fail(id, reason).ok(), ctx);
+                if let Some(link) = self.link.as_mut() {
+                    link.session.refuse(id, reason);
+                }
             }
         }
     }
@@ -448,20 +479,14 @@ impl AgentConnection {
         service_id: Uuid,
         id: Uuid,
         client_addr: &str,
-    ) -> Result<(String, String), &'static str> {
+    ) -> Result<(), &'static str> {
         let link = self.link.as_mut().ok_or("no link")?;
-        let service = link.services.get(&service_id).ok_or("unknown service")?;
-        if !link.features.contains(Features::STREAMS) {
-            return Err("the server has no data plane");
-        }
         if !self.shared.admits(service_id, id, client_addr) {
             return Err("connection rejected by client");
         }
-        let (local, name) = (service.local_addr(), service.name.clone());
         link.streams
             .open(id)
-            .map_err(|_| "agent is at its stream limit")?;
-        Ok((local, name))
+            .map_err(|_| "agent is at its stream limit")
     }
 
     /// Dials `local` for stream `id`; `credit` is what the stream may send before a `Window`.
@@ -510,7 +535,8 @@ impl AgentConnection {
             Err(reason) => {
                 tracing::info!(stream = %id, %reason, "connection refused");
                 link.streams.refuse(id);
-                return self.send(Message::connect_fail(id, reason).ok(), ctx);
+                link.session.refuse(id, &reason);
+                return self.execute(ctx);
             }
         };
         let wiring = StreamWiring {
@@ -550,27 +576,6 @@ impl AgentConnection {
         self.flush(outbox, ctx);
     }
 
-    fn tick(&mut self, ctx: &mut Context<Self>) {
-        let Some(link) = self.link.as_ref().filter(|l| l.authenticated) else {
-            return;
-        };
-        if link.liveness.is_expired(Instant::now()) {
-            tracing::warn!(
-                "nothing heard from the server within the heartbeat timeout; reconnecting"
-            );
-            return self.drop_link(
-                "nothing heard from the server within the heartbeat timeout",
-                ctx,
-            );
-        }
-        let timestamp = crate::liveness::heartbeat_timestamp(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default(),
-        );
-        self.send(Some(Message::Heartbeat { timestamp }), ctx);
-    }
-
     /// Ends this link for `error` (the status reports it); the supervisor
     /// reconnects after a backoff delay.
     fn drop_link(&mut self, error: impl Into<String>, ctx: &mut Context<Self>) {
@@ -589,13 +594,6 @@ impl AgentConnection {
         });
         self.shared.done(AgentStopped(result));
         ctx.stop();
-    }
-}
-
-fn message_service(message: &Message) -> Uuid {
-    match message {
-        Message::RegisterOk { service_id, .. } => *service_id,
-        _ => Uuid::nil(),
     }
 }
 

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_web_actors::ws;
@@ -24,6 +24,7 @@ use uuid::Uuid;
 
 use super::control_handler::{AuthPlace, ServerShared};
 use super::forwarded_connection::{ForwardedConnection, StreamEvent, StreamWiring};
+use super::now_ms;
 use super::read_gate::ReadGate;
 use super::registry::{
     AllocatePort, CloseTunnel, FindService, FlowView, OpenTunnel, ReleasePort, ReportAlive,
@@ -39,21 +40,15 @@ use super::udp_listener::{
 };
 use crate::accounting::{CounterSet, Counters, Direction};
 use crate::auth::{TokenScope, hash_token};
-use crate::liveness::{Liveness, heartbeat_timestamp};
-use crate::protocol::{
-    Capabilities, CloseKind, DEFAULT_INITIAL_WINDOW, Features, Message, ServiceProtocol,
-    frame_feature,
+use crate::protocol::{AuthRefusal, CloseKind, Features, Message, ServiceProtocol, frame_feature};
+use crate::session::{
+    CloseReason, ProtocolViolation, Registration, ServerAction, ServerSession, TokenRefusal,
+    check_token,
 };
-use crate::throttle::Admission;
 
 mod access;
 mod services;
 mod udp;
-
-/// Features this server accepts.
-const SUPPORTED: Features = Features::from_bits(
-    Features::STREAMS.bits() | Features::DATAGRAMS.bits() | Features::ACCESS.bits(),
-);
 
 /// A registered service of this tunnel.
 struct Service {
@@ -92,8 +87,9 @@ struct Flow {
     counters: Arc<Counters>,
 }
 
-/// The authenticated part of a session.
-struct Session {
+/// What an authenticated tunnel holds on the server: its listeners, streams,
+/// flows and relays (the rules live in the channel's `ServerSession`).
+struct Tunnel {
     tunnel_id: Uuid,
     features: Features,
     cancel: CancellationToken,
@@ -111,12 +107,14 @@ struct Session {
 pub(crate) struct ControlChannel {
     shared: Arc<ServerShared>,
     peer: SocketAddr,
-    session: Option<Session>,
-    liveness: Liveness,
+    /// The link's rules: auth, negotiation, registrations, heartbeats.
+    core: ServerSession,
+    /// Set once the agent is authenticated.
+    tunnel: Option<Tunnel>,
+    /// The armed timer of the core's next deadline.
+    timer: Option<(Instant, SpawnHandle)>,
     outbox: Vec<Bytes>,
     counters: Arc<Counters>,
-    /// What this session's token may register and access.
-    scope: TokenScope,
     /// Its place among the connections awaiting authentication, until it
     /// authenticates.
     place: Option<AuthPlace>,
@@ -127,34 +125,26 @@ impl Actor for ControlChannel {
     type Context = ws::WebsocketContext<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let config = &self.shared.config;
-        ctx.run_later(config.auth_timeout, |act, ctx| {
-            if act.session.is_none() {
-                act.span
-                    .in_scope(|| tracing::warn!("no authentication before the deadline; closing"));
-                ctx.stop();
-            }
-        });
-        ctx.run_interval(config.heartbeat_interval, |act, ctx| act.tick(ctx));
+        self.arm_timer(ctx);
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
         self.place = None;
-        let Some(mut session) = self.session.take() else {
+        let Some(mut tunnel) = self.tunnel.take() else {
             return;
         };
         let _span = self.span.enter();
         tracing::info!(
-            services = session.services.len(),
-            streams = session.streams.len(),
+            services = tunnel.services.len(),
+            streams = tunnel.streams.len(),
             "agent disconnected"
         );
-        session.streams.close_all();
-        session.relays.end_all();
-        session.cancel.cancel();
+        tunnel.streams.close_all();
+        tunnel.relays.end_all();
+        tunnel.cancel.cancel();
         let registry = self.shared.registry.addr();
         registry.do_send(TunnelClosed {
-            tunnel_id: session.tunnel_id,
+            tunnel_id: tunnel.tunnel_id,
         });
     }
 }
@@ -165,9 +155,8 @@ impl Handler<CloseTunnel> for ControlChannel {
     fn handle(&mut self, msg: CloseTunnel, ctx: &mut Self::Context) {
         self.span
             .in_scope(|| tracing::info!(reason = %msg.reason, "closing session"));
-        self.send(ctx, Message::disconnect(msg.reason).ok());
-        ctx.close(Some(ws::CloseCode::Normal.into()));
-        ctx.stop();
+        self.core.disconnect(&msg.reason);
+        self.execute(ctx);
     }
 }
 
@@ -195,11 +184,11 @@ impl Handler<StreamEvent> for ControlChannel {
     type Result = ();
 
     fn handle(&mut self, event: StreamEvent, ctx: &mut Self::Context) {
-        let Some(session) = self.session.as_mut() else {
+        let Some(tunnel) = self.tunnel.as_mut() else {
             return;
         };
         let mut outbox = std::mem::take(&mut self.outbox);
-        session.streams.on_event(event, &mut |m| outbox.push(m));
+        tunnel.streams.on_event(event, &mut |m| outbox.push(m));
         self.flush(outbox, ctx);
     }
 }
@@ -211,10 +200,8 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for ControlChannel {
             Ok(ws::Message::Ping(p)) => ctx.pong(&p),
             Ok(ws::Message::Close(_)) => ctx.stop(),
             Ok(ws::Message::Text(_) | ws::Message::Continuation(_)) => {
-                self.protocol_error(
-                    ctx,
-                    "text and fragmented messages are not part of the protocol",
-                );
+                self.core.violation(ProtocolViolation::NotBinary);
+                self.execute(ctx);
             }
             Ok(ws::Message::Pong(_) | ws::Message::Nop) => {}
             Err(e) => {
@@ -228,79 +215,61 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for ControlChannel {
 
 impl ControlChannel {
     pub(crate) fn new(shared: Arc<ServerShared>, peer: SocketAddr, place: AuthPlace) -> Self {
-        let timeout = shared.config.heartbeat_timeout;
+        let core = ServerSession::new(shared.config.session_settings(), Instant::now());
         Self {
             shared,
             peer,
-            session: None,
-            liveness: Liveness::new(Instant::now(), timeout),
+            core,
+            tunnel: None,
+            timer: None,
             outbox: Vec::new(),
             counters: Arc::new(Counters::new()),
-            scope: TokenScope::default(),
             place: Some(place),
             span: tracing::info_span!("control", %peer, tunnel_id = tracing::field::Empty),
         }
     }
 
     fn on_frame(&mut self, frame: Bytes, ctx: &mut ws::WebsocketContext<Self>) {
-        let message = match Message::decode_bytes(&frame) {
-            Ok((message, _)) => message,
-            Err(e) => return self.protocol_error(ctx, &e.to_string()),
+        let routed = match Message::decode_bytes(&frame) {
+            Ok((message, _)) => self.core.handle_frame(message, Instant::now()),
+            Err(e) => {
+                self.core.violation(ProtocolViolation::Malformed(e));
+                None
+            }
         };
-        match (self.session.is_some(), message) {
-            (
-                false,
-                Message::Auth {
-                    token,
-                    client_id,
-                    capabilities,
-                },
-            ) => {
-                self.authenticate(token.expose(), client_id, capabilities, ctx);
-            }
-            (false, other) => {
-                self.protocol_error(ctx, &format!("{:?} before Auth", other.message_type()))
-            }
-            (true, message) => {
-                let relayed = (self.session.as_mut())
-                    .is_some_and(|s| s.relays.relay_from_peer(&message, &frame));
-                if !relayed {
-                    self.on_session_message(message, ctx);
-                }
+        if let Some(message) = routed {
+            let relayed =
+                (self.tunnel.as_mut()).is_some_and(|t| t.relays.relay_from_peer(&message, &frame));
+            if !relayed {
+                self.route(message, ctx);
             }
         }
+        self.execute(ctx);
     }
 
-    fn on_session_message(&mut self, message: Message, ctx: &mut ws::WebsocketContext<Self>) {
+    /// A data-plane frame the session passed: to its stream, flow or relay.
+    fn route(&mut self, message: Message, ctx: &mut ws::WebsocketContext<Self>) {
         match message {
-            Message::HeartbeatAck { .. } => self.liveness.seen(Instant::now()),
-            Message::Heartbeat { timestamp } => {
-                self.send(ctx, Some(Message::HeartbeatAck { timestamp }))
-            }
-            Message::Register {
-                name,
-                protocol,
-                remote_port,
-                ..
-            } => self.register(name, protocol, remote_port, ctx),
-            Message::Unregister { service_id } => self.unregister(service_id),
-            Message::ConnectAck { .. } => {}
             Message::ConnectFail {
                 connection_id,
                 reason,
                 ..
             } => {
                 self.span.in_scope(|| tracing::info!(stream = %connection_id, %reason, "agent refused the visitor"));
-                if let Some(session) = self.session.as_mut()
-                    && !session.forget_flow(connection_id)
+                if let Some(tunnel) = self.tunnel.as_mut()
+                    && !tunnel.forget_flow(connection_id)
                 {
-                    session.streams.refuse(connection_id);
+                    tunnel.streams.refuse(connection_id);
                 }
             }
             Message::Datagram {
                 connection_id,
                 data,
-            } => self.on_datagram(connection_id, data, ctx),
+            } => {
+                if let Some(tunnel) = self.tunnel.as_mut() {
+                    tunnel.relay_to_visitor(connection_id, data);
+                }
+            }
             Message::Open {
                 connection_id,
                 service,
@@ -309,38 +278,99 @@ impl ControlChannel {
             m @ (Message::Data { .. } | Message::Window { .. } | Message::Close { .. }) => {
                 self.on_stream_frame(m, ctx)
             }
-            other => self.protocol_error(ctx, &format!("unexpected {:?}", other.message_type())),
+            _ => {} // ConnectAck: the server forwards without waiting for it
         }
     }
 
     fn on_stream_frame(&mut self, message: Message, ctx: &mut ws::WebsocketContext<Self>) {
-        let Some(session) = self.session.as_mut() else {
+        let Some(tunnel) = self.tunnel.as_mut() else {
             return;
         };
         if let Message::Close { connection_id, .. } = &message
-            && session.forget_flow(*connection_id)
+            && tunnel.forget_flow(*connection_id)
         {
             return;
         }
-        if !session.features.contains(Features::STREAMS) {
-            return self.protocol_error(ctx, "stream frame without the STREAMS feature");
-        }
         let mut outbox = std::mem::take(&mut self.outbox);
-        session.streams.on_frame(message, &mut |m| outbox.push(m));
+        tunnel.streams.on_frame(message, &mut |m| outbox.push(m));
         self.flush(outbox, ctx);
     }
 
-    fn authenticate(
-        &mut self,
-        token: &str,
-        client_id: Uuid,
-        offer: Option<Capabilities>,
-        ctx: &mut ws::WebsocketContext<Self>,
-    ) {
-        if let Err(reason) = self.check_token(token) {
-            return self.refuse_auth(&reason, ctx);
+    /// Carries out what the session decided, in order.
+    fn execute(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        while let Some(action) = self.core.poll_action() {
+            match action {
+                ServerAction::Send(message) => self.send_frame(ctx, message.to_bytes()),
+                ServerAction::Authenticate { token, client_id } => {
+                    self.authenticate(token.expose(), client_id, ctx)
+                }
+                ServerAction::Allocate(registration) => self.register(registration, ctx),
+                ServerAction::Unregister { service_id, .. } => self.unregister(service_id),
+                ServerAction::ReportAlive => {
+                    if let Some(tunnel_id) = self.core.tunnel_id() {
+                        self.shared
+                            .registry
+                            .addr()
+                            .do_send(ReportAlive { tunnel_id });
+                    }
+                }
+                ServerAction::Close(reason) => return self.close(&reason, ctx),
+            }
         }
-        self.scope = self.shared.scope(token);
+        self.arm_timer(ctx);
+    }
+
+    /// Ends the session: the WebSocket's close code says why.
+    fn close(&mut self, reason: &CloseReason, ctx: &mut ws::WebsocketContext<Self>) {
+        let code = match reason {
+            CloseReason::AuthTimeout | CloseReason::AuthRefused => ws::CloseCode::Policy,
+            CloseReason::HeartbeatTimeout => ws::CloseCode::Away,
+            CloseReason::Protocol(_) => ws::CloseCode::Protocol,
+            CloseReason::Closed(_) => ws::CloseCode::Normal,
+        };
+        let _span = self.span.enter();
+        match reason {
+            CloseReason::AuthTimeout => {
+                tracing::warn!("no authentication before the deadline; closing")
+            }
+            CloseReason::HeartbeatTimeout => {
+                tracing::warn!("heartbeat timeout; dropping the agent")
+            }
+            CloseReason::Protocol(violation) => {
+                tracing::warn!(reason = %violation, "protocol error; closing the session")
+            }
+            CloseReason::AuthRefused | CloseReason::Closed(_) => {}
+        }
+        ctx.close(Some(code.into()));
+        ctx.stop();
+    }
+
+    /// Arms a timer for the session's next deadline, unless one as early is armed.
+    fn arm_timer(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        let Some(deadline) = self.core.next_deadline() else {
+            return;
+        };
+        if self.timer.as_ref().is_some_and(|(at, _)| *at <= deadline) {
+            return;
+        }
+        if let Some((_, handle)) = self.timer.take() {
+            ctx.cancel_future(handle);
+        }
+        let delay = deadline.saturating_duration_since(Instant::now());
+        let handle = ctx.run_later(delay, |act, ctx| {
+            act.timer = None;
+            act.core.handle_timeout(Instant::now(), now_ms());
+            act.execute(ctx);
+        });
+        self.timer = Some((deadline, handle));
+    }
+
+    fn authenticate(&mut self, token: &str, client_id: Uuid, ctx: &mut ws::WebsocketContext<Self>) {
+        if let Err(refusal) = self.check_token(token) {
+            self.core.refused(&refusal.to_string(), refusal.refusal());
+            return;
+        }
+        let scope = self.shared.scope(token);
         let config = &self.shared.config;
         let open = OpenTunnel {
             token_hash: hash_token(token),
@@ -359,70 +389,65 @@ impl ControlChannel {
             .into_actor(self)
             .map(
                 move |result, act, ctx| match result.map_err(super::Error::from).and_then(|r| r) {
-                    Ok((tunnel_id, cancel)) => act.accepted(tunnel_id, cancel, offer, ctx),
+                    Ok((tunnel_id, cancel)) => act.accepted(tunnel_id, cancel, scope, ctx),
                     Err(e) => {
                         act.span.in_scope(|| {
                             tracing::warn!(reason = %e, "authentication refused by the registry")
                         });
-                        act.refuse_auth(&e.to_string(), ctx)
+                        act.core.refused(&e.to_string(), AuthRefusal::Later);
+                        act.execute(ctx);
                     }
                 },
             )
             .wait(ctx);
     }
 
-    /// Checks a token, unless the peer's address is locked out after failed
-    /// attempts; failures count toward a lockout. The refusal's reason.
-    fn check_token(&self, token: &str) -> Result<(), String> {
-        let (ip, now) = (self.peer.ip(), Instant::now());
+    /// Checks a token (with the lockouts of failed attempts), logging a refusal.
+    fn check_token(&self, token: &str) -> Result<(), TokenRefusal> {
         let Ok(mut throttle) = self.shared.throttle.lock() else {
-            return Err("server error".to_owned());
+            return Err(TokenRefusal::LockedOut { retry_in_s: 1 });
         };
-        if let Admission::LockedOut(left) = throttle.admit(ip, now) {
-            let retry = left.as_secs() + 1;
-            self.span.in_scope(|| {
-                tracing::warn!(
-                    retry_in_s = retry,
-                    "authentication during a lockout refused unchecked"
-                )
-            });
-            return Err(format!(
-                "too many failed authentications from this address; retry in {retry}s"
-            ));
+        let verdict = check_token(&mut throttle, self.peer.ip(), Instant::now(), || {
+            (self.shared.validator)(token)
+        });
+        let _span = self.span.enter();
+        match &verdict {
+            Ok(()) => {}
+            Err(TokenRefusal::LockedOut { retry_in_s }) => tracing::warn!(
+                retry_in_s,
+                "authentication during a lockout refused unchecked"
+            ),
+            Err(TokenRefusal::Refused {
+                reason,
+                failures,
+                lockout: Some(lockout),
+            }) => {
+                tracing::warn!(%reason, failures, lockout = %humantime::format_duration(*lockout), "authentication refused; address locked out")
+            }
+            Err(TokenRefusal::Refused {
+                reason, failures, ..
+            }) => tracing::warn!(%reason, failures, "authentication refused"),
         }
-        let Err(e) = (self.shared.validator)(token) else {
-            throttle.succeeded(ip);
-            return Ok(());
-        };
-        match throttle.failed(ip, now) {
-            (Some(lockout), failures) => self.span.in_scope(|| {
-                tracing::warn!(reason = %e, failures, lockout = %humantime::format_duration(lockout), "authentication refused; address locked out");
-            }),
-            (None, failures) => self.span.in_scope(|| {
-                tracing::warn!(reason = %e, failures, "authentication refused");
-            }),
-        }
-        Err(e.to_string())
+        verdict
     }
 
     fn accepted(
         &mut self,
         tunnel_id: Uuid,
         cancel: CancellationToken,
-        offer: Option<Capabilities>,
+        scope: TokenScope,
         ctx: &mut ws::WebsocketContext<Self>,
     ) {
         self.place = None;
         self.span
             .record("tunnel_id", tracing::field::display(tunnel_id));
-        let config = &self.shared.config;
-        let answer = offer.map(|o| Capabilities::accept(o, SUPPORTED, config.stream_window));
-        let features = answer.map_or(Features::NONE, |c| c.features);
-        let agent_window = offer.map_or(DEFAULT_INITIAL_WINDOW, |o| o.initial_window);
-        let settings = config.stream_settings(agent_window);
+        self.core
+            .authenticated(tunnel_id, scope, Instant::now(), now_ms());
+        let (features, agent_window) = (self.core.features(), self.core.agent_window());
+        let settings = self.shared.config.stream_settings(agent_window);
         self.span
             .in_scope(|| tracing::info!(?features, "agent authenticated"));
-        self.session = Some(Session {
+        self.tunnel = Some(Tunnel {
             tunnel_id,
             features,
             cancel,
@@ -434,26 +459,7 @@ impl ControlChannel {
             counters: self.counters.clone(),
             gate: ReadGate::new(self.shared.config.read_ahead),
         });
-        self.liveness.seen(Instant::now());
-        self.send(
-            ctx,
-            Some(Message::AuthOk {
-                tunnel_id,
-                capabilities: answer,
-            }),
-        );
-        self.send(
-            ctx,
-            Some(Message::Heartbeat {
-                timestamp: now_millis(),
-            }),
-        );
-    }
-
-    fn refuse_auth(&mut self, reason: &str, ctx: &mut ws::WebsocketContext<Self>) {
-        self.send(ctx, Message::auth_fail(reason).ok());
-        ctx.close(Some(ws::CloseCode::Policy.into()));
-        ctx.stop();
+        self.execute(ctx);
     }
 
     /// Opens a stream for a visitor: its connection actor starts reading up
@@ -466,11 +472,11 @@ impl ControlChannel {
         ctx: &mut ws::WebsocketContext<Self>,
     ) -> Result<(Uuid, Option<StreamEvent>), &'static str> {
         let max = self.shared.config.max_connections_per_service as u64;
-        let session = self.session.as_mut().ok_or("session not authenticated")?;
-        if !session.features.contains(Features::STREAMS) {
+        let tunnel = self.tunnel.as_mut().ok_or("session not authenticated")?;
+        if !tunnel.features.contains(Features::STREAMS) {
             return Err("legacy agent: no data plane");
         }
-        let service = session
+        let service = tunnel
             .services
             .get(&service_id)
             .ok_or("service unregistered")?;
@@ -478,58 +484,23 @@ impl ControlChannel {
             return Err("service is at its connection limit");
         }
         let id = Uuid::new_v4();
-        session
+        tunnel
             .streams
             .open(id)
             .map_err(|_| "tunnel is at its stream limit")?;
         let wiring = StreamWiring {
             id,
             channel: ctx.address().recipient(),
-            initial_credit: session.agent_window,
-            counters: CounterSet::new(vec![service.counters.clone(), session.counters.clone()]),
+            initial_credit: tunnel.agent_window,
+            counters: CounterSet::new(vec![service.counters.clone(), tunnel.counters.clone()]),
             read_direction: Direction::In,
-            cancel: Some(session.cancel.child_token()),
-            gate: session.gate.clone(),
+            cancel: Some(tunnel.cancel.child_token()),
+            gate: tunnel.gate.clone(),
             tuned: ACCEPTED_SOCKETS_TUNED,
         };
         let (addr, first) = ForwardedConnection::start_reading(socket, wiring);
-        session.streams.attach(id, addr);
+        tunnel.streams.attach(id, addr);
         Ok((id, first))
-    }
-
-    fn tick(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
-        let Some(session) = &self.session else { return };
-        let tunnel_id = session.tunnel_id;
-        if self.liveness.is_expired(Instant::now()) {
-            self.span
-                .in_scope(|| tracing::warn!("heartbeat timeout; dropping the agent"));
-            self.send(ctx, Message::disconnect("heartbeat timeout").ok());
-            ctx.close(Some(ws::CloseCode::Away.into()));
-            return ctx.stop();
-        }
-        self.shared
-            .registry
-            .addr()
-            .do_send(ReportAlive { tunnel_id });
-        self.send(
-            ctx,
-            Some(Message::Heartbeat {
-                timestamp: now_millis(),
-            }),
-        );
-    }
-
-    fn protocol_error(&mut self, ctx: &mut ws::WebsocketContext<Self>, reason: &str) {
-        self.span
-            .in_scope(|| tracing::warn!(%reason, "protocol error; closing the session"));
-        if self.session.is_some() {
-            self.send(
-                ctx,
-                Message::disconnect(format!("protocol error: {reason}")).ok(),
-            );
-        }
-        ctx.close(Some(ws::CloseCode::Protocol.into()));
-        ctx.stop();
     }
 
     fn flush(&mut self, mut outbox: Vec<Bytes>, ctx: &mut ws::WebsocketContext<Self>) {
@@ -547,8 +518,7 @@ impl ControlChannel {
 
     /// Sends one frame per WebSocket message; never a type the peer did not announce.
     fn send_frame(&self, ctx: &mut ws::WebsocketContext<Self>, frame: Bytes) {
-        let features = self.session.as_ref().map_or(Features::NONE, |s| s.features);
-        if !features.contains(frame_feature(&frame)) {
+        if !self.core.features().contains(frame_feature(&frame)) {
             tracing::debug!(
                 kind = frame.first(),
                 "not sent: the peer did not announce it"
@@ -557,12 +527,4 @@ impl ControlChannel {
         }
         ctx.binary(frame);
     }
-}
-
-fn now_millis() -> u64 {
-    heartbeat_timestamp(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default(),
-    )
 }

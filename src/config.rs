@@ -183,6 +183,18 @@ impl TunnelServerConfig {
         }
     }
 
+    /// The rules of one agent's control link.
+    pub fn session_settings(&self) -> crate::session::ServerSettings {
+        crate::session::ServerSettings {
+            auth_timeout: self.auth_timeout,
+            heartbeat_interval: self.heartbeat_interval,
+            heartbeat_timeout: self.heartbeat_timeout,
+            supported: crate::protocol::Features::ALL,
+            stream_window: self.stream_window,
+            max_services: self.max_services_per_tunnel,
+        }
+    }
+
     /// The stream table of one tunnel, given the initial window the agent announced.
     pub fn stream_settings(&self, agent_window: u32) -> StreamSettings {
         StreamSettings {
@@ -458,6 +470,19 @@ impl TunnelClientConfig {
         self.reconnect_interval = initial;
         self.max_reconnect_interval = max;
         self
+    }
+
+    /// The rules of one link to the server, for agent `client_id`.
+    pub fn session_settings(&self, client_id: Uuid) -> crate::session::AgentSettings {
+        crate::session::AgentSettings {
+            token: self.token.clone(),
+            client_id,
+            offer: Some(crate::protocol::Features::ALL),
+            stream_window: self.stream_window,
+            auth_timeout: self.connect_timeout,
+            heartbeat_interval: self.heartbeat_interval,
+            heartbeat_timeout: self.heartbeat_timeout,
+        }
     }
 
     /// The agent's stream table, given the initial window the server announced.

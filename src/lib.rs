@@ -39,6 +39,7 @@ pub mod liveness;
 pub mod node;
 pub mod ports;
 pub mod protocol;
+pub mod session;
 pub mod status;
 pub mod streams;
 pub mod throttle;

@@ -22,7 +22,7 @@ impl Handler<OpenStream> for AgentConnection {
         let ready = self
             .link
             .as_mut()
-            .filter(|l| l.authenticated && l.features.contains(Features::ACCESS));
+            .filter(|l| l.session.features().contains(Features::ACCESS));
         let Some(link) = ready else {
             // the socket is dropped: the local client sees the connection close
             return tracing::warn!(service = %msg.service, "no access link to the server yet; connection closed");
@@ -60,7 +60,9 @@ impl AgentConnection {
             }
             Err(reason) => {
                 tracing::info!(stream = %id, service = name, target, %reason, "access stream refused");
-                self.send(Message::connect_fail(id, reason).ok(), ctx);
+                if let Some(link) = self.link.as_mut() {
+                    link.session.refuse(id, &reason);
+                }
             }
         }
     }
@@ -75,9 +77,8 @@ impl AgentConnection {
         let allowed = &self.shared.config.access_targets;
         let link = self.link.as_mut().ok_or("no link")?;
         let service = link
-            .services
-            .values()
-            .find(|s| s.name == name && s.protocol == ServiceProtocol::Tcp)
+            .session
+            .service_named(name, ServiceProtocol::Tcp)
             .ok_or_else(|| format!("no TCP service named {name:?} on this agent"))?;
         // the target is dialed only if allowed; otherwise it is only shown
         // to the access client, and the service's own address is dialed

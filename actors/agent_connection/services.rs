@@ -3,44 +3,33 @@
 use super::*;
 
 impl AgentConnection {
-    /// Registers a service, asking for the port it had before when it was auto-assigned.
-    pub(super) fn register(&mut self, service: ServiceConfig, ctx: &mut Context<Self>) {
+    /// Registers a service, asking for the port it had before when it was
+    /// auto-assigned (the session sends it; `execute` writes it).
+    pub(super) fn register(&mut self, service: ServiceConfig) {
         let port = match service.remote_port {
             0 => self.assigned.get(&service.name).copied().unwrap_or(0),
             p => p,
         };
-        let register = Message::register(&service.name, service.protocol, service.local_port, port);
         if let Some(link) = self.link.as_mut() {
-            link.awaiting.push_back(service);
+            link.session.register(service, port);
         }
-        self.send(register.ok(), ctx);
     }
 
     pub(super) fn registered(
         &mut self,
         service_id: Uuid,
+        service: &ServiceConfig,
         port: Option<u16>,
-        _: &mut Context<Self>,
     ) {
-        let awaiting = self.link.as_mut().map(|l| l.awaiting.pop_front());
-        let Some(Some(service)) = awaiting else {
-            return;
-        };
         self.refused.remove(&service.name);
         match port {
             Some(port) => {
                 tracing::info!(service = %service.name, public_port = port, local = %service.local_addr(), "service registered");
                 self.assigned.insert(service.name.clone(), port);
-                self.published(service_id, &service, port);
+                self.published(service_id, service, port);
             }
             None => {
                 tracing::info!(service = %service.name, "service registered (the server did not say its port)")
-            }
-        }
-        if let Some(link) = self.link.as_mut() {
-            link.services.insert(service_id, service);
-            if link.awaiting.is_empty() {
-                self.connected();
             }
         }
     }
@@ -65,11 +54,13 @@ impl AgentConnection {
         }
     }
 
-    pub(super) fn register_failed(&mut self, reason: String, ctx: &mut Context<Self>) {
-        let Some(link) = self.link.as_mut() else {
-            return;
-        };
-        let Some(service) = link.awaiting.pop_front() else {
+    pub(super) fn register_failed(
+        &mut self,
+        service: ServiceConfig,
+        reason: &str,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(link) = self.link.as_ref() else {
             return;
         };
         let generation = link.generation;
@@ -95,7 +86,8 @@ impl AgentConnection {
                 .as_ref()
                 .is_some_and(|l| l.generation == generation)
             {
-                act.register(service, ctx);
+                act.register(service);
+                act.execute(ctx);
             }
         });
     }

@@ -37,14 +37,17 @@ impl AgentConnection {
         &mut self,
         service_id: Uuid,
         id: Uuid,
+        service: &ServiceConfig,
         client_addr: &str,
         ctx: &mut Context<Self>,
     ) {
-        match self.start_flow(service_id, id, client_addr, ctx) {
+        match self.start_flow(service_id, id, service, client_addr, ctx) {
             Ok(()) => self.send(Some(Message::ConnectAck { connection_id: id }), ctx),
             Err(reason) => {
                 tracing::info!(flow = %id, visitor = %client_addr, %reason, "udp flow refused");
-                self.send(Message::connect_fail(id, reason).ok(), ctx);
+                if let Some(link) = self.link.as_mut() {
+                    link.session.refuse(id, &reason);
+                }
             }
         }
     }
@@ -53,11 +56,11 @@ impl AgentConnection {
         &mut self,
         service_id: Uuid,
         id: Uuid,
+        service: &ServiceConfig,
         client_addr: &str,
         ctx: &mut Context<Self>,
     ) -> Result<(), String> {
         let link = self.link.as_mut().ok_or("no link")?;
-        let service = link.services.get(&service_id).ok_or("unknown service")?;
         if !self.shared.admits(service_id, id, client_addr) {
             return Err("connection rejected by client".to_owned());
         }

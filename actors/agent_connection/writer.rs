@@ -42,7 +42,7 @@ impl AgentConnection {
         let Some(link) = self.link.as_mut() else {
             return;
         };
-        if !link.features.contains(frame_feature(&frame)) {
+        if !link.session.features().contains(frame_feature(&frame)) {
             return;
         }
         match Message::stream_of_frame(&frame) {

@@ -6,7 +6,7 @@ impl Handler<Relay> for ControlChannel {
     type Result = ();
 
     fn handle(&mut self, relay: Relay, ctx: &mut Self::Context) {
-        let Some(session) = self.session.as_mut() else {
+        let Some(session) = self.tunnel.as_mut() else {
             return;
         };
         match relay {
@@ -31,7 +31,7 @@ impl Handler<Relay> for ControlChannel {
             }
             Relay::Frame { id, frame } => {
                 if session.relays.accept_from_other(id, &frame) {
-                    ctx.binary(frame);
+                    self.send_frame(ctx, frame);
                 }
             }
             Relay::Gone { id } => {
@@ -58,13 +58,10 @@ impl ControlChannel {
         target: String,
         ctx: &mut ws::WebsocketContext<Self>,
     ) {
-        let Some(session) = self.session.as_ref() else {
+        let Some(scope) = self.core.scope() else {
             return;
         };
-        if !session.features.contains(Features::ACCESS) {
-            return self.protocol_error(ctx, "Open without the ACCESS feature");
-        }
-        if let Err(e) = self.scope.check_access(&service) {
+        if let Err(e) = scope.check_access(&service) {
             self.span
                 .in_scope(|| tracing::warn!(stream = %id, reason = %e, "access stream refused"));
             return self.send(ctx, Message::connect_fail(id, e.to_string()).ok());
@@ -78,7 +75,7 @@ impl ControlChannel {
             .send(find)
             .into_actor(self)
             .map(move |found, act, ctx| {
-                let Some(session) = act.session.as_mut() else {
+                let Some(session) = act.tunnel.as_mut() else {
                     return;
                 };
                 let Ok(Some(agent)) = found else {

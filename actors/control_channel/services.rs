@@ -4,46 +4,31 @@
 use super::*;
 
 impl ControlChannel {
+    /// Allocates the public port of a registration the session accepted and
+    /// listens on it; the answer goes back to the session, which sends
+    /// answers in order.
     pub(super) fn register(
         &mut self,
-        name: String,
-        protocol: ServiceProtocol,
-        remote_port: u16,
+        registration: Registration,
         ctx: &mut ws::WebsocketContext<Self>,
     ) {
-        let Some(session) = &self.session else { return };
-        let limit = self.shared.config.max_services_per_tunnel;
-        let refusal = if let Err(e) = self.scope.check_register(&name) {
-            Some(e.to_string())
-        } else if let Err(e) = self.scope.check_port(remote_port) {
-            Some(e.to_string())
-        } else if session.services.len() >= limit {
-            Some(format!("tunnel is at its limit of {limit} services"))
-        } else if protocol == ServiceProtocol::Udp
-            && !session.features.contains(Features::DATAGRAMS)
-        {
-            Some(
-                "udp services need the DATAGRAMS capability, which this agent did not offer"
-                    .to_owned(),
-            )
-        } else {
-            None
-        };
-        if let Some(reason) = refusal {
-            self.span
-                .in_scope(|| tracing::warn!(service = %name, %reason, "registration refused"));
-            return self.send(ctx, Message::register_fail(reason).ok());
-        }
-        let tunnel_id = session.tunnel_id;
+        let Some(tunnel) = &self.tunnel else { return };
+        let Registration {
+            seq,
+            name,
+            protocol,
+            remote_port,
+            allowed_ports,
+        } = registration;
+        let tunnel_id = tunnel.tunnel_id;
         let registry = self.shared.registry.addr().clone();
         let host = self.shared.config.bind_host.clone();
-        let allowed = self.scope.ports.clone();
-        // `wait` holds later frames until this answer is sent: replies stay in order
+        // `wait` holds later frames until this answer is sent
         async move {
             let alloc = AllocatePort {
                 tunnel_id,
                 requested: remote_port,
-                allowed,
+                allowed: allowed_ports,
             };
             let port = match registry
                 .send(alloc)
@@ -66,25 +51,31 @@ impl ControlChannel {
             }
         }
         .into_actor(self)
-        .map(move |result: Result<_, String>, act, ctx| act.registered(name, result, ctx))
+        .map(move |result: Result<_, String>, act, ctx| {
+            let answer = act.registered(name, result, ctx);
+            act.core.allocated(seq, answer);
+            act.execute(ctx);
+        })
         .wait(ctx);
     }
 
-    pub(super) fn registered(
+    /// Starts the listener of a registered service; its id and port, or
+    /// why it was refused.
+    fn registered(
         &mut self,
         name: String,
         result: Result<(u16, Bound), String>,
         ctx: &mut ws::WebsocketContext<Self>,
-    ) {
+    ) -> Result<(Uuid, u16), String> {
         let _span = self.span.enter();
-        let Some(session) = self.session.as_mut() else {
-            return;
+        let Some(session) = self.tunnel.as_mut() else {
+            return Err("session closed".to_owned());
         };
         let (port, bound) = match result {
             Ok(ok) => ok,
             Err(reason) => {
                 tracing::warn!(service = %name, %reason, "registration refused");
-                return self.send(ctx, Message::register_fail(reason).ok());
+                return Err(reason);
             }
         };
         let service_id = Uuid::new_v4();
@@ -138,17 +129,11 @@ impl ControlChannel {
                 counters,
             },
         );
-        self.send(
-            ctx,
-            Some(Message::RegisterOk {
-                service_id,
-                port: Some(port),
-            }),
-        );
+        Ok((service_id, port))
     }
 
     pub(super) fn unregister(&mut self, service_id: Uuid) {
-        let Some(session) = self.session.as_mut() else {
+        let Some(session) = self.tunnel.as_mut() else {
             return;
         };
         let Some(service) = session.services.remove(&service_id) else {

@@ -7,7 +7,7 @@ impl Handler<UdpEvent> for ControlChannel {
     type Result = ();
 
     fn handle(&mut self, event: UdpEvent, ctx: &mut Self::Context) {
-        let Some(session) = self.session.as_mut() else {
+        let Some(session) = self.tunnel.as_mut() else {
             return;
         };
         match event {
@@ -44,7 +44,7 @@ impl Handler<UdpEvent> for ControlChannel {
                     budget.give(frame.len());
                 }
                 if session.flows.contains_key(&id) {
-                    ctx.binary(frame);
+                    self.send_frame(ctx, frame);
                 }
             }
             UdpEvent::Closed { id } => {
@@ -60,7 +60,7 @@ impl Handler<UdpEvent> for ControlChannel {
     }
 }
 
-impl Session {
+impl Tunnel {
     /// The datagram budget of UDP service `service_id`.
     pub(super) fn udp_budget(&self, service_id: Uuid) -> Option<Budget> {
         match self.services.get(&service_id).map(|s| &s.listener) {
@@ -88,22 +88,5 @@ impl Session {
         };
         flow.listener.do_send(ForgetFlow(id));
         true
-    }
-}
-
-impl ControlChannel {
-    pub(super) fn on_datagram(
-        &mut self,
-        id: Uuid,
-        data: Bytes,
-        ctx: &mut ws::WebsocketContext<Self>,
-    ) {
-        let Some(session) = self.session.as_mut() else {
-            return;
-        };
-        if !session.features.contains(Features::DATAGRAMS) {
-            return self.protocol_error(ctx, "datagram without the DATAGRAMS feature");
-        }
-        session.relay_to_visitor(id, data);
     }
 }

@@ -5,8 +5,8 @@ use uuid::Uuid;
 
 use super::message::UUID_LEN;
 use super::{
-    Capabilities, CloseKind, DEFAULT_INITIAL_WINDOW, EXT_VERSION, Features, HEADER_SIZE,
-    MAX_MESSAGE_SIZE, MAX_WINDOW, Message, MessageType, ServiceProtocol,
+    AuthRefusal, Capabilities, CloseKind, DEFAULT_INITIAL_WINDOW, EXT_VERSION, Features,
+    HEADER_SIZE, MAX_MESSAGE_SIZE, MAX_WINDOW, Message, MessageType, ServiceProtocol,
 };
 use crate::auth::Secret;
 
@@ -86,9 +86,8 @@ impl Message {
                 ..
             } => 2 + token.expose().len() + UUID_LEN + ext_len(capabilities),
             Self::AuthOk { capabilities, .. } => UUID_LEN + ext_len(capabilities),
-            Self::AuthFail { reason }
-            | Self::RegisterFail { reason }
-            | Self::Disconnect { reason } => 2 + reason.len(),
+            Self::AuthFail { reason, refusal } => 2 + reason.len() + usize::from(refusal.is_some()),
+            Self::RegisterFail { reason } | Self::Disconnect { reason } => 2 + reason.len(),
             Self::Register { name, .. } => 1 + name.len() + 1 + 2 + 2,
             Self::RegisterOk { port, .. } => UUID_LEN + if port.is_some() { 2 } else { 0 },
             Self::Connect { client_addr, .. } => 2 * UUID_LEN + 2 + client_addr.len(),
@@ -212,9 +211,13 @@ impl Message {
                 buf.put_slice(tunnel_id.as_bytes());
                 put_ext(buf, capabilities);
             }
-            Self::AuthFail { reason }
-            | Self::RegisterFail { reason }
-            | Self::Disconnect { reason } => put_str16(buf, reason),
+            Self::AuthFail { reason, refusal } => {
+                put_str16(buf, reason);
+                if let Some(refusal) = refusal {
+                    buf.put_u8(refusal.to_byte());
+                }
+            }
+            Self::RegisterFail { reason } | Self::Disconnect { reason } => put_str16(buf, reason),
             Self::Register {
                 name,
                 protocol,
@@ -380,6 +383,7 @@ impl Reader {
             },
             MessageType::AuthFail => Message::AuthFail {
                 reason: self.str16("reason")?,
+                refusal: self.take_u8().and_then(AuthRefusal::from_byte),
             },
             MessageType::Register => self.register()?,
             MessageType::RegisterOk => Message::RegisterOk {
@@ -528,6 +532,10 @@ impl Reader {
     fn u16(&mut self, field: &'static str) -> Result<u16, DecodeError> {
         let b = self.take(2, field)?;
         Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    fn take_u8(&mut self) -> Option<u8> {
+        self.take(1, "refusal").ok().map(|b| b[0])
     }
 
     fn take_u16(&mut self) -> Option<u16> {

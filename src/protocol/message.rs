@@ -193,6 +193,9 @@ pub enum Message {
     AuthFail {
         /// Why the token was refused.
         reason: String,
+        /// Whether retrying can help (extension field, appended after the
+        /// reason; `None` from an original server, which sends none).
+        refusal: Option<AuthRefusal>,
     },
     /// Service registration.
     #[non_exhaustive]
@@ -306,6 +309,36 @@ pub enum Message {
     },
 }
 
+/// Why the server refused an `Auth`, as far as the agent must act on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AuthRefusal {
+    /// The token is not accepted: retrying with it cannot help (wire byte 0).
+    Token,
+    /// A passing condition (a lockout after failures, the server's tunnel
+    /// limit, a busy registry): retrying later can help (wire byte 1).
+    Later,
+}
+
+impl AuthRefusal {
+    /// The wire byte.
+    pub const fn to_byte(self) -> u8 {
+        match self {
+            Self::Token => 0,
+            Self::Later => 1,
+        }
+    }
+
+    /// The refusal a wire byte names; `None` for a value a newer peer may
+    /// define (treated as no field).
+    pub const fn from_byte(byte: u8) -> Option<Self> {
+        match byte {
+            0 => Some(Self::Token),
+            1 => Some(Self::Later),
+            _ => None,
+        }
+    }
+}
+
 /// A message that cannot be encoded, refused where it is built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BuildError {
@@ -347,6 +380,19 @@ impl Message {
     pub fn auth_fail(reason: impl Into<String>) -> Result<Self, BuildError> {
         checked(Self::AuthFail {
             reason: reason.into(),
+            refusal: None,
+        })
+    }
+
+    /// `AuthFail` that also says whether retrying can help (for an agent
+    /// that offered the extension; an original agent ignores the field).
+    pub fn auth_refused(
+        reason: impl Into<String>,
+        refusal: AuthRefusal,
+    ) -> Result<Self, BuildError> {
+        checked(Self::AuthFail {
+            reason: reason.into(),
+            refusal: Some(refusal),
         })
     }
 

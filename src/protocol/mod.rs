@@ -13,8 +13,8 @@ pub use features::{
     Capabilities, DEFAULT_INITIAL_WINDOW, EXT_VERSION, Features, MAX_WINDOW, features_of,
 };
 pub use message::{
-    BuildError, CloseKind, MAX_DATA_PAYLOAD, MAX_SERVICE_NAME_LEN, Message, MessageType,
-    ServiceProtocol,
+    AuthRefusal, BuildError, CloseKind, MAX_DATA_PAYLOAD, MAX_SERVICE_NAME_LEN, Message,
+    MessageType, ServiceProtocol,
 };
 
 /// The feature a peer must have announced before it may be sent this encoded

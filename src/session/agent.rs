@@ -1,0 +1,454 @@
+//! `AgentSession`: the control link as the agent holds it, one WebSocket's
+//! life.
+//!
+//! Rules (docs/PROTOCOL.md §3-4): `Auth` first, with the features offered;
+//! an answer within the connect timeout; the services registered in order and
+//! their answers paired first-in-first-out; UDP services only when the server
+//! carries datagrams; heartbeats both ways, and anything heard from the server
+//! counts as its life; a frame of the wrong direction or of a feature not
+//! negotiated ends the link. How the link ends is a [`LinkError`], which says
+//! whether reconnecting can help.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use super::{End, ProtocolViolation, check_inbound, check_outbound};
+use crate::auth::Secret;
+use crate::config::ServiceConfig;
+use crate::liveness::Liveness;
+use crate::protocol::{
+    AuthRefusal, BuildError, Capabilities, DEFAULT_INITIAL_WINDOW, Features, Message, MessageType,
+    ServiceProtocol,
+};
+
+/// The settings an agent session runs with.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    /// The token sent in `Auth`.
+    pub token: Secret,
+    /// The agent's stable id (the same across reconnects).
+    pub client_id: Uuid,
+    /// Features offered (`None`: behave as an original agent, no extension block).
+    pub offer: Option<Features>,
+    /// The per-stream window this agent announces.
+    pub stream_window: u32,
+    /// Time allowed for the server's answer to `Auth`.
+    pub auth_timeout: Duration,
+    /// Time between our heartbeats.
+    pub heartbeat_interval: Duration,
+    /// The link is dropped when nothing arrives from the server for this long.
+    pub heartbeat_timeout: Duration,
+}
+
+/// How a link ended, and whether reconnecting can help.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    /// The server refused the token: reconnecting with it cannot help.
+    #[error("the server refused the token: {reason}")]
+    TokenRefused {
+        /// The server's reason.
+        reason: String,
+    },
+    /// The server refused `Auth` for a passing reason (a lockout, its tunnel limit).
+    #[error("authentication refused: {reason}")]
+    AuthRefused {
+        /// The server's reason.
+        reason: String,
+    },
+    /// No answer to `Auth` in time.
+    #[error("no answer to Auth in time")]
+    AuthTimeout,
+    /// Nothing heard from the server for the heartbeat timeout.
+    #[error("nothing heard from the server within the heartbeat timeout")]
+    HeartbeatTimeout,
+    /// The server ended the session (`Disconnect`).
+    #[error("server disconnected the agent: {reason}")]
+    Disconnected {
+        /// The server's reason.
+        reason: String,
+    },
+    /// The server broke the protocol.
+    #[error("protocol error by the server: {0}")]
+    Protocol(#[from] ProtocolViolation),
+}
+
+impl LinkError {
+    /// True when reconnecting cannot help (the agent stops).
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, Self::TokenRefused { .. })
+    }
+}
+
+/// What the owner of an agent session must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentAction {
+    /// Write this frame to the server.
+    Send(Message),
+    /// `AuthOk` arrived: the tunnel is up with these features.
+    Authenticated {
+        /// The tunnel's id.
+        tunnel_id: Uuid,
+        /// Features both ends support.
+        features: Features,
+        /// What we may send on a new stream before a `Window`.
+        server_window: u32,
+    },
+    /// A UDP service is not registered: the server carries no datagrams.
+    NotRegistered {
+        /// The service.
+        service: ServiceConfig,
+        /// Why.
+        reason: &'static str,
+    },
+    /// A service registered.
+    Registered {
+        /// Its id on the server.
+        service_id: Uuid,
+        /// The service.
+        service: ServiceConfig,
+        /// Its public port (`None` from an original server).
+        port: Option<u16>,
+    },
+    /// The server refused a registration.
+    RegistrationRefused {
+        /// The service.
+        service: ServiceConfig,
+        /// The server's reason.
+        reason: String,
+    },
+    /// Authenticated and every registration asked for so far answered `Ok`.
+    Ready,
+    /// A visitor reached a TCP service: dial it for stream `connection_id`.
+    OpenStream {
+        /// The stream.
+        connection_id: Uuid,
+        /// The service's id.
+        service_id: Uuid,
+        /// The service.
+        service: ServiceConfig,
+        /// The visitor's address, as the server wrote it.
+        client_addr: String,
+    },
+    /// A UDP flow began on a service: open its socket.
+    OpenFlow {
+        /// The flow.
+        connection_id: Uuid,
+        /// The service's id.
+        service_id: Uuid,
+        /// The service.
+        service: ServiceConfig,
+        /// The visitor's address, as the server wrote it.
+        client_addr: String,
+    },
+    /// The link ends (close the WebSocket); reconnect unless it is fatal.
+    Close(LinkError),
+}
+
+#[derive(Debug)]
+struct Open {
+    features: Features,
+    services: HashMap<Uuid, ServiceConfig>,
+    next_heartbeat: Instant,
+}
+
+#[derive(Debug)]
+enum Phase {
+    Authenticating { deadline: Instant },
+    Open(Open),
+    Closed,
+}
+
+/// One link to the server, agent side.
+#[derive(Debug)]
+pub struct AgentSession {
+    settings: AgentSettings,
+    phase: Phase,
+    /// Registrations sent and not answered yet, in order.
+    awaiting: VecDeque<ServiceConfig>,
+    liveness: Liveness,
+    authenticated: bool,
+    actions: VecDeque<AgentAction>,
+}
+
+impl AgentSession {
+    /// A session for a WebSocket that connected at `now`: `Auth` goes out.
+    pub fn new(settings: AgentSettings, now: Instant) -> Self {
+        let capabilities = settings.offer.map(|features| Capabilities {
+            features,
+            initial_window: settings.stream_window,
+        });
+        let mut session = Self {
+            phase: Phase::Authenticating {
+                deadline: now + settings.auth_timeout,
+            },
+            liveness: Liveness::new(now, settings.heartbeat_timeout),
+            awaiting: VecDeque::new(),
+            authenticated: false,
+            actions: VecDeque::new(),
+            settings,
+        };
+        let auth = Message::auth(
+            session.settings.token.clone(),
+            session.settings.client_id,
+            capabilities,
+        );
+        session.send_built(auth);
+        session
+    }
+
+    /// The next action to carry out, in order.
+    pub fn poll_action(&mut self) -> Option<AgentAction> {
+        self.actions.pop_front()
+    }
+
+    /// True once `AuthOk` arrived and until the link ends.
+    pub fn is_open(&self) -> bool {
+        matches!(self.phase, Phase::Open(_))
+    }
+
+    /// True once the link has ended.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.phase, Phase::Closed)
+    }
+
+    /// Features negotiated (none before `AuthOk` or with an original server).
+    pub fn features(&self) -> Features {
+        match &self.phase {
+            Phase::Open(open) => open.features,
+            _ => Features::NONE,
+        }
+    }
+
+    /// The registered service `service_id`, if any.
+    pub fn service(&self, service_id: Uuid) -> Option<&ServiceConfig> {
+        match &self.phase {
+            Phase::Open(open) => open.services.get(&service_id),
+            _ => None,
+        }
+    }
+
+    /// The registered service named `name` of `protocol`, if any.
+    pub fn service_named(&self, name: &str, protocol: ServiceProtocol) -> Option<&ServiceConfig> {
+        match &self.phase {
+            Phase::Open(open) => {
+                (open.services.values()).find(|s| s.name == name && s.protocol == protocol)
+            }
+            _ => None,
+        }
+    }
+
+    /// True once `AuthOk` arrived on this link (also after it ended).
+    pub fn was_authenticated(&self) -> bool {
+        self.authenticated
+    }
+
+    /// Registrations waiting for their answer.
+    pub fn awaiting(&self) -> usize {
+        self.awaiting.len()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) is next due.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Authenticating { deadline } => Some(*deadline),
+            Phase::Open(open) => Some(open.next_heartbeat.min(self.liveness.deadline())),
+            Phase::Closed => None,
+        }
+    }
+
+    /// Asks the server for `service`, on public port `port` (0: any).
+    /// Answers pair with `Register`s first-in-first-out.
+    pub fn register(&mut self, service: ServiceConfig, port: u16) {
+        if !self.is_open() {
+            return;
+        }
+        if service.protocol == ServiceProtocol::Udp
+            && !self.features().contains(Features::DATAGRAMS)
+        {
+            let reason = "the server does not carry UDP (no DATAGRAMS capability)";
+            self.actions
+                .push_back(AgentAction::NotRegistered { service, reason });
+            return;
+        }
+        let register = Message::register(&service.name, service.protocol, service.local_port, port);
+        self.awaiting.push_back(service);
+        self.send_built(register);
+    }
+
+    /// A frame from the server. Data-plane frames (stream frames, datagrams,
+    /// `Open`, relayed `ConnectAck`/`ConnectFail`) come back, checked, for
+    /// the caller to route by connection id.
+    pub fn handle_frame(&mut self, message: Message, now: Instant) -> Option<Message> {
+        if self.is_closed() {
+            return None;
+        }
+        self.liveness.seen(now);
+        let kind = message.message_type();
+        let checked = match &self.phase {
+            Phase::Authenticating { .. } => match kind {
+                MessageType::AuthOk | MessageType::AuthFail | MessageType::Disconnect => Ok(()),
+                other => Err(ProtocolViolation::BeforeAuth(other)),
+            },
+            Phase::Open(_) if matches!(kind, MessageType::AuthOk | MessageType::AuthFail) => {
+                Err(ProtocolViolation::Unexpected(kind))
+            }
+            Phase::Open(open) => check_inbound(End::Agent, open.features, &message),
+            Phase::Closed => return None,
+        };
+        if let Err(violation) = checked {
+            self.close(LinkError::Protocol(violation));
+            return None;
+        }
+        self.on_message(message, now)
+    }
+
+    /// A timer fired: the answer to `Auth` overdue, the server silent, or
+    /// our next heartbeat due (stamped `unix_ms`).
+    pub fn handle_timeout(&mut self, now: Instant, unix_ms: u64) {
+        let interval = self.settings.heartbeat_interval;
+        match &mut self.phase {
+            Phase::Authenticating { deadline } if now >= *deadline => {
+                self.close(LinkError::AuthTimeout);
+            }
+            Phase::Open(_) if self.liveness.is_expired(now) => {
+                self.close(LinkError::HeartbeatTimeout);
+            }
+            Phase::Open(open) if now >= open.next_heartbeat => {
+                while open.next_heartbeat <= now {
+                    open.next_heartbeat += interval;
+                }
+                self.send(Message::Heartbeat { timestamp: unix_ms });
+            }
+            _ => {}
+        }
+    }
+
+    fn on_message(&mut self, message: Message, now: Instant) -> Option<Message> {
+        match message {
+            Message::AuthOk {
+                tunnel_id,
+                capabilities,
+            } => self.on_auth_ok(tunnel_id, capabilities, now),
+            Message::AuthFail {
+                reason, refusal, ..
+            } => self.close(auth_failure(reason, refusal)),
+            Message::Disconnect { reason, .. } => self.close(LinkError::Disconnected { reason }),
+            Message::RegisterOk { service_id, port } => self.on_register_ok(service_id, port),
+            Message::RegisterFail { reason, .. } => self.on_register_fail(reason),
+            Message::Heartbeat { timestamp } => self.send(Message::HeartbeatAck { timestamp }),
+            Message::HeartbeatAck { .. } => {}
+            Message::Connect {
+                service_id,
+                connection_id,
+                client_addr,
+                ..
+            } => self.on_connect(service_id, connection_id, client_addr),
+            data_plane => return Some(data_plane),
+        }
+        None
+    }
+
+    fn on_auth_ok(&mut self, tunnel_id: Uuid, caps: Option<Capabilities>, now: Instant) {
+        let features = caps.map_or(Features::NONE, |c| c.features);
+        self.authenticated = true;
+        self.phase = Phase::Open(Open {
+            features,
+            services: HashMap::new(),
+            next_heartbeat: now + self.settings.heartbeat_interval,
+        });
+        self.actions.push_back(AgentAction::Authenticated {
+            tunnel_id,
+            features,
+            server_window: caps.map_or(DEFAULT_INITIAL_WINDOW, |c| c.initial_window),
+        });
+    }
+
+    fn on_register_ok(&mut self, service_id: Uuid, port: Option<u16>) {
+        let Some(service) = self.awaiting.pop_front() else {
+            return self.close(ProtocolViolation::UnpairedReply(MessageType::RegisterOk).into());
+        };
+        if let Phase::Open(open) = &mut self.phase {
+            open.services.insert(service_id, service.clone());
+        }
+        self.actions.push_back(AgentAction::Registered {
+            service_id,
+            service,
+            port,
+        });
+        if self.awaiting.is_empty() {
+            self.actions.push_back(AgentAction::Ready);
+        }
+    }
+
+    fn on_register_fail(&mut self, reason: String) {
+        let Some(service) = self.awaiting.pop_front() else {
+            return self.close(ProtocolViolation::UnpairedReply(MessageType::RegisterFail).into());
+        };
+        self.actions
+            .push_back(AgentAction::RegistrationRefused { service, reason });
+    }
+
+    fn on_connect(&mut self, service_id: Uuid, connection_id: Uuid, client_addr: String) {
+        let features = self.features();
+        let Some(service) = self.service(service_id).cloned() else {
+            return self.refuse(connection_id, "unknown service");
+        };
+        let action = match service.protocol {
+            ServiceProtocol::Udp => AgentAction::OpenFlow {
+                connection_id,
+                service_id,
+                service,
+                client_addr,
+            },
+            ServiceProtocol::Tcp if !features.contains(Features::STREAMS) => {
+                return self.refuse(connection_id, "the server has no data plane");
+            }
+            ServiceProtocol::Tcp => AgentAction::OpenStream {
+                connection_id,
+                service_id,
+                service,
+                client_addr,
+            },
+        };
+        self.actions.push_back(action);
+    }
+
+    /// Answers a `Connect` with `ConnectFail`.
+    pub fn refuse(&mut self, connection_id: Uuid, reason: &str) {
+        self.send_built(Message::connect_fail(connection_id, reason));
+    }
+
+    fn close(&mut self, error: LinkError) {
+        self.phase = Phase::Closed;
+        self.awaiting.clear();
+        self.actions.push_back(AgentAction::Close(error));
+    }
+
+    fn send(&mut self, message: Message) {
+        match check_outbound(self.features(), &message) {
+            Ok(()) => self.actions.push_back(AgentAction::Send(message)),
+            Err(kind) => tracing::error!(?kind, "not sent: the server did not announce it"),
+        }
+    }
+
+    fn send_built(&mut self, message: Result<Message, BuildError>) {
+        match message {
+            Ok(message) => self.send(message),
+            // names are validated with the configuration and reasons are ours:
+            // a failure here is a bug, said loudly rather than dropped
+            Err(error) => tracing::error!(%error, "control frame not built; not sent"),
+        }
+    }
+}
+
+/// What an `AuthFail` means for the link: a refused token is fatal; an
+/// original server sends no refusal field, and the original only refuses
+/// tokens; our servers say when retrying can help.
+fn auth_failure(reason: String, refusal: Option<AuthRefusal>) -> LinkError {
+    match refusal {
+        Some(AuthRefusal::Later) => LinkError::AuthRefused { reason },
+        Some(AuthRefusal::Token) | None => LinkError::TokenRefused { reason },
+    }
+}

@@ -1,0 +1,780 @@
+//! A server session against an agent session, in memory: every frame goes
+//! through the codec both ways, the clock is fabricated, the registry is a
+//! port pool and a table of tunnels. No socket.
+
+use std::collections::{HashSet, VecDeque};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use uuid::Uuid;
+
+use super::*;
+use crate::auth::{AuthError, TokenScope};
+use crate::config::ServiceConfig;
+use crate::ports::PortPool;
+use crate::protocol::{AuthRefusal, CloseKind, Features, Message, MessageType, ServiceProtocol};
+use crate::throttle::AuthThrottle;
+
+const TOKEN: &str = "secret-token";
+const SECOND: Duration = Duration::from_secs(1);
+
+fn server_settings() -> ServerSettings {
+    ServerSettings {
+        auth_timeout: 10 * SECOND,
+        heartbeat_interval: 5 * SECOND,
+        heartbeat_timeout: 15 * SECOND,
+        supported: Features::ALL,
+        stream_window: 32 * 1024,
+        max_services: 3,
+    }
+}
+
+fn agent_settings(token: &str, offer: Option<Features>) -> AgentSettings {
+    AgentSettings {
+        token: token.into(),
+        client_id: Uuid::from_u128(7),
+        offer,
+        stream_window: 128 * 1024,
+        auth_timeout: 10 * SECOND,
+        heartbeat_interval: 5 * SECOND,
+        heartbeat_timeout: 15 * SECOND,
+    }
+}
+
+/// Both ends, the wire between them, and the server's shared state.
+struct Pair {
+    now: Instant,
+    server: ServerSession,
+    agent: AgentSession,
+    /// Frames on the wire, encoded, in each direction.
+    to_server: VecDeque<Vec<u8>>,
+    to_agent: VecDeque<Vec<u8>>,
+    /// What each end did, for the assertions.
+    server_log: Vec<ServerAction>,
+    agent_log: Vec<AgentAction>,
+    /// Data-plane frames each end handed back to route.
+    server_routed: Vec<Message>,
+    agent_routed: Vec<Message>,
+    throttle: AuthThrottle,
+    ports: PortPool,
+    /// The registry's answer to opening a tunnel.
+    tunnel_limit_reached: bool,
+    peer: IpAddr,
+    /// Names of the services asked for, in the order asked.
+    asked: Vec<String>,
+}
+
+impl Pair {
+    fn new(token: &str, offer: Option<Features>) -> Self {
+        let now = Instant::now();
+        Self {
+            now,
+            server: ServerSession::new(server_settings(), now),
+            agent: AgentSession::new(agent_settings(token, offer), now),
+            to_server: VecDeque::new(),
+            to_agent: VecDeque::new(),
+            server_log: Vec::new(),
+            agent_log: Vec::new(),
+            server_routed: Vec::new(),
+            agent_routed: Vec::new(),
+            throttle: AuthThrottle::new(),
+            ports: PortPool::new((30_000, 30_009)).unwrap(),
+            tunnel_limit_reached: false,
+            peer: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+            asked: Vec::new(),
+        }
+    }
+
+    fn unix_ms(&self) -> u64 {
+        1_764_000_000_000
+    }
+
+    /// Carries out every action and delivers every frame until both ends are quiet.
+    fn run(&mut self) {
+        loop {
+            let mut busy = false;
+            while let Some(action) = self.agent.poll_action() {
+                busy = true;
+                self.agent_did(action);
+            }
+            while let Some(action) = self.server.poll_action() {
+                busy = true;
+                self.server_did(action);
+            }
+            if let Some(frame) = self.to_server.pop_front() {
+                busy = true;
+                let message = decode(&frame);
+                if let Some(routed) = self.server.handle_frame(message, self.now) {
+                    self.server_routed.push(routed);
+                }
+            }
+            if let Some(frame) = self.to_agent.pop_front() {
+                busy = true;
+                let message = decode(&frame);
+                if let Some(routed) = self.agent.handle_frame(message, self.now) {
+                    self.agent_routed.push(routed);
+                }
+            }
+            if !busy {
+                return;
+            }
+        }
+    }
+
+    fn agent_did(&mut self, action: AgentAction) {
+        match &action {
+            AgentAction::Send(message) => self.to_server.push_back(message.encode()),
+            AgentAction::Authenticated { .. } => {
+                for service in [ServiceConfig::tcp("ssh", 22), ServiceConfig::udp("dns", 53)] {
+                    self.register(service, 0);
+                }
+            }
+            _ => {}
+        }
+        self.agent_log.push(action);
+    }
+
+    fn server_did(&mut self, action: ServerAction) {
+        match &action {
+            ServerAction::Send(message) => self.to_agent.push_back(message.encode()),
+            ServerAction::Authenticate { token, .. } => {
+                let verdict = check_token(&mut self.throttle, self.peer, self.now, || {
+                    (token.expose() == TOKEN)
+                        .then_some(())
+                        .ok_or(AuthError::InvalidToken)
+                });
+                match verdict {
+                    Err(refusal) => self.server.refused(&refusal.to_string(), refusal.refusal()),
+                    Ok(()) if self.tunnel_limit_reached => self
+                        .server
+                        .refused("server is at its limit of 1 tunnels", AuthRefusal::Later),
+                    Ok(()) => {
+                        let id = Uuid::from_u128(1);
+                        let unix_ms = self.unix_ms();
+                        self.server
+                            .authenticated(id, TokenScope::default(), self.now, unix_ms);
+                    }
+                }
+            }
+            ServerAction::Allocate(registration) => {
+                let result = self
+                    .ports
+                    .allocate(registration.remote_port)
+                    .map(|port| (Uuid::from_u128(100 + registration.seq as u128), port))
+                    .map_err(|e| e.to_string());
+                self.server.allocated(registration.seq, result);
+            }
+            ServerAction::Unregister { port, .. } => {
+                self.ports.release(*port);
+            }
+            ServerAction::ReportAlive | ServerAction::Close(_) => {}
+        }
+        self.server_log.push(action);
+    }
+
+    fn register(&mut self, service: ServiceConfig, port: u16) {
+        let sent = self.agent.awaiting();
+        let name = service.name.clone();
+        self.agent.register(service, port);
+        if self.agent.awaiting() > sent {
+            self.asked.push(name);
+        }
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+        let unix_ms = self.unix_ms();
+        self.server.handle_timeout(self.now, unix_ms);
+        self.agent.handle_timeout(self.now, unix_ms);
+        self.run();
+    }
+
+    fn agent_closed(&self) -> Option<&LinkError> {
+        self.agent_log.iter().find_map(|a| match a {
+            AgentAction::Close(e) => Some(e),
+            _ => None,
+        })
+    }
+
+    fn server_closed(&self) -> Option<&CloseReason> {
+        self.server_log.iter().find_map(|a| match a {
+            ServerAction::Close(r) => Some(r),
+            _ => None,
+        })
+    }
+
+    fn registered(&self) -> Vec<(String, Option<u16>)> {
+        self.agent_log
+            .iter()
+            .filter_map(|a| match a {
+                AgentAction::Registered { service, port, .. } => {
+                    Some((service.name.clone(), *port))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn sent_by_server(&self) -> Vec<MessageType> {
+        self.server_log
+            .iter()
+            .filter_map(|a| match a {
+                ServerAction::Send(m) => Some(m.message_type()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn decode(frame: &[u8]) -> Message {
+    Message::decode(frame)
+        .expect("every frame a session sends decodes")
+        .0
+}
+
+#[test]
+fn an_agent_authenticates_negotiates_and_registers_in_order() {
+    let mut pair = Pair::new(TOKEN, Some(Features::ALL));
+    pair.run();
+    assert!(pair.server.is_open() && pair.agent.is_open());
+    assert_eq!(pair.server.features(), Features::ALL);
+    assert_eq!(pair.agent.features(), Features::ALL);
+    assert_eq!(pair.server.agent_window(), 128 * 1024);
+    assert!(pair.agent_log.iter().any(|a| matches!(
+        a,
+        AgentAction::Authenticated { server_window, .. } if *server_window == 32 * 1024
+    )));
+    let ports = pair.registered();
+    assert_eq!(
+        ports,
+        [("ssh".into(), Some(30_000)), ("dns".into(), Some(30_001))]
+    );
+    assert!(matches!(pair.agent_log.last(), Some(AgentAction::Ready)));
+    // AuthOk is followed at once by the server's first heartbeat
+    let sent = pair.sent_by_server();
+    assert_eq!(sent[..2], [MessageType::AuthOk, MessageType::Heartbeat]);
+}
+
+#[test]
+fn a_wrong_token_is_refused_for_good_and_a_lockout_only_for_now() {
+    let mut pair = Pair::new("wrong", Some(Features::ALL));
+    pair.run();
+    assert_eq!(pair.server_closed(), Some(&CloseReason::AuthRefused));
+    let error = pair.agent_closed().expect("the agent's link ended");
+    assert!(error.is_fatal(), "{error:?}");
+    assert!(matches!(error, LinkError::TokenRefused { reason } if reason.contains("invalid")));
+
+    // after the free failures the address is locked out: a retry can help
+    let mut throttle = std::mem::take(&mut pair.throttle);
+    for _ in 0..crate::throttle::FREE_FAILURES {
+        let mut again = Pair::new("wrong", Some(Features::ALL));
+        again.throttle = throttle;
+        again.run();
+        throttle = again.throttle;
+    }
+    let mut locked = Pair::new(TOKEN, Some(Features::ALL));
+    locked.throttle = throttle;
+    locked.run();
+    let error = locked.agent_closed().expect("refused during the lockout");
+    assert!(!error.is_fatal(), "{error:?}");
+    assert!(
+        error
+            .to_string()
+            .contains("too many failed authentications")
+    );
+    // once the lockout is over, the right token gets in
+    let mut later = Pair::new(TOKEN, Some(Features::ALL));
+    later.throttle = locked.throttle;
+    later.now += crate::throttle::MAX_LOCKOUT;
+    later.server = ServerSession::new(server_settings(), later.now);
+    later.run();
+    assert!(later.agent.is_open());
+}
+
+#[test]
+fn a_full_server_is_a_refusal_to_retry() {
+    let mut pair = Pair::new(TOKEN, Some(Features::ALL));
+    pair.tunnel_limit_reached = true;
+    pair.run();
+    let error = pair.agent_closed().unwrap();
+    assert!(matches!(error, LinkError::AuthRefused { .. }) && !error.is_fatal());
+}
+
+#[test]
+fn a_legacy_agent_gets_only_the_original_messages() {
+    let mut pair = Pair::new(TOKEN, None);
+    pair.run();
+    assert!(pair.agent.is_open());
+    assert_eq!(pair.server.features(), Features::NONE);
+    // no extension block in AuthOk, and the UDP service is not asked for
+    let auth_ok = pair.server_log.iter().find_map(|a| match a {
+        ServerAction::Send(Message::AuthOk { capabilities, .. }) => Some(*capabilities),
+        _ => None,
+    });
+    assert_eq!(auth_ok, Some(None));
+    assert_eq!(pair.registered(), [("ssh".into(), Some(30_000))]);
+    assert!(pair.agent_log.iter().any(|a| matches!(
+        a,
+        AgentAction::NotRegistered { service, .. } if service.name == "dns"
+    )));
+    // a refusal carries no field the original agent does not know
+    let mut wrong = Pair::new("wrong", None);
+    wrong.run();
+    let fail = wrong.server_log.iter().find_map(|a| match a {
+        ServerAction::Send(m @ Message::AuthFail { .. }) => Some(m.clone()),
+        _ => None,
+    });
+    assert_eq!(fail, Message::auth_fail("invalid tunnel token").ok());
+}
+
+#[test]
+fn an_original_servers_refusal_stops_the_agent() {
+    // the original server sends `AuthFail { reason }` and nothing more
+    let now = Instant::now();
+    let mut agent = AgentSession::new(agent_settings("t", Some(Features::ALL)), now);
+    let fail = Message::auth_fail("Invalid token").unwrap();
+    assert_eq!(agent.handle_frame(decode(&fail.encode()), now), None);
+    let close = std::iter::from_fn(|| agent.poll_action()).last();
+    assert!(matches!(close, Some(AgentAction::Close(e)) if e.is_fatal()));
+}
+
+#[test]
+fn an_original_server_registers_without_ports_and_carries_no_streams() {
+    let now = Instant::now();
+    let mut agent = AgentSession::new(agent_settings("t", Some(Features::ALL)), now);
+    let ok = Message::AuthOk {
+        tunnel_id: Uuid::from_u128(1),
+        capabilities: None,
+    };
+    agent.handle_frame(ok, now);
+    agent.register(ServiceConfig::tcp("web", 80), 0);
+    let service_id = Uuid::from_u128(2);
+    let reply = Message::RegisterOk {
+        service_id,
+        port: None,
+    };
+    agent.handle_frame(decode(&reply.encode()), now);
+    let actions: Vec<_> = std::iter::from_fn(|| agent.poll_action()).collect();
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, AgentAction::Registered { port: None, .. }))
+    );
+    // a visitor of a legacy server is refused: there is no stream to carry it
+    let connect = Message::connect(service_id, Uuid::from_u128(3), "192.0.2.9:4000").unwrap();
+    agent.handle_frame(connect, now);
+    let fail = agent.poll_action();
+    assert!(
+        matches!(fail, Some(AgentAction::Send(Message::ConnectFail { .. }))),
+        "{fail:?}"
+    );
+}
+
+#[test]
+fn registrations_are_answered_in_order_under_refusals() {
+    let mut pair = Pair::new(TOKEN, Some(Features::ALL));
+    pair.run();
+    // a taken port, the limit of 3 services, a free one: in the order asked
+    pair.register(ServiceConfig::tcp("taken", 8080), 30_000);
+    pair.register(ServiceConfig::tcp("third", 8081), 0);
+    pair.register(ServiceConfig::tcp("fourth", 8082), 0);
+    pair.run();
+    let outcomes: Vec<_> = pair
+        .agent_log
+        .iter()
+        .filter_map(|a| match a {
+            AgentAction::Registered { service, .. } => Some(format!("{} ok", service.name)),
+            AgentAction::RegistrationRefused { service, reason } => {
+                Some(format!("{} refused: {reason}", service.name))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(outcomes.len(), 5, "{outcomes:?}");
+    assert_eq!(outcomes[..2], ["ssh ok".to_owned(), "dns ok".to_owned()]);
+    assert!(outcomes[2].starts_with("taken refused"), "{outcomes:?}");
+    assert_eq!(outcomes[3], "third ok");
+    assert!(outcomes[4].contains("limit of 3 services"), "{outcomes:?}");
+    assert_eq!(pair.agent.awaiting(), 0);
+}
+
+#[test]
+fn answers_wait_for_the_registrations_before_them() {
+    let now = Instant::now();
+    let mut server = ServerSession::new(server_settings(), now);
+    let auth = Message::auth(TOKEN, Uuid::from_u128(7), None).unwrap();
+    server.handle_frame(auth, now);
+    server.poll_action();
+    server.authenticated(Uuid::from_u128(1), TokenScope::default(), now, 0);
+    std::iter::from_fn(|| server.poll_action()).for_each(drop);
+    for name in ["a", "b"] {
+        let register = Message::register(name, ServiceProtocol::Tcp, 1, 0).unwrap();
+        server.handle_frame(register, now);
+    }
+    let seqs: Vec<u64> = std::iter::from_fn(|| server.poll_action())
+        .filter_map(|a| match a {
+            ServerAction::Allocate(r) => Some(r.seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(seqs, [0, 1]);
+    // the second finishes first: nothing goes out until the first is answered
+    server.allocated(1, Ok((Uuid::from_u128(11), 30_001)));
+    assert_eq!(server.poll_action(), None);
+    server.allocated(0, Err("cannot listen".into()));
+    let answers: Vec<_> = std::iter::from_fn(|| server.poll_action()).collect();
+    assert!(matches!(
+        answers[0],
+        ServerAction::Send(Message::RegisterFail { .. })
+    ));
+    assert!(matches!(
+        answers[1],
+        ServerAction::Send(Message::RegisterOk {
+            port: Some(30_001),
+            ..
+        })
+    ));
+}
+
+#[test]
+fn heartbeats_keep_both_ends_alive_and_silence_drops_them() {
+    let mut pair = Pair::new(TOKEN, Some(Features::ALL));
+    pair.run();
+    for _ in 0..10 {
+        pair.advance(5 * SECOND);
+    }
+    assert!(pair.server.is_open() && pair.agent.is_open());
+    let alive = pair
+        .server_log
+        .iter()
+        .filter(|a| matches!(a, ServerAction::ReportAlive))
+        .count();
+    assert_eq!(alive, 10);
+
+    // the agent stops answering: the server drops it at the timeout, not before
+    pair.to_server.clear();
+    pair.now += 14 * SECOND;
+    pair.server.handle_timeout(pair.now, 0);
+    assert!(pair.server.is_open());
+    pair.now += 2 * SECOND;
+    pair.server.handle_timeout(pair.now, 0);
+    pair.run();
+    assert_eq!(pair.server_closed(), Some(&CloseReason::HeartbeatTimeout));
+    // the agent hears the Disconnect and will reconnect
+    let error = pair.agent_closed().unwrap();
+    assert!(matches!(error, LinkError::Disconnected { reason } if reason == "heartbeat timeout"));
+    assert!(!error.is_fatal());
+}
+
+#[test]
+fn a_silent_server_is_dropped_by_the_agent() {
+    let mut pair = Pair::new(TOKEN, Some(Features::ALL));
+    pair.run();
+    pair.now += 16 * SECOND;
+    pair.agent.handle_timeout(pair.now, 0);
+    pair.run();
+    assert_eq!(pair.agent_closed(), Some(&LinkError::HeartbeatTimeout));
+}
+
+#[test]
+fn no_auth_in_time_closes_both_ends() {
+    let now = Instant::now();
+    let mut server = ServerSession::new(server_settings(), now);
+    server.handle_timeout(now + 9 * SECOND, 0);
+    assert!(!server.is_closed());
+    server.handle_timeout(now + 10 * SECOND, 0);
+    assert_eq!(
+        server.poll_action(),
+        Some(ServerAction::Close(CloseReason::AuthTimeout))
+    );
+
+    let mut agent = AgentSession::new(agent_settings(TOKEN, None), now);
+    agent.poll_action();
+    agent.handle_timeout(now + 10 * SECOND, 0);
+    assert_eq!(
+        agent.poll_action(),
+        Some(AgentAction::Close(LinkError::AuthTimeout))
+    );
+}
+
+#[test]
+fn anything_before_auth_closes_the_session() {
+    let now = Instant::now();
+    let mut server = ServerSession::new(server_settings(), now);
+    server.handle_frame(Message::Heartbeat { timestamp: 1 }, now);
+    assert_eq!(
+        server.poll_action(),
+        Some(ServerAction::Close(CloseReason::Protocol(
+            ProtocolViolation::BeforeAuth(MessageType::Heartbeat)
+        )))
+    );
+    let mut agent = AgentSession::new(agent_settings(TOKEN, None), now);
+    agent.poll_action();
+    let connect = Message::connect(Uuid::nil(), Uuid::nil(), "x").unwrap();
+    agent.handle_frame(connect, now);
+    assert!(matches!(
+        agent.poll_action(),
+        Some(AgentAction::Close(LinkError::Protocol(
+            ProtocolViolation::BeforeAuth(_)
+        )))
+    ));
+}
+
+/// A session of each end with `features` negotiated.
+fn open_pair(features: Features) -> Pair {
+    let mut pair = Pair::new(TOKEN, Some(features));
+    pair.run();
+    assert!(pair.server.is_open() && pair.agent.is_open());
+    pair
+}
+
+#[test]
+fn a_frame_of_a_feature_not_negotiated_is_refused_on_both_ends() {
+    let data = Message::data(Uuid::from_u128(5), bytes::Bytes::from_static(b"x")).unwrap();
+    // the agent offered only DATAGRAMS; it sends Data anyway
+    let mut pair = open_pair(Features::DATAGRAMS);
+    pair.to_server.push_back(data.encode());
+    pair.run();
+    let expected = ProtocolViolation::NotNegotiated {
+        kind: MessageType::Data,
+        feature: Features::STREAMS,
+    };
+    assert_eq!(
+        pair.server_closed(),
+        Some(&CloseReason::Protocol(expected.clone()))
+    );
+    // the agent is told why before the socket closes
+    assert!(matches!(
+        pair.agent_closed(),
+        Some(LinkError::Disconnected { reason }) if reason.contains("without the")
+    ));
+
+    // and a server that sends Data to an agent that did not negotiate it
+    let mut pair = open_pair(Features::DATAGRAMS);
+    pair.to_agent.push_back(data.encode());
+    pair.run();
+    assert_eq!(pair.agent_closed(), Some(&LinkError::Protocol(expected)));
+    assert!(pair.agent_routed.is_empty());
+}
+
+#[test]
+fn a_message_of_the_other_direction_is_refused() {
+    let mut pair = open_pair(Features::ALL);
+    pair.to_agent.push_back(
+        Message::register("x", ServiceProtocol::Tcp, 1, 0)
+            .unwrap()
+            .encode(),
+    );
+    pair.run();
+    assert_eq!(
+        pair.agent_closed(),
+        Some(&LinkError::Protocol(ProtocolViolation::Unexpected(
+            MessageType::Register
+        )))
+    );
+
+    let mut pair = open_pair(Features::ALL);
+    let stray = Message::RegisterOk {
+        service_id: Uuid::nil(),
+        port: None,
+    };
+    pair.to_server.push_back(stray.encode());
+    pair.run();
+    assert_eq!(
+        pair.server_closed(),
+        Some(&CloseReason::Protocol(ProtocolViolation::Unexpected(
+            MessageType::RegisterOk
+        )))
+    );
+    // an answer the agent never asked for is a violation too
+    let mut pair = open_pair(Features::ALL);
+    pair.to_agent.push_back(stray.encode());
+    pair.run();
+    assert!(matches!(
+        pair.agent_closed(),
+        Some(LinkError::Protocol(ProtocolViolation::UnpairedReply(_)))
+    ));
+}
+
+#[test]
+fn visitors_become_streams_or_flows_and_data_frames_are_routed() {
+    let mut pair = open_pair(Features::ALL);
+    let (tcp, udp) = (Uuid::from_u128(100), Uuid::from_u128(101));
+    for (service_id, id) in [(tcp, 1u128), (udp, 2)] {
+        let connect = Message::connect(service_id, Uuid::from_u128(id), "192.0.2.7:5000").unwrap();
+        pair.to_agent.push_back(connect.encode());
+    }
+    let unknown = Message::connect(Uuid::from_u128(999), Uuid::from_u128(3), "x").unwrap();
+    pair.to_agent.push_back(unknown.encode());
+    let frames = [
+        Message::data(Uuid::from_u128(1), bytes::Bytes::from_static(b"hello")).unwrap(),
+        Message::Close {
+            connection_id: Uuid::from_u128(1),
+            kind: CloseKind::Eof,
+        },
+    ];
+    for frame in &frames {
+        pair.to_agent.push_back(frame.encode());
+        pair.to_server.push_back(frame.encode());
+    }
+    pair.run();
+    assert!(pair.agent_log.iter().any(|a| matches!(
+        a,
+        AgentAction::OpenStream { connection_id, service, .. }
+            if *connection_id == Uuid::from_u128(1) && service.name == "ssh"
+    )));
+    assert!(pair.agent_log.iter().any(|a| matches!(
+        a,
+        AgentAction::OpenFlow { connection_id, service, .. }
+            if *connection_id == Uuid::from_u128(2) && service.name == "dns"
+    )));
+    // the unknown service's visitor is refused to the server, which routes it
+    assert!(pair.server_routed.iter().any(|m| matches!(
+        m,
+        Message::ConnectFail { connection_id, .. } if *connection_id == Uuid::from_u128(3)
+    )));
+    assert_eq!(pair.agent_routed, frames);
+    let routed: Vec<_> = pair
+        .server_routed
+        .iter()
+        .filter(|m| m.message_type() != MessageType::ConnectFail)
+        .cloned()
+        .collect();
+    assert_eq!(routed, frames);
+}
+
+#[test]
+fn an_unregistered_service_frees_its_port() {
+    let mut pair = open_pair(Features::ALL);
+    let available = pair.ports.available();
+    pair.to_server.push_back(
+        Message::Unregister {
+            service_id: Uuid::from_u128(100),
+        }
+        .encode(),
+    );
+    // twice: the second names no service and does nothing
+    pair.to_server.push_back(
+        Message::Unregister {
+            service_id: Uuid::from_u128(100),
+        }
+        .encode(),
+    );
+    pair.run();
+    assert_eq!(pair.ports.available(), available + 1);
+    assert_eq!(pair.server.services(), 1);
+}
+
+#[test]
+fn the_server_ends_a_session_with_a_reason() {
+    let mut pair = open_pair(Features::ALL);
+    pair.server
+        .disconnect("taken over by a new connection of this agent");
+    pair.run();
+    assert!(matches!(
+        pair.agent_closed(),
+        Some(LinkError::Disconnected { reason }) if reason.contains("taken over")
+    ));
+    assert!(pair.server.is_closed());
+}
+
+/// One input of a random interleaving.
+#[derive(Debug, Clone)]
+enum Step {
+    /// The agent asks for a service (index into a fixed list).
+    Register(usize),
+    /// One frame crosses to the server / to the agent.
+    ToServer,
+    ToAgent,
+    /// Either end's pending actions run.
+    ServerActs,
+    AgentActs,
+    /// Time passes (ms).
+    Wait(u64),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        (0..6usize).prop_map(Step::Register),
+        Just(Step::ToServer),
+        Just(Step::ToAgent),
+        Just(Step::ServerActs),
+        Just(Step::AgentActs),
+        (0..3_000u64).prop_map(Step::Wait),
+    ]
+}
+
+proptest! {
+    /// Whatever the interleaving: every `Register` is answered exactly once
+    /// and in order, nothing of a feature not negotiated is sent, a link that
+    /// hears heartbeats in time stays up, and an agent that keeps its part
+    /// gets every service it asked for (within the limit) or a reason.
+    #[test]
+    fn random_interleavings_keep_the_rules(steps in prop::collection::vec(step(), 1..200)) {
+        let mut pair = Pair::new(TOKEN, Some(Features::STREAMS | Features::ACCESS));
+        let names = ["a", "b", "c", "d", "e", "f"];
+        for step in steps {
+            match step {
+                Step::Register(i) => {
+                    let local = 1000 + u16::try_from(i).unwrap();
+                    pair.register(ServiceConfig::tcp(names[i], local), 0);
+                }
+                Step::ToServer => {
+                    if let Some(frame) = pair.to_server.pop_front() {
+                        let now = pair.now;
+                        if let Some(m) = pair.server.handle_frame(decode(&frame), now) {
+                            pair.server_routed.push(m);
+                        }
+                    }
+                }
+                Step::ToAgent => {
+                    if let Some(frame) = pair.to_agent.pop_front() {
+                        let now = pair.now;
+                        if let Some(m) = pair.agent.handle_frame(decode(&frame), now) {
+                            pair.agent_routed.push(m);
+                        }
+                    }
+                }
+                Step::ServerActs => {
+                    while let Some(a) = pair.server.poll_action() { pair.server_did(a); }
+                }
+                Step::AgentActs => {
+                    while let Some(a) = pair.agent.poll_action() { pair.agent_did(a); }
+                }
+                Step::Wait(ms) => {
+                    pair.now += Duration::from_millis(ms);
+                    let (now, unix) = (pair.now, pair.unix_ms());
+                    pair.server.handle_timeout(now, unix);
+                    pair.agent.handle_timeout(now, unix);
+                }
+            }
+        }
+        pair.run();
+        // nothing of DATAGRAMS went either way
+        for action in &pair.server_log {
+            if let ServerAction::Send(m) = action {
+                prop_assert_ne!(m.message_type(), MessageType::Datagram);
+            }
+        }
+        prop_assert!(pair.server_routed.is_empty() && pair.agent_routed.is_empty());
+        if pair.agent_closed().is_some() || pair.server_closed().is_some() {
+            // a link may end on a timeout; then nothing is left waiting
+            prop_assert!(pair.agent.is_closed() || pair.server.is_closed());
+            return Ok(());
+        }
+        // every registration answered once, in the order asked
+        let answered: Vec<String> = pair.agent_log.iter().filter_map(|a| match a {
+            AgentAction::Registered { service, .. }
+            | AgentAction::RegistrationRefused { service, .. } => Some(service.name.clone()),
+            _ => None,
+        }).collect();
+        prop_assert_eq!(&answered, &pair.asked);
+        prop_assert_eq!(pair.agent.awaiting(), 0);
+        // ports given are distinct
+        let ports: Vec<u16> = pair.registered().iter().filter_map(|(_, p)| *p).collect();
+        let distinct: HashSet<u16> = ports.iter().copied().collect();
+        prop_assert_eq!(ports.len(), distinct.len());
+        prop_assert!(pair.server.services() <= server_settings().max_services);
+    }
+}
