@@ -34,6 +34,7 @@ mod relay;
 mod runtime;
 mod serve;
 mod service_listener;
+mod signals;
 mod stream_hub;
 mod tunnel_agent;
 mod udp_flow;
@@ -45,6 +46,7 @@ pub use control_handler::ControlHandler;
 pub use node_tunnels::NodeTunnelManager;
 pub use registry::{ServiceInfo, TunnelInfo, TunnelRegistry};
 pub use serve::{ServeOptions, serve};
+pub use signals::shutdown_signal;
 pub use tunnel_agent::{ConnectionCallback, TunnelAgent};
 
 use crate::ports::PortError;

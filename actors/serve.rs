@@ -8,9 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::{App, HttpServer};
-use tokio::signal::unix::{SignalKind, signal};
 
-use super::{ControlHandler, TunnelRegistry};
+use super::{ControlHandler, TunnelRegistry, shutdown_signal};
 use crate::auth::{TokenStore, TokenValidator};
 use crate::config::TunnelServerConfig;
 
@@ -75,7 +74,7 @@ pub async fn serve(options: ServeOptions) -> std::io::Result<()> {
         actix_web::rt::spawn(admin);
     }
     actix_web::rt::spawn(async move {
-        if wait_for_signal().await.is_ok() {
+        if shutdown_signal().await.is_ok() {
             let agents = registry.close_all("server shutting down").await;
             tracing::info!(agents, "shutting down");
             tokio::time::sleep(Duration::from_millis(50)).await; // let the Disconnects go out
@@ -86,16 +85,4 @@ pub async fn serve(options: ServeOptions) -> std::io::Result<()> {
         }
     });
     server.await
-}
-
-async fn wait_for_signal() -> std::io::Result<()> {
-    let (mut int, mut term) = (
-        signal(SignalKind::interrupt())?,
-        signal(SignalKind::terminate())?,
-    );
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-    }
-    Ok(())
 }

@@ -8,9 +8,8 @@
 //! ```
 
 use anyhow::{Context, bail};
-use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::prelude::*;
-use zlayer_tunnel::{ServiceConfig, TunnelAgent, TunnelClientConfig};
+use zlayer_tunnel::{ServiceConfig, TunnelAgent, TunnelClientConfig, shutdown_signal};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -38,13 +37,9 @@ async fn main() -> anyhow::Result<()> {
     let agent = TunnelAgent::new(config);
     let stopper = agent.clone();
     tokio::spawn(async move {
-        let (mut int, mut term) = (
-            signal(SignalKind::interrupt())?,
-            signal(SignalKind::terminate())?,
-        );
-        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
-        stopper.stop();
-        Ok::<_, std::io::Error>(())
+        if shutdown_signal().await.is_ok() {
+            stopper.stop();
+        }
     });
     agent.run().await?;
     Ok(())

@@ -47,6 +47,9 @@ pub mod tls;
 pub mod udp;
 
 pub use access::AccessSessionInfo;
+/// The wait for SIGINT or SIGTERM (Ctrl-C off unix) that `serve`, the binary
+/// and the examples stop on; for a host's own `main` too.
+pub use actors::shutdown_signal;
 pub use actors::{
     AccessManager, ConnectionCallback, ControlHandler, NodeTunnelManager, PublishedCallback,
     PublishedService, StartedSession, TunnelAgent, TunnelInfo, TunnelRegistry,

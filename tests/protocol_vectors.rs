@@ -1,8 +1,10 @@
-//! The codec against the golden vectors: `../shared/protocol-vectors.json`
-//! (made by the original crate's own encoder) and `tests/data/extension-vectors.json`
-//! (our data-plane extension, same schema). Read at test time, so the files
-//! stay the single source of truth; every group's count is asserted so that a
-//! renamed key cannot leave a loop empty.
+//! The codec against the golden vectors: `tests/data/protocol-vectors.json`
+//! (made by the original crate's own encoder; a byte-for-byte copy of
+//! `../shared/protocol-vectors.json`, which `.ci/run` compares it with when
+//! present) and `tests/data/extension-vectors.json` (our data-plane extension,
+//! same schema). Read at test time, so the files stay the single source of
+//! truth; every group's count is asserted so that a renamed key cannot leave
+//! a loop empty.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -17,7 +19,7 @@ use zlayer_tunnel::protocol::{
 
 const SEED_VECTORS: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../shared/protocol-vectors.json"
+    "/tests/data/protocol-vectors.json"
 );
 const EXT_VECTORS: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),

@@ -1,0 +1,147 @@
+//! The command line: clap's derive structs, as `--help` shows them. The
+//! values of the spec flags (`--tcp`, `--port-range`, ...) are parsed in
+//! `specs.rs`; merging flags over a config file happens in `options.rs`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use zlayer_tunnel::ServiceConfig;
+
+use crate::specs::{parse_node_tunnel, parse_range, parse_service, parse_udp_service};
+
+/// Secure reverse tunnels for ZLayer nodes.
+#[derive(Parser)]
+#[command(version, about)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Runs a tunnel server: agents connect to it, visitors to its public ports.
+    Server(ServerArgs),
+    /// Runs an agent: publishes local services through a tunnel server.
+    Agent(AgentArgs),
+    /// Opens temporary local access to a service published on a tunnel
+    /// server (like `cloudflared access tcp`); prints the local address.
+    Access(AccessArgs),
+    /// Token utilities.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Args)]
+pub(crate) struct AccessArgs {
+    /// Control URL of the server, ws:// or wss://.
+    #[arg(long)]
+    pub(crate) server: String,
+    /// The token; prefer ZLAYER_TUNNEL_TOKEN, which stays out of `ps`.
+    #[arg(long, env = "ZLAYER_TUNNEL_TOKEN", hide_env_values = true)]
+    pub(crate) token: String,
+    /// The name of the service, as its agent registered it.
+    #[arg(long)]
+    pub(crate) service: String,
+    /// The local port to listen on, on 127.0.0.1. Default: any free port.
+    #[arg(long)]
+    pub(crate) local_port: Option<u16>,
+    /// How long the access lasts, e.g. 30m. Default 1h.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+    pub(crate) ttl: Duration,
+    /// An address for the agent to dial instead of the service's own, if its
+    /// access_targets allow it.
+    #[arg(long, default_value = "")]
+    pub(crate) target: String,
+}
+
+#[derive(Args)]
+pub(crate) struct ServerArgs {
+    /// A TOML file (see examples/config/server.toml); flags override it.
+    #[arg(long)]
+    pub(crate) config: Option<PathBuf>,
+    /// Control listener address (IPv4 or IPv6), e.g. 0.0.0.0:7000 (repeatable).
+    #[arg(long)]
+    pub(crate) listen: Vec<SocketAddr>,
+    /// Public ports for services, inclusive: LOW-HIGH (one port: 21011-21011). Default 30000-31000.
+    #[arg(long, value_parser = parse_range)]
+    pub(crate) port_range: Option<(u16, u16)>,
+    /// Host the public listeners bind. Default 0.0.0.0.
+    #[arg(long)]
+    pub(crate) bind_host: Option<String>,
+    /// An accepted token (repeatable); also ZLAYER_TUNNEL_TOKEN.
+    #[arg(long, env = "ZLAYER_TUNNEL_TOKEN", hide_env_values = true)]
+    pub(crate) token: Vec<String>,
+    /// An accepted token's SHA-256, lowercase hex (repeatable).
+    #[arg(long)]
+    pub(crate) token_hash: Vec<String>,
+    /// A file of accepted token hashes, one per line (# comments).
+    #[arg(long)]
+    pub(crate) token_file: Option<PathBuf>,
+    /// Accept any non-empty token (development only).
+    #[arg(long)]
+    pub(crate) accept_any_token: bool,
+    /// Serve /healthz, /status and /metrics on this address (keep it private).
+    #[arg(long)]
+    pub(crate) admin_listen: Vec<SocketAddr>,
+    /// How often to send heartbeats, e.g. 30s. Default 30s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) heartbeat_interval: Option<Duration>,
+    /// Drop an agent silent this long, e.g. 40s. Default 40s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) heartbeat_timeout: Option<Duration>,
+    /// Serve wss:// with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, requires = "tls_cert")]
+    pub(crate) tls_key: Option<PathBuf>,
+    /// This node's id, for its node tunnels. Default: the listen address.
+    #[arg(long)]
+    pub(crate) node_id: Option<String>,
+    /// A node tunnel from this node: NAME:LOCAL_PORT:REMOTE_PORT@URL publishes
+    /// this node's LOCAL_PORT on the tunnel server at URL (repeatable).
+    #[arg(long, value_parser = parse_node_tunnel)]
+    pub(crate) node_tunnel: Vec<(String, u16, u16, String)>,
+    /// The token for the other nodes' servers; also ZLAYER_TUNNEL_NODE_TOKEN.
+    #[arg(long, env = "ZLAYER_TUNNEL_NODE_TOKEN", hide_env_values = true)]
+    pub(crate) node_token: Option<String>,
+}
+
+#[derive(Args)]
+pub(crate) struct AgentArgs {
+    /// A TOML file (see examples/config/agent.toml); flags override it.
+    #[arg(long)]
+    pub(crate) config: Option<PathBuf>,
+    /// Control URL of the server, ws:// or wss://.
+    #[arg(long)]
+    pub(crate) server: Option<String>,
+    /// The token; prefer ZLAYER_TUNNEL_TOKEN, which stays out of `ps`.
+    #[arg(long, env = "ZLAYER_TUNNEL_TOKEN", hide_env_values = true)]
+    pub(crate) token: Option<String>,
+    /// A TCP service: NAME:LOCAL_PORT:REMOTE_PORT or NAME:HOST:PORT:REMOTE_PORT (remote 0 = any).
+    #[arg(long, value_parser = parse_service)]
+    pub(crate) tcp: Vec<ServiceConfig>,
+    /// A UDP service: NAME:LOCAL_PORT:REMOTE_PORT or NAME:HOST:PORT:REMOTE_PORT (remote 0 = any).
+    #[arg(long, value_parser = parse_udp_service)]
+    pub(crate) udp: Vec<ServiceConfig>,
+    /// For wss://: trust the certificates of this PEM file (a private CA, or
+    /// the server's own self-signed certificate) instead of the system roots.
+    #[arg(long)]
+    pub(crate) ca_cert: Option<PathBuf>,
+    /// Serve /healthz, /status and /metrics about this agent on this address.
+    #[arg(long)]
+    pub(crate) admin_listen: Vec<SocketAddr>,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum TokenCommand {
+    /// Prints the lowercase hex SHA-256 of TOKEN (what a server stores), and nothing else.
+    Hash {
+        /// The token.
+        token: String,
+    },
+    /// Prints a new random token, then its hash.
+    Generate,
+}

@@ -1,0 +1,137 @@
+//! One function per command: build the runtime, start what the merged
+//! options describe, wait for it to end or for SIGINT/SIGTERM
+//! ([`shutdown_signal`]). stdout carries only what a command is asked for.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use zlayer_tunnel::{NodeTunnelManager, TunnelAgent, TunnelState, shutdown_signal};
+
+use crate::allocator;
+use crate::cli::{AccessArgs, AgentArgs, ServerArgs};
+use crate::options;
+
+/// `zlayer-tunnel server`: [`zlayer_tunnel::actors::serve`] and this node's tunnels.
+pub(crate) fn run_server(args: ServerArgs) -> anyhow::Result<()> {
+    let server = options::serve_options(&args)?;
+    let nodes = options::node_tunnels(&args, &server)?;
+    actix_web::rt::System::new().block_on(async move {
+        actix_web::rt::spawn(allocator::release_after_activity());
+        if let Some(nodes) = nodes {
+            for (name, _, _, url) in &args.node_tunnel {
+                nodes.start_outbound(name, url.clone())?;
+            }
+            actix_web::rt::spawn(log_node_tunnels(nodes));
+        }
+        zlayer_tunnel::actors::serve(server).await?;
+        anyhow::Ok(())
+    })?;
+    Ok(())
+}
+
+/// Logs each node tunnel's state as it changes.
+async fn log_node_tunnels(nodes: NodeTunnelManager) {
+    let mut last: HashMap<String, String> = HashMap::new();
+    loop {
+        for status in nodes.list_status() {
+            let state = match &status.state {
+                TunnelState::Reconnecting { last_error, .. } => {
+                    format!("reconnecting ({last_error})")
+                }
+                TunnelState::Failed { error } => format!("failed ({error})"),
+                TunnelState::Connected { .. } => "connected".to_owned(),
+                other => format!("{other:?}").to_lowercase(),
+            };
+            if last.get(&status.name) != Some(&state) {
+                tracing::info!(tunnel = %status.name, to = %status.to_node, public_port = ?status.public_port, %state, "node tunnel");
+                last.insert(status.name.clone(), state);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `zlayer-tunnel agent`: runs until the server refuses it for good or a
+/// signal stops it; prints each published service.
+pub(crate) fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    let config = options::agent_config(&args)?;
+    actix_web::rt::System::new().block_on(async {
+        actix_web::rt::spawn(allocator::release_after_activity());
+        let agent = TunnelAgent::new(config).on_published(std::sync::Arc::new(print_published));
+        let admin = match args.admin_listen.as_slice() {
+            [] => None,
+            listen => {
+                let server = agent.serve_admin(listen)?;
+                let handle = server.handle();
+                actix_web::rt::spawn(server);
+                Some(handle)
+            }
+        };
+        let stopper = agent.clone();
+        tokio::spawn(async move {
+            if shutdown_signal().await.is_ok() {
+                stopper.stop();
+            }
+        });
+        let result = agent.run().await;
+        if let Some(admin) = admin {
+            admin.stop(true).await;
+        }
+        result.map_err(anyhow::Error::from)
+    })
+}
+
+/// One line on stdout per published service: `NAME PROTOCOL PUBLIC_ADDR`.
+fn print_published(service: &zlayer_tunnel::PublishedService) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "{} {} {}",
+        service.name, service.protocol, service.public_addr
+    );
+    let _ = out.flush();
+}
+
+/// `zlayer-tunnel access`: prints the local address, then holds the session
+/// until its TTL or a signal.
+pub(crate) fn run_access(args: AccessArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        tokio::spawn(allocator::release_after_activity());
+        let manager = zlayer_tunnel::AccessManager::new().with_server(&args.server, &args.token);
+        let session = manager
+            .start_session(args.service.clone(), args.target, args.local_port, Some(args.ttl))
+            .await
+            .with_context(|| format!("--service {}", args.service))?;
+        println!("{}", session.local_addr);
+        tracing::info!(service = %args.service, local = %session.local_addr, ttl = %humantime::format_duration(args.ttl), "access open");
+        tokio::select! {
+            () = tokio::time::sleep(args.ttl) => tracing::info!("access expired"),
+            stopped = shutdown_signal() => stopped?,
+        }
+        Ok(())
+    })
+}
+
+/// `zlayer-tunnel token hash`: the hash a server stores, and nothing else.
+pub(crate) fn print_hash(token: &str) -> anyhow::Result<()> {
+    println!("{}", zlayer_tunnel::hash_token(token));
+    Ok(())
+}
+
+/// `zlayer-tunnel token generate`: a new random token, then its hash.
+pub(crate) fn generate_token() -> anyhow::Result<()> {
+    // two v4 UUIDs: 244 random bits from the OS
+    let token = format!(
+        "zlt_{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    println!("{token}");
+    println!("{}", zlayer_tunnel::hash_token(&token));
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! What a command runs with: the config file's settings, overridden by the
+//! flags, checked. The files that flags and config name (the config itself,
+//! token files, TLS keys) are read here; every error names the flag, key or
+//! file it is about.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use zlayer_tunnel::actors::ServeOptions;
+use zlayer_tunnel::{
+    NodeTunnel, NodeTunnelManager, ServerFile, TokenScope, TokenStore, TokenValidator,
+    TunnelClientConfig,
+};
+
+use crate::cli::{AgentArgs, ServerArgs};
+
+/// The server's options: `--config`'s file (or the defaults) under the flags.
+pub(crate) fn serve_options(args: &ServerArgs) -> anyhow::Result<ServeOptions> {
+    let file = match &args.config {
+        Some(path) => ServerFile::from_toml_str(&read(path)?)
+            .with_context(|| format!("--config {}", path.display()))?,
+        None => ServerFile::default(),
+    };
+    let mut config = file.tunnel.clone();
+    if let Some((low, high)) = args.port_range {
+        config.data_port_range = (low, high);
+    }
+    if let Some(host) = &args.bind_host {
+        config.bind_host.clone_from(host);
+    }
+    config.heartbeat_interval = args.heartbeat_interval.unwrap_or(config.heartbeat_interval);
+    config.heartbeat_timeout = args.heartbeat_timeout.unwrap_or(config.heartbeat_timeout);
+    config.validate()?;
+    file.check_token_ports(Some(config.data_port_range))?;
+    let listen = listen_addrs(args, &file)?;
+    let (validator, tokens) = if args.accept_any_token || file.accept_any_token {
+        tracing::warn!("accepting any token (--accept-any-token): for development only");
+        let any: TokenValidator = std::sync::Arc::new(zlayer_tunnel::accept_all_tokens);
+        (any, None)
+    } else {
+        let store = token_store(args, &file)?;
+        (store.clone().into_validator(), Some(store))
+    };
+    let admin_listen = admin_addrs(args, &file)?;
+    let tls = server_tls(args, &file)?;
+    Ok(ServeOptions {
+        listen,
+        config,
+        validator,
+        tokens,
+        admin_listen,
+        tls,
+    })
+}
+
+/// This node's tunnels to other nodes (`--node-tunnel`), added but not
+/// started: they start inside the runtime. `None` without any.
+pub(crate) fn node_tunnels(
+    args: &ServerArgs,
+    options: &ServeOptions,
+) -> anyhow::Result<Option<NodeTunnelManager>> {
+    if args.node_tunnel.is_empty() {
+        return Ok(None);
+    }
+    let node_id = (args.node_id.clone()).unwrap_or_else(|| options.listen[0].to_string());
+    let token = args
+        .node_token
+        .clone()
+        .context("--node-tunnel needs --node-token (or ZLAYER_TUNNEL_NODE_TOKEN)")?;
+    let manager = NodeTunnelManager::new(&node_id, options.config.clone());
+    for (name, local, remote, url) in &args.node_tunnel {
+        let tunnel = NodeTunnel::new(name, &node_id, url)
+            .with_ports(*local, *remote)
+            .with_token(&token);
+        manager
+            .add_tunnel(tunnel)
+            .with_context(|| format!("--node-tunnel {name}"))?;
+    }
+    Ok(Some(manager))
+}
+
+/// The agent's configuration: `--config`'s file (or an empty one) under the flags.
+pub(crate) fn agent_config(args: &AgentArgs) -> anyhow::Result<TunnelClientConfig> {
+    let mut config = match &args.config {
+        Some(path) => toml::from_str::<TunnelClientConfig>(&read(path)?)
+            .with_context(|| format!("--config {}", path.display()))?,
+        None => TunnelClientConfig::new("", ""),
+    };
+    if let Some(server) = &args.server {
+        config.server_url.clone_from(server);
+    }
+    if let Some(token) = &args.token {
+        config.token = token.clone().into();
+    }
+    for service in args.tcp.iter().chain(&args.udp) {
+        config = config.with_service(service.clone());
+    }
+    if let Some(path) = &args.ca_cert {
+        config.ca_cert = Some(path.clone());
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+fn read(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+fn listen_addrs(args: &ServerArgs, file: &ServerFile) -> anyhow::Result<Vec<SocketAddr>> {
+    if !args.listen.is_empty() {
+        return Ok(args.listen.clone());
+    }
+    let parsed: Result<Vec<SocketAddr>, _> = file.listen.iter().map(|a| a.parse()).collect();
+    let addrs = parsed.context("listen: not an address like 0.0.0.0:7000")?;
+    if addrs.is_empty() {
+        bail!("no listen address: give --listen or `listen` in the config file");
+    }
+    Ok(addrs)
+}
+
+fn admin_addrs(args: &ServerArgs, file: &ServerFile) -> anyhow::Result<Vec<SocketAddr>> {
+    if !args.admin_listen.is_empty() {
+        return Ok(args.admin_listen.clone());
+    }
+    let parsed: Result<Vec<SocketAddr>, _> = file.admin_listen.iter().map(|a| a.parse()).collect();
+    parsed.context("admin_listen: not an address like 127.0.0.1:7001")
+}
+
+/// The server's TLS configuration from --tls-cert/--tls-key or the file's keys.
+fn server_tls(
+    args: &ServerArgs,
+    file: &ServerFile,
+) -> anyhow::Result<Option<rustls::ServerConfig>> {
+    let cert = (args.tls_cert.clone()).or_else(|| file.tls_cert.as_ref().map(PathBuf::from));
+    let key = (args.tls_key.clone()).or_else(|| file.tls_key.as_ref().map(PathBuf::from));
+    let (cert, key) = match (cert, key) {
+        (None, None) => return Ok(None),
+        (Some(cert), Some(key)) => (cert, key),
+        (Some(_), None) => bail!("tls_cert is set but tls_key is not: give both"),
+        (None, Some(_)) => bail!("tls_key is set but tls_cert is not: give both"),
+    };
+    let cert_pem = std::fs::read(&cert)
+        .with_context(|| format!("--tls-cert: cannot read {}", cert.display()))?;
+    let key_pem =
+        std::fs::read(&key).with_context(|| format!("--tls-key: cannot read {}", key.display()))?;
+    let config = zlayer_tunnel::tls::server_config(&cert_pem, &key_pem)
+        .with_context(|| format!("--tls-cert {} --tls-key {}", cert.display(), key.display()))?;
+    Ok(Some(config))
+}
+
+/// The accepted tokens: flags, hash files and the file's `[[tokens]]` with their scopes.
+fn token_store(args: &ServerArgs, file: &ServerFile) -> anyhow::Result<TokenStore> {
+    let mut store = TokenStore::new();
+    for token in &args.token {
+        store = store.with_token(token);
+    }
+    let mut hashes = args.token_hash.clone();
+    hashes.extend(file.token_hashes.iter().cloned());
+    let files = args
+        .token_file
+        .iter()
+        .cloned()
+        .chain(file.token_file.iter().map(PathBuf::from));
+    for path in files {
+        let text = read(&path).with_context(|| format!("--token-file {}", path.display()))?;
+        let lines = text.lines().map(str::trim);
+        hashes.extend(
+            lines
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from),
+        );
+    }
+    for hash in &hashes {
+        store = store
+            .with_hash(hash, TokenScope::default())
+            .with_context(|| format!("token hash {hash:?}"))?;
+    }
+    for (i, token) in file.tokens.iter().enumerate() {
+        let scope = TokenScope {
+            register: token.register.clone(),
+            access: token.access.clone(),
+            ports: token.ports.clone(),
+        };
+        store = store
+            .with_hash(&token.hash, scope)
+            .with_context(|| format!("tokens[{i}].hash {:?}", token.hash))?;
+    }
+    if store.is_empty() {
+        bail!(
+            "no token configured: give --token, --token-hash or --token-file (or --accept-any-token for development)"
+        );
+    }
+    Ok(store)
+}
