@@ -9,14 +9,15 @@
 #   ROUNDS=3 examples/bench.sh rathole zlt # interleaved: see below
 #
 # Targets: direct (no tunnel: the machine's limit), zlt (this project, built
-# with the dist profile), rathole and bore (from
+# with the dist profile), zlt-base (another build of it, BASE_BIN=path: a
+# before/after of a change in one interleaved run), rathole and bore (from
 # `cargo install --root ~/.cache/tunnel-peers rathole@0.5.0 bore-cli@0.6.0`),
 # and two baselines that are not tunnels: relay (one plain TCP relay process,
 # `tcpload relay`: accept, dial the service, copy; the least work any tunnel
 # that ends the visitor's TCP and dials the service must do) and relay2 (two
 # relays chained by a TCP connection per visitor: a two-process tunnel's
 # shape with nothing else in it).
-# Loads: 1 GiB up and down on one stream, 1 GiB up on each of 8 streams,
+# Loads (LOADS="up 1073741824 1|conn 4 5" picks some): 1 GiB up and down on one stream, 1 GiB up on each of 8 streams,
 # 64-byte ping-pong on 1 and on 64 connections, new connections/s (connect,
 # one ping-pong, the service closes) with 4 workers, 1000 idle connections
 # held. Memory: the tunnel's processes' RSS fresh, after the loads (idle) and
@@ -65,10 +66,15 @@ up_target() {
     relay2)
       start "$LOAD" relay 127.0.0.1:$CTRL 127.0.0.1:$LOCAL; wait_tcp $CTRL || return 1
       start "$LOAD" relay 127.0.0.1:$PUB 127.0.0.1:$CTRL; PORT=$PUB ;;
-    zlt)
-      start "$BIN" server --listen 127.0.0.1:$CTRL --port-range $PUB-$PUB --bind-host 127.0.0.1 --token bench-token
+    zlt|zlt-base)
+      local bin=$BIN
+      if [ "$1" = zlt-base ]; then
+        bin=${BASE_BIN:-}
+        [ -x "$bin" ] || { echo "zlt-base needs BASE_BIN, a zlayer-tunnel binary to compare with" >&2; return 1; }
+      fi
+      start "$bin" server --listen 127.0.0.1:$CTRL --port-range $PUB-$PUB --bind-host 127.0.0.1 --token bench-token
       wait_tcp $CTRL || return 1
-      start env ZLAYER_TUNNEL_TOKEN=bench-token "$BIN" agent --server ws://127.0.0.1:$CTRL/tunnel/v1 --tcp svc:$LOCAL:$PUB
+      start env ZLAYER_TUNNEL_TOKEN=bench-token "$bin" agent --server ws://127.0.0.1:$CTRL/tunnel/v1 --tcp svc:$LOCAL:$PUB
       PORT=$PUB ;;
     rathole)
       [ -x "$PEERS/bin/rathole" ] || return 1
@@ -123,7 +129,8 @@ done
 figure() { grep -o "\"$1\":[0-9.]*" | head -1 | cut -d: -f2; }
 median() { sort -n | awk '{v[NR]=$1} END {if (NR) print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'; }
 n=${#targets[@]}
-for load in "up $BYTES 1" "down $BYTES 1" "up $BYTES 8" "rr 1 64 $SECS" "rr 64 64 $SECS" "conn 4 $SECS"; do
+IFS='|' read -r -a loads <<<"${LOADS:-up $BYTES 1|down $BYTES 1|up $BYTES 8|rr 1 64 $SECS|rr 64 64 $SECS|conn 4 $SECS}"
+for load in "${loads[@]}"; do
   set -- $load
   for r in $(seq "$ROUNDS"); do
     for k in $(seq 0 $((n - 1))); do
