@@ -8,7 +8,7 @@
 //! a reconnect lives in the struct (client id, backoff, ports assigned); what
 //! belongs to one link lives in `Link` and is dropped with it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -31,10 +31,9 @@ use super::udp_flow::{FlowEvent, FlowWiring, UdpFlow};
 use crate::accounting::{CounterSet, Direction};
 use crate::backoff::Backoff;
 use crate::config::ServiceConfig;
-use crate::fair::FairQueue;
+use crate::outbound::{FrameQueue, Outbound};
 use crate::protocol::{
     CloseKind, DEFAULT_INITIAL_WINDOW, Features, MAX_MESSAGE_SIZE, Message, ServiceProtocol,
-    frame_feature,
 };
 use crate::session::{AgentAction, AgentSession, LinkError};
 use crate::status::TunnelState;
@@ -65,17 +64,11 @@ struct Link {
     session: AgentSession,
     /// The armed timer of the session's next deadline.
     timer: Option<(Instant, SpawnHandle)>,
-    /// Control frames (heartbeats, credit, answers) go before stream frames
-    /// (`Data`, `Close`, kept in order), so they never wait behind windows of data.
-    control: VecDeque<Bytes>,
-    /// `ConnectAck`s: they leave with the next write, never on their own
-    /// (the server forwards without waiting for them), so that a new
-    /// stream's acknowledgment and its first reply share one write.
-    acks: Vec<Bytes>,
+    /// What waits for the WebSocket: control frames first, deferred
+    /// `ConnectAck`s, then stream frames round-robin across streams.
+    queue: FrameQueue,
     /// A `WriteOut` is on its way: frames queued until then leave together.
     write_scheduled: bool,
-    /// Stream frames (`Data`, `Close`), round-robin across streams.
-    data: FairQueue,
     /// Local sockets' bytes read and not yet encoded for the server (bounded;
     /// each read frame holds its ticket).
     gate: Arc<ReadGate>,
@@ -96,7 +89,7 @@ pub(crate) struct AgentConnection {
     /// Retry delays of services whose registration the server refused.
     refused: HashMap<String, Backoff>,
     link: Option<Link>,
-    outbox: Vec<Bytes>,
+    outbox: Vec<Outbound>,
 }
 
 impl Actor for AgentConnection {
@@ -267,10 +260,8 @@ impl AgentConnection {
             sink: Some(sink),
             session: AgentSession::new(settings, Instant::now()),
             timer: None,
-            control: VecDeque::new(),
-            acks: Vec::new(),
+            queue: FrameQueue::new(Features::NONE),
             write_scheduled: false,
-            data: FairQueue::default(),
             server_window: DEFAULT_INITIAL_WINDOW,
             streams: StreamHub::new(self.settings(DEFAULT_INITIAL_WINDOW)),
             flows: FlowHub::new(config.udp_waiting),
@@ -344,7 +335,7 @@ impl AgentConnection {
                 break;
             };
             match action {
-                AgentAction::Send(message) => self.send(Some(message), ctx),
+                AgentAction::Send(message) => self.write(message, ctx),
                 AgentAction::Authenticated {
                     tunnel_id,
                     features,
@@ -413,6 +404,7 @@ impl AgentConnection {
             return;
         };
         link.server_window = server_window;
+        link.queue.set_features(features);
         link.streams = StreamHub::new(settings);
         self.shared.view.connected(tunnel_id);
         tracing::info!(%tunnel_id, ?features, "authenticated");
@@ -557,8 +549,7 @@ impl AgentConnection {
             .streams
             .attach(id, ForwardedConnection::start(socket, wiring))
         {
-            link.acks
-                .push(Message::ConnectAck { connection_id: id }.to_bytes());
+            link.queue.push_ack(id);
         }
     }
 

@@ -40,7 +40,10 @@ use super::udp_listener::{
 };
 use crate::accounting::{CounterSet, Counters, Direction};
 use crate::auth::{TokenScope, hash_token};
-use crate::protocol::{AuthRefusal, CloseKind, Features, Message, ServiceProtocol, frame_feature};
+use crate::outbound::Outbound;
+use crate::protocol::{
+    AuthRefusal, BuildError, CloseKind, Features, Message, MessageType, ServiceProtocol,
+};
 use crate::session::{
     CloseReason, ProtocolViolation, Registration, ServerAction, ServerSession, TokenRefusal,
     check_token,
@@ -113,7 +116,7 @@ pub(crate) struct ControlChannel {
     tunnel: Option<Tunnel>,
     /// The armed timer of the core's next deadline.
     timer: Option<(Instant, SpawnHandle)>,
-    outbox: Vec<Bytes>,
+    outbox: Vec<Outbound>,
     counters: Arc<Counters>,
     /// Its place among the connections awaiting authentication, until it
     /// authenticates.
@@ -167,7 +170,7 @@ impl Handler<VisitorArrived> for ControlChannel {
         match self.open_stream(msg.service_id, msg.socket, ctx) {
             Ok((id, first)) => {
                 let connect = Message::connect(msg.service_id, id, msg.peer.to_string());
-                self.send(ctx, connect.ok());
+                self.write_built(connect, ctx);
                 // the visitor's first bytes ride in the same write as `Connect`
                 if let Some(first) = first {
                     <Self as Handler<StreamEvent>>::handle(self, first, ctx);
@@ -300,7 +303,7 @@ impl ControlChannel {
     fn execute(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
         while let Some(action) = self.core.poll_action() {
             match action {
-                ServerAction::Send(message) => self.send_frame(ctx, message.to_bytes()),
+                ServerAction::Send(message) => self.write(message, ctx),
                 ServerAction::Authenticate { token, client_id } => {
                     self.authenticate(token.expose(), client_id, ctx)
                 }
@@ -503,28 +506,38 @@ impl ControlChannel {
         Ok((id, first))
     }
 
-    fn flush(&mut self, mut outbox: Vec<Bytes>, ctx: &mut ws::WebsocketContext<Self>) {
+    fn flush(&mut self, mut outbox: Vec<Outbound>, ctx: &mut ws::WebsocketContext<Self>) {
         for frame in outbox.drain(..) {
-            self.send_frame(ctx, frame);
+            self.write(frame, ctx);
         }
         self.outbox = outbox;
     }
 
-    fn send(&self, ctx: &mut ws::WebsocketContext<Self>, message: Option<Message>) {
-        if let Some(message) = message {
-            self.send_frame(ctx, message.to_bytes());
+    /// Writes a message that may not have been buildable: a failure is a bug,
+    /// logged and counted, never dropped silently.
+    fn write_built(
+        &mut self,
+        built: Result<Message, BuildError>,
+        ctx: &mut ws::WebsocketContext<Self>,
+    ) {
+        match built {
+            Ok(message) => self.write(message, ctx),
+            Err(error) => {
+                self.counters.add_unsent();
+                self.span
+                    .in_scope(|| tracing::error!(%error, "frame not built; not sent"));
+            }
         }
     }
 
-    /// Sends one frame per WebSocket message; never a type the peer did not announce.
-    fn send_frame(&self, ctx: &mut ws::WebsocketContext<Self>, frame: Bytes) {
-        if !self.core.features().contains(frame_feature(&frame)) {
-            tracing::debug!(
-                kind = frame.first(),
-                "not sent: the peer did not announce it"
-            );
-            return;
+    /// The one write path to the agent: one frame per WebSocket message,
+    /// never a type the agent did not announce (a bug: logged, counted).
+    fn write(&mut self, frame: impl Into<Outbound>, ctx: &mut ws::WebsocketContext<Self>) {
+        let frame = frame.into();
+        if let Err(refused) = frame.check(self.core.features()) {
+            self.counters.add_unsent();
+            return tracing::debug!(%refused, "not sent");
         }
-        ctx.binary(frame);
+        ctx.binary(frame.into_bytes());
     }
 }

@@ -11,7 +11,7 @@ use actix::prelude::*;
 use bytes::Bytes;
 use uuid::Uuid;
 
-use crate::protocol::{CloseKind, Message};
+use crate::protocol::{CloseKind, Message, MessageType};
 
 /// Between two control channels, about a relayed stream.
 #[derive(Message, Debug)]
@@ -26,7 +26,11 @@ pub(crate) enum Relay {
         from: Recipient<Self>,
     },
     /// A frame of stream `id` from the other end, for this channel's peer.
-    Frame { id: Uuid, frame: Bytes },
+    Frame {
+        id: Uuid,
+        kind: MessageType,
+        frame: Bytes,
+    },
     /// The other end's channel ended: abort stream `id`.
     Gone { id: Uuid },
 }
@@ -59,6 +63,7 @@ impl Relays {
         };
         entry.other.do_send(Relay::Frame {
             id,
+            kind: message.message_type(),
             frame: frame.clone(),
         });
         self.track(id, message);
@@ -66,12 +71,16 @@ impl Relays {
     }
 
     /// A frame from the other end; true if this channel should send it on.
-    pub(crate) fn accept_from_other(&mut self, id: Uuid, frame: &Bytes) -> bool {
+    pub(crate) fn accept_from_other(&mut self, id: Uuid, kind: MessageType, frame: &Bytes) -> bool {
         if !self.streams.contains_key(&id) {
             return false;
         }
-        if let Ok((message, _)) = Message::decode_bytes(frame) {
+        if kind == MessageType::Close
+            && let Ok((message, _)) = Message::decode_bytes(frame)
+        {
             self.track(id, &message);
+        } else if kind == MessageType::ConnectFail {
+            self.streams.remove(&id);
         }
         true
     }

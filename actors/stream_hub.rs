@@ -6,10 +6,10 @@
 use std::collections::HashMap;
 
 use actix::Addr;
-use bytes::Bytes;
 use uuid::Uuid;
 
 use super::forwarded_connection::{ForwardedConnection, StreamCommand, StreamEvent};
+use crate::outbound::Outbound;
 use crate::protocol::Message;
 use crate::streams::{StreamAction, StreamError, StreamSettings, StreamTable};
 
@@ -74,7 +74,7 @@ impl StreamHub {
     }
 
     /// A stream frame from the peer.
-    pub(crate) fn on_frame(&mut self, message: Message, send: &mut impl FnMut(Bytes)) {
+    pub(crate) fn on_frame(&mut self, message: Message, send: &mut impl FnMut(Outbound)) {
         let mut actions = std::mem::take(&mut self.actions);
         self.table.on_frame(message, &mut actions);
         for action in actions.drain(..) {
@@ -84,11 +84,11 @@ impl StreamHub {
     }
 
     /// An event from a connection actor.
-    pub(crate) fn on_event(&mut self, event: StreamEvent, send: &mut impl FnMut(Bytes)) {
+    pub(crate) fn on_event(&mut self, event: StreamEvent, send: &mut impl FnMut(Outbound)) {
         let reply = match event {
             StreamEvent::Read { id, frame, len } => {
                 match self.table.spend(id, len) {
-                    Ok(()) => send(frame),
+                    Ok(()) => send(Outbound::Data { id, frame }),
                     Err(e) => tracing::debug!(error = %e, "read dropped"),
                 }
                 return;
@@ -102,7 +102,7 @@ impl StreamHub {
             }
         };
         if let Some(message) = reply {
-            send(message.to_bytes());
+            send(Outbound::Message(message));
         }
     }
 
@@ -115,7 +115,7 @@ impl StreamHub {
         }
     }
 
-    fn apply(&mut self, action: StreamAction, send: &mut impl FnMut(Bytes)) {
+    fn apply(&mut self, action: StreamAction, send: &mut impl FnMut(Outbound)) {
         match action {
             StreamAction::Deliver { id, data } => self.command(id, StreamCommand::Deliver(data)),
             StreamAction::Credit { id, increment } => {
@@ -129,7 +129,7 @@ impl StreamHub {
                     addr.do_send(StreamCommand::Reset);
                 }
             }
-            StreamAction::Send(message) => send(message.to_bytes()),
+            StreamAction::Send(message) => send(Outbound::Message(message)),
         }
     }
 

@@ -26,6 +26,7 @@ pub struct Counters {
     datagrams_out: AtomicU64,
     drops: AtomicU64,
     last_activity_ms: AtomicU64,
+    unsent: AtomicU64,
 }
 
 impl Counters {
@@ -60,6 +61,17 @@ impl Counters {
     /// Counts one dropped datagram.
     pub fn add_drop(&self) {
         self.drops.fetch_add(1, Relaxed);
+    }
+
+    /// Counts one frame not sent: it could not be built, or its type was not
+    /// announced by the peer (a bug on our side either way, also logged).
+    pub fn add_unsent(&self) {
+        self.unsent.fetch_add(1, Relaxed);
+    }
+
+    /// Frames not sent (see [`add_unsent`](Self::add_unsent)).
+    pub fn unsent(&self) -> u64 {
+        self.unsent.load(Relaxed)
     }
 
     /// A connection (or flow) opened.

@@ -37,6 +37,7 @@ pub mod fair;
 pub mod flow;
 pub mod liveness;
 pub mod node;
+pub mod outbound;
 pub mod ports;
 pub mod protocol;
 pub mod session;

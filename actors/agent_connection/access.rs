@@ -45,8 +45,8 @@ impl Handler<OpenStream> for AgentConnection {
         link.streams
             .attach(id, ForwardedConnection::start(msg.socket, wiring));
         tracing::debug!(stream = %id, service = %msg.service, "access stream opened");
-        self.send(Message::open(id, msg.service, msg.target).ok(), ctx);
-        self.send(Some(window), ctx);
+        self.write_built(Message::open(id, msg.service, msg.target), ctx);
+        self.write(window, ctx);
     }
 }
 
@@ -55,7 +55,7 @@ impl AgentConnection {
     pub(super) fn on_open(&mut self, id: Uuid, name: &str, target: &str, ctx: &mut Context<Self>) {
         match self.accept_open(id, name, target) {
             Ok((dial, window)) => {
-                self.send(Some(window), ctx);
+                self.write(window, ctx);
                 self.dial(id, dial, name.to_owned(), 0, ctx);
             }
             Err(reason) => {

@@ -24,7 +24,7 @@ impl Handler<FlowEvent> for AgentConnection {
                         connection_id: id,
                         kind: CloseKind::Abort,
                     };
-                    self.send(Some(close), ctx);
+                    self.write(close, ctx);
                 }
             }
         }
@@ -42,7 +42,7 @@ impl AgentConnection {
         ctx: &mut Context<Self>,
     ) {
         match self.start_flow(service_id, id, service, client_addr, ctx) {
-            Ok(()) => self.send(Some(Message::ConnectAck { connection_id: id }), ctx),
+            Ok(()) => self.write(Message::ConnectAck { connection_id: id }, ctx),
             Err(reason) => {
                 tracing::info!(flow = %id, visitor = %client_addr, %reason, "udp flow refused");
                 if let Some(link) = self.link.as_mut() {

@@ -23,32 +23,38 @@ impl Handler<WriteOut> for AgentConnection {
 }
 
 impl AgentConnection {
-    pub(super) fn flush(&mut self, mut outbox: Vec<Bytes>, ctx: &mut Context<Self>) {
+    pub(super) fn flush(&mut self, mut outbox: Vec<Outbound>, ctx: &mut Context<Self>) {
         for frame in outbox.drain(..) {
-            self.send_frame(frame, ctx);
+            self.write(frame, ctx);
         }
         self.outbox = outbox;
     }
 
-    /// Queues one frame (never a type the server did not announce) and writes.
-    pub(super) fn send(&mut self, message: Option<Message>, ctx: &mut Context<Self>) {
-        if let Some(message) = message {
-            self.send_frame(message.to_bytes(), ctx);
+    /// Writes a message that may not have been buildable: a failure is a bug,
+    /// logged and counted, never dropped silently.
+    pub(super) fn write_built(
+        &mut self,
+        built: Result<Message, crate::protocol::BuildError>,
+        ctx: &mut Context<Self>,
+    ) {
+        match built {
+            Ok(message) => self.write(message, ctx),
+            Err(error) => {
+                self.shared.counters.add_unsent();
+                tracing::error!(%error, "frame not built; not sent");
+            }
         }
     }
 
-    /// Queues one encoded frame (never a type the server did not announce) and writes.
-    pub(super) fn send_frame(&mut self, frame: Bytes, ctx: &mut Context<Self>) {
+    /// The one write path to the server: queues a frame (never a type the
+    /// server did not announce: a bug, logged and counted) and schedules a write.
+    pub(super) fn write(&mut self, frame: impl Into<Outbound>, ctx: &mut Context<Self>) {
         let Some(link) = self.link.as_mut() else {
             return;
         };
-        if !link.session.features().contains(frame_feature(&frame)) {
-            return;
-        }
-        match Message::stream_of_frame(&frame) {
-            // Data and Close: in turn with other streams, in order within their own
-            Some(stream) => link.data.push(stream, frame),
-            None => link.control.push_back(frame),
+        if let Err(refused) = link.queue.push(frame.into()) {
+            self.shared.counters.add_unsent();
+            return tracing::debug!(%refused, "not sent");
         }
         if !link.write_scheduled {
             link.write_scheduled = true;
@@ -76,24 +82,17 @@ impl AgentConnection {
         let Some(link) = self.link.as_mut() else {
             return;
         };
-        if link.control.is_empty() && link.data.is_empty() && link.flows.nothing_waiting() {
+        if link.queue.is_empty() && link.flows.nothing_waiting() {
             return;
         }
         let Some(mut sink) = link.sink.take() else {
             return;
         };
         let generation = link.generation;
-        let mut batch: Vec<Bytes> = link.control.drain(..).collect();
-        batch.append(&mut link.acks);
+        let mut batch: Vec<Bytes> = Vec::new();
+        link.queue.drain_control(&mut batch);
         link.flows.drain_into(&mut batch); // bounded in bytes
-        let mut size = 0;
-        while let Some(frame) = link.data.pop() {
-            size += frame.len();
-            batch.push(frame);
-            if size >= MAX_BATCH {
-                break;
-            }
-        }
+        link.queue.drain_streams(&mut batch, MAX_BATCH);
         let write = async move {
             for frame in batch {
                 sink.feed(ws::Message::Binary(frame)).await?;

@@ -21,17 +21,18 @@ impl Handler<Relay> for ControlChannel {
                     if let Ok(refusal) = Message::connect_fail(id, reason) {
                         from.do_send(Relay::Frame {
                             id,
+                            kind: MessageType::ConnectFail,
                             frame: refusal.to_bytes(),
                         });
                     }
                     return;
                 }
                 session.relays.insert(id, from);
-                self.send(ctx, Message::open(id, service, target).ok());
+                self.write_built(Message::open(id, service, target), ctx);
             }
-            Relay::Frame { id, frame } => {
-                if session.relays.accept_from_other(id, &frame) {
-                    self.send_frame(ctx, frame);
+            Relay::Frame { id, kind, frame } => {
+                if session.relays.accept_from_other(id, kind, &frame) {
+                    self.write(Outbound::Relayed { id, kind, frame }, ctx);
                 }
             }
             Relay::Gone { id } => {
@@ -40,7 +41,7 @@ impl Handler<Relay> for ControlChannel {
                         connection_id: id,
                         kind: CloseKind::Abort,
                     };
-                    self.send(ctx, Some(close));
+                    self.write(close, ctx);
                 }
             }
         }
@@ -64,7 +65,7 @@ impl ControlChannel {
         if let Err(e) = scope.check_access(&service) {
             self.span
                 .in_scope(|| tracing::warn!(stream = %id, reason = %e, "access stream refused"));
-            return self.send(ctx, Message::connect_fail(id, e.to_string()).ok());
+            return self.write_built(Message::connect_fail(id, e.to_string()), ctx);
         }
         let find = FindService {
             name: service.clone(),
@@ -83,7 +84,7 @@ impl ControlChannel {
                     act.span.in_scope(
                         || tracing::info!(stream = %id, %reason, "access stream refused"),
                     );
-                    return act.send(ctx, Message::connect_fail(id, reason).ok());
+                    return act.write_built(Message::connect_fail(id, reason), ctx);
                 };
                 session.relays.insert(id, agent.clone());
                 agent.do_send(Relay::Open {

@@ -30,10 +30,7 @@ impl Handler<UdpEvent> for ControlChannel {
                     counters,
                 };
                 session.flows.insert(id, flow);
-                self.send(
-                    ctx,
-                    Message::connect(service_id, id, visitor.to_string()).ok(),
-                );
+                self.write_built(Message::connect(service_id, id, visitor.to_string()), ctx);
             }
             UdpEvent::Datagram {
                 service_id,
@@ -44,7 +41,7 @@ impl Handler<UdpEvent> for ControlChannel {
                     budget.give(frame.len());
                 }
                 if session.flows.contains_key(&id) {
-                    self.send_frame(ctx, frame);
+                    self.write(Outbound::Datagram { id, frame }, ctx);
                 }
             }
             UdpEvent::Closed { id } => {
@@ -53,7 +50,7 @@ impl Handler<UdpEvent> for ControlChannel {
                         connection_id: id,
                         kind: CloseKind::Abort,
                     };
-                    self.send(ctx, Some(close));
+                    self.write(close, ctx);
                 }
             }
         }

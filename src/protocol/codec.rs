@@ -119,18 +119,6 @@ impl Message {
         id_payload_frame(MessageType::Data, connection_id, payload)
     }
 
-    /// The stream an encoded `Data` or `Close` frame belongs to (its
-    /// connection id, the first field after the header); `None` for any other
-    /// frame or a frame too short to carry one.
-    pub fn stream_of_frame(frame: &[u8]) -> Option<Uuid> {
-        let kind = MessageType::try_from(*frame.first()?).ok()?;
-        if !matches!(kind, MessageType::Data | MessageType::Close) {
-            return None;
-        }
-        let id = frame.get(HEADER_SIZE..DATA_FRAME_OVERHEAD)?;
-        Uuid::from_slice(id).ok()
-    }
-
     /// The first [`DATA_FRAME_OVERHEAD`] bytes of a `Data` frame carrying
     /// `payload_len` bytes, so that a reader can put the payload right after
     /// them without a copy; `None` over [`MAX_DATA_PAYLOAD`].

@@ -17,13 +17,12 @@ pub use message::{
     MessageType, ServiceProtocol,
 };
 
-/// The feature a peer must have announced before it may be sent this encoded
-/// frame; an unknown type byte requires every feature (it is never sent).
-pub fn frame_feature(frame: &[u8]) -> Features {
-    frame
-        .first()
-        .and_then(|t| MessageType::try_from(*t).ok())
-        .map_or(Features::ALL, MessageType::required_feature)
+/// True when a peer that announced `features` may be sent (or may send) a
+/// message of type `kind`: its feature is announced (`Close` also ends UDP
+/// flows, so `DATAGRAMS` allows it too).
+pub fn announced(features: Features, kind: MessageType) -> bool {
+    features.contains(kind.required_feature())
+        || (kind == MessageType::Close && features.contains(Features::DATAGRAMS))
 }
 
 /// Protocol version of the seed (not sent on the wire; the extension block has its own).

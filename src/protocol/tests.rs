@@ -221,19 +221,3 @@ proptest! {
         prop_assert_eq!(m.encode(), bytes);
     }
 }
-
-#[test]
-fn stream_frames_name_their_stream() {
-    let data = Message::data_frame(id(3), b"abc").unwrap();
-    assert_eq!(Message::stream_of_frame(&data), Some(id(3)));
-    let close = Message::Close {
-        connection_id: id(4),
-        kind: CloseKind::Eof,
-    }
-    .to_bytes();
-    assert_eq!(Message::stream_of_frame(&close), Some(id(4)));
-    let heartbeat = Message::Heartbeat { timestamp: 1 }.to_bytes();
-    assert_eq!(Message::stream_of_frame(&heartbeat), None);
-    assert_eq!(Message::stream_of_frame(&data[..10]), None);
-    assert_eq!(Message::stream_of_frame(&[]), None);
-}

@@ -17,7 +17,7 @@
 //! features, authentication) and go back to the caller, which routes them
 //! by their connection id.
 
-use crate::protocol::{DecodeError, Features, Message, MessageType};
+use crate::protocol::{DecodeError, Features, Message, MessageType, announced};
 
 pub mod agent;
 pub mod server;
@@ -102,12 +102,10 @@ pub fn check_inbound(
     if !end.receives(kind) || kind == MessageType::Auth {
         return Err(ProtocolViolation::Unexpected(kind));
     }
-    let feature = kind.required_feature();
-    let allowed = features.contains(feature)
-        || (kind == MessageType::Close && features.contains(Features::DATAGRAMS));
-    if allowed {
+    if announced(features, kind) {
         Ok(())
     } else {
+        let feature = kind.required_feature();
         Err(ProtocolViolation::NotNegotiated { kind, feature })
     }
 }
@@ -116,7 +114,7 @@ pub fn check_inbound(
 /// is never sent a message type it did not announce). The refused type.
 pub fn check_outbound(features: Features, message: &Message) -> Result<(), MessageType> {
     let kind = message.message_type();
-    if features.contains(kind.required_feature()) {
+    if announced(features, kind) {
         Ok(())
     } else {
         Err(kind)
