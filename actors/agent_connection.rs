@@ -31,13 +31,14 @@ use super::udp_flow::{FlowEvent, FlowWiring, UdpFlow};
 use crate::accounting::{CounterSet, Direction};
 use crate::backoff::Backoff;
 use crate::config::ServiceConfig;
+use crate::connections::ConnectionAction;
+use crate::connections::StreamSettings;
 use crate::outbound::{FrameQueue, Outbound};
 use crate::protocol::{
-    CloseKind, DEFAULT_INITIAL_WINDOW, Features, MAX_MESSAGE_SIZE, Message, ServiceProtocol,
+    DEFAULT_INITIAL_WINDOW, Features, MAX_MESSAGE_SIZE, Message, ServiceProtocol,
 };
 use crate::session::{AgentAction, AgentSession, LinkError};
 use crate::status::TunnelState;
-use crate::streams::StreamSettings;
 
 mod access;
 mod services;
@@ -90,6 +91,8 @@ pub(crate) struct AgentConnection {
     refused: HashMap<String, Backoff>,
     link: Option<Link>,
     outbox: Vec<Outbound>,
+    /// The connection table's actions that are not a stream's (reused buffer).
+    rest: Vec<ConnectionAction>,
 }
 
 impl Actor for AgentConnection {
@@ -216,6 +219,7 @@ impl AgentConnection {
             refused: HashMap::new(),
             link: None,
             outbox: Vec::new(),
+            rest: Vec::new(),
         }
     }
 
@@ -293,39 +297,49 @@ impl AgentConnection {
         self.execute(ctx);
     }
 
-    /// A data-plane frame the session passed: to its stream, flow or access stream.
+    /// A data-plane frame the session passed: an `Open` starts an access
+    /// stream; the connection table says whose any other is and what to do.
     fn route(&mut self, message: Message, ctx: &mut Context<Self>) {
-        match message {
-            Message::Open {
-                connection_id,
-                service,
-                target,
-            } => self.on_open(connection_id, &service, &target, ctx),
-            Message::ConnectFail {
-                connection_id,
-                reason,
-                ..
-            } => {
-                tracing::warn!(stream = %connection_id, %reason, "access stream refused");
-                if let Some(link) = self.link.as_mut() {
-                    link.streams.refuse(connection_id);
-                }
-            }
-            Message::Datagram {
-                connection_id,
-                data,
-            } => {
-                if let Some(link) = self.link.as_ref()
-                    && !link.flows.deliver(connection_id, data)
-                {
-                    self.shared.counters.add_drop(); // a race after the flow ended
-                }
-            }
-            m @ (Message::Data { .. } | Message::Window { .. } | Message::Close { .. }) => {
-                self.on_stream_frame(m, ctx)
-            }
-            _ => {} // ConnectAck of an access stream: it is open both ways
+        if let Message::Open {
+            connection_id,
+            service,
+            target,
+        } = message
+        {
+            return self.on_open(connection_id, &service, &target, ctx);
         }
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        if let Message::ConnectFail {
+            connection_id,
+            reason,
+            ..
+        } = &message
+        {
+            tracing::warn!(stream = %connection_id, %reason, "access stream refused");
+        }
+        let (mut outbox, mut rest) = (
+            std::mem::take(&mut self.outbox),
+            std::mem::take(&mut self.rest),
+        );
+        link.streams
+            .on_frame(message, &mut |m| outbox.push(m), &mut rest);
+        for action in rest.drain(..) {
+            match action {
+                ConnectionAction::Datagram { id, data } => {
+                    let delivered = link.flows.deliver(id, data);
+                    if !delivered {
+                        self.shared.counters.add_drop(); // its socket is gone: a race
+                    }
+                }
+                ConnectionAction::ForgetFlow { id } => link.flows.close(id),
+                ConnectionAction::DatagramDropped => self.shared.counters.add_drop(),
+                _ => {} // relays are the server's
+            }
+        }
+        self.rest = rest;
+        self.flush(outbox, ctx);
     }
 
     /// Carries out what the session decided, in order.
@@ -551,20 +565,6 @@ impl AgentConnection {
         {
             link.queue.push_ack(id);
         }
-    }
-
-    fn on_stream_frame(&mut self, message: Message, ctx: &mut Context<Self>) {
-        let Some(link) = self.link.as_mut() else {
-            return;
-        };
-        if let Message::Close { connection_id, .. } = &message
-            && link.flows.close(*connection_id)
-        {
-            return;
-        }
-        let mut outbox = std::mem::take(&mut self.outbox);
-        link.streams.on_frame(message, &mut |m| outbox.push(m));
-        self.flush(outbox, ctx);
     }
 
     /// Ends this link for `error` (the status reports it); the supervisor

@@ -40,6 +40,7 @@ use super::udp_listener::{
 };
 use crate::accounting::{CounterSet, Counters, Direction};
 use crate::auth::{TokenScope, hash_token};
+use crate::connections::{ConnectionAction, ConnectionKind};
 use crate::outbound::Outbound;
 use crate::protocol::{
     AuthRefusal, BuildError, CloseKind, Features, Message, MessageType, ServiceProtocol,
@@ -117,6 +118,8 @@ pub(crate) struct ControlChannel {
     /// The armed timer of the core's next deadline.
     timer: Option<(Instant, SpawnHandle)>,
     outbox: Vec<Outbound>,
+    /// The connection table's actions that are not a stream's (reused buffer).
+    rest: Vec<ConnectionAction>,
     counters: Arc<Counters>,
     /// Its place among the connections awaiting authentication, until it
     /// authenticates.
@@ -142,7 +145,7 @@ impl Actor for ControlChannel {
             streams = tunnel.streams.len(),
             "agent disconnected"
         );
-        tunnel.streams.close_all();
+        tunnel.streams.close_all(); // flows end with the tunnel's listeners
         tunnel.relays.end_all();
         tunnel.cancel.cancel();
         let registry = self.shared.registry.addr();
@@ -226,6 +229,7 @@ impl ControlChannel {
             tunnel: None,
             timer: None,
             outbox: Vec::new(),
+            rest: Vec::new(),
             counters: Arc::new(Counters::new()),
             place: Some(place),
             span: tracing::info_span!("control", %peer, tunnel_id = tracing::field::Empty),
@@ -241,61 +245,56 @@ impl ControlChannel {
             }
         };
         if let Some(message) = routed {
-            let relayed =
-                (self.tunnel.as_mut()).is_some_and(|t| t.relays.relay_from_peer(&message, &frame));
-            if !relayed {
-                self.route(message, ctx);
-            }
+            self.route(message, frame, ctx);
         }
         self.execute(ctx);
     }
 
-    /// A data-plane frame the session passed: to its stream, flow or relay.
-    fn route(&mut self, message: Message, ctx: &mut ws::WebsocketContext<Self>) {
-        match message {
-            Message::ConnectFail {
-                connection_id,
-                reason,
-                ..
-            } => {
-                self.span.in_scope(|| tracing::info!(stream = %connection_id, %reason, "agent refused the visitor"));
-                if let Some(tunnel) = self.tunnel.as_mut()
-                    && !tunnel.forget_flow(connection_id)
-                {
-                    tunnel.streams.refuse(connection_id);
-                }
-            }
-            Message::Datagram {
-                connection_id,
-                data,
-            } => {
-                if let Some(tunnel) = self.tunnel.as_mut() {
-                    tunnel.relay_to_visitor(connection_id, data);
-                }
-            }
-            Message::Open {
-                connection_id,
-                service,
-                target,
-            } => self.open_relay(connection_id, service, target, ctx),
-            m @ (Message::Data { .. } | Message::Window { .. } | Message::Close { .. }) => {
-                self.on_stream_frame(m, ctx)
-            }
-            _ => {} // ConnectAck: the server forwards without waiting for it
+    /// A data-plane frame the session passed: the connection table says
+    /// whose it is (a stream, a flow, a relay) and what to do.
+    fn route(&mut self, message: Message, frame: Bytes, ctx: &mut ws::WebsocketContext<Self>) {
+        if let Message::Open {
+            connection_id,
+            service,
+            target,
+        } = message
+        {
+            return self.open_relay(connection_id, service, target, ctx);
         }
-    }
-
-    fn on_stream_frame(&mut self, message: Message, ctx: &mut ws::WebsocketContext<Self>) {
         let Some(tunnel) = self.tunnel.as_mut() else {
             return;
         };
-        if let Message::Close { connection_id, .. } = &message
-            && tunnel.forget_flow(*connection_id)
+        if let Message::ConnectFail {
+            connection_id,
+            reason,
+            ..
+        } = &message
+            && tunnel.streams.table().kind(*connection_id) != Some(ConnectionKind::Relay)
         {
-            return;
+            self.span.in_scope(
+                || tracing::info!(stream = %connection_id, %reason, "agent refused the visitor"),
+            );
         }
-        let mut outbox = std::mem::take(&mut self.outbox);
-        tunnel.streams.on_frame(message, &mut |m| outbox.push(m));
+        let (kind, close) = (message.message_type(), close_kind(&message));
+        let (mut outbox, mut rest) = (
+            std::mem::take(&mut self.outbox),
+            std::mem::take(&mut self.rest),
+        );
+        tunnel
+            .streams
+            .on_frame(message, &mut |m| outbox.push(m), &mut rest);
+        for action in rest.drain(..) {
+            match action {
+                ConnectionAction::ForgetFlow { id } => tunnel.forget_flow(id),
+                ConnectionAction::Datagram { id, data } => tunnel.relay_to_visitor(id, data),
+                ConnectionAction::DatagramDropped => tunnel.counters.add_drop(),
+                ConnectionAction::Relay { id, last } => {
+                    tunnel.relays.pass(id, kind, close, frame.clone(), last)
+                }
+                _ => {}
+            }
+        }
+        self.rest = rest;
         self.flush(outbox, ctx);
     }
 
@@ -539,5 +538,13 @@ impl ControlChannel {
             return tracing::debug!(%refused, "not sent");
         }
         ctx.binary(frame.into_bytes());
+    }
+}
+
+/// The kind of a `Close` (it decides when a relayed stream is over).
+fn close_kind(message: &Message) -> Option<CloseKind> {
+    match message {
+        Message::Close { kind, .. } => Some(*kind),
+        _ => None,
     }
 }

@@ -45,18 +45,16 @@ impl FlowHub {
         true
     }
 
-    /// The server closed flow `id`; false if it is not a flow.
-    pub(crate) fn close(&mut self, id: Uuid) -> bool {
-        let Some(flow) = self.flows.remove(&id) else {
-            return false;
-        };
-        flow.do_send(CloseFlow);
-        true
+    /// The server closed flow `id` (the table forgot it): its socket closes.
+    pub(crate) fn close(&mut self, id: Uuid) {
+        if let Some(flow) = self.flows.remove(&id) {
+            flow.do_send(CloseFlow);
+        }
     }
 
-    /// Flow `id` stopped on its own; true if the server must be told.
-    pub(crate) fn ended(&mut self, id: Uuid) -> bool {
-        self.flows.remove(&id).is_some()
+    /// Flow `id` stopped on its own.
+    pub(crate) fn ended(&mut self, id: Uuid) {
+        self.flows.remove(&id);
     }
 
     /// Queues a reply frame for the WebSocket; false (dropped) over the bound.

@@ -3,7 +3,8 @@
 //! and from then on every frame of that stream id goes across, as encoded,
 //! between the two channels. The server keeps no stream state for them: the
 //! two ends run flow control between themselves (each grants its window with
-//! an explicit `Window`), so what crosses is bounded by their windows.
+//! an explicit `Window`), so what crosses is bounded by their windows. The
+//! connection table decides which frames are a relay's and when it is over.
 
 use std::collections::HashMap;
 
@@ -11,7 +12,7 @@ use actix::prelude::*;
 use bytes::Bytes;
 use uuid::Uuid;
 
-use crate::protocol::{CloseKind, Message, MessageType};
+use crate::protocol::{CloseKind, MessageType};
 
 /// Between two control channels, about a relayed stream.
 #[derive(Message, Debug)]
@@ -29,102 +30,62 @@ pub(crate) enum Relay {
     Frame {
         id: Uuid,
         kind: MessageType,
+        /// The kind of a `Close`, which decides when the relay is over.
+        close: Option<CloseKind>,
         frame: Bytes,
     },
     /// The other end's channel ended: abort stream `id`.
     Gone { id: Uuid },
 }
 
-struct Entry {
-    other: Recipient<Relay>,
-    eofs: u8,
-}
-
-/// One channel's relayed streams: the other end of each.
+/// One channel's relayed streams: the other end's channel of each. Which
+/// frames belong to a relay, and when it is over, is the connection table's
+/// (`ConnectionKind::Relay`); this holds only the recipients.
 #[derive(Default)]
 pub(crate) struct Relays {
-    streams: HashMap<Uuid, Entry>,
+    others: HashMap<Uuid, Recipient<Relay>>,
 }
 
 impl Relays {
     /// Relays stream `id` to and from `other`.
     pub(crate) fn insert(&mut self, id: Uuid, other: Recipient<Relay>) {
-        self.streams.insert(id, Entry { other, eofs: 0 });
+        self.others.insert(id, other);
     }
 
-    /// A frame from this channel's peer: sent across if its stream is relayed
-    /// (true), else left to the caller (false).
-    pub(crate) fn relay_from_peer(&mut self, message: &Message, frame: &Bytes) -> bool {
-        let Some(id) = relayed_id(message) else {
-            return false;
+    /// Passes a frame of relayed stream `id` from this channel's peer to the
+    /// other end; `last`: the relay is over, forget it.
+    pub(crate) fn pass(
+        &mut self,
+        id: Uuid,
+        message_kind: MessageType,
+        close: Option<CloseKind>,
+        frame: Bytes,
+        last: bool,
+    ) {
+        let other = if last {
+            self.others.remove(&id)
+        } else {
+            self.others.get(&id).cloned()
         };
-        let Some(entry) = self.streams.get(&id) else {
-            return false;
-        };
-        entry.other.do_send(Relay::Frame {
-            id,
-            kind: message.message_type(),
-            frame: frame.clone(),
-        });
-        self.track(id, message);
-        true
-    }
-
-    /// A frame from the other end; true if this channel should send it on.
-    pub(crate) fn accept_from_other(&mut self, id: Uuid, kind: MessageType, frame: &Bytes) -> bool {
-        if !self.streams.contains_key(&id) {
-            return false;
+        if let Some(other) = other {
+            other.do_send(Relay::Frame {
+                id,
+                kind: message_kind,
+                close,
+                frame,
+            });
         }
-        if kind == MessageType::Close
-            && let Ok((message, _)) = Message::decode_bytes(frame)
-        {
-            self.track(id, &message);
-        } else if kind == MessageType::ConnectFail {
-            self.streams.remove(&id);
-        }
-        true
     }
 
     /// Forgets stream `id`; true if it was relayed.
     pub(crate) fn remove(&mut self, id: Uuid) -> bool {
-        self.streams.remove(&id).is_some()
+        self.others.remove(&id).is_some()
     }
 
     /// This channel ended: tells the other end of every relayed stream.
     pub(crate) fn end_all(&mut self) {
-        for (id, entry) in self.streams.drain() {
-            entry.other.do_send(Relay::Gone { id });
+        for (id, other) in self.others.drain() {
+            other.do_send(Relay::Gone { id });
         }
-    }
-
-    /// Forgets a stream once it is over: aborted, refused, or eof both ways.
-    fn track(&mut self, id: Uuid, message: &Message) {
-        let over = match message {
-            Message::Close {
-                kind: CloseKind::Abort,
-                ..
-            }
-            | Message::ConnectFail { .. } => true,
-            Message::Close { .. } => self.streams.get_mut(&id).is_some_and(|e| {
-                e.eofs += 1;
-                e.eofs == 2
-            }),
-            _ => false,
-        };
-        if over {
-            self.streams.remove(&id);
-        }
-    }
-}
-
-/// The stream id of a frame that belongs to a stream.
-fn relayed_id(message: &Message) -> Option<Uuid> {
-    match message {
-        Message::Data { connection_id, .. }
-        | Message::Window { connection_id, .. }
-        | Message::Close { connection_id, .. }
-        | Message::ConnectAck { connection_id }
-        | Message::ConnectFail { connection_id, .. } => Some(*connection_id),
-        _ => None,
     }
 }

@@ -1,7 +1,8 @@
-//! `StreamHub`: the streams of one tunnel side, as the control channel (server)
-//! or the agent connection holds them. Not an actor: it joins the sans-IO
-//! [`StreamTable`] to the `ForwardedConnection` actors, routing the table's
-//! actions to sockets and frames to the peer.
+//! `StreamHub`: the connections of one tunnel side, as the control channel
+//! (server) or the agent connection holds them. Not an actor: it joins the
+//! sans-IO [`ConnectionTable`] (streams, flows and relays in one id space) to
+//! the `ForwardedConnection` actors, carrying out the table's stream actions
+//! and handing the rest (flows, relays) back to its owner.
 
 use std::collections::HashMap;
 
@@ -9,23 +10,25 @@ use actix::Addr;
 use uuid::Uuid;
 
 use super::forwarded_connection::{ForwardedConnection, StreamCommand, StreamEvent};
+use crate::connections::{
+    ConnectionAction, ConnectionKind, ConnectionTable, StreamError, StreamSettings,
+};
 use crate::outbound::Outbound;
 use crate::protocol::Message;
-use crate::streams::{StreamAction, StreamError, StreamSettings, StreamTable};
 
 /// A tunnel side's streams and their connection actors.
 pub(crate) struct StreamHub {
-    table: StreamTable,
+    table: ConnectionTable,
     conns: HashMap<Uuid, Addr<ForwardedConnection>>,
     /// Commands for streams whose socket is still being dialed (bounded by the window).
     pending: HashMap<Uuid, Vec<StreamCommand>>,
-    actions: Vec<StreamAction>,
+    actions: Vec<ConnectionAction>,
 }
 
 impl StreamHub {
     pub(crate) fn new(settings: StreamSettings) -> Self {
         Self {
-            table: StreamTable::new(settings),
+            table: ConnectionTable::new(settings),
             conns: HashMap::new(),
             pending: HashMap::new(),
             actions: Vec::new(),
@@ -37,6 +40,11 @@ impl StreamHub {
         self.table.len()
     }
 
+    /// The table, for what is not a stream's socket (flows, relays).
+    pub(crate) fn table(&mut self) -> &mut ConnectionTable {
+        &mut self.table
+    }
+
     /// Opens a stream whose socket is not attached yet.
     pub(crate) fn open(&mut self, id: Uuid) -> Result<(), StreamError> {
         self.table.open(id)?;
@@ -45,7 +53,7 @@ impl StreamHub {
     }
 
     /// Opens a relayed (`Open`) stream whose socket is not attached yet; the
-    /// `Window` to send (see `StreamTable::open_relayed`).
+    /// `Window` to send (see `ConnectionTable::open_relayed`).
     pub(crate) fn open_relayed(&mut self, id: Uuid) -> Result<Message, StreamError> {
         let window = self.table.open_relayed(id)?;
         self.pending.insert(id, Vec::new());
@@ -73,12 +81,19 @@ impl StreamHub {
         }
     }
 
-    /// A stream frame from the peer.
-    pub(crate) fn on_frame(&mut self, message: Message, send: &mut impl FnMut(Outbound)) {
+    /// A data-plane frame from the peer: what concerns a stream's socket is
+    /// done here, frames for the peer go to `send`, the rest (flows, relays)
+    /// to `rest`.
+    pub(crate) fn on_frame(
+        &mut self,
+        message: Message,
+        send: &mut impl FnMut(Outbound),
+        rest: &mut Vec<ConnectionAction>,
+    ) {
         let mut actions = std::mem::take(&mut self.actions);
         self.table.on_frame(message, &mut actions);
         for action in actions.drain(..) {
-            self.apply(action, send);
+            self.apply(action, send, rest);
         }
         self.actions = actions;
     }
@@ -106,30 +121,43 @@ impl StreamHub {
         }
     }
 
-    /// The tunnel ended: resets every socket.
-    pub(crate) fn close_all(&mut self) {
-        self.table.drain();
+    /// The tunnel ended: resets every socket; the connections that are not
+    /// streams, for the owner to end.
+    pub(crate) fn close_all(&mut self) -> Vec<(Uuid, ConnectionKind)> {
+        let mut others = self.table.drain();
+        others.retain(|(_, kind)| *kind != ConnectionKind::Stream);
         self.pending.clear();
         for (_, addr) in self.conns.drain() {
             addr.do_send(StreamCommand::Reset);
         }
+        others
     }
 
-    fn apply(&mut self, action: StreamAction, send: &mut impl FnMut(Outbound)) {
+    fn apply(
+        &mut self,
+        action: ConnectionAction,
+        send: &mut impl FnMut(Outbound),
+        rest: &mut Vec<ConnectionAction>,
+    ) {
         match action {
-            StreamAction::Deliver { id, data } => self.command(id, StreamCommand::Deliver(data)),
-            StreamAction::Credit { id, increment } => {
+            ConnectionAction::Deliver { id, data } => {
+                self.command(id, StreamCommand::Deliver(data))
+            }
+            ConnectionAction::Credit { id, increment } => {
                 self.command(id, StreamCommand::Credit(increment))
             }
-            StreamAction::ShutdownWrite { id } => self.command(id, StreamCommand::ShutdownWrite),
-            StreamAction::Reset { id, reason } => {
+            ConnectionAction::ShutdownWrite { id } => {
+                self.command(id, StreamCommand::ShutdownWrite)
+            }
+            ConnectionAction::Reset { id, reason } => {
                 tracing::debug!(stream = %id, reason, "stream reset");
                 self.pending.remove(&id);
                 if let Some(addr) = self.conns.remove(&id) {
                     addr.do_send(StreamCommand::Reset);
                 }
             }
-            StreamAction::Send(message) => send(Outbound::Message(message)),
+            ConnectionAction::Send(message) => send(Outbound::Message(message)),
+            other => rest.push(other),
         }
     }
 

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::auth::Secret;
+use crate::connections::StreamSettings;
 use crate::protocol::{MAX_SERVICE_NAME_LEN, MAX_WINDOW, ServiceProtocol};
-use crate::streams::StreamSettings;
 
 /// Why a configuration is unusable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -11,7 +11,7 @@
 //! * `src/` is the **sans-IO core**: the wire protocol ([`protocol`]),
 //!   configuration ([`config`]), token auth ([`auth`]), the port pool
 //!   ([`ports`]), reconnect backoff ([`backoff`]), flow-control windows
-//!   ([`flow`]), the per-tunnel stream table ([`streams`]), heartbeat
+//!   ([`flow`]), the per-tunnel connection table ([`connections`]: streams, UDP flows, relayed access streams), heartbeat
 //!   bookkeeping ([`liveness`]) and traffic counters ([`accounting`]). It opens no socket,
 //!   reads no clock and draws no random number: callers pass `now` and random
 //!   values in, so every rule is unit-tested with fabricated inputs.
@@ -32,6 +32,7 @@ pub mod admission;
 pub mod auth;
 pub mod backoff;
 pub mod config;
+pub mod connections;
 mod error;
 pub mod fair;
 pub mod flow;
@@ -42,7 +43,6 @@ pub mod ports;
 pub mod protocol;
 pub mod session;
 pub mod status;
-pub mod streams;
 pub mod throttle;
 pub mod tls;
 pub mod udp;

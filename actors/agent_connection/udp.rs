@@ -19,11 +19,8 @@ impl Handler<FlowEvent> for AgentConnection {
                 }
             }
             FlowEvent::Ended { id } => {
-                if link.flows.ended(id) {
-                    let close = Message::Close {
-                        connection_id: id,
-                        kind: CloseKind::Abort,
-                    };
+                link.flows.ended(id);
+                if let Some(close) = link.streams.table().local_reset(id) {
                     self.write(close, ctx);
                 }
             }
@@ -80,8 +77,14 @@ impl AgentConnection {
             idle_timeout: self.shared.config.udp_idle_timeout,
             cancel: link.cancel.child_token(),
         };
-        let flow = UdpFlow::start(target, wiring)
-            .map_err(|e| format!("cannot open a socket toward {local}: {e}"))?;
+        link.streams
+            .table()
+            .open_flow(id)
+            .map_err(|e| e.to_string())?;
+        let flow = UdpFlow::start(target, wiring).map_err(|e| {
+            link.streams.table().forget(id);
+            format!("cannot open a socket toward {local}: {e}")
+        })?;
         link.flows.insert(id, flow);
         tracing::debug!(flow = %id, visitor = %client_addr, %target, "udp flow opened");
         Ok(())

@@ -22,21 +22,35 @@ impl Handler<Relay> for ControlChannel {
                         from.do_send(Relay::Frame {
                             id,
                             kind: MessageType::ConnectFail,
+                            close: None,
                             frame: refusal.to_bytes(),
                         });
                     }
                     return;
                 }
+                if session.streams.table().open_relay(id).is_err() {
+                    return tracing::warn!(stream = %id, "access stream id already in use; not relayed");
+                }
                 session.relays.insert(id, from);
                 self.write_built(Message::open(id, service, target), ctx);
             }
-            Relay::Frame { id, kind, frame } => {
-                if session.relays.accept_from_other(id, kind, &frame) {
-                    self.write(Outbound::Relayed { id, kind, frame }, ctx);
+            Relay::Frame {
+                id,
+                kind,
+                close,
+                frame,
+            } => {
+                let Some(last) = session.streams.table().relay_from_other(id, kind, close) else {
+                    return;
+                };
+                if last {
+                    session.relays.remove(id);
                 }
+                self.write(Outbound::Relayed { id, kind, frame }, ctx);
             }
             Relay::Gone { id } => {
-                if session.relays.remove(id) {
+                session.relays.remove(id);
+                if session.streams.table().forget(id).is_some() {
                     let close = Message::Close {
                         connection_id: id,
                         kind: CloseKind::Abort,
@@ -86,6 +100,10 @@ impl ControlChannel {
                     );
                     return act.write_built(Message::connect_fail(id, reason), ctx);
                 };
+                if session.streams.table().open_relay(id).is_err() {
+                    let reason = "stream id already in use";
+                    return act.write_built(Message::connect_fail(id, reason), ctx);
+                }
                 session.relays.insert(id, agent.clone());
                 agent.do_send(Relay::Open {
                     id,

@@ -24,6 +24,9 @@ impl Handler<UdpEvent> for ControlChannel {
                     return;
                 };
                 let counters = service.counters.clone();
+                if session.streams.table().open_flow(id).is_err() {
+                    return; // an id the listener drew twice: never in practice
+                }
                 let flow = Flow {
                     listener,
                     budget,
@@ -45,11 +48,8 @@ impl Handler<UdpEvent> for ControlChannel {
                 }
             }
             UdpEvent::Closed { id } => {
-                if session.flows.remove(&id).is_some() {
-                    let close = Message::Close {
-                        connection_id: id,
-                        kind: CloseKind::Abort,
-                    };
+                session.flows.remove(&id);
+                if let Some(close) = session.streams.table().local_reset(id) {
                     self.write(close, ctx);
                 }
             }
@@ -78,12 +78,10 @@ impl Tunnel {
         }
     }
 
-    /// Forgets flow `id` on both sides of the server; false if it is not a flow.
-    pub(super) fn forget_flow(&mut self, id: Uuid) -> bool {
-        let Some(flow) = self.flows.remove(&id) else {
-            return false;
-        };
-        flow.listener.do_send(ForgetFlow(id));
-        true
+    /// Flow `id` is over (the table forgot it): its listener forgets it too.
+    pub(super) fn forget_flow(&mut self, id: Uuid) {
+        if let Some(flow) = self.flows.remove(&id) {
+            flow.listener.do_send(ForgetFlow(id));
+        }
     }
 }
