@@ -778,3 +778,392 @@ proptest! {
         prop_assert!(pair.server.services() <= server_settings().max_services);
     }
 }
+
+/// Both sessions with a connection table on each side and pretend sockets:
+/// the data plane end to end, in memory.
+mod data_plane {
+    use std::collections::HashMap;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::connections::{ConnectionAction, ConnectionTable, StreamSettings};
+
+    /// A side's table with the windows the sessions negotiated.
+    fn table(recv_initial: u32, send_initial: u32) -> ConnectionTable {
+        ConnectionTable::new(StreamSettings {
+            max_streams: 8,
+            recv_initial,
+            recv_max: 256 * 1024,
+            send_initial,
+            budget: 1024 * 1024,
+        })
+    }
+
+    /// What one side's sockets saw.
+    #[derive(Default)]
+    struct Sockets {
+        /// Bytes written to each stream's socket.
+        written: HashMap<Uuid, Vec<u8>>,
+        /// Bytes each stream's socket has to send, waiting for credit.
+        unsent: HashMap<Uuid, Vec<u8>>,
+        shut: Vec<Uuid>,
+        reset: Vec<Uuid>,
+        datagrams: Vec<(Uuid, Bytes)>,
+        forgotten_flows: Vec<Uuid>,
+        /// The sockets take nothing: delivered bytes wait here, no credit goes back.
+        stalled: bool,
+        held: HashMap<Uuid, Vec<u8>>,
+    }
+
+    struct Tunnel {
+        pair: Pair,
+        server_table: ConnectionTable,
+        agent_table: ConnectionTable,
+        server: Sockets,
+        agent: Sockets,
+    }
+
+    impl Tunnel {
+        fn new() -> Self {
+            let mut pair = Pair::new(TOKEN, Some(Features::ALL));
+            pair.run();
+            assert!(pair.agent.is_open());
+            let (agent_window, server_window) = (pair.server.agent_window(), 32 * 1024);
+            assert_eq!(agent_window, 128 * 1024, "the window the agent announced");
+            Self {
+                pair,
+                server_table: table(server_window, agent_window),
+                agent_table: table(agent_window, server_window),
+                server: Sockets::default(),
+                agent: Sockets::default(),
+            }
+        }
+
+        /// A visitor reaches service `service_id` (100: tcp ssh, 101: udp dns).
+        fn visitor(&mut self, service_id: u128, id: u128) -> Uuid {
+            let id = Uuid::from_u128(id);
+            let udp = service_id == 101;
+            if udp {
+                self.server_table.open_flow(id).unwrap();
+            } else {
+                self.server_table.open(id).unwrap();
+            }
+            let connect = Message::connect(Uuid::from_u128(service_id), id, "192.0.2.7:4000");
+            self.pair.to_agent.push_back(connect.unwrap().encode());
+            id
+        }
+
+        /// Runs both ends until nothing moves.
+        fn pump(&mut self) {
+            for _ in 0..100_000 {
+                let mut busy = false;
+                while let Some(action) = self.pair.agent.poll_action() {
+                    busy = true;
+                    self.agent_did(action);
+                }
+                while let Some(action) = self.pair.server.poll_action() {
+                    busy = true;
+                    self.pair.server_did(action);
+                }
+                busy |= self.send_what_credit_allows();
+                if let Some(frame) = self.pair.to_server.pop_front() {
+                    busy = true;
+                    let now = self.pair.now;
+                    if let Some(m) = self.pair.server.handle_frame(decode(&frame), now) {
+                        let mut out = Vec::new();
+                        self.server_table.on_frame(m, &mut out);
+                        self.apply(true, out);
+                    }
+                }
+                if let Some(frame) = self.pair.to_agent.pop_front() {
+                    busy = true;
+                    let now = self.pair.now;
+                    if let Some(m) = self.pair.agent.handle_frame(decode(&frame), now) {
+                        let mut out = Vec::new();
+                        self.agent_table.on_frame(m, &mut out);
+                        self.apply(false, out);
+                    }
+                }
+                if !busy {
+                    return;
+                }
+            }
+            panic!("no quiet point");
+        }
+
+        fn agent_did(&mut self, action: AgentAction) {
+            match &action {
+                AgentAction::OpenStream { connection_id, .. } => {
+                    self.agent_table.open(*connection_id).unwrap();
+                    self.pair.agent_did(
+                        Message::ConnectAck {
+                            connection_id: *connection_id,
+                        }
+                        .into_send(),
+                    );
+                }
+                AgentAction::OpenFlow { connection_id, .. } => {
+                    self.agent_table.open_flow(*connection_id).unwrap();
+                }
+                _ => self.pair.agent_did(action),
+            }
+        }
+
+        /// Carries out a table's actions on the server's (true) or the agent's sockets.
+        fn apply(&mut self, server: bool, actions: Vec<ConnectionAction>) {
+            for action in actions {
+                let (table, sockets, wire) = if server {
+                    (
+                        &mut self.server_table,
+                        &mut self.server,
+                        &mut self.pair.to_agent,
+                    )
+                } else {
+                    (
+                        &mut self.agent_table,
+                        &mut self.agent,
+                        &mut self.pair.to_server,
+                    )
+                };
+                match action {
+                    ConnectionAction::Deliver { id, data } if sockets.stalled => {
+                        sockets.held.entry(id).or_default().extend_from_slice(&data);
+                    }
+                    ConnectionAction::Deliver { id, data } => {
+                        sockets
+                            .written
+                            .entry(id)
+                            .or_default()
+                            .extend_from_slice(&data);
+                        if let Some(window) = table.on_delivered(id, data.len()) {
+                            wire.push_back(window.encode());
+                        }
+                    }
+                    ConnectionAction::ShutdownWrite { id } => sockets.shut.push(id),
+                    ConnectionAction::Reset { id, .. } => sockets.reset.push(id),
+                    ConnectionAction::Send(m) => wire.push_back(m.encode()),
+                    ConnectionAction::Datagram { id, data } => sockets.datagrams.push((id, data)),
+                    ConnectionAction::ForgetFlow { id } => sockets.forgotten_flows.push(id),
+                    _ => {}
+                }
+            }
+        }
+
+        /// Each socket sends what it has, within its stream's credit.
+        fn send_what_credit_allows(&mut self) -> bool {
+            let mut sent = false;
+            for server in [true, false] {
+                let (table, sockets, wire) = if server {
+                    (
+                        &mut self.server_table,
+                        &mut self.server,
+                        &mut self.pair.to_agent,
+                    )
+                } else {
+                    (
+                        &mut self.agent_table,
+                        &mut self.agent,
+                        &mut self.pair.to_server,
+                    )
+                };
+                for (id, unsent) in &mut sockets.unsent {
+                    let n = (table.send_credit(*id) as usize)
+                        .min(unsent.len())
+                        .min(16 * 1024);
+                    if n == 0 {
+                        continue;
+                    }
+                    let chunk = Bytes::from(unsent.drain(..n).collect::<Vec<u8>>());
+                    wire.push_back(table.send_data(*id, chunk).unwrap().encode());
+                    sent = true;
+                }
+            }
+            sent
+        }
+
+        /// The agent's sockets take what they held, and credit goes back.
+        fn unstall_agent(&mut self) {
+            self.agent.stalled = false;
+            for (id, held) in std::mem::take(&mut self.agent.held) {
+                self.agent
+                    .written
+                    .entry(id)
+                    .or_default()
+                    .extend_from_slice(&held);
+                if let Some(window) = self.agent_table.on_delivered(id, held.len()) {
+                    self.pair.to_server.push_back(window.encode());
+                }
+            }
+        }
+
+        fn send(&mut self, server: bool, id: Uuid, data: &[u8]) {
+            let sockets = if server {
+                &mut self.server
+            } else {
+                &mut self.agent
+            };
+            sockets
+                .unsent
+                .entry(id)
+                .or_default()
+                .extend_from_slice(data);
+        }
+
+        fn eof(&mut self, server: bool, id: Uuid) {
+            let (table, wire) = if server {
+                (&mut self.server_table, &mut self.pair.to_agent)
+            } else {
+                (&mut self.agent_table, &mut self.pair.to_server)
+            };
+            if let Some(close) = table.local_eof(id) {
+                wire.push_back(close.encode());
+            }
+        }
+    }
+
+    trait IntoSend {
+        fn into_send(self) -> AgentAction;
+    }
+
+    impl IntoSend for Message {
+        fn into_send(self) -> AgentAction {
+            AgentAction::Send(self)
+        }
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
+    }
+
+    #[test]
+    fn streams_carry_bytes_both_ways_half_close_and_leave_nothing_behind() {
+        let mut t = Tunnel::new();
+        let ids: Vec<Uuid> = (1..=3).map(|n| t.visitor(100, n)).collect();
+        t.pump();
+        let mut expected = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            let (up, down) = (pattern(300_000 + i * 777, 1), pattern(200_000 + i, 2));
+            t.send(true, *id, &up);
+            t.send(false, *id, &down);
+            expected.push((*id, up, down));
+        }
+        t.pump();
+        for (id, up, down) in &expected {
+            assert_eq!(t.agent.written[id], *up, "visitor to service");
+            assert_eq!(t.server.written[id], *down, "service to visitor");
+        }
+        // the visitor half-closes: the service's side shuts its write half,
+        // and can still answer before it closes too
+        t.eof(true, ids[0]);
+        t.pump();
+        assert_eq!(t.agent.shut, [ids[0]]);
+        t.send(false, ids[0], b"late answer");
+        t.pump();
+        assert!(t.server.written[&ids[0]].ends_with(b"late answer"));
+        t.eof(false, ids[0]);
+        t.pump();
+        assert!(!t.server_table.contains(ids[0]) && !t.agent_table.contains(ids[0]));
+        // a reset ends the stream on both sides at once
+        if let Some(abort) = t.server_table.local_reset(ids[1]) {
+            t.pair.to_agent.push_back(abort.encode());
+        }
+        t.pump();
+        assert_eq!(t.agent.reset, [ids[1]]);
+        for id in &ids[2..] {
+            t.eof(true, *id);
+            t.eof(false, *id);
+        }
+        t.pump();
+        assert!(
+            t.server_table.is_empty() && t.agent_table.is_empty(),
+            "entries leaked"
+        );
+        assert!(t.server.reset.is_empty());
+    }
+
+    #[test]
+    fn a_window_holds_the_sender_until_the_receiver_writes() {
+        let mut t = Tunnel::new();
+        let id = t.visitor(100, 9);
+        t.pump();
+        // the agent's socket takes nothing: no more than the window it
+        // announced crosses, and nothing is reset
+        t.agent.stalled = true;
+        let data = pattern(1 << 20, 3);
+        t.send(true, id, &data);
+        t.pump();
+        assert_eq!(t.agent.held[&id].len(), 128 * 1024);
+        assert_eq!(t.server.unsent[&id].len(), (1 << 20) - 128 * 1024);
+        // the socket drains: the rest crosses, in order
+        t.unstall_agent();
+        t.pump();
+        assert_eq!(t.agent.written[&id], data);
+        assert!(t.agent.reset.is_empty() && t.server.reset.is_empty());
+    }
+
+    #[test]
+    fn udp_flows_carry_datagrams_whole_and_end_with_an_abort() {
+        let mut t = Tunnel::new();
+        let flow = t.visitor(101, 20);
+        t.pump();
+        assert_eq!(
+            t.agent_table.kind(flow),
+            Some(crate::connections::ConnectionKind::Flow)
+        );
+        for n in 0..5u8 {
+            let datagram = Message::Datagram {
+                connection_id: flow,
+                data: Bytes::from(vec![n; 512 + usize::from(n)]),
+            };
+            t.pair.to_agent.push_back(datagram.encode());
+        }
+        t.pump();
+        let sizes: Vec<usize> = t.agent.datagrams.iter().map(|(_, d)| d.len()).collect();
+        assert_eq!(sizes, [512, 513, 514, 515, 516]);
+        // the agent's flow idles out: the server forgets it too
+        let close = t.agent_table.local_reset(flow).unwrap();
+        t.pair.to_server.push_back(close.encode());
+        t.pump();
+        assert_eq!(t.server.forgotten_flows, [flow]);
+        assert!(t.server_table.is_empty() && t.agent_table.is_empty());
+    }
+
+    #[test]
+    fn the_server_passes_a_relayed_stream_without_state() {
+        // the access client's side of a relayed stream, seen by the server
+        let mut t = Tunnel::new();
+        let id = Uuid::from_u128(30);
+        t.server_table.open_relay(id).unwrap();
+        let frames = [
+            Message::Window {
+                connection_id: id,
+                increment: 1000,
+            },
+            Message::data(id, Bytes::from_static(b"hello")).unwrap(),
+            Message::Close {
+                connection_id: id,
+                kind: CloseKind::Eof,
+            },
+        ];
+        let mut out = Vec::new();
+        for frame in frames {
+            t.pair.to_server.push_back(frame.encode());
+            let message = decode(&t.pair.to_server.pop_front().unwrap());
+            let routed = t.pair.server.handle_frame(message, t.pair.now).unwrap();
+            t.server_table.on_frame(routed, &mut out);
+        }
+        assert!(
+            out.iter()
+                .all(|a| matches!(a, ConnectionAction::Relay { id: r, .. } if *r == id))
+        );
+        // the agent's eof comes back across: the relay is over and forgotten
+        let last = t
+            .server_table
+            .relay_from_other(id, MessageType::Close, Some(CloseKind::Eof));
+        assert_eq!(last, Some(true));
+        assert!(t.server_table.is_empty());
+    }
+}
