@@ -41,7 +41,9 @@ use crate::session::{AgentAction, AgentSession, LinkError};
 use crate::status::TunnelState;
 
 mod access;
+mod link;
 mod services;
+mod streams;
 mod udp;
 mod writer;
 
@@ -160,19 +162,6 @@ impl Handler<StopAgent> for AgentConnection {
     }
 }
 
-impl Handler<StreamEvent> for AgentConnection {
-    type Result = ();
-
-    fn handle(&mut self, event: StreamEvent, ctx: &mut Self::Context) {
-        let Some(link) = self.link.as_mut() else {
-            return;
-        };
-        let mut outbox = std::mem::take(&mut self.outbox);
-        link.streams.on_event(event, &mut |m| outbox.push(m));
-        self.flush(outbox, ctx);
-    }
-}
-
 impl StreamHandler<Result<ws::Frame, actix_http::ws::ProtocolError>> for AgentConnection {
     fn handle(
         &mut self,
@@ -223,59 +212,6 @@ impl AgentConnection {
         }
     }
 
-    fn connect(&mut self, ctx: &mut Context<Self>) {
-        let config = &self.shared.config;
-        let (url, timeout) = (config.server_url.clone(), config.connect_timeout);
-        let client = self.shared.client();
-        let dial = async move {
-            let request = client.ws(url).max_frame_size(MAX_MESSAGE_SIZE);
-            match tokio::time::timeout(timeout, request.connect()).await {
-                Ok(Ok((_, framed))) => Ok(framed),
-                Ok(Err(e)) => Err(describe_refusal(&e)),
-                Err(_) => Err("timed out".to_owned()),
-            }
-        };
-        ctx.spawn(dial.into_actor(self).map(|result, act, ctx| match result {
-            _ if act.finished => {}
-            Ok(framed) => act.linked(framed, ctx),
-            Err(error) if error.contains("certificate") => {
-                let hint = "give ca_cert (--ca-cert): the CA that signed it, or the server's own certificate";
-                tracing::error!(server = %act.shared.config.server_url, %error, hint, "the server's certificate is not trusted; not connecting");
-                act.drop_link(format!("the server's certificate is not trusted: {error}"), ctx);
-            }
-            Err(error) => {
-                tracing::warn!(server = %act.shared.config.server_url, %error, "cannot reach the server");
-                act.drop_link(format!("cannot reach the server: {error}"), ctx);
-            }
-        }));
-    }
-
-    fn linked(
-        &mut self,
-        framed: actix_codec::Framed<awc::BoxedSocket, ws::Codec>,
-        ctx: &mut Context<Self>,
-    ) {
-        let (sink, stream) = framed.split();
-        ctx.add_stream(stream);
-        let config = &self.shared.config;
-        let settings = config.session_settings(self.shared.client_id);
-        self.link = Some(Link {
-            generation: self.starts,
-            sink: Some(sink),
-            session: AgentSession::new(settings, Instant::now()),
-            timer: None,
-            queue: FrameQueue::new(Features::NONE),
-            write_scheduled: false,
-            server_window: DEFAULT_INITIAL_WINDOW,
-            streams: StreamHub::new(self.settings(DEFAULT_INITIAL_WINDOW)),
-            flows: FlowHub::new(config.udp_waiting),
-            cancel: CancellationToken::new(),
-            since: Instant::now(),
-            gate: ReadGate::new(config.read_ahead),
-        });
-        self.execute(ctx);
-    }
-
     fn settings(&self, server_window: u32) -> StreamSettings {
         self.shared.config.stream_settings(server_window)
     }
@@ -295,51 +231,6 @@ impl AgentConnection {
             self.route(routed, ctx);
         }
         self.execute(ctx);
-    }
-
-    /// A data-plane frame the session passed: an `Open` starts an access
-    /// stream; the connection table says whose any other is and what to do.
-    fn route(&mut self, message: Message, ctx: &mut Context<Self>) {
-        if let Message::Open {
-            connection_id,
-            service,
-            target,
-        } = message
-        {
-            return self.on_open(connection_id, &service, &target, ctx);
-        }
-        let Some(link) = self.link.as_mut() else {
-            return;
-        };
-        if let Message::ConnectFail {
-            connection_id,
-            reason,
-            ..
-        } = &message
-        {
-            tracing::warn!(stream = %connection_id, %reason, "access stream refused");
-        }
-        let (mut outbox, mut rest) = (
-            std::mem::take(&mut self.outbox),
-            std::mem::take(&mut self.rest),
-        );
-        link.streams
-            .on_frame(message, &mut |m| outbox.push(m), &mut rest);
-        for action in rest.drain(..) {
-            match action {
-                ConnectionAction::Datagram { id, data } => {
-                    let delivered = link.flows.deliver(id, data);
-                    if !delivered {
-                        self.shared.counters.add_drop(); // its socket is gone: a race
-                    }
-                }
-                ConnectionAction::ForgetFlow { id } => link.flows.close(id),
-                ConnectionAction::DatagramDropped => self.shared.counters.add_drop(),
-                _ => {} // relays are the server's
-            }
-        }
-        self.rest = rest;
-        self.flush(outbox, ctx);
     }
 
     /// Carries out what the session decided, in order.
@@ -410,202 +301,5 @@ impl AgentConnection {
             act.execute(ctx);
         });
         link.timer = Some((deadline, handle));
-    }
-
-    fn authenticated(&mut self, tunnel_id: Uuid, features: Features, server_window: u32) {
-        let settings = self.settings(server_window);
-        let Some(link) = self.link.as_mut() else {
-            return;
-        };
-        link.server_window = server_window;
-        link.queue.set_features(features);
-        link.streams = StreamHub::new(settings);
-        self.shared.view.connected(tunnel_id);
-        tracing::info!(%tunnel_id, ?features, "authenticated");
-        if !features.contains(Features::STREAMS) {
-            tracing::warn!("the server has no data plane (legacy): visitors cannot be forwarded");
-        }
-        if self.shared.config.services.is_empty() {
-            self.connected();
-        }
-        for service in self.shared.config.services.clone() {
-            self.register(service);
-        }
-    }
-
-    /// How the session ended: for good (a refused token), or to reconnect.
-    fn link_ended(&mut self, error: LinkError, ctx: &mut Context<Self>) {
-        match &error {
-            LinkError::TokenRefused { reason } => {
-                tracing::error!(%reason, "the server refused the token; stopping");
-                return self.finish(Err(crate::TunnelError::auth(reason.clone())), ctx);
-            }
-            LinkError::AuthRefused { reason } => {
-                tracing::warn!(%reason, "authentication refused; retrying")
-            }
-            LinkError::Disconnected { reason } => {
-                tracing::info!(%reason, "server disconnected the agent")
-            }
-            LinkError::AuthTimeout => tracing::warn!("no answer to Auth in time; reconnecting"),
-            LinkError::HeartbeatTimeout => tracing::warn!(
-                "nothing heard from the server within the heartbeat timeout; reconnecting"
-            ),
-            LinkError::Protocol(violation) => {
-                tracing::warn!(%violation, "protocol error by the server; reconnecting")
-            }
-        }
-        self.drop_link(error.to_string(), ctx);
-    }
-
-    fn on_connect(
-        &mut self,
-        service_id: Uuid,
-        id: Uuid,
-        service: &ServiceConfig,
-        client_addr: &str,
-        ctx: &mut Context<Self>,
-    ) {
-        match self.accept_stream(service_id, id, client_addr) {
-            Ok(()) => {
-                let credit = self.link.as_ref().map_or(0, |l| l.server_window);
-                let (local, name) = (service.local_addr(), service.name.clone());
-                self.dial(id, local, name, credit, ctx)
-            }
-            Err(reason) => {
-                tracing::info!(stream = %id, visitor = %client_addr, reason, "connection refused");
-                if let Some(link) = self.link.as_mut() {
-                    link.session.refuse(id, reason);
-                }
-            }
-        }
-    }
-
-    fn accept_stream(
-        &mut self,
-        service_id: Uuid,
-        id: Uuid,
-        client_addr: &str,
-    ) -> Result<(), &'static str> {
-        let link = self.link.as_mut().ok_or("no link")?;
-        if !self.shared.admits(service_id, id, client_addr) {
-            return Err("connection rejected by client");
-        }
-        link.streams
-            .open(id)
-            .map_err(|_| "agent is at its stream limit")
-    }
-
-    /// Dials `local` for stream `id`; `credit` is what the stream may send before a `Window`.
-    fn dial(
-        &mut self,
-        id: Uuid,
-        local: String,
-        service: String,
-        credit: u32,
-        ctx: &mut Context<Self>,
-    ) {
-        let timeout = self.shared.config.local_connect_timeout;
-        let generation = self.link.as_ref().map_or(0, |l| l.generation);
-        let unreachable = |local: &str, e| format!("local service {local} unreachable: {e}");
-        let connecting = match local_dial::dial(&local) {
-            Dialing::Done(result) => {
-                let result = result.map_err(|e| unreachable(&local, e));
-                return self.dialed(id, &service, (generation, credit), result, ctx);
-            }
-            Dialing::Later(connecting) => connecting,
-        };
-        let dial = async move {
-            match tokio::time::timeout(timeout, connecting).await {
-                Ok(result) => result.map_err(|e| unreachable(&local, e)),
-                Err(_) => Err(format!("local service {local} did not answer in time")),
-            }
-        };
-        ctx.spawn(dial.into_actor(self).map(move |result, act, ctx| {
-            act.dialed(id, &service, (generation, credit), result, ctx)
-        }));
-    }
-
-    fn dialed(
-        &mut self,
-        id: Uuid,
-        service: &str,
-        (generation, credit): (u64, u32),
-        result: Result<tokio::net::TcpStream, String>,
-        ctx: &mut Context<Self>,
-    ) {
-        let Some(link) = self.link.as_mut().filter(|l| l.generation == generation) else {
-            return;
-        };
-        let socket = match result {
-            Ok(socket) => socket,
-            Err(reason) => {
-                tracing::info!(stream = %id, %reason, "connection refused");
-                link.streams.refuse(id);
-                link.session.refuse(id, &reason);
-                return self.execute(ctx);
-            }
-        };
-        let wiring = StreamWiring {
-            id,
-            channel: ctx.address().recipient(),
-            initial_credit: credit,
-            counters: CounterSet::new(
-                std::iter::once(self.shared.counters.clone())
-                    .chain(self.shared.view.counters(service))
-                    .collect(),
-            ),
-            read_direction: Direction::Out,
-            cancel: None,
-            gate: link.gate.clone(),
-            tuned: false,
-        };
-        if link
-            .streams
-            .attach(id, ForwardedConnection::start(socket, wiring))
-        {
-            link.queue.push_ack(id);
-        }
-    }
-
-    /// Ends this link for `error` (the status reports it); the supervisor
-    /// reconnects after a backoff delay.
-    fn drop_link(&mut self, error: impl Into<String>, ctx: &mut Context<Self>) {
-        self.shared.view.link_failed(error);
-        ctx.stop();
-    }
-
-    fn finish(&mut self, result: crate::Result<()>, ctx: &mut Context<Self>) {
-        self.finished = true;
-        self.shared.view.disconnected();
-        self.shared.view.set_state(match &result {
-            Ok(()) => TunnelState::Stopped,
-            Err(e) => TunnelState::Failed {
-                error: e.to_string(),
-            },
-        });
-        self.shared.done(AgentStopped(result));
-        ctx.stop();
-    }
-}
-
-/// What went wrong with a WebSocket upgrade, for the log and the status: a
-/// refusal says what the server's status means (awc's own text leaves the
-/// status out).
-fn describe_refusal(error: &awc::error::WsClientError) -> String {
-    use awc::error::WsClientError;
-    use awc::http::StatusCode;
-    match error {
-        WsClientError::InvalidResponseStatus(StatusCode::SERVICE_UNAVAILABLE) => {
-            "the server answered 503 Service Unavailable (busy: a zlayer-tunnel server says so \
-             when too many connections await authentication); retrying"
-                .to_owned()
-        }
-        WsClientError::InvalidResponseStatus(StatusCode::NOT_FOUND) => {
-            "the server has no tunnel endpoint at this URL's path (404)".to_owned()
-        }
-        WsClientError::InvalidResponseStatus(status) => {
-            format!("the server answered {status} instead of a WebSocket upgrade")
-        }
-        other => other.to_string(),
     }
 }

@@ -51,8 +51,11 @@ use crate::session::{
 };
 
 mod access;
+mod auth;
 mod services;
+mod streams;
 mod udp;
+mod writer;
 
 /// A registered service of this tunnel.
 struct Service {
@@ -166,39 +169,6 @@ impl Handler<CloseTunnel> for ControlChannel {
     }
 }
 
-impl Handler<VisitorArrived> for ControlChannel {
-    type Result = ();
-
-    fn handle(&mut self, msg: VisitorArrived, ctx: &mut Self::Context) {
-        match self.open_stream(msg.service_id, msg.socket, ctx) {
-            Ok((id, first)) => {
-                let connect = Message::connect(msg.service_id, id, msg.peer.to_string());
-                self.write_built(connect, ctx);
-                // the visitor's first bytes ride in the same write as `Connect`
-                if let Some(first) = first {
-                    <Self as Handler<StreamEvent>>::handle(self, first, ctx);
-                }
-            }
-            Err(reason) => self
-                .span
-                .in_scope(|| tracing::info!(visitor = %msg.peer, reason, "visitor refused")),
-        }
-    }
-}
-
-impl Handler<StreamEvent> for ControlChannel {
-    type Result = ();
-
-    fn handle(&mut self, event: StreamEvent, ctx: &mut Self::Context) {
-        let Some(tunnel) = self.tunnel.as_mut() else {
-            return;
-        };
-        let mut outbox = std::mem::take(&mut self.outbox);
-        tunnel.streams.on_event(event, &mut |m| outbox.push(m));
-        self.flush(outbox, ctx);
-    }
-}
-
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for ControlChannel {
     fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
         match item {
@@ -248,54 +218,6 @@ impl ControlChannel {
             self.route(message, frame, ctx);
         }
         self.execute(ctx);
-    }
-
-    /// A data-plane frame the session passed: the connection table says
-    /// whose it is (a stream, a flow, a relay) and what to do.
-    fn route(&mut self, message: Message, frame: Bytes, ctx: &mut ws::WebsocketContext<Self>) {
-        if let Message::Open {
-            connection_id,
-            service,
-            target,
-        } = message
-        {
-            return self.open_relay(connection_id, service, target, ctx);
-        }
-        let Some(tunnel) = self.tunnel.as_mut() else {
-            return;
-        };
-        if let Message::ConnectFail {
-            connection_id,
-            reason,
-            ..
-        } = &message
-            && tunnel.streams.table().kind(*connection_id) != Some(ConnectionKind::Relay)
-        {
-            self.span.in_scope(
-                || tracing::info!(stream = %connection_id, %reason, "agent refused the visitor"),
-            );
-        }
-        let (kind, close) = (message.message_type(), close_kind(&message));
-        let (mut outbox, mut rest) = (
-            std::mem::take(&mut self.outbox),
-            std::mem::take(&mut self.rest),
-        );
-        tunnel
-            .streams
-            .on_frame(message, &mut |m| outbox.push(m), &mut rest);
-        for action in rest.drain(..) {
-            match action {
-                ConnectionAction::ForgetFlow { id } => tunnel.forget_flow(id),
-                ConnectionAction::Datagram { id, data } => tunnel.relay_to_visitor(id, data),
-                ConnectionAction::DatagramDropped => tunnel.counters.add_drop(),
-                ConnectionAction::Relay { id, last } => {
-                    tunnel.relays.pass(id, kind, close, frame.clone(), last)
-                }
-                _ => {}
-            }
-        }
-        self.rest = rest;
-        self.flush(outbox, ctx);
     }
 
     /// Carries out what the session decided, in order.
@@ -365,186 +287,5 @@ impl ControlChannel {
             act.execute(ctx);
         });
         self.timer = Some((deadline, handle));
-    }
-
-    fn authenticate(&mut self, token: &str, client_id: Uuid, ctx: &mut ws::WebsocketContext<Self>) {
-        if let Err(refusal) = self.check_token(token) {
-            self.core.refused(&refusal.to_string(), refusal.refusal());
-            return;
-        }
-        let scope = self.shared.scope(token);
-        let config = &self.shared.config;
-        let open = OpenTunnel {
-            token_hash: hash_token(token),
-            client_id,
-            peer: self.peer,
-            channel: ctx.address().recipient(),
-            relay: ctx.address().recipient(),
-            timeout: config.heartbeat_timeout + config.heartbeat_interval,
-            max_tunnels: config.max_tunnels,
-            counters: self.counters.clone(),
-        };
-        self.shared
-            .registry
-            .addr()
-            .send(open)
-            .into_actor(self)
-            .map(
-                move |result, act, ctx| match result.map_err(super::Error::from).and_then(|r| r) {
-                    Ok((tunnel_id, cancel)) => act.accepted(tunnel_id, cancel, scope, ctx),
-                    Err(e) => {
-                        act.span.in_scope(|| {
-                            tracing::warn!(reason = %e, "authentication refused by the registry")
-                        });
-                        act.core.refused(&e.to_string(), AuthRefusal::Later);
-                        act.execute(ctx);
-                    }
-                },
-            )
-            .wait(ctx);
-    }
-
-    /// Checks a token (with the lockouts of failed attempts), logging a refusal.
-    fn check_token(&self, token: &str) -> Result<(), TokenRefusal> {
-        let Ok(mut throttle) = self.shared.throttle.lock() else {
-            return Err(TokenRefusal::LockedOut { retry_in_s: 1 });
-        };
-        let verdict = check_token(&mut throttle, self.peer.ip(), Instant::now(), || {
-            (self.shared.validator)(token)
-        });
-        let _span = self.span.enter();
-        match &verdict {
-            Ok(()) => {}
-            Err(TokenRefusal::LockedOut { retry_in_s }) => tracing::warn!(
-                retry_in_s,
-                "authentication during a lockout refused unchecked"
-            ),
-            Err(TokenRefusal::Refused {
-                reason,
-                failures,
-                lockout: Some(lockout),
-            }) => {
-                tracing::warn!(%reason, failures, lockout = %humantime::format_duration(*lockout), "authentication refused; address locked out")
-            }
-            Err(TokenRefusal::Refused {
-                reason, failures, ..
-            }) => tracing::warn!(%reason, failures, "authentication refused"),
-        }
-        verdict
-    }
-
-    fn accepted(
-        &mut self,
-        tunnel_id: Uuid,
-        cancel: CancellationToken,
-        scope: TokenScope,
-        ctx: &mut ws::WebsocketContext<Self>,
-    ) {
-        self.place = None;
-        self.span
-            .record("tunnel_id", tracing::field::display(tunnel_id));
-        self.core
-            .authenticated(tunnel_id, scope, Instant::now(), now_ms());
-        let (features, agent_window) = (self.core.features(), self.core.agent_window());
-        let settings = self.shared.config.stream_settings(agent_window);
-        self.span
-            .in_scope(|| tracing::info!(?features, "agent authenticated"));
-        self.tunnel = Some(Tunnel {
-            tunnel_id,
-            features,
-            cancel,
-            services: HashMap::new(),
-            streams: StreamHub::new(settings),
-            flows: HashMap::new(),
-            relays: Relays::default(),
-            agent_window,
-            counters: self.counters.clone(),
-            gate: ReadGate::new(self.shared.config.read_ahead),
-        });
-        self.execute(ctx);
-    }
-
-    /// Opens a stream for a visitor: its connection actor starts reading up
-    /// to the agent's window. The stream's id, and what the visitor had
-    /// already sent, if anything (to send right after `Connect`).
-    fn open_stream(
-        &mut self,
-        service_id: Uuid,
-        socket: tokio::net::TcpStream,
-        ctx: &mut ws::WebsocketContext<Self>,
-    ) -> Result<(Uuid, Option<StreamEvent>), &'static str> {
-        let max = self.shared.config.max_connections_per_service as u64;
-        let tunnel = self.tunnel.as_mut().ok_or("session not authenticated")?;
-        if !tunnel.features.contains(Features::STREAMS) {
-            return Err("legacy agent: no data plane");
-        }
-        let service = tunnel
-            .services
-            .get(&service_id)
-            .ok_or("service unregistered")?;
-        if service.counters.snapshot().connections_active >= max {
-            return Err("service is at its connection limit");
-        }
-        let id = Uuid::new_v4();
-        tunnel
-            .streams
-            .open(id)
-            .map_err(|_| "tunnel is at its stream limit")?;
-        let wiring = StreamWiring {
-            id,
-            channel: ctx.address().recipient(),
-            initial_credit: tunnel.agent_window,
-            counters: CounterSet::new(vec![service.counters.clone(), tunnel.counters.clone()]),
-            read_direction: Direction::In,
-            cancel: Some(tunnel.cancel.child_token()),
-            gate: tunnel.gate.clone(),
-            tuned: ACCEPTED_SOCKETS_TUNED,
-        };
-        let (addr, first) = ForwardedConnection::start_reading(socket, wiring);
-        tunnel.streams.attach(id, addr);
-        Ok((id, first))
-    }
-
-    fn flush(&mut self, mut outbox: Vec<Outbound>, ctx: &mut ws::WebsocketContext<Self>) {
-        for frame in outbox.drain(..) {
-            self.write(frame, ctx);
-        }
-        self.outbox = outbox;
-    }
-
-    /// Writes a message that may not have been buildable: a failure is a bug,
-    /// logged and counted, never dropped silently.
-    fn write_built(
-        &mut self,
-        built: Result<Message, BuildError>,
-        ctx: &mut ws::WebsocketContext<Self>,
-    ) {
-        match built {
-            Ok(message) => self.write(message, ctx),
-            Err(error) => {
-                self.counters.add_unsent();
-                self.span
-                    .in_scope(|| tracing::error!(%error, "frame not built; not sent"));
-            }
-        }
-    }
-
-    /// The one write path to the agent: one frame per WebSocket message,
-    /// never a type the agent did not announce (a bug: logged, counted).
-    fn write(&mut self, frame: impl Into<Outbound>, ctx: &mut ws::WebsocketContext<Self>) {
-        let frame = frame.into();
-        if let Err(refused) = frame.check(self.core.features()) {
-            self.counters.add_unsent();
-            return tracing::debug!(%refused, "not sent");
-        }
-        ctx.binary(frame.into_bytes());
-    }
-}
-
-/// The kind of a `Close` (it decides when a relayed stream is over).
-fn close_kind(message: &Message) -> Option<CloseKind> {
-    match message {
-        Message::Close { kind, .. } => Some(*kind),
-        _ => None,
     }
 }

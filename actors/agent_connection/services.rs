@@ -1,8 +1,35 @@
-//! The agent's registrations: asked in order, answered in order, published.
+//! The agent's registrations: asked once authenticated, in order, answered
+//! in order, published.
 
 use super::*;
 
 impl AgentConnection {
+    pub(super) fn authenticated(
+        &mut self,
+        tunnel_id: Uuid,
+        features: Features,
+        server_window: u32,
+    ) {
+        let settings = self.settings(server_window);
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        link.server_window = server_window;
+        link.queue.set_features(features);
+        link.streams = StreamHub::new(settings);
+        self.shared.view.connected(tunnel_id);
+        tracing::info!(%tunnel_id, ?features, "authenticated");
+        if !features.contains(Features::STREAMS) {
+            tracing::warn!("the server has no data plane (legacy): visitors cannot be forwarded");
+        }
+        if self.shared.config.services.is_empty() {
+            self.connected();
+        }
+        for service in self.shared.config.services.clone() {
+            self.register(service);
+        }
+    }
+
     /// Registers a service, asking for the port it had before when it was
     /// auto-assigned (the session sends it; `execute` writes it).
     pub(super) fn register(&mut self, service: ServiceConfig) {

@@ -1,0 +1,126 @@
+//! The life of a link: the WebSocket dialed (a refusal described by what the
+//! server's status means), a session started on it, and its end: for good (a
+//! refused token, a stop) or to reconnect after a backoff delay.
+
+use super::*;
+
+impl AgentConnection {
+    pub(super) fn connect(&mut self, ctx: &mut Context<Self>) {
+        let config = &self.shared.config;
+        let (url, timeout) = (config.server_url.clone(), config.connect_timeout);
+        let client = self.shared.client();
+        let dial = async move {
+            let request = client.ws(url).max_frame_size(MAX_MESSAGE_SIZE);
+            match tokio::time::timeout(timeout, request.connect()).await {
+                Ok(Ok((_, framed))) => Ok(framed),
+                Ok(Err(e)) => Err(describe_refusal(&e)),
+                Err(_) => Err("timed out".to_owned()),
+            }
+        };
+        ctx.spawn(dial.into_actor(self).map(|result, act, ctx| match result {
+            _ if act.finished => {}
+            Ok(framed) => act.linked(framed, ctx),
+            Err(error) if error.contains("certificate") => {
+                let hint = "give ca_cert (--ca-cert): the CA that signed it, or the server's own certificate";
+                tracing::error!(server = %act.shared.config.server_url, %error, hint, "the server's certificate is not trusted; not connecting");
+                act.drop_link(format!("the server's certificate is not trusted: {error}"), ctx);
+            }
+            Err(error) => {
+                tracing::warn!(server = %act.shared.config.server_url, %error, "cannot reach the server");
+                act.drop_link(format!("cannot reach the server: {error}"), ctx);
+            }
+        }));
+    }
+
+    fn linked(
+        &mut self,
+        framed: actix_codec::Framed<awc::BoxedSocket, ws::Codec>,
+        ctx: &mut Context<Self>,
+    ) {
+        let (sink, stream) = framed.split();
+        ctx.add_stream(stream);
+        let config = &self.shared.config;
+        let settings = config.session_settings(self.shared.client_id);
+        self.link = Some(Link {
+            generation: self.starts,
+            sink: Some(sink),
+            session: AgentSession::new(settings, Instant::now()),
+            timer: None,
+            queue: FrameQueue::new(Features::NONE),
+            write_scheduled: false,
+            server_window: DEFAULT_INITIAL_WINDOW,
+            streams: StreamHub::new(self.settings(DEFAULT_INITIAL_WINDOW)),
+            flows: FlowHub::new(config.udp_waiting),
+            cancel: CancellationToken::new(),
+            since: Instant::now(),
+            gate: ReadGate::new(config.read_ahead),
+        });
+        self.execute(ctx);
+    }
+
+    /// How the session ended: for good (a refused token), or to reconnect.
+    pub(super) fn link_ended(&mut self, error: LinkError, ctx: &mut Context<Self>) {
+        match &error {
+            LinkError::TokenRefused { reason } => {
+                tracing::error!(%reason, "the server refused the token; stopping");
+                return self.finish(Err(crate::TunnelError::auth(reason.clone())), ctx);
+            }
+            LinkError::AuthRefused { reason } => {
+                tracing::warn!(%reason, "authentication refused; retrying")
+            }
+            LinkError::Disconnected { reason } => {
+                tracing::info!(%reason, "server disconnected the agent")
+            }
+            LinkError::AuthTimeout => tracing::warn!("no answer to Auth in time; reconnecting"),
+            LinkError::HeartbeatTimeout => tracing::warn!(
+                "nothing heard from the server within the heartbeat timeout; reconnecting"
+            ),
+            LinkError::Protocol(violation) => {
+                tracing::warn!(%violation, "protocol error by the server; reconnecting")
+            }
+        }
+        self.drop_link(error.to_string(), ctx);
+    }
+
+    /// Ends this link for `error` (the status reports it); the supervisor
+    /// reconnects after a backoff delay.
+    pub(super) fn drop_link(&mut self, error: impl Into<String>, ctx: &mut Context<Self>) {
+        self.shared.view.link_failed(error);
+        ctx.stop();
+    }
+
+    pub(super) fn finish(&mut self, result: crate::Result<()>, ctx: &mut Context<Self>) {
+        self.finished = true;
+        self.shared.view.disconnected();
+        self.shared.view.set_state(match &result {
+            Ok(()) => TunnelState::Stopped,
+            Err(e) => TunnelState::Failed {
+                error: e.to_string(),
+            },
+        });
+        self.shared.done(AgentStopped(result));
+        ctx.stop();
+    }
+}
+
+/// What went wrong with a WebSocket upgrade, for the log and the status: a
+/// refusal says what the server's status means (awc's own text leaves the
+/// status out).
+fn describe_refusal(error: &awc::error::WsClientError) -> String {
+    use awc::error::WsClientError;
+    use awc::http::StatusCode;
+    match error {
+        WsClientError::InvalidResponseStatus(StatusCode::SERVICE_UNAVAILABLE) => {
+            "the server answered 503 Service Unavailable (busy: a zlayer-tunnel server says so \
+             when too many connections await authentication); retrying"
+                .to_owned()
+        }
+        WsClientError::InvalidResponseStatus(StatusCode::NOT_FOUND) => {
+            "the server has no tunnel endpoint at this URL's path (404)".to_owned()
+        }
+        WsClientError::InvalidResponseStatus(status) => {
+            format!("the server answered {status} instead of a WebSocket upgrade")
+        }
+        other => other.to_string(),
+    }
+}

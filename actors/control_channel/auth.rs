@@ -1,0 +1,108 @@
+//! The control channel's authentication: the token checked with its
+//! lockouts, the tunnel opened by the registry, the answer from the session.
+
+use super::*;
+
+impl ControlChannel {
+    pub(super) fn authenticate(
+        &mut self,
+        token: &str,
+        client_id: Uuid,
+        ctx: &mut ws::WebsocketContext<Self>,
+    ) {
+        if let Err(refusal) = self.check_token(token) {
+            self.core.refused(&refusal.to_string(), refusal.refusal());
+            return;
+        }
+        let scope = self.shared.scope(token);
+        let config = &self.shared.config;
+        let open = OpenTunnel {
+            token_hash: hash_token(token),
+            client_id,
+            peer: self.peer,
+            channel: ctx.address().recipient(),
+            relay: ctx.address().recipient(),
+            timeout: config.heartbeat_timeout + config.heartbeat_interval,
+            max_tunnels: config.max_tunnels,
+            counters: self.counters.clone(),
+        };
+        self.shared
+            .registry
+            .addr()
+            .send(open)
+            .into_actor(self)
+            .map(move |result, act, ctx| {
+                match result.map_err(crate::actors::Error::from).and_then(|r| r) {
+                    Ok((tunnel_id, cancel)) => act.accepted(tunnel_id, cancel, scope, ctx),
+                    Err(e) => {
+                        act.span.in_scope(|| {
+                            tracing::warn!(reason = %e, "authentication refused by the registry")
+                        });
+                        act.core.refused(&e.to_string(), AuthRefusal::Later);
+                        act.execute(ctx);
+                    }
+                }
+            })
+            .wait(ctx);
+    }
+
+    /// Checks a token (with the lockouts of failed attempts), logging a refusal.
+    fn check_token(&self, token: &str) -> Result<(), TokenRefusal> {
+        let Ok(mut throttle) = self.shared.throttle.lock() else {
+            return Err(TokenRefusal::LockedOut { retry_in_s: 1 });
+        };
+        let verdict = check_token(&mut throttle, self.peer.ip(), Instant::now(), || {
+            (self.shared.validator)(token)
+        });
+        let _span = self.span.enter();
+        match &verdict {
+            Ok(()) => {}
+            Err(TokenRefusal::LockedOut { retry_in_s }) => tracing::warn!(
+                retry_in_s,
+                "authentication during a lockout refused unchecked"
+            ),
+            Err(TokenRefusal::Refused {
+                reason,
+                failures,
+                lockout: Some(lockout),
+            }) => {
+                tracing::warn!(%reason, failures, lockout = %humantime::format_duration(*lockout), "authentication refused; address locked out")
+            }
+            Err(TokenRefusal::Refused {
+                reason, failures, ..
+            }) => tracing::warn!(%reason, failures, "authentication refused"),
+        }
+        verdict
+    }
+
+    fn accepted(
+        &mut self,
+        tunnel_id: Uuid,
+        cancel: CancellationToken,
+        scope: TokenScope,
+        ctx: &mut ws::WebsocketContext<Self>,
+    ) {
+        self.place = None;
+        self.span
+            .record("tunnel_id", tracing::field::display(tunnel_id));
+        self.core
+            .authenticated(tunnel_id, scope, Instant::now(), now_ms());
+        let (features, agent_window) = (self.core.features(), self.core.agent_window());
+        let settings = self.shared.config.stream_settings(agent_window);
+        self.span
+            .in_scope(|| tracing::info!(?features, "agent authenticated"));
+        self.tunnel = Some(Tunnel {
+            tunnel_id,
+            features,
+            cancel,
+            services: HashMap::new(),
+            streams: StreamHub::new(settings),
+            flows: HashMap::new(),
+            relays: Relays::default(),
+            agent_window,
+            counters: self.counters.clone(),
+            gate: ReadGate::new(self.shared.config.read_ahead),
+        });
+        self.execute(ctx);
+    }
+}
