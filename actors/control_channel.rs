@@ -22,10 +22,10 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::control_handler::{AuthPlace, ServerShared};
 use super::forwarded_connection::{ForwardedConnection, StreamEvent, StreamWiring};
+use super::handles::control_handler::{AuthPlace, ServerShared};
+use super::io::read_gate::ReadGate;
 use super::now_ms;
-use super::read_gate::ReadGate;
 use super::registry::{
     AllocatePort, CloseTunnel, FindService, FlowView, OpenTunnel, ReleasePort, ReportAlive,
     ServiceEntry, ServiceRegistered, TunnelClosed,

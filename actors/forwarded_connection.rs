@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::read_gate::ReadGate;
+use super::io::read_gate::ReadGate;
 use crate::accounting::{CounterSet, Direction};
 use crate::protocol::{DATA_FRAME_OVERHEAD, MAX_DATA_PAYLOAD, Message};
 

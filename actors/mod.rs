@@ -16,38 +16,28 @@
 //! * [`ControlHandler`]: mounts the control route in an actix-web `App`, or
 //!   serves a raw TCP connection (`handle_connection`).
 
-mod access_manager;
 mod access_session;
-mod admin;
 mod agent_connection;
-mod agent_view;
 mod control_channel;
-mod control_handler;
 mod flow_hub;
 mod forwarded_connection;
-mod frame_guard;
-mod local_dial;
-mod node_tunnels;
-mod read_gate;
+mod handles;
+mod io;
 pub mod registry;
 mod relay;
-mod runtime;
-mod serve;
 mod service_listener;
-mod signals;
 mod stream_hub;
-mod tunnel_agent;
 mod udp_flow;
 mod udp_listener;
 
-pub use access_manager::{AccessManager, StartedSession};
-pub use agent_view::{PublishedCallback, PublishedService};
-pub use control_handler::ControlHandler;
-pub use node_tunnels::NodeTunnelManager;
+pub use handles::access_manager::{AccessManager, StartedSession};
+pub use handles::agent_view::{PublishedCallback, PublishedService};
+pub use handles::control_handler::ControlHandler;
+pub use handles::node_tunnels::NodeTunnelManager;
+pub use handles::tunnel_agent::{ConnectionCallback, TunnelAgent};
+pub use io::serve::{ServeOptions, serve};
+pub use io::signals::shutdown_signal;
 pub use registry::{ServiceInfo, TunnelInfo, TunnelRegistry};
-pub use serve::{ServeOptions, serve};
-pub use signals::shutdown_signal;
-pub use tunnel_agent::{ConnectionCallback, TunnelAgent};
 
 use crate::ports::PortError;
 

@@ -16,9 +16,10 @@ use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::control_channel::ControlChannel;
-use super::frame_guard::FrameGuard;
-use super::registry::TunnelRegistry;
+use super::tunnel_registry::TunnelRegistry;
+use crate::actors::control_channel::ControlChannel;
+use crate::actors::io::frame_guard::FrameGuard;
+use crate::actors::io::runtime;
 use crate::admission::{PendingAuth, PendingRefused};
 use crate::auth::{TokenScope, TokenStore, TokenValidator};
 use crate::config::TunnelServerConfig;
@@ -197,7 +198,7 @@ impl ControlHandler {
         let std = stream.into_std()?;
         let shared = self.shared.clone();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        let spawned = super::runtime::arbiter().spawn_fn(move || {
+        let spawned = runtime::arbiter().spawn_fn(move || {
             actix::spawn(async move {
                 let _ = done_tx.send(serve_raw(shared, std, client_addr).await);
             });
