@@ -35,11 +35,10 @@ use super::service_listener::{
     ACCEPTED_SOCKETS_TUNED, ServiceListener, StopListener, VisitorArrived,
 };
 use super::stream_hub::StreamHub;
-use super::udp_listener::{
-    Budget, ForgetFlow, SendToVisitor, UdpEvent, UdpServiceListener, UdpWiring,
-};
+use super::udp_listener::{ForgetFlow, SendToVisitor, UdpEvent, UdpServiceListener, UdpWiring};
 use crate::accounting::{CounterSet, Counters, Direction};
 use crate::auth::{TokenScope, hash_token};
+use crate::budget::Budget;
 use crate::protocol::{AuthRefusal, CloseKind, Features, Message, ServiceProtocol, frame_feature};
 use crate::session::{
     CloseReason, ProtocolViolation, Registration, ServerAction, ServerSession, TokenRefusal,

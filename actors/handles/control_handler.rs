@@ -23,11 +23,9 @@ use crate::actors::io::runtime;
 use crate::admission::{PendingAuth, PendingRefused};
 use crate::auth::{TokenScope, TokenStore, TokenValidator};
 use crate::config::TunnelServerConfig;
+use crate::http_upgrade::{self, UpgradeError};
 use crate::protocol::MAX_MESSAGE_SIZE;
 use crate::{Result, TunnelError};
-
-/// Longest HTTP upgrade request accepted on a raw connection.
-const MAX_REQUEST_HEAD: usize = 8 * 1024;
 
 /// What every control channel of one server shares.
 pub(crate) struct ServerShared {
@@ -257,20 +255,12 @@ async fn serve_raw(
     let (head, rest) = tokio::time::timeout(deadline, read_head(&mut stream))
         .await
         .map_err(|_| TunnelError::Timeout)??;
-    let key = match parse_upgrade(&head, &shared.config.control_path) {
+    let key = match http_upgrade::check_upgrade(&head, &shared.config.control_path) {
         Ok(key) => key,
-        Err(status) => {
-            stream.write_all(status.as_bytes()).await?;
-            return Err(TunnelError::protocol(
-                "not a websocket upgrade for the control path",
-            ));
-        }
+        Err(refusal) => return refuse_request(stream, refusal).await,
     };
     let accept = actix_http::ws::hash_key(key.as_bytes());
-    let response = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-        String::from_utf8_lossy(&accept)
-    );
+    let response = http_upgrade::switching_protocols(&accept);
     stream.write_all(response.as_bytes()).await?;
     let (read, mut write) = stream.into_split();
     let incoming = futures::stream::iter((!rest.is_empty()).then(|| Ok(rest))).chain(
@@ -313,81 +303,36 @@ pub(crate) fn harden_control_socket(socket: &TcpStream, timeout: Duration) {
 async fn refuse_busy(mut stream: TcpStream, refused: PendingRefused) -> Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(1), read_head(&mut stream)).await;
     let reason = refused.to_string();
-    let response = format!(
-        "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reason}",
-        reason.len()
-    );
+    let response = http_upgrade::service_unavailable(&reason);
     stream.write_all(response.as_bytes()).await?;
     let _ = stream.shutdown().await;
     Err(TunnelError::protocol(reason))
+}
+
+/// Answers a request that is not an upgrade to the control path (`404` or
+/// `400`) and ends the connection.
+async fn refuse_request(mut stream: TcpStream, refusal: UpgradeError) -> Result<()> {
+    if let Some(response) = refusal.response() {
+        stream.write_all(response.as_bytes()).await?;
+    }
+    Err(TunnelError::protocol(
+        "not a websocket upgrade for the control path",
+    ))
 }
 
 /// Reads the HTTP request head; returns it and the bytes that followed it.
 async fn read_head(stream: &mut TcpStream) -> Result<(String, Bytes)> {
     let mut buf = BytesMut::with_capacity(1024);
     loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let rest = buf.split_off(end + 4).freeze();
+        let end = http_upgrade::head_end(&buf).map_err(|e| TunnelError::protocol(e.to_string()))?;
+        if let Some(end) = end {
+            let rest = buf.split_off(end).freeze();
             return Ok((String::from_utf8_lossy(&buf).into_owned(), rest));
-        }
-        if buf.len() >= MAX_REQUEST_HEAD {
-            return Err(TunnelError::protocol("http request head too large"));
         }
         if stream.read_buf(&mut buf).await? == 0 {
             return Err(TunnelError::connection_msg(
                 "connection closed during the upgrade",
             ));
         }
-    }
-}
-
-/// Checks a WebSocket upgrade request for `path`; returns its key, or the HTTP error to send.
-fn parse_upgrade(head: &str, path: &str) -> std::result::Result<String, &'static str> {
-    const NOT_FOUND: &str =
-        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
-    const BAD: &str = "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
-    let mut lines = head.split("\r\n");
-    let mut request = lines.next().unwrap_or_default().split(' ');
-    if request.next() != Some("GET") {
-        return Err(BAD);
-    }
-    let target = request.next().unwrap_or_default();
-    if target.split('?').next() != Some(path) {
-        return Err(NOT_FOUND);
-    }
-    let header = |name: &str| {
-        head.split("\r\n").skip(1).find_map(|line| {
-            let (k, v) = line.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_owned())
-        })
-    };
-    let upgrade = header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    match (upgrade, header("sec-websocket-key")) {
-        (true, Some(key)) if !key.is_empty() => Ok(key),
-        _ => Err(BAD),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn upgrade_requests_are_checked() {
-        let ok = "GET /tunnel/v1 HTTP/1.1\r\nHost: x\r\nUpgrade: WebSocket\r\nSec-WebSocket-Key: abc==\r\n";
-        assert_eq!(parse_upgrade(ok, "/tunnel/v1"), Ok("abc==".into()));
-        assert!(parse_upgrade(ok, "/other").unwrap_err().contains("404"));
-        assert!(
-            parse_upgrade("POST /tunnel/v1 HTTP/1.1\r\n", "/tunnel/v1")
-                .unwrap_err()
-                .contains("400")
-        );
-        assert!(
-            parse_upgrade("GET /tunnel/v1 HTTP/1.1\r\nHost: x\r\n", "/tunnel/v1")
-                .unwrap_err()
-                .contains("400")
-        );
     }
 }
