@@ -1,20 +1,59 @@
-//! The actix runtime: one actor per file, each thin. Actors receive a message,
-//! ask the sans-IO core (`src/`) what to do, and do the IO.
-//!
-//! Server side, as built so far:
+//! The actix runtime: actors that move bytes and messages and carry out what
+//! the sans-IO core (`src/`) decides. A file directly in this folder is one
+//! actor, named for it; an actor with several concerns keeps them in child
+//! modules in the folder of its name. Handles live in `handles/`, IO plumbing
+//! in `io/`; `tests/architecture.rs` checks all three.
 //!
 //! ```text
-//!  agent ──ws──▶ ControlChannel ──OpenTunnel/AllocatePort/ReportAlive──▶ Registry
-//!                     ▲                                                    │
-//!                     └──────────────── CloseTunnel (takeover, silence) ◀──┘
+//!  server                                             agent
+//!  Registry (on the runtime thread)                   TunnelAgent (handle)
+//!    ▲ OpenTunnel, AllocatePort, ReportAlive          │ Supervisor::start
+//!    │ ▼ CloseTunnel (takeover, silence)              ▼
+//!  ControlChannel ◀═══════════ WebSocket ══════════▶  AgentConnection
+//!    ▲          │ StreamHub                           │ StreamHub, FlowHub
+//!    │          ▼                                     ▼
+//!    │        ForwardedConnection ◀──── stream ────▶  ForwardedConnection, UdpFlow
+//!    │ VisitorArrived, UdpEvent
+//!  ServiceListener, UdpServiceListener (one per public port)
 //! ```
 //!
-//! * [`Registry`](registry) (one per server, on the library's runtime thread):
-//!   port pool, tunnels by token hash and client id, the liveness watchdog.
-//! * `ControlChannel` (one per agent WebSocket): authentication with a
-//!   deadline, registrations answered in order, heartbeats.
-//! * [`ControlHandler`]: mounts the control route in an actix-web `App`, or
-//!   serves a raw TCP connection (`handle_connection`).
+//! Actors, one per file:
+//!
+//! * [`Registry`](registry) (`registry.rs`; its ports and services in
+//!   `registry/`): one per server, on the library's runtime thread; the port
+//!   pool, tunnels by token hash and client id, the liveness watchdog.
+//! * `ControlChannel` (`control_channel.rs`, `control_channel/`): one per agent
+//!   WebSocket; carries out its `ServerSession`'s actions (authentication,
+//!   registrations answered in order, heartbeats), its streams, UDP side and
+//!   relayed access streams.
+//! * `ServiceListener` (`service_listener.rs`): one per public TCP port; hands
+//!   visitors to the channel.
+//! * `UdpServiceListener` (`udp_listener.rs`): one per public UDP port; its
+//!   flows, datagrams up as frames, replies out.
+//! * `ForwardedConnection` (`forwarded_connection.rs`; its read and write sides
+//!   in `forwarded_connection/`): one per forwarded TCP connection, both sides.
+//! * `AgentConnection` (`agent_connection.rs`, `agent_connection/`): the
+//!   agent's link, under an actix `Supervisor`; carries out its
+//!   `AgentSession`'s actions.
+//! * `UdpFlow` (`udp_flow.rs`): one per UDP flow on the agent.
+//! * `AccessSession` (`access_session.rs`): one per on-demand access session.
+//!
+//! Not actors, and not yet moved (they are reworked with their owners):
+//! `stream_hub.rs` (a tunnel side's `ForwardedConnection`s), `flow_hub.rs` (the
+//! agent link's UDP flows) and `relay.rs` (relayed access streams between two
+//! channels).
+//!
+//! Handles (`handles/`): [`ControlHandler`] (mounts the control route in an
+//! actix-web `App`, or serves a raw TCP connection) and the state its channels
+//! share, [`TunnelRegistry`], [`TunnelAgent`], [`NodeTunnelManager`],
+//! [`AccessManager`], and `AgentView` (an agent's session as reported).
+//!
+//! IO plumbing (`io/`): the library's runtime thread (`runtime.rs`),
+//! [`serve`] (`serve.rs`), the admin endpoints (`admin.rs`),
+//! [`shutdown_signal`] (`signals.rs`), a control connection on a raw socket
+//! (`raw_connection.rs`), the WebSocket frame guard (`frame_guard.rs`), the
+//! read gate (`read_gate.rs`), the local dial (`local_dial.rs`) and socket
+//! options (`socket_options.rs`).
 
 mod access_session;
 mod agent_connection;

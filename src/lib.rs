@@ -16,7 +16,8 @@
 //!   reads no clock and draws no random number: callers pass `now` and random
 //!   values in, so every rule is unit-tested with fabricated inputs.
 //! * `actors/` is the **runtime** ([`actors`]): actix actors that move bytes
-//!   and carry out the core's decisions, one actor per file.
+//!   and carry out the core's decisions, one actor per file; the handles a
+//!   host holds in `actors/handles/`, IO plumbing in `actors/io/`.
 //!
 //! The normative wire format, including the negotiated data-plane extension,
 //! is `docs/PROTOCOL.md`.
