@@ -20,13 +20,12 @@ use futures::{SinkExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::agent_view::{PublishedService, public_addr};
-use super::flow_hub::FlowHub;
 use super::forwarded_connection::{ForwardedConnection, StreamEvent, StreamWiring};
-use super::local_dial::{self, Dialing};
-use super::read_gate::ReadGate;
-use super::stream_hub::StreamHub;
-use super::tunnel_agent::{AgentShared, AgentStopped};
+use super::handles::agent_view::{PublishedService, public_addr};
+use super::handles::tunnel_agent::{AgentShared, AgentStopped};
+use super::io::local_dial::{self, Dialing};
+use super::io::read_gate::ReadGate;
+use super::io::stream_hub::StreamHub;
 use super::udp_flow::{FlowEvent, FlowWiring, UdpFlow};
 use crate::accounting::{CounterSet, Direction};
 use crate::backoff::Backoff;
@@ -41,11 +40,14 @@ use crate::session::{AgentAction, AgentSession, LinkError};
 use crate::status::TunnelState;
 
 mod access;
+mod flow_hub;
 mod link;
 mod services;
 mod streams;
 mod udp;
 mod writer;
+
+use flow_hub::FlowHub;
 
 pub(crate) use access::OpenStream;
 

@@ -22,24 +22,22 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::control_handler::{AuthPlace, ServerShared};
 use super::forwarded_connection::{ForwardedConnection, StreamEvent, StreamWiring};
+use super::handles::control_handler::{AuthPlace, ServerShared};
+use super::io::read_gate::ReadGate;
+use super::io::stream_hub::StreamHub;
 use super::now_ms;
-use super::read_gate::ReadGate;
 use super::registry::{
     AllocatePort, CloseTunnel, FindService, FlowView, OpenTunnel, ReleasePort, ReportAlive,
     ServiceEntry, ServiceRegistered, TunnelClosed,
 };
-use super::relay::{Relay, Relays};
 use super::service_listener::{
     ACCEPTED_SOCKETS_TUNED, ServiceListener, StopListener, VisitorArrived,
 };
-use super::stream_hub::StreamHub;
-use super::udp_listener::{
-    Budget, ForgetFlow, SendToVisitor, UdpEvent, UdpServiceListener, UdpWiring,
-};
+use super::udp_listener::{ForgetFlow, SendToVisitor, UdpEvent, UdpServiceListener, UdpWiring};
 use crate::accounting::{CounterSet, Counters, Direction};
 use crate::auth::{TokenScope, hash_token};
+use crate::budget::Budget;
 use crate::connections::{ConnectionAction, ConnectionKind};
 use crate::outbound::Outbound;
 use crate::protocol::{
@@ -52,10 +50,14 @@ use crate::session::{
 
 mod access;
 mod auth;
+mod relay;
 mod services;
 mod streams;
 mod udp;
 mod writer;
+
+pub(crate) use relay::Relay;
+use relay::Relays;
 
 /// A registered service of this tunnel.
 struct Service {

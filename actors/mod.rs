@@ -1,53 +1,77 @@
-//! The actix runtime: one actor per file, each thin. Actors receive a message,
-//! ask the sans-IO core (`src/`) what to do, and do the IO.
-//!
-//! Server side, as built so far:
+//! The actix runtime: actors that move bytes and messages and carry out what
+//! the sans-IO core (`src/`) decides. A file directly in this folder is one
+//! actor, named for it; an actor with several concerns keeps them in child
+//! modules in the folder of its name. Handles live in `handles/`, IO plumbing
+//! in `io/`; `tests/architecture.rs` checks all three.
 //!
 //! ```text
-//!  agent ──ws──▶ ControlChannel ──OpenTunnel/AllocatePort/ReportAlive──▶ Registry
-//!                     ▲                                                    │
-//!                     └──────────────── CloseTunnel (takeover, silence) ◀──┘
+//!  server                                             agent
+//!  Registry (on the runtime thread)                   TunnelAgent (handle)
+//!    ▲ OpenTunnel, AllocatePort, ReportAlive          │ Supervisor::start
+//!    │ ▼ CloseTunnel (takeover, silence)              ▼
+//!  ControlChannel ◀═══════════ WebSocket ══════════▶  AgentConnection
+//!    ▲          │ StreamHub                           │ StreamHub, FlowHub
+//!    │          ▼                                     ▼
+//!    │        ForwardedConnection ◀──── stream ────▶  ForwardedConnection, UdpFlow
+//!    │ VisitorArrived, UdpEvent
+//!  ServiceListener, UdpServiceListener (one per public port)
 //! ```
 //!
-//! * [`Registry`](registry) (one per server, on the library's runtime thread):
-//!   port pool, tunnels by token hash and client id, the liveness watchdog.
-//! * `ControlChannel` (one per agent WebSocket): authentication with a
-//!   deadline, registrations answered in order, heartbeats.
-//! * [`ControlHandler`]: mounts the control route in an actix-web `App`, or
-//!   serves a raw TCP connection (`handle_connection`).
+//! Actors, one per file:
+//!
+//! * [`Registry`](registry) (`registry.rs`; its ports and services in
+//!   `registry/`): one per server, on the library's runtime thread; the port
+//!   pool, tunnels by token hash and client id, the liveness watchdog.
+//! * `ControlChannel` (`control_channel.rs`, `control_channel/`): one per agent
+//!   WebSocket; carries out its `ServerSession`'s actions (authentication,
+//!   registrations answered in order, heartbeats), its streams, UDP side and
+//!   relayed access streams (`relay.rs`: the `Relay` message between two
+//!   channels and the other ends' recipients); one write path (`writer.rs`).
+//! * `ServiceListener` (`service_listener.rs`): one per public TCP port; hands
+//!   visitors to the channel.
+//! * `UdpServiceListener` (`udp_listener.rs`): one per public UDP port; its
+//!   flows, datagrams up as frames, replies out.
+//! * `ForwardedConnection` (`forwarded_connection.rs`; its read and write sides
+//!   in `forwarded_connection/`): one per forwarded TCP connection, both sides.
+//! * `AgentConnection` (`agent_connection.rs`, `agent_connection/`): the
+//!   agent's link, under an actix `Supervisor`; carries out its
+//!   `AgentSession`'s actions; its UDP flows' sockets and waiting datagrams
+//!   (`flow_hub.rs`); one write path (`writer.rs`, a `FrameQueue`).
+//! * `UdpFlow` (`udp_flow.rs`): one per UDP flow on the agent.
+//! * `AccessSession` (`access_session.rs`): one per on-demand access session.
+//!
+//! Handles (`handles/`): [`ControlHandler`] (mounts the control route in an
+//! actix-web `App`, or serves a raw TCP connection) and the state its channels
+//! share, [`TunnelRegistry`], [`TunnelAgent`], [`NodeTunnelManager`],
+//! [`AccessManager`], and `AgentView` (an agent's session as reported).
+//!
+//! IO plumbing (`io/`): the library's runtime thread (`runtime.rs`),
+//! [`serve`] (`serve.rs`), the admin endpoints (`admin.rs`),
+//! [`shutdown_signal`] (`signals.rs`), a control connection on a raw socket
+//! (`raw_connection.rs`), the WebSocket frame guard (`frame_guard.rs`), the
+//! read gate (`read_gate.rs`), the local dial (`local_dial.rs`), socket
+//! options (`socket_options.rs`) and the stream hub (`stream_hub.rs`: a tunnel
+//! side's connection table joined to its `ForwardedConnection`s).
 
-mod access_manager;
 mod access_session;
-mod admin;
 mod agent_connection;
-mod agent_view;
 mod control_channel;
-mod control_handler;
-mod flow_hub;
 mod forwarded_connection;
-mod frame_guard;
-mod local_dial;
-mod node_tunnels;
-mod read_gate;
+mod handles;
+mod io;
 pub mod registry;
-mod relay;
-mod runtime;
-mod serve;
 mod service_listener;
-mod signals;
-mod stream_hub;
-mod tunnel_agent;
 mod udp_flow;
 mod udp_listener;
 
-pub use access_manager::{AccessManager, StartedSession};
-pub use agent_view::{PublishedCallback, PublishedService};
-pub use control_handler::ControlHandler;
-pub use node_tunnels::NodeTunnelManager;
+pub use handles::access_manager::{AccessManager, StartedSession};
+pub use handles::agent_view::{PublishedCallback, PublishedService};
+pub use handles::control_handler::ControlHandler;
+pub use handles::node_tunnels::NodeTunnelManager;
+pub use handles::tunnel_agent::{ConnectionCallback, TunnelAgent};
+pub use io::serve::{ServeOptions, serve};
+pub use io::signals::shutdown_signal;
 pub use registry::{ServiceInfo, TunnelInfo, TunnelRegistry};
-pub use serve::{ServeOptions, serve};
-pub use signals::shutdown_signal;
-pub use tunnel_agent::{ConnectionCallback, TunnelAgent};
 
 use crate::ports::PortError;
 

@@ -1,13 +1,16 @@
 //! `Registry`: one per server. Owns the port pool, the tunnels (by token hash
 //! and client id, for takeover), and their liveness watchdog.
 //!
-//! Receives `OpenTunnel`, `AllocatePort`, `ReleasePort`, `ReportAlive`,
-//! `TunnelClosed`, `ListTunnels`; sends `CloseTunnel` to a control channel
-//! that is taken over or has gone silent. Lives on the library's runtime
-//! thread; [`TunnelRegistry`] is the public handle to it.
+//! Receives `OpenTunnel`, `ReportAlive`, `TunnelClosed`, `ListTunnels` and
+//! `CloseAll`; ports (`AllocatePort`, `ReleasePort`, `CountFreePorts`) in
+//! `registry/ports.rs`, services (`ServiceRegistered`, `FindService`) in
+//! `registry/services.rs`. Sends `CloseTunnel` to a control channel that is
+//! taken over or has gone silent. Lives on the library's runtime thread;
+//! [`TunnelRegistry`] is the public handle to it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use actix::prelude::*;
@@ -15,13 +18,21 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::Error;
-use super::relay::Relay;
-use crate::accounting::{Counters, GuardCounters, GuardSnapshot, Snapshot};
+use super::control_channel::Relay;
+use crate::accounting::{Counters, Snapshot};
 use crate::liveness::Liveness;
 use crate::ports::{PortError, PortPool};
 use crate::protocol::ServiceProtocol;
 pub use crate::status::{ServiceInfo, TunnelInfo};
-use std::sync::Arc;
+pub(crate) use ports::{AllocatePort, CountFreePorts, ReleasePort};
+pub(crate) use services::{FindService, FlowView, ServiceEntry, ServiceRegistered};
+
+/// The public handle, in `actors/handles/`; re-exported here so that
+/// `actors::registry::TunnelRegistry` still names it.
+pub use super::handles::tunnel_registry::TunnelRegistry;
+
+mod ports;
+mod services;
 
 /// Asks a control channel to end its session (takeover, silence, shutdown).
 #[derive(Message, Debug, Clone)]
@@ -45,47 +56,6 @@ pub(crate) struct OpenTunnel {
     pub(crate) timeout: Duration,
     pub(crate) max_tunnels: usize,
     pub(crate) counters: Arc<Counters>,
-}
-
-/// A service went live on its public port (for status and metrics).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub(crate) struct ServiceRegistered {
-    pub(crate) tunnel_id: Uuid,
-    pub(crate) service: ServiceEntry,
-    pub(crate) counters: Arc<Counters>,
-    /// UDP: the flows' traffic, as the listener last published it.
-    pub(crate) flows: Option<FlowView>,
-}
-
-/// A UDP listener's flows, published for status pages.
-pub(crate) type FlowView = Arc<std::sync::Mutex<Vec<crate::udp::FlowInfo>>>;
-
-/// A registered service, as the registry keeps it.
-#[derive(Debug, Clone)]
-pub(crate) struct ServiceEntry {
-    pub(crate) id: Uuid,
-    pub(crate) name: String,
-    pub(crate) protocol: ServiceProtocol,
-    pub(crate) port: u16,
-}
-
-/// Allocates a public port for a tunnel's service.
-#[derive(Message)]
-#[rtype(result = "Result<u16, Error>")]
-pub(crate) struct AllocatePort {
-    pub(crate) tunnel_id: Uuid,
-    pub(crate) requested: u16,
-    /// The ports the tunnel's token may use (`None`: any in the range).
-    pub(crate) allowed: Option<Vec<(u16, u16)>>,
-}
-
-/// Returns a port (service unregistered).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub(crate) struct ReleasePort {
-    pub(crate) tunnel_id: Uuid,
-    pub(crate) port: u16,
 }
 
 /// A control channel's periodic proof of life (it may freeze; see ACTIX-NOTES).
@@ -113,18 +83,6 @@ pub(crate) struct ListTunnels;
 pub(crate) struct CloseAll {
     pub(crate) reason: String,
 }
-
-/// The channel of the tunnel that registered TCP service `name` (for `Open`).
-#[derive(Message)]
-#[rtype(result = "Option<Recipient<Relay>>")]
-pub(crate) struct FindService {
-    pub(crate) name: String,
-}
-
-/// Counts the free ports.
-#[derive(Message)]
-#[rtype(result = "usize")]
-pub(crate) struct CountFreePorts;
 
 struct TunnelEntry {
     info: TunnelInfo,
@@ -197,38 +155,6 @@ impl Handler<OpenTunnel> for Registry {
     }
 }
 
-impl Handler<AllocatePort> for Registry {
-    type Result = Result<u16, Error>;
-
-    fn handle(&mut self, msg: AllocatePort, _: &mut Self::Context) -> Self::Result {
-        let entry = self
-            .tunnels
-            .get_mut(&msg.tunnel_id)
-            .ok_or(Error::UnknownTunnel)?;
-        let pool = self.ports.as_mut().map_err(|e| Error::Port(e.clone()))?;
-        let port = match &msg.allowed {
-            Some(allowed) => pool.allocate_within(msg.requested, allowed)?,
-            None => pool.allocate(msg.requested)?,
-        };
-        entry.info.ports.push(port);
-        Ok(port)
-    }
-}
-
-impl Handler<ReleasePort> for Registry {
-    type Result = ();
-
-    fn handle(&mut self, msg: ReleasePort, _: &mut Self::Context) {
-        if let Some(entry) = self.tunnels.get_mut(&msg.tunnel_id) {
-            entry.info.ports.retain(|p| *p != msg.port);
-            entry.services.retain(|(s, _, _)| s.port != msg.port);
-            if let Ok(pool) = self.ports.as_mut() {
-                pool.release(msg.port);
-            }
-        }
-    }
-}
-
 impl Handler<ReportAlive> for Registry {
     type Result = ();
 
@@ -255,55 +181,6 @@ impl Handler<ListTunnels> for Registry {
     }
 }
 
-impl Handler<ServiceRegistered> for Registry {
-    type Result = ();
-
-    fn handle(&mut self, msg: ServiceRegistered, _: &mut Self::Context) {
-        if let Some(entry) = self.tunnels.get_mut(&msg.tunnel_id) {
-            entry.services.push((msg.service, msg.counters, msg.flows));
-        }
-    }
-}
-
-impl Handler<FindService> for Registry {
-    type Result = Option<Recipient<Relay>>;
-
-    fn handle(&mut self, msg: FindService, _: &mut Self::Context) -> Self::Result {
-        let mut tunnels = self.tunnels.values();
-        let found = tunnels.find(|t| {
-            t.services
-                .iter()
-                .any(|(s, _, _)| s.name == msg.name && s.protocol == ServiceProtocol::Tcp)
-        })?;
-        Some(found.relay.clone())
-    }
-}
-
-impl TunnelEntry {
-    /// The tunnel's info with live readings of its counters.
-    fn status(&self) -> TunnelInfo {
-        let services = self
-            .services
-            .iter()
-            .map(|(s, counters, flows)| ServiceInfo {
-                id: s.id,
-                name: s.name.clone(),
-                protocol: s.protocol,
-                port: s.port,
-                stats: counters.snapshot(),
-                flows: flows
-                    .as_ref()
-                    .and_then(|f| f.lock().ok().map(|f| f.clone()))
-                    .unwrap_or_default(),
-            });
-        TunnelInfo {
-            services: services.collect(),
-            stats: self.counters.snapshot(),
-            ..self.info.clone()
-        }
-    }
-}
-
 impl Handler<CloseAll> for Registry {
     type Result = usize;
 
@@ -314,16 +191,9 @@ impl Handler<CloseAll> for Registry {
     }
 }
 
-impl Handler<CountFreePorts> for Registry {
-    type Result = usize;
-
-    fn handle(&mut self, _: CountFreePorts, _: &mut Self::Context) -> usize {
-        self.ports.as_ref().map_or(0, PortPool::available)
-    }
-}
-
 impl Registry {
-    fn new(range: (u16, u16)) -> Self {
+    /// A registry of the ports in `range`; [`TunnelRegistry::new`] starts it.
+    pub(crate) fn new(range: (u16, u16)) -> Self {
         Self {
             ports: PortPool::new(range),
             tunnels: HashMap::new(),
@@ -366,76 +236,5 @@ impl Registry {
         }
         tracing::info!(tunnel_id = %id, ports = ?entry.info.ports, "tunnel closed, ports released");
         Some(entry)
-    }
-}
-
-/// The server's registry of tunnels and public ports (the seed's type): a
-/// handle to the registry actor, which runs on the library's runtime thread.
-#[derive(Debug, Clone)]
-pub struct TunnelRegistry {
-    addr: Addr<Registry>,
-    range: (u16, u16),
-    guards: Arc<GuardCounters>,
-}
-
-impl TunnelRegistry {
-    /// A registry handing out public ports from `range` (inclusive). An
-    /// invalid range refuses every registration with a clear error.
-    pub fn new(range: (u16, u16)) -> Self {
-        let addr =
-            Registry::start_in_arbiter(super::runtime::arbiter(), move |_| Registry::new(range));
-        Self {
-            addr,
-            range,
-            guards: Arc::default(),
-        }
-    }
-
-    /// Connections awaiting authentication, and what the admission limits
-    /// turned away (connections refused, public ports that paused accepting).
-    pub fn guards(&self) -> GuardSnapshot {
-        self.guards.snapshot()
-    }
-
-    /// The admission counters, for the handler and listeners to count into.
-    pub(crate) fn guard_counters(&self) -> &Arc<GuardCounters> {
-        &self.guards
-    }
-
-    /// The port range.
-    pub fn port_range(&self) -> (u16, u16) {
-        self.range
-    }
-
-    /// The connected tunnels.
-    pub async fn list_tunnels(&self) -> Vec<TunnelInfo> {
-        self.addr.send(ListTunnels).await.unwrap_or_default()
-    }
-
-    /// Number of connected tunnels.
-    pub async fn tunnel_count(&self) -> usize {
-        self.list_tunnels().await.len()
-    }
-
-    /// Tells every agent the server is going away (`Disconnect { reason }`),
-    /// closes their sessions and frees their ports; answers how many there were.
-    pub async fn close_all(&self, reason: &str) -> usize {
-        let reason = reason.to_owned();
-        self.addr.send(CloseAll { reason }).await.unwrap_or(0)
-    }
-
-    /// Number of free public ports.
-    pub async fn available_ports(&self) -> usize {
-        self.addr.send(CountFreePorts).await.unwrap_or(0)
-    }
-
-    pub(crate) fn addr(&self) -> &Addr<Registry> {
-        &self.addr
-    }
-}
-
-impl Default for TunnelRegistry {
-    fn default() -> Self {
-        Self::new((30000, 31000))
     }
 }

@@ -20,6 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::io::socket_options::limit_unsent;
 use crate::accounting::GuardCounters;
 
 /// Accepted sockets inherit `TCP_NODELAY` and `TCP_NOTSENT_LOWAT` from their
@@ -116,7 +117,7 @@ impl ServiceListener {
         socket.set_reuseaddr(true)?;
         if ACCEPTED_SOCKETS_TUNED {
             socket.set_nodelay(true)?;
-            super::forwarded_connection::limit_unsent(&socket)?;
+            limit_unsent(&socket)?;
         }
         socket.bind(addr)?;
         socket.listen(1024)

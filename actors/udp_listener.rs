@@ -8,7 +8,6 @@
 //! the channel's byte budget, a full socket) is dropped and counted. Idle
 //! flows expire. Stops with its tunnel or on `StopListener`.
 
-use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -25,43 +24,9 @@ use uuid::Uuid;
 use super::registry::FlowView;
 use super::service_listener::StopListener;
 use crate::accounting::{Counters, Direction};
+use crate::budget::Budget;
 use crate::protocol::Message;
 use crate::udp::{FlowLimits, FlowTable, Verdict};
-
-/// Bytes of datagrams on their way between a UDP listener and its control
-/// channel (both on one thread), against the server's `udp_in_flight`. Over
-/// it, datagrams are dropped: a control channel frozen by a slow agent
-/// WebSocket cannot make them pile up.
-#[derive(Debug, Clone)]
-pub(crate) struct Budget {
-    used: Rc<Cell<usize>>,
-    limit: usize,
-}
-
-impl Budget {
-    /// A budget of `limit` bytes.
-    pub(crate) fn new(limit: usize) -> Self {
-        Self {
-            used: Rc::default(),
-            limit,
-        }
-    }
-
-    /// Takes `n` bytes if they fit.
-    pub(crate) fn take(&self, n: usize) -> bool {
-        let used = self.used.get();
-        if used + n > self.limit {
-            return false;
-        }
-        self.used.set(used + n);
-        true
-    }
-
-    /// Gives `n` bytes back.
-    pub(crate) fn give(&self, n: usize) {
-        self.used.set(self.used.get().saturating_sub(n));
-    }
-}
 
 /// What a UDP listener tells its control channel.
 #[derive(Message, Debug)]
@@ -114,7 +79,11 @@ pub(crate) struct UdpWiring {
     pub(crate) port: u16,
     pub(crate) limits: FlowLimits,
     pub(crate) channel: Recipient<UdpEvent>,
-    /// Shared with the channel, which gives back what it wrote.
+    /// Bytes of datagrams on their way between this listener and its control
+    /// channel (both on one thread), against the server's `udp_in_flight`.
+    /// Over it, datagrams are dropped: a control channel frozen by a slow
+    /// agent WebSocket cannot make them pile up. Shared with the channel,
+    /// which gives back what it wrote.
     pub(crate) budget: Budget,
     pub(crate) counters: Arc<Counters>,
     /// Where the flows' traffic is published for status pages.

@@ -16,7 +16,8 @@
 //!   reads no clock and draws no random number: callers pass `now` and random
 //!   values in, so every rule is unit-tested with fabricated inputs.
 //! * `actors/` is the **runtime** ([`actors`]): actix actors that move bytes
-//!   and carry out the core's decisions, one actor per file.
+//!   and carry out the core's decisions, one actor per file; the handles a
+//!   host holds in `actors/handles/`, IO plumbing in `actors/io/`.
 //!
 //! The normative wire format, including the negotiated data-plane extension,
 //! is `docs/PROTOCOL.md`.
@@ -31,11 +32,13 @@ pub mod accounting;
 pub mod admission;
 pub mod auth;
 pub mod backoff;
+mod budget;
 pub mod config;
 pub mod connections;
 mod error;
 pub mod fair;
 pub mod flow;
+mod http_upgrade;
 pub mod liveness;
 pub mod node;
 pub mod outbound;

@@ -8,6 +8,12 @@
 //! out, `use` trees are expanded into whole paths (`use tokio::{io, net}` is
 //! `tokio::io` and `tokio::net`) and every path in code is read with its `::`
 //! and spacing normalised, so grouped imports and line breaks hide nothing.
+//!
+//! The runtime's layout is checked too: every file directly in `actors/` is
+//! one actor (`impl Actor for`, in the file or in the child modules of its
+//! folder), handles live in `actors/handles/` and IO plumbing in
+//! `actors/io/`, neither holding an actor, and no file in `actors/` runs over
+//! 350 lines. Each rule's exceptions are listed, with why, beside it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -462,4 +468,231 @@ fn actors_are_mounted_from_lib() {
     let lib =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/lib.rs")).unwrap();
     assert!(lib.contains("#[path = \"../actors/mod.rs\"]"));
+}
+
+// ---------------------------------------------------------------------------
+// The runtime's layout: a file directly in `actors/` is an actor; handles and
+// IO plumbing live in folders named for what they are; files stay small.
+// ---------------------------------------------------------------------------
+
+/// Folders of `actors/` that hold no actor: the types a host holds and the
+/// state they share with their actors, and the IO plumbing.
+const NON_ACTOR_FOLDERS: &[&str] = &["handles", "io"];
+
+/// Files directly in `actors/` that hold no actor (none: a helper lives in
+/// its owner's folder or in `actors/io/`).
+const NOT_ACTORS_YET: &[&str] = &[];
+
+/// The longest a file under `actors/` may be.
+const MAX_ACTOR_FILE_LINES: usize = 350;
+
+/// Files over [`MAX_ACTOR_FILE_LINES`] allowed for now (none).
+const LONG_FILES_BEING_SHRUNK: &[&str] = &[];
+
+/// The types given an `impl Actor for` in a file's code (test modules
+/// skipped), with their lines: `impl Actor for T`, `impl<A> actix::Actor for
+/// T<A>`, whatever the spacing; other traits ending in `Actor` do not count.
+fn actor_impls(text: &str) -> Vec<(usize, String)> {
+    let tokens = without_test_modules(tokenize(&blank_literals(text)));
+    let is = |k: usize, s: &str| tokens.get(k).is_some_and(|t| t.text == s);
+    let mut found = Vec::new();
+    for i in (0..tokens.len()).filter(|&i| is(i, "impl")) {
+        let k = generics_end(&tokens, i + 1);
+        if !tokens.get(k).is_some_and(is_word) {
+            continue;
+        }
+        let (path, end) = path_at(&tokens, k);
+        if path.last().is_some_and(|p| p == "Actor")
+            && is(end, "for")
+            && let Some(ty) = tokens.get(end + 1)
+        {
+            found.push((ty.line, ty.text.clone()));
+        }
+    }
+    found
+}
+
+/// Just past the `<...>` generics starting at `k` (the `>` of a `->` inside
+/// them does not close them), or `k` if none start there.
+fn generics_end(tokens: &[Token], k: usize) -> usize {
+    if tokens.get(k).is_none_or(|t| t.text != "<") {
+        return k;
+    }
+    let mut depth = 0usize;
+    for j in k..tokens.len() {
+        match tokens[j].text.as_str() {
+            "<" => depth += 1,
+            ">" if j > 0 && tokens[j - 1].text == "-" => {}
+            ">" => {
+                depth -= 1;
+                if depth == 0 {
+                    return j + 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    tokens.len()
+}
+
+/// `file` relative to the crate, for messages.
+fn shown(file: &Path) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    file.strip_prefix(root)
+        .unwrap_or(file)
+        .display()
+        .to_string()
+}
+
+/// The actor impls of each file, with the file's path.
+fn actor_impls_in(files: &[PathBuf]) -> Vec<(String, usize, String)> {
+    files
+        .iter()
+        .flat_map(|file| {
+            let text = std::fs::read_to_string(file).unwrap();
+            actor_impls(&text)
+                .into_iter()
+                .map(|(line, ty)| (shown(file), line, ty))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn a_file_directly_in_actors_is_one_actor() {
+    let actors = Path::new(env!("CARGO_MANIFEST_DIR")).join("actors");
+    let mut report = Vec::new();
+    let mut checked = 0;
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(&actors)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    entries.sort();
+    for path in entries {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if path.is_dir() {
+            let owner = actors.join(format!("{name}.rs"));
+            if !NON_ACTOR_FOLDERS.contains(&name.as_str()) && !owner.is_file() {
+                report.push(format!(
+                    "{}/: a folder neither named for an actor file (actors/{name}.rs) nor one of {NON_ACTOR_FOLDERS:?}",
+                    shown(&path)
+                ));
+            }
+            continue;
+        }
+        if path.extension().is_none_or(|e| e != "rs") || name == "mod.rs" {
+            continue;
+        }
+        let mut files = vec![path.clone()];
+        let children = path.with_extension("");
+        if children.is_dir() {
+            rust_files(&children, &mut files);
+        }
+        let impls = actor_impls_in(&files);
+        if NOT_ACTORS_YET.contains(&name.as_str()) {
+            if !impls.is_empty() {
+                report.push(format!(
+                    "{}: holds an actor now; take it off NOT_ACTORS_YET",
+                    shown(&path)
+                ));
+            }
+            continue;
+        }
+        checked += 1;
+        match impls.len() {
+            1 => {}
+            0 => report.push(format!(
+                "{}: no `impl Actor for`; a handle goes to actors/handles/, IO plumbing to actors/io/, pure code to src/",
+                shown(&path)
+            )),
+            _ => report.push(format!(
+                "{}: {} actors ({}); one actor per file",
+                shown(&path),
+                impls.len(),
+                impls
+                    .iter()
+                    .map(|(file, line, ty)| format!("{ty} at {file}:{line}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
+    assert!(checked >= 8, "found only {checked} actor files in actors/");
+    assert!(
+        report.is_empty(),
+        "every .rs file directly in actors/ (but mod.rs) is exactly one actor, with its child modules in the folder of its name:\n{}",
+        report.join("\n")
+    );
+}
+
+#[test]
+fn handles_and_io_hold_no_actor() {
+    let actors = Path::new(env!("CARGO_MANIFEST_DIR")).join("actors");
+    let mut report = Vec::new();
+    for folder in NON_ACTOR_FOLDERS {
+        let dir = actors.join(folder);
+        let module = std::fs::read_to_string(dir.join("mod.rs")).unwrap_or_default();
+        if !module.starts_with("//!") {
+            report.push(format!(
+                "actors/{folder}/mod.rs: missing, or without a `//!` doc saying what lives there"
+            ));
+        }
+        let mut files = Vec::new();
+        rust_files(&dir, &mut files);
+        for (file, line, ty) in actor_impls_in(&files) {
+            report.push(format!(
+                "{file}:{line}: `impl Actor for {ty}`; an actor is a file directly in actors/"
+            ));
+        }
+    }
+    assert!(
+        report.is_empty(),
+        "actors/handles/ and actors/io/ hold handles and plumbing, not actors:\n{}",
+        report.join("\n")
+    );
+}
+
+#[test]
+fn files_in_actors_stay_small() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    rust_files(&root.join("actors"), &mut files);
+    files.sort();
+    let long: Vec<String> = files
+        .iter()
+        .filter(|file| !LONG_FILES_BEING_SHRUNK.iter().any(|f| file.ends_with(f)))
+        .filter_map(|file| {
+            let lines = std::fs::read_to_string(file).unwrap().lines().count();
+            (lines > MAX_ACTOR_FILE_LINES).then(|| format!("{}: {lines} lines", shown(file)))
+        })
+        .collect();
+    assert!(
+        long.is_empty(),
+        "files in actors/ over {MAX_ACTOR_FILE_LINES} lines; split them by concern into child modules (actors/<actor>/<concern>.rs) or move pure parts to src/:\n{}",
+        long.join("\n")
+    );
+}
+
+#[test]
+fn the_actor_scan_reads_impls() {
+    let planted = "\
+impl Actor for Registry {
+    type Context = Context<Self>;
+}
+impl<S: Stream<Item = u8>, F: Fn() -> u8> actix::Actor
+    for Pump<S, F> {}
+impl Handler<OpenTunnel> for Registry {}
+impl ActorFactory for Maker {}
+// impl Actor for Commented {}
+const S: &str = \"impl Actor for Quoted\";
+#[cfg(test)]
+mod tests {
+    impl Actor for Probe {}
+}
+";
+    let found: Vec<(usize, String)> = actor_impls(planted);
+    assert_eq!(
+        found,
+        vec![(1, "Registry".to_owned()), (5, "Pump".to_owned())]
+    );
 }

@@ -5,28 +5,24 @@
 use std::any::Any;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use actix_tls::accept::rustls_0_23::TlsStream;
 use actix_web::dev::Extensions;
 use actix_web::{HttpRequest, HttpResponse, web};
 use actix_web_actors::ws;
-use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::control_channel::ControlChannel;
-use super::frame_guard::FrameGuard;
-use super::registry::TunnelRegistry;
+use super::tunnel_registry::TunnelRegistry;
+use crate::actors::control_channel::ControlChannel;
+use crate::actors::io::frame_guard::FrameGuard;
+use crate::actors::io::socket_options::harden_control_socket;
+use crate::actors::io::{raw_connection, runtime};
 use crate::admission::{PendingAuth, PendingRefused};
 use crate::auth::{TokenScope, TokenStore, TokenValidator};
 use crate::config::TunnelServerConfig;
 use crate::protocol::MAX_MESSAGE_SIZE;
 use crate::{Result, TunnelError};
-
-/// Longest HTTP upgrade request accepted on a raw connection.
-const MAX_REQUEST_HEAD: usize = 8 * 1024;
 
 /// What every control channel of one server shares.
 pub(crate) struct ServerShared {
@@ -82,7 +78,10 @@ pub(crate) struct AuthPlace {
 impl AuthPlace {
     /// A place for a connection from `peer`, or why there is none (logged, at
     /// most once a second).
-    fn take(shared: &Arc<ServerShared>, peer: SocketAddr) -> Result<Self, PendingRefused> {
+    pub(crate) fn take(
+        shared: &Arc<ServerShared>,
+        peer: SocketAddr,
+    ) -> Result<Self, PendingRefused> {
         let mut pending = shared.pending.lock().unwrap_or_else(|e| e.into_inner());
         let guards = shared.registry.guard_counters();
         match pending.enter(peer.ip()) {
@@ -197,9 +196,9 @@ impl ControlHandler {
         let std = stream.into_std()?;
         let shared = self.shared.clone();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        let spawned = super::runtime::arbiter().spawn_fn(move || {
+        let spawned = runtime::arbiter().spawn_fn(move || {
             actix::spawn(async move {
-                let _ = done_tx.send(serve_raw(shared, std, client_addr).await);
+                let _ = done_tx.send(raw_connection::serve(shared, std, client_addr).await);
             });
         });
         if !spawned {
@@ -237,156 +236,4 @@ async fn upgrade(
     ws::WsResponseBuilder::new(channel, &req, FrameGuard::new(payload, MAX_MESSAGE_SIZE))
         .frame_size(MAX_MESSAGE_SIZE)
         .start()
-}
-
-/// The upgrade and the session on a raw socket (runs on the runtime thread).
-async fn serve_raw(
-    shared: Arc<ServerShared>,
-    std: std::net::TcpStream,
-    peer: SocketAddr,
-) -> Result<()> {
-    let mut stream = TcpStream::from_std(std)?;
-    let place = match AuthPlace::take(&shared, peer) {
-        Ok(place) => place,
-        Err(refused) => return refuse_busy(stream, refused).await,
-    };
-    stream.set_nodelay(true)?;
-    harden_control_socket(&stream, shared.config.heartbeat_timeout);
-    let deadline = shared.config.auth_timeout;
-    let (head, rest) = tokio::time::timeout(deadline, read_head(&mut stream))
-        .await
-        .map_err(|_| TunnelError::Timeout)??;
-    let key = match parse_upgrade(&head, &shared.config.control_path) {
-        Ok(key) => key,
-        Err(status) => {
-            stream.write_all(status.as_bytes()).await?;
-            return Err(TunnelError::protocol(
-                "not a websocket upgrade for the control path",
-            ));
-        }
-    };
-    let accept = actix_http::ws::hash_key(key.as_bytes());
-    let response = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-        String::from_utf8_lossy(&accept)
-    );
-    stream.write_all(response.as_bytes()).await?;
-    let (read, mut write) = stream.into_split();
-    let incoming = futures::stream::iter((!rest.is_empty()).then(|| Ok(rest))).chain(
-        tokio_util::io::ReaderStream::with_capacity(read, 64 * 1024)
-            .map(|r| r.map_err(actix_web::error::PayloadError::Io)),
-    );
-    let guarded = FrameGuard::new(Box::pin(incoming), MAX_MESSAGE_SIZE);
-    let codec = actix_http::ws::Codec::new().max_size(MAX_MESSAGE_SIZE);
-    let mut outgoing = Box::pin(ws::WebsocketContext::with_codec(
-        ControlChannel::new(shared, peer, place),
-        guarded,
-        codec,
-    ));
-    while let Some(chunk) = outgoing.next().await {
-        match chunk {
-            Ok(bytes) => write.write_all(&bytes).await?,
-            Err(_) => break,
-        }
-    }
-    let _ = write.shutdown().await;
-    Ok(())
-}
-
-/// Keepalive probes and `TCP_USER_TIMEOUT` on an agent's control socket, so
-/// that the kernel ends a connection whose peer vanished or stopped reading:
-/// the one fault a frozen WebSocket actor cannot detect itself.
-pub(crate) fn harden_control_socket(socket: &TcpStream, timeout: Duration) {
-    let sock = socket2::SockRef::from(socket);
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(timeout)
-        .with_interval(Duration::from_secs(5))
-        .with_retries(3);
-    let _ = sock.set_tcp_keepalive(&keepalive);
-    let _ = sock.set_tcp_user_timeout(Some(timeout));
-}
-
-/// Answers a raw connection for which no place is free with `503`, once its
-/// request head is in (within a second), so that the answer is not lost to
-/// the reset that closing a socket with unread bytes sends.
-async fn refuse_busy(mut stream: TcpStream, refused: PendingRefused) -> Result<()> {
-    let _ = tokio::time::timeout(Duration::from_secs(1), read_head(&mut stream)).await;
-    let reason = refused.to_string();
-    let response = format!(
-        "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reason}",
-        reason.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    let _ = stream.shutdown().await;
-    Err(TunnelError::protocol(reason))
-}
-
-/// Reads the HTTP request head; returns it and the bytes that followed it.
-async fn read_head(stream: &mut TcpStream) -> Result<(String, Bytes)> {
-    let mut buf = BytesMut::with_capacity(1024);
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let rest = buf.split_off(end + 4).freeze();
-            return Ok((String::from_utf8_lossy(&buf).into_owned(), rest));
-        }
-        if buf.len() >= MAX_REQUEST_HEAD {
-            return Err(TunnelError::protocol("http request head too large"));
-        }
-        if stream.read_buf(&mut buf).await? == 0 {
-            return Err(TunnelError::connection_msg(
-                "connection closed during the upgrade",
-            ));
-        }
-    }
-}
-
-/// Checks a WebSocket upgrade request for `path`; returns its key, or the HTTP error to send.
-fn parse_upgrade(head: &str, path: &str) -> std::result::Result<String, &'static str> {
-    const NOT_FOUND: &str =
-        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
-    const BAD: &str = "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
-    let mut lines = head.split("\r\n");
-    let mut request = lines.next().unwrap_or_default().split(' ');
-    if request.next() != Some("GET") {
-        return Err(BAD);
-    }
-    let target = request.next().unwrap_or_default();
-    if target.split('?').next() != Some(path) {
-        return Err(NOT_FOUND);
-    }
-    let header = |name: &str| {
-        head.split("\r\n").skip(1).find_map(|line| {
-            let (k, v) = line.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_owned())
-        })
-    };
-    let upgrade = header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    match (upgrade, header("sec-websocket-key")) {
-        (true, Some(key)) if !key.is_empty() => Ok(key),
-        _ => Err(BAD),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn upgrade_requests_are_checked() {
-        let ok = "GET /tunnel/v1 HTTP/1.1\r\nHost: x\r\nUpgrade: WebSocket\r\nSec-WebSocket-Key: abc==\r\n";
-        assert_eq!(parse_upgrade(ok, "/tunnel/v1"), Ok("abc==".into()));
-        assert!(parse_upgrade(ok, "/other").unwrap_err().contains("404"));
-        assert!(
-            parse_upgrade("POST /tunnel/v1 HTTP/1.1\r\n", "/tunnel/v1")
-                .unwrap_err()
-                .contains("400")
-        );
-        assert!(
-            parse_upgrade("GET /tunnel/v1 HTTP/1.1\r\nHost: x\r\n", "/tunnel/v1")
-                .unwrap_err()
-                .contains("400")
-        );
-    }
 }

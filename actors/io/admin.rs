@@ -9,7 +9,7 @@ use std::sync::Arc;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use futures::future::LocalBoxFuture;
 
-use super::{TunnelAgent, TunnelRegistry};
+use crate::actors::{AccessManager, NodeTunnelManager, TunnelAgent, TunnelRegistry};
 use crate::status::{StatusReport, render_agent_metrics, render_guard_metrics, render_metrics};
 
 /// What the admin endpoints report on.
@@ -56,7 +56,7 @@ impl AdminSource for TunnelAgent {
     }
 }
 
-impl AdminSource for super::NodeTunnelManager {
+impl AdminSource for NodeTunnelManager {
     fn status(&self) -> LocalBoxFuture<'_, serde_json::Value> {
         let tunnels = self.list_status();
         Box::pin(async move { serde_json::json!({ "node_tunnels": tunnels }) })
@@ -68,7 +68,7 @@ impl AdminSource for super::NodeTunnelManager {
     }
 }
 
-impl AdminSource for super::AccessManager {
+impl AdminSource for AccessManager {
     fn status(&self) -> LocalBoxFuture<'_, serde_json::Value> {
         let sessions = self.list_sessions();
         Box::pin(async move { serde_json::json!({ "access_sessions": sessions }) })

@@ -8,21 +8,22 @@
 //! of a tunnel reads only while the gate is open, each chunk it reads holds an
 //! [`InTransit`] ticket, and the ticket gives its bytes back when the channel
 //! has passed the frame on (or dropped it). Readers waiting on a closed gate
-//! are woken when it opens again.
+//! are woken when it opens again. The count is a [`SharedBudget`] (`src/`);
+//! this file holds the wakers and the tickets.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Waker};
 
 use bytes::Bytes;
 use uuid::Uuid;
 
+use crate::budget::SharedBudget;
+
 /// The read gate of one tunnel side (a control channel, or an agent's link).
 #[derive(Debug)]
 pub(crate) struct ReadGate {
-    limit: usize,
-    in_transit: AtomicUsize,
+    budget: SharedBudget,
     waiting: Mutex<HashMap<Uuid, Waker>>,
 }
 
@@ -30,31 +31,25 @@ impl ReadGate {
     /// A gate that closes at `limit` bytes in transit.
     pub(crate) fn new(limit: usize) -> Arc<Self> {
         Arc::new(Self {
-            limit,
-            in_transit: AtomicUsize::new(0),
+            budget: SharedBudget::new(limit),
             waiting: Mutex::default(),
         })
     }
 
-    /// Bytes read and not yet passed on.
-    pub(crate) fn in_transit(&self) -> usize {
-        self.in_transit.load(Ordering::Acquire)
-    }
-
     /// True if a read may be taken now (without waiting to be woken).
     pub(crate) fn has_room(&self) -> bool {
-        self.in_transit() < self.limit
+        self.budget.is_open()
     }
 
     /// True if `stream` may read now; otherwise its task is woken when the
     /// gate opens again.
     pub(crate) fn is_open(&self, stream: Uuid, cx: &Context<'_>) -> bool {
-        if self.in_transit() < self.limit {
+        if self.budget.is_open() {
             return true;
         }
         self.waiters().insert(stream, cx.waker().clone());
         // the gate may have opened between the check and the registration
-        if self.in_transit() < self.limit {
+        if self.budget.is_open() {
             self.waiters().remove(&stream);
             return true;
         }
@@ -63,7 +58,7 @@ impl ReadGate {
 
     /// A ticket for `bytes` just read; they count until the ticket is dropped.
     pub(crate) fn hold(self: &Arc<Self>, bytes: usize) -> InTransit {
-        self.in_transit.fetch_add(bytes, Ordering::AcqRel);
+        self.budget.hold(bytes);
         InTransit {
             gate: self.clone(),
             bytes,
@@ -71,8 +66,7 @@ impl ReadGate {
     }
 
     fn release(&self, bytes: usize) {
-        let before = self.in_transit.fetch_sub(bytes, Ordering::AcqRel);
-        if before >= self.limit && before - bytes < self.limit {
+        if self.budget.release(bytes) {
             let woken: Vec<Waker> = self.waiters().drain().map(|(_, w)| w).collect();
             woken.into_iter().for_each(Waker::wake);
         }
@@ -124,7 +118,7 @@ impl Drop for InTransit {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicBool;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::task::Wake;
 
     use super::*;
@@ -150,12 +144,12 @@ mod tests {
         assert!(gate.is_open(stream, &cx));
         let second = gate.hold(60);
         assert!(!gate.is_open(stream, &cx));
-        assert_eq!(gate.in_transit(), 120);
+        assert_eq!(gate.budget.held(), 120);
 
         drop(first);
         assert!(flag.0.load(Ordering::SeqCst), "the waiting reader is woken");
         assert!(gate.is_open(stream, &cx));
         drop(second);
-        assert_eq!(gate.in_transit(), 0);
+        assert_eq!(gate.budget.held(), 0);
     }
 }

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use actix_web::{App, HttpServer};
 
-use super::{ControlHandler, TunnelRegistry, shutdown_signal};
+use super::signals::shutdown_signal;
+use crate::actors::{ControlHandler, TunnelRegistry};
 use crate::auth::{TokenStore, TokenValidator};
 use crate::config::TunnelServerConfig;
 

@@ -9,9 +9,10 @@ use actix::{Addr, Supervisor};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::agent_connection::{AgentConnection, StopAgent};
 use super::agent_view::{AgentView, PublishedCallback};
 use crate::accounting::{Counters, Snapshot};
+use crate::actors::agent_connection::{AgentConnection, OpenStream, StopAgent};
+use crate::actors::io::{admin, runtime};
 use crate::config::TunnelClientConfig;
 use crate::status::AgentStatus;
 use crate::{Result, TunnelError};
@@ -144,7 +145,7 @@ impl TunnelAgent {
     }
 
     /// Opens an access stream through the server; false if the agent is not running.
-    pub(crate) fn open_stream(&self, open: super::agent_connection::OpenStream) -> bool {
+    pub(crate) fn open_stream(&self, open: OpenStream) -> bool {
         let addr = self.control.lock().ok().and_then(|c| c.addr.clone());
         addr.map(|addr| addr.do_send(open)).is_some()
     }
@@ -158,7 +159,7 @@ impl TunnelAgent {
     /// `listen`; must run inside an actix `System`. Runs until the returned
     /// server is stopped.
     pub fn serve_admin(&self, listen: &[SocketAddr]) -> std::io::Result<actix_web::dev::Server> {
-        super::admin::start(listen, Arc::new(self.clone()))
+        admin::start(listen, Arc::new(self.clone()))
     }
 
     /// Sets the callback that accepts or refuses each visitor.
@@ -195,7 +196,7 @@ impl TunnelAgent {
             done: Mutex::new(Some(done_tx)),
         });
         let control = self.control.clone();
-        let spawned = super::runtime::arbiter().spawn_fn(move || {
+        let spawned = runtime::arbiter().spawn_fn(move || {
             let addr = Supervisor::start(move |_| AgentConnection::new(shared));
             if let Ok(mut c) = control.lock() {
                 if c.stop_requested {

@@ -8,7 +8,8 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use super::TunnelAgent;
+use super::tunnel_agent::TunnelAgent;
+use crate::actors::io::{admin, runtime};
 use crate::config::{TunnelClientConfig, TunnelServerConfig};
 use crate::node::{NodeTunnel, NodeTunnelStatus};
 use crate::status::TunnelState;
@@ -91,7 +92,7 @@ impl NodeTunnelManager {
         let agent = TunnelAgent::new(config);
         let runner = agent.clone();
         let name = name.to_owned();
-        let spawned = super::runtime::arbiter().spawn(async move {
+        let spawned = runtime::arbiter().spawn(async move {
             if let Err(error) = runner.run().await {
                 tracing::error!(tunnel = %name, %error, "node tunnel failed");
             }
@@ -136,7 +137,7 @@ impl NodeTunnelManager {
         self: &std::sync::Arc<Self>,
         listen: &[std::net::SocketAddr],
     ) -> std::io::Result<actix_web::dev::Server> {
-        super::admin::start(listen, self.clone())
+        admin::start(listen, self.clone())
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, HashMap<String, Entry>>> {

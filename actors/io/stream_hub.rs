@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use actix::Addr;
 use uuid::Uuid;
 
-use super::forwarded_connection::{ForwardedConnection, StreamCommand, StreamEvent};
+use crate::actors::forwarded_connection::{ForwardedConnection, StreamCommand, StreamEvent};
 use crate::connections::{
     ConnectionAction, ConnectionKind, ConnectionTable, StreamError, StreamSettings,
 };

@@ -9,7 +9,7 @@ use actix::Addr;
 use bytes::Bytes;
 use uuid::Uuid;
 
-use super::udp_flow::{CloseFlow, ToService, UdpFlow};
+use crate::actors::udp_flow::{CloseFlow, ToService, UdpFlow};
 
 /// A link's flows and waiting datagrams.
 pub(crate) struct FlowHub {

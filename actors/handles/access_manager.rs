@@ -20,10 +20,11 @@ use actix::Addr;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::TunnelAgent;
-use super::access_session::{AccessSession, EndSession, Route, SessionWiring};
+use super::tunnel_agent::TunnelAgent;
 use crate::access::{AccessSessionInfo, DEFAULT_GRACE, DEFAULT_TTL, Lifetime};
 use crate::accounting::{CounterSet, Counters};
+use crate::actors::access_session::{AccessSession, EndSession, Route, SessionWiring};
+use crate::actors::io::{admin, runtime};
 use crate::config::TunnelClientConfig;
 use crate::{Result, TunnelError};
 
@@ -226,7 +227,7 @@ impl AccessManager {
         let mut spawned = true;
         self.link_started.call_once(|| {
             let runner = link.clone();
-            spawned = super::runtime::arbiter().spawn(async move {
+            spawned = runtime::arbiter().spawn(async move {
                 if let Err(error) = runner.run().await {
                     tracing::error!(%error, "the access link to the tunnel server failed");
                 }
@@ -245,7 +246,7 @@ impl AccessManager {
         self: &Arc<Self>,
         listen: &[SocketAddr],
     ) -> std::io::Result<actix_web::dev::Server> {
-        super::admin::start(listen, self.clone())
+        admin::start(listen, self.clone())
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, HashMap<Uuid, Entry>>> {
@@ -260,7 +261,7 @@ async fn start_on_runtime(
     wiring: SessionWiring,
 ) -> Result<(Addr<AccessSession>, SocketAddr)> {
     let (tx, rx) = oneshot::channel();
-    let spawned = super::runtime::arbiter().spawn(async move {
+    let spawned = runtime::arbiter().spawn(async move {
         let bound = tokio::net::TcpListener::bind(("127.0.0.1", port)).await;
         let started = bound.and_then(|listener| {
             let local = listener.local_addr()?;
