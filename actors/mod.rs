@@ -82,6 +82,17 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+impl From<crate::tunnels::RegistryError> for Error {
+    fn from(e: crate::tunnels::RegistryError) -> Self {
+        use crate::tunnels::RegistryError as R;
+        match e {
+            R::TooManyTunnels { max } => Self::TooManyTunnels { max },
+            R::UnknownTunnel => Self::UnknownTunnel,
+            R::Port(e) => Self::Port(e),
+        }
+    }
+}
+
 /// Failures of the runtime, mapped to a reply to the peer and a log line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {

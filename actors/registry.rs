@@ -20,10 +20,8 @@ use uuid::Uuid;
 use super::Error;
 use super::control_channel::Relay;
 use crate::accounting::{Counters, Snapshot};
-use crate::liveness::Liveness;
-use crate::ports::{PortError, PortPool};
-use crate::protocol::ServiceProtocol;
 pub use crate::status::{ServiceInfo, TunnelInfo};
+use crate::tunnels::{ClosedTunnel, TunnelTable};
 pub(crate) use ports::{AllocatePort, CountFreePorts, ReleasePort};
 pub(crate) use services::{FindService, FlowView, ServiceEntry, ServiceRegistered};
 
@@ -84,22 +82,21 @@ pub(crate) struct CloseAll {
     pub(crate) reason: String,
 }
 
-struct TunnelEntry {
+/// What the registry keeps of a tunnel beside the core's `TunnelTable`:
+/// where its channel is, what stops it, its counters, for status pages.
+struct TunnelIo {
     info: TunnelInfo,
-    key: (String, Uuid),
     channel: Recipient<CloseTunnel>,
     relay: Recipient<Relay>,
-    liveness: Liveness,
     cancel: CancellationToken,
     counters: Arc<Counters>,
-    services: Vec<(ServiceEntry, Arc<Counters>, Option<FlowView>)>,
+    /// Live views of its services, by service id.
+    views: HashMap<Uuid, (Arc<Counters>, Option<FlowView>)>,
 }
 
 /// The registry actor.
 pub(crate) struct Registry {
-    ports: Result<PortPool, PortError>,
-    tunnels: HashMap<Uuid, TunnelEntry>,
-    by_client: HashMap<(String, Uuid), Uuid>,
+    tunnels: TunnelTable<TunnelIo>,
 }
 
 impl Actor for Registry {
@@ -116,41 +113,32 @@ impl Handler<OpenTunnel> for Registry {
     type Result = Result<(Uuid, CancellationToken), Error>;
 
     fn handle(&mut self, msg: OpenTunnel, _: &mut Self::Context) -> Self::Result {
-        let key = (msg.token_hash, msg.client_id);
-        if let Some(old) = self.by_client.get(&key).copied() {
-            tracing::info!(tunnel_id = %old, peer = %msg.peer, "session taken over by a reconnecting agent");
-            self.close(old, "taken over by a new session of the same agent");
-        }
-        if self.tunnels.len() >= msg.max_tunnels {
-            return Err(Error::TooManyTunnels {
-                max: msg.max_tunnels,
-            });
-        }
         let id = Uuid::new_v4();
-        let info = TunnelInfo {
-            id,
-            client_id: msg.client_id,
-            client_addr: msg.peer,
-            connected_since: SystemTime::now(),
-            ports: Vec::new(),
-            services: Vec::new(),
-            stats: Snapshot::default(),
-        };
-        let liveness = Liveness::new(Instant::now(), msg.timeout);
-        self.by_client.insert(key.clone(), id);
-        let channel = msg.channel;
         let cancel = CancellationToken::new();
-        let entry = TunnelEntry {
-            info,
-            key,
-            channel,
+        let io = TunnelIo {
+            info: TunnelInfo {
+                id,
+                client_id: msg.client_id,
+                client_addr: msg.peer,
+                connected_since: SystemTime::now(),
+                ports: Vec::new(),
+                services: Vec::new(),
+                stats: Snapshot::default(),
+            },
+            channel: msg.channel,
             relay: msg.relay,
-            liveness,
             cancel: cancel.clone(),
             counters: msg.counters,
-            services: Vec::new(),
+            views: HashMap::new(),
         };
-        self.tunnels.insert(id, entry);
+        let agent = (msg.token_hash, msg.client_id);
+        let liveness = (Instant::now(), msg.timeout);
+        let opened = self.tunnels.open(id, agent, io, liveness, msg.max_tunnels);
+        if let Some(old) = opened.taken_over {
+            tracing::info!(tunnel_id = %old.id, peer = %msg.peer, "session taken over by a reconnecting agent");
+            ended(old, Some("taken over by a new session of the same agent"));
+        }
+        opened.result?;
         Ok((id, cancel))
     }
 }
@@ -159,9 +147,7 @@ impl Handler<ReportAlive> for Registry {
     type Result = ();
 
     fn handle(&mut self, msg: ReportAlive, _: &mut Self::Context) {
-        if let Some(entry) = self.tunnels.get_mut(&msg.tunnel_id) {
-            entry.liveness.seen(Instant::now());
-        }
+        self.tunnels.alive(msg.tunnel_id, Instant::now());
     }
 }
 
@@ -169,7 +155,9 @@ impl Handler<TunnelClosed> for Registry {
     type Result = ();
 
     fn handle(&mut self, msg: TunnelClosed, _: &mut Self::Context) {
-        self.forget(msg.tunnel_id);
+        if let Some(closed) = self.tunnels.close(msg.tunnel_id) {
+            ended(closed, None);
+        }
     }
 }
 
@@ -177,7 +165,9 @@ impl Handler<ListTunnels> for Registry {
     type Result = Vec<TunnelInfo>;
 
     fn handle(&mut self, _: ListTunnels, _: &mut Self::Context) -> Self::Result {
-        self.tunnels.values().map(TunnelEntry::status).collect()
+        (self.tunnels.iter())
+            .map(|(_, io, ports, services)| io.status(ports, services))
+            .collect()
     }
 }
 
@@ -185,9 +175,10 @@ impl Handler<CloseAll> for Registry {
     type Result = usize;
 
     fn handle(&mut self, msg: CloseAll, _: &mut Self::Context) -> usize {
-        let ids: Vec<Uuid> = self.tunnels.keys().copied().collect();
-        ids.iter().for_each(|id| self.close(*id, &msg.reason));
-        ids.len()
+        let closed = self.tunnels.close_all();
+        let count = closed.len();
+        closed.into_iter().for_each(|c| ended(c, Some(&msg.reason)));
+        count
     }
 }
 
@@ -195,46 +186,27 @@ impl Registry {
     /// A registry of the ports in `range`; [`TunnelRegistry::new`] starts it.
     pub(crate) fn new(range: (u16, u16)) -> Self {
         Self {
-            ports: PortPool::new(range),
-            tunnels: HashMap::new(),
-            by_client: HashMap::new(),
+            tunnels: TunnelTable::new(range),
         }
     }
 
     /// Drops tunnels whose channel stopped reporting (a frozen WebSocket actor).
     fn drop_silent(&mut self, now: Instant) {
-        let silent: Vec<Uuid> = self
-            .tunnels
-            .iter()
-            .filter(|(_, t)| t.liveness.is_expired(now))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in silent {
-            tracing::warn!(tunnel_id = %id, "tunnel stopped reporting; dropped by the registry");
-            self.close(id, "heartbeat timeout");
+        for closed in self.tunnels.close_silent(now) {
+            tracing::warn!(tunnel_id = %closed.id, "tunnel stopped reporting; dropped by the registry");
+            ended(closed, Some("heartbeat timeout"));
         }
     }
+}
 
-    fn close(&mut self, id: Uuid, reason: &str) {
-        if let Some(entry) = self.forget(id) {
-            entry.channel.do_send(CloseTunnel {
-                reason: reason.into(),
-            });
-        }
-    }
-
-    fn forget(&mut self, id: Uuid) -> Option<TunnelEntry> {
-        let entry = self.tunnels.remove(&id)?;
-        entry.cancel.cancel();
-        if self.by_client.get(&entry.key) == Some(&id) {
-            self.by_client.remove(&entry.key);
-        }
-        if let Ok(pool) = self.ports.as_mut() {
-            entry.info.ports.iter().for_each(|p| {
-                pool.release(*p);
-            });
-        }
-        tracing::info!(tunnel_id = %id, ports = ?entry.info.ports, "tunnel closed, ports released");
-        Some(entry)
+/// A tunnel the table closed: everything it owns stops, and its channel, if
+/// it did not end the tunnel itself, is told why.
+fn ended(closed: ClosedTunnel<TunnelIo>, reason: Option<&str>) {
+    closed.io.cancel.cancel();
+    tracing::info!(tunnel_id = %closed.id, ports = ?closed.ports, "tunnel closed, ports released");
+    if let Some(reason) = reason {
+        closed.io.channel.do_send(CloseTunnel {
+            reason: reason.into(),
+        });
     }
 }

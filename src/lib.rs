@@ -48,6 +48,7 @@ pub mod session;
 pub mod status;
 pub mod throttle;
 pub mod tls;
+pub mod tunnels;
 pub mod udp;
 
 pub use access::AccessSessionInfo;

@@ -31,17 +31,10 @@ impl Handler<AllocatePort> for Registry {
     type Result = Result<u16, Error>;
 
     fn handle(&mut self, msg: AllocatePort, _: &mut Self::Context) -> Self::Result {
-        let entry = self
+        let allowed = msg.allowed.as_deref();
+        Ok(self
             .tunnels
-            .get_mut(&msg.tunnel_id)
-            .ok_or(Error::UnknownTunnel)?;
-        let pool = self.ports.as_mut().map_err(|e| Error::Port(e.clone()))?;
-        let port = match &msg.allowed {
-            Some(allowed) => pool.allocate_within(msg.requested, allowed)?,
-            None => pool.allocate(msg.requested)?,
-        };
-        entry.info.ports.push(port);
-        Ok(port)
+            .allocate(msg.tunnel_id, msg.requested, allowed)?)
     }
 }
 
@@ -49,13 +42,7 @@ impl Handler<ReleasePort> for Registry {
     type Result = ();
 
     fn handle(&mut self, msg: ReleasePort, _: &mut Self::Context) {
-        if let Some(entry) = self.tunnels.get_mut(&msg.tunnel_id) {
-            entry.info.ports.retain(|p| *p != msg.port);
-            entry.services.retain(|(s, _, _)| s.port != msg.port);
-            if let Ok(pool) = self.ports.as_mut() {
-                pool.release(msg.port);
-            }
-        }
+        self.tunnels.release(msg.tunnel_id, msg.port);
     }
 }
 
@@ -63,6 +50,6 @@ impl Handler<CountFreePorts> for Registry {
     type Result = usize;
 
     fn handle(&mut self, _: CountFreePorts, _: &mut Self::Context) -> usize {
-        self.ports.as_ref().map_or(0, PortPool::available)
+        self.tunnels.free_ports()
     }
 }

@@ -18,14 +18,8 @@ pub(crate) struct ServiceRegistered {
 /// A UDP listener's flows, published for status pages.
 pub(crate) type FlowView = Arc<std::sync::Mutex<Vec<crate::udp::FlowInfo>>>;
 
-/// A registered service, as the registry keeps it.
-#[derive(Debug, Clone)]
-pub(crate) struct ServiceEntry {
-    pub(crate) id: Uuid,
-    pub(crate) name: String,
-    pub(crate) protocol: ServiceProtocol,
-    pub(crate) port: u16,
-}
+/// A service as the registry records it (the core's type).
+pub(crate) type ServiceEntry = crate::tunnels::RegisteredService;
 
 /// The channel of the tunnel that registered TCP service `name` (for `Open`).
 #[derive(Message)]
@@ -38,8 +32,9 @@ impl Handler<ServiceRegistered> for Registry {
     type Result = ();
 
     fn handle(&mut self, msg: ServiceRegistered, _: &mut Self::Context) {
-        if let Some(entry) = self.tunnels.get_mut(&msg.tunnel_id) {
-            entry.services.push((msg.service, msg.counters, msg.flows));
+        if let Some(io) = self.tunnels.get_mut(msg.tunnel_id) {
+            io.views.insert(msg.service.id, (msg.counters, msg.flows));
+            self.tunnels.registered(msg.tunnel_id, msg.service);
         }
     }
 }
@@ -48,34 +43,30 @@ impl Handler<FindService> for Registry {
     type Result = Option<Recipient<Relay>>;
 
     fn handle(&mut self, msg: FindService, _: &mut Self::Context) -> Self::Result {
-        let mut tunnels = self.tunnels.values();
-        let found = tunnels.find(|t| {
-            t.services
-                .iter()
-                .any(|(s, _, _)| s.name == msg.name && s.protocol == ServiceProtocol::Tcp)
-        })?;
-        Some(found.relay.clone())
+        let (_, io) = self.tunnels.find_tcp_service(&msg.name)?;
+        Some(io.relay.clone())
     }
 }
 
-impl TunnelEntry {
-    /// The tunnel's info with live readings of its counters.
-    pub(super) fn status(&self) -> TunnelInfo {
-        let services = self
-            .services
-            .iter()
-            .map(|(s, counters, flows)| ServiceInfo {
+impl TunnelIo {
+    /// What `/status` says of this tunnel, with the ports and services the
+    /// table holds for it.
+    pub(super) fn status(&self, ports: &[u16], services: &[ServiceEntry]) -> TunnelInfo {
+        let services = services.iter().map(|s| {
+            let view = self.views.get(&s.id);
+            ServiceInfo {
                 id: s.id,
                 name: s.name.clone(),
                 protocol: s.protocol,
                 port: s.port,
-                stats: counters.snapshot(),
-                flows: flows
-                    .as_ref()
+                stats: view.map(|(c, _)| c.snapshot()).unwrap_or_default(),
+                flows: (view.and_then(|(_, f)| f.as_ref()))
                     .and_then(|f| f.lock().ok().map(|f| f.clone()))
                     .unwrap_or_default(),
-            });
+            }
+        });
         TunnelInfo {
+            ports: ports.to_vec(),
             services: services.collect(),
             stats: self.counters.snapshot(),
             ..self.info.clone()

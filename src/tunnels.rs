@@ -1,0 +1,359 @@
+//! The server's tunnels as data: which are open (by id, and by token hash and
+//! client id, so that a reconnecting agent takes its old tunnel over), how
+//! many may be, which ones stopped reporting (the watchdog), the public ports
+//! each holds, and the services each registered (where a relayed access
+//! stream for a service name goes). The `Registry` actor carries out what it
+//! decides; `T` is what the actor keeps of each tunnel (its channel's
+//! address, counters, ...).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use crate::liveness::Liveness;
+use crate::ports::{PortError, PortPool};
+use crate::protocol::ServiceProtocol;
+
+/// Why the registry refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    /// The server holds its maximum of tunnels.
+    #[error("server is at its limit of {max} tunnels")]
+    TooManyTunnels {
+        /// The limit.
+        max: usize,
+    },
+    /// The tunnel is no longer registered (it was closed or taken over).
+    #[error("tunnel is no longer registered")]
+    UnknownTunnel,
+    /// A port could not be allocated.
+    #[error(transparent)]
+    Port(#[from] PortError),
+}
+
+/// What identifies an agent across its reconnects: its token's hash and its client id.
+pub type AgentKey = (String, Uuid);
+
+/// A service a tunnel registered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisteredService {
+    /// Its id.
+    pub id: Uuid,
+    /// Its name.
+    pub name: String,
+    /// TCP or UDP.
+    pub protocol: ServiceProtocol,
+    /// Its public port.
+    pub port: u16,
+}
+
+/// A tunnel that ended: what its owner must close, and the ports it gave back.
+#[derive(Debug)]
+pub struct ClosedTunnel<T> {
+    /// Its id.
+    pub id: Uuid,
+    /// What the owner kept of it.
+    pub io: T,
+    /// The public ports it held, now free.
+    pub ports: Vec<u16>,
+}
+
+#[derive(Debug)]
+struct Entry<T> {
+    key: AgentKey,
+    liveness: Liveness,
+    ports: Vec<u16>,
+    services: Vec<RegisteredService>,
+    io: T,
+}
+
+/// The tunnels of one server.
+#[derive(Debug)]
+pub struct TunnelTable<T> {
+    ports: Result<PortPool, PortError>,
+    tunnels: HashMap<Uuid, Entry<T>>,
+    by_agent: HashMap<AgentKey, Uuid>,
+}
+
+/// The answer to [`TunnelTable::open`].
+#[derive(Debug)]
+pub struct Opened<T> {
+    /// The agent's previous tunnel, taken over (closed) first, if it had one.
+    pub taken_over: Option<ClosedTunnel<T>>,
+    /// Whether the new tunnel is open.
+    pub result: Result<(), RegistryError>,
+}
+
+impl<T> TunnelTable<T> {
+    /// No tunnels; public ports from `range` (an invalid range refuses every allocation).
+    pub fn new(range: (u16, u16)) -> Self {
+        Self {
+            ports: PortPool::new(range),
+            tunnels: HashMap::new(),
+            by_agent: HashMap::new(),
+        }
+    }
+
+    /// Open tunnels.
+    pub fn len(&self) -> usize {
+        self.tunnels.len()
+    }
+
+    /// True when no tunnel is open.
+    pub fn is_empty(&self) -> bool {
+        self.tunnels.is_empty()
+    }
+
+    /// Opens tunnel `id` for `agent` at `now`, silent for at most `timeout`.
+    /// The agent's previous tunnel, if it still has one (a half-dead
+    /// connection), is taken over first: closed, its ports freed. Past `max`
+    /// tunnels the new one is refused.
+    pub fn open(
+        &mut self,
+        id: Uuid,
+        agent: AgentKey,
+        io: T,
+        (now, timeout): (Instant, Duration),
+        max: usize,
+    ) -> Opened<T> {
+        let taken_over = (self.by_agent.get(&agent).copied()).and_then(|old| self.close(old));
+        if self.tunnels.len() >= max {
+            let result = Err(RegistryError::TooManyTunnels { max });
+            return Opened { taken_over, result };
+        }
+        let entry = Entry {
+            key: agent.clone(),
+            liveness: Liveness::new(now, timeout),
+            ports: Vec::new(),
+            services: Vec::new(),
+            io,
+        };
+        self.by_agent.insert(agent, id);
+        self.tunnels.insert(id, entry);
+        Opened {
+            taken_over,
+            result: Ok(()),
+        }
+    }
+
+    /// Tunnel `id` reported at `now`.
+    pub fn alive(&mut self, id: Uuid, now: Instant) {
+        if let Some(entry) = self.tunnels.get_mut(&id) {
+            entry.liveness.seen(now);
+        }
+    }
+
+    /// Closes the tunnels that stopped reporting (a frozen channel) by `now`.
+    pub fn close_silent(&mut self, now: Instant) -> Vec<ClosedTunnel<T>> {
+        let silent: Vec<Uuid> = (self.tunnels.iter())
+            .filter(|(_, t)| t.liveness.is_expired(now))
+            .map(|(id, _)| *id)
+            .collect();
+        silent.into_iter().filter_map(|id| self.close(id)).collect()
+    }
+
+    /// Closes tunnel `id` and frees its ports.
+    pub fn close(&mut self, id: Uuid) -> Option<ClosedTunnel<T>> {
+        let entry = self.tunnels.remove(&id)?;
+        if self.by_agent.get(&entry.key) == Some(&id) {
+            self.by_agent.remove(&entry.key);
+        }
+        if let Ok(pool) = self.ports.as_mut() {
+            entry.ports.iter().for_each(|p| {
+                pool.release(*p);
+            });
+        }
+        Some(ClosedTunnel {
+            id,
+            io: entry.io,
+            ports: entry.ports,
+        })
+    }
+
+    /// Closes every tunnel (shutdown).
+    pub fn close_all(&mut self) -> Vec<ClosedTunnel<T>> {
+        let ids: Vec<Uuid> = self.tunnels.keys().copied().collect();
+        ids.into_iter().filter_map(|id| self.close(id)).collect()
+    }
+
+    /// A public port for tunnel `id`: `requested` (0: the lowest free), from
+    /// `allowed` when its token is scoped to some ports.
+    pub fn allocate(
+        &mut self,
+        id: Uuid,
+        requested: u16,
+        allowed: Option<&[(u16, u16)]>,
+    ) -> Result<u16, RegistryError> {
+        let entry = self
+            .tunnels
+            .get_mut(&id)
+            .ok_or(RegistryError::UnknownTunnel)?;
+        let pool = self.ports.as_mut().map_err(|e| e.clone())?;
+        let port = match allowed {
+            Some(allowed) => pool.allocate_within(requested, allowed)?,
+            None => pool.allocate(requested)?,
+        };
+        entry.ports.push(port);
+        Ok(port)
+    }
+
+    /// Tunnel `id` gives `port` back (its service was unregistered or not
+    /// listened on); the service on it, if any, is forgotten.
+    pub fn release(&mut self, id: Uuid, port: u16) {
+        let Some(entry) = self.tunnels.get_mut(&id) else {
+            return;
+        };
+        if !entry.ports.contains(&port) {
+            return; // never ours: another tunnel's port stays taken
+        }
+        entry.ports.retain(|p| *p != port);
+        entry.services.retain(|s| s.port != port);
+        if let Ok(pool) = self.ports.as_mut() {
+            pool.release(port);
+        }
+    }
+
+    /// Tunnel `id` registered `service` (on a port it holds).
+    pub fn registered(&mut self, id: Uuid, service: RegisteredService) {
+        if let Some(entry) = self.tunnels.get_mut(&id) {
+            entry.services.push(service);
+        }
+    }
+
+    /// The tunnel that registered the TCP service `name`, if one did.
+    pub fn find_tcp_service(&self, name: &str) -> Option<(Uuid, &T)> {
+        self.tunnels.iter().find_map(|(id, t)| {
+            let has =
+                (t.services.iter()).any(|s| s.name == name && s.protocol == ServiceProtocol::Tcp);
+            has.then_some((*id, &t.io))
+        })
+    }
+
+    /// Public ports free.
+    pub fn free_ports(&self) -> usize {
+        self.ports.as_ref().map_or(0, PortPool::available)
+    }
+
+    /// Every open tunnel: its id, what the owner keeps, its ports and services.
+    pub fn iter(&self) -> impl Iterator<Item = (Uuid, &T, &[u16], &[RegisteredService])> {
+        (self.tunnels.iter()).map(|(id, t)| (*id, &t.io, &t.ports[..], &t.services[..]))
+    }
+
+    /// What the owner keeps of tunnel `id`.
+    pub fn get(&self, id: Uuid) -> Option<&T> {
+        self.tunnels.get(&id).map(|t| &t.io)
+    }
+
+    /// What the owner keeps of tunnel `id`, to change.
+    pub fn get_mut(&mut self, id: Uuid) -> Option<&mut T> {
+        self.tunnels.get_mut(&id).map(|t| &mut t.io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    fn agent(n: u128) -> AgentKey {
+        ("hash".to_owned(), Uuid::from_u128(n))
+    }
+
+    fn id(n: u128) -> Uuid {
+        Uuid::from_u128(1000 + n)
+    }
+
+    fn service(name: &str, port: u16) -> RegisteredService {
+        RegisteredService {
+            id: Uuid::from_u128(u128::from(port)),
+            name: name.to_owned(),
+            protocol: ServiceProtocol::Tcp,
+            port,
+        }
+    }
+
+    #[test]
+    fn a_reconnecting_agent_takes_its_tunnel_and_ports_over() {
+        let now = Instant::now();
+        let mut t = TunnelTable::new((30_000, 30_001));
+        assert!(
+            t.open(id(1), agent(7), "old", (now, 10 * S), 10)
+                .result
+                .is_ok()
+        );
+        assert_eq!(t.allocate(id(1), 30_001, None), Ok(30_001));
+        let opened = t.open(id(2), agent(7), "new", (now, 10 * S), 10);
+        let old = opened.taken_over.expect("the old tunnel is taken over");
+        assert_eq!((old.id, old.io, old.ports), (id(1), "old", vec![30_001]));
+        // the new tunnel asks for the port it had, and gets it
+        assert_eq!(t.allocate(id(2), 30_001, None), Ok(30_001));
+        assert_eq!(t.len(), 1);
+        // another agent of the same token is another tunnel
+        assert!(
+            t.open(id(3), agent(8), "other", (now, 10 * S), 10)
+                .taken_over
+                .is_none()
+        );
+        assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn the_tunnel_limit_refuses_but_a_takeover_frees_its_place_first() {
+        let now = Instant::now();
+        let mut t = TunnelTable::new((30_000, 30_009));
+        assert!(t.open(id(1), agent(1), (), (now, S), 1).result.is_ok());
+        let refused = t.open(id(2), agent(2), (), (now, S), 1);
+        assert_eq!(
+            refused.result,
+            Err(RegistryError::TooManyTunnels { max: 1 })
+        );
+        assert_eq!(t.len(), 1);
+        let again = t.open(id(3), agent(1), (), (now, S), 1);
+        assert!(again.taken_over.is_some() && again.result.is_ok());
+    }
+
+    #[test]
+    fn the_watchdog_closes_silent_tunnels_and_frees_their_ports() {
+        let now = Instant::now();
+        let mut t = TunnelTable::new((30_000, 30_000));
+        t.open(id(1), agent(1), (), (now, 10 * S), 10);
+        t.open(id(2), agent(2), (), (now, 10 * S), 10);
+        assert_eq!(t.allocate(id(1), 0, None), Ok(30_000));
+        assert!(t.allocate(id(2), 0, None).is_err(), "one port in all");
+        t.alive(id(2), now + 5 * S);
+        assert!(t.close_silent(now + 9 * S).is_empty());
+        let closed = t.close_silent(now + 10 * S);
+        assert_eq!(closed.iter().map(|c| c.id).collect::<Vec<_>>(), [id(1)]);
+        assert_eq!(
+            t.allocate(id(2), 0, None),
+            Ok(30_000),
+            "its port is free again"
+        );
+        assert_eq!(t.close_silent(now + 15 * S).len(), 1);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn services_are_found_by_name_and_go_with_their_port() {
+        let now = Instant::now();
+        let mut t = TunnelTable::new((30_000, 30_009));
+        t.open(id(1), agent(1), "a", (now, S), 10);
+        let port = t.allocate(id(1), 0, None).unwrap();
+        t.registered(id(1), service("db", port));
+        assert_eq!(t.find_tcp_service("db"), Some((id(1), &"a")));
+        assert_eq!(t.find_tcp_service("web"), None);
+        // a port another tunnel holds is not released by this one
+        t.open(id(2), agent(2), "b", (now, S), 10);
+        t.release(id(2), port);
+        assert!(t.find_tcp_service("db").is_some());
+        t.release(id(1), port);
+        assert_eq!(t.find_tcp_service("db"), None);
+        assert_eq!(t.free_ports(), 10);
+        assert_eq!(
+            t.allocate(id(9), 0, None),
+            Err(RegistryError::UnknownTunnel)
+        );
+    }
+}
