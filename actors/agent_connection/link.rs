@@ -13,19 +13,19 @@ impl AgentConnection {
             let request = client.ws(url).max_frame_size(MAX_MESSAGE_SIZE);
             match tokio::time::timeout(timeout, request.connect()).await {
                 Ok(Ok((_, framed))) => Ok(framed),
-                Ok(Err(e)) => Err(describe_refusal(&e)),
-                Err(_) => Err("timed out".to_owned()),
+                Ok(Err(e)) => Err(DialFailure::of(&e)),
+                Err(_) => Err(DialFailure::Unreachable("timed out".to_owned())),
             }
         };
         ctx.spawn(dial.into_actor(self).map(|result, act, ctx| match result {
             _ if act.finished => {}
             Ok(framed) => act.linked(framed, ctx),
-            Err(error) if error.contains("certificate") => {
+            Err(DialFailure::Untrusted(error)) => {
                 let hint = "give ca_cert (--ca-cert): the CA that signed it, or the server's own certificate";
                 tracing::error!(server = %act.shared.config.server_url, %error, hint, "the server's certificate is not trusted; not connecting");
                 act.drop_link(format!("the server's certificate is not trusted: {error}"), ctx);
             }
-            Err(error) => {
+            Err(DialFailure::Unreachable(error)) => {
                 tracing::warn!(server = %act.shared.config.server_url, %error, "cannot reach the server");
                 act.drop_link(format!("cannot reach the server: {error}"), ctx);
             }
@@ -122,5 +122,33 @@ fn describe_refusal(error: &awc::error::WsClientError) -> String {
             format!("the server answered {status} instead of a WebSocket upgrade")
         }
         other => other.to_string(),
+    }
+}
+
+/// Why the server's WebSocket could not be dialed, as far as the agent acts on it.
+enum DialFailure {
+    /// The TLS handshake refused the server's certificate (rustls said so).
+    Untrusted(String),
+    /// Anything else: no answer, a refused upgrade, a reset.
+    Unreachable(String),
+}
+
+impl DialFailure {
+    /// Sorts an awc error by its type: a certificate rustls refused is
+    /// `Untrusted`; the rest is described for the log and the status.
+    fn of(error: &awc::error::WsClientError) -> Self {
+        use awc::error::{ConnectError, SendRequestError, WsClientError};
+        let tls = match error {
+            WsClientError::SendRequest(SendRequestError::Connect(ConnectError::Io(io))) => {
+                io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>())
+            }
+            _ => None,
+        };
+        match tls {
+            Some(
+                e @ (rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented),
+            ) => Self::Untrusted(e.to_string()),
+            _ => Self::Unreachable(describe_refusal(error)),
+        }
     }
 }
