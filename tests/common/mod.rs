@@ -15,8 +15,11 @@ use zlayer_tunnel::protocol::Message;
 use zlayer_tunnel::{ControlHandler, TokenStore, TunnelRegistry, TunnelServerConfig};
 
 pub mod certs;
+pub mod ports;
 pub mod process;
 pub mod proxy;
+
+pub use ports::free_ports;
 
 /// Every wait in a test ends by this.
 pub const DEADLINE: Duration = Duration::from_secs(10);
@@ -308,48 +311,6 @@ pub async fn wait_settled(
         last = now;
     }
     last
-}
-
-/// `n` consecutive free ports on 127.0.0.1 (best effort), drawn at random
-/// below the kernel's ephemeral range: a client socket of a concurrent test
-/// never takes one of them between this probe and its use, and the
-/// `TIME_WAIT`s that benchmarks leave on ephemeral ports do not block them.
-pub fn free_ports(n: u16) -> (u16, u16) {
-    let ephemeral: Vec<u16> = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect();
-    let (first_ephemeral, last_ephemeral) = match ephemeral[..] {
-        [low, high] => (low, high),
-        _ => (32768, 60999),
-    };
-    // above the benchmarks' fixed ports (21001-24999), outside the ephemeral range
-    let (low, high) = if first_ephemeral >= 25000 + 2 * n {
-        (25000, first_ephemeral)
-    } else if last_ephemeral <= u16::MAX - 2 * n {
-        (last_ephemeral + 1, u16::MAX)
-    } else {
-        (1024, u16::MAX) // no room outside it: anywhere
-    };
-    let mut seed = u64::from(std::process::id())
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64;
-    for _ in 0..1000 {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        let first = low + (seed % u64::from(high - low - n)) as u16;
-        let all: Vec<_> = (first..first + n)
-            .map(|p| std::net::TcpListener::bind(("127.0.0.1", p)))
-            .collect();
-        if all.iter().all(Result::is_ok) {
-            return (first, first + n - 1);
-        }
-    }
-    panic!("no {n} consecutive free ports");
 }
 
 /// An agent's running task: `run()`'s result.
