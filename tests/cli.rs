@@ -23,14 +23,11 @@ fn run(args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn spawn(args: &[&str]) -> Child {
-    Command::new(BIN)
-        .args(args)
-        .env_remove("ZLAYER_TUNNEL_TOKEN")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+/// The binary with `args` and no token in its environment; killed on drop.
+fn spawn(args: &[&str]) -> Proc {
+    Proc::spawn_with(args, |c| {
+        c.env_remove("ZLAYER_TUNNEL_TOKEN");
+    })
 }
 
 /// A server on control port `control` publishing on port `public` only,
@@ -79,28 +76,8 @@ async fn first_stdout_line(child: &mut Child) -> String {
 }
 
 /// Sends SIGTERM and waits for the exit; returns the status and how long it took.
-fn terminate(child: &mut Child) -> (std::process::ExitStatus, Duration) {
-    let start = Instant::now();
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return (status, start.elapsed());
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "no exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn stderr_of(mut child: Child) -> String {
-    let mut text = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut text).unwrap();
-    text
+fn terminate(process: &mut Proc) -> (std::process::ExitStatus, Duration) {
+    process.stop_with("TERM")
 }
 
 #[test]
@@ -181,12 +158,9 @@ async fn a_hashed_token_server_and_an_agent_move_bytes_and_stop_cleanly() {
     wait_listening(control).await;
     let url = format!("ws://127.0.0.1:{control}/tunnel/v1");
     let spec = format!("echo:{echo}:0");
-    let mut agent = Command::new(BIN)
-        .args(["agent", "--server", &url, "--tcp", &spec])
-        .env("ZLAYER_TUNNEL_TOKEN", "s3cret")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut agent = Proc::spawn_with(&["agent", "--server", &url, "--tcp", &spec], |c| {
+        c.env("ZLAYER_TUNNEL_TOKEN", "s3cret");
+    });
     wait_listening(public).await;
 
     echo_through(([127, 0, 0, 1], public).into(), 9, 3 << 20).await;
@@ -206,7 +180,7 @@ async fn a_hashed_token_server_and_an_agent_move_bytes_and_stop_cleanly() {
         "server: {status} after {took:?}"
     );
     assert!(wait_closed(control, Duration::from_secs(1)).await);
-    let log = stderr_of(agent);
+    let log = agent.log();
     assert!(
         !log.contains("s3cret"),
         "the token leaked into the agent's log"
@@ -229,12 +203,10 @@ async fn an_agent_with_a_wrong_token_exits_with_the_reason() {
     ]);
     wait_listening(control).await;
     let url = format!("ws://127.0.0.1:{control}/tunnel/v1");
-    let out =
-        tokio::task::spawn_blocking(move || run(&["agent", "--server", &url, "--token", "wrong"]))
-            .await
-            .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8(out.stderr).unwrap();
+    let mut agent = spawn(&["agent", "--server", &url, "--token", "wrong"]);
+    let status = agent.exited_within(common::DEADLINE);
+    assert!(status.is_some_and(|s| !s.success()), "{status:?}");
+    let err = agent.log();
     assert!(err.contains("invalid tunnel token"), "{err}");
     assert!(
         !err.contains("wrong\n") && !err.contains("\"wrong\""),
@@ -273,12 +245,9 @@ async fn config_files_drive_server_and_agent_and_flags_override_them() {
         &range,
     ]);
     wait_listening(control).await;
-    let mut agent = Command::new(BIN)
-        .args(["agent", "--config", agent_toml.to_str().unwrap()])
-        .env("ZLAYER_TUNNEL_TOKEN", "filetoken")
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut agent = Proc::spawn_with(&["agent", "--config", agent_toml.to_str().unwrap()], |c| {
+        c.env("ZLAYER_TUNNEL_TOKEN", "filetoken");
+    });
     wait_listening(public).await;
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", public))
         .await
@@ -350,15 +319,13 @@ async fn status_and_metrics_count_a_real_transfer_byte_for_byte() {
     wait_listening(control).await;
     let url = format!("ws://127.0.0.1:{control}/tunnel/v1");
     let spec = format!("web:{echo}:{public}");
-    let mut agent = Command::new(BIN)
-        .args(["agent", "--server", &url, "--token", "t", "--tcp", &spec])
-        .args(["--admin-listen", &agent_admin])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let agent_args = ["agent", "--server", &url, "--token", "t", "--tcp", &spec];
+    let mut agent = Proc::spawn_with(&agent_args, |c| {
+        c.args(["--admin-listen", &agent_admin])
+            .stdout(Stdio::piped());
+    });
     // the agent prints each public address on stdout, once registered
-    let first = first_stdout_line(&mut agent).await;
+    let first = first_stdout_line(&mut agent.child).await;
     assert_eq!(first, format!("web tcp 127.0.0.1:{public}\n"));
     wait_listening(public).await;
     let client = awc::Client::new();
@@ -441,15 +408,6 @@ async fn status_and_metrics_count_a_real_transfer_byte_for_byte() {
     terminate(&mut server);
 }
 
-/// Sends `signal` (e.g. "STOP", "CONT") to `child`.
-fn signal(child: &Child, signal: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{signal}"), &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 #[actix_web::test]
 async fn a_frozen_agent_is_dropped_and_comes_back_when_thawed() {
     let (control, public) = (free_ports(1).0, free_ports(1).0);
@@ -478,7 +436,7 @@ async fn a_frozen_agent_is_dropped_and_comes_back_when_thawed() {
     let public_addr = ([127, 0, 0, 1], public).into();
     echo_through(public_addr, 1, 64 << 10).await;
 
-    signal(&agent, "STOP");
+    agent.signal("STOP");
     let frozen = Instant::now();
     assert!(
         wait_closed(public, Duration::from_secs(6)).await,
@@ -492,7 +450,7 @@ async fn a_frozen_agent_is_dropped_and_comes_back_when_thawed() {
         "dropped after {dropped_after:?}"
     );
 
-    signal(&agent, "CONT");
+    agent.signal("CONT");
     wait_listening(public).await; // the agent noticed, reconnected, got its port back
     echo_through(public_addr, 1, 64 << 10).await;
     terminate(&mut agent);
@@ -531,13 +489,11 @@ async fn the_server_listens_and_publishes_on_ipv6() {
         assert!(Instant::now() < deadline, "no IPv6 control listener");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let mut agent = Command::new(BIN)
-        .args(["agent", "--server", &url, "--token", "t", "--tcp", &spec])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let first = first_stdout_line(&mut agent).await;
+    let agent_args = ["agent", "--server", &url, "--token", "t", "--tcp", &spec];
+    let mut agent = Proc::spawn_with(&agent_args, |c| {
+        c.stdout(Stdio::piped());
+    });
+    let first = first_stdout_line(&mut agent.child).await;
     assert_eq!(first, format!("echo tcp [::1]:{public}\n"));
     echo_through(public_addr, 1, 64 << 10).await;
     terminate(&mut agent);
@@ -554,7 +510,7 @@ async fn an_agent_stops_promptly_while_waiting_to_reconnect() {
     // the second wait is 1-2 s long: stop in the middle of it
     agent.wait_for("reconnecting after a delay");
     agent.wait_for("reconnecting after a delay");
-    let (status, took) = terminate(&mut agent.child);
+    let (status, took) = terminate(&mut agent);
     assert!(
         status.success() && took < Duration::from_secs(1),
         "agent: {status} after {took:?}"
@@ -599,28 +555,16 @@ async fn the_access_command_opens_a_local_port_until_its_ttl() {
     let (_server, url) = server_proc(control, public).await;
     let spec = format!("db:{echo}:{public}");
     let _agent = registered_agent(&url, &spec);
-    let mut access = Command::new(BIN)
-        .args(["access", "--server", &url, "--service", "db", "--ttl", "2s"])
-        .env("ZLAYER_TUNNEL_TOKEN", common::process::TOKEN)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let line = first_stdout_line(&mut access).await;
+    let access_args = ["access", "--server", &url, "--service", "db", "--ttl", "2s"];
+    let mut access = Proc::spawn_with(&access_args, |c| {
+        c.stdout(Stdio::piped());
+    });
+    let line = first_stdout_line(&mut access.child).await;
     let local: std::net::SocketAddr = line.trim().parse().unwrap();
     echo_through(local, 1, 64 << 10).await;
     // it exits by itself when the TTL ends
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = access.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "still running after its TTL"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = access.exited_within(Duration::from_secs(5));
+    let status = status.expect("still running after its TTL");
     assert!(status.success(), "{status}");
     assert!(wait_closed(local.port(), Duration::from_secs(1)).await);
 }
