@@ -330,26 +330,26 @@ async fn an_agent_that_stops_reading_is_dropped_by_the_registry_watchdog() {
     }
 }
 
-/// A server process on fresh ports, with `flags` besides its listen address,
-/// port and bind host, and a raw agent authenticated with a `window` per
-/// stream and one TCP service registered: the server, the agent's
-/// WebSocket, and the service's public port.
+/// A server process (its control port of the OS's choosing), with `flags`
+/// besides its listen address, port and bind host, and a raw agent
+/// authenticated with a `window` per stream and one TCP service registered:
+/// the server, the agent's WebSocket, and the service's public port.
 async fn server_with_raw_agent(flags: &[&str], window: u32) -> (common::process::Proc, RawWs, u16) {
-    let (control, public) = free_ports(2);
-    let (listen, range) = (format!("127.0.0.1:{control}"), format!("{public}-{public}"));
+    let public = free_ports(1).0;
+    let range = format!("{public}-{public}");
     let mut args = vec![
         "server",
         "--listen",
-        &listen,
+        "127.0.0.1:0",
         "--port-range",
         &range,
         "--bind-host",
         "127.0.0.1",
     ];
     args.extend_from_slice(flags);
-    let server = common::process::Proc::spawn(&args);
-    wait_listening(control).await;
-    let mut ws = RawWs::connect(([127, 0, 0, 1], control).into(), "/tunnel/v1").await;
+    let mut server = common::process::Proc::spawn(&args);
+    let control = server.listening_addr("control channel listening");
+    let mut ws = RawWs::connect(control, "/tunnel/v1").await;
     let caps = zlayer_tunnel::protocol::Capabilities {
         features: zlayer_tunnel::protocol::Features::STREAMS,
         initial_window: window,
@@ -417,17 +417,16 @@ async fn an_agent_that_lies_about_its_window_cannot_make_the_server_buffer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_tunnel_takes_a_bounded_number_of_visitors() {
     const VISITORS: usize = 600;
-    let admin = free_ports(1).0;
-    let admin_listen = format!("127.0.0.1:{admin}");
     let flags = [
         "--heartbeat-interval",
         "1s",
         "--heartbeat-timeout",
         "6s",
         "--admin-listen",
-        &admin_listen,
+        "127.0.0.1:0",
     ];
-    let (server, ws, public) = server_with_raw_agent(&flags, 64 << 20).await;
+    let (mut server, ws, public) = server_with_raw_agent(&flags, 64 << 20).await;
+    let admin = server.listening_addr("admin endpoints listening").port();
 
     // from here on the agent reads nothing: one upload fills the WebSocket
     let written = Arc::new(AtomicU64::new(0));

@@ -36,16 +36,16 @@ impl Drop for Files {
     }
 }
 
-/// A `wss://` server on `control` with `pem`, publishing on `public`.
-async fn tls_server(files: &Files, pem: &Pem, control: u16, public: u16) -> Proc {
+/// A `wss://` server with `pem` on a control port of the OS's choosing,
+/// publishing on `public`: it and its control port, once it listens.
+fn tls_server(files: &Files, pem: &Pem, public: u16) -> (Proc, u16) {
     let cert = files.write("server.pem", &pem.cert);
     let key = files.write("server-key.pem", &pem.key);
-    let listen = format!("127.0.0.1:{control}");
     let range = format!("{public}-{public}");
     let args = [
         "server",
         "--listen",
-        &listen,
+        "127.0.0.1:0",
         "--port-range",
         &range,
         "--bind-host",
@@ -56,9 +56,8 @@ async fn tls_server(files: &Files, pem: &Pem, control: u16, public: u16) -> Proc
         &key,
     ];
     let mut server = Proc::spawn(&args);
-    server.wait_for("scheme=\"wss\"");
-    wait_listening(control).await;
-    server
+    let control = server.listening_addr("scheme=\"wss\"").port();
+    (server, control)
 }
 
 fn agent(url: &str, ca: &str, service: u16, public: u16) -> Proc {
@@ -70,8 +69,8 @@ fn agent(url: &str, ca: &str, service: u16, public: u16) -> Proc {
 async fn an_agent_trusts_a_private_ca() {
     let files = Files::new("ca");
     let (ca, pem) = certs::private_ca();
-    let (control, public) = (free_ports(1).0, free_ports(1).0);
-    let _server = tls_server(&files, &pem, control, public).await;
+    let public = free_ports(1).0;
+    let (_server, control) = tls_server(&files, &pem, public);
     let ca = files.write("ca.pem", &ca);
     let url = format!("wss://localhost:{control}/tunnel/v1");
     let mut agent = agent(&url, &ca, services::echo().await, public);
@@ -84,8 +83,8 @@ async fn an_agent_trusts_a_private_ca() {
 async fn an_agent_pins_a_self_signed_ca_true_certificate() {
     let files = Files::new("pinned");
     let pem = certs::self_signed_ca_true();
-    let (control, public) = (free_ports(1).0, free_ports(1).0);
-    let _server = tls_server(&files, &pem, control, public).await;
+    let public = free_ports(1).0;
+    let (_server, control) = tls_server(&files, &pem, public);
     let pinned = files.write("cert.pem", &pem.cert);
     let url = format!("wss://127.0.0.1:{control}/tunnel/v1");
     let mut agent = agent(&url, &pinned, services::echo().await, public);
@@ -98,8 +97,8 @@ async fn an_agent_pins_a_self_signed_ca_true_certificate() {
 async fn an_agent_refuses_a_server_it_cannot_verify() {
     let files = Files::new("refused");
     let pem = certs::self_signed_ca_true();
-    let (control, public) = (free_ports(1).0, free_ports(1).0);
-    let server = tls_server(&files, &pem, control, public).await;
+    let public = free_ports(1).0;
+    let (server, control) = tls_server(&files, &pem, public);
     let (other_ca, _) = certs::private_ca();
     let other = files.write("other-ca.pem", &other_ca);
     let url = format!("wss://localhost:{control}/tunnel/v1");

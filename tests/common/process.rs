@@ -1,6 +1,7 @@
 //! The `zlayer-tunnel` binary as a child process whose log can be waited on.
 
 use std::io::BufRead;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -82,6 +83,21 @@ impl Proc {
             }
         }
         panic!("no line with {text:?} in:\n{}", self.seen.join("\n"));
+    }
+
+    /// The address (`addr=` field) of the first line with `text`, seen
+    /// already or awaited: where a listener it was told to bind on port 0
+    /// took, logged once it listens ("control channel listening", "admin
+    /// endpoints listening"), so that connections from then on are queued.
+    pub fn listening_addr(&mut self, text: &str) -> SocketAddr {
+        let seen = self.seen.iter().find(|l| l.contains(text)).cloned();
+        let line = seen.unwrap_or_else(|| self.wait_for(text));
+        let addr = line
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix("addr="))
+            .unwrap_or_else(|| panic!("no addr= in {line:?}"));
+        addr.parse()
+            .unwrap_or_else(|e| panic!("{addr:?} in {line:?}: {e}"))
     }
 
     /// Its whole log, once its stderr has ended (it exited); panics after `DEADLINE`.
