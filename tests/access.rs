@@ -10,8 +10,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    DEADLINE, echo_through, fast_config, free_ports, services, spawn_agent, spawn_server,
-    spawn_server_with_tokens, wait_closed, wait_listening,
+    DEADLINE, echo_through, fast_config, free_ports, services, spawn_published, spawn_server,
+    spawn_server_with_tokens, wait_closed,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use zlayer_tunnel::AccessManager;
@@ -124,12 +124,12 @@ async fn a_session_through_the_server_reaches_the_agents_service() {
     let (port, _) = free_ports(1);
     let server = spawn_server(fast_config((port, port)), "secret");
     let echo = services::echo().await;
-    let (_agent, _task) = spawn_agent(
+    let (_agent, _task, published) = spawn_published(
         server.addr,
         "secret",
         vec![zlayer_tunnel::ServiceConfig::tcp("db", echo).with_remote_port(port)],
     );
-    wait_listening(port).await;
+    published.wait(1).await;
     let manager =
         AccessManager::new().with_server(format!("ws://{}/tunnel/v1", server.addr), "secret");
     // the remote address is only shown: the agent dials its own service
@@ -201,19 +201,26 @@ async fn token_scopes_limit_what_is_registered_and_accessed() {
     let (low, high) = free_ports(3);
     let server = spawn_server_with_tokens(fast_config((low, high)), store);
     let echo = services::echo().await;
-    let (agent, _task) = spawn_agent(
+    // "mail" first: the server answers registrations in order, so once the
+    // other two are published, its answer has come
+    let (agent, _task, published) = spawn_published(
         server.addr,
         "agent",
         vec![
+            zlayer_tunnel::ServiceConfig::tcp("mail", echo).with_remote_port(high),
             zlayer_tunnel::ServiceConfig::tcp("web", echo).with_remote_port(low),
             zlayer_tunnel::ServiceConfig::tcp("db", echo).with_remote_port(low + 1),
-            zlayer_tunnel::ServiceConfig::tcp("mail", echo).with_remote_port(high),
         ],
     );
-    wait_listening(low).await;
-    wait_listening(low + 1).await;
-    // "mail" is outside the agent token's scope: never published
-    assert!(wait_closed(high, Duration::from_millis(300)).await);
+    let names: Vec<String> = published
+        .wait(2)
+        .await
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    // "mail" is outside the agent token's scope: refused, never published
+    assert_eq!(names, ["web", "db"]);
+    assert!(wait_closed(high, Duration::ZERO).await);
     assert!(agent.status().services.iter().all(|s| s.name != "mail"));
 
     let url = format!("ws://{}/tunnel/v1", server.addr);
@@ -238,12 +245,12 @@ async fn the_ttl_also_ends_relayed_connections() {
     let (port, _) = free_ports(1);
     let server = spawn_server(fast_config((port, port)), "secret");
     let echo = services::echo().await;
-    let (_agent, _task) = spawn_agent(
+    let (_agent, _task, published) = spawn_published(
         server.addr,
         "secret",
         vec![zlayer_tunnel::ServiceConfig::tcp("db", echo).with_remote_port(port)],
     );
-    wait_listening(port).await;
+    published.wait(1).await;
     let manager = AccessManager::new()
         .with_server(format!("ws://{}/tunnel/v1", server.addr), "secret")
         .with_grace(Duration::from_millis(200));

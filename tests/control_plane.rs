@@ -365,7 +365,7 @@ async fn an_agent_refused_while_the_server_is_busy_says_so_and_gets_in_later() {
     let squatter = RawWs::connect(server.addr, PATH).await;
     let echo = common::services::echo().await;
     let services = vec![zlayer_tunnel::ServiceConfig::tcp("e", echo)];
-    let (agent, _task) = common::spawn_agent(server.addr, "secret", services);
+    let (agent, _task, published) = common::spawn_published(server.addr, "secret", services);
     let last_error = || match agent.status().state {
         zlayer_tunnel::TunnelState::Reconnecting { last_error, .. } => last_error,
         _ => String::new(),
@@ -378,7 +378,7 @@ async fn an_agent_refused_while_the_server_is_busy_says_so_and_gets_in_later() {
     .await;
     assert!(error.contains("503 Service Unavailable (busy"), "{error}");
     drop(squatter);
-    common::wait_listening(p).await;
+    assert_eq!(published.port(1).await, p);
     assert!(agent.status().connected);
     agent.stop();
 }
@@ -607,16 +607,13 @@ async fn a_visitor_over_max_connections_per_service_is_closed_and_the_others_kee
     config.max_connections_per_service = 2;
     let server = spawn_server(config, "secret");
     let echo = common::services::echo().await;
-    let (agent, _task) = common::spawn_agent(
+    let (agent, _task, published) = common::spawn_published(
         server.addr,
         "secret",
         vec![zlayer_tunnel::ServiceConfig::tcp("e", echo).with_remote_port(p)],
     );
     // no readiness probe on the port: its stream could take a slot
-    common::wait_until("the service is published", || {
-        std::future::ready(!agent.status().services.is_empty())
-    })
-    .await;
+    published.wait(1).await;
     let active = || async {
         let tunnels = server.registry.list_tunnels().await;
         tunnels[0].services[0].stats.connections_active
@@ -699,7 +696,10 @@ async fn a_legacy_agent_answering_heartbeats_keeps_its_port_until_it_falls_silen
     let tunnels = server.registry.list_tunnels().await;
     assert_eq!(tunnels.len(), 1);
     assert_eq!(tunnels[0].ports, [p]);
-    common::wait_listening(p).await;
+    // it listens (since before its RegisterOk)
+    tokio::net::TcpStream::connect(("127.0.0.1", p))
+        .await
+        .expect("the legacy agent's port is closed");
 
     // now silent: dropped within the timeout, plus a heartbeat tick
     let silent = Instant::now();

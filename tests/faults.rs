@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use common::proxy::Proxy;
 use common::{
-    DEADLINE, RawWs, Tunnel, echo_through, fast_config, free_ports, reset, services, spawn_agent,
-    spawn_server, tunnel, wait_listening,
+    DEADLINE, RawWs, Tunnel, echo_through, fast_config, free_ports, reset, services,
+    spawn_published, spawn_server, tunnel,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -61,21 +61,16 @@ async fn a_visitor_reset_resets_the_service_side_and_only_that_stream() {
     let mut visitor = visit(low).await;
     visitor.write_all(&vec![7u8; 1 << 20]).await.unwrap();
     reset(visitor);
-    loop {
-        let outcome = tokio::time::timeout(DEADLINE, outcomes.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        if outcome == Ok(0) {
-            continue; // the readiness probe of wait_listening
-        }
-        assert_eq!(
-            outcome,
-            Err(std::io::ErrorKind::ConnectionReset),
-            "the service saw a clean close, not a reset"
-        );
-        break;
-    }
+    // the service's first connection (readiness came from the agent, not a probe)
+    let outcome = tokio::time::timeout(DEADLINE, outcomes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        outcome,
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the service saw a clean close, not a reset"
+    );
     ping_pong(high, 10).await;
     agent.stop();
 }
@@ -134,16 +129,11 @@ async fn a_silent_service_keeps_its_visitor_and_sees_its_close() {
     );
     ping_pong(high, 10).await; // the tunnel is not blocked by the silent stream
     visitor.shutdown().await.unwrap();
-    loop {
-        match tokio::time::timeout(DEADLINE, outcomes.recv())
-            .await
-            .unwrap()
-            .unwrap()
-        {
-            Ok(0) => continue, // the readiness probe
-            outcome => break assert_eq!(outcome, Ok(13)),
-        }
-    }
+    let outcome = tokio::time::timeout(DEADLINE, outcomes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome, Ok(13));
     agent.stop();
 }
 
@@ -246,12 +236,12 @@ async fn server_and_agent_from_plain_tokio() {
         }
     });
     let echo = services::echo().await;
-    let (agent, task) = spawn_agent(
+    let (agent, task, published) = spawn_published(
         control,
         "secret",
         vec![ServiceConfig::tcp("e", echo).with_remote_port(port)],
     );
-    wait_listening(port).await;
+    published.wait(1).await;
     ping_pong(port, 20).await;
     agent.stop();
     tokio::time::timeout(DEADLINE, task)
@@ -279,7 +269,12 @@ async fn an_agent_that_stops_reading_is_dropped_by_the_registry_watchdog() {
     assert!(matches!(ws.expect().await, Some(Message::AuthOk { .. })));
     ws.send(&Message::register("svc", ServiceProtocol::Tcp, 22, port).unwrap())
         .await;
-    wait_listening(port).await;
+    // listening once registered (no probe: it would be a visitor, and its Connect the first)
+    let registered = next_stream_message(&mut ws, DEADLINE).await;
+    assert!(
+        matches!(registered, Some(Message::RegisterOk { .. })),
+        "{registered:?}"
+    );
     // a visitor whose stream is open (the agent saw its Connect)
     let mut first = visit(port).await;
     loop {
@@ -360,7 +355,12 @@ async fn server_with_raw_agent(flags: &[&str], window: u32) -> (common::process:
     assert!(matches!(ws.expect().await, Some(Message::AuthOk { .. })));
     ws.send(&Message::register("svc", ServiceProtocol::Tcp, 22, public).unwrap())
         .await;
-    wait_listening(public).await;
+    // listening once registered (no probe: it would be a visitor too)
+    let registered = next_stream_message(&mut ws, DEADLINE).await;
+    assert!(
+        matches!(registered, Some(Message::RegisterOk { .. })),
+        "{registered:?}"
+    );
     (server, ws, public)
 }
 
@@ -501,8 +501,8 @@ async fn an_agent_replaces_a_half_dead_link_and_takes_its_session_over_at_once()
     let mut client =
         common::agent_config(proxy.addr, "secret", vec![ServiceConfig::tcp("e", echo)]);
     client.heartbeat_timeout = Duration::from_secs(1);
-    let (agent, _task) = common::run_agent(zlayer_tunnel::TunnelAgent::new(client));
-    wait_listening(low).await;
+    let (agent, _task, published) = common::run_published(zlayer_tunnel::TunnelAgent::new(client));
+    assert_eq!(published.port(1).await, low);
     let public = ([127, 0, 0, 1], low).into();
     echo_through(public, 1, 64 << 10).await;
     let before = server.registry.list_tunnels().await;
@@ -511,14 +511,10 @@ async fn an_agent_replaces_a_half_dead_link_and_takes_its_session_over_at_once()
 
     // the link goes half-dead: both ends open, nothing crosses
     let frozen = std::time::Instant::now();
+    let count = published.count();
     assert_eq!(proxy.freeze_open(), 1);
-    common::wait_until("a new session of the agent", || async {
-        let tunnels = server.registry.list_tunnels().await;
-        tunnels
-            .iter()
-            .any(|t| t.id != before[0].id && !t.ports.is_empty())
-    })
-    .await;
+    // published again: a new session of the agent
+    published.wait(count + 1).await;
     // taken over by (token, client id): the old session is gone, its port is the new one's
     let after = server.registry.list_tunnels().await;
     assert_eq!(after.len(), 1, "the half-dead session was not taken over");

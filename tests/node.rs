@@ -8,9 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{
-    DEADLINE, echo_through, fast_config, free_ports, services, spawn_server_on, wait_listening,
-};
+use common::{DEADLINE, echo_through, fast_config, free_ports, services, spawn_server_on};
 use zlayer_tunnel::{NodeTunnel, NodeTunnelManager, TunnelServerConfig, TunnelState};
 
 /// The name of a state, without its fields.
@@ -88,11 +86,11 @@ async fn a_node_tunnel_carries_bytes_and_tells_the_truth_through_a_restart() {
     };
     assert!(!last_error.is_empty());
     let node_b = spawn_server_on(fast_config((public, public)), "tun-secret", control);
+    // connected: every service registered, its port listening
     watch(&node_a, "db", &mut seen, |s| {
         matches!(s, TunnelState::Connected { .. })
     })
     .await;
-    wait_listening(public).await;
     let second = echo_through(([127, 0, 0, 1], public).into(), 2, 1 << 20).await;
     moved += second;
     // node B's side (the public socket) counted the same bytes, exactly

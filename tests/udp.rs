@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{DEADLINE, fast_config, free_ports, services, spawn_agent, spawn_server};
+use common::{DEADLINE, fast_config, free_ports, services, spawn_published, spawn_server};
 use tokio::net::UdpSocket;
 use zlayer_tunnel::{ServiceConfig, TunnelAgent, TunnelServerConfig};
 
@@ -43,15 +43,6 @@ async fn udp_echo() -> u16 {
     port
 }
 
-/// Waits until `agent` has `n` services published.
-async fn published(agent: &TunnelAgent, n: usize) {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while agent.status().services.len() < n {
-        assert!(tokio::time::Instant::now() < deadline, "not published");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// Datagram `seq` of visitor `visitor`: its size and bytes (header: visitor, seq).
 fn datagram(visitor: u8, seq: u32, max: usize) -> Vec<u8> {
     const SIZES: [usize; 6] = [1, 64, 1200, 1500, 9000, 20_000];
@@ -79,12 +70,12 @@ async fn ten_thousand_datagrams_from_16_visitors_each_echoed_to_its_sender() {
     let (port, _) = free_ports(1);
     let server = spawn_server(udp_config(port), "secret");
     let echo = udp_echo().await;
-    let (agent, _task) = spawn_agent(
+    let (agent, _task, published) = spawn_published(
         server.addr,
         "secret",
         vec![ServiceConfig::udp("echo", echo).with_remote_port(port)],
     );
-    published(&agent, 1).await;
+    published.wait(1).await;
     let public: SocketAddr = ([127, 0, 0, 1], port).into();
     let mut sockets = Vec::new();
     for _ in 0..VISITORS {
@@ -196,7 +187,7 @@ async fn a_flood_is_dropped_and_counted_while_tcp_keeps_working() {
     let deaf = udp_socket().await;
     let deaf_port = deaf.local_addr().unwrap().port();
     let echo = services::echo().await;
-    let (agent, _task) = spawn_agent(
+    let (agent, _task, published) = spawn_published(
         server.addr,
         "secret",
         vec![
@@ -204,7 +195,7 @@ async fn a_flood_is_dropped_and_counted_while_tcp_keeps_working() {
             ServiceConfig::tcp("echo", echo).with_remote_port(high),
         ],
     );
-    published(&agent, 2).await;
+    published.wait(2).await;
     let before = rss_kib();
     let flood = tokio::spawn(async move {
         let socket = udp_socket().await;
@@ -271,8 +262,8 @@ async fn flows_expire_when_idle_come_back_after_an_agent_restart_and_big_datagra
     let server = spawn_server(config, "secret");
     let echo = udp_echo().await;
     let service = ServiceConfig::udp("echo", echo).with_remote_port(port);
-    let (agent, task) = spawn_agent(server.addr, "secret", vec![service.clone()]);
-    published(&agent, 1).await;
+    let (agent, task, published) = spawn_published(server.addr, "secret", vec![service.clone()]);
+    published.wait(1).await;
     let visitor = udp_socket().await;
     let public: SocketAddr = ([127, 0, 0, 1], port).into();
     let round_trip = |payload: Vec<u8>| {
@@ -324,7 +315,7 @@ async fn flows_expire_when_idle_come_back_after_an_agent_restart_and_big_datagra
     // an agent restart: same port, flows re-created
     agent.stop();
     task.await.unwrap().unwrap();
-    let (agent, _task) = spawn_agent(server.addr, "secret", vec![service]);
-    published(&agent, 1).await;
+    let (_agent, _task, published) = spawn_published(server.addr, "secret", vec![service]);
+    published.wait(1).await;
     round_trip(b"after restart".to_vec()).await;
 }

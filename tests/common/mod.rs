@@ -351,6 +351,70 @@ pub fn run_agent(agent: zlayer_tunnel::TunnelAgent) -> (zlayer_tunnel::TunnelAge
     (agent, task)
 }
 
+/// Starts an agent for `services` in the background, telling `Published` of
+/// each service the server publishes; returns it, its task and that.
+pub fn spawn_published(
+    server: SocketAddr,
+    token: &str,
+    services: Vec<zlayer_tunnel::ServiceConfig>,
+) -> (zlayer_tunnel::TunnelAgent, AgentTask, Published) {
+    run_published(zlayer_tunnel::TunnelAgent::new(agent_config(
+        server, token, services,
+    )))
+}
+
+/// Runs `agent` in the background with a `Published` as its `on_published`
+/// callback; returns it, its task and that.
+pub fn run_published(
+    agent: zlayer_tunnel::TunnelAgent,
+) -> (zlayer_tunnel::TunnelAgent, AgentTask, Published) {
+    let published = Published::default();
+    let (agent, task) = run_agent(agent.on_published(published.callback()));
+    (agent, task, published)
+}
+
+/// What an agent's `on_published` callback reported, in order (each
+/// reconnect publishes again). The server listens on a public port before it
+/// answers the registration, so a service reported here takes visitors: the
+/// readiness of a tunnel, learnt without a visitor that would be a stream too.
+#[derive(Clone)]
+pub struct Published(Arc<tokio::sync::watch::Sender<Vec<zlayer_tunnel::PublishedService>>>);
+
+impl Default for Published {
+    fn default() -> Self {
+        Self(Arc::new(tokio::sync::watch::channel(Vec::new()).0))
+    }
+}
+
+impl Published {
+    /// The callback to give `TunnelAgent::on_published`.
+    pub fn callback(&self) -> zlayer_tunnel::PublishedCallback {
+        let all = self.0.clone();
+        Arc::new(move |service| all.send_modify(|all| all.push(service.clone())))
+    }
+
+    /// Waits until `n` publications in all (counting republications after
+    /// reconnects); returns every one so far. Panics after `DEADLINE`.
+    pub async fn wait(&self, n: usize) -> Vec<zlayer_tunnel::PublishedService> {
+        let mut all = self.0.subscribe();
+        let reached = tokio::time::timeout(DEADLINE, all.wait_for(|all| all.len() >= n)).await;
+        if reached.is_err() {
+            panic!("{n} publications awaited, got {:?}", *self.0.borrow());
+        }
+        self.0.borrow().clone()
+    }
+
+    /// Publications so far.
+    pub fn count(&self) -> usize {
+        self.0.borrow().len()
+    }
+
+    /// The public port of the `n`th publication (from 1), once it came.
+    pub async fn port(&self, n: usize) -> u16 {
+        self.wait(n).await[n - 1].public_port
+    }
+}
+
 /// Polls `check` until it holds; panics with `what` after `DEADLINE`.
 pub async fn wait_until<F, Fut>(what: &str, mut check: F)
 where
@@ -386,10 +450,8 @@ pub async fn tunnel(local_ports: &[u16]) -> Tunnel {
             zlayer_tunnel::ServiceConfig::tcp(format!("s{i}"), *local).with_remote_port(*remote)
         })
         .collect();
-    let (agent, task) = spawn_agent(server.addr, "secret", services);
-    for port in &public {
-        wait_listening(*port).await;
-    }
+    let (agent, task, published) = spawn_published(server.addr, "secret", services);
+    published.wait(public.len()).await;
     Tunnel {
         server,
         agent,
