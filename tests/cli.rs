@@ -10,7 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::process::Proc;
-use common::{echo_through, free_ports, services, wait_closed, wait_listening};
+use common::{echo_through, free_ports, services, wait_closed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BIN: &str = env!("CARGO_BIN_EXE_zlayer-tunnel");
@@ -57,10 +57,11 @@ fn control_addr(server: &mut Proc) -> std::net::SocketAddr {
     server.listening_addr("control channel listening")
 }
 
-/// An agent for the one service `spec` at `url`, once it says it registered.
+/// An agent for the one service `spec` at `url`, once it says it registered
+/// (the server listens on the public port by then).
 fn registered_agent(url: &str, spec: &str) -> Proc {
     let mut agent = Proc::spawn(&["agent", "--server", url, "--tcp", spec]);
-    agent.wait_for("service registered");
+    agent.registered_port();
     agent
 }
 
@@ -170,7 +171,7 @@ async fn a_hashed_token_server_and_an_agent_move_bytes_and_stop_cleanly() {
     let mut agent = Proc::spawn_with(&["agent", "--server", &url, "--tcp", &spec], |c| {
         c.env("ZLAYER_TUNNEL_TOKEN", "s3cret");
     });
-    wait_listening(public).await;
+    assert_eq!(agent.registered_port(), public);
 
     echo_through(([127, 0, 0, 1], public).into(), 9, 3 << 20).await;
 
@@ -255,7 +256,7 @@ async fn config_files_drive_server_and_agent_and_flags_override_them() {
     let mut agent = Proc::spawn_with(&["agent", "--config", agent_toml.to_str().unwrap()], |c| {
         c.env("ZLAYER_TUNNEL_TOKEN", "filetoken");
     });
-    wait_listening(public).await;
+    assert_eq!(agent.registered_port(), public);
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", public))
         .await
         .unwrap();
@@ -328,7 +329,6 @@ async fn status_and_metrics_count_a_real_transfer_byte_for_byte() {
     // the agent prints each public address on stdout, once registered
     let first = first_stdout_line(&mut agent.child).await;
     assert_eq!(first, format!("web tcp 127.0.0.1:{public}\n"));
-    wait_listening(public).await;
     let client = awc::Client::new();
     let get = |path: &str| client.get(format!("http://{admin_addr}{path}")).send();
     let baseline: serde_json::Value = get("/status").await.unwrap().json().await.unwrap();
@@ -432,7 +432,7 @@ async fn a_frozen_agent_is_dropped_and_comes_back_when_thawed() {
     let url = control_url(&mut server);
     let spec = format!("echo:{echo}:{public}");
     let mut agent = spawn(&["agent", "--server", &url, "--token", "t", "--tcp", &spec]);
-    wait_listening(public).await;
+    assert_eq!(agent.registered_port(), public);
     let public_addr = ([127, 0, 0, 1], public).into();
     echo_through(public_addr, 1, 64 << 10).await;
 
@@ -451,7 +451,8 @@ async fn a_frozen_agent_is_dropped_and_comes_back_when_thawed() {
     );
 
     agent.signal("CONT");
-    wait_listening(public).await; // the agent noticed, reconnected, got its port back
+    // the agent noticed, reconnected, got its port back
+    assert_eq!(agent.registered_port(), public);
     echo_through(public_addr, 1, 64 << 10).await;
     terminate(&mut agent);
     terminate(&mut server);
@@ -584,8 +585,8 @@ async fn two_nodes_as_two_processes_with_a_node_tunnel() {
         common::process::TOKEN,
     ]);
     let line = node_a.wait_for("state=connected");
+    // connected: registered on node B, which listens there since
     assert!(line.contains("tunnel=db"), "{line}");
-    wait_listening(public_b).await;
     echo_through(([127, 0, 0, 1], public_b).into(), 1, 64 << 10).await;
 }
 

@@ -44,9 +44,7 @@ async fn server_and_agent() -> (Proc, Proc, u16, u16) {
     let url = format!("ws://127.0.0.1:{control}/tunnel/v1");
     let spec = format!("echo:{echo}:0");
     let mut agent = Proc::spawn_exe(&example("agent"), &[&url, "ex-token", &spec]);
-    let line = agent.wait_for("service registered");
-    assert!(line.contains(&format!("public_port={public}")), "{line}");
-    wait_listening(public).await;
+    assert_eq!(agent.registered_port(), public);
     let addr = ([127, 0, 0, 1], public).into();
     echo_through(addr, 1, 1 << 20).await;
     echo_through(addr, 2, 3 << 20).await;

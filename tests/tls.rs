@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::certs::{self, Pem};
 use common::process::Proc;
-use common::{echo_through, free_ports, services, wait_closed, wait_listening};
+use common::{echo_through, free_ports, services, wait_closed};
 
 /// A directory of PEM files, removed on drop.
 struct Files(PathBuf);
@@ -74,8 +74,7 @@ async fn an_agent_trusts_a_private_ca() {
     let ca = files.write("ca.pem", &ca);
     let url = format!("wss://localhost:{control}/tunnel/v1");
     let mut agent = agent(&url, &ca, services::echo().await, public);
-    agent.wait_for("service registered");
-    wait_listening(public).await;
+    assert_eq!(agent.registered_port(), public);
     echo_through(([127, 0, 0, 1], public).into(), 7, 2 << 20).await;
 }
 
@@ -88,8 +87,7 @@ async fn an_agent_pins_a_self_signed_ca_true_certificate() {
     let pinned = files.write("cert.pem", &pem.cert);
     let url = format!("wss://127.0.0.1:{control}/tunnel/v1");
     let mut agent = agent(&url, &pinned, services::echo().await, public);
-    agent.wait_for("service registered");
-    wait_listening(public).await;
+    assert_eq!(agent.registered_port(), public);
     echo_through(([127, 0, 0, 1], public).into(), 7, 2 << 20).await;
 }
 

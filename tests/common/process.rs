@@ -100,6 +100,16 @@ impl Proc {
             .unwrap_or_else(|e| panic!("{addr:?} in {line:?}: {e}"))
     }
 
+    /// The public port in an agent's next "service registered" line (logged
+    /// once the server answered, which it does once it listens there).
+    pub fn registered_port(&mut self) -> u16 {
+        let line = self.wait_for("service registered");
+        line.split_whitespace()
+            .find_map(|field| field.strip_prefix("public_port="))
+            .and_then(|port| port.parse().ok())
+            .unwrap_or_else(|| panic!("no public_port= in {line:?}"))
+    }
+
     /// Its whole log, once its stderr has ended (it exited); panics after `DEADLINE`.
     pub fn log(&mut self) -> String {
         let end = Instant::now() + DEADLINE;
