@@ -727,13 +727,13 @@ async fn after_a_burst_the_agent_gives_its_memory_back() {
         .collect();
     // the agent takes a window of each stream (32 KiB, and read buffers)
     let mut held = before;
-    let deadline = Instant::now() + common::DEADLINE;
-    while held < before + 4096 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let took = common::poll(common::DEADLINE, || {
         held = common::rss_anon_kib(pid);
-    }
+        std::future::ready(held >= before + 4096)
+    })
+    .await;
     assert!(
-        held >= before + 4096,
+        took,
         "the burst never took the agent's memory up: {held} KiB"
     );
     gate.send_replace(true);
@@ -741,12 +741,12 @@ async fn after_a_burst_the_agent_gives_its_memory_back() {
         upload.await.unwrap();
     }
     let drained = common::rss_anon_kib(pid);
-    let deadline = Instant::now() + Duration::from_secs(5);
     let mut now = drained;
-    while now > before + 3072 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    common::poll_every(Duration::from_secs(5), Duration::from_millis(100), || {
         now = common::rss_anon_kib(pid);
-    }
+        std::future::ready(now <= before + 3072)
+    })
+    .await;
     eprintln!(
         "agent RssAnon: {before} KiB before, {held} held, {drained} drained, {now} at the end"
     );

@@ -172,9 +172,10 @@ async fn a_legacy_agents_visitors_are_refused_cleanly() {
 /// `moved`), runs `rounds` of ping-pong on `port`; returns what the bulk moved
 /// meanwhile.
 async fn ping_pong_beside(moved: &AtomicU64, port: u16, rounds: usize, bulk: &str) -> u64 {
-    while moved.load(Ordering::Relaxed) < 16 << 20 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    common::wait_until(&format!("16 MiB moved by {bulk}"), || {
+        std::future::ready(moved.load(Ordering::Relaxed) >= 16 << 20)
+    })
+    .await;
     let before = moved.load(Ordering::Relaxed);
     if tokio::time::timeout(DEADLINE, ping_pong(port, rounds))
         .await

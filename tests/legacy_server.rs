@@ -376,6 +376,7 @@ async fn a_server_that_lies_about_its_window_cannot_make_the_agent_buffer() {
         loop {
             let beat = Message::Heartbeat { timestamp: 1 };
             write_frame(&mut socket, &beat.encode()).await;
+            // the fake server's heartbeat interval, not a wait
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });

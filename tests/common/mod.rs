@@ -18,8 +18,14 @@ pub mod certs;
 pub mod ports;
 pub mod process;
 pub mod proxy;
+pub mod wait;
 
 pub use ports::free_ports;
+#[allow(unused_imports)] // not every test binary uses every wait
+pub use wait::{
+    poll, poll_blocking, poll_every, wait_closed, wait_listening, wait_settled, wait_stalled,
+    wait_until,
+};
 
 /// Every wait in a test ends by this.
 pub const DEADLINE: Duration = Duration::from_secs(10);
@@ -280,39 +286,6 @@ fn status_kib(pid: u32, field: &str) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-/// Waits until `progress` has not moved for `quiet`, and returns where it
-/// stopped; panics with `what` and the bytes so far after `3 * DEADLINE`.
-pub async fn wait_stalled(
-    progress: &std::sync::atomic::AtomicU64,
-    quiet: Duration,
-    what: &str,
-) -> u64 {
-    let load = || progress.load(std::sync::atomic::Ordering::Relaxed);
-    wait_settled(load, quiet, |last| {
-        format!("{what} never stalled: {} MiB so far", last >> 20)
-    })
-    .await
-}
-
-/// Waits until `read` gives the same value for `quiet`, and returns it;
-/// panics with `failure(last value)` after `3 * DEADLINE`.
-pub async fn wait_settled(
-    mut read: impl FnMut() -> u64,
-    quiet: Duration,
-    failure: impl Fn(u64) -> String,
-) -> u64 {
-    let deadline = tokio::time::Instant::now() + DEADLINE * 3;
-    let (mut last, mut still) = (u64::MAX, 0);
-    while still < 5 {
-        assert!(tokio::time::Instant::now() < deadline, "{}", failure(last));
-        tokio::time::sleep(quiet / 5).await;
-        let now = read();
-        still = if now == last { still + 1 } else { 0 };
-        last = now;
-    }
-    last
-}
-
 /// An agent's running task: `run()`'s result.
 pub type AgentTask = tokio::task::JoinHandle<zlayer_tunnel::Result<()>>;
 
@@ -415,19 +388,6 @@ impl Published {
     }
 }
 
-/// Polls `check` until it holds; panics with `what` after `DEADLINE`.
-pub async fn wait_until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// A server and an agent publishing one service per local port.
 pub struct Tunnel {
     pub server: TestServer,
@@ -458,30 +418,6 @@ pub async fn tunnel(local_ports: &[u16]) -> Tunnel {
         task,
         public,
     }
-}
-
-/// Waits until `port` on 127.0.0.1 accepts connections.
-pub async fn wait_listening(port: u16) {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "port {port} never opened"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Waits until `port` on 127.0.0.1 refuses connections.
-pub async fn wait_closed(port: u16, within: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + within;
-    while TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    true
 }
 
 /// Sends `len` bytes of the pattern for `seed` through the echo at `addr`,

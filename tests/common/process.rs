@@ -146,16 +146,12 @@ impl Proc {
 
     /// Its exit status, once it exits by itself within `within`.
     pub fn exited_within(&mut self, within: Duration) -> Option<ExitStatus> {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            if start.elapsed() >= within {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let mut status = None;
+        super::poll_blocking(within, || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        status
     }
 }
 
