@@ -148,23 +148,31 @@ async fn our_agent_works_the_control_plane_of_an_original_server() {
             |m| matches!(m, Message::Register { name, remote_port: 2222, .. } if name == "ssh"),
         )
     };
-    let own_heartbeat =
-        |got: &[Message]| got.iter().any(|m| matches!(m, Message::Heartbeat { .. }));
-    while !(answered(&got) && registered(&got) && own_heartbeat(&got)) {
+    let own_heartbeats = |got: &[Message]| {
+        got.iter()
+            .filter(|m| matches!(m, Message::Heartbeat { .. }))
+            .count()
+    };
+    let mut next = async |got: &mut Vec<Message>| {
         let m = tokio::time::timeout_at(deadline, seen.recv())
             .await
             .expect("agent went quiet")
             .unwrap();
         got.push(m);
+    };
+    while !(answered(&got) && registered(&got) && own_heartbeats(&got) > 0) {
+        next(&mut got).await;
     }
     assert!(
         matches!(got[0], Message::Auth { .. }),
         "first message: {:?}",
         got[0]
     );
-    tokio::time::sleep(Duration::from_millis(300)).await; // anything else it would send
-    while let Ok(m) = seen.try_recv() {
-        got.push(m);
+    // anything else it would send about the above leaves before its next two
+    // heartbeats (its frames go out in order): those, not a time, bound the wait
+    let enough = own_heartbeats(&got) + 2;
+    while own_heartbeats(&got) < enough {
+        next(&mut got).await;
     }
     for m in &got {
         assert!(

@@ -110,6 +110,11 @@ impl Proc {
             .unwrap_or_else(|| panic!("no public_port= in {line:?}"))
     }
 
+    /// The lines read so far (by `wait_for` and the like).
+    pub fn seen(&self) -> &[String] {
+        &self.seen
+    }
+
     /// Its whole log, once its stderr has ended (it exited); panics after `DEADLINE`.
     pub fn log(&mut self) -> String {
         let end = Instant::now() + DEADLINE;
