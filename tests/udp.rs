@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::process::Proc;
 use common::{DEADLINE, fast_config, free_ports, services, spawn_published, spawn_server};
 use tokio::net::UdpSocket;
 use zlayer_tunnel::{ServiceConfig, TunnelAgent, TunnelServerConfig};
@@ -170,29 +171,67 @@ async fn ten_thousand_datagrams_from_16_visitors_each_echoed_to_its_sender() {
     assert!(flows.iter().all(|f| f.bytes_in == f.bytes_out));
 }
 
-fn rss_kib() -> u64 {
-    common::rss_kib(std::process::id())
+/// RSS of the server and the agent processes together, in KiB.
+fn rss_kib(server: &Proc, agent: &Proc) -> u64 {
+    common::rss_kib(server.child.id()) + common::rss_kib(agent.child.id())
 }
 
+/// The `/status` of the admin endpoints at `admin`.
+async fn status(admin: SocketAddr) -> serde_json::Value {
+    let mut answer = awc::Client::new()
+        .get(format!("http://{admin}/status"))
+        .send()
+        .await
+        .unwrap();
+    answer.json().await.unwrap()
+}
+
+/// The server and the agent are the `zlayer-tunnel` binary, each a process
+/// of its own, so that the memory measured is theirs, not this process's
+/// (whose visitors and services hold buffers of their own).
 #[actix_web::test]
 async fn a_flood_is_dropped_and_counted_while_tcp_keeps_working() {
     let (low, high) = free_ports(2);
+    let range = format!("{low}-{high}");
     // the default limits: 10,000 datagrams/s per flow, 4 MiB of datagrams in flight
-    let server = spawn_server(fast_config((low, high)), "secret");
+    let mut server = Proc::spawn(&[
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--port-range",
+        &range,
+        "--bind-host",
+        "127.0.0.1",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ]);
+    let control = server.listening_addr("control channel listening");
+    let server_admin = server.listening_addr("admin endpoints listening");
     // a service that never reads
     let deaf = udp_socket().await;
     let deaf_port = deaf.local_addr().unwrap().port();
     let echo = services::echo().await;
-    let (agent, _task, published) = spawn_published(
-        server.addr,
-        "secret",
-        vec![
-            ServiceConfig::udp("deaf", deaf_port).with_remote_port(low),
-            ServiceConfig::tcp("echo", echo).with_remote_port(high),
-        ],
+    let url = format!("ws://{control}/tunnel/v1");
+    let (deaf_spec, echo_spec) = (
+        format!("deaf:{deaf_port}:{low}"),
+        format!("echo:{echo}:{high}"),
     );
-    published.wait(2).await;
-    let before = rss_kib();
+    let mut agent = Proc::spawn(&[
+        "agent",
+        "--server",
+        &url,
+        "--udp",
+        &deaf_spec,
+        "--tcp",
+        &echo_spec,
+        "--admin-listen",
+        "127.0.0.1:0",
+    ]);
+    let agent_admin = agent.listening_addr("admin endpoints listening");
+    let mut public = [agent.registered_port(), agent.registered_port()];
+    public.sort_unstable();
+    assert_eq!(public, [low, high]);
+    let before = rss_kib(&server, &agent);
     let flood = tokio::spawn(async move {
         let socket = udp_socket().await;
         let payload = vec![7u8; 1200];
@@ -227,23 +266,34 @@ async fn a_flood_is_dropped_and_counted_while_tcp_keeps_working() {
     got.unwrap();
     assert!(back == data, "the TCP transfer was corrupted");
     flood.await.unwrap();
-    let grown = rss_kib().saturating_sub(before);
-    let server_drops: u64 = server
-        .registry
-        .list_tunnels()
-        .await
+    let grown = rss_kib(&server, &agent).saturating_sub(before);
+    let tunnels = status(server_admin).await;
+    let server_drops: u64 = tunnels["tunnels"]
+        .as_array()
+        .unwrap()
         .iter()
-        .flat_map(|t| &t.services)
-        .map(|s| s.stats.drops)
+        .flat_map(|t| t["services"].as_array().unwrap())
+        .map(|s| s["stats"]["drops"].as_u64().unwrap())
         .sum();
-    let agent_stats = agent.status().services[0].stats;
+    let agent_status = status(agent_admin).await;
+    let deaf_service = agent_status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "deaf")
+        .unwrap()
+        .clone();
+    let agent_stats = &deaf_service["stats"];
+    let (datagrams_in, agent_drops) = (
+        agent_stats["datagrams_in"].as_u64().unwrap(),
+        agent_stats["drops"].as_u64().unwrap(),
+    );
     eprintln!(
-        "flood: RSS +{grown} KiB; server drops {server_drops}; agent: {} datagrams in, {} drops",
-        agent_stats.datagrams_in, agent_stats.drops
+        "flood: server and agent RSS +{grown} KiB; server drops {server_drops}; agent: {datagrams_in} datagrams in, {agent_drops} drops"
     );
     assert!(grown < 64 * 1024, "memory grew {grown} KiB under the flood");
     assert!(
-        agent_stats.drops + server_drops > 0,
+        agent_drops + server_drops > 0,
         "nothing was counted as dropped"
     );
     drop(deaf);
