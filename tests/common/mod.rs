@@ -421,7 +421,7 @@ pub async fn tunnel(local_ports: &[u16]) -> Tunnel {
 }
 
 /// Sends `len` bytes of the pattern for `seed` through the echo at `addr`,
-/// half-closes, reads the answer to its end and checks it by digest; the
+/// half-closes, reads the answer to its end and checks it byte for byte; the
 /// bytes moved each way.
 pub async fn echo_through(addr: SocketAddr, seed: u64, len: usize) -> u64 {
     let data = pattern(seed, len);
@@ -434,12 +434,26 @@ pub async fn echo_through(addr: SocketAddr, seed: u64, len: usize) -> u64 {
     let mut back = Vec::new();
     let (_, got) = tokio::join!(send, r.read_to_end(&mut back));
     got.unwrap();
-    assert_eq!(
-        sha256(&back),
-        sha256(&data),
-        "the echo through {addr} corrupted data"
-    );
+    assert_same(&back, &data, &format!("the echo through {addr}"));
     len as u64
+}
+
+/// Panics, naming `what`, unless `got` is `sent`: with how much came back,
+/// where it first differs, and how it begins (a short answer that begins
+/// "HTTP/1.1 400" came from some other server than the one meant).
+pub fn assert_same(got: &[u8], sent: &[u8], what: &str) {
+    if got == sent {
+        return;
+    }
+    let at = got.iter().zip(sent).position(|(g, s)| g != s);
+    let at = at.unwrap_or_else(|| got.len().min(sent.len()));
+    let head = String::from_utf8_lossy(&got[..got.len().min(48)]);
+    panic!(
+        "{what} corrupted data: {} of {} bytes back, the first difference at byte {at}; \
+         it began {head:?}",
+        got.len(),
+        sent.len()
+    );
 }
 
 /// Uploads `len` pattern bytes to a digest service (`services::digest`)
