@@ -10,8 +10,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    DEADLINE, echo_through, fast_config, free_ports, services, spawn_agent, spawn_server,
-    spawn_server_with_tokens, wait_closed, wait_listening,
+    DEADLINE, echo_through, fast_config, free_ports, services, spawn_published, spawn_server,
+    spawn_server_with_tokens, wait_closed,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use zlayer_tunnel::AccessManager;
@@ -27,18 +27,12 @@ async fn a_session_carries_bytes_both_ways_and_counts_them_exactly() {
         .unwrap();
     let len = echo_through(session.local_addr, 11, 5 << 20).await;
 
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    let info = loop {
+    common::wait_until("the connection closed", || {
         let info = manager.list_sessions().pop().unwrap();
-        if info.stats.connections_active == 0 {
-            break info;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the connection never closed"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+        std::future::ready(info.stats.connections_active == 0)
+    })
+    .await;
+    let info = manager.list_sessions().pop().unwrap();
     assert_eq!(info.endpoint, "echo");
     assert_eq!(info.remote_addr, format!("127.0.0.1:{echo}"));
     assert_eq!((info.stats.bytes_in, info.stats.bytes_out), (len, len));
@@ -100,6 +94,7 @@ async fn the_ttl_closes_the_listener_and_open_connections_mid_transfer() {
                 return;
             }
             match s.read_exact(&mut back).await {
+                // the pace of the transfer (what is tested), not a wait
                 Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
                 Err(_) => return,
             }
@@ -124,12 +119,12 @@ async fn a_session_through_the_server_reaches_the_agents_service() {
     let (port, _) = free_ports(1);
     let server = spawn_server(fast_config((port, port)), "secret");
     let echo = services::echo().await;
-    let (_agent, _task) = spawn_agent(
+    let (_agent, _task, published) = spawn_published(
         server.addr,
         "secret",
         vec![zlayer_tunnel::ServiceConfig::tcp("db", echo).with_remote_port(port)],
     );
-    wait_listening(port).await;
+    published.wait(1).await;
     let manager =
         AccessManager::new().with_server(format!("ws://{}/tunnel/v1", server.addr), "secret");
     // the remote address is only shown: the agent dials its own service
@@ -139,20 +134,14 @@ async fn a_session_through_the_server_reaches_the_agents_service() {
         .unwrap();
     let mut moved = echo_through(session.local_addr, 1, 4 << 20).await;
     moved += echo_through(session.local_addr, 2, 4 << 20).await;
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
+    common::wait_until("the connections closed", || {
         let stats = manager.list_sessions().pop().unwrap().stats;
-        if stats.connections_active == 0 {
-            assert_eq!((stats.bytes_in, stats.bytes_out), (moved, moved));
-            assert_eq!(stats.connections_total, 2);
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "connections never closed"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        std::future::ready(stats.connections_active == 0)
+    })
+    .await;
+    let stats = manager.list_sessions().pop().unwrap().stats;
+    assert_eq!((stats.bytes_in, stats.bytes_out), (moved, moved));
+    assert_eq!(stats.connections_total, 2);
 
     // an endpoint nobody registered: the connection is closed, with a log line saying why
     let nowhere = manager
@@ -201,19 +190,26 @@ async fn token_scopes_limit_what_is_registered_and_accessed() {
     let (low, high) = free_ports(3);
     let server = spawn_server_with_tokens(fast_config((low, high)), store);
     let echo = services::echo().await;
-    let (agent, _task) = spawn_agent(
+    // "mail" first: the server answers registrations in order, so once the
+    // other two are published, its answer has come
+    let (agent, _task, published) = spawn_published(
         server.addr,
         "agent",
         vec![
+            zlayer_tunnel::ServiceConfig::tcp("mail", echo).with_remote_port(high),
             zlayer_tunnel::ServiceConfig::tcp("web", echo).with_remote_port(low),
             zlayer_tunnel::ServiceConfig::tcp("db", echo).with_remote_port(low + 1),
-            zlayer_tunnel::ServiceConfig::tcp("mail", echo).with_remote_port(high),
         ],
     );
-    wait_listening(low).await;
-    wait_listening(low + 1).await;
-    // "mail" is outside the agent token's scope: never published
-    assert!(wait_closed(high, Duration::from_millis(300)).await);
+    let names: Vec<String> = published
+        .wait(2)
+        .await
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    // "mail" is outside the agent token's scope: refused, never published
+    assert_eq!(names, ["web", "db"]);
+    assert!(wait_closed(high, Duration::ZERO).await);
     assert!(agent.status().services.iter().all(|s| s.name != "mail"));
 
     let url = format!("ws://{}/tunnel/v1", server.addr);
@@ -238,12 +234,12 @@ async fn the_ttl_also_ends_relayed_connections() {
     let (port, _) = free_ports(1);
     let server = spawn_server(fast_config((port, port)), "secret");
     let echo = services::echo().await;
-    let (_agent, _task) = spawn_agent(
+    let (_agent, _task, published) = spawn_published(
         server.addr,
         "secret",
         vec![zlayer_tunnel::ServiceConfig::tcp("db", echo).with_remote_port(port)],
     );
-    wait_listening(port).await;
+    published.wait(1).await;
     let manager = AccessManager::new()
         .with_server(format!("ws://{}/tunnel/v1", server.addr), "secret")
         .with_grace(Duration::from_millis(200));
@@ -268,6 +264,7 @@ async fn the_ttl_also_ends_relayed_connections() {
                 return rounds;
             }
             rounds += 1;
+            // the pace of the transfer (what is tested), not a wait
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };

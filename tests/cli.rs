@@ -10,7 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::process::Proc;
-use common::{echo_through, free_ports, services, wait_closed, wait_listening};
+use common::{echo_through, free_ports, services, wait_closed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BIN: &str = env!("CARGO_BIN_EXE_zlayer-tunnel");
@@ -23,37 +23,45 @@ fn run(args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn spawn(args: &[&str]) -> Child {
-    Command::new(BIN)
-        .args(args)
-        .env_remove("ZLAYER_TUNNEL_TOKEN")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+/// The binary with `args` and no token in its environment; killed on drop.
+fn spawn(args: &[&str]) -> Proc {
+    Proc::spawn_with(args, |c| {
+        c.env_remove("ZLAYER_TUNNEL_TOKEN");
+    })
 }
 
-/// A server on control port `control` publishing on port `public` only,
-/// listening once this returns; and its control URL.
-async fn server_proc(control: u16, public: u16) -> (Proc, String) {
-    let (listen, range) = (format!("127.0.0.1:{control}"), format!("{public}-{public}"));
-    let server = Proc::spawn(&[
+/// A server on a control port of the OS's choosing publishing on port
+/// `public` only, listening once this returns; and its control URL.
+fn server_proc(public: u16) -> (Proc, String) {
+    let range = format!("{public}-{public}");
+    let mut server = Proc::spawn(&[
         "server",
         "--listen",
-        &listen,
+        "127.0.0.1:0",
         "--port-range",
         &range,
         "--bind-host",
         "127.0.0.1",
     ]);
-    wait_listening(control).await;
-    (server, format!("ws://127.0.0.1:{control}/tunnel/v1"))
+    let url = control_url(&mut server);
+    (server, url)
 }
 
-/// An agent for the one service `spec` at `url`, once it says it registered.
+/// The control URL of server `server` (told to listen on port 0), once it listens.
+fn control_url(server: &mut Proc) -> String {
+    format!("ws://{}/tunnel/v1", control_addr(server))
+}
+
+/// Where server `server` (told to listen on port 0) listens, once it does.
+fn control_addr(server: &mut Proc) -> std::net::SocketAddr {
+    server.listening_addr("control channel listening")
+}
+
+/// An agent for the one service `spec` at `url`, once it says it registered
+/// (the server listens on the public port by then).
 fn registered_agent(url: &str, spec: &str) -> Proc {
     let mut agent = Proc::spawn(&["agent", "--server", url, "--tcp", spec]);
-    agent.wait_for("service registered");
+    agent.registered_port();
     agent
 }
 
@@ -79,28 +87,8 @@ async fn first_stdout_line(child: &mut Child) -> String {
 }
 
 /// Sends SIGTERM and waits for the exit; returns the status and how long it took.
-fn terminate(child: &mut Child) -> (std::process::ExitStatus, Duration) {
-    let start = Instant::now();
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return (status, start.elapsed());
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "no exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn stderr_of(mut child: Child) -> String {
-    let mut text = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut text).unwrap();
-    text
+fn terminate(process: &mut Proc) -> (std::process::ExitStatus, Duration) {
+    process.stop_with("TERM")
 }
 
 #[test]
@@ -162,15 +150,14 @@ fn help_and_bad_flags() {
 
 #[actix_web::test]
 async fn a_hashed_token_server_and_an_agent_move_bytes_and_stop_cleanly() {
-    let (control, public) = (free_ports(1).0, free_ports(1).0);
+    let public = free_ports(1).0;
     let echo = services::echo().await;
     let hash = zlayer_tunnel::hash_token("s3cret");
-    let listen = format!("127.0.0.1:{control}");
     let range = format!("{public}-{public}");
     let mut server = spawn(&[
         "server",
         "--listen",
-        &listen,
+        "127.0.0.1:0",
         "--port-range",
         &range,
         "--bind-host",
@@ -178,16 +165,13 @@ async fn a_hashed_token_server_and_an_agent_move_bytes_and_stop_cleanly() {
         "--token-hash",
         &hash,
     ]);
-    wait_listening(control).await;
-    let url = format!("ws://127.0.0.1:{control}/tunnel/v1");
+    let control = control_addr(&mut server);
+    let url = format!("ws://{control}/tunnel/v1");
     let spec = format!("echo:{echo}:0");
-    let mut agent = Command::new(BIN)
-        .args(["agent", "--server", &url, "--tcp", &spec])
-        .env("ZLAYER_TUNNEL_TOKEN", "s3cret")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_listening(public).await;
+    let mut agent = Proc::spawn_with(&["agent", "--server", &url, "--tcp", &spec], |c| {
+        c.env("ZLAYER_TUNNEL_TOKEN", "s3cret");
+    });
+    assert_eq!(agent.registered_port(), public);
 
     echo_through(([127, 0, 0, 1], public).into(), 9, 3 << 20).await;
 
@@ -205,8 +189,8 @@ async fn a_hashed_token_server_and_an_agent_move_bytes_and_stop_cleanly() {
         status.success() && took < Duration::from_secs(2),
         "server: {status} after {took:?}"
     );
-    assert!(wait_closed(control, Duration::from_secs(1)).await);
-    let log = stderr_of(agent);
+    assert!(wait_closed(control.port(), Duration::from_secs(1)).await);
+    let log = agent.log();
     assert!(
         !log.contains("s3cret"),
         "the token leaked into the agent's log"
@@ -215,26 +199,22 @@ async fn a_hashed_token_server_and_an_agent_move_bytes_and_stop_cleanly() {
 
 #[actix_web::test]
 async fn an_agent_with_a_wrong_token_exits_with_the_reason() {
-    let (control, public) = (free_ports(1).0, free_ports(1).0);
-    let listen = format!("127.0.0.1:{control}");
+    let public = free_ports(1).0;
     let range = format!("{public}-{public}");
     let mut server = spawn(&[
         "server",
         "--listen",
-        &listen,
+        "127.0.0.1:0",
         "--port-range",
         &range,
         "--token",
         "right",
     ]);
-    wait_listening(control).await;
-    let url = format!("ws://127.0.0.1:{control}/tunnel/v1");
-    let out =
-        tokio::task::spawn_blocking(move || run(&["agent", "--server", &url, "--token", "wrong"]))
-            .await
-            .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8(out.stderr).unwrap();
+    let url = control_url(&mut server);
+    let mut agent = spawn(&["agent", "--server", &url, "--token", "wrong"]);
+    let status = agent.exited_within(common::DEADLINE);
+    assert!(status.is_some_and(|s| !s.success()), "{status:?}");
+    let err = agent.log();
     assert!(err.contains("invalid tunnel token"), "{err}");
     assert!(
         !err.contains("wrong\n") && !err.contains("\"wrong\""),
@@ -245,22 +225,16 @@ async fn an_agent_with_a_wrong_token_exits_with_the_reason() {
 
 #[actix_web::test]
 async fn config_files_drive_server_and_agent_and_flags_override_them() {
-    let (control, public) = (free_ports(1).0, free_ports(1).0);
+    let public = free_ports(1).0;
     let echo = services::echo().await;
     let dir = temp_dir();
     let server_toml = dir.join("server.toml");
     std::fs::write(
         &server_toml,
         format!(
-            "listen = [\"127.0.0.1:{control}\"]\ntoken_hashes = [\"{}\"]\n[tunnel]\ndata_port_range = [1, 2]\nbind_host = \"127.0.0.1\"\n",
+            "listen = [\"127.0.0.1:0\"]\ntoken_hashes = [\"{}\"]\n[tunnel]\ndata_port_range = [1, 2]\nbind_host = \"127.0.0.1\"\n",
             zlayer_tunnel::hash_token("filetoken")
         ),
-    )
-    .unwrap();
-    let agent_toml = dir.join("agent.toml");
-    std::fs::write(
-        &agent_toml,
-        format!("server_url = \"ws://127.0.0.1:{control}/tunnel/v1\"\n[[services]]\nname = \"echo\"\nlocal_port = {echo}\n"),
     )
     .unwrap();
     // the flag overrides the file's port range
@@ -272,14 +246,17 @@ async fn config_files_drive_server_and_agent_and_flags_override_them() {
         "--port-range",
         &range,
     ]);
-    wait_listening(control).await;
-    let mut agent = Command::new(BIN)
-        .args(["agent", "--config", agent_toml.to_str().unwrap()])
-        .env("ZLAYER_TUNNEL_TOKEN", "filetoken")
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_listening(public).await;
+    let url = control_url(&mut server);
+    let agent_toml = dir.join("agent.toml");
+    std::fs::write(
+        &agent_toml,
+        format!("server_url = \"{url}\"\n[[services]]\nname = \"echo\"\nlocal_port = {echo}\n"),
+    )
+    .unwrap();
+    let mut agent = Proc::spawn_with(&["agent", "--config", agent_toml.to_str().unwrap()], |c| {
+        c.env("ZLAYER_TUNNEL_TOKEN", "filetoken");
+    });
+    assert_eq!(agent.registered_port(), public);
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", public))
         .await
         .unwrap();
@@ -305,19 +282,17 @@ async fn config_files_drive_server_and_agent_and_flags_override_them() {
 /// those public ports: a service asking for any port gets the scope's.
 #[actix_web::test]
 async fn a_token_file_scope_holds_an_agent_to_its_ports() {
-    let control = free_ports(1).0;
     let (low, high) = free_ports(2);
     let echo = services::echo().await;
     let dir = temp_dir();
     let server_toml = dir.join("server.toml");
     let text = format!(
-        "listen = [\"127.0.0.1:{control}\"]\n[[tokens]]\nhash = \"{}\"\nports = [[{high}, {high}]]\n[tunnel]\ndata_port_range = [{low}, {high}]\nbind_host = \"127.0.0.1\"\n",
+        "listen = [\"127.0.0.1:0\"]\n[[tokens]]\nhash = \"{}\"\nports = [[{high}, {high}]]\n[tunnel]\ndata_port_range = [{low}, {high}]\nbind_host = \"127.0.0.1\"\n",
         zlayer_tunnel::hash_token(common::process::TOKEN)
     );
     std::fs::write(&server_toml, text).unwrap();
-    let _server = Proc::spawn(&["server", "--config", server_toml.to_str().unwrap()]);
-    wait_listening(control).await;
-    let url = format!("ws://127.0.0.1:{control}/tunnel/v1");
+    let mut server = Proc::spawn(&["server", "--config", server_toml.to_str().unwrap()]);
+    let url = control_url(&mut server);
     let _agent = registered_agent(&url, &format!("echo:{echo}:0"));
     // without the scope, port 0 would be the range's lowest, `low`
     echo_through(([127, 0, 0, 1], high).into(), 1, 64 << 10).await;
@@ -326,18 +301,13 @@ async fn a_token_file_scope_holds_an_agent_to_its_ports() {
 
 #[actix_web::test]
 async fn status_and_metrics_count_a_real_transfer_byte_for_byte() {
-    let (control, public, admin) = (free_ports(1).0, free_ports(1).0, free_ports(1).0);
-    let agent_admin = format!("127.0.0.1:{}", free_ports(1).0);
+    let public = free_ports(1).0;
     let echo = services::echo().await;
-    let (listen, range, admin_addr) = (
-        format!("127.0.0.1:{control}"),
-        format!("{public}-{public}"),
-        format!("127.0.0.1:{admin}"),
-    );
+    let range = format!("{public}-{public}");
     let mut server = spawn(&[
         "server",
         "--listen",
-        &listen,
+        "127.0.0.1:0",
         "--port-range",
         &range,
         "--bind-host",
@@ -345,22 +315,20 @@ async fn status_and_metrics_count_a_real_transfer_byte_for_byte() {
         "--token",
         "t",
         "--admin-listen",
-        &admin_addr,
+        "127.0.0.1:0",
     ]);
-    wait_listening(control).await;
-    let url = format!("ws://127.0.0.1:{control}/tunnel/v1");
+    let url = control_url(&mut server);
+    let admin_addr = server.listening_addr("admin endpoints listening");
     let spec = format!("web:{echo}:{public}");
-    let mut agent = Command::new(BIN)
-        .args(["agent", "--server", &url, "--token", "t", "--tcp", &spec])
-        .args(["--admin-listen", &agent_admin])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let agent_args = ["agent", "--server", &url, "--token", "t", "--tcp", &spec];
+    let mut agent = Proc::spawn_with(&agent_args, |c| {
+        c.args(["--admin-listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped());
+    });
+    let agent_admin = agent.listening_addr("admin endpoints listening");
     // the agent prints each public address on stdout, once registered
-    let first = first_stdout_line(&mut agent).await;
+    let first = first_stdout_line(&mut agent.child).await;
     assert_eq!(first, format!("web tcp 127.0.0.1:{public}\n"));
-    wait_listening(public).await;
     let client = awc::Client::new();
     let get = |path: &str| client.get(format!("http://{admin_addr}{path}")).send();
     let baseline: serde_json::Value = get("/status").await.unwrap().json().await.unwrap();
@@ -441,24 +409,15 @@ async fn status_and_metrics_count_a_real_transfer_byte_for_byte() {
     terminate(&mut server);
 }
 
-/// Sends `signal` (e.g. "STOP", "CONT") to `child`.
-fn signal(child: &Child, signal: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{signal}"), &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 #[actix_web::test]
 async fn a_frozen_agent_is_dropped_and_comes_back_when_thawed() {
-    let (control, public) = (free_ports(1).0, free_ports(1).0);
+    let public = free_ports(1).0;
     let echo = services::echo().await;
-    let (listen, range) = (format!("127.0.0.1:{control}"), format!("{public}-{public}"));
+    let range = format!("{public}-{public}");
     let mut server = spawn(&[
         "server",
         "--listen",
-        &listen,
+        "127.0.0.1:0",
         "--port-range",
         &range,
         "--bind-host",
@@ -470,21 +429,23 @@ async fn a_frozen_agent_is_dropped_and_comes_back_when_thawed() {
         "--heartbeat-timeout",
         "1500ms",
     ]);
-    wait_listening(control).await;
-    let url = format!("ws://127.0.0.1:{control}/tunnel/v1");
+    let url = control_url(&mut server);
     let spec = format!("echo:{echo}:{public}");
     let mut agent = spawn(&["agent", "--server", &url, "--token", "t", "--tcp", &spec]);
-    wait_listening(public).await;
+    assert_eq!(agent.registered_port(), public);
     let public_addr = ([127, 0, 0, 1], public).into();
     echo_through(public_addr, 1, 64 << 10).await;
 
-    signal(&agent, "STOP");
+    agent.signal("STOP");
     let frozen = Instant::now();
+    // the server says when it drops the agent; no probe visitors meanwhile
+    // (each would be a stream the frozen agent must open when it thaws)
+    server.wait_for("heartbeat timeout");
+    let dropped_after = frozen.elapsed();
     assert!(
-        wait_closed(public, Duration::from_secs(6)).await,
+        wait_closed(public, Duration::from_secs(1)).await,
         "the server kept a frozen agent's port"
     );
-    let dropped_after = frozen.elapsed();
     // within the heartbeat timeout, plus a watchdog tick (a timeout short
     // enough to drop a live agent that the tests' load stalls made it flaky)
     assert!(
@@ -492,8 +453,9 @@ async fn a_frozen_agent_is_dropped_and_comes_back_when_thawed() {
         "dropped after {dropped_after:?}"
     );
 
-    signal(&agent, "CONT");
-    wait_listening(public).await; // the agent noticed, reconnected, got its port back
+    agent.signal("CONT");
+    // the agent noticed, reconnected, got its port back
+    assert_eq!(agent.registered_port(), public);
     echo_through(public_addr, 1, 64 << 10).await;
     terminate(&mut agent);
     terminate(&mut server);
@@ -501,20 +463,15 @@ async fn a_frozen_agent_is_dropped_and_comes_back_when_thawed() {
 
 #[actix_web::test]
 async fn the_server_listens_and_publishes_on_ipv6() {
-    let port = || {
-        std::net::TcpListener::bind("[::1]:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
-    let (control, public) = (port(), port());
+    // a port of the test window (free on 127.0.0.1 when handed out; nothing
+    // else in this process binds it, on any address)
+    let public = free_ports(1).0;
     let echo = services::echo().await;
-    let (listen, range) = (format!("[::1]:{control}"), format!("{public}-{public}"));
+    let range = format!("{public}-{public}");
     let mut server = spawn(&[
         "server",
         "--listen",
-        &listen,
+        "[::1]:0",
         "--port-range",
         &range,
         "--bind-host",
@@ -522,22 +479,16 @@ async fn the_server_listens_and_publishes_on_ipv6() {
         "--token",
         "t",
     ]);
-    let url = format!("ws://[::1]:{control}/tunnel/v1");
+    let control = control_addr(&mut server);
+    assert!(control.is_ipv6(), "{control}");
+    let url = format!("ws://{control}/tunnel/v1");
     let spec = format!("echo:{echo}:{public}");
     let public_addr = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, public));
-    let deadline = Instant::now() + common::DEADLINE;
-    let control_addr = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, control));
-    while tokio::net::TcpStream::connect(control_addr).await.is_err() {
-        assert!(Instant::now() < deadline, "no IPv6 control listener");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let mut agent = Command::new(BIN)
-        .args(["agent", "--server", &url, "--token", "t", "--tcp", &spec])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let first = first_stdout_line(&mut agent).await;
+    let agent_args = ["agent", "--server", &url, "--token", "t", "--tcp", &spec];
+    let mut agent = Proc::spawn_with(&agent_args, |c| {
+        c.stdout(Stdio::piped());
+    });
+    let first = first_stdout_line(&mut agent.child).await;
     assert_eq!(first, format!("echo tcp [::1]:{public}\n"));
     echo_through(public_addr, 1, 64 << 10).await;
     terminate(&mut agent);
@@ -546,15 +497,15 @@ async fn the_server_listens_and_publishes_on_ipv6() {
 
 #[actix_web::test]
 async fn an_agent_stops_promptly_while_waiting_to_reconnect() {
-    let (control, public) = (free_ports(1).0, free_ports(1).0);
-    let (server, url) = server_proc(control, public).await;
+    let public = free_ports(1).0;
+    let (server, url) = server_proc(public);
     let spec = format!("svc:1:{public}");
     let mut agent = registered_agent(&url, &spec);
     drop(server);
     // the second wait is 1-2 s long: stop in the middle of it
     agent.wait_for("reconnecting after a delay");
     agent.wait_for("reconnecting after a delay");
-    let (status, took) = terminate(&mut agent.child);
+    let (status, took) = terminate(&mut agent);
     assert!(
         status.success() && took < Duration::from_secs(1),
         "agent: {status} after {took:?}"
@@ -563,7 +514,7 @@ async fn an_agent_stops_promptly_while_waiting_to_reconnect() {
 
 #[actix_web::test]
 async fn a_udp_service_through_the_binaries() {
-    let (control, public) = (free_ports(1).0, free_ports(1).0);
+    let public = free_ports(1).0;
     let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let echo_port = echo.local_addr().unwrap().port();
     std::thread::spawn(move || {
@@ -572,7 +523,7 @@ async fn a_udp_service_through_the_binaries() {
             let _ = echo.send_to(&buf[..n], from);
         }
     });
-    let (_server, url) = server_proc(control, public).await;
+    let (_server, url) = server_proc(public);
     let spec = format!("dns:{echo_port}:{public}");
     let mut agent = Proc::spawn(&["agent", "--server", &url, "--udp", &spec]);
     agent.wait_for("service registered");
@@ -594,62 +545,37 @@ async fn a_udp_service_through_the_binaries() {
 
 #[actix_web::test]
 async fn the_access_command_opens_a_local_port_until_its_ttl() {
-    let (control, public) = (free_ports(1).0, free_ports(1).0);
+    let public = free_ports(1).0;
     let echo = services::echo().await;
-    let (_server, url) = server_proc(control, public).await;
+    let (_server, url) = server_proc(public);
     let spec = format!("db:{echo}:{public}");
     let _agent = registered_agent(&url, &spec);
-    let mut access = Command::new(BIN)
-        .args(["access", "--server", &url, "--service", "db", "--ttl", "2s"])
-        .env("ZLAYER_TUNNEL_TOKEN", common::process::TOKEN)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let line = first_stdout_line(&mut access).await;
+    let access_args = ["access", "--server", &url, "--service", "db", "--ttl", "2s"];
+    let mut access = Proc::spawn_with(&access_args, |c| {
+        c.stdout(Stdio::piped());
+    });
+    let line = first_stdout_line(&mut access.child).await;
     let local: std::net::SocketAddr = line.trim().parse().unwrap();
     echo_through(local, 1, 64 << 10).await;
     // it exits by itself when the TTL ends
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = access.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "still running after its TTL"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = access.exited_within(Duration::from_secs(5));
+    let status = status.expect("still running after its TTL");
     assert!(status.success(), "{status}");
     assert!(wait_closed(local.port(), Duration::from_secs(1)).await);
 }
 
 #[actix_web::test]
 async fn two_nodes_as_two_processes_with_a_node_tunnel() {
-    let (control_a, control_b) = (free_ports(1).0, free_ports(1).0);
     let (public_a, public_b) = (free_ports(1).0, free_ports(1).0);
     let echo = services::echo().await;
-    let listen_b = format!("127.0.0.1:{control_b}");
-    let range_b = format!("{public_b}-{public_b}");
-    let _node_b = Proc::spawn(&[
-        "server",
-        "--listen",
-        &listen_b,
-        "--port-range",
-        &range_b,
-        "--bind-host",
-        "127.0.0.1",
-    ]);
-    wait_listening(control_b).await;
+    let (_node_b, url_b) = server_proc(public_b);
     // node A runs its own server and a node tunnel that publishes its echo on node B
-    let listen_a = format!("127.0.0.1:{control_a}");
     let range_a = format!("{public_a}-{public_a}");
-    let tunnel = format!("db:{echo}:{public_b}@ws://127.0.0.1:{control_b}/tunnel/v1");
+    let tunnel = format!("db:{echo}:{public_b}@{url_b}");
     let mut node_a = Proc::spawn(&[
         "server",
         "--listen",
-        &listen_a,
+        "127.0.0.1:0",
         "--port-range",
         &range_a,
         "--bind-host",
@@ -662,16 +588,16 @@ async fn two_nodes_as_two_processes_with_a_node_tunnel() {
         common::process::TOKEN,
     ]);
     let line = node_a.wait_for("state=connected");
+    // connected: registered on node B, which listens there since
     assert!(line.contains("tunnel=db"), "{line}");
-    wait_listening(public_b).await;
     echo_through(([127, 0, 0, 1], public_b).into(), 1, 64 << 10).await;
 }
 
 #[actix_web::test]
 async fn a_killed_agents_port_is_free_within_a_second() {
-    let (control, public) = (free_ports(1).0, free_ports(1).0);
+    let public = free_ports(1).0;
     let echo = services::echo().await;
-    let (_server, url) = server_proc(control, public).await;
+    let (_server, url) = server_proc(public);
     let spec = format!("echo:{echo}:{public}");
     let mut agent = registered_agent(&url, &spec);
     let public_addr = ([127, 0, 0, 1], public).into();
@@ -692,21 +618,20 @@ async fn a_killed_agents_port_is_free_within_a_second() {
 
 #[actix_web::test]
 async fn the_server_logs_an_agent_refused_over_max_tunnels() {
-    let (control, public) = (free_ports(1).0, free_ports(1).0);
+    let public = free_ports(1).0;
     let echo = services::echo().await;
     let dir = temp_dir();
     let config = dir.join("server.toml");
     std::fs::write(
         &config,
         format!(
-            "listen = [\"127.0.0.1:{control}\"]\n[tunnel]\nmax_tunnels = 1\n\
+            "listen = [\"127.0.0.1:0\"]\n[tunnel]\nmax_tunnels = 1\n\
              data_port_range = [{public}, {public}]\nbind_host = \"127.0.0.1\"\n"
         ),
     )
     .unwrap();
     let mut server = Proc::spawn(&["server", "--config", config.to_str().unwrap()]);
-    wait_listening(control).await;
-    let url = format!("ws://127.0.0.1:{control}/tunnel/v1");
+    let url = control_url(&mut server);
     let spec = format!("echo:{echo}:{public}");
     let _first = registered_agent(&url, &spec);
     let mut second = Proc::spawn(&["agent", "--server", &url]);
@@ -739,9 +664,9 @@ fn minor_faults(pid: u32) -> u64 {
 #[actix_web::test]
 async fn an_upload_through_the_binaries_costs_the_server_almost_no_page_faults() {
     const SIZE: usize = 128 << 20;
-    let (control, public) = (free_ports(1).0, free_ports(1).0);
+    let public = free_ports(1).0;
     let digest = services::digest().await;
-    let (server, url) = server_proc(control, public).await;
+    let (server, url) = server_proc(public);
     let spec = format!("digest:{digest}:{public}");
     let _agent = registered_agent(&url, &spec);
     warm_up_through_digest(public).await;
@@ -792,9 +717,9 @@ async fn warm_up_through_digest(public: u16) {
 async fn after_a_burst_the_agent_gives_its_memory_back() {
     const STREAMS: u64 = 200;
     const SIZE: usize = 256 << 10;
-    let (control, public) = (free_ports(1).0, free_ports(1).0);
+    let public = free_ports(1).0;
     let (gated, gate) = services::gated_digest().await;
-    let (_server, url) = server_proc(control, public).await;
+    let (_server, url) = server_proc(public);
     let agent = registered_agent(&url, &format!("gated:{gated}:{public}"));
     warm_up_through_digest_gate(public, &gate).await;
     let pid = agent.child.id();
@@ -805,13 +730,13 @@ async fn after_a_burst_the_agent_gives_its_memory_back() {
         .collect();
     // the agent takes a window of each stream (32 KiB, and read buffers)
     let mut held = before;
-    let deadline = Instant::now() + common::DEADLINE;
-    while held < before + 4096 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let took = common::poll(common::DEADLINE, || {
         held = common::rss_anon_kib(pid);
-    }
+        std::future::ready(held >= before + 4096)
+    })
+    .await;
     assert!(
-        held >= before + 4096,
+        took,
         "the burst never took the agent's memory up: {held} KiB"
     );
     gate.send_replace(true);
@@ -819,12 +744,12 @@ async fn after_a_burst_the_agent_gives_its_memory_back() {
         upload.await.unwrap();
     }
     let drained = common::rss_anon_kib(pid);
-    let deadline = Instant::now() + Duration::from_secs(5);
     let mut now = drained;
-    while now > before + 3072 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    common::poll_every(Duration::from_secs(5), Duration::from_millis(100), || {
         now = common::rss_anon_kib(pid);
-    }
+        std::future::ready(now <= before + 3072)
+    })
+    .await;
     eprintln!(
         "agent RssAnon: {before} KiB before, {held} held, {drained} drained, {now} at the end"
     );

@@ -72,7 +72,10 @@ async fn auth_register_in_order_and_release_on_close() {
     );
     assert_eq!(server.registry.available_ports().await, 0);
     drop(ws);
-    wait_until(|| async { server.registry.available_ports().await == 3 }).await;
+    common::wait_until("the ports released", || async {
+        server.registry.available_ports().await == 3
+    })
+    .await;
     assert_eq!(server.registry.tunnel_count().await, 0);
 }
 
@@ -121,12 +124,19 @@ async fn repeated_failures_lock_the_address_out_without_checking_tokens() {
     );
     assert!(!reason.contains("secret"));
     // once the lockout (1 s) is over, the right token gets in and clears the record
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while let Some(reason) = try_auth(server.addr, "secret").await {
-        assert!(reason.contains("too many"), "{reason}");
-        assert!(Instant::now() < deadline, "still locked out");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let admitted = common::poll_every(
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        || async {
+            let reason = try_auth(server.addr, "secret").await;
+            if let Some(reason) = &reason {
+                assert!(reason.contains("too many"), "{reason}");
+            }
+            reason.is_none()
+        },
+    )
+    .await;
+    assert!(admitted, "still locked out");
     let reason = try_auth(server.addr, "guess").await.unwrap();
     assert!(
         reason.contains("invalid tunnel token"),
@@ -173,7 +183,10 @@ async fn a_silent_agent_is_dropped_and_its_ports_freed() {
         }
     }
     assert!(disconnected);
-    wait_until(|| async { server.registry.available_ports().await == 1 }).await;
+    common::wait_until("the port released", || async {
+        server.registry.available_ports().await == 1
+    })
+    .await;
 }
 
 #[actix_web::test]
@@ -230,25 +243,22 @@ async fn send_oversized_frame(ws: &mut RawWs, payload: usize) -> (usize, bool) {
     (accepted, failed)
 }
 
-/// This process's resident memory (the test's server runs in it).
-fn resident_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .unwrap();
-    line.trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse::<u64>()
-        .unwrap()
-        * 1024
-}
-
+/// The server is the `zlayer-tunnel` binary, a process of its own, so that
+/// the memory measured is the server's, not this process's (whose client
+/// holds buffers of its own).
 #[actix_web::test]
-async fn a_64_mib_frame_header_is_refused_and_other_routes_still_answer() {
-    let server = spawn_server(fast_config(free_ports(1)), "secret");
-    let mut ws = RawWs::connect(server.addr, PATH).await;
+async fn a_64_mib_frame_header_is_refused_and_the_server_still_answers() {
+    let range = format!("{0}-{0}", free_ports(1).0);
+    let mut server = common::process::Proc::spawn(&[
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--port-range",
+        &range,
+    ]);
+    let control = server.listening_addr("control channel listening");
+    let resident_bytes = || common::rss_kib(server.child.id()) * 1024;
+    let mut ws = RawWs::connect(control, PATH).await;
     let (before, started) = (resident_bytes(), Instant::now());
     // 48 of the 64 MiB: a server buffering the frame would hold all of it, waiting for the rest
     let (accepted, _) = send_oversized_frame(&mut ws, 48 << 20).await;
@@ -265,15 +275,9 @@ async fn a_64_mib_frame_header_is_refused_and_other_routes_still_answer() {
         "closed {:?} after the header",
         started.elapsed()
     );
-    let body = awc::Client::new()
-        .get(format!("http://{}/health", server.addr))
-        .send()
-        .await
-        .unwrap()
-        .body()
-        .await
-        .unwrap();
-    assert_eq!(&body[..], b"ok");
+    // and the next agent is served
+    let mut next = RawWs::connect(control, PATH).await;
+    authed(&mut next, common::process::TOKEN, Uuid::new_v4()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -365,7 +369,7 @@ async fn an_agent_refused_while_the_server_is_busy_says_so_and_gets_in_later() {
     let squatter = RawWs::connect(server.addr, PATH).await;
     let echo = common::services::echo().await;
     let services = vec![zlayer_tunnel::ServiceConfig::tcp("e", echo)];
-    let (agent, _task) = common::spawn_agent(server.addr, "secret", services);
+    let (agent, _task, published) = common::spawn_published(server.addr, "secret", services);
     let last_error = || match agent.status().state {
         zlayer_tunnel::TunnelState::Reconnecting { last_error, .. } => last_error,
         _ => String::new(),
@@ -378,7 +382,7 @@ async fn an_agent_refused_while_the_server_is_busy_says_so_and_gets_in_later() {
     .await;
     assert!(error.contains("503 Service Unavailable (busy"), "{error}");
     drop(squatter);
-    common::wait_listening(p).await;
+    assert_eq!(published.port(1).await, p);
     assert!(agent.status().connected);
     agent.stop();
 }
@@ -397,7 +401,10 @@ async fn unauthenticated_connections_are_bounded_on_a_mounted_route() {
     unauthenticated_connections_are_bounded(server.addr, "secret").await;
     // what `/status` and `/metrics` report: the refusals, and no place left taken
     assert!(server.registry.guards().refused_unauthenticated >= 2);
-    wait_until(|| async { server.registry.guards().awaiting_auth == 0 }).await;
+    common::wait_until("no place taken", || async {
+        server.registry.guards().awaiting_auth == 0
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -435,21 +442,6 @@ async fn raw_server(config: zlayer_tunnel::TunnelServerConfig) -> std::net::Sock
         }
     });
     addr
-}
-
-async fn wait_until<F, Fut>(mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + common::DEADLINE;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not met before the deadline"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// The next `RegisterOk`'s port, answering heartbeats on the way.
@@ -595,7 +587,10 @@ async fn an_agent_over_max_tunnels_gets_auth_fail_with_the_reason() {
     assert_eq!(server.registry.tunnel_count().await, 1);
     // once the first agent leaves, the next one gets in
     drop(first);
-    wait_until(|| async { server.registry.tunnel_count().await == 0 }).await;
+    common::wait_until("the first tunnel gone", || async {
+        server.registry.tunnel_count().await == 0
+    })
+    .await;
     let mut third = RawWs::connect(server.addr, PATH).await;
     authed(&mut third, "secret", Uuid::new_v4()).await;
 }
@@ -607,16 +602,13 @@ async fn a_visitor_over_max_connections_per_service_is_closed_and_the_others_kee
     config.max_connections_per_service = 2;
     let server = spawn_server(config, "secret");
     let echo = common::services::echo().await;
-    let (agent, _task) = common::spawn_agent(
+    let (agent, _task, published) = common::spawn_published(
         server.addr,
         "secret",
         vec![zlayer_tunnel::ServiceConfig::tcp("e", echo).with_remote_port(p)],
     );
     // no readiness probe on the port: its stream could take a slot
-    common::wait_until("the service is published", || {
-        std::future::ready(!agent.status().services.is_empty())
-    })
-    .await;
+    published.wait(1).await;
     let active = || async {
         let tunnels = server.registry.list_tunnels().await;
         tunnels[0].services[0].stats.connections_active
@@ -640,7 +632,7 @@ async fn a_visitor_over_max_connections_per_service_is_closed_and_the_others_kee
     ping(&mut second, 4).await;
     // a closed visitor frees its slot
     drop(first);
-    wait_until(|| async { active().await == 1 }).await;
+    common::wait_until("one connection active", || async { active().await == 1 }).await;
     let mut fourth = visit(p).await;
     ping(&mut fourth, 5).await;
     agent.stop();
@@ -678,7 +670,8 @@ async fn a_legacy_agent_answering_heartbeats_keeps_its_port_until_it_falls_silen
         .await;
     assert_eq!(register_ok(&mut ws).await, p);
 
-    // it answers each Heartbeat with a HeartbeatAck, and sends nothing else
+    // it answers each Heartbeat with a HeartbeatAck, and sends nothing
+    // else, for 2.5 heartbeat timeouts: the time it stays is what is tested
     let until = Instant::now() + timeout * 5 / 2;
     let mut answered = 0;
     while let Some(left) = until.checked_duration_since(Instant::now()) {
@@ -699,7 +692,10 @@ async fn a_legacy_agent_answering_heartbeats_keeps_its_port_until_it_falls_silen
     let tunnels = server.registry.list_tunnels().await;
     assert_eq!(tunnels.len(), 1);
     assert_eq!(tunnels[0].ports, [p]);
-    common::wait_listening(p).await;
+    // it listens (since before its RegisterOk)
+    tokio::net::TcpStream::connect(("127.0.0.1", p))
+        .await
+        .expect("the legacy agent's port is closed");
 
     // now silent: dropped within the timeout, plus a heartbeat tick
     let silent = Instant::now();

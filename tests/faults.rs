@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use common::proxy::Proxy;
 use common::{
-    DEADLINE, RawWs, Tunnel, echo_through, fast_config, free_ports, reset, services, spawn_agent,
-    spawn_server, tunnel, wait_listening,
+    DEADLINE, RawWs, Tunnel, echo_through, fast_config, free_ports, reset, services,
+    spawn_published, spawn_server, tunnel,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -61,21 +61,16 @@ async fn a_visitor_reset_resets_the_service_side_and_only_that_stream() {
     let mut visitor = visit(low).await;
     visitor.write_all(&vec![7u8; 1 << 20]).await.unwrap();
     reset(visitor);
-    loop {
-        let outcome = tokio::time::timeout(DEADLINE, outcomes.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        if outcome == Ok(0) {
-            continue; // the readiness probe of wait_listening
-        }
-        assert_eq!(
-            outcome,
-            Err(std::io::ErrorKind::ConnectionReset),
-            "the service saw a clean close, not a reset"
-        );
-        break;
-    }
+    // the service's first connection (readiness came from the agent, not a probe)
+    let outcome = tokio::time::timeout(DEADLINE, outcomes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        outcome,
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the service saw a clean close, not a reset"
+    );
     ping_pong(high, 10).await;
     agent.stop();
 }
@@ -126,24 +121,29 @@ async fn a_silent_service_keeps_its_visitor_and_sees_its_close() {
     let (low, high) = (public[0], public[1]);
     let mut visitor = visit(low).await;
     visitor.write_all(b"hello, anyone").await.unwrap();
+    // the stream is open end to end: its bytes reached the service's socket
+    common::wait_until("13 bytes delivered to the silent service", || {
+        std::future::ready(agent.service_stats("s0").unwrap().bytes_in == 13)
+    })
+    .await;
+    ping_pong(high, 10).await; // the tunnel is not blocked by the silent stream
+    // and it stays open: a close the tunnel decided on opening it, or on its
+    // bytes, went through the same WebSocket ahead of the ping-pong's replies,
+    // so it would have reached the visitor by now
     let mut buf = [0u8; 8];
-    let quiet = tokio::time::timeout(Duration::from_millis(300), visitor.read(&mut buf)).await;
+    let quiet = visitor.try_read(&mut buf);
     assert!(
-        quiet.is_err(),
+        quiet
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
         "the visitor was answered or closed: {quiet:?}"
     );
-    ping_pong(high, 10).await; // the tunnel is not blocked by the silent stream
     visitor.shutdown().await.unwrap();
-    loop {
-        match tokio::time::timeout(DEADLINE, outcomes.recv())
-            .await
-            .unwrap()
-            .unwrap()
-        {
-            Ok(0) => continue, // the readiness probe
-            outcome => break assert_eq!(outcome, Ok(13)),
-        }
-    }
+    let outcome = tokio::time::timeout(DEADLINE, outcomes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome, Ok(13));
     agent.stop();
 }
 
@@ -168,9 +168,9 @@ async fn a_legacy_agents_visitors_are_refused_cleanly() {
         .await
         .expect("visitor left hanging");
     assert!(matches!(read, Ok(0) | Err(_)));
-    // the legacy agent only ever sees control messages it knows
-    let seen = tokio::time::timeout(Duration::from_millis(500), ws.message()).await;
-    if let Ok(Some(m)) = seen {
+    // the legacy agent only ever sees control messages it knows: whatever the
+    // server sent about the visitor left before the answer to this heartbeat
+    for m in heartbeat_round_trip(&mut ws).await {
         assert!(
             matches!(m, Message::Heartbeat { .. }),
             "legacy agent was sent {m:?}"
@@ -178,13 +178,34 @@ async fn a_legacy_agents_visitors_are_refused_cleanly() {
     }
 }
 
+/// Sends a `Heartbeat` as the agent on `ws` and reads up to its
+/// `HeartbeatAck` (the server writes its frames in order: whatever it sent
+/// before comes first), answering the server's heartbeats; what came before.
+async fn heartbeat_round_trip(ws: &mut RawWs) -> Vec<Message> {
+    const MARK: u64 = 0x5eed;
+    ws.send(&Message::Heartbeat { timestamp: MARK }).await;
+    let mut before = Vec::new();
+    loop {
+        match ws.expect().await {
+            Some(Message::HeartbeatAck { timestamp: MARK }) => return before,
+            Some(Message::Heartbeat { timestamp }) => {
+                ws.send(&Message::HeartbeatAck { timestamp }).await;
+                before.push(Message::Heartbeat { timestamp });
+            }
+            Some(other) => before.push(other),
+            None => panic!("closed before the heartbeat's answer; after {before:?}"),
+        }
+    }
+}
+
 /// Once a bulk transfer on another stream has moved 16 MiB (counted in
 /// `moved`), runs `rounds` of ping-pong on `port`; returns what the bulk moved
 /// meanwhile.
 async fn ping_pong_beside(moved: &AtomicU64, port: u16, rounds: usize, bulk: &str) -> u64 {
-    while moved.load(Ordering::Relaxed) < 16 << 20 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    common::wait_until(&format!("16 MiB moved by {bulk}"), || {
+        std::future::ready(moved.load(Ordering::Relaxed) >= 16 << 20)
+    })
+    .await;
     let before = moved.load(Ordering::Relaxed);
     if tokio::time::timeout(DEADLINE, ping_pong(port, rounds))
         .await
@@ -246,12 +267,12 @@ async fn server_and_agent_from_plain_tokio() {
         }
     });
     let echo = services::echo().await;
-    let (agent, task) = spawn_agent(
+    let (agent, task, published) = spawn_published(
         control,
         "secret",
         vec![ServiceConfig::tcp("e", echo).with_remote_port(port)],
     );
-    wait_listening(port).await;
+    published.wait(1).await;
     ping_pong(port, 20).await;
     agent.stop();
     tokio::time::timeout(DEADLINE, task)
@@ -279,7 +300,12 @@ async fn an_agent_that_stops_reading_is_dropped_by_the_registry_watchdog() {
     assert!(matches!(ws.expect().await, Some(Message::AuthOk { .. })));
     ws.send(&Message::register("svc", ServiceProtocol::Tcp, 22, port).unwrap())
         .await;
-    wait_listening(port).await;
+    // listening once registered (no probe: it would be a visitor, and its Connect the first)
+    let registered = next_stream_message(&mut ws, DEADLINE).await;
+    assert!(
+        matches!(registered, Some(Message::RegisterOk { .. })),
+        "{registered:?}"
+    );
     // a visitor whose stream is open (the agent saw its Connect)
     let mut first = visit(port).await;
     loop {
@@ -330,26 +356,26 @@ async fn an_agent_that_stops_reading_is_dropped_by_the_registry_watchdog() {
     }
 }
 
-/// A server process on fresh ports, with `flags` besides its listen address,
-/// port and bind host, and a raw agent authenticated with a `window` per
-/// stream and one TCP service registered: the server, the agent's
-/// WebSocket, and the service's public port.
+/// A server process (its control port of the OS's choosing), with `flags`
+/// besides its listen address, port and bind host, and a raw agent
+/// authenticated with a `window` per stream and one TCP service registered:
+/// the server, the agent's WebSocket, and the service's public port.
 async fn server_with_raw_agent(flags: &[&str], window: u32) -> (common::process::Proc, RawWs, u16) {
-    let (control, public) = free_ports(2);
-    let (listen, range) = (format!("127.0.0.1:{control}"), format!("{public}-{public}"));
+    let public = free_ports(1).0;
+    let range = format!("{public}-{public}");
     let mut args = vec![
         "server",
         "--listen",
-        &listen,
+        "127.0.0.1:0",
         "--port-range",
         &range,
         "--bind-host",
         "127.0.0.1",
     ];
     args.extend_from_slice(flags);
-    let server = common::process::Proc::spawn(&args);
-    wait_listening(control).await;
-    let mut ws = RawWs::connect(([127, 0, 0, 1], control).into(), "/tunnel/v1").await;
+    let mut server = common::process::Proc::spawn(&args);
+    let control = server.listening_addr("control channel listening");
+    let mut ws = RawWs::connect(control, "/tunnel/v1").await;
     let caps = zlayer_tunnel::protocol::Capabilities {
         features: zlayer_tunnel::protocol::Features::STREAMS,
         initial_window: window,
@@ -360,7 +386,12 @@ async fn server_with_raw_agent(flags: &[&str], window: u32) -> (common::process:
     assert!(matches!(ws.expect().await, Some(Message::AuthOk { .. })));
     ws.send(&Message::register("svc", ServiceProtocol::Tcp, 22, public).unwrap())
         .await;
-    wait_listening(public).await;
+    // listening once registered (no probe: it would be a visitor too)
+    let registered = next_stream_message(&mut ws, DEADLINE).await;
+    assert!(
+        matches!(registered, Some(Message::RegisterOk { .. })),
+        "{registered:?}"
+    );
     (server, ws, public)
 }
 
@@ -417,17 +448,16 @@ async fn an_agent_that_lies_about_its_window_cannot_make_the_server_buffer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_tunnel_takes_a_bounded_number_of_visitors() {
     const VISITORS: usize = 600;
-    let admin = free_ports(1).0;
-    let admin_listen = format!("127.0.0.1:{admin}");
     let flags = [
         "--heartbeat-interval",
         "1s",
         "--heartbeat-timeout",
         "6s",
         "--admin-listen",
-        &admin_listen,
+        "127.0.0.1:0",
     ];
-    let (server, ws, public) = server_with_raw_agent(&flags, 64 << 20).await;
+    let (mut server, ws, public) = server_with_raw_agent(&flags, 64 << 20).await;
+    let admin = server.listening_addr("admin endpoints listening").port();
 
     // from here on the agent reads nothing: one upload fills the WebSocket
     let written = Arc::new(AtomicU64::new(0));
@@ -502,8 +532,8 @@ async fn an_agent_replaces_a_half_dead_link_and_takes_its_session_over_at_once()
     let mut client =
         common::agent_config(proxy.addr, "secret", vec![ServiceConfig::tcp("e", echo)]);
     client.heartbeat_timeout = Duration::from_secs(1);
-    let (agent, _task) = common::run_agent(zlayer_tunnel::TunnelAgent::new(client));
-    wait_listening(low).await;
+    let (agent, _task, published) = common::run_published(zlayer_tunnel::TunnelAgent::new(client));
+    assert_eq!(published.port(1).await, low);
     let public = ([127, 0, 0, 1], low).into();
     echo_through(public, 1, 64 << 10).await;
     let before = server.registry.list_tunnels().await;
@@ -512,14 +542,10 @@ async fn an_agent_replaces_a_half_dead_link_and_takes_its_session_over_at_once()
 
     // the link goes half-dead: both ends open, nothing crosses
     let frozen = std::time::Instant::now();
+    let count = published.count();
     assert_eq!(proxy.freeze_open(), 1);
-    common::wait_until("a new session of the agent", || async {
-        let tunnels = server.registry.list_tunnels().await;
-        tunnels
-            .iter()
-            .any(|t| t.id != before[0].id && !t.ports.is_empty())
-    })
-    .await;
+    // published again: a new session of the agent
+    published.wait(count + 1).await;
     // taken over by (token, client id): the old session is gone, its port is the new one's
     let after = server.registry.list_tunnels().await;
     assert_eq!(after.len(), 1, "the half-dead session was not taken over");
@@ -699,9 +725,16 @@ async fn a_visitors_first_bytes_follow_connect_within_the_agents_window() {
     };
     let mut got = stream_bytes(&mut ws, id, WINDOW, "the first bytes").await;
     assert_eq!(got.len(), WINDOW, "more than the window before any grant");
-    // nothing more without credit
-    let early = next_stream_message(&mut ws, Duration::from_millis(300)).await;
-    assert!(early.is_none(), "sent past the window: {early:?}");
+    // nothing more without credit: the rest was in the server's socket before
+    // the stream opened, so a reader past its credit would have read it and
+    // sent it before the server's answer to a heartbeat sent now
+    let early = heartbeat_round_trip(&mut ws).await;
+    assert!(
+        early
+            .iter()
+            .all(|m| matches!(m, Message::Heartbeat { .. } | Message::HeartbeatAck { .. })),
+        "sent past the window: {early:?}"
+    );
 
     ws.send(&Message::window(id, (4 * WINDOW) as u32).unwrap())
         .await;

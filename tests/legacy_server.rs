@@ -148,23 +148,31 @@ async fn our_agent_works_the_control_plane_of_an_original_server() {
             |m| matches!(m, Message::Register { name, remote_port: 2222, .. } if name == "ssh"),
         )
     };
-    let own_heartbeat =
-        |got: &[Message]| got.iter().any(|m| matches!(m, Message::Heartbeat { .. }));
-    while !(answered(&got) && registered(&got) && own_heartbeat(&got)) {
+    let own_heartbeats = |got: &[Message]| {
+        got.iter()
+            .filter(|m| matches!(m, Message::Heartbeat { .. }))
+            .count()
+    };
+    let mut next = async |got: &mut Vec<Message>| {
         let m = tokio::time::timeout_at(deadline, seen.recv())
             .await
             .expect("agent went quiet")
             .unwrap();
         got.push(m);
+    };
+    while !(answered(&got) && registered(&got) && own_heartbeats(&got) > 0) {
+        next(&mut got).await;
     }
     assert!(
         matches!(got[0], Message::Auth { .. }),
         "first message: {:?}",
         got[0]
     );
-    tokio::time::sleep(Duration::from_millis(300)).await; // anything else it would send
-    while let Ok(m) = seen.try_recv() {
-        got.push(m);
+    // anything else it would send about the above leaves before its next two
+    // heartbeats (its frames go out in order): those, not a time, bound the wait
+    let enough = own_heartbeats(&got) + 2;
+    while own_heartbeats(&got) < enough {
+        next(&mut got).await;
     }
     for m in &got {
         assert!(
@@ -305,13 +313,23 @@ async fn agent_of_a_streams_server(
         "token",
         vec![ServiceConfig::tcp(name, service_port).with_remote_port(2222)],
     );
+    let (socket, buf, caps) = upgraded(&listener, window).await;
+    (agent, task, socket, buf, caps)
+}
+
+/// The first agent on `listener`, upgraded: its socket, the bytes read past
+/// the upgrade, and the capabilities to answer with (`STREAMS` and `window`).
+async fn upgraded(
+    listener: &TcpListener,
+    window: u32,
+) -> (TcpStream, BytesMut, zlayer_tunnel::protocol::Capabilities) {
     let (mut socket, _) = listener.accept().await.unwrap();
     let buf = accept_upgrade(&mut socket).await;
     let caps = zlayer_tunnel::protocol::Capabilities {
         features: zlayer_tunnel::protocol::Features::STREAMS,
         initial_window: window,
     };
-    (agent, task, socket, buf, caps)
+    (socket, buf, caps)
 }
 
 /// Credit windows bound what a truthful server lets the agent send. This
@@ -319,6 +337,9 @@ async fn agent_of_a_streams_server(
 /// as fast as it can, and from then on reads nothing (it keeps sending
 /// heartbeats, so the agent stays): the agent's read gate must stop reading
 /// its local sockets instead of queueing for the WebSocket without bound.
+/// The agent is the `zlayer-tunnel` binary, a process of its own, so that
+/// the memory measured is the agent's, not this process's (whose service and
+/// fake server hold buffers of their own).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_lies_about_its_window_cannot_make_the_agent_buffer() {
     const PER_STREAM: u64 = 256 << 20;
@@ -341,8 +362,11 @@ async fn a_server_that_lies_about_its_window_cannot_make_the_agent_buffer() {
             });
         }
     });
-    let (agent, _task, mut socket, mut buf, caps) =
-        agent_of_a_streams_server("bulk", service_port, i32::MAX as u32).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/tunnel/v1", listener.local_addr().unwrap());
+    let spec = format!("bulk:{service_port}:2222");
+    let agent = common::process::Proc::spawn(&["agent", "--server", &url, "--tcp", &spec]);
+    let (mut socket, mut buf, caps) = upgraded(&listener, i32::MAX as u32).await;
     let mut service_id = None;
     while service_id.is_none() {
         let payload = read_frame(&mut socket, &mut buf).await.unwrap();
@@ -366,7 +390,8 @@ async fn a_server_that_lies_about_its_window_cannot_make_the_agent_buffer() {
             _ => {}
         }
     }
-    let idle = common::rss_kib(std::process::id());
+    let pid = agent.child.id();
+    let idle = common::rss_kib(pid);
     for _ in 0..4 {
         let connect = Message::connect(service_id.unwrap(), Uuid::new_v4(), "127.0.0.1:9").unwrap();
         write_frame(&mut socket, &connect.encode()).await;
@@ -376,20 +401,21 @@ async fn a_server_that_lies_about_its_window_cannot_make_the_agent_buffer() {
         loop {
             let beat = Message::Heartbeat { timestamp: 1 };
             write_frame(&mut socket, &beat.encode()).await;
+            // the fake server's heartbeat interval, not a wait
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
     let last = common::wait_stalled(&written, Duration::from_secs(1), "the service").await;
-    let grown_mib = common::rss_kib(std::process::id()).saturating_sub(idle) >> 10;
+    let grown_mib = common::rss_kib(pid).saturating_sub(idle) >> 10;
     let taken_mib = last >> 20;
-    eprintln!("test process RSS +{grown_mib} MiB; the service stalled after {taken_mib} MiB");
+    eprintln!("agent RSS +{grown_mib} MiB; the service stalled after {taken_mib} MiB");
     assert!(
         taken_mib < 4 * (PER_STREAM >> 20) / 2,
         "{taken_mib} MiB taken"
     );
-    assert!(grown_mib < 48, "RSS grew by {grown_mib} MiB");
+    assert!(grown_mib < 48, "the agent's RSS grew by {grown_mib} MiB");
     heartbeats.abort();
-    agent.stop();
+    drop(agent);
 }
 
 /// Our agent acknowledges a stream (`ConnectAck`) with the next frame it

@@ -2,9 +2,11 @@
 //! between a fast service and a stalled visitor, the service is seen to block,
 //! and every byte still arrives once the visitors read again.
 //!
-//! Server, agent, service and visitors share this process, so the RSS growth
-//! measured covers the server and the agent together. Run in release (the
-//! release pass of CI): moving gigabytes through an unoptimised build is slow.
+//! The server and the agent are the `zlayer-tunnel` binary, each a process of
+//! its own, and the RSS growth measured is theirs together: the service and
+//! the visitors (this process) and whatever else the test harness holds are
+//! not counted. Run in release (the release pass of CI): moving gigabytes
+//! through an unoptimised build is slow.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
@@ -14,10 +16,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{fast_config, free_ports, spawn_agent, spawn_server, wait_listening};
+use common::free_ports;
+use common::process::Proc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use zlayer_tunnel::ServiceConfig;
 
 /// Period of the test pattern: a prime, so a misplaced chunk shows.
 const PERIOD: usize = 65521;
@@ -34,8 +36,34 @@ fn table() -> Arc<Vec<u8>> {
     )
 }
 
-fn rss_kib() -> u64 {
-    common::rss_kib(std::process::id())
+/// A server process with `flags` and an agent process publishing the
+/// service on port `source` through it: both, and the public port, once the
+/// agent registered.
+fn tunnel_processes(source: u16, flags: &[&str]) -> (Proc, Proc, u16) {
+    let public = free_ports(1).0;
+    let range = format!("{public}-{public}");
+    let mut args = vec![
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--port-range",
+        &range,
+        "--bind-host",
+        "127.0.0.1",
+    ];
+    args.extend_from_slice(flags);
+    let mut server = Proc::spawn(&args);
+    let control = server.listening_addr("control channel listening");
+    let url = format!("ws://{control}/tunnel/v1");
+    let spec = format!("src:{source}:{public}");
+    let mut agent = Proc::spawn(&["agent", "--server", &url, "--tcp", &spec]);
+    assert_eq!(agent.registered_port(), public);
+    (server, agent, public)
+}
+
+/// RSS of the server and the agent processes together, in KiB.
+fn rss_kib(server: &Proc, agent: &Proc) -> u64 {
+    common::rss_kib(server.child.id()) + common::rss_kib(agent.child.id())
 }
 
 /// A service that answers a request for N bytes with N bytes of the pattern,
@@ -110,7 +138,7 @@ async fn wait_stalled(progress: &AtomicU64) -> u64 {
     common::wait_stalled(progress, Duration::from_millis(500), "the service").await
 }
 
-/// One test, so that nothing else runs in this process while RSS is measured.
+/// One test: the two loads (each moves gigabytes) one after the other.
 #[cfg_attr(
     debug_assertions,
     ignore = "moves gigabytes: runs in the release pass (cargo test --release)"
@@ -123,22 +151,15 @@ async fn stalled_visitors_hold_memory_bounded_and_then_get_every_byte() {
 
 async fn one_stalled_visitor_of_a_1_gib_answer() {
     const LEN: u64 = 1 << 30;
-    let (port, _) = free_ports(1);
-    let server = spawn_server(fast_config((port, port)), "secret");
     let progress = Arc::new(AtomicU64::new(0));
     let source = pattern_source(progress.clone()).await;
-    let (agent, _task) = spawn_agent(
-        server.addr,
-        "secret",
-        vec![ServiceConfig::tcp("src", source).with_remote_port(port)],
-    );
-    wait_listening(port).await;
-    let idle = rss_kib();
+    let (server, agent, port) = tunnel_processes(source, &[]);
+    let idle = rss_kib(&server, &agent);
     let visitor = request(port, LEN).await;
     let sent = wait_stalled(&progress).await;
-    let grown = rss_kib().saturating_sub(idle);
+    let grown = rss_kib(&server, &agent).saturating_sub(idle);
     eprintln!(
-        "stalled visitor: service blocked after {} KiB of 1 GiB; RSS +{grown} KiB",
+        "stalled visitor: service blocked after {} KiB of 1 GiB; server and agent RSS +{grown} KiB",
         sent / 1024
     );
     assert!(
@@ -152,33 +173,24 @@ async fn one_stalled_visitor_of_a_1_gib_answer() {
     tokio::time::timeout(Duration::from_secs(120), read_and_verify(visitor, LEN))
         .await
         .expect("resumed transfer too slow");
-    agent.stop();
 }
 
 async fn a_thousand_stalled_visitors() {
     const STREAMS: usize = 1000;
     const LEN: u64 = 4 << 20;
-    let (port, _) = free_ports(1);
-    let config =
-        fast_config((port, port)).with_heartbeat(Duration::from_secs(1), Duration::from_secs(10));
-    let server = spawn_server(config, "secret");
     let progress = Arc::new(AtomicU64::new(0));
     let source = pattern_source(progress.clone()).await;
-    let (agent, _task) = spawn_agent(
-        server.addr,
-        "secret",
-        vec![ServiceConfig::tcp("src", source).with_remote_port(port)],
-    );
-    wait_listening(port).await;
-    let idle = rss_kib();
+    let heartbeats = ["--heartbeat-interval", "1s", "--heartbeat-timeout", "10s"];
+    let (server, agent, port) = tunnel_processes(source, &heartbeats);
+    let idle = rss_kib(&server, &agent);
     let mut visitors = Vec::with_capacity(STREAMS);
     for _ in 0..STREAMS {
         visitors.push(request(port, LEN).await);
     }
     let sent = wait_stalled(&progress).await;
-    let grown = rss_kib().saturating_sub(idle);
+    let grown = rss_kib(&server, &agent).saturating_sub(idle);
     eprintln!(
-        "{STREAMS} stalled visitors: service blocked after {} MiB of {} MiB; RSS +{grown} KiB ({} KiB per stream)",
+        "{STREAMS} stalled visitors: service blocked after {} MiB of {} MiB; server and agent RSS +{grown} KiB ({} KiB per stream)",
         sent >> 20,
         (STREAMS as u64 * LEN) >> 20,
         grown / STREAMS as u64
@@ -203,5 +215,4 @@ async fn a_thousand_stalled_visitors() {
     })
     .await
     .expect("resumed transfers too slow");
-    agent.stop();
 }

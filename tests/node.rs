@@ -8,9 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{
-    DEADLINE, echo_through, fast_config, free_ports, services, spawn_server_on, wait_listening,
-};
+use common::{DEADLINE, echo_through, fast_config, free_ports, services, spawn_server_on};
 use zlayer_tunnel::{NodeTunnel, NodeTunnelManager, TunnelServerConfig, TunnelState};
 
 /// The name of a state, without its fields.
@@ -24,28 +22,25 @@ fn kind(state: &TunnelState) -> &'static str {
     }
 }
 
-/// Polls the status of `name` until `done` holds, recording each new state kind.
+/// Polls the status of `name` until `done` holds, recording each new state
+/// kind (every 2 ms, to see the brief ones).
 async fn watch(
     manager: &NodeTunnelManager,
     name: &str,
     seen: &mut Vec<&'static str>,
     done: impl Fn(&TunnelState) -> bool,
 ) -> TunnelState {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let state = manager.get_status(name).unwrap().state;
+    let mut state = TunnelState::Connecting;
+    let reached = common::poll_every(DEADLINE, Duration::from_millis(2), || {
+        state = manager.get_status(name).unwrap().state;
         if seen.last() != Some(&kind(&state)) {
             seen.push(kind(&state));
         }
-        if done(&state) {
-            return state;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "stuck in {state:?}; saw {seen:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+        std::future::ready(done(&state))
+    })
+    .await;
+    assert!(reached, "stuck in {state:?}; saw {seen:?}");
+    state
 }
 
 #[actix_web::test]
@@ -88,25 +83,22 @@ async fn a_node_tunnel_carries_bytes_and_tells_the_truth_through_a_restart() {
     };
     assert!(!last_error.is_empty());
     let node_b = spawn_server_on(fast_config((public, public)), "tun-secret", control);
+    // connected: every service registered, its port listening
     watch(&node_a, "db", &mut seen, |s| {
         matches!(s, TunnelState::Connected { .. })
     })
     .await;
-    wait_listening(public).await;
     let second = echo_through(([127, 0, 0, 1], public).into(), 2, 1 << 20).await;
     moved += second;
     // node B's side (the public socket) counted the same bytes, exactly
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
+    common::wait_until("node B's connection closed", || async {
         let tunnels = node_b.registry.list_tunnels().await;
-        let stats = tunnels[0].services[0].stats;
-        if stats.connections_active == 0 {
-            assert_eq!((stats.bytes_in, stats.bytes_out), (second, second));
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        tunnels[0].services[0].stats.connections_active == 0
+    })
+    .await;
+    let tunnels = node_b.registry.list_tunnels().await;
+    let stats = tunnels[0].services[0].stats;
+    assert_eq!((stats.bytes_in, stats.bytes_out), (second, second));
 
     // accounting: exactly the payload, each way, across both sessions
     let stats = node_a.get_status("db").unwrap().stats;

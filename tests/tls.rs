@@ -7,11 +7,10 @@
 mod common;
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use common::certs::{self, Pem};
 use common::process::Proc;
-use common::{echo_through, free_ports, services, wait_closed, wait_listening};
+use common::{echo_through, free_ports, services};
 
 /// A directory of PEM files, removed on drop.
 struct Files(PathBuf);
@@ -36,16 +35,16 @@ impl Drop for Files {
     }
 }
 
-/// A `wss://` server on `control` with `pem`, publishing on `public`.
-async fn tls_server(files: &Files, pem: &Pem, control: u16, public: u16) -> Proc {
+/// A `wss://` server with `pem` on a control port of the OS's choosing,
+/// publishing on `public`: it and its control port, once it listens.
+fn tls_server(files: &Files, pem: &Pem, public: u16) -> (Proc, u16) {
     let cert = files.write("server.pem", &pem.cert);
     let key = files.write("server-key.pem", &pem.key);
-    let listen = format!("127.0.0.1:{control}");
     let range = format!("{public}-{public}");
     let args = [
         "server",
         "--listen",
-        &listen,
+        "127.0.0.1:0",
         "--port-range",
         &range,
         "--bind-host",
@@ -56,9 +55,8 @@ async fn tls_server(files: &Files, pem: &Pem, control: u16, public: u16) -> Proc
         &key,
     ];
     let mut server = Proc::spawn(&args);
-    server.wait_for("scheme=\"wss\"");
-    wait_listening(control).await;
-    server
+    let control = server.listening_addr("scheme=\"wss\"").port();
+    (server, control)
 }
 
 fn agent(url: &str, ca: &str, service: u16, public: u16) -> Proc {
@@ -70,13 +68,12 @@ fn agent(url: &str, ca: &str, service: u16, public: u16) -> Proc {
 async fn an_agent_trusts_a_private_ca() {
     let files = Files::new("ca");
     let (ca, pem) = certs::private_ca();
-    let (control, public) = (free_ports(1).0, free_ports(1).0);
-    let _server = tls_server(&files, &pem, control, public).await;
+    let public = free_ports(1).0;
+    let (_server, control) = tls_server(&files, &pem, public);
     let ca = files.write("ca.pem", &ca);
     let url = format!("wss://localhost:{control}/tunnel/v1");
     let mut agent = agent(&url, &ca, services::echo().await, public);
-    agent.wait_for("service registered");
-    wait_listening(public).await;
+    assert_eq!(agent.registered_port(), public);
     echo_through(([127, 0, 0, 1], public).into(), 7, 2 << 20).await;
 }
 
@@ -84,13 +81,12 @@ async fn an_agent_trusts_a_private_ca() {
 async fn an_agent_pins_a_self_signed_ca_true_certificate() {
     let files = Files::new("pinned");
     let pem = certs::self_signed_ca_true();
-    let (control, public) = (free_ports(1).0, free_ports(1).0);
-    let _server = tls_server(&files, &pem, control, public).await;
+    let public = free_ports(1).0;
+    let (_server, control) = tls_server(&files, &pem, public);
     let pinned = files.write("cert.pem", &pem.cert);
     let url = format!("wss://127.0.0.1:{control}/tunnel/v1");
     let mut agent = agent(&url, &pinned, services::echo().await, public);
-    agent.wait_for("service registered");
-    wait_listening(public).await;
+    assert_eq!(agent.registered_port(), public);
     echo_through(([127, 0, 0, 1], public).into(), 7, 2 << 20).await;
 }
 
@@ -98,13 +94,13 @@ async fn an_agent_pins_a_self_signed_ca_true_certificate() {
 async fn an_agent_refuses_a_server_it_cannot_verify() {
     let files = Files::new("refused");
     let pem = certs::self_signed_ca_true();
-    let (control, public) = (free_ports(1).0, free_ports(1).0);
-    let server = tls_server(&files, &pem, control, public).await;
+    let public = free_ports(1).0;
+    let (mut server, control) = tls_server(&files, &pem, public);
     let (other_ca, _) = certs::private_ca();
     let other = files.write("other-ca.pem", &other_ca);
     let url = format!("wss://localhost:{control}/tunnel/v1");
-    let mut agent = agent(&url, &other, services::echo().await, public);
-    let line = agent.wait_for("certificate");
+    let mut doubting = agent(&url, &other, services::echo().await, public);
+    let line = doubting.wait_for("certificate");
     assert!(line.contains("not trusted"), "{line}");
     // without --ca-cert the system roots do not vouch for it either
     let spec = format!("echo:1:{public}");
@@ -114,13 +110,21 @@ async fn an_agent_refuses_a_server_it_cannot_verify() {
         line.contains("not trusted") || line.contains("no trusted root"),
         "{line}"
     );
-    // each told why, and neither registered anywhere
-    assert!(wait_closed(public, Duration::from_millis(200)).await);
-    assert!(
-        server
-            .lines
-            .try_iter()
-            .all(|l| !l.contains("authenticated")),
+    // each told why, and neither registered anywhere: an agent that trusts
+    // the server gets the one public port, and is the only one authenticated
+    // in the server's log up to its registration
+    let pinned = files.write("cert.pem", &pem.cert);
+    let trusting = format!("wss://127.0.0.1:{control}/tunnel/v1");
+    let mut trusted = agent(&trusting, &pinned, services::echo().await, public);
+    assert_eq!(trusted.registered_port(), public);
+    server.wait_for("service registered");
+    let authenticated = server
+        .seen()
+        .iter()
+        .filter(|l| l.contains("agent authenticated"))
+        .count();
+    assert_eq!(
+        authenticated, 1,
         "an agent authenticated to a server it could not verify"
     );
 }

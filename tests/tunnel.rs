@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{
     DEADLINE, Tunnel, fast_config, free_ports, pattern, services, sha256, spawn_agent,
-    spawn_server, tunnel, wait_closed, wait_listening,
+    spawn_published, spawn_server, tunnel, wait_closed,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -197,17 +197,19 @@ async fn the_agent_comes_back_after_a_server_restart_on_the_same_port() {
     let echo_port = services::echo().await;
     let config = fast_config((port, port));
     let first = common::spawn_server_on(config.clone(), "secret", listener_port);
-    let (agent, _task) = spawn_agent(
+    let (agent, _task, published) = spawn_published(
         first.addr,
         "secret",
         vec![ServiceConfig::tcp("echo", echo_port)],
     );
-    wait_listening(port).await;
+    assert_eq!(published.port(1).await, port);
     echo(port, 1, 10_000).await;
     first.handle.stop(false).await;
     assert!(wait_closed(port, Duration::from_secs(3)).await);
+    let before = published.count();
     let _second = common::spawn_server_on(config, "secret", listener_port);
-    wait_listening(port).await;
+    // published again, by the new server
+    assert_eq!(published.port(before + 1).await, port);
     echo(port, 2, 10_000).await;
     agent.stop();
 }
@@ -221,7 +223,8 @@ async fn sixty_four_mib_each_way_on_one_stream_at_once() {
         task: _task,
         public,
     } = tunnel(&[echo_port]).await;
-    // one visitor writes 64 MiB while reading the 64 MiB echo on the same stream
+    // one visitor (the first: readiness came from the agent, not a probe)
+    // writes 64 MiB while reading the 64 MiB echo on the same stream
     const LEN: usize = 64 << 20;
     let data = pattern(5, LEN);
     let mut s = visit(public[0]).await;
@@ -239,12 +242,9 @@ async fn sixty_four_mib_each_way_on_one_stream_at_once() {
     got.unwrap();
     let sent = sha256(&data);
     // what reached the service, and what came back from it
-    let (upstream, len) = loop {
-        match tokio::time::timeout(DEADLINE, received.recv()).await {
-            Ok(Some((_, 0))) => continue, // the readiness probe of wait_listening
-            Ok(Some(digest)) => break digest,
-            other => panic!("no digest from the service: {other:?}"),
-        }
+    let (upstream, len) = match tokio::time::timeout(DEADLINE, received.recv()).await {
+        Ok(Some(digest)) => digest,
+        other => panic!("no digest from the service: {other:?}"),
     };
     assert_eq!(len, LEN as u64);
     assert!(upstream == sent, "corrupted on the way to the service");
@@ -266,18 +266,18 @@ async fn an_auto_assigned_port_comes_back_after_a_server_restart() {
     let config = fast_config((low, high));
     let first = common::spawn_server_on(config.clone(), "secret", control);
     // B takes the lowest port, A the next one; both asked for any port
-    let (b, b_task) = spawn_agent(
+    let (b, b_task, b_published) = spawn_published(
         first.addr,
         "secret",
         vec![ServiceConfig::tcp("b", echo_port)],
     );
-    wait_listening(low).await;
-    let (a, _a_task) = spawn_agent(
+    assert_eq!(b_published.port(1).await, low);
+    let (a, _a_task, a_published) = spawn_published(
         first.addr,
         "secret",
         vec![ServiceConfig::tcp("a", echo_port)],
     );
-    assert_eq!(published_port(&a).await, low + 1);
+    assert_eq!(a_published.port(1).await, low + 1);
     b.stop();
     tokio::time::timeout(DEADLINE, b_task)
         .await
@@ -288,37 +288,22 @@ async fn an_auto_assigned_port_comes_back_after_a_server_restart() {
 
     first.handle.stop(false).await;
     assert!(wait_closed(low + 1, Duration::from_secs(3)).await);
+    let before = a_published.count();
     // a fresh server's pool would hand A the lowest port, now free
     let second = common::spawn_server_on(config, "secret", control);
-    common::wait_until("A registered on the new server", || async {
-        second
-            .registry
-            .list_tunnels()
-            .await
-            .iter()
-            .any(|t| !t.ports.is_empty())
-    })
-    .await;
+    assert_eq!(
+        a_published.port(before + 1).await,
+        low + 1,
+        "A did not get its port back"
+    );
     let tunnels = second.registry.list_tunnels().await;
-    assert_eq!(tunnels[0].ports, [low + 1], "A did not get its port back");
+    assert_eq!(tunnels[0].ports, [low + 1]);
     echo(low + 1, 3, 100_000).await;
-    assert_eq!(published_port(&a).await, low + 1);
     assert!(
         wait_closed(low, Duration::ZERO).await,
         "the lowest port is held"
     );
     a.stop();
-}
-
-/// The public port of `agent`'s one service, once the server published it.
-async fn published_port(agent: &zlayer_tunnel::TunnelAgent) -> u16 {
-    let mut port = 0;
-    common::wait_until("the service is published", || {
-        port = agent.status().services.first().map_or(0, |s| s.port);
-        std::future::ready(port != 0)
-    })
-    .await;
-    port
 }
 
 #[actix_web::test]
@@ -343,13 +328,8 @@ async fn a_visitor_the_agents_callback_refuses_is_closed_and_the_tunnel_stays_up
     let agent =
         zlayer_tunnel::TunnelAgent::new(common::agent_config(server.addr, "secret", services))
             .on_connection(callback);
-    let (agent, _task) = common::run_agent(agent);
-    wait_listening(low).await;
-    wait_listening(high).await;
-    common::wait_until("both services published", || {
-        std::future::ready(agent.status().services.len() == 2)
-    })
-    .await;
+    let (agent, _task, published) = common::run_published(agent);
+    published.wait(2).await;
     let status = agent.status();
     let no = status.services.iter().find(|s| s.name == "no").unwrap().id;
     *refused.lock().unwrap() = Some(no);
@@ -411,9 +391,8 @@ async fn a_local_dial_that_times_out_closes_the_visitor_and_the_tunnel_stays_up(
         ],
     );
     config.local_connect_timeout = Duration::from_millis(300);
-    let (agent, _task) = common::run_agent(zlayer_tunnel::TunnelAgent::new(config));
-    wait_listening(low).await;
-    wait_listening(high).await;
+    let (agent, _task, published) = common::run_published(zlayer_tunnel::TunnelAgent::new(config));
+    published.wait(2).await;
 
     let mut visitor = TcpStream::connect(("127.0.0.1", low)).await.unwrap();
     let started = std::time::Instant::now();

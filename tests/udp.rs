@@ -12,7 +12,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{DEADLINE, fast_config, free_ports, services, spawn_agent, spawn_server};
+use common::process::Proc;
+use common::{DEADLINE, fast_config, free_ports, services, spawn_published, spawn_server};
 use tokio::net::UdpSocket;
 use zlayer_tunnel::{ServiceConfig, TunnelAgent, TunnelServerConfig};
 
@@ -43,15 +44,6 @@ async fn udp_echo() -> u16 {
     port
 }
 
-/// Waits until `agent` has `n` services published.
-async fn published(agent: &TunnelAgent, n: usize) {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while agent.status().services.len() < n {
-        assert!(tokio::time::Instant::now() < deadline, "not published");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// Datagram `seq` of visitor `visitor`: its size and bytes (header: visitor, seq).
 fn datagram(visitor: u8, seq: u32, max: usize) -> Vec<u8> {
     const SIZES: [usize; 6] = [1, 64, 1200, 1500, 9000, 20_000];
@@ -79,12 +71,12 @@ async fn ten_thousand_datagrams_from_16_visitors_each_echoed_to_its_sender() {
     let (port, _) = free_ports(1);
     let server = spawn_server(udp_config(port), "secret");
     let echo = udp_echo().await;
-    let (agent, _task) = spawn_agent(
+    let (agent, _task, published) = spawn_published(
         server.addr,
         "secret",
         vec![ServiceConfig::udp("echo", echo).with_remote_port(port)],
     );
-    published(&agent, 1).await;
+    published.wait(1).await;
     let public: SocketAddr = ([127, 0, 0, 1], port).into();
     let mut sockets = Vec::new();
     for _ in 0..VISITORS {
@@ -127,6 +119,7 @@ async fn ten_thousand_datagrams_from_16_visitors_each_echoed_to_its_sender() {
         })
         .collect();
     // the sender: 10,000 datagrams round robin, paced at 5,000 per second
+    // (the pace is what is tested, not a wait)
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     for seq in 0..TOTAL {
         if seq % 5 == 0 {
@@ -161,51 +154,84 @@ async fn ten_thousand_datagrams_from_16_visitors_each_echoed_to_its_sender() {
     );
     // per flow, on the server's status: each visitor's share, exactly
     let per_visitor = u64::from(TOTAL / u32::from(VISITORS));
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
+    let counted = common::poll(DEADLINE, || async {
         let tunnels = server.registry.list_tunnels().await;
         let flows = &tunnels[0].services[0].flows;
-        let done = flows.len() == usize::from(VISITORS)
+        flows.len() == usize::from(VISITORS)
             && flows
                 .iter()
-                .all(|f| f.datagrams_in == per_visitor && f.datagrams_out == per_visitor);
-        if done {
-            let bytes: u64 = flows.iter().map(|f| f.bytes_in).sum();
-            assert_eq!(bytes, stats.bytes_in);
-            assert!(flows.iter().all(|f| f.bytes_in == f.bytes_out));
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "per-flow figures: {flows:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+                .all(|f| f.datagrams_in == per_visitor && f.datagrams_out == per_visitor)
+    })
+    .await;
+    let tunnels = server.registry.list_tunnels().await;
+    let flows = &tunnels[0].services[0].flows;
+    assert!(counted, "per-flow figures: {flows:?}");
+    let bytes: u64 = flows.iter().map(|f| f.bytes_in).sum();
+    assert_eq!(bytes, stats.bytes_in);
+    assert!(flows.iter().all(|f| f.bytes_in == f.bytes_out));
 }
 
-fn rss_kib() -> u64 {
-    common::rss_kib(std::process::id())
+/// RSS of the server and the agent processes together, in KiB.
+fn rss_kib(server: &Proc, agent: &Proc) -> u64 {
+    common::rss_kib(server.child.id()) + common::rss_kib(agent.child.id())
 }
 
+/// The `/status` of the admin endpoints at `admin`.
+async fn status(admin: SocketAddr) -> serde_json::Value {
+    let mut answer = awc::Client::new()
+        .get(format!("http://{admin}/status"))
+        .send()
+        .await
+        .unwrap();
+    answer.json().await.unwrap()
+}
+
+/// The server and the agent are the `zlayer-tunnel` binary, each a process
+/// of its own, so that the memory measured is theirs, not this process's
+/// (whose visitors and services hold buffers of their own).
 #[actix_web::test]
 async fn a_flood_is_dropped_and_counted_while_tcp_keeps_working() {
     let (low, high) = free_ports(2);
+    let range = format!("{low}-{high}");
     // the default limits: 10,000 datagrams/s per flow, 4 MiB of datagrams in flight
-    let server = spawn_server(fast_config((low, high)), "secret");
+    let mut server = Proc::spawn(&[
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--port-range",
+        &range,
+        "--bind-host",
+        "127.0.0.1",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ]);
+    let control = server.listening_addr("control channel listening");
+    let server_admin = server.listening_addr("admin endpoints listening");
     // a service that never reads
     let deaf = udp_socket().await;
     let deaf_port = deaf.local_addr().unwrap().port();
     let echo = services::echo().await;
-    let (agent, _task) = spawn_agent(
-        server.addr,
-        "secret",
-        vec![
-            ServiceConfig::udp("deaf", deaf_port).with_remote_port(low),
-            ServiceConfig::tcp("echo", echo).with_remote_port(high),
-        ],
+    let url = format!("ws://{control}/tunnel/v1");
+    let (deaf_spec, echo_spec) = (
+        format!("deaf:{deaf_port}:{low}"),
+        format!("echo:{echo}:{high}"),
     );
-    published(&agent, 2).await;
-    let before = rss_kib();
+    let mut agent = Proc::spawn(&[
+        "agent",
+        "--server",
+        &url,
+        "--udp",
+        &deaf_spec,
+        "--tcp",
+        &echo_spec,
+        "--admin-listen",
+        "127.0.0.1:0",
+    ]);
+    let agent_admin = agent.listening_addr("admin endpoints listening");
+    let mut public = [agent.registered_port(), agent.registered_port()];
+    public.sort_unstable();
+    assert_eq!(public, [low, high]);
+    let before = rss_kib(&server, &agent);
     let flood = tokio::spawn(async move {
         let socket = udp_socket().await;
         let payload = vec![7u8; 1200];
@@ -240,23 +266,34 @@ async fn a_flood_is_dropped_and_counted_while_tcp_keeps_working() {
     got.unwrap();
     assert!(back == data, "the TCP transfer was corrupted");
     flood.await.unwrap();
-    let grown = rss_kib().saturating_sub(before);
-    let server_drops: u64 = server
-        .registry
-        .list_tunnels()
-        .await
+    let grown = rss_kib(&server, &agent).saturating_sub(before);
+    let tunnels = status(server_admin).await;
+    let server_drops: u64 = tunnels["tunnels"]
+        .as_array()
+        .unwrap()
         .iter()
-        .flat_map(|t| &t.services)
-        .map(|s| s.stats.drops)
+        .flat_map(|t| t["services"].as_array().unwrap())
+        .map(|s| s["stats"]["drops"].as_u64().unwrap())
         .sum();
-    let agent_stats = agent.status().services[0].stats;
+    let agent_status = status(agent_admin).await;
+    let deaf_service = agent_status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "deaf")
+        .unwrap()
+        .clone();
+    let agent_stats = &deaf_service["stats"];
+    let (datagrams_in, agent_drops) = (
+        agent_stats["datagrams_in"].as_u64().unwrap(),
+        agent_stats["drops"].as_u64().unwrap(),
+    );
     eprintln!(
-        "flood: RSS +{grown} KiB; server drops {server_drops}; agent: {} datagrams in, {} drops",
-        agent_stats.datagrams_in, agent_stats.drops
+        "flood: server and agent RSS +{grown} KiB; server drops {server_drops}; agent: {datagrams_in} datagrams in, {agent_drops} drops"
     );
     assert!(grown < 64 * 1024, "memory grew {grown} KiB under the flood");
     assert!(
-        agent_stats.drops + server_drops > 0,
+        agent_drops + server_drops > 0,
         "nothing was counted as dropped"
     );
     drop(deaf);
@@ -271,8 +308,8 @@ async fn flows_expire_when_idle_come_back_after_an_agent_restart_and_big_datagra
     let server = spawn_server(config, "secret");
     let echo = udp_echo().await;
     let service = ServiceConfig::udp("echo", echo).with_remote_port(port);
-    let (agent, task) = spawn_agent(server.addr, "secret", vec![service.clone()]);
-    published(&agent, 1).await;
+    let (agent, task, published) = spawn_published(server.addr, "secret", vec![service.clone()]);
+    published.wait(1).await;
     let visitor = udp_socket().await;
     let public: SocketAddr = ([127, 0, 0, 1], port).into();
     let round_trip = |payload: Vec<u8>| {
@@ -291,14 +328,10 @@ async fn flows_expire_when_idle_come_back_after_an_agent_restart_and_big_datagra
     let flows = |agent: &TunnelAgent| agent.status().services[0].stats.connections_active;
     assert_eq!(flows(&agent), 1);
     // idle: both sides forget the flow
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while flows(&agent) != 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the idle flow was never forgotten"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_until("the idle flow forgotten", || {
+        std::future::ready(flows(&agent) == 0)
+    })
+    .await;
     round_trip(b"again".to_vec()).await;
 
     // the largest allowed passes; one byte more is dropped and counted, not truncated
@@ -307,24 +340,17 @@ async fn flows_expire_when_idle_come_back_after_an_agent_restart_and_big_datagra
         .send_to(&common::pattern(2, 9001), public)
         .await
         .unwrap();
-    let dropped = async {
-        loop {
-            let tunnels = server.registry.list_tunnels().await;
-            if tunnels[0].services[0].stats.drops == 1 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(DEADLINE, dropped)
-        .await
-        .expect("the oversized datagram was not counted");
+    common::wait_until("the oversized datagram counted", || async {
+        let tunnels = server.registry.list_tunnels().await;
+        tunnels[0].services[0].stats.drops == 1
+    })
+    .await;
     round_trip(b"still fine".to_vec()).await;
 
     // an agent restart: same port, flows re-created
     agent.stop();
     task.await.unwrap().unwrap();
-    let (agent, _task) = spawn_agent(server.addr, "secret", vec![service]);
-    published(&agent, 1).await;
+    let (_agent, _task, published) = spawn_published(server.addr, "secret", vec![service]);
+    published.wait(1).await;
     round_trip(b"after restart".to_vec()).await;
 }

@@ -15,8 +15,17 @@ use zlayer_tunnel::protocol::Message;
 use zlayer_tunnel::{ControlHandler, TokenStore, TunnelRegistry, TunnelServerConfig};
 
 pub mod certs;
+pub mod ports;
 pub mod process;
 pub mod proxy;
+pub mod wait;
+
+pub use ports::free_ports;
+#[allow(unused_imports)] // not every test binary uses every wait
+pub use wait::{
+    poll, poll_blocking, poll_every, wait_closed, wait_listening, wait_settled, wait_stalled,
+    wait_until,
+};
 
 /// Every wait in a test ends by this.
 pub const DEADLINE: Duration = Duration::from_secs(10);
@@ -277,81 +286,6 @@ fn status_kib(pid: u32, field: &str) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-/// Waits until `progress` has not moved for `quiet`, and returns where it
-/// stopped; panics with `what` and the bytes so far after `3 * DEADLINE`.
-pub async fn wait_stalled(
-    progress: &std::sync::atomic::AtomicU64,
-    quiet: Duration,
-    what: &str,
-) -> u64 {
-    let load = || progress.load(std::sync::atomic::Ordering::Relaxed);
-    wait_settled(load, quiet, |last| {
-        format!("{what} never stalled: {} MiB so far", last >> 20)
-    })
-    .await
-}
-
-/// Waits until `read` gives the same value for `quiet`, and returns it;
-/// panics with `failure(last value)` after `3 * DEADLINE`.
-pub async fn wait_settled(
-    mut read: impl FnMut() -> u64,
-    quiet: Duration,
-    failure: impl Fn(u64) -> String,
-) -> u64 {
-    let deadline = tokio::time::Instant::now() + DEADLINE * 3;
-    let (mut last, mut still) = (u64::MAX, 0);
-    while still < 5 {
-        assert!(tokio::time::Instant::now() < deadline, "{}", failure(last));
-        tokio::time::sleep(quiet / 5).await;
-        let now = read();
-        still = if now == last { still + 1 } else { 0 };
-        last = now;
-    }
-    last
-}
-
-/// `n` consecutive free ports on 127.0.0.1 (best effort), drawn at random
-/// below the kernel's ephemeral range: a client socket of a concurrent test
-/// never takes one of them between this probe and its use, and the
-/// `TIME_WAIT`s that benchmarks leave on ephemeral ports do not block them.
-pub fn free_ports(n: u16) -> (u16, u16) {
-    let ephemeral: Vec<u16> = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect();
-    let (first_ephemeral, last_ephemeral) = match ephemeral[..] {
-        [low, high] => (low, high),
-        _ => (32768, 60999),
-    };
-    // above the benchmarks' fixed ports (21001-24999), outside the ephemeral range
-    let (low, high) = if first_ephemeral >= 25000 + 2 * n {
-        (25000, first_ephemeral)
-    } else if last_ephemeral <= u16::MAX - 2 * n {
-        (last_ephemeral + 1, u16::MAX)
-    } else {
-        (1024, u16::MAX) // no room outside it: anywhere
-    };
-    let mut seed = u64::from(std::process::id())
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64;
-    for _ in 0..1000 {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        let first = low + (seed % u64::from(high - low - n)) as u16;
-        let all: Vec<_> = (first..first + n)
-            .map(|p| std::net::TcpListener::bind(("127.0.0.1", p)))
-            .collect();
-        if all.iter().all(Result::is_ok) {
-            return (first, first + n - 1);
-        }
-    }
-    panic!("no {n} consecutive free ports");
-}
-
 /// An agent's running task: `run()`'s result.
 pub type AgentTask = tokio::task::JoinHandle<zlayer_tunnel::Result<()>>;
 
@@ -390,16 +324,67 @@ pub fn run_agent(agent: zlayer_tunnel::TunnelAgent) -> (zlayer_tunnel::TunnelAge
     (agent, task)
 }
 
-/// Polls `check` until it holds; panics with `what` after `DEADLINE`.
-pub async fn wait_until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+/// Starts an agent for `services` in the background, telling `Published` of
+/// each service the server publishes; returns it, its task and that.
+pub fn spawn_published(
+    server: SocketAddr,
+    token: &str,
+    services: Vec<zlayer_tunnel::ServiceConfig>,
+) -> (zlayer_tunnel::TunnelAgent, AgentTask, Published) {
+    run_published(zlayer_tunnel::TunnelAgent::new(agent_config(
+        server, token, services,
+    )))
+}
+
+/// Runs `agent` in the background with a `Published` as its `on_published`
+/// callback; returns it, its task and that.
+pub fn run_published(
+    agent: zlayer_tunnel::TunnelAgent,
+) -> (zlayer_tunnel::TunnelAgent, AgentTask, Published) {
+    let published = Published::default();
+    let (agent, task) = run_agent(agent.on_published(published.callback()));
+    (agent, task, published)
+}
+
+/// What an agent's `on_published` callback reported, in order (each
+/// reconnect publishes again). The server listens on a public port before it
+/// answers the registration, so a service reported here takes visitors: the
+/// readiness of a tunnel, learnt without a visitor that would be a stream too.
+#[derive(Clone)]
+pub struct Published(Arc<tokio::sync::watch::Sender<Vec<zlayer_tunnel::PublishedService>>>);
+
+impl Default for Published {
+    fn default() -> Self {
+        Self(Arc::new(tokio::sync::watch::channel(Vec::new()).0))
+    }
+}
+
+impl Published {
+    /// The callback to give `TunnelAgent::on_published`.
+    pub fn callback(&self) -> zlayer_tunnel::PublishedCallback {
+        let all = self.0.clone();
+        Arc::new(move |service| all.send_modify(|all| all.push(service.clone())))
+    }
+
+    /// Waits until `n` publications in all (counting republications after
+    /// reconnects); returns every one so far. Panics after `DEADLINE`.
+    pub async fn wait(&self, n: usize) -> Vec<zlayer_tunnel::PublishedService> {
+        let mut all = self.0.subscribe();
+        let reached = tokio::time::timeout(DEADLINE, all.wait_for(|all| all.len() >= n)).await;
+        if reached.is_err() {
+            panic!("{n} publications awaited, got {:?}", *self.0.borrow());
+        }
+        self.0.borrow().clone()
+    }
+
+    /// Publications so far.
+    pub fn count(&self) -> usize {
+        self.0.borrow().len()
+    }
+
+    /// The public port of the `n`th publication (from 1), once it came.
+    pub async fn port(&self, n: usize) -> u16 {
+        self.wait(n).await[n - 1].public_port
     }
 }
 
@@ -425,10 +410,8 @@ pub async fn tunnel(local_ports: &[u16]) -> Tunnel {
             zlayer_tunnel::ServiceConfig::tcp(format!("s{i}"), *local).with_remote_port(*remote)
         })
         .collect();
-    let (agent, task) = spawn_agent(server.addr, "secret", services);
-    for port in &public {
-        wait_listening(*port).await;
-    }
+    let (agent, task, published) = spawn_published(server.addr, "secret", services);
+    published.wait(public.len()).await;
     Tunnel {
         server,
         agent,
@@ -437,32 +420,8 @@ pub async fn tunnel(local_ports: &[u16]) -> Tunnel {
     }
 }
 
-/// Waits until `port` on 127.0.0.1 accepts connections.
-pub async fn wait_listening(port: u16) {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "port {port} never opened"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Waits until `port` on 127.0.0.1 refuses connections.
-pub async fn wait_closed(port: u16, within: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + within;
-    while TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    true
-}
-
 /// Sends `len` bytes of the pattern for `seed` through the echo at `addr`,
-/// half-closes, reads the answer to its end and checks it by digest; the
+/// half-closes, reads the answer to its end and checks it byte for byte; the
 /// bytes moved each way.
 pub async fn echo_through(addr: SocketAddr, seed: u64, len: usize) -> u64 {
     let data = pattern(seed, len);
@@ -475,12 +434,26 @@ pub async fn echo_through(addr: SocketAddr, seed: u64, len: usize) -> u64 {
     let mut back = Vec::new();
     let (_, got) = tokio::join!(send, r.read_to_end(&mut back));
     got.unwrap();
-    assert_eq!(
-        sha256(&back),
-        sha256(&data),
-        "the echo through {addr} corrupted data"
-    );
+    assert_same(&back, &data, &format!("the echo through {addr}"));
     len as u64
+}
+
+/// Panics, naming `what`, unless `got` is `sent`: with how much came back,
+/// where it first differs, and how it begins (a short answer that begins
+/// "HTTP/1.1 400" came from some other server than the one meant).
+pub fn assert_same(got: &[u8], sent: &[u8], what: &str) {
+    if got == sent {
+        return;
+    }
+    let at = got.iter().zip(sent).position(|(g, s)| g != s);
+    let at = at.unwrap_or_else(|| got.len().min(sent.len()));
+    let head = String::from_utf8_lossy(&got[..got.len().min(48)]);
+    panic!(
+        "{what} corrupted data: {} of {} bytes back, the first difference at byte {at}; \
+         it began {head:?}",
+        got.len(),
+        sent.len()
+    );
 }
 
 /// Uploads `len` pattern bytes to a digest service (`services::digest`)

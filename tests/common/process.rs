@@ -1,6 +1,7 @@
 //! The `zlayer-tunnel` binary as a child process whose log can be waited on.
 
 use std::io::BufRead;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -11,7 +12,8 @@ use super::DEADLINE;
 /// The token every `Proc` gets in `ZLAYER_TUNNEL_TOKEN`.
 pub const TOKEN: &str = "test-token";
 
-/// A process whose stderr lines arrive on a channel; killed on drop.
+/// A process whose stderr lines arrive on a channel; killed on drop, so a
+/// failed test leaves no process running.
 pub struct Proc {
     pub child: Child,
     pub lines: mpsc::Receiver<String>,
@@ -21,20 +23,32 @@ pub struct Proc {
 impl Proc {
     /// Runs the `zlayer-tunnel` binary with `args`.
     pub fn spawn(args: &[&str]) -> Self {
-        Self::spawn_exe(Path::new(env!("CARGO_BIN_EXE_zlayer-tunnel")), args)
+        Self::spawn_with(args, |_| {})
+    }
+
+    /// Runs the `zlayer-tunnel` binary with `args`, its command adjusted by
+    /// `adjust` first (another token in the environment, none, stdout piped).
+    pub fn spawn_with(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Self {
+        let exe = Path::new(env!("CARGO_BIN_EXE_zlayer-tunnel"));
+        Self::spawn_exe_with(exe, args, adjust)
     }
 
     /// Runs the program at `exe` with `args`.
     pub fn spawn_exe(exe: &Path, args: &[&str]) -> Self {
-        let mut child = Command::new(exe)
+        Self::spawn_exe_with(exe, args, |_| {})
+    }
+
+    fn spawn_exe_with(exe: &Path, args: &[&str], adjust: impl FnOnce(&mut Command)) -> Self {
+        let mut command = Command::new(exe);
+        command
             .args(args)
             .env("ZLAYER_TUNNEL_TOKEN", TOKEN)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1") // plain log lines to match, whatever the program does
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::piped());
+        adjust(&mut command);
+        let mut child = command.spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -59,12 +73,59 @@ impl Proc {
         let end = Instant::now() + DEADLINE;
         while let Some(left) = end.checked_duration_since(Instant::now()) {
             match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(text) => return line,
-                Ok(line) => self.seen.push(line),
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(text) {
+                        return line;
+                    }
+                }
                 Err(_) => break,
             }
         }
         panic!("no line with {text:?} in:\n{}", self.seen.join("\n"));
+    }
+
+    /// The address (`addr=` field) of the first line with `text`, seen
+    /// already or awaited: where a listener it was told to bind on port 0
+    /// took, logged once it listens ("control channel listening", "admin
+    /// endpoints listening"), so that connections from then on are queued.
+    pub fn listening_addr(&mut self, text: &str) -> SocketAddr {
+        let seen = self.seen.iter().find(|l| l.contains(text)).cloned();
+        let line = seen.unwrap_or_else(|| self.wait_for(text));
+        let addr = line
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix("addr="))
+            .unwrap_or_else(|| panic!("no addr= in {line:?}"));
+        addr.parse()
+            .unwrap_or_else(|e| panic!("{addr:?} in {line:?}: {e}"))
+    }
+
+    /// The public port in an agent's next "service registered" line (logged
+    /// once the server answered, which it does once it listens there).
+    pub fn registered_port(&mut self) -> u16 {
+        let line = self.wait_for("service registered");
+        line.split_whitespace()
+            .find_map(|field| field.strip_prefix("public_port="))
+            .and_then(|port| port.parse().ok())
+            .unwrap_or_else(|| panic!("no public_port= in {line:?}"))
+    }
+
+    /// The lines read so far (by `wait_for` and the like).
+    pub fn seen(&self) -> &[String] {
+        &self.seen
+    }
+
+    /// Its whole log, once its stderr has ended (it exited); panics after `DEADLINE`.
+    pub fn log(&mut self) -> String {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return self.seen.join("\n"),
+                Err(mpsc::RecvTimeoutError::Timeout) => panic!("its stderr never ended"),
+            }
+        }
     }
 }
 
@@ -83,13 +144,19 @@ impl Proc {
     pub fn stop_with(&mut self, signal: &str) -> (ExitStatus, Duration) {
         let start = Instant::now();
         self.signal(signal);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status, start.elapsed());
-            }
-            assert!(start.elapsed() < DEADLINE, "no exit after SIG{signal}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let status = self.exited_within(DEADLINE);
+        let status = status.unwrap_or_else(|| panic!("no exit after SIG{signal}"));
+        (status, start.elapsed())
+    }
+
+    /// Its exit status, once it exits by itself within `within`.
+    pub fn exited_within(&mut self, within: Duration) -> Option<ExitStatus> {
+        let mut status = None;
+        super::poll_blocking(within, || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        status
     }
 }
 
