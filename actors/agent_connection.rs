@@ -31,11 +31,8 @@ use crate::accounting::{CounterSet, Direction};
 use crate::backoff::Backoff;
 use crate::config::ServiceConfig;
 use crate::connections::ConnectionAction;
-use crate::connections::StreamSettings;
 use crate::outbound::{FrameQueue, Outbound};
-use crate::protocol::{
-    DEFAULT_INITIAL_WINDOW, Features, MAX_MESSAGE_SIZE, Message, ServiceProtocol,
-};
+use crate::protocol::{Features, MAX_MESSAGE_SIZE};
 use crate::session::{AgentAction, AgentSession, LinkError};
 use crate::status::TunnelState;
 
@@ -77,7 +74,6 @@ struct Link {
     /// Local sockets' bytes read and not yet encoded for the server (bounded;
     /// each read frame holds its ticket).
     gate: Arc<ReadGate>,
-    server_window: u32,
     streams: StreamHub,
     flows: FlowHub,
     cancel: CancellationToken,
@@ -94,9 +90,6 @@ pub(crate) struct AgentConnection {
     /// Retry delays of services whose registration the server refused.
     refused: HashMap<String, Backoff>,
     link: Option<Link>,
-    outbox: Vec<Outbound>,
-    /// The connection table's actions that are not a stream's (reused buffer).
-    rest: Vec<ConnectionAction>,
 }
 
 impl Actor for AgentConnection {
@@ -209,28 +202,12 @@ impl AgentConnection {
             assigned: HashMap::new(),
             refused: HashMap::new(),
             link: None,
-            outbox: Vec::new(),
-            rest: Vec::new(),
         }
     }
 
-    fn settings(&self, server_window: u32) -> StreamSettings {
-        self.shared.config.stream_settings(server_window)
-    }
-
     fn on_frame(&mut self, frame: Bytes, ctx: &mut Context<Self>) {
-        let message = match Message::decode_bytes(&frame) {
-            Ok((message, _)) => message,
-            Err(e) => {
-                tracing::warn!(error = %e, "bad frame from the server; reconnecting");
-                return self.drop_link(format!("bad frame from the server: {e}"), ctx);
-            }
-        };
-        let Some(link) = self.link.as_mut() else {
-            return;
-        };
-        if let Some(routed) = link.session.handle_frame(message, Instant::now()) {
-            self.route(routed, ctx);
+        if let Some(link) = self.link.as_mut() {
+            link.session.handle_bytes(&frame, Instant::now());
         }
         self.execute(ctx);
     }
@@ -246,8 +223,8 @@ impl AgentConnection {
                 AgentAction::Authenticated {
                     tunnel_id,
                     features,
-                    server_window,
-                } => self.authenticated(tunnel_id, features, server_window),
+                    ..
+                } => self.authenticated(tunnel_id, features),
                 AgentAction::NotRegistered { service, reason } => {
                     tracing::error!(service = %service.name, reason, "not registered")
                 }
@@ -260,18 +237,21 @@ impl AgentConnection {
                     self.register_failed(service, &reason, ctx)
                 }
                 AgentAction::Ready => self.connected(),
-                AgentAction::OpenStream {
+                AgentAction::Dial {
                     connection_id,
-                    service_id,
+                    address,
                     service,
-                    client_addr,
-                } => self.on_connect(service_id, connection_id, &service, &client_addr, ctx),
+                    credit,
+                    visitor,
+                } => self.on_dial(connection_id, address, service, credit, visitor, ctx),
                 AgentAction::OpenFlow {
                     connection_id,
                     service_id,
                     service,
                     client_addr,
                 } => self.open_flow(service_id, connection_id, &service, &client_addr, ctx),
+                AgentAction::Write(frame) => self.write(frame, ctx),
+                AgentAction::Socket(action) => self.on_socket_action(action),
                 AgentAction::Close(error) => return self.link_ended(error, ctx),
             }
         }

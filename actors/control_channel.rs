@@ -38,11 +38,9 @@ use super::udp_listener::{ForgetFlow, SendToVisitor, UdpEvent, UdpServiceListene
 use crate::accounting::{CounterSet, Counters, Direction};
 use crate::auth::{TokenScope, hash_token};
 use crate::budget::Budget;
-use crate::connections::{ConnectionAction, ConnectionKind};
+use crate::connections::ConnectionAction;
 use crate::outbound::Outbound;
-use crate::protocol::{
-    AuthRefusal, BuildError, CloseKind, Features, Message, MessageType, ServiceProtocol,
-};
+use crate::protocol::{AuthRefusal, Message, MessageType, ServiceProtocol};
 use crate::session::{
     CloseReason, ProtocolViolation, Registration, ServerAction, ServerSession, TokenRefusal,
     check_token,
@@ -100,13 +98,11 @@ struct Flow {
 /// flows and relays (the rules live in the channel's `ServerSession`).
 struct Tunnel {
     tunnel_id: Uuid,
-    features: Features,
     cancel: CancellationToken,
     services: HashMap<Uuid, Service>,
     streams: StreamHub,
     flows: HashMap<Uuid, Flow>,
     relays: Relays,
-    agent_window: u32,
     counters: Arc<Counters>,
     /// Visitors' bytes read and not yet handed to the WebSocket (bounded).
     gate: Arc<ReadGate>,
@@ -122,9 +118,6 @@ pub(crate) struct ControlChannel {
     tunnel: Option<Tunnel>,
     /// The armed timer of the core's next deadline.
     timer: Option<(Instant, SpawnHandle)>,
-    outbox: Vec<Outbound>,
-    /// The connection table's actions that are not a stream's (reused buffer).
-    rest: Vec<ConnectionAction>,
     counters: Arc<Counters>,
     /// Its place among the connections awaiting authentication, until it
     /// authenticates.
@@ -147,10 +140,11 @@ impl Actor for ControlChannel {
         let _span = self.span.enter();
         tracing::info!(
             services = tunnel.services.len(),
-            streams = tunnel.streams.len(),
+            streams = self.core.streams(),
             "agent disconnected"
         );
-        tunnel.streams.close_all(); // flows end with the tunnel's listeners
+        self.core.close_connections(); // flows end with the tunnel's listeners
+        tunnel.streams.close_all();
         tunnel.relays.end_all();
         tunnel.cancel.cancel();
         let registry = self.shared.registry.addr();
@@ -200,8 +194,6 @@ impl ControlChannel {
             core,
             tunnel: None,
             timer: None,
-            outbox: Vec::new(),
-            rest: Vec::new(),
             counters: Arc::new(Counters::new()),
             place: Some(place),
             span: tracing::info_span!("control", %peer, tunnel_id = tracing::field::Empty),
@@ -209,16 +201,7 @@ impl ControlChannel {
     }
 
     fn on_frame(&mut self, frame: Bytes, ctx: &mut ws::WebsocketContext<Self>) {
-        let routed = match Message::decode_bytes(&frame) {
-            Ok((message, _)) => self.core.handle_frame(message, Instant::now()),
-            Err(e) => {
-                self.core.violation(ProtocolViolation::Malformed(e));
-                None
-            }
-        };
-        if let Some(message) = routed {
-            self.route(message, frame, ctx);
-        }
+        self.core.handle_bytes(frame, Instant::now());
         self.execute(ctx);
     }
 
@@ -240,6 +223,24 @@ impl ControlChannel {
                             .do_send(ReportAlive { tunnel_id });
                     }
                 }
+                ServerAction::Write(frame) => self.write(frame, ctx),
+                ServerAction::Socket(action) => self.on_socket_action(action),
+                ServerAction::Relay {
+                    id,
+                    kind,
+                    close,
+                    frame,
+                    last,
+                } => {
+                    if let Some(tunnel) = self.tunnel.as_mut() {
+                        tunnel.relays.pass(id, kind, close, frame, last);
+                    }
+                }
+                ServerAction::FindService {
+                    id,
+                    service,
+                    target,
+                } => self.find_service(id, service, target, ctx),
                 ServerAction::Close(reason) => return self.close(&reason, ctx),
             }
         }

@@ -192,6 +192,8 @@ impl TunnelServerConfig {
             supported: crate::protocol::Features::ALL,
             stream_window: self.stream_window,
             max_services: self.max_services_per_tunnel,
+            max_connections_per_service: self.max_connections_per_service,
+            streams: self.stream_settings(crate::protocol::DEFAULT_INITIAL_WINDOW),
         }
     }
 
@@ -482,6 +484,8 @@ impl TunnelClientConfig {
             auth_timeout: self.connect_timeout,
             heartbeat_interval: self.heartbeat_interval,
             heartbeat_timeout: self.heartbeat_timeout,
+            streams: self.stream_settings(crate::protocol::DEFAULT_INITIAL_WINDOW),
+            access_targets: self.access_targets.clone(),
         }
     }
 

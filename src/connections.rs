@@ -516,8 +516,8 @@ impl ConnectionTable {
     }
 }
 
-/// The connection a data-plane frame belongs to.
-fn connection_of(message: &Message) -> Option<Uuid> {
+/// The connection a data-plane frame belongs to (`None` for a control message).
+pub fn connection_of(message: &Message) -> Option<Uuid> {
     match message {
         Message::Data { connection_id, .. }
         | Message::Window { connection_id, .. }

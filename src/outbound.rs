@@ -139,8 +139,10 @@ impl Schedule for FairQueue {
     }
 }
 
-/// What waits for one WebSocket: control frames, deferred `ConnectAck`s and
-/// stream frames under a [`Schedule`].
+/// What waits for one WebSocket: control frames, `ConnectAck`s and stream
+/// frames under a [`Schedule`]. A `ConnectAck` leaves with the next write,
+/// never on its own: the server forwards without waiting for it, so a new
+/// stream's acknowledgment and its first reply share one write.
 #[derive(Debug, Default)]
 pub struct FrameQueue<S = FairQueue> {
     features: Features,
@@ -173,19 +175,13 @@ impl<S: Schedule> FrameQueue<S> {
             self.refused += 1;
             return Err(e);
         }
-        match frame.stream() {
-            Some(stream) => self.streams.push(stream, frame.into_bytes()),
-            None => self.control.push_back(frame.into_bytes()),
+        match (frame.stream(), frame.kind()) {
+            (Some(stream), _) => self.streams.push(stream, frame.into_bytes()),
+            // leaves with the next write, never on its own (see `push_ack`)
+            (None, MessageType::ConnectAck) => self.acks.push(frame.into_bytes()),
+            (None, _) => self.control.push_back(frame.into_bytes()),
         }
         Ok(())
-    }
-
-    /// Queues a `ConnectAck` that leaves with the next write, never on its
-    /// own: the server forwards without waiting for it, so a new stream's
-    /// acknowledgment and its first reply share one write.
-    pub fn push_ack(&mut self, connection_id: Uuid) {
-        self.acks
-            .push(Message::ConnectAck { connection_id }.to_bytes());
     }
 
     /// True when nothing but deferred acks waits.
@@ -245,7 +241,10 @@ mod tests {
         queue
             .push(Message::Heartbeat { timestamp: 1 }.into())
             .unwrap();
-        queue.push_ack(Uuid::from_u128(3));
+        let ack = Message::ConnectAck {
+            connection_id: Uuid::from_u128(3),
+        };
+        queue.push(ack.into()).unwrap();
         let mut batch = Vec::new();
         queue.drain_control(&mut batch);
         queue.drain_streams(&mut batch, usize::MAX);

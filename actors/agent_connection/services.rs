@@ -4,19 +4,11 @@
 use super::*;
 
 impl AgentConnection {
-    pub(super) fn authenticated(
-        &mut self,
-        tunnel_id: Uuid,
-        features: Features,
-        server_window: u32,
-    ) {
-        let settings = self.settings(server_window);
+    pub(super) fn authenticated(&mut self, tunnel_id: Uuid, features: Features) {
         let Some(link) = self.link.as_mut() else {
             return;
         };
-        link.server_window = server_window;
         link.queue.set_features(features);
-        link.streams = StreamHub::new(settings);
         self.shared.view.connected(tunnel_id);
         tracing::info!(%tunnel_id, ?features, "authenticated");
         if !features.contains(Features::STREAMS) {

@@ -1,8 +1,9 @@
-//! The agent's TCP streams: visitors' `Connect`s dialed to the local
-//! service, their sockets' events, and the data-plane frames the session
-//! passes, dispatched by the connection table.
+//! The agent's streams: sockets dialed for visitors' and access clients'
+//! streams, their events, and the session's socket actions (deliver, credit,
+//! shut, reset; datagrams and flows of the UDP side).
 
 use super::*;
+use crate::session::SocketEvent;
 
 impl Handler<StreamEvent> for AgentConnection {
     type Result = ();
@@ -11,98 +12,68 @@ impl Handler<StreamEvent> for AgentConnection {
         let Some(link) = self.link.as_mut() else {
             return;
         };
-        let mut outbox = std::mem::take(&mut self.outbox);
-        link.streams.on_event(event, &mut |m| outbox.push(m));
-        self.flush(outbox, ctx);
+        let event = match event {
+            StreamEvent::Read { id, frame, len } => SocketEvent::Read { id, frame, len },
+            StreamEvent::ReadEof { id } => SocketEvent::ReadEof { id },
+            StreamEvent::Delivered { id, len } => SocketEvent::Delivered { id, len },
+            StreamEvent::Failed { id } => SocketEvent::Failed { id },
+            StreamEvent::Finished { id } => {
+                link.streams.finished(id);
+                SocketEvent::Failed { id }
+            }
+        };
+        link.session.socket_event(event);
+        self.execute(ctx);
     }
 }
 
 impl AgentConnection {
-    /// A data-plane frame the session passed: an `Open` starts an access
-    /// stream; the connection table says whose any other is and what to do.
-    pub(super) fn route(&mut self, message: Message, ctx: &mut Context<Self>) {
-        if let Message::Open {
-            connection_id,
-            service,
-            target,
-        } = message
-        {
-            return self.on_open(connection_id, &service, &target, ctx);
-        }
+    /// A socket action of the session: to a stream's socket, or to a flow.
+    pub(super) fn on_socket_action(&mut self, action: ConnectionAction) {
         let Some(link) = self.link.as_mut() else {
             return;
         };
-        if let Message::ConnectFail {
-            connection_id,
-            reason,
-            ..
-        } = &message
-        {
-            tracing::warn!(stream = %connection_id, %reason, "access stream refused");
-        }
-        let (mut outbox, mut rest) = (
-            std::mem::take(&mut self.outbox),
-            std::mem::take(&mut self.rest),
-        );
-        link.streams
-            .on_frame(message, &mut |m| outbox.push(m), &mut rest);
-        for action in rest.drain(..) {
-            match action {
-                ConnectionAction::Datagram { id, data } => {
-                    let delivered = link.flows.deliver(id, data);
-                    if !delivered {
-                        self.shared.counters.add_drop(); // its socket is gone: a race
-                    }
+        match link.streams.apply(action) {
+            Some(ConnectionAction::Datagram { id, data }) => {
+                let delivered = link.flows.deliver(id, data);
+                if !delivered {
+                    self.shared.counters.add_drop(); // its socket is gone: a race
                 }
-                ConnectionAction::ForgetFlow { id } => link.flows.close(id),
-                ConnectionAction::DatagramDropped => self.shared.counters.add_drop(),
-                _ => {} // relays are the server's
             }
+            Some(ConnectionAction::ForgetFlow { id }) => link.flows.close(id),
+            Some(ConnectionAction::DatagramDropped) => self.shared.counters.add_drop(),
+            _ => {} // relays are the server's
         }
-        self.rest = rest;
-        self.flush(outbox, ctx);
     }
 
-    pub(super) fn on_connect(
+    /// The session opened stream `id`: a visitor's (the host's callback may
+    /// refuse it) or an access client's; its socket is dialed.
+    pub(super) fn on_dial(
         &mut self,
-        service_id: Uuid,
         id: Uuid,
-        service: &ServiceConfig,
-        client_addr: &str,
+        address: String,
+        service: String,
+        credit: u32,
+        visitor: Option<(Uuid, String)>,
         ctx: &mut Context<Self>,
     ) {
-        match self.accept_stream(service_id, id, client_addr) {
-            Ok(()) => {
-                let credit = self.link.as_ref().map_or(0, |l| l.server_window);
-                let (local, name) = (service.local_addr(), service.name.clone());
-                self.dial(id, local, name, credit, ctx)
+        if let Some((service_id, client_addr)) = &visitor
+            && !self.shared.admits(*service_id, id, client_addr)
+        {
+            tracing::info!(stream = %id, visitor = %client_addr, "connection rejected by client");
+            if let Some(link) = self.link.as_mut() {
+                link.session.refuse(id, "connection rejected by client");
             }
-            Err(reason) => {
-                tracing::info!(stream = %id, visitor = %client_addr, reason, "connection refused");
-                if let Some(link) = self.link.as_mut() {
-                    link.session.refuse(id, reason);
-                }
-            }
+            return;
         }
-    }
-
-    fn accept_stream(
-        &mut self,
-        service_id: Uuid,
-        id: Uuid,
-        client_addr: &str,
-    ) -> Result<(), &'static str> {
-        let link = self.link.as_mut().ok_or("no link")?;
-        if !self.shared.admits(service_id, id, client_addr) {
-            return Err("connection rejected by client");
+        if let Some(link) = self.link.as_mut() {
+            link.streams.expect(id);
         }
-        link.streams
-            .open(id)
-            .map_err(|_| "agent is at its stream limit")
+        self.dial(id, address, service, credit, ctx);
     }
 
     /// Dials `local` for stream `id`; `credit` is what the stream may send before a `Window`.
-    pub(super) fn dial(
+    fn dial(
         &mut self,
         id: Uuid,
         local: String,
@@ -127,7 +98,8 @@ impl AgentConnection {
             }
         };
         ctx.spawn(dial.into_actor(self).map(move |result, act, ctx| {
-            act.dialed(id, &service, (generation, credit), result, ctx)
+            act.dialed(id, &service, (generation, credit), result, ctx);
+            act.execute(ctx);
         }));
     }
 
@@ -146,9 +118,8 @@ impl AgentConnection {
             Ok(socket) => socket,
             Err(reason) => {
                 tracing::info!(stream = %id, %reason, "connection refused");
-                link.streams.refuse(id);
-                link.session.refuse(id, &reason);
-                return self.execute(ctx);
+                link.streams.forget(id);
+                return link.session.refuse(id, &reason);
             }
         };
         let wiring = StreamWiring {
@@ -169,7 +140,7 @@ impl AgentConnection {
             .streams
             .attach(id, ForwardedConnection::start(socket, wiring))
         {
-            link.queue.push_ack(id);
+            link.session.dialed(id);
         }
     }
 }

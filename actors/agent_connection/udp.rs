@@ -20,9 +20,8 @@ impl Handler<FlowEvent> for AgentConnection {
             }
             FlowEvent::Ended { id } => {
                 link.flows.ended(id);
-                if let Some(close) = link.streams.table().local_reset(id) {
-                    self.write(close, ctx);
-                }
+                link.session.flow_ended(id);
+                self.execute(ctx);
             }
         }
     }
@@ -38,13 +37,15 @@ impl AgentConnection {
         client_addr: &str,
         ctx: &mut Context<Self>,
     ) {
-        match self.start_flow(service_id, id, service, client_addr, ctx) {
-            Ok(()) => self.write(Message::ConnectAck { connection_id: id }, ctx),
+        let started = self.start_flow(service_id, id, service, client_addr, ctx);
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        match started {
+            Ok(()) => link.session.flow_started(id),
             Err(reason) => {
                 tracing::info!(flow = %id, visitor = %client_addr, %reason, "udp flow refused");
-                if let Some(link) = self.link.as_mut() {
-                    link.session.refuse(id, &reason);
-                }
+                link.session.refuse(id, &reason);
             }
         }
     }
@@ -77,14 +78,8 @@ impl AgentConnection {
             idle_timeout: self.shared.config.udp_idle_timeout,
             cancel: link.cancel.child_token(),
         };
-        link.streams
-            .table()
-            .open_flow(id)
-            .map_err(|e| e.to_string())?;
-        let flow = UdpFlow::start(target, wiring).map_err(|e| {
-            link.streams.table().forget(id);
-            format!("cannot open a socket toward {local}: {e}")
-        })?;
+        let flow = UdpFlow::start(target, wiring)
+            .map_err(|e| format!("cannot open a socket toward {local}: {e}"))?;
         link.flows.insert(id, flow);
         tracing::debug!(flow = %id, visitor = %client_addr, %target, "udp flow opened");
         Ok(())

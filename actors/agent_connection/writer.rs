@@ -23,29 +23,6 @@ impl Handler<WriteOut> for AgentConnection {
 }
 
 impl AgentConnection {
-    pub(super) fn flush(&mut self, mut outbox: Vec<Outbound>, ctx: &mut Context<Self>) {
-        for frame in outbox.drain(..) {
-            self.write(frame, ctx);
-        }
-        self.outbox = outbox;
-    }
-
-    /// Writes a message that may not have been buildable: a failure is a bug,
-    /// logged and counted, never dropped silently.
-    pub(super) fn write_built(
-        &mut self,
-        built: Result<Message, crate::protocol::BuildError>,
-        ctx: &mut Context<Self>,
-    ) {
-        match built {
-            Ok(message) => self.write(message, ctx),
-            Err(error) => {
-                self.shared.counters.add_unsent();
-                tracing::error!(%error, "frame not built; not sent");
-            }
-        }
-    }
-
     /// The one write path to the server: queues a frame (never a type the
     /// server did not announce: a bug, logged and counted) and schedules a write.
     pub(super) fn write(&mut self, frame: impl Into<Outbound>, ctx: &mut Context<Self>) {

@@ -1,4 +1,6 @@
-//! The control channel's relayed access streams (docs/PROTOCOL.md §4.5).
+//! The control channel's relayed access streams (docs/PROTOCOL.md §4.5):
+//! the session decides; the channel finds the agent of a service and passes
+//! frames to and from the other end's channel.
 
 use super::*;
 
@@ -6,7 +8,7 @@ impl Handler<Relay> for ControlChannel {
     type Result = ();
 
     fn handle(&mut self, relay: Relay, ctx: &mut Self::Context) {
-        let Some(session) = self.tunnel.as_mut() else {
+        let Some(tunnel) = self.tunnel.as_mut() else {
             return;
         };
         match relay {
@@ -15,72 +17,41 @@ impl Handler<Relay> for ControlChannel {
                 service,
                 target,
                 from,
-            } => {
-                if !session.features.contains(Features::ACCESS) {
-                    let reason = "the agent of this service does not take access streams";
-                    if let Ok(refusal) = Message::connect_fail(id, reason) {
-                        from.do_send(Relay::Frame {
-                            id,
-                            kind: MessageType::ConnectFail,
-                            close: None,
-                            frame: refusal.to_bytes(),
-                        });
-                    }
-                    return;
-                }
-                if session.streams.table().open_relay(id).is_err() {
-                    return tracing::warn!(stream = %id, "access stream id already in use; not relayed");
-                }
-                session.relays.insert(id, from);
-                self.write_built(Message::open(id, service, target), ctx);
-            }
+            } => match self.core.relay_to_agent(id, &service, &target) {
+                Ok(()) => tunnel.relays.insert(id, from),
+                Err(reason) => refuse_across(&from, id, reason),
+            },
             Relay::Frame {
                 id,
                 kind,
                 close,
                 frame,
             } => {
-                let Some(last) = session.streams.table().relay_from_other(id, kind, close) else {
-                    return;
-                };
-                if last {
-                    session.relays.remove(id);
+                if self.core.relay_from_other(id, kind, close, frame) == Some(true) {
+                    tunnel.relays.remove(id);
                 }
-                self.write(Outbound::Relayed { id, kind, frame }, ctx);
             }
             Relay::Gone { id } => {
-                session.relays.remove(id);
-                if session.streams.table().forget(id).is_some() {
-                    let close = Message::Close {
-                        connection_id: id,
-                        kind: CloseKind::Abort,
-                    };
-                    self.write(close, ctx);
-                }
+                tunnel.relays.remove(id);
+                self.core.relay_gone(id);
             }
         }
+        self.execute(ctx);
     }
 }
 
 impl ControlChannel {
-    /// An access client's `Open`: relayed to the channel of the agent that
-    /// registered `service`. Later frames wait for the lookup (`wait`), so the
-    /// client's first `Window` finds the relay in place.
-    pub(super) fn open_relay(
+    /// An access client's `Open` within its token's scope: relayed to the
+    /// channel of the agent that registered `service`. Later frames wait for
+    /// the lookup (`wait`), so the client's first `Window` finds the relay in
+    /// place.
+    pub(super) fn find_service(
         &mut self,
         id: Uuid,
         service: String,
         target: String,
         ctx: &mut ws::WebsocketContext<Self>,
     ) {
-        let Some(scope) = self.core.scope() else {
-            return;
-        };
-        if let Err(e) = scope.check_access(&service) {
-            self.span
-                .in_scope(|| tracing::warn!(stream = %id, reason = %e, "access stream refused"));
-            return self.write_built(Message::connect_fail(id, e.to_string()), ctx);
-        }
         let find = FindService {
             name: service.clone(),
         };
@@ -90,28 +61,40 @@ impl ControlChannel {
             .send(find)
             .into_actor(self)
             .map(move |found, act, ctx| {
-                let Some(session) = act.tunnel.as_mut() else {
-                    return;
-                };
                 let Ok(Some(agent)) = found else {
                     let reason = format!("no service named {service:?} on this server");
                     act.span.in_scope(
                         || tracing::info!(stream = %id, %reason, "access stream refused"),
                     );
-                    return act.write_built(Message::connect_fail(id, reason), ctx);
+                    act.core.relay_not_found(id, &reason);
+                    return act.execute(ctx);
                 };
-                if session.streams.table().open_relay(id).is_err() {
-                    let reason = "stream id already in use";
-                    return act.write_built(Message::connect_fail(id, reason), ctx);
+                if act.core.relay_found(id)
+                    && let Some(tunnel) = act.tunnel.as_mut()
+                {
+                    tunnel.relays.insert(id, agent.clone());
+                    let from = ctx.address().recipient();
+                    agent.do_send(Relay::Open {
+                        id,
+                        service,
+                        target,
+                        from,
+                    });
                 }
-                session.relays.insert(id, agent.clone());
-                agent.do_send(Relay::Open {
-                    id,
-                    service,
-                    target,
-                    from: ctx.address().recipient(),
-                });
+                act.execute(ctx);
             })
             .wait(ctx);
+    }
+}
+
+/// Refuses an access stream to the other end's channel, as its agent would.
+fn refuse_across(from: &Recipient<Relay>, id: Uuid, reason: &str) {
+    if let Ok(refusal) = Message::connect_fail(id, reason) {
+        from.do_send(Relay::Frame {
+            id,
+            kind: MessageType::ConnectFail,
+            close: None,
+            frame: refusal.to_bytes(),
+        });
     }
 }

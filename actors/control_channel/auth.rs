@@ -87,19 +87,16 @@ impl ControlChannel {
             .record("tunnel_id", tracing::field::display(tunnel_id));
         self.core
             .authenticated(tunnel_id, scope, Instant::now(), now_ms());
-        let (features, agent_window) = (self.core.features(), self.core.agent_window());
-        let settings = self.shared.config.stream_settings(agent_window);
+        let features = self.core.features();
         self.span
             .in_scope(|| tracing::info!(?features, "agent authenticated"));
         self.tunnel = Some(Tunnel {
             tunnel_id,
-            features,
             cancel,
             services: HashMap::new(),
-            streams: StreamHub::new(settings),
+            streams: StreamHub::default(),
             flows: HashMap::new(),
             relays: Relays::default(),
-            agent_window,
             counters: self.counters.clone(),
             gate: ReadGate::new(self.shared.config.read_ahead),
         });

@@ -1,22 +1,18 @@
-//! The control channel's TCP streams: visitors of its public ports opened as
-//! streams, their sockets' events, and the data-plane frames the session
-//! passes, dispatched by the connection table.
+//! The control channel's streams: visitors of its public ports opened as
+//! streams, their sockets' events, and the session's socket actions
+//! (deliver, credit, shut, reset; datagrams and flows of the UDP side).
 
 use super::*;
+use crate::session::SocketEvent;
 
 impl Handler<VisitorArrived> for ControlChannel {
     type Result = ();
 
     fn handle(&mut self, msg: VisitorArrived, ctx: &mut Self::Context) {
-        match self.open_stream(msg.service_id, msg.socket, ctx) {
-            Ok((id, first)) => {
-                let connect = Message::connect(msg.service_id, id, msg.peer.to_string());
-                self.write_built(connect, ctx);
-                // the visitor's first bytes ride in the same write as `Connect`
-                if let Some(first) = first {
-                    <Self as Handler<StreamEvent>>::handle(self, first, ctx);
-                }
-            }
+        match self.open_stream(msg.service_id, msg.socket, &msg.peer.to_string(), ctx) {
+            // the visitor's first bytes ride in the same write as `Connect`
+            Ok(Some(first)) => <Self as Handler<StreamEvent>>::handle(self, first, ctx),
+            Ok(None) => self.execute(ctx),
             Err(reason) => self
                 .span
                 .in_scope(|| tracing::info!(visitor = %msg.peer, reason, "visitor refused")),
@@ -28,99 +24,47 @@ impl Handler<StreamEvent> for ControlChannel {
     type Result = ();
 
     fn handle(&mut self, event: StreamEvent, ctx: &mut Self::Context) {
-        let Some(tunnel) = self.tunnel.as_mut() else {
-            return;
+        let event = match event {
+            StreamEvent::Read { id, frame, len } => SocketEvent::Read { id, frame, len },
+            StreamEvent::ReadEof { id } => SocketEvent::ReadEof { id },
+            StreamEvent::Delivered { id, len } => SocketEvent::Delivered { id, len },
+            StreamEvent::Failed { id } => SocketEvent::Failed { id },
+            StreamEvent::Finished { id } => {
+                if let Some(tunnel) = self.tunnel.as_mut() {
+                    tunnel.streams.finished(id);
+                }
+                SocketEvent::Failed { id }
+            }
         };
-        let mut outbox = std::mem::take(&mut self.outbox);
-        tunnel.streams.on_event(event, &mut |m| outbox.push(m));
-        self.flush(outbox, ctx);
+        self.core.socket_event(event);
+        self.execute(ctx);
     }
 }
 
 impl ControlChannel {
-    /// A data-plane frame the session passed: the connection table says
-    /// whose it is (a stream, a flow, a relay) and what to do.
-    pub(super) fn route(
-        &mut self,
-        message: Message,
-        frame: Bytes,
-        ctx: &mut ws::WebsocketContext<Self>,
-    ) {
-        if let Message::Open {
-            connection_id,
-            service,
-            target,
-        } = message
-        {
-            return self.open_relay(connection_id, service, target, ctx);
-        }
-        let Some(tunnel) = self.tunnel.as_mut() else {
-            return;
-        };
-        if let Message::ConnectFail {
-            connection_id,
-            reason,
-            ..
-        } = &message
-            && tunnel.streams.table().kind(*connection_id) != Some(ConnectionKind::Relay)
-        {
-            self.span.in_scope(
-                || tracing::info!(stream = %connection_id, %reason, "agent refused the visitor"),
-            );
-        }
-        let (kind, close) = (message.message_type(), close_kind(&message));
-        let (mut outbox, mut rest) = (
-            std::mem::take(&mut self.outbox),
-            std::mem::take(&mut self.rest),
-        );
-        tunnel
-            .streams
-            .on_frame(message, &mut |m| outbox.push(m), &mut rest);
-        for action in rest.drain(..) {
-            match action {
-                ConnectionAction::ForgetFlow { id } => tunnel.forget_flow(id),
-                ConnectionAction::Datagram { id, data } => tunnel.relay_to_visitor(id, data),
-                ConnectionAction::DatagramDropped => tunnel.counters.add_drop(),
-                ConnectionAction::Relay { id, last } => {
-                    tunnel.relays.pass(id, kind, close, frame.clone(), last)
-                }
-                _ => {}
-            }
-        }
-        self.rest = rest;
-        self.flush(outbox, ctx);
-    }
-
-    /// Opens a stream for a visitor: its connection actor starts reading up
-    /// to the agent's window. The stream's id, and what the visitor had
-    /// already sent, if anything (to send right after `Connect`).
+    /// Opens a stream for a visitor (the session sends `Connect`): its
+    /// connection actor starts reading up to the agent's window. What the
+    /// visitor had already sent, if anything (to send right after `Connect`).
     fn open_stream(
         &mut self,
         service_id: Uuid,
         socket: tokio::net::TcpStream,
+        visitor: &str,
         ctx: &mut ws::WebsocketContext<Self>,
-    ) -> Result<(Uuid, Option<StreamEvent>), &'static str> {
-        let max = self.shared.config.max_connections_per_service as u64;
+    ) -> Result<Option<StreamEvent>, &'static str> {
         let tunnel = self.tunnel.as_mut().ok_or("session not authenticated")?;
-        if !tunnel.features.contains(Features::STREAMS) {
-            return Err("legacy agent: no data plane");
-        }
         let service = tunnel
             .services
             .get(&service_id)
             .ok_or("service unregistered")?;
-        if service.counters.snapshot().connections_active >= max {
-            return Err("service is at its connection limit");
-        }
+        let active = service.counters.snapshot().connections_active;
         let id = Uuid::new_v4();
-        tunnel
-            .streams
-            .open(id)
-            .map_err(|_| "tunnel is at its stream limit")?;
+        self.core.open_stream(id, service_id, visitor, active)?;
+        tunnel.streams.expect(id);
         let wiring = StreamWiring {
             id,
             channel: ctx.address().recipient(),
-            initial_credit: tunnel.agent_window,
+            initial_credit: self.core.agent_window(),
             counters: CounterSet::new(vec![service.counters.clone(), tunnel.counters.clone()]),
             read_direction: Direction::In,
             cancel: Some(tunnel.cancel.child_token()),
@@ -129,14 +73,19 @@ impl ControlChannel {
         };
         let (addr, first) = ForwardedConnection::start_reading(socket, wiring);
         tunnel.streams.attach(id, addr);
-        Ok((id, first))
+        Ok(first)
     }
-}
 
-/// The kind of a `Close` (it decides when a relayed stream is over).
-fn close_kind(message: &Message) -> Option<CloseKind> {
-    match message {
-        Message::Close { kind, .. } => Some(*kind),
-        _ => None,
+    /// A socket action of the session: to a stream's socket, or to the UDP side.
+    pub(super) fn on_socket_action(&mut self, action: ConnectionAction) {
+        let Some(tunnel) = self.tunnel.as_mut() else {
+            return;
+        };
+        match tunnel.streams.apply(action) {
+            Some(ConnectionAction::ForgetFlow { id }) => tunnel.forget_flow(id),
+            Some(ConnectionAction::Datagram { id, data }) => tunnel.relay_to_visitor(id, data),
+            Some(ConnectionAction::DatagramDropped) => tunnel.counters.add_drop(),
+            _ => {}
+        }
     }
 }

@@ -24,8 +24,8 @@ impl Handler<UdpEvent> for ControlChannel {
                     return;
                 };
                 let counters = service.counters.clone();
-                if session.streams.table().open_flow(id).is_err() {
-                    return; // an id the listener drew twice: never in practice
+                if let Err(reason) = self.core.open_flow(id, service_id, &visitor.to_string()) {
+                    return tracing::debug!(flow = %id, reason, "flow not opened");
                 }
                 let flow = Flow {
                     listener,
@@ -33,7 +33,6 @@ impl Handler<UdpEvent> for ControlChannel {
                     counters,
                 };
                 session.flows.insert(id, flow);
-                self.write_built(Message::connect(service_id, id, visitor.to_string()), ctx);
             }
             UdpEvent::Datagram {
                 service_id,
@@ -43,17 +42,16 @@ impl Handler<UdpEvent> for ControlChannel {
                 if let Some(budget) = session.udp_budget(service_id) {
                     budget.give(frame.len());
                 }
-                if session.flows.contains_key(&id) {
+                if self.core.is_flow(id) {
                     self.write(Outbound::Datagram { id, frame }, ctx);
                 }
             }
             UdpEvent::Closed { id } => {
                 session.flows.remove(&id);
-                if let Some(close) = session.streams.table().local_reset(id) {
-                    self.write(close, ctx);
-                }
+                self.core.flow_ended(id);
             }
         }
+        self.execute(ctx);
     }
 }
 

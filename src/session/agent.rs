@@ -14,14 +14,19 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
+use super::data::{DataPlane, Emit};
 use super::{End, ProtocolViolation, check_inbound, check_outbound};
 use crate::auth::Secret;
 use crate::config::ServiceConfig;
+use crate::connections::{ConnectionAction, StreamSettings};
 use crate::liveness::Liveness;
+use crate::outbound::Outbound;
 use crate::protocol::{
     AuthRefusal, BuildError, Capabilities, DEFAULT_INITIAL_WINDOW, Features, Message, MessageType,
     ServiceProtocol,
 };
+
+mod connections;
 
 /// The settings an agent session runs with.
 #[derive(Debug, Clone)]
@@ -40,6 +45,11 @@ pub struct AgentSettings {
     pub heartbeat_interval: Duration,
     /// The link is dropped when nothing arrives from the server for this long.
     pub heartbeat_timeout: Duration,
+    /// The link's stream table (`send_initial` becomes the window the server announces).
+    pub streams: StreamSettings,
+    /// Addresses an access client may ask this agent to dial instead of a
+    /// service's own (an allow-list; empty: none).
+    pub access_targets: Vec<String>,
 }
 
 /// How a link ended, and whether reconnecting can help.
@@ -118,18 +128,24 @@ pub enum AgentAction {
         /// The server's reason.
         reason: String,
     },
-    /// Authenticated and every registration asked for so far answered `Ok`.
+    /// Authenticated and every registration asked for so far answered (a
+    /// refused one is retried on its own backoff).
     Ready,
-    /// A visitor reached a TCP service: dial it for stream `connection_id`.
-    OpenStream {
+    /// Dial `address` for stream `connection_id` (a visitor's, or an
+    /// access client's relayed by the server), then answer
+    /// [`AgentSession::dialed`] or [`AgentSession::refuse`].
+    Dial {
         /// The stream.
         connection_id: Uuid,
-        /// The service's id.
-        service_id: Uuid,
-        /// The service.
-        service: ServiceConfig,
-        /// The visitor's address, as the server wrote it.
-        client_addr: String,
+        /// What to dial.
+        address: String,
+        /// The service's name (for its counters).
+        service: String,
+        /// What the socket may send before the server's first `Window`.
+        credit: u32,
+        /// For a visitor's stream: the service's id and the visitor's address
+        /// (a host's connection callback may refuse it).
+        visitor: Option<(Uuid, String)>,
     },
     /// A UDP flow began on a service: open its socket.
     OpenFlow {
@@ -142,6 +158,11 @@ pub enum AgentAction {
         /// The visitor's address, as the server wrote it.
         client_addr: String,
     },
+    /// Write this frame, encoded by a socket's reader, to the server.
+    Write(Outbound),
+    /// Carry this out on a connection's socket (deliver, credit, shut,
+    /// reset, a datagram for a flow, a flow forgotten).
+    Socket(ConnectionAction),
     /// The link ends (close the WebSocket); reconnect unless it is fatal.
     Close(LinkError),
 }
@@ -151,6 +172,8 @@ struct Open {
     features: Features,
     services: HashMap<Uuid, ServiceConfig>,
     next_heartbeat: Instant,
+    /// What a socket may send on a new visitor stream before a `Window`.
+    server_window: u32,
 }
 
 #[derive(Debug)]
@@ -169,6 +192,8 @@ pub struct AgentSession {
     awaiting: VecDeque<ServiceConfig>,
     liveness: Liveness,
     authenticated: bool,
+    /// The link's streams and flows, once authenticated.
+    data: DataPlane,
     actions: VecDeque<AgentAction>,
 }
 
@@ -186,6 +211,7 @@ impl AgentSession {
             liveness: Liveness::new(now, settings.heartbeat_timeout),
             awaiting: VecDeque::new(),
             authenticated: false,
+            data: DataPlane::default(),
             actions: VecDeque::new(),
             settings,
         };
@@ -277,12 +303,18 @@ impl AgentSession {
         self.send_built(register);
     }
 
-    /// A frame from the server. Data-plane frames (stream frames, datagrams,
-    /// `Open`, relayed `ConnectAck`/`ConnectFail`) come back, checked, for
-    /// the caller to route by connection id.
-    pub fn handle_frame(&mut self, message: Message, now: Instant) -> Option<Message> {
+    /// A WebSocket message from the server: one encoded frame.
+    pub fn handle_bytes(&mut self, frame: &[u8], now: Instant) {
+        match Message::decode(frame) {
+            Ok((message, _)) => self.handle_frame(message, now),
+            Err(e) => self.close(LinkError::Protocol(ProtocolViolation::Malformed(e))),
+        }
+    }
+
+    /// A frame from the server, decoded.
+    pub fn handle_frame(&mut self, message: Message, now: Instant) {
         if self.is_closed() {
-            return None;
+            return;
         }
         self.liveness.seen(now);
         let kind = message.message_type();
@@ -295,13 +327,12 @@ impl AgentSession {
                 Err(ProtocolViolation::Unexpected(kind))
             }
             Phase::Open(open) => check_inbound(End::Agent, open.features, &message),
-            Phase::Closed => return None,
+            Phase::Closed => return,
         };
         if let Err(violation) = checked {
-            self.close(LinkError::Protocol(violation));
-            return None;
+            return self.close(LinkError::Protocol(violation));
         }
-        self.on_message(message, now)
+        self.on_message(message, now);
     }
 
     /// A timer fired: the answer to `Auth` overdue, the server silent, or
@@ -325,7 +356,7 @@ impl AgentSession {
         }
     }
 
-    fn on_message(&mut self, message: Message, now: Instant) -> Option<Message> {
+    fn on_message(&mut self, message: Message, now: Instant) {
         match message {
             Message::AuthOk {
                 tunnel_id,
@@ -345,23 +376,33 @@ impl AgentSession {
                 client_addr,
                 ..
             } => self.on_connect(service_id, connection_id, client_addr),
-            data_plane => return Some(data_plane),
+            Message::Open {
+                connection_id,
+                service,
+                target,
+            } => self.on_open(connection_id, &service, &target),
+            data_plane => self.on_data_plane(data_plane),
         }
-        None
     }
 
     fn on_auth_ok(&mut self, tunnel_id: Uuid, caps: Option<Capabilities>, now: Instant) {
         let features = caps.map_or(Features::NONE, |c| c.features);
+        let server_window = caps.map_or(DEFAULT_INITIAL_WINDOW, |c| c.initial_window);
         self.authenticated = true;
         self.phase = Phase::Open(Open {
             features,
             services: HashMap::new(),
             next_heartbeat: now + self.settings.heartbeat_interval,
+            server_window,
+        });
+        self.data.start(StreamSettings {
+            send_initial: server_window,
+            ..self.settings.streams
         });
         self.actions.push_back(AgentAction::Authenticated {
             tunnel_id,
             features,
-            server_window: caps.map_or(DEFAULT_INITIAL_WINDOW, |c| c.initial_window),
+            server_window,
         });
     }
 
@@ -388,36 +429,9 @@ impl AgentSession {
         };
         self.actions
             .push_back(AgentAction::RegistrationRefused { service, reason });
-    }
-
-    fn on_connect(&mut self, service_id: Uuid, connection_id: Uuid, client_addr: String) {
-        let features = self.features();
-        let Some(service) = self.service(service_id).cloned() else {
-            return self.refuse(connection_id, "unknown service");
-        };
-        let action = match service.protocol {
-            ServiceProtocol::Udp => AgentAction::OpenFlow {
-                connection_id,
-                service_id,
-                service,
-                client_addr,
-            },
-            ServiceProtocol::Tcp if !features.contains(Features::STREAMS) => {
-                return self.refuse(connection_id, "the server has no data plane");
-            }
-            ServiceProtocol::Tcp => AgentAction::OpenStream {
-                connection_id,
-                service_id,
-                service,
-                client_addr,
-            },
-        };
-        self.actions.push_back(action);
-    }
-
-    /// Answers a `Connect` with `ConnectFail`.
-    pub fn refuse(&mut self, connection_id: Uuid, reason: &str) {
-        self.send_built(Message::connect_fail(connection_id, reason));
+        if self.awaiting.is_empty() {
+            self.actions.push_back(AgentAction::Ready);
+        }
     }
 
     fn close(&mut self, error: LinkError) {

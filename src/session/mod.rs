@@ -20,12 +20,14 @@
 use crate::protocol::{DecodeError, Features, Message, MessageType, announced};
 
 pub mod agent;
+mod data;
 pub mod server;
 
 #[cfg(test)]
 mod tests;
 
 pub use agent::{AgentAction, AgentSession, AgentSettings, LinkError};
+pub use data::SocketEvent;
 pub use server::{
     CloseReason, Registration, ServerAction, ServerSession, ServerSettings, TokenRefusal,
     check_token,

@@ -14,12 +14,20 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
+use bytes::Bytes;
+
+use super::data::{DataPlane, Emit};
 use super::{End, ProtocolViolation, check_inbound, check_outbound};
 use crate::auth::{Secret, TokenScope};
+use crate::connections::{ConnectionAction, StreamSettings};
 use crate::liveness::Liveness;
+use crate::outbound::Outbound;
 use crate::protocol::{
-    AuthRefusal, Capabilities, DEFAULT_INITIAL_WINDOW, Features, Message, ServiceProtocol,
+    AuthRefusal, Capabilities, CloseKind, DEFAULT_INITIAL_WINDOW, Features, Message, MessageType,
+    ServiceProtocol,
 };
+
+mod connections;
 use crate::throttle::{Admission, AuthThrottle};
 
 /// The settings a server session runs with.
@@ -37,6 +45,10 @@ pub struct ServerSettings {
     pub stream_window: u32,
     /// Most services one tunnel may register.
     pub max_services: usize,
+    /// Most connections open at once to one service.
+    pub max_connections_per_service: usize,
+    /// The tunnel's stream table (`send_initial` becomes the window the agent announces).
+    pub streams: StreamSettings,
 }
 
 /// Why a session ends (the caller maps it to a WebSocket close code).
@@ -79,6 +91,35 @@ pub enum ServerAction {
     },
     /// Tell the registry the tunnel is alive.
     ReportAlive,
+    /// Write this frame, encoded by a socket's reader, to the agent.
+    Write(Outbound),
+    /// Carry this out on a connection's socket (deliver, credit, shut,
+    /// reset, a datagram for a visitor, a flow forgotten).
+    Socket(ConnectionAction),
+    /// Pass a frame of relayed access stream `id` to the other end's channel.
+    Relay {
+        /// The stream.
+        id: Uuid,
+        /// The frame's type.
+        kind: MessageType,
+        /// The kind of a `Close`.
+        close: Option<CloseKind>,
+        /// The frame, as it came.
+        frame: Bytes,
+        /// The relay is over with it: forget the other end after passing it.
+        last: bool,
+    },
+    /// An access client's `Open` to `service`, within its token's scope:
+    /// find the channel of the agent that registered it, then answer
+    /// [`ServerSession::relay_found`] or [`ServerSession::relay_not_found`].
+    FindService {
+        /// The new stream.
+        id: Uuid,
+        /// The service's name.
+        service: String,
+        /// What the client asks the agent to dial instead, if allowed.
+        target: String,
+    },
     /// End the session: close the WebSocket, free what it holds.
     Close(CloseReason),
 }
@@ -138,6 +179,8 @@ enum Phase {
 pub struct ServerSession {
     settings: ServerSettings,
     phase: Phase,
+    /// The tunnel's streams, flows and relayed streams, once authenticated.
+    data: DataPlane,
     actions: VecDeque<ServerAction>,
 }
 
@@ -148,6 +191,7 @@ impl ServerSession {
         Self {
             settings,
             phase: Phase::AwaitingAuth { deadline },
+            data: DataPlane::default(),
             actions: VecDeque::new(),
         }
     }
@@ -202,29 +246,34 @@ impl ServerSession {
         }
     }
 
-    /// A frame from the agent. Data-plane frames (stream frames, datagrams,
-    /// `Open`, `ConnectAck`, `ConnectFail`) come back, checked, for the
-    /// caller to route by connection id; control frames are handled here.
-    pub fn handle_frame(&mut self, message: Message, now: Instant) -> Option<Message> {
+    /// A WebSocket message from the agent: one encoded frame.
+    pub fn handle_bytes(&mut self, frame: Bytes, now: Instant) {
+        match Message::decode_bytes(&frame) {
+            Ok((message, _)) => self.handle(message, Some(frame), now),
+            Err(e) => self.violation(ProtocolViolation::Malformed(e)),
+        }
+    }
+
+    /// A frame from the agent, decoded.
+    pub fn handle_frame(&mut self, message: Message, now: Instant) {
+        self.handle(message, None, now);
+    }
+
+    fn handle(&mut self, message: Message, frame: Option<Bytes>, now: Instant) {
         match &self.phase {
-            Phase::AwaitingAuth { .. } => {
-                self.on_first(message);
-                None
-            }
+            Phase::AwaitingAuth { .. } => self.on_first(message),
             // the caller holds later frames until the tunnel opens (`ctx.wait`);
             // anything else here is a frame the agent sent without waiting
             Phase::Authenticating { .. } => {
                 self.violation(ProtocolViolation::BeforeAuth(message.message_type()));
-                None
             }
             Phase::Open(open) => {
                 if let Err(v) = check_inbound(End::Server, open.features, &message) {
-                    self.violation(v);
-                    return None;
+                    return self.violation(v);
                 }
-                self.on_message(message, now)
+                self.on_message(message, frame, now);
             }
-            Phase::Closed => None,
+            Phase::Closed => {}
         }
     }
 
@@ -242,10 +291,15 @@ impl ServerSession {
         };
         let s = &self.settings;
         let answer = offer.map(|o| Capabilities::accept(o, s.supported, s.stream_window));
+        let agent_window = offer.map_or(DEFAULT_INITIAL_WINDOW, |o| o.initial_window);
+        self.data.start(StreamSettings {
+            send_initial: agent_window,
+            ..s.streams
+        });
         self.phase = Phase::Open(Box::new(Open {
             tunnel_id,
             features: answer.map_or(Features::NONE, |c| c.features),
-            agent_window: offer.map_or(DEFAULT_INITIAL_WINDOW, |o| o.initial_window),
+            agent_window,
             scope,
             services: HashMap::new(),
             pending: VecDeque::new(),
@@ -360,7 +414,7 @@ impl ServerSession {
         }
     }
 
-    fn on_message(&mut self, message: Message, now: Instant) -> Option<Message> {
+    fn on_message(&mut self, message: Message, frame: Option<Bytes>, now: Instant) {
         match message {
             Message::HeartbeatAck { .. } => {
                 if let Some(open) = self.open_mut() {
@@ -375,9 +429,13 @@ impl ServerSession {
                 ..
             } => self.on_register(name, protocol, remote_port),
             Message::Unregister { service_id } => self.on_unregister(service_id),
-            data_plane => return Some(data_plane),
+            Message::Open {
+                connection_id,
+                service,
+                target,
+            } => self.on_open(connection_id, service, target),
+            data_plane => self.on_data_plane(data_plane, frame),
         }
-        None
     }
 
     fn on_register(&mut self, name: String, protocol: ServiceProtocol, remote_port: u16) {

@@ -12,6 +12,7 @@ use uuid::Uuid;
 use super::*;
 use crate::auth::{AuthError, TokenScope};
 use crate::config::ServiceConfig;
+use crate::connections::{ConnectionAction, StreamSettings};
 use crate::ports::PortPool;
 use crate::protocol::{AuthRefusal, CloseKind, Features, Message, MessageType, ServiceProtocol};
 use crate::throttle::AuthThrottle;
@@ -27,6 +28,19 @@ fn server_settings() -> ServerSettings {
         supported: Features::ALL,
         stream_window: 32 * 1024,
         max_services: 3,
+        max_connections_per_service: 16_384,
+        streams: streams(32 * 1024),
+    }
+}
+
+/// A side's stream table settings (`send_initial` is set at negotiation).
+fn streams(recv_initial: u32) -> StreamSettings {
+    StreamSettings {
+        max_streams: 8,
+        recv_initial,
+        recv_max: 256 * 1024,
+        send_initial: 0,
+        budget: 1024 * 1024,
     }
 }
 
@@ -39,6 +53,8 @@ fn agent_settings(token: &str, offer: Option<Features>) -> AgentSettings {
         auth_timeout: 10 * SECOND,
         heartbeat_interval: 5 * SECOND,
         heartbeat_timeout: 15 * SECOND,
+        streams: streams(128 * 1024),
+        access_targets: vec!["10.0.0.9:22".to_owned()],
     }
 }
 
@@ -53,9 +69,6 @@ struct Pair {
     /// What each end did, for the assertions.
     server_log: Vec<ServerAction>,
     agent_log: Vec<AgentAction>,
-    /// Data-plane frames each end handed back to route.
-    server_routed: Vec<Message>,
-    agent_routed: Vec<Message>,
     throttle: AuthThrottle,
     ports: PortPool,
     /// The registry's answer to opening a tunnel.
@@ -76,8 +89,6 @@ impl Pair {
             to_agent: VecDeque::new(),
             server_log: Vec::new(),
             agent_log: Vec::new(),
-            server_routed: Vec::new(),
-            agent_routed: Vec::new(),
             throttle: AuthThrottle::new(),
             ports: PortPool::new((30_000, 30_009)).unwrap(),
             tunnel_limit_reached: false,
@@ -105,16 +116,12 @@ impl Pair {
             if let Some(frame) = self.to_server.pop_front() {
                 busy = true;
                 let message = decode(&frame);
-                if let Some(routed) = self.server.handle_frame(message, self.now) {
-                    self.server_routed.push(routed);
-                }
+                self.server.handle_frame(message, self.now);
             }
             if let Some(frame) = self.to_agent.pop_front() {
                 busy = true;
                 let message = decode(&frame);
-                if let Some(routed) = self.agent.handle_frame(message, self.now) {
-                    self.agent_routed.push(routed);
-                }
+                self.agent.handle_frame(message, self.now);
             }
             if !busy {
                 return;
@@ -168,7 +175,7 @@ impl Pair {
             ServerAction::Unregister { port, .. } => {
                 self.ports.release(*port);
             }
-            ServerAction::ReportAlive | ServerAction::Close(_) => {}
+            _ => {}
         }
         self.server_log.push(action);
     }
@@ -334,7 +341,7 @@ fn an_original_servers_refusal_stops_the_agent() {
     let now = Instant::now();
     let mut agent = AgentSession::new(agent_settings("t", Some(Features::ALL)), now);
     let fail = Message::auth_fail("Invalid token").unwrap();
-    assert_eq!(agent.handle_frame(decode(&fail.encode()), now), None);
+    agent.handle_frame(decode(&fail.encode()), now);
     let close = std::iter::from_fn(|| agent.poll_action()).last();
     assert!(matches!(close, Some(AgentAction::Close(e)) if e.is_fatal()));
 }
@@ -555,7 +562,12 @@ fn a_frame_of_a_feature_not_negotiated_is_refused_on_both_ends() {
     pair.to_agent.push_back(data.encode());
     pair.run();
     assert_eq!(pair.agent_closed(), Some(&LinkError::Protocol(expected)));
-    assert!(pair.agent_routed.is_empty());
+    assert!(
+        !pair
+            .agent_log
+            .iter()
+            .any(|a| matches!(a, AgentAction::Socket(_)))
+    );
 }
 
 #[test]
@@ -598,50 +610,72 @@ fn a_message_of_the_other_direction_is_refused() {
 }
 
 #[test]
-fn visitors_become_streams_or_flows_and_data_frames_are_routed() {
+fn visitors_become_streams_or_flows_and_frames_go_to_their_sockets() {
     let mut pair = open_pair(Features::ALL);
     let (tcp, udp) = (Uuid::from_u128(100), Uuid::from_u128(101));
-    for (service_id, id) in [(tcp, 1u128), (udp, 2)] {
-        let connect = Message::connect(service_id, Uuid::from_u128(id), "192.0.2.7:5000").unwrap();
-        pair.to_agent.push_back(connect.encode());
-    }
+    let (stream, flow) = (Uuid::from_u128(1), Uuid::from_u128(2));
+    pair.server
+        .open_stream(stream, tcp, "192.0.2.7:5000", 0)
+        .unwrap();
+    pair.server.open_flow(flow, udp, "192.0.2.7:5001").unwrap();
+    // the per-service limit and an unknown service are refused at the server
+    assert!(
+        pair.server
+            .open_stream(Uuid::from_u128(4), tcp, "x", 16_384)
+            .is_err()
+    );
+    assert!(
+        pair.server
+            .open_stream(Uuid::from_u128(5), Uuid::nil(), "x", 0)
+            .is_err()
+    );
+    // a Connect for a service the agent does not have is refused by it
     let unknown = Message::connect(Uuid::from_u128(999), Uuid::from_u128(3), "x").unwrap();
     pair.to_agent.push_back(unknown.encode());
-    let frames = [
-        Message::data(Uuid::from_u128(1), bytes::Bytes::from_static(b"hello")).unwrap(),
-        Message::Close {
-            connection_id: Uuid::from_u128(1),
-            kind: CloseKind::Eof,
-        },
-    ];
-    for frame in &frames {
-        pair.to_agent.push_back(frame.encode());
-        pair.to_server.push_back(frame.encode());
-    }
     pair.run();
     assert!(pair.agent_log.iter().any(|a| matches!(
         a,
-        AgentAction::OpenStream { connection_id, service, .. }
-            if *connection_id == Uuid::from_u128(1) && service.name == "ssh"
+        AgentAction::Dial { connection_id, service, credit, visitor: Some(_), .. }
+            if *connection_id == stream && service == "ssh" && *credit == 32 * 1024
     )));
     assert!(pair.agent_log.iter().any(|a| matches!(
         a,
         AgentAction::OpenFlow { connection_id, service, .. }
-            if *connection_id == Uuid::from_u128(2) && service.name == "dns"
+            if *connection_id == flow && service.name == "dns"
     )));
-    // the unknown service's visitor is refused to the server, which routes it
-    assert!(pair.server_routed.iter().any(|m| matches!(
-        m,
-        Message::ConnectFail { connection_id, .. } if *connection_id == Uuid::from_u128(3)
+    assert!(pair.agent_log.iter().any(|a| matches!(
+        a,
+        AgentAction::Send(Message::ConnectFail { connection_id, .. })
+            if *connection_id == Uuid::from_u128(3)
     )));
-    assert_eq!(pair.agent_routed, frames);
-    let routed: Vec<_> = pair
-        .server_routed
+    // the agent's data and a datagram reach the server's sockets
+    let data = Message::data(stream, bytes::Bytes::from_static(b"hello")).unwrap();
+    pair.to_server.push_back(data.encode());
+    let datagram = Message::Datagram {
+        connection_id: flow,
+        data: bytes::Bytes::from_static(b"dns"),
+    };
+    pair.to_server.push_back(datagram.encode());
+    pair.run();
+    let sockets: Vec<_> = pair
+        .server_log
         .iter()
-        .filter(|m| m.message_type() != MessageType::ConnectFail)
-        .cloned()
+        .filter_map(|a| match a {
+            ServerAction::Socket(action) => Some(action.clone()),
+            _ => None,
+        })
         .collect();
-    assert_eq!(routed, frames);
+    let expected = [
+        ConnectionAction::Deliver {
+            id: stream,
+            data: bytes::Bytes::from_static(b"hello"),
+        },
+        ConnectionAction::Datagram {
+            id: flow,
+            data: bytes::Bytes::from_static(b"dns"),
+        },
+    ];
+    assert_eq!(sockets, expected);
 }
 
 #[test]
@@ -723,17 +757,13 @@ proptest! {
                 Step::ToServer => {
                     if let Some(frame) = pair.to_server.pop_front() {
                         let now = pair.now;
-                        if let Some(m) = pair.server.handle_frame(decode(&frame), now) {
-                            pair.server_routed.push(m);
-                        }
+                        pair.server.handle_frame(decode(&frame), now);
                     }
                 }
                 Step::ToAgent => {
                     if let Some(frame) = pair.to_agent.pop_front() {
                         let now = pair.now;
-                        if let Some(m) = pair.agent.handle_frame(decode(&frame), now) {
-                            pair.agent_routed.push(m);
-                        }
+                        pair.agent.handle_frame(decode(&frame), now);
                     }
                 }
                 Step::ServerActs => {
@@ -757,7 +787,8 @@ proptest! {
                 prop_assert_ne!(m.message_type(), MessageType::Datagram);
             }
         }
-        prop_assert!(pair.server_routed.is_empty() && pair.agent_routed.is_empty());
+        let sockets = |a: &ServerAction| matches!(a, ServerAction::Socket(_) | ServerAction::Write(_));
+        prop_assert!(!pair.server_log.iter().any(sockets), "no data plane was asked for");
         if pair.agent_closed().is_some() || pair.server_closed().is_some() {
             // a link may end on a timeout; then nothing is left waiting
             prop_assert!(pair.agent.is_closed() || pair.server.is_closed());
@@ -779,34 +810,26 @@ proptest! {
     }
 }
 
-/// Both sessions with a connection table on each side and pretend sockets:
-/// the data plane end to end, in memory.
+/// Both sessions, each with its connection table, and pretend sockets: the
+/// data plane end to end, in memory.
 mod data_plane {
     use std::collections::HashMap;
 
     use bytes::Bytes;
 
     use super::*;
-    use crate::connections::{ConnectionAction, ConnectionTable, StreamSettings};
+    use crate::connections::ConnectionKind;
+    use crate::session::SocketEvent;
 
-    /// A side's table with the windows the sessions negotiated.
-    fn table(recv_initial: u32, send_initial: u32) -> ConnectionTable {
-        ConnectionTable::new(StreamSettings {
-            max_streams: 8,
-            recv_initial,
-            recv_max: 256 * 1024,
-            send_initial,
-            budget: 1024 * 1024,
-        })
-    }
-
-    /// What one side's sockets saw.
+    /// What one side's sockets did and hold.
     #[derive(Default)]
     struct Sockets {
         /// Bytes written to each stream's socket.
         written: HashMap<Uuid, Vec<u8>>,
-        /// Bytes each stream's socket has to send, waiting for credit.
+        /// Bytes each stream's socket has to send.
         unsent: HashMap<Uuid, Vec<u8>>,
+        /// What each reader may still read (its credit).
+        credit: HashMap<Uuid, u64>,
         shut: Vec<Uuid>,
         reset: Vec<Uuid>,
         datagrams: Vec<(Uuid, Bytes)>,
@@ -818,8 +841,6 @@ mod data_plane {
 
     struct Tunnel {
         pair: Pair,
-        server_table: ConnectionTable,
-        agent_table: ConnectionTable,
         server: Sockets,
         agent: Sockets,
     }
@@ -829,12 +850,9 @@ mod data_plane {
             let mut pair = Pair::new(TOKEN, Some(Features::ALL));
             pair.run();
             assert!(pair.agent.is_open());
-            let (agent_window, server_window) = (pair.server.agent_window(), 32 * 1024);
-            assert_eq!(agent_window, 128 * 1024, "the window the agent announced");
+            assert_eq!(pair.server.agent_window(), 128 * 1024);
             Self {
                 pair,
-                server_table: table(server_window, agent_window),
-                agent_table: table(agent_window, server_window),
                 server: Sockets::default(),
                 agent: Sockets::default(),
             }
@@ -842,19 +860,24 @@ mod data_plane {
 
         /// A visitor reaches service `service_id` (100: tcp ssh, 101: udp dns).
         fn visitor(&mut self, service_id: u128, id: u128) -> Uuid {
-            let id = Uuid::from_u128(id);
-            let udp = service_id == 101;
-            if udp {
-                self.server_table.open_flow(id).unwrap();
+            let (id, service) = (Uuid::from_u128(id), Uuid::from_u128(service_id));
+            if service_id == 101 {
+                self.pair
+                    .server
+                    .open_flow(id, service, "192.0.2.7:4000")
+                    .unwrap();
             } else {
-                self.server_table.open(id).unwrap();
+                let window = self.pair.server.agent_window();
+                self.pair
+                    .server
+                    .open_stream(id, service, "192.0.2.7:4000", 0)
+                    .unwrap();
+                self.server.credit.insert(id, u64::from(window));
             }
-            let connect = Message::connect(Uuid::from_u128(service_id), id, "192.0.2.7:4000");
-            self.pair.to_agent.push_back(connect.unwrap().encode());
             id
         }
 
-        /// Runs both ends until nothing moves.
+        /// Runs both ends and their sockets until nothing moves.
         fn pump(&mut self) {
             for _ in 0..100_000 {
                 let mut busy = false;
@@ -864,26 +887,17 @@ mod data_plane {
                 }
                 while let Some(action) = self.pair.server.poll_action() {
                     busy = true;
-                    self.pair.server_did(action);
+                    self.server_did(action);
                 }
-                busy |= self.send_what_credit_allows();
+                busy |= self.read_sockets();
+                let now = self.pair.now;
                 if let Some(frame) = self.pair.to_server.pop_front() {
                     busy = true;
-                    let now = self.pair.now;
-                    if let Some(m) = self.pair.server.handle_frame(decode(&frame), now) {
-                        let mut out = Vec::new();
-                        self.server_table.on_frame(m, &mut out);
-                        self.apply(true, out);
-                    }
+                    self.pair.server.handle_bytes(Bytes::from(frame), now);
                 }
                 if let Some(frame) = self.pair.to_agent.pop_front() {
                     busy = true;
-                    let now = self.pair.now;
-                    if let Some(m) = self.pair.agent.handle_frame(decode(&frame), now) {
-                        let mut out = Vec::new();
-                        self.agent_table.on_frame(m, &mut out);
-                        self.apply(false, out);
-                    }
+                    self.pair.agent.handle_bytes(&frame, now);
                 }
                 if !busy {
                     return;
@@ -893,108 +907,133 @@ mod data_plane {
         }
 
         fn agent_did(&mut self, action: AgentAction) {
-            match &action {
-                AgentAction::OpenStream { connection_id, .. } => {
-                    self.agent_table.open(*connection_id).unwrap();
-                    self.pair.agent_did(
-                        Message::ConnectAck {
-                            connection_id: *connection_id,
-                        }
-                        .into_send(),
-                    );
+            if matches!(
+                action,
+                AgentAction::Dial { .. } | AgentAction::OpenFlow { .. }
+            ) {
+                self.pair.agent_log.push(action.clone());
+            }
+            match action {
+                AgentAction::Dial {
+                    connection_id,
+                    credit,
+                    ..
+                } => {
+                    self.agent.credit.insert(connection_id, u64::from(credit));
+                    self.pair.agent.dialed(connection_id);
                 }
                 AgentAction::OpenFlow { connection_id, .. } => {
-                    self.agent_table.open_flow(*connection_id).unwrap();
+                    self.pair.agent.flow_started(connection_id);
                 }
-                _ => self.pair.agent_did(action),
+                AgentAction::Socket(socket) => self.socket(false, socket),
+                AgentAction::Write(frame) => {
+                    self.pair.to_server.push_back(frame.into_bytes().to_vec())
+                }
+                other => self.pair.agent_did(other),
             }
         }
 
-        /// Carries out a table's actions on the server's (true) or the agent's sockets.
-        fn apply(&mut self, server: bool, actions: Vec<ConnectionAction>) {
-            for action in actions {
-                let (table, sockets, wire) = if server {
-                    (
-                        &mut self.server_table,
-                        &mut self.server,
-                        &mut self.pair.to_agent,
-                    )
-                } else {
-                    (
-                        &mut self.agent_table,
-                        &mut self.agent,
-                        &mut self.pair.to_server,
-                    )
-                };
-                match action {
-                    ConnectionAction::Deliver { id, data } if sockets.stalled => {
-                        sockets.held.entry(id).or_default().extend_from_slice(&data);
-                    }
-                    ConnectionAction::Deliver { id, data } => {
-                        sockets
-                            .written
-                            .entry(id)
-                            .or_default()
-                            .extend_from_slice(&data);
-                        if let Some(window) = table.on_delivered(id, data.len()) {
-                            wire.push_back(window.encode());
-                        }
-                    }
-                    ConnectionAction::ShutdownWrite { id } => sockets.shut.push(id),
-                    ConnectionAction::Reset { id, .. } => sockets.reset.push(id),
-                    ConnectionAction::Send(m) => wire.push_back(m.encode()),
-                    ConnectionAction::Datagram { id, data } => sockets.datagrams.push((id, data)),
-                    ConnectionAction::ForgetFlow { id } => sockets.forgotten_flows.push(id),
-                    _ => {}
+        fn server_did(&mut self, action: ServerAction) {
+            match action {
+                ServerAction::Socket(socket) => self.socket(true, socket),
+                ServerAction::Write(frame) => {
+                    self.pair.to_agent.push_back(frame.into_bytes().to_vec())
                 }
+                other => self.pair.server_did(other),
             }
         }
 
-        /// Each socket sends what it has, within its stream's credit.
-        fn send_what_credit_allows(&mut self) -> bool {
-            let mut sent = false;
+        /// A socket action of the server's (true) or the agent's session.
+        fn socket(&mut self, server: bool, action: ConnectionAction) {
+            let sockets = if server {
+                &mut self.server
+            } else {
+                &mut self.agent
+            };
+            let delivered = match action {
+                ConnectionAction::Deliver { id, data } if sockets.stalled => {
+                    sockets.held.entry(id).or_default().extend_from_slice(&data);
+                    None
+                }
+                ConnectionAction::Deliver { id, data } => {
+                    sockets
+                        .written
+                        .entry(id)
+                        .or_default()
+                        .extend_from_slice(&data);
+                    Some(SocketEvent::Delivered {
+                        id,
+                        len: data.len(),
+                    })
+                }
+                ConnectionAction::Credit { id, increment } => {
+                    *sockets.credit.entry(id).or_default() += u64::from(increment);
+                    None
+                }
+                ConnectionAction::ShutdownWrite { id } => {
+                    sockets.shut.push(id);
+                    None
+                }
+                ConnectionAction::Reset { id, .. } => {
+                    sockets.reset.push(id);
+                    None
+                }
+                ConnectionAction::Datagram { id, data } => {
+                    sockets.datagrams.push((id, data));
+                    None
+                }
+                ConnectionAction::ForgetFlow { id } => {
+                    sockets.forgotten_flows.push(id);
+                    None
+                }
+                _ => None,
+            };
+            if let Some(event) = delivered {
+                self.event(server, event);
+            }
+        }
+
+        fn event(&mut self, server: bool, event: SocketEvent) {
+            if server {
+                self.pair.server.socket_event(event);
+            } else {
+                self.pair.agent.socket_event(event);
+            }
+        }
+
+        /// Each socket reads what it has, within its credit, as a reader frames it.
+        fn read_sockets(&mut self) -> bool {
+            let mut reads = Vec::new();
             for server in [true, false] {
-                let (table, sockets, wire) = if server {
-                    (
-                        &mut self.server_table,
-                        &mut self.server,
-                        &mut self.pair.to_agent,
-                    )
+                let sockets = if server {
+                    &mut self.server
                 } else {
-                    (
-                        &mut self.agent_table,
-                        &mut self.agent,
-                        &mut self.pair.to_server,
-                    )
+                    &mut self.agent
                 };
                 for (id, unsent) in &mut sockets.unsent {
-                    let n = (table.send_credit(*id) as usize)
-                        .min(unsent.len())
-                        .min(16 * 1024);
+                    let credit = sockets.credit.get(id).copied().unwrap_or(0);
+                    let n = (credit as usize).min(unsent.len()).min(16 * 1024);
                     if n == 0 {
                         continue;
                     }
                     let chunk = Bytes::from(unsent.drain(..n).collect::<Vec<u8>>());
-                    wire.push_back(table.send_data(*id, chunk).unwrap().encode());
-                    sent = true;
+                    sockets.credit.insert(*id, credit - n as u64);
+                    let frame = Message::data(*id, chunk).unwrap().to_bytes();
+                    reads.push((
+                        server,
+                        SocketEvent::Read {
+                            id: *id,
+                            frame,
+                            len: n,
+                        },
+                    ));
                 }
             }
-            sent
-        }
-
-        /// The agent's sockets take what they held, and credit goes back.
-        fn unstall_agent(&mut self) {
-            self.agent.stalled = false;
-            for (id, held) in std::mem::take(&mut self.agent.held) {
-                self.agent
-                    .written
-                    .entry(id)
-                    .or_default()
-                    .extend_from_slice(&held);
-                if let Some(window) = self.agent_table.on_delivered(id, held.len()) {
-                    self.pair.to_server.push_back(window.encode());
-                }
+            let busy = !reads.is_empty();
+            for (server, event) in reads {
+                self.event(server, event);
             }
+            busy
         }
 
         fn send(&mut self, server: bool, id: Uuid, data: &[u8]) {
@@ -1010,25 +1049,24 @@ mod data_plane {
                 .extend_from_slice(data);
         }
 
-        fn eof(&mut self, server: bool, id: Uuid) {
-            let (table, wire) = if server {
-                (&mut self.server_table, &mut self.pair.to_agent)
-            } else {
-                (&mut self.agent_table, &mut self.pair.to_server)
-            };
-            if let Some(close) = table.local_eof(id) {
-                wire.push_back(close.encode());
+        /// The agent's sockets take what they held.
+        fn unstall_agent(&mut self) {
+            self.agent.stalled = false;
+            for (id, held) in std::mem::take(&mut self.agent.held) {
+                let len = held.len();
+                self.agent
+                    .written
+                    .entry(id)
+                    .or_default()
+                    .extend_from_slice(&held);
+                self.pair
+                    .agent
+                    .socket_event(SocketEvent::Delivered { id, len });
             }
         }
-    }
 
-    trait IntoSend {
-        fn into_send(self) -> AgentAction;
-    }
-
-    impl IntoSend for Message {
-        fn into_send(self) -> AgentAction {
-            AgentAction::Send(self)
+        fn streams(&self) -> (usize, usize) {
+            (self.pair.server.streams(), self.pair.agent.streams())
         }
     }
 
@@ -1043,6 +1081,7 @@ mod data_plane {
         let mut t = Tunnel::new();
         let ids: Vec<Uuid> = (1..=3).map(|n| t.visitor(100, n)).collect();
         t.pump();
+        assert_eq!(t.streams(), (3, 3));
         let mut expected = Vec::new();
         for (i, id) in ids.iter().enumerate() {
             let (up, down) = (pattern(300_000 + i * 777, 1), pattern(200_000 + i, 2));
@@ -1057,30 +1096,25 @@ mod data_plane {
         }
         // the visitor half-closes: the service's side shuts its write half,
         // and can still answer before it closes too
-        t.eof(true, ids[0]);
+        t.event(true, SocketEvent::ReadEof { id: ids[0] });
         t.pump();
         assert_eq!(t.agent.shut, [ids[0]]);
         t.send(false, ids[0], b"late answer");
         t.pump();
         assert!(t.server.written[&ids[0]].ends_with(b"late answer"));
-        t.eof(false, ids[0]);
+        t.event(false, SocketEvent::ReadEof { id: ids[0] });
         t.pump();
-        assert!(!t.server_table.contains(ids[0]) && !t.agent_table.contains(ids[0]));
+        assert_eq!(t.streams(), (2, 2));
         // a reset ends the stream on both sides at once
-        if let Some(abort) = t.server_table.local_reset(ids[1]) {
-            t.pair.to_agent.push_back(abort.encode());
-        }
+        t.event(true, SocketEvent::Failed { id: ids[1] });
         t.pump();
         assert_eq!(t.agent.reset, [ids[1]]);
         for id in &ids[2..] {
-            t.eof(true, *id);
-            t.eof(false, *id);
+            t.event(true, SocketEvent::ReadEof { id: *id });
+            t.event(false, SocketEvent::ReadEof { id: *id });
         }
         t.pump();
-        assert!(
-            t.server_table.is_empty() && t.agent_table.is_empty(),
-            "entries leaked"
-        );
+        assert_eq!(t.streams(), (0, 0), "entries leaked");
         assert!(t.server.reset.is_empty());
     }
 
@@ -1105,14 +1139,44 @@ mod data_plane {
     }
 
     #[test]
+    fn a_read_past_the_credit_resets_the_stream_instead_of_losing_bytes() {
+        let mut t = Tunnel::new();
+        let id = t.visitor(100, 11);
+        t.pump();
+        // a reader that ignores its credit: the stream is reset both ways,
+        // never carried on short
+        let frame = Message::data(id, Bytes::from(vec![7; 200 * 1024 - 1]))
+            .map(|_| ())
+            .err();
+        assert!(frame.is_some(), "a frame holds at most 64 KiB");
+        for _ in 0..3 {
+            let chunk = Bytes::from(vec![7u8; 60_000]);
+            let frame = Message::data(id, chunk).unwrap().to_bytes();
+            t.event(
+                true,
+                SocketEvent::Read {
+                    id,
+                    frame,
+                    len: 60_000,
+                },
+            );
+        }
+        t.pump();
+        assert_eq!(t.server.reset, [id]);
+        assert_eq!(t.agent.reset, [id]);
+        assert_eq!(
+            t.agent.written[&id].len(),
+            120_000,
+            "only what the credit allowed"
+        );
+        assert_eq!(t.streams(), (0, 0));
+    }
+
+    #[test]
     fn udp_flows_carry_datagrams_whole_and_end_with_an_abort() {
         let mut t = Tunnel::new();
         let flow = t.visitor(101, 20);
         t.pump();
-        assert_eq!(
-            t.agent_table.kind(flow),
-            Some(crate::connections::ConnectionKind::Flow)
-        );
         for n in 0..5u8 {
             let datagram = Message::Datagram {
                 connection_id: flow,
@@ -1124,46 +1188,91 @@ mod data_plane {
         let sizes: Vec<usize> = t.agent.datagrams.iter().map(|(_, d)| d.len()).collect();
         assert_eq!(sizes, [512, 513, 514, 515, 516]);
         // the agent's flow idles out: the server forgets it too
-        let close = t.agent_table.local_reset(flow).unwrap();
-        t.pair.to_server.push_back(close.encode());
+        t.pair.agent.flow_ended(flow);
         t.pump();
         assert_eq!(t.server.forgotten_flows, [flow]);
-        assert!(t.server_table.is_empty() && t.agent_table.is_empty());
+        assert!(!t.pair.server.is_flow(flow));
+        assert!(t.pair.server.close_connections().is_empty());
+        assert!(t.pair.agent.close_connections().is_empty());
     }
 
     #[test]
-    fn the_server_passes_a_relayed_stream_without_state() {
-        // the access client's side of a relayed stream, seen by the server
+    fn access_streams_are_relayed_without_state_and_end_both_ways() {
+        // agent B's access client opens a stream to agent A's "ssh" through
+        // the server: here the server's side of agent A's link
         let mut t = Tunnel::new();
         let id = Uuid::from_u128(30);
-        t.server_table.open_relay(id).unwrap();
-        let frames = [
-            Message::Window {
-                connection_id: id,
-                increment: 1000,
-            },
-            Message::data(id, Bytes::from_static(b"hello")).unwrap(),
-            Message::Close {
-                connection_id: id,
-                kind: CloseKind::Eof,
-            },
-        ];
-        let mut out = Vec::new();
-        for frame in frames {
-            t.pair.to_server.push_back(frame.encode());
-            let message = decode(&t.pair.to_server.pop_front().unwrap());
-            let routed = t.pair.server.handle_frame(message, t.pair.now).unwrap();
-            t.server_table.on_frame(routed, &mut out);
-        }
-        assert!(
-            out.iter()
-                .all(|a| matches!(a, ConnectionAction::Relay { id: r, .. } if *r == id))
+        t.pair
+            .server
+            .relay_to_agent(id, "ssh", "10.0.0.9:22")
+            .unwrap();
+        t.pump();
+        // agent A grants its window and dials the allowed target at once
+        let dial = t.pair.agent_log.iter().find_map(|a| match a {
+            AgentAction::Dial {
+                connection_id,
+                address,
+                credit,
+                visitor: None,
+                ..
+            } if *connection_id == id => Some((address.clone(), *credit)),
+            _ => None,
+        });
+        assert_eq!(dial, Some(("10.0.0.9:22".to_owned(), 0)));
+        let relayed: Vec<MessageType> = (t.pair.server_log.iter())
+            .filter_map(|a| match a {
+                ServerAction::Relay { id: r, kind, .. } if *r == id => Some(*kind),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(relayed, [MessageType::Window, MessageType::ConnectAck]);
+        // the client's side: its Window and bytes arrive from the other channel
+        let window = Message::window(id, 64 * 1024).unwrap();
+        let frame = window.to_bytes();
+        assert_eq!(
+            t.pair
+                .server
+                .relay_from_other(id, MessageType::Window, None, frame),
+            Some(false)
         );
-        // the agent's eof comes back across: the relay is over and forgotten
-        let last = t
-            .server_table
-            .relay_from_other(id, MessageType::Close, Some(CloseKind::Eof));
+        let data = Message::data(id, Bytes::from_static(b"ssh hello"))
+            .unwrap()
+            .to_bytes();
+        t.pair
+            .server
+            .relay_from_other(id, MessageType::Data, None, data);
+        t.pump();
+        assert_eq!(t.agent.written[&id], b"ssh hello");
+        // both ends' eof: the relay is over on the server
+        t.event(false, SocketEvent::ReadEof { id });
+        t.pump();
+        let eof = Message::Close {
+            connection_id: id,
+            kind: CloseKind::Eof,
+        };
+        let last = t.pair.server.relay_from_other(
+            id,
+            MessageType::Close,
+            Some(CloseKind::Eof),
+            eof.to_bytes(),
+        );
         assert_eq!(last, Some(true));
-        assert!(t.server_table.is_empty());
+        assert!(t.pair.server.close_connections().is_empty());
+        // a service the agent does not have is refused by the agent
+        t.pair
+            .server
+            .relay_to_agent(Uuid::from_u128(31), "nope", "")
+            .unwrap();
+        t.pump();
+        assert!(t.pair.server_log.iter().any(|a| matches!(
+            a,
+            ServerAction::Relay {
+                kind: MessageType::ConnectFail,
+                last: true,
+                ..
+            }
+        )));
+        assert_eq!(t.pair.agent.close_connections().len(), 0);
+        let _ = ConnectionKind::Relay;
     }
 }

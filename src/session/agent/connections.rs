@@ -1,0 +1,177 @@
+//! The agent session's data plane: visitors' `Connect`s and access
+//! clients' `Open`s turned into streams and flows, their sockets' events,
+//! the streams this agent opens for its own access clients, and the
+//! server's data-plane frames, all through the link's one connection table.
+
+use super::*;
+use crate::connections::ConnectionKind;
+use crate::session::SocketEvent;
+
+impl AgentSession {
+    /// The dial of stream `id` succeeded: `ConnectAck` (our writer sends it
+    /// with its next frame).
+    pub fn dialed(&mut self, id: Uuid) {
+        if self.data.get().is_some_and(|t| t.contains(id)) {
+            self.send(Message::ConnectAck { connection_id: id });
+        }
+    }
+
+    /// The socket of flow `id` is open toward its service.
+    pub fn flow_started(&mut self, id: Uuid) {
+        if self.data.get().and_then(|t| t.kind(id)) == Some(ConnectionKind::Flow) {
+            self.send(Message::ConnectAck { connection_id: id });
+        }
+    }
+
+    /// Refuses stream or flow `id` (a failed dial, a host's callback, no
+    /// socket): forgotten, and `ConnectFail` tells the server why.
+    pub fn refuse(&mut self, id: Uuid, reason: &str) {
+        if let Some(table) = self.data.table() {
+            table.forget(id);
+        }
+        self.send_built(Message::connect_fail(id, reason));
+    }
+
+    /// One of this agent's access clients opens stream `id` to `service`
+    /// through the server (`Open`, then our receive window).
+    pub fn open_access(&mut self, id: Uuid, service: &str, target: &str) -> Result<(), String> {
+        if !self.features().contains(Features::ACCESS) {
+            return Err("no access link to the server yet".to_owned());
+        }
+        let table = self
+            .data
+            .table()
+            .ok_or("no access link to the server yet")?;
+        let window = table.open_relayed(id).map_err(|e| e.to_string())?;
+        self.send_built(Message::open(id, service, target));
+        self.send(window);
+        Ok(())
+    }
+
+    /// A stream's socket reported.
+    pub fn socket_event(&mut self, event: SocketEvent) {
+        let mut emitted = Vec::new();
+        self.data.on_socket(event, &mut |e| emitted.push(e));
+        self.emit_all(emitted);
+    }
+
+    /// Flow `id` idled out: the server is told.
+    pub fn flow_ended(&mut self, id: Uuid) {
+        let mut emitted = Vec::new();
+        self.data.flow_ended(id, &mut |e| emitted.push(e));
+        self.emit_all(emitted);
+    }
+
+    /// Open streams.
+    pub fn streams(&self) -> usize {
+        self.data
+            .get()
+            .map_or(0, crate::connections::ConnectionTable::len)
+    }
+
+    /// The link's connections, forgotten for the owner to close (the link ended).
+    pub fn close_connections(&mut self) -> Vec<(Uuid, ConnectionKind)> {
+        self.data.drain()
+    }
+
+    /// A visitor reached service `service_id`: a stream to dial, or a flow.
+    pub(super) fn on_connect(&mut self, service_id: Uuid, id: Uuid, client_addr: String) {
+        let Phase::Open(open) = &self.phase else {
+            return;
+        };
+        let (features, credit) = (open.features, open.server_window);
+        let Some(service) = open.services.get(&service_id).cloned() else {
+            return self.refuse(id, "unknown service");
+        };
+        let Some(table) = self.data.table() else {
+            return;
+        };
+        let action = match service.protocol {
+            ServiceProtocol::Udp => match table.open_flow(id) {
+                Ok(()) => AgentAction::OpenFlow {
+                    connection_id: id,
+                    service_id,
+                    service,
+                    client_addr,
+                },
+                Err(e) => return self.refuse(id, &e.to_string()),
+            },
+            ServiceProtocol::Tcp if !features.contains(Features::STREAMS) => {
+                return self.refuse(id, "the server has no data plane");
+            }
+            ServiceProtocol::Tcp => match table.open(id) {
+                Ok(()) => AgentAction::Dial {
+                    connection_id: id,
+                    address: service.local_addr(),
+                    service: service.name,
+                    credit,
+                    visitor: Some((service_id, client_addr)),
+                },
+                Err(_) => return self.refuse(id, "agent is at its stream limit"),
+            },
+        };
+        self.actions.push_back(action);
+    }
+
+    /// An access client's stream to service `name`, relayed by the server:
+    /// the `target` is dialed only if `access_targets` allows it (otherwise
+    /// it is only shown to the client, and the service's own address is
+    /// dialed); our window is granted at once, before the dial.
+    pub(super) fn on_open(&mut self, id: Uuid, name: &str, target: &str) {
+        let Some(service) = self.service_named(name, ServiceProtocol::Tcp).cloned() else {
+            return self.refuse(id, &format!("no TCP service named {name:?} on this agent"));
+        };
+        let allowed =
+            !target.is_empty() && self.settings.access_targets.iter().any(|a| a == target);
+        let address = if allowed {
+            target.to_owned()
+        } else {
+            service.local_addr()
+        };
+        let Some(table) = self.data.table() else {
+            return;
+        };
+        match table.open_relayed(id) {
+            Ok(window) => {
+                self.send(window);
+                self.actions.push_back(AgentAction::Dial {
+                    connection_id: id,
+                    address,
+                    service: service.name,
+                    credit: 0,
+                    visitor: None,
+                });
+            }
+            Err(e) => self.refuse(id, &e.to_string()),
+        }
+    }
+
+    /// A stream frame, datagram, `ConnectAck` or `ConnectFail`: whatever its
+    /// connection, the table decides.
+    pub(super) fn on_data_plane(&mut self, message: Message) {
+        if let Message::ConnectFail {
+            connection_id,
+            reason,
+            ..
+        } = &message
+        {
+            tracing::warn!(stream = %connection_id, %reason, "access stream refused");
+        }
+        let mut emitted = Vec::new();
+        self.data.on_frame(message, &mut |e| emitted.push(e));
+        self.emit_all(emitted);
+    }
+
+    fn emit_all(&mut self, emitted: Vec<Emit>) {
+        for e in emitted {
+            match e {
+                Emit::Send(message) => self.send(message),
+                Emit::Write(frame) => match frame.check(self.features()) {
+                    Ok(()) => self.actions.push_back(AgentAction::Write(frame)),
+                    Err(refused) => tracing::error!(%refused, "not sent"),
+                },
+                Emit::Socket(action) => self.actions.push_back(AgentAction::Socket(action)),
+            }
+        }
+    }
+}

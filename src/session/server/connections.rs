@@ -1,0 +1,217 @@
+//! The server session's data plane: visitors opened as streams or flows,
+//! their sockets' events, relayed access streams, and the agent's data-plane
+//! frames, all through the tunnel's one connection table.
+
+use super::*;
+use crate::connections::{ConnectionKind, connection_of};
+use crate::session::SocketEvent;
+
+impl ServerSession {
+    /// A visitor reached the public port of TCP service `service_id`, which
+    /// has `active` connections open: stream `id` opens and `Connect` goes
+    /// out; or the reason it cannot (the visitor is closed).
+    pub fn open_stream(
+        &mut self,
+        id: Uuid,
+        service_id: Uuid,
+        client_addr: &str,
+        active: u64,
+    ) -> Result<(), &'static str> {
+        let open = self.open().ok_or("session not authenticated")?;
+        if !open.features.contains(Features::STREAMS) {
+            return Err("legacy agent: no data plane");
+        }
+        if !open.services.contains_key(&service_id) {
+            return Err("service unregistered");
+        }
+        if active >= self.settings.max_connections_per_service as u64 {
+            return Err("service is at its connection limit");
+        }
+        let table = self.data.table().ok_or("session not authenticated")?;
+        table
+            .open(id)
+            .map_err(|_| "tunnel is at its stream limit")?;
+        self.send_built(Message::connect(service_id, id, client_addr));
+        Ok(())
+    }
+
+    /// A new visitor address on UDP service `service_id`: flow `id` opens
+    /// and `Connect` goes out.
+    pub fn open_flow(
+        &mut self,
+        id: Uuid,
+        service_id: Uuid,
+        visitor: &str,
+    ) -> Result<(), &'static str> {
+        let open = self.open().ok_or("session not authenticated")?;
+        if !open.features.contains(Features::DATAGRAMS) || !open.services.contains_key(&service_id)
+        {
+            return Err("no such UDP service on this tunnel");
+        }
+        let table = self.data.table().ok_or("session not authenticated")?;
+        table.open_flow(id).map_err(|_| "flow id in use")?;
+        self.send_built(Message::connect(service_id, id, visitor));
+        Ok(())
+    }
+
+    /// A visitor's socket reported.
+    pub fn socket_event(&mut self, event: SocketEvent) {
+        let mut emitted = Vec::new();
+        self.data.on_socket(event, &mut |e| emitted.push(e));
+        self.emit_all(emitted);
+    }
+
+    /// A flow idled out at its listener: the agent is told.
+    pub fn flow_ended(&mut self, id: Uuid) {
+        let mut emitted = Vec::new();
+        self.data.flow_ended(id, &mut |e| emitted.push(e));
+        self.emit_all(emitted);
+    }
+
+    /// True when `id` is an open flow (its datagrams may go to the agent).
+    pub fn is_flow(&self, id: Uuid) -> bool {
+        self.data.get().and_then(|t| t.kind(id)) == Some(ConnectionKind::Flow)
+    }
+
+    /// The agent of the service an access client asked for was found: its
+    /// frames pass from now on.
+    pub fn relay_found(&mut self, id: Uuid) -> bool {
+        let opened = self.data.table().is_some_and(|t| t.open_relay(id).is_ok());
+        if !opened {
+            self.send_built(Message::connect_fail(id, "stream id already in use"));
+        }
+        opened
+    }
+
+    /// No agent registered the service an access client asked for.
+    pub fn relay_not_found(&mut self, id: Uuid, reason: &str) {
+        self.send_built(Message::connect_fail(id, reason));
+    }
+
+    /// Another channel's access client opens stream `id` to this agent's
+    /// `service`: relayed if the agent takes access streams.
+    pub fn relay_to_agent(
+        &mut self,
+        id: Uuid,
+        service: &str,
+        target: &str,
+    ) -> Result<(), &'static str> {
+        if !self.features().contains(Features::ACCESS) {
+            return Err("the agent of this service does not take access streams");
+        }
+        let table = self.data.table().ok_or("session not authenticated")?;
+        table
+            .open_relay(id)
+            .map_err(|_| "stream id already in use")?;
+        self.send_built(Message::open(id, service, target));
+        Ok(())
+    }
+
+    /// A frame of relayed stream `id` from the other end's channel: written
+    /// to our agent if the relay is ours; whether the relay is over with it
+    /// (`None`: not ours, not sent).
+    pub fn relay_from_other(
+        &mut self,
+        id: Uuid,
+        kind: MessageType,
+        close: Option<CloseKind>,
+        frame: Bytes,
+    ) -> Option<bool> {
+        let last = self.data.table()?.relay_from_other(id, kind, close)?;
+        self.write(Outbound::Relayed { id, kind, frame });
+        Some(last)
+    }
+
+    /// The other end's channel of relayed stream `id` ended: our agent's
+    /// side is aborted.
+    pub fn relay_gone(&mut self, id: Uuid) {
+        if self.data.table().and_then(|t| t.forget(id)).is_some() {
+            self.send(Message::Close {
+                connection_id: id,
+                kind: CloseKind::Abort,
+            });
+        }
+    }
+
+    /// The tunnel's connections, forgotten for the owner to close (the session ended).
+    pub fn close_connections(&mut self) -> Vec<(Uuid, ConnectionKind)> {
+        self.data.drain()
+    }
+
+    /// Open streams.
+    pub fn streams(&self) -> usize {
+        self.data
+            .get()
+            .map_or(0, crate::connections::ConnectionTable::len)
+    }
+
+    /// An access client's `Open`, checked against its token's scope.
+    pub(super) fn on_open(&mut self, id: Uuid, service: String, target: String) {
+        let refusal = self.scope().and_then(|s| s.check_access(&service).err());
+        match refusal {
+            Some(e) => self.send_built(Message::connect_fail(id, e.to_string())),
+            None => (self.actions).push_back(ServerAction::FindService {
+                id,
+                service,
+                target,
+            }),
+        }
+    }
+
+    /// A stream frame, datagram, `ConnectAck` or `ConnectFail`: whatever its
+    /// connection, the table decides. A relayed stream's frame is passed on
+    /// as it came (`frame`, when the caller has the encoded bytes).
+    pub(super) fn on_data_plane(&mut self, message: Message, frame: Option<Bytes>) {
+        let id = connection_of(&message);
+        let relayed = id
+            .filter(|id| self.data.get().and_then(|t| t.kind(*id)) == Some(ConnectionKind::Relay));
+        let relay = relayed.map(|_| {
+            let close = match &message {
+                Message::Close { kind, .. } => Some(*kind),
+                _ => None,
+            };
+            let frame = frame.unwrap_or_else(|| message.to_bytes());
+            (message.message_type(), close, frame)
+        });
+        let mut emitted = Vec::new();
+        self.data.on_frame(message, &mut |e| emitted.push(e));
+        for e in emitted {
+            match (e, &relay) {
+                (
+                    Emit::Socket(ConnectionAction::Relay { id, last }),
+                    Some((kind, close, frame)),
+                ) => {
+                    let (kind, close, frame) = (*kind, *close, frame.clone());
+                    self.actions.push_back(ServerAction::Relay {
+                        id,
+                        kind,
+                        close,
+                        frame,
+                        last,
+                    });
+                }
+                (e, _) => self.emit(e),
+            }
+        }
+    }
+
+    fn emit_all(&mut self, emitted: Vec<Emit>) {
+        emitted.into_iter().for_each(|e| self.emit(e));
+    }
+
+    fn emit(&mut self, e: Emit) {
+        match e {
+            Emit::Send(message) => self.send(message),
+            Emit::Write(frame) => self.write(frame),
+            Emit::Socket(action) => self.actions.push_back(ServerAction::Socket(action)),
+        }
+    }
+
+    /// Queues a frame a reader encoded (gated like every frame).
+    fn write(&mut self, frame: Outbound) {
+        match frame.check(self.features()) {
+            Ok(()) => self.actions.push_back(ServerAction::Write(frame)),
+            Err(refused) => tracing::error!(%refused, "not sent"),
+        }
+    }
+}
