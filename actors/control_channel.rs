@@ -94,9 +94,10 @@ struct Flow {
     counters: Arc<Counters>,
 }
 
-/// What an authenticated tunnel holds on the server: its listeners, streams,
-/// flows and relays (the rules live in the channel's `ServerSession`).
-struct Tunnel {
+/// What the server's end of an authenticated link holds beside its session
+/// (the agent's end has its own `Link`): the tunnel's listeners, stream
+/// sockets, flows' listeners and relay recipients.
+struct Link {
     tunnel_id: Uuid,
     cancel: CancellationToken,
     services: HashMap<Uuid, Service>,
@@ -115,7 +116,7 @@ pub(crate) struct ControlChannel {
     /// The link's rules: auth, negotiation, registrations, heartbeats.
     core: ServerSession,
     /// Set once the agent is authenticated.
-    tunnel: Option<Tunnel>,
+    link: Option<Link>,
     /// The armed timer of the core's next deadline.
     timer: Option<(Instant, SpawnHandle)>,
     counters: Arc<Counters>,
@@ -134,7 +135,7 @@ impl Actor for ControlChannel {
 
     fn stopped(&mut self, _: &mut Self::Context) {
         self.place = None;
-        let Some(mut tunnel) = self.tunnel.take() else {
+        let Some(mut tunnel) = self.link.take() else {
             return;
         };
         let _span = self.span.enter();
@@ -192,7 +193,7 @@ impl ControlChannel {
             shared,
             peer,
             core,
-            tunnel: None,
+            link: None,
             timer: None,
             counters: Arc::new(Counters::new()),
             place: Some(place),
@@ -232,7 +233,7 @@ impl ControlChannel {
                     frame,
                     last,
                 } => {
-                    if let Some(tunnel) = self.tunnel.as_mut() {
+                    if let Some(tunnel) = self.link.as_mut() {
                         tunnel.relays.pass(id, kind, close, frame, last);
                     }
                 }

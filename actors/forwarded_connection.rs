@@ -27,6 +27,7 @@ use super::io::read_gate::ReadGate;
 use super::io::socket_options::limit_unsent;
 use crate::accounting::{CounterSet, Direction};
 use crate::protocol::MAX_DATA_PAYLOAD;
+use crate::session::SocketEvent;
 use reader::{Credit, CreditedReader, read_now};
 
 mod reader;
@@ -46,43 +47,11 @@ pub(crate) enum StreamCommand {
     Reset,
 }
 
-/// What a connection tells its channel.
+/// What a connection tells its channel: an event of its socket, for the
+/// channel's session.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
-pub(crate) enum StreamEvent {
-    /// Bytes read from the socket, within the credit, already framed as `Data`.
-    Read {
-        /// The stream.
-        id: Uuid,
-        /// The encoded `Data` frame; it holds its ticket at the tunnel's read
-        /// gate until the WebSocket's encoder has copied it.
-        frame: Bytes,
-        /// Payload bytes in it.
-        len: usize,
-    },
-    /// The socket's read side ended (FIN).
-    ReadEof {
-        /// The stream.
-        id: Uuid,
-    },
-    /// Bytes written to the socket: credit may go back to the peer.
-    Delivered {
-        /// The stream.
-        id: Uuid,
-        /// How many.
-        len: usize,
-    },
-    /// The socket failed or was reset.
-    Failed {
-        /// The stream.
-        id: Uuid,
-    },
-    /// The actor stopped.
-    Finished {
-        /// The stream.
-        id: Uuid,
-    },
-}
+pub(crate) struct StreamEvent(pub(crate) SocketEvent);
 
 /// How a connection is wired to its tunnel.
 pub(crate) struct StreamWiring {
@@ -115,11 +84,11 @@ impl StreamWiring {
         self.counters.add_bytes(self.read_direction, len as u64);
         self.counters.touch(super::now_ms());
         let frame = self.gate.hold(frame.len()).attach(frame);
-        StreamEvent::Read {
+        StreamEvent(SocketEvent::Read {
             id: self.id,
             frame,
             len,
-        }
+        })
     }
 }
 
@@ -156,7 +125,7 @@ impl Actor for ForwardedConnection {
         self.wiring.counters.connection_closed();
         self.wiring
             .channel
-            .do_send(StreamEvent::Finished { id: self.wiring.id });
+            .do_send(StreamEvent(SocketEvent::Finished { id: self.wiring.id }));
     }
 }
 
@@ -186,7 +155,9 @@ impl StreamHandler<io::Result<(Bytes, usize)>> for ForwardedConnection {
             }
             Err(e) => {
                 tracing::debug!(stream = %id, error = %e, "socket read failed; aborting the stream");
-                self.wiring.channel.do_send(StreamEvent::Failed { id });
+                self.wiring
+                    .channel
+                    .do_send(StreamEvent(SocketEvent::Failed { id }));
                 ctx.stop();
             }
         }
@@ -199,7 +170,7 @@ impl StreamHandler<io::Result<(Bytes, usize)>> for ForwardedConnection {
         self.read_done = true;
         self.wiring
             .channel
-            .do_send(StreamEvent::ReadEof { id: self.wiring.id });
+            .do_send(StreamEvent(SocketEvent::ReadEof { id: self.wiring.id }));
         self.stop_when_done(ctx);
     }
 }
@@ -242,7 +213,7 @@ impl ForwardedConnection {
                 tracing::debug!(stream = %id, error = %e, "visitor socket failed at once; aborting the stream");
                 let addr = Self::start_with_credit(socket, wiring, credit);
                 addr.do_send(StreamCommand::Reset);
-                (addr, Some(StreamEvent::Failed { id }))
+                (addr, Some(StreamEvent(SocketEvent::Failed { id })))
             }
         }
     }

@@ -73,7 +73,7 @@ pub use io::serve::{ServeOptions, serve};
 pub use io::signals::shutdown_signal;
 pub use registry::{ServiceInfo, TunnelInfo, TunnelRegistry};
 
-use crate::ports::PortError;
+use crate::tunnels::RegistryError;
 
 /// Now, in milliseconds since the Unix epoch (for last-activity stamps).
 pub(crate) fn now_ms() -> u64 {
@@ -82,32 +82,13 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-impl From<crate::tunnels::RegistryError> for Error {
-    fn from(e: crate::tunnels::RegistryError) -> Self {
-        use crate::tunnels::RegistryError as R;
-        match e {
-            R::TooManyTunnels { max } => Self::TooManyTunnels { max },
-            R::UnknownTunnel => Self::UnknownTunnel,
-            R::Port(e) => Self::Port(e),
-        }
-    }
-}
-
 /// Failures of the runtime, mapped to a reply to the peer and a log line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
-    /// The server holds its maximum of tunnels.
-    #[error("server is at its limit of {max} tunnels")]
-    TooManyTunnels {
-        /// The limit.
-        max: usize,
-    },
-    /// The tunnel is no longer registered (it was closed or taken over).
-    #[error("tunnel is no longer registered")]
-    UnknownTunnel,
-    /// A port could not be allocated.
+    /// The registry refused: its tunnel limit, a tunnel it no longer
+    /// knows, a port it could not give.
     #[error(transparent)]
-    Port(#[from] PortError),
+    Registry(#[from] RegistryError),
     /// An actor's mailbox is gone (shutting down).
     #[error("server is shutting down")]
     Mailbox,

@@ -24,6 +24,13 @@ fn run(args: &[&str]) -> Output {
 }
 
 /// The binary with `args` and no token in its environment; killed on drop.
+/// A CLI server (see `Proc::server`) without the test's token in its environment.
+fn server(public: (u16, u16), flags: &[&str]) -> Proc {
+    Proc::server_with(public, flags, |c| {
+        c.env_remove("ZLAYER_TUNNEL_TOKEN");
+    })
+}
+
 fn spawn(args: &[&str]) -> Proc {
     Proc::spawn_with(args, |c| {
         c.env_remove("ZLAYER_TUNNEL_TOKEN");
@@ -33,16 +40,7 @@ fn spawn(args: &[&str]) -> Proc {
 /// A server on a control port of the OS's choosing publishing on port
 /// `public` only, listening once this returns; and its control URL.
 fn server_proc(public: u16) -> (Proc, String) {
-    let range = format!("{public}-{public}");
-    let mut server = Proc::spawn(&[
-        "server",
-        "--listen",
-        "127.0.0.1:0",
-        "--port-range",
-        &range,
-        "--bind-host",
-        "127.0.0.1",
-    ]);
+    let mut server = Proc::server((public, public), &[]);
     let url = control_url(&mut server);
     (server, url)
 }
@@ -153,18 +151,7 @@ async fn a_hashed_token_server_and_an_agent_move_bytes_and_stop_cleanly() {
     let public = free_ports(1).0;
     let echo = services::echo().await;
     let hash = zlayer_tunnel::hash_token("s3cret");
-    let range = format!("{public}-{public}");
-    let mut server = spawn(&[
-        "server",
-        "--listen",
-        "127.0.0.1:0",
-        "--port-range",
-        &range,
-        "--bind-host",
-        "127.0.0.1",
-        "--token-hash",
-        &hash,
-    ]);
+    let mut server = server((public, public), &["--token-hash", &hash]);
     let control = control_addr(&mut server);
     let url = format!("ws://{control}/tunnel/v1");
     let spec = format!("echo:{echo}:0");
@@ -303,20 +290,10 @@ async fn a_token_file_scope_holds_an_agent_to_its_ports() {
 async fn status_and_metrics_count_a_real_transfer_byte_for_byte() {
     let public = free_ports(1).0;
     let echo = services::echo().await;
-    let range = format!("{public}-{public}");
-    let mut server = spawn(&[
-        "server",
-        "--listen",
-        "127.0.0.1:0",
-        "--port-range",
-        &range,
-        "--bind-host",
-        "127.0.0.1",
-        "--token",
-        "t",
-        "--admin-listen",
-        "127.0.0.1:0",
-    ]);
+    let mut server = server(
+        (public, public),
+        &["--token", "t", "--admin-listen", "127.0.0.1:0"],
+    );
     let url = control_url(&mut server);
     let admin_addr = server.listening_addr("admin endpoints listening");
     let spec = format!("web:{echo}:{public}");
@@ -413,22 +390,17 @@ async fn status_and_metrics_count_a_real_transfer_byte_for_byte() {
 async fn a_frozen_agent_is_dropped_and_comes_back_when_thawed() {
     let public = free_ports(1).0;
     let echo = services::echo().await;
-    let range = format!("{public}-{public}");
-    let mut server = spawn(&[
-        "server",
-        "--listen",
-        "127.0.0.1:0",
-        "--port-range",
-        &range,
-        "--bind-host",
-        "127.0.0.1",
-        "--token",
-        "t",
-        "--heartbeat-interval",
-        "300ms",
-        "--heartbeat-timeout",
-        "1500ms",
-    ]);
+    let mut server = server(
+        (public, public),
+        &[
+            "--token",
+            "t",
+            "--heartbeat-interval",
+            "300ms",
+            "--heartbeat-timeout",
+            "1500ms",
+        ],
+    );
     let url = control_url(&mut server);
     let spec = format!("echo:{echo}:{public}");
     let mut agent = spawn(&["agent", "--server", &url, "--token", "t", "--tcp", &spec]);

@@ -362,18 +362,7 @@ async fn an_agent_that_stops_reading_is_dropped_by_the_registry_watchdog() {
 /// the server, the agent's WebSocket, and the service's public port.
 async fn server_with_raw_agent(flags: &[&str], window: u32) -> (common::process::Proc, RawWs, u16) {
     let public = free_ports(1).0;
-    let range = format!("{public}-{public}");
-    let mut args = vec![
-        "server",
-        "--listen",
-        "127.0.0.1:0",
-        "--port-range",
-        &range,
-        "--bind-host",
-        "127.0.0.1",
-    ];
-    args.extend_from_slice(flags);
-    let mut server = common::process::Proc::spawn(&args);
+    let mut server = common::process::Proc::server((public, public), flags);
     let control = server.listening_addr("control channel listening");
     let mut ws = RawWs::connect(control, "/tunnel/v1").await;
     let caps = zlayer_tunnel::protocol::Capabilities {

@@ -41,18 +41,7 @@ fn table() -> Arc<Vec<u8>> {
 /// agent registered.
 fn tunnel_processes(source: u16, flags: &[&str]) -> (Proc, Proc, u16) {
     let public = free_ports(1).0;
-    let range = format!("{public}-{public}");
-    let mut args = vec![
-        "server",
-        "--listen",
-        "127.0.0.1:0",
-        "--port-range",
-        &range,
-        "--bind-host",
-        "127.0.0.1",
-    ];
-    args.extend_from_slice(flags);
-    let mut server = Proc::spawn(&args);
+    let mut server = Proc::server((public, public), flags);
     let control = server.listening_addr("control channel listening");
     let url = format!("ws://{control}/tunnel/v1");
     let spec = format!("src:{source}:{public}");

@@ -40,21 +40,7 @@ impl Drop for Files {
 fn tls_server(files: &Files, pem: &Pem, public: u16) -> (Proc, u16) {
     let cert = files.write("server.pem", &pem.cert);
     let key = files.write("server-key.pem", &pem.key);
-    let range = format!("{public}-{public}");
-    let args = [
-        "server",
-        "--listen",
-        "127.0.0.1:0",
-        "--port-range",
-        &range,
-        "--bind-host",
-        "127.0.0.1",
-        "--tls-cert",
-        &cert,
-        "--tls-key",
-        &key,
-    ];
-    let mut server = Proc::spawn(&args);
+    let mut server = Proc::server((public, public), &["--tls-cert", &cert, "--tls-key", &key]);
     let control = server.listening_addr("scheme=\"wss\"").port();
     (server, control)
 }

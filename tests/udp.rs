@@ -192,19 +192,8 @@ async fn status(admin: SocketAddr) -> serde_json::Value {
 #[actix_web::test]
 async fn a_flood_is_dropped_and_counted_while_tcp_keeps_working() {
     let (low, high) = free_ports(2);
-    let range = format!("{low}-{high}");
     // the default limits: 10,000 datagrams/s per flow, 4 MiB of datagrams in flight
-    let mut server = Proc::spawn(&[
-        "server",
-        "--listen",
-        "127.0.0.1:0",
-        "--port-range",
-        &range,
-        "--bind-host",
-        "127.0.0.1",
-        "--admin-listen",
-        "127.0.0.1:0",
-    ]);
+    let mut server = Proc::server((low, high), &["--admin-listen", "127.0.0.1:0"]);
     let control = server.listening_addr("control channel listening");
     let server_admin = server.listening_addr("admin endpoints listening");
     // a service that never reads

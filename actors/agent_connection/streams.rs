@@ -8,20 +8,13 @@ use crate::session::SocketEvent;
 impl Handler<StreamEvent> for AgentConnection {
     type Result = ();
 
-    fn handle(&mut self, event: StreamEvent, ctx: &mut Self::Context) {
+    fn handle(&mut self, StreamEvent(event): StreamEvent, ctx: &mut Self::Context) {
         let Some(link) = self.link.as_mut() else {
             return;
         };
-        let event = match event {
-            StreamEvent::Read { id, frame, len } => SocketEvent::Read { id, frame, len },
-            StreamEvent::ReadEof { id } => SocketEvent::ReadEof { id },
-            StreamEvent::Delivered { id, len } => SocketEvent::Delivered { id, len },
-            StreamEvent::Failed { id } => SocketEvent::Failed { id },
-            StreamEvent::Finished { id } => {
-                link.streams.finished(id);
-                SocketEvent::Failed { id }
-            }
-        };
+        if let SocketEvent::Finished { id } = &event {
+            link.streams.finished(*id);
+        }
         link.session.socket_event(event);
         self.execute(ctx);
     }

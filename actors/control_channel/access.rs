@@ -8,7 +8,7 @@ impl Handler<Relay> for ControlChannel {
     type Result = ();
 
     fn handle(&mut self, relay: Relay, ctx: &mut Self::Context) {
-        let Some(tunnel) = self.tunnel.as_mut() else {
+        let Some(tunnel) = self.link.as_mut() else {
             return;
         };
         match relay {
@@ -70,7 +70,7 @@ impl ControlChannel {
                     return act.execute(ctx);
                 };
                 if act.core.relay_found(id)
-                    && let Some(tunnel) = act.tunnel.as_mut()
+                    && let Some(tunnel) = act.link.as_mut()
                 {
                     tunnel.relays.insert(id, agent.clone());
                     let from = ctx.address().recipient();

@@ -90,7 +90,7 @@ impl ControlChannel {
         let features = self.core.features();
         self.span
             .in_scope(|| tracing::info!(?features, "agent authenticated"));
-        self.tunnel = Some(Tunnel {
+        self.link = Some(Link {
             tunnel_id,
             cancel,
             services: HashMap::new(),

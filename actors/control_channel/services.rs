@@ -12,7 +12,7 @@ impl ControlChannel {
         registration: Registration,
         ctx: &mut ws::WebsocketContext<Self>,
     ) {
-        let Some(tunnel) = &self.tunnel else { return };
+        let Some(tunnel) = &self.link else { return };
         let Registration {
             seq,
             name,
@@ -68,7 +68,7 @@ impl ControlChannel {
         ctx: &mut ws::WebsocketContext<Self>,
     ) -> Result<(Uuid, u16), String> {
         let _span = self.span.enter();
-        let Some(session) = self.tunnel.as_mut() else {
+        let Some(session) = self.link.as_mut() else {
             return Err("session closed".to_owned());
         };
         let (port, bound) = match result {
@@ -133,7 +133,7 @@ impl ControlChannel {
     }
 
     pub(super) fn unregister(&mut self, service_id: Uuid) {
-        let Some(session) = self.tunnel.as_mut() else {
+        let Some(session) = self.link.as_mut() else {
             return;
         };
         let Some(service) = session.services.remove(&service_id) else {

@@ -23,19 +23,10 @@ impl Handler<VisitorArrived> for ControlChannel {
 impl Handler<StreamEvent> for ControlChannel {
     type Result = ();
 
-    fn handle(&mut self, event: StreamEvent, ctx: &mut Self::Context) {
-        let event = match event {
-            StreamEvent::Read { id, frame, len } => SocketEvent::Read { id, frame, len },
-            StreamEvent::ReadEof { id } => SocketEvent::ReadEof { id },
-            StreamEvent::Delivered { id, len } => SocketEvent::Delivered { id, len },
-            StreamEvent::Failed { id } => SocketEvent::Failed { id },
-            StreamEvent::Finished { id } => {
-                if let Some(tunnel) = self.tunnel.as_mut() {
-                    tunnel.streams.finished(id);
-                }
-                SocketEvent::Failed { id }
-            }
-        };
+    fn handle(&mut self, StreamEvent(event): StreamEvent, ctx: &mut Self::Context) {
+        if let (SocketEvent::Finished { id }, Some(link)) = (&event, self.link.as_mut()) {
+            link.streams.finished(*id);
+        }
         self.core.socket_event(event);
         self.execute(ctx);
     }
@@ -52,7 +43,7 @@ impl ControlChannel {
         visitor: &str,
         ctx: &mut ws::WebsocketContext<Self>,
     ) -> Result<Option<StreamEvent>, &'static str> {
-        let tunnel = self.tunnel.as_mut().ok_or("session not authenticated")?;
+        let tunnel = self.link.as_mut().ok_or("session not authenticated")?;
         let service = tunnel
             .services
             .get(&service_id)
@@ -78,7 +69,7 @@ impl ControlChannel {
 
     /// A socket action of the session: to a stream's socket, or to the UDP side.
     pub(super) fn on_socket_action(&mut self, action: ConnectionAction) {
-        let Some(tunnel) = self.tunnel.as_mut() else {
+        let Some(tunnel) = self.link.as_mut() else {
             return;
         };
         match tunnel.streams.apply(action) {

@@ -7,7 +7,7 @@ impl Handler<UdpEvent> for ControlChannel {
     type Result = ();
 
     fn handle(&mut self, event: UdpEvent, ctx: &mut Self::Context) {
-        let Some(session) = self.tunnel.as_mut() else {
+        let Some(session) = self.link.as_mut() else {
             return;
         };
         match event {
@@ -55,7 +55,7 @@ impl Handler<UdpEvent> for ControlChannel {
     }
 }
 
-impl Tunnel {
+impl Link {
     /// The datagram budget of UDP service `service_id`.
     pub(super) fn udp_budget(&self, service_id: Uuid) -> Option<Budget> {
         match self.services.get(&service_id).map(|s| &s.listener) {

@@ -70,14 +70,14 @@ impl ForwardedConnection {
         self.wiring.counters.add_bytes(direction, len as u64);
         self.wiring
             .channel
-            .do_send(StreamEvent::Delivered { id, len });
+            .do_send(StreamEvent(SocketEvent::Delivered { id, len }));
     }
 
     fn write_failed(&mut self, error: io::Error, ctx: &mut Context<Self>) {
         tracing::debug!(stream = %self.wiring.id, %error, "socket write failed; aborting the stream");
         self.wiring
             .channel
-            .do_send(StreamEvent::Failed { id: self.wiring.id });
+            .do_send(StreamEvent(SocketEvent::Failed { id: self.wiring.id }));
         ctx.stop();
     }
 

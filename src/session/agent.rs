@@ -18,15 +18,18 @@ use super::data::{DataPlane, Emit};
 use super::{End, ProtocolViolation, check_inbound, check_outbound};
 use crate::auth::Secret;
 use crate::config::ServiceConfig;
-use crate::connections::{ConnectionAction, StreamSettings};
+use crate::connections::StreamSettings;
 use crate::liveness::Liveness;
-use crate::outbound::Outbound;
 use crate::protocol::{
     AuthRefusal, BuildError, Capabilities, DEFAULT_INITIAL_WINDOW, Features, Message, MessageType,
     ServiceProtocol,
 };
 
+mod actions;
+
+pub use actions::{AgentAction, LinkError};
 mod connections;
+mod registrations;
 
 /// The settings an agent session runs with.
 #[derive(Debug, Clone)]
@@ -50,121 +53,6 @@ pub struct AgentSettings {
     /// Addresses an access client may ask this agent to dial instead of a
     /// service's own (an allow-list; empty: none).
     pub access_targets: Vec<String>,
-}
-
-/// How a link ended, and whether reconnecting can help.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum LinkError {
-    /// The server refused the token: reconnecting with it cannot help.
-    #[error("the server refused the token: {reason}")]
-    TokenRefused {
-        /// The server's reason.
-        reason: String,
-    },
-    /// The server refused `Auth` for a passing reason (a lockout, its tunnel limit).
-    #[error("authentication refused: {reason}")]
-    AuthRefused {
-        /// The server's reason.
-        reason: String,
-    },
-    /// No answer to `Auth` in time.
-    #[error("no answer to Auth in time")]
-    AuthTimeout,
-    /// Nothing heard from the server for the heartbeat timeout.
-    #[error("nothing heard from the server within the heartbeat timeout")]
-    HeartbeatTimeout,
-    /// The server ended the session (`Disconnect`).
-    #[error("server disconnected the agent: {reason}")]
-    Disconnected {
-        /// The server's reason.
-        reason: String,
-    },
-    /// The server broke the protocol.
-    #[error("protocol error by the server: {0}")]
-    Protocol(#[from] ProtocolViolation),
-}
-
-impl LinkError {
-    /// True when reconnecting cannot help (the agent stops).
-    pub fn is_fatal(&self) -> bool {
-        matches!(self, Self::TokenRefused { .. })
-    }
-}
-
-/// What the owner of an agent session must do.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AgentAction {
-    /// Write this frame to the server.
-    Send(Message),
-    /// `AuthOk` arrived: the tunnel is up with these features.
-    Authenticated {
-        /// The tunnel's id.
-        tunnel_id: Uuid,
-        /// Features both ends support.
-        features: Features,
-        /// What we may send on a new stream before a `Window`.
-        server_window: u32,
-    },
-    /// A UDP service is not registered: the server carries no datagrams.
-    NotRegistered {
-        /// The service.
-        service: ServiceConfig,
-        /// Why.
-        reason: &'static str,
-    },
-    /// A service registered.
-    Registered {
-        /// Its id on the server.
-        service_id: Uuid,
-        /// The service.
-        service: ServiceConfig,
-        /// Its public port (`None` from an original server).
-        port: Option<u16>,
-    },
-    /// The server refused a registration.
-    RegistrationRefused {
-        /// The service.
-        service: ServiceConfig,
-        /// The server's reason.
-        reason: String,
-    },
-    /// Authenticated and every registration asked for so far answered (a
-    /// refused one is retried on its own backoff).
-    Ready,
-    /// Dial `address` for stream `connection_id` (a visitor's, or an
-    /// access client's relayed by the server), then answer
-    /// [`AgentSession::dialed`] or [`AgentSession::refuse`].
-    Dial {
-        /// The stream.
-        connection_id: Uuid,
-        /// What to dial.
-        address: String,
-        /// The service's name (for its counters).
-        service: String,
-        /// What the socket may send before the server's first `Window`.
-        credit: u32,
-        /// For a visitor's stream: the service's id and the visitor's address
-        /// (a host's connection callback may refuse it).
-        visitor: Option<(Uuid, String)>,
-    },
-    /// A UDP flow began on a service: open its socket.
-    OpenFlow {
-        /// The flow.
-        connection_id: Uuid,
-        /// The service's id.
-        service_id: Uuid,
-        /// The service.
-        service: ServiceConfig,
-        /// The visitor's address, as the server wrote it.
-        client_addr: String,
-    },
-    /// Write this frame, encoded by a socket's reader, to the server.
-    Write(Outbound),
-    /// Carry this out on a connection's socket (deliver, credit, shut,
-    /// reset, a datagram for a flow, a flow forgotten).
-    Socket(ConnectionAction),
-    /// The link ends (close the WebSocket); reconnect unless it is fatal.
-    Close(LinkError),
 }
 
 #[derive(Debug)]
@@ -195,6 +83,9 @@ pub struct AgentSession {
     /// The link's streams and flows, once authenticated.
     data: DataPlane,
     actions: VecDeque<AgentAction>,
+    /// Frames not sent: not buildable, or of a type the peer did not
+    /// announce (a bug either way: logged and counted, never silent).
+    unsent: u64,
 }
 
 impl AgentSession {
@@ -213,6 +104,7 @@ impl AgentSession {
             authenticated: false,
             data: DataPlane::default(),
             actions: VecDeque::new(),
+            unsent: 0,
             settings,
         };
         let auth = Message::auth(
@@ -222,6 +114,12 @@ impl AgentSession {
         );
         session.send_built(auth);
         session
+    }
+
+    /// Frames not sent because they could not be built or the peer did not
+    /// announce their type (0 unless there is a bug).
+    pub fn frames_unsent(&self) -> u64 {
+        self.unsent
     }
 
     /// The next action to carry out, in order.
@@ -282,25 +180,6 @@ impl AgentSession {
             Phase::Open(open) => Some(open.next_heartbeat.min(self.liveness.deadline())),
             Phase::Closed => None,
         }
-    }
-
-    /// Asks the server for `service`, on public port `port` (0: any).
-    /// Answers pair with `Register`s first-in-first-out.
-    pub fn register(&mut self, service: ServiceConfig, port: u16) {
-        if !self.is_open() {
-            return;
-        }
-        if service.protocol == ServiceProtocol::Udp
-            && !self.features().contains(Features::DATAGRAMS)
-        {
-            let reason = "the server does not carry UDP (no DATAGRAMS capability)";
-            self.actions
-                .push_back(AgentAction::NotRegistered { service, reason });
-            return;
-        }
-        let register = Message::register(&service.name, service.protocol, service.local_port, port);
-        self.awaiting.push_back(service);
-        self.send_built(register);
     }
 
     /// A WebSocket message from the server: one encoded frame.
@@ -406,34 +285,6 @@ impl AgentSession {
         });
     }
 
-    fn on_register_ok(&mut self, service_id: Uuid, port: Option<u16>) {
-        let Some(service) = self.awaiting.pop_front() else {
-            return self.close(ProtocolViolation::UnpairedReply(MessageType::RegisterOk).into());
-        };
-        if let Phase::Open(open) = &mut self.phase {
-            open.services.insert(service_id, service.clone());
-        }
-        self.actions.push_back(AgentAction::Registered {
-            service_id,
-            service,
-            port,
-        });
-        if self.awaiting.is_empty() {
-            self.actions.push_back(AgentAction::Ready);
-        }
-    }
-
-    fn on_register_fail(&mut self, reason: String) {
-        let Some(service) = self.awaiting.pop_front() else {
-            return self.close(ProtocolViolation::UnpairedReply(MessageType::RegisterFail).into());
-        };
-        self.actions
-            .push_back(AgentAction::RegistrationRefused { service, reason });
-        if self.awaiting.is_empty() {
-            self.actions.push_back(AgentAction::Ready);
-        }
-    }
-
     fn close(&mut self, error: LinkError) {
         self.phase = Phase::Closed;
         self.awaiting.clear();
@@ -443,7 +294,10 @@ impl AgentSession {
     fn send(&mut self, message: Message) {
         match check_outbound(self.features(), &message) {
             Ok(()) => self.actions.push_back(AgentAction::Send(message)),
-            Err(kind) => tracing::error!(?kind, "not sent: the server did not announce it"),
+            Err(kind) => {
+                self.unsent += 1;
+                tracing::error!(?kind, "not sent: the server did not announce it");
+            }
         }
     }
 
@@ -452,7 +306,10 @@ impl AgentSession {
             Ok(message) => self.send(message),
             // names are validated with the configuration and reasons are ours:
             // a failure here is a bug, said loudly rather than dropped
-            Err(error) => tracing::error!(%error, "control frame not built; not sent"),
+            Err(error) => {
+                self.unsent += 1;
+                tracing::error!(%error, "control frame not built; not sent");
+            }
         }
     }
 }

@@ -33,8 +33,13 @@ pub enum SocketEvent {
         /// How many.
         len: usize,
     },
-    /// The socket failed or was reset, or its actor stopped.
+    /// The socket failed or was reset.
     Failed {
+        /// The stream.
+        id: Uuid,
+    },
+    /// The socket's actor stopped (both directions done, or reset).
+    Finished {
         /// The stream.
         id: Uuid,
     },
@@ -88,8 +93,14 @@ impl DataPlane {
         }
     }
 
-    /// An event of a stream's socket.
-    pub(crate) fn on_socket(&mut self, event: SocketEvent, emit: &mut impl FnMut(Emit)) {
+    /// An event of a stream's socket: what it asks of the session.
+    pub(crate) fn socket_event(&mut self, event: SocketEvent) -> Vec<Emit> {
+        let mut emitted = Vec::new();
+        self.on_socket(event, &mut |e| emitted.push(e));
+        emitted
+    }
+
+    fn on_socket(&mut self, event: SocketEvent, emit: &mut impl FnMut(Emit)) {
         let Some(table) = self.table.as_mut() else {
             return;
         };
@@ -113,7 +124,7 @@ impl DataPlane {
             }
             SocketEvent::ReadEof { id } => table.local_eof(id),
             SocketEvent::Delivered { id, len } => table.on_delivered(id, len),
-            SocketEvent::Failed { id } => table.local_reset(id),
+            SocketEvent::Failed { id } | SocketEvent::Finished { id } => table.local_reset(id),
         };
         if let Some(message) = reply {
             emit(Emit::Send(message));
@@ -121,10 +132,9 @@ impl DataPlane {
     }
 
     /// A flow ended on its own (idle): the peer is told with an abort.
-    pub(crate) fn flow_ended(&mut self, id: Uuid, emit: &mut impl FnMut(Emit)) {
-        if let Some(close) = self.table.as_mut().and_then(|t| t.local_reset(id)) {
-            emit(Emit::Send(close));
-        }
+    pub(crate) fn flow_ended(&mut self, id: Uuid) -> Vec<Emit> {
+        let close = self.table.as_mut().and_then(|t| t.local_reset(id));
+        close.map(Emit::Send).into_iter().collect()
     }
 
     /// The link ended: every connection, to close.

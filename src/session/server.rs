@@ -9,7 +9,6 @@
 //! wrong direction or of a feature not negotiated closes the session.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
@@ -18,7 +17,7 @@ use bytes::Bytes;
 
 use super::data::{DataPlane, Emit};
 use super::{End, ProtocolViolation, check_inbound, check_outbound};
-use crate::auth::{Secret, TokenScope};
+use crate::auth::TokenScope;
 use crate::connections::{ConnectionAction, StreamSettings};
 use crate::liveness::Liveness;
 use crate::outbound::Outbound;
@@ -27,8 +26,14 @@ use crate::protocol::{
     ServiceProtocol,
 };
 
+mod actions;
+
+pub use actions::{CloseReason, Registration, ServerAction};
 mod connections;
-use crate::throttle::{Admission, AuthThrottle};
+mod registrations;
+mod tokens;
+
+pub use tokens::{TokenRefusal, check_token};
 
 /// The settings a server session runs with.
 #[derive(Debug, Clone)]
@@ -49,94 +54,6 @@ pub struct ServerSettings {
     pub max_connections_per_service: usize,
     /// The tunnel's stream table (`send_initial` becomes the window the agent announces).
     pub streams: StreamSettings,
-}
-
-/// Why a session ends (the caller maps it to a WebSocket close code).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CloseReason {
-    /// No `Auth` within `auth_timeout`.
-    AuthTimeout,
-    /// `Auth` refused (`AuthFail` sent).
-    AuthRefused,
-    /// No `HeartbeatAck` within `heartbeat_timeout` (`Disconnect` sent).
-    HeartbeatTimeout,
-    /// The peer broke the protocol (`Disconnect` sent once authenticated).
-    Protocol(ProtocolViolation),
-    /// The server ends it (takeover, shutdown, a revoked token): `Disconnect` sent.
-    Closed(String),
-}
-
-/// What the owner of a server session must do.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ServerAction {
-    /// Write this frame to the agent.
-    Send(Message),
-    /// Check `token` ([`check_token`]) and open the tunnel, then answer with
-    /// [`ServerSession::authenticated`] or [`ServerSession::refused`].
-    Authenticate {
-        /// The raw token (hash it; never log it).
-        token: Secret,
-        /// The agent's stable id.
-        client_id: Uuid,
-    },
-    /// Allocate the public port of a registration and listen on it, then
-    /// answer with [`ServerSession::allocated`].
-    Allocate(Registration),
-    /// The agent unregistered a service: stop its listener, free its port.
-    Unregister {
-        /// The service.
-        service_id: Uuid,
-        /// Its public port.
-        port: u16,
-    },
-    /// Tell the registry the tunnel is alive.
-    ReportAlive,
-    /// Write this frame, encoded by a socket's reader, to the agent.
-    Write(Outbound),
-    /// Carry this out on a connection's socket (deliver, credit, shut,
-    /// reset, a datagram for a visitor, a flow forgotten).
-    Socket(ConnectionAction),
-    /// Pass a frame of relayed access stream `id` to the other end's channel.
-    Relay {
-        /// The stream.
-        id: Uuid,
-        /// The frame's type.
-        kind: MessageType,
-        /// The kind of a `Close`.
-        close: Option<CloseKind>,
-        /// The frame, as it came.
-        frame: Bytes,
-        /// The relay is over with it: forget the other end after passing it.
-        last: bool,
-    },
-    /// An access client's `Open` to `service`, within its token's scope:
-    /// find the channel of the agent that registered it, then answer
-    /// [`ServerSession::relay_found`] or [`ServerSession::relay_not_found`].
-    FindService {
-        /// The new stream.
-        id: Uuid,
-        /// The service's name.
-        service: String,
-        /// What the client asks the agent to dial instead, if allowed.
-        target: String,
-    },
-    /// End the session: close the WebSocket, free what it holds.
-    Close(CloseReason),
-}
-
-/// A registration that passed the session's checks and waits for its port.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Registration {
-    /// Its place in the order of `Register`s (answers go out in this order).
-    pub seq: u64,
-    /// The service name.
-    pub name: String,
-    /// TCP or UDP.
-    pub protocol: ServiceProtocol,
-    /// The public port asked for, 0 for any.
-    pub remote_port: u16,
-    /// Public ports the token may take (`None`: the server's whole range).
-    pub allowed_ports: Option<Vec<(u16, u16)>>,
 }
 
 /// A `Register` waiting for its answer; answers leave in order.
@@ -182,6 +99,9 @@ pub struct ServerSession {
     /// The tunnel's streams, flows and relayed streams, once authenticated.
     data: DataPlane,
     actions: VecDeque<ServerAction>,
+    /// Frames not sent: not buildable, or of a type the peer did not
+    /// announce (a bug either way: logged and counted, never silent).
+    unsent: u64,
 }
 
 impl ServerSession {
@@ -193,7 +113,14 @@ impl ServerSession {
             phase: Phase::AwaitingAuth { deadline },
             data: DataPlane::default(),
             actions: VecDeque::new(),
+            unsent: 0,
         }
+    }
+
+    /// Frames not sent because they could not be built or the peer did not
+    /// announce their type (0 unless there is a bug).
+    pub fn frames_unsent(&self) -> u64 {
+        self.unsent
     }
 
     /// The next action to carry out, in order.
@@ -328,29 +255,6 @@ impl ServerSession {
         self.close(CloseReason::AuthRefused);
     }
 
-    /// The port of registration `seq` was allocated and listened on
-    /// (`Ok((service_id, port))`), or not (`Err(reason)`). Answers go out
-    /// in the order of the `Register`s.
-    pub fn allocated(&mut self, seq: u64, result: Result<(Uuid, u16), String>) {
-        let Phase::Open(open) = &mut self.phase else {
-            return;
-        };
-        let answer = match result {
-            Ok((service_id, port)) => {
-                open.services.insert(service_id, Service { port });
-                Message::RegisterOk {
-                    service_id,
-                    port: Some(port),
-                }
-            }
-            Err(reason) => register_fail(reason),
-        };
-        if let Some(p) = open.pending.iter_mut().find(|p| p.seq == seq) {
-            p.answer = Some(answer);
-        }
-        self.answer_in_order();
-    }
-
     /// A timer fired: the auth deadline, the heartbeat watchdog, the next
     /// heartbeat. `unix_ms` stamps the heartbeat.
     pub fn handle_timeout(&mut self, now: Instant, unix_ms: u64) {
@@ -438,50 +342,6 @@ impl ServerSession {
         }
     }
 
-    fn on_register(&mut self, name: String, protocol: ServiceProtocol, remote_port: u16) {
-        let max_services = self.settings.max_services;
-        let Some(open) = self.open_mut() else { return };
-        let seq = open.next_seq;
-        open.next_seq += 1;
-        let refusal = registration_refusal(open, max_services, &name, protocol, remote_port);
-        open.pending.push_back(Pending {
-            seq,
-            answer: refusal.map(register_fail),
-        });
-        if open.pending.back().is_some_and(|p| p.answer.is_none()) {
-            let allowed_ports = open.scope.ports.clone();
-            self.actions.push_back(ServerAction::Allocate(Registration {
-                seq,
-                name,
-                protocol,
-                remote_port,
-                allowed_ports,
-            }));
-        }
-        self.answer_in_order();
-    }
-
-    fn on_unregister(&mut self, service_id: Uuid) {
-        let Some(open) = self.open_mut() else { return };
-        if let Some(service) = open.services.remove(&service_id) {
-            let port = service.port;
-            self.actions
-                .push_back(ServerAction::Unregister { service_id, port });
-        }
-    }
-
-    /// Sends the answers at the head of the queue that are ready.
-    fn answer_in_order(&mut self) {
-        let Phase::Open(open) = &mut self.phase else {
-            return;
-        };
-        while open.pending.front().is_some_and(|p| p.answer.is_some()) {
-            if let Some(answer) = open.pending.pop_front().and_then(|p| p.answer) {
-                self.actions.push_back(ServerAction::Send(answer));
-            }
-        }
-    }
-
     fn close(&mut self, reason: CloseReason) {
         self.phase = Phase::Closed;
         self.actions.push_back(ServerAction::Close(reason));
@@ -491,7 +351,10 @@ impl ServerSession {
     fn send(&mut self, message: Message) {
         match check_outbound(self.features(), &message) {
             Ok(()) => self.actions.push_back(ServerAction::Send(message)),
-            Err(kind) => tracing::error!(?kind, "not sent: the agent did not announce it"),
+            Err(kind) => {
+                self.unsent += 1;
+                tracing::error!(?kind, "not sent: the agent did not announce it");
+            }
         }
     }
 
@@ -500,7 +363,10 @@ impl ServerSession {
             Ok(message) => self.send(message),
             // only reasons over 64 KiB fail, and ours are short: a failure
             // here is a bug, said loudly rather than dropped
-            Err(error) => tracing::error!(%error, "control frame not built; not sent"),
+            Err(error) => {
+                self.unsent += 1;
+                tracing::error!(%error, "control frame not built; not sent");
+            }
         }
     }
 
@@ -515,101 +381,6 @@ impl ServerSession {
         match &mut self.phase {
             Phase::Open(open) => Some(open),
             _ => None,
-        }
-    }
-}
-
-/// Why a `Register` is refused before any port is looked at, if it is.
-fn registration_refusal(
-    open: &Open,
-    max_services: usize,
-    name: &str,
-    protocol: ServiceProtocol,
-    remote_port: u16,
-) -> Option<String> {
-    if let Err(e) = open.scope.check_register(name) {
-        return Some(e.to_string());
-    }
-    if let Err(e) = open.scope.check_port(remote_port) {
-        return Some(e.to_string());
-    }
-    let allocating = open.pending.iter().filter(|p| p.answer.is_none()).count();
-    let registering = open.services.len() + allocating;
-    if registering >= max_services {
-        return Some(format!("tunnel is at its limit of {max_services} services"));
-    }
-    if protocol == ServiceProtocol::Udp && !open.features.contains(Features::DATAGRAMS) {
-        return Some(
-            "udp services need the DATAGRAMS capability, which this agent did not offer".to_owned(),
-        );
-    }
-    None
-}
-
-fn register_fail(reason: String) -> Message {
-    // a reason too long for a frame is cut rather than lost
-    Message::register_fail(reason.clone()).unwrap_or_else(|_| Message::RegisterFail {
-        reason: reason.chars().take(1024).collect(),
-    })
-}
-
-/// Why [`check_token`] refused a token.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TokenRefusal {
-    /// The address is locked out after failed attempts; the token was not looked at.
-    #[error("too many failed authentications from this address; retry in {retry_in_s}s")]
-    LockedOut {
-        /// Seconds until the lockout ends (rounded up).
-        retry_in_s: u64,
-    },
-    /// The token was checked and refused.
-    #[error("{reason}")]
-    Refused {
-        /// The validator's reason.
-        reason: String,
-        /// Failures from this address so far.
-        failures: u32,
-        /// The lockout this failure started, if any.
-        lockout: Option<Duration>,
-    },
-}
-
-impl TokenRefusal {
-    /// Whether retrying can help: after a lockout, yes; a refused token, no.
-    pub fn refusal(&self) -> AuthRefusal {
-        match self {
-            Self::LockedOut { .. } => AuthRefusal::Later,
-            Self::Refused { .. } => AuthRefusal::Token,
-        }
-    }
-}
-
-/// Checks a token from `addr`, unless the address is locked out after failed
-/// attempts (then the token is not looked at); a failure counts toward a
-/// lockout, a success forgets the address.
-pub fn check_token<E: std::fmt::Display>(
-    throttle: &mut AuthThrottle,
-    addr: IpAddr,
-    now: Instant,
-    verify: impl FnOnce() -> Result<(), E>,
-) -> Result<(), TokenRefusal> {
-    if let Admission::LockedOut(left) = throttle.admit(addr, now) {
-        return Err(TokenRefusal::LockedOut {
-            retry_in_s: left.as_secs() + 1,
-        });
-    }
-    match verify() {
-        Ok(()) => {
-            throttle.succeeded(addr);
-            Ok(())
-        }
-        Err(e) => {
-            let (lockout, failures) = throttle.failed(addr, now);
-            Err(TokenRefusal::Refused {
-                reason: e.to_string(),
-                failures,
-                lockout,
-            })
         }
     }
 }

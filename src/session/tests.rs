@@ -789,6 +789,7 @@ proptest! {
         }
         let sockets = |a: &ServerAction| matches!(a, ServerAction::Socket(_) | ServerAction::Write(_));
         prop_assert!(!pair.server_log.iter().any(sockets), "no data plane was asked for");
+        prop_assert_eq!(pair.server.frames_unsent() + pair.agent.frames_unsent(), 0);
         if pair.agent_closed().is_some() || pair.server_closed().is_some() {
             // a link may end on a timeout; then nothing is left waiting
             prop_assert!(pair.agent.is_closed() || pair.server.is_closed());
@@ -1066,6 +1067,8 @@ mod data_plane {
         }
 
         fn streams(&self) -> (usize, usize) {
+            let unsent = self.pair.server.frames_unsent() + self.pair.agent.frames_unsent();
+            assert_eq!(unsent, 0, "every frame built and announced");
             (self.pair.server.streams(), self.pair.agent.streams())
         }
     }

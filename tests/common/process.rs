@@ -26,6 +26,32 @@ impl Proc {
         Self::spawn_with(args, |_| {})
     }
 
+    /// A CLI server on 127.0.0.1: control on an OS-assigned port, public
+    /// ports `low..=high` bound on 127.0.0.1, then `flags`.
+    pub fn server(public: (u16, u16), flags: &[&str]) -> Self {
+        Self::server_with(public, flags, |_| {})
+    }
+
+    /// [`Proc::server`], its command adjusted by `adjust` first.
+    pub fn server_with(
+        (low, high): (u16, u16),
+        flags: &[&str],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Self {
+        let range = format!("{low}-{high}");
+        let mut args = vec![
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--port-range",
+            &range,
+            "--bind-host",
+            "127.0.0.1",
+        ];
+        args.extend_from_slice(flags);
+        Self::spawn_with(&args, adjust)
+    }
+
     /// Runs the `zlayer-tunnel` binary with `args`, its command adjusted by
     /// `adjust` first (another token in the environment, none, stdout piped).
     pub fn spawn_with(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Self {

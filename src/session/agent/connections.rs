@@ -50,15 +50,13 @@ impl AgentSession {
 
     /// A stream's socket reported.
     pub fn socket_event(&mut self, event: SocketEvent) {
-        let mut emitted = Vec::new();
-        self.data.on_socket(event, &mut |e| emitted.push(e));
+        let emitted = self.data.socket_event(event);
         self.emit_all(emitted);
     }
 
     /// Flow `id` idled out: the server is told.
     pub fn flow_ended(&mut self, id: Uuid) {
-        let mut emitted = Vec::new();
-        self.data.flow_ended(id, &mut |e| emitted.push(e));
+        let emitted = self.data.flow_ended(id);
         self.emit_all(emitted);
     }
 
@@ -168,7 +166,10 @@ impl AgentSession {
                 Emit::Send(message) => self.send(message),
                 Emit::Write(frame) => match frame.check(self.features()) {
                     Ok(()) => self.actions.push_back(AgentAction::Write(frame)),
-                    Err(refused) => tracing::error!(%refused, "not sent"),
+                    Err(refused) => {
+                        self.unsent += 1;
+                        tracing::error!(%refused, "not sent");
+                    }
                 },
                 Emit::Socket(action) => self.actions.push_back(AgentAction::Socket(action)),
             }

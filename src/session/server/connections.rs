@@ -56,15 +56,13 @@ impl ServerSession {
 
     /// A visitor's socket reported.
     pub fn socket_event(&mut self, event: SocketEvent) {
-        let mut emitted = Vec::new();
-        self.data.on_socket(event, &mut |e| emitted.push(e));
+        let emitted = self.data.socket_event(event);
         self.emit_all(emitted);
     }
 
     /// A flow idled out at its listener: the agent is told.
     pub fn flow_ended(&mut self, id: Uuid) {
-        let mut emitted = Vec::new();
-        self.data.flow_ended(id, &mut |e| emitted.push(e));
+        let emitted = self.data.flow_ended(id);
         self.emit_all(emitted);
     }
 
@@ -211,7 +209,10 @@ impl ServerSession {
     fn write(&mut self, frame: Outbound) {
         match frame.check(self.features()) {
             Ok(()) => self.actions.push_back(ServerAction::Write(frame)),
-            Err(refused) => tracing::error!(%refused, "not sent"),
+            Err(refused) => {
+                self.unsent += 1;
+                tracing::error!(%refused, "not sent");
+            }
         }
     }
 }

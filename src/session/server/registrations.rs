@@ -1,0 +1,113 @@
+//! The server session's registrations: every `Register` checked (scope,
+//! ports, the service limit, UDP over `DATAGRAMS`), its port allocated by the
+//! caller, and every one answered exactly once, in the order asked.
+
+use super::*;
+
+impl ServerSession {
+    /// The port of registration `seq` was allocated and listened on
+    /// (`Ok((service_id, port))`), or not (`Err(reason)`). Answers go out
+    /// in the order of the `Register`s.
+    pub fn allocated(&mut self, seq: u64, result: Result<(Uuid, u16), String>) {
+        let Phase::Open(open) = &mut self.phase else {
+            return;
+        };
+        let answer = match result {
+            Ok((service_id, port)) => {
+                open.services.insert(service_id, Service { port });
+                Message::RegisterOk {
+                    service_id,
+                    port: Some(port),
+                }
+            }
+            Err(reason) => register_fail(reason),
+        };
+        if let Some(p) = open.pending.iter_mut().find(|p| p.seq == seq) {
+            p.answer = Some(answer);
+        }
+        self.answer_in_order();
+    }
+
+    pub(super) fn on_register(
+        &mut self,
+        name: String,
+        protocol: ServiceProtocol,
+        remote_port: u16,
+    ) {
+        let max_services = self.settings.max_services;
+        let Some(open) = self.open_mut() else { return };
+        let seq = open.next_seq;
+        open.next_seq += 1;
+        let refusal = registration_refusal(open, max_services, &name, protocol, remote_port);
+        open.pending.push_back(Pending {
+            seq,
+            answer: refusal.map(register_fail),
+        });
+        if open.pending.back().is_some_and(|p| p.answer.is_none()) {
+            let allowed_ports = open.scope.ports.clone();
+            self.actions.push_back(ServerAction::Allocate(Registration {
+                seq,
+                name,
+                protocol,
+                remote_port,
+                allowed_ports,
+            }));
+        }
+        self.answer_in_order();
+    }
+
+    pub(super) fn on_unregister(&mut self, service_id: Uuid) {
+        let Some(open) = self.open_mut() else { return };
+        if let Some(service) = open.services.remove(&service_id) {
+            let port = service.port;
+            self.actions
+                .push_back(ServerAction::Unregister { service_id, port });
+        }
+    }
+
+    /// Sends the answers at the head of the queue that are ready.
+    fn answer_in_order(&mut self) {
+        let Phase::Open(open) = &mut self.phase else {
+            return;
+        };
+        while open.pending.front().is_some_and(|p| p.answer.is_some()) {
+            if let Some(answer) = open.pending.pop_front().and_then(|p| p.answer) {
+                self.actions.push_back(ServerAction::Send(answer));
+            }
+        }
+    }
+}
+
+/// Why a `Register` is refused before any port is looked at, if it is.
+fn registration_refusal(
+    open: &Open,
+    max_services: usize,
+    name: &str,
+    protocol: ServiceProtocol,
+    remote_port: u16,
+) -> Option<String> {
+    if let Err(e) = open.scope.check_register(name) {
+        return Some(e.to_string());
+    }
+    if let Err(e) = open.scope.check_port(remote_port) {
+        return Some(e.to_string());
+    }
+    let allocating = open.pending.iter().filter(|p| p.answer.is_none()).count();
+    let registering = open.services.len() + allocating;
+    if registering >= max_services {
+        return Some(format!("tunnel is at its limit of {max_services} services"));
+    }
+    if protocol == ServiceProtocol::Udp && !open.features.contains(Features::DATAGRAMS) {
+        return Some(
+            "udp services need the DATAGRAMS capability, which this agent did not offer".to_owned(),
+        );
+    }
+    None
+}
+
+fn register_fail(reason: String) -> Message {
+    // a reason too long for a frame is cut rather than lost
+    Message::register_fail(reason.clone()).unwrap_or_else(|_| Message::RegisterFail {
+        reason: reason.chars().take(1024).collect(),
+    })
+}
