@@ -31,7 +31,7 @@ use crate::accounting::{CounterSet, Direction};
 use crate::backoff::Backoff;
 use crate::config::ServiceConfig;
 use crate::connections::ConnectionAction;
-use crate::outbound::{FrameQueue, Outbound};
+use crate::outbound::{FrameQueue, Outbound, PushError};
 use crate::protocol::{Features, MAX_MESSAGE_SIZE};
 use crate::session::{AgentAction, AgentSession, LinkError};
 use crate::status::TunnelState;

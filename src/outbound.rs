@@ -106,6 +106,26 @@ impl From<Message> for Outbound {
     }
 }
 
+/// The most bytes of control frames (heartbeat answers, credit, refusals,
+/// acknowledgments) that may wait for a peer: past it, the peer is not
+/// reading what it is sent, whatever it sends.
+pub const MAX_CONTROL_BACKLOG: usize = 1 << 20;
+
+/// Why a frame was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PushError {
+    /// The peer did not announce the frame's type (a bug: logged and counted).
+    #[error(transparent)]
+    NotAnnounced(#[from] NotAnnounced),
+    /// The control frames owed to the peer passed [`MAX_CONTROL_BACKLOG`]:
+    /// it does not read; the link must end.
+    #[error("{bytes} bytes of control frames wait for a peer that does not read them")]
+    Backlog {
+        /// What waits, this frame included.
+        bytes: usize,
+    },
+}
+
 /// A frame of a type the peer did not announce: not sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("{kind:?} not sent: the peer did not announce it")]
@@ -148,6 +168,8 @@ pub struct FrameQueue<S = FairQueue> {
     features: Features,
     control: VecDeque<Bytes>,
     acks: Vec<Bytes>,
+    /// Bytes in `control` and `acks`.
+    control_bytes: usize,
     streams: S,
     refused: u64,
 }
@@ -159,6 +181,7 @@ impl<S: Schedule> FrameQueue<S> {
             features,
             control: VecDeque::new(),
             acks: Vec::new(),
+            control_bytes: 0,
             streams: S::default(),
             refused: 0,
         }
@@ -169,17 +192,29 @@ impl<S: Schedule> FrameQueue<S> {
         self.features = features;
     }
 
-    /// Queues a frame; a type the peer did not announce is refused and counted.
-    pub fn push(&mut self, frame: Outbound) -> Result<(), NotAnnounced> {
+    /// Queues a frame. A type the peer did not announce is refused and
+    /// counted; a control frame past [`MAX_CONTROL_BACKLOG`] is refused too
+    /// (stream frames are bounded by the peer's windows).
+    pub fn push(&mut self, frame: Outbound) -> Result<(), PushError> {
         if let Err(e) = frame.check(self.features) {
             self.refused += 1;
-            return Err(e);
+            return Err(e.into());
         }
-        match (frame.stream(), frame.kind()) {
-            (Some(stream), _) => self.streams.push(stream, frame.into_bytes()),
-            // leaves with the next write, never on its own (see `push_ack`)
-            (None, MessageType::ConnectAck) => self.acks.push(frame.into_bytes()),
-            (None, _) => self.control.push_back(frame.into_bytes()),
+        let (stream, kind) = (frame.stream(), frame.kind());
+        let frame = frame.into_bytes();
+        if let Some(stream) = stream {
+            self.streams.push(stream, frame);
+            return Ok(());
+        }
+        let bytes = self.control_bytes + frame.len();
+        if bytes > MAX_CONTROL_BACKLOG {
+            return Err(PushError::Backlog { bytes });
+        }
+        self.control_bytes = bytes;
+        match kind {
+            // leaves with the next write, never on its own
+            MessageType::ConnectAck => self.acks.push(frame),
+            _ => self.control.push_back(frame),
         }
         Ok(())
     }
@@ -198,6 +233,7 @@ impl<S: Schedule> FrameQueue<S> {
     pub fn drain_control(&mut self, batch: &mut Vec<Bytes>) {
         batch.extend(self.control.drain(..));
         batch.append(&mut self.acks);
+        self.control_bytes = 0;
     }
 
     /// Moves stream frames into `batch` until `max_bytes` are taken (the
@@ -268,12 +304,10 @@ mod tests {
     #[test]
     fn a_type_the_peer_did_not_announce_is_refused_and_counted() {
         let mut queue: FrameQueue = FrameQueue::new(Features::NONE);
-        assert_eq!(
-            queue.push(data(1, b"x")),
-            Err(NotAnnounced {
-                kind: MessageType::Data
-            })
-        );
+        let refused = NotAnnounced {
+            kind: MessageType::Data,
+        };
+        assert_eq!(queue.push(data(1, b"x")), Err(refused.into()));
         queue
             .push(Message::Heartbeat { timestamp: 1 }.into())
             .unwrap();
@@ -297,5 +331,29 @@ mod tests {
         queue.drain_streams(&mut batch, 40);
         assert_eq!(batch.len(), 2, "a frame is 31 bytes: the second crosses 40");
         assert!(!queue.is_empty());
+    }
+
+    #[test]
+    fn control_frames_for_a_peer_that_does_not_read_are_bounded() {
+        let mut queue: FrameQueue = FrameQueue::new(Features::ALL);
+        let ack = |n| Outbound::Message(Message::HeartbeatAck { timestamp: n });
+        let each = ack(0).into_bytes().len();
+        let fit = MAX_CONTROL_BACKLOG / each;
+        for n in 0..fit as u64 {
+            queue.push(ack(n)).unwrap();
+        }
+        assert_eq!(
+            queue.push(ack(0)),
+            Err(PushError::Backlog {
+                bytes: (fit + 1) * each
+            })
+        );
+        // stream frames are the windows' to bound, not this
+        assert!(queue.push(data(1, b"x")).is_ok());
+        // once written, there is room again
+        let mut batch = Vec::new();
+        queue.drain_control(&mut batch);
+        assert_eq!(batch.len(), fit);
+        assert!(queue.push(ack(1)).is_ok());
     }
 }

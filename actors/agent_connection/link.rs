@@ -74,6 +74,9 @@ impl AgentConnection {
             LinkError::HeartbeatTimeout => tracing::warn!(
                 "nothing heard from the server within the heartbeat timeout; reconnecting"
             ),
+            LinkError::NotReading { detail } => {
+                tracing::warn!(%detail, "the server does not read what it is sent; reconnecting")
+            }
             LinkError::Protocol(violation) => {
                 tracing::warn!(%violation, "protocol error by the server; reconnecting")
             }

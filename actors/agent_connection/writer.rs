@@ -24,14 +24,23 @@ impl Handler<WriteOut> for AgentConnection {
 
 impl AgentConnection {
     /// The one write path to the server: queues a frame (never a type the
-    /// server did not announce: a bug, logged and counted) and schedules a write.
+    /// server did not announce: a bug, logged and counted; never past the
+    /// bound of what a server that does not read may be owed: the link
+    /// ends) and schedules a write.
     pub(super) fn write(&mut self, frame: impl Into<Outbound>, ctx: &mut Context<Self>) {
         let Some(link) = self.link.as_mut() else {
             return;
         };
-        if let Err(refused) = link.queue.push(frame.into()) {
-            self.shared.counters.add_unsent();
-            return tracing::debug!(%refused, "not sent");
+        match link.queue.push(frame.into()) {
+            Ok(()) => {}
+            Err(PushError::NotAnnounced(refused)) => {
+                self.shared.counters.add_unsent();
+                return tracing::debug!(%refused, "not sent");
+            }
+            Err(PushError::Backlog { bytes }) => {
+                link.session.backlog_exceeded(bytes);
+                return self.execute(ctx);
+            }
         }
         if !link.write_scheduled {
             link.write_scheduled = true;
@@ -70,6 +79,7 @@ impl AgentConnection {
         link.queue.drain_control(&mut batch);
         link.flows.drain_into(&mut batch); // bounded in bytes
         link.queue.drain_streams(&mut batch, MAX_BATCH);
+        link.session.write_started(Instant::now());
         let write = async move {
             for frame in batch {
                 sink.feed(ws::Message::Binary(frame)).await?;
@@ -95,6 +105,7 @@ impl AgentConnection {
         match result {
             Ok(sink) => {
                 link.sink = Some(sink);
+                link.session.write_done();
                 self.write_next(ctx);
             }
             Err(e) => {

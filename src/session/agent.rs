@@ -79,6 +79,8 @@ pub struct AgentSession {
     /// Registrations sent and not answered yet, in order.
     awaiting: VecDeque<ServiceConfig>,
     liveness: Liveness,
+    /// When the write in flight started, if one is.
+    writing_since: Option<Instant>,
     authenticated: bool,
     /// The link's streams and flows, once authenticated.
     data: DataPlane,
@@ -101,6 +103,7 @@ impl AgentSession {
             },
             liveness: Liveness::new(now, settings.heartbeat_timeout),
             awaiting: VecDeque::new(),
+            writing_since: None,
             authenticated: false,
             data: DataPlane::default(),
             actions: VecDeque::new(),
@@ -177,9 +180,39 @@ impl AgentSession {
     pub fn next_deadline(&self) -> Option<Instant> {
         match &self.phase {
             Phase::Authenticating { deadline } => Some(*deadline),
-            Phase::Open(open) => Some(open.next_heartbeat.min(self.liveness.deadline())),
+            Phase::Open(open) => {
+                let deadline = open.next_heartbeat.min(self.liveness.deadline());
+                Some(self.write_deadline().map_or(deadline, |w| w.min(deadline)))
+            }
             Phase::Closed => None,
         }
+    }
+
+    /// A write to the server started at `now` (the owner's writer keeps one
+    /// in flight): if it is still waiting a heartbeat timeout later, the
+    /// server is not reading.
+    pub fn write_started(&mut self, now: Instant) {
+        self.writing_since = Some(now);
+    }
+
+    /// The write in flight completed.
+    pub fn write_done(&mut self) {
+        self.writing_since = None;
+    }
+
+    /// The answers owed to the server passed their bound (`bytes` waiting):
+    /// it is not reading; the link ends.
+    pub fn backlog_exceeded(&mut self, bytes: usize) {
+        if self.is_closed() {
+            return;
+        }
+        let detail = format!("{bytes} bytes of answers wait for it");
+        self.close(LinkError::NotReading { detail });
+    }
+
+    fn write_deadline(&self) -> Option<Instant> {
+        self.writing_since
+            .map(|t| t + self.settings.heartbeat_timeout)
     }
 
     /// A WebSocket message from the server: one encoded frame.
@@ -224,6 +257,14 @@ impl AgentSession {
             }
             Phase::Open(_) if self.liveness.is_expired(now) => {
                 self.close(LinkError::HeartbeatTimeout);
+            }
+            Phase::Open(_)
+                if (self.writing_since)
+                    .is_some_and(|t| now >= t + self.settings.heartbeat_timeout) =>
+            {
+                let waited = self.settings.heartbeat_timeout.as_secs();
+                let detail = format!("a write to it has waited {waited}s or more");
+                self.close(LinkError::NotReading { detail });
             }
             Phase::Open(open) if now >= open.next_heartbeat => {
                 while open.next_heartbeat <= now {

@@ -485,6 +485,48 @@ fn a_silent_server_is_dropped_by_the_agent() {
 }
 
 #[test]
+fn a_server_that_does_not_read_is_left_however_much_it_sends() {
+    let mut pair = Pair::new(TOKEN, Some(Features::ALL));
+    pair.run();
+    // a write starts and never completes, while the server keeps talking
+    pair.agent.write_started(pair.now);
+    for _ in 0..7 {
+        pair.now += 2 * SECOND;
+        pair.to_agent
+            .push_back(Message::Heartbeat { timestamp: 1 }.encode());
+        pair.agent.handle_timeout(pair.now, 0);
+        pair.run();
+        assert!(pair.agent.is_open(), "left before the heartbeat timeout");
+    }
+    pair.now += 2 * SECOND;
+    pair.agent.handle_timeout(pair.now, 0);
+    pair.run();
+    let error = pair.agent_closed().unwrap();
+    assert!(
+        matches!(error, LinkError::NotReading { .. }) && !error.is_fatal(),
+        "{error:?}"
+    );
+    // a completed write resets the watch; the backlog bound ends it at once
+    let mut pair = Pair::new(TOKEN, Some(Features::ALL));
+    pair.run();
+    pair.agent.write_started(pair.now);
+    pair.agent.write_done();
+    pair.now += 16 * SECOND;
+    pair.to_agent
+        .push_back(Message::Heartbeat { timestamp: 1 }.encode());
+    pair.run();
+    pair.agent.handle_timeout(pair.now, 0);
+    pair.run();
+    assert!(pair.agent.is_open());
+    pair.agent.backlog_exceeded(1 << 20);
+    pair.run();
+    assert!(matches!(
+        pair.agent_closed(),
+        Some(LinkError::NotReading { .. })
+    ));
+}
+
+#[test]
 fn no_auth_in_time_closes_both_ends() {
     let now = Instant::now();
     let mut server = ServerSession::new(server_settings(), now);

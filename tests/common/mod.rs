@@ -18,6 +18,7 @@ pub mod certs;
 pub mod ports;
 pub mod process;
 pub mod proxy;
+pub mod raw_server;
 pub mod wait;
 
 pub use ports::free_ports;

@@ -29,6 +29,14 @@ pub enum LinkError {
     /// Nothing heard from the server for the heartbeat timeout.
     #[error("nothing heard from the server within the heartbeat timeout")]
     HeartbeatTimeout,
+    /// The server does not read what it is sent (a write waited for the
+    /// heartbeat timeout, or the answers owed to it passed their bound),
+    /// however much it sends.
+    #[error("the server does not read what it is sent: {detail}")]
+    NotReading {
+        /// What showed it.
+        detail: String,
+    },
     /// The server ended the session (`Disconnect`).
     #[error("server disconnected the agent: {reason}")]
     Disconnected {

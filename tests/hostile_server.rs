@@ -1,0 +1,84 @@
+//! Our agent against a server that breaks the rules on purpose. The server
+//! here is written by hand (`common::raw_server`) and the agent runs as the
+//! `zlayer-tunnel` binary, so that its memory is measured alone.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::process::Proc;
+use common::raw_server::{accept_upgrade, read_frame, write_frame};
+use common::{DEADLINE, rss_kib};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+use zlayer_tunnel::protocol::{Capabilities, Features, Message};
+
+/// One WebSocket binary frame (unmasked, server to client) holding `payload`.
+fn ws_frame(payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0x82, u8::try_from(payload.len()).unwrap()];
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// Accepts agents; for each: reads its `Auth`, answers `AuthOk`, then sends
+/// `Heartbeat`s as fast as it can and never reads again. Reports each new
+/// connection.
+async fn flooding_server(listener: TcpListener, connections: mpsc::UnboundedSender<()>) {
+    while let Ok((mut socket, _)) = listener.accept().await {
+        connections.send(()).unwrap();
+        tokio::spawn(async move {
+            let mut buf = accept_upgrade(&mut socket).await;
+            let _auth = read_frame(&mut socket, &mut buf).await;
+            let ok = Message::AuthOk {
+                tunnel_id: Uuid::new_v4(),
+                capabilities: Some(Capabilities {
+                    features: Features::ALL,
+                    initial_window: 65_536,
+                }),
+            };
+            write_frame(&mut socket, &ok.encode()).await;
+            let heartbeat = ws_frame(&Message::Heartbeat { timestamp: 1 }.encode());
+            let block: Vec<u8> = heartbeat
+                .iter()
+                .copied()
+                .cycle()
+                .take(heartbeat.len() * 4096)
+                .collect();
+            // never reads: what the agent writes piles up in its socket, then in the agent
+            while socket.write_all(&block).await.is_ok() {}
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_sends_and_never_reads_cannot_grow_the_agent() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, mut connections) = mpsc::unbounded_channel();
+    tokio::spawn(flooding_server(listener, tx));
+    let url = format!("ws://{addr}/tunnel/v1");
+    let mut agent = Proc::spawn(&["agent", "--server", &url]);
+    tokio::time::timeout(DEADLINE, connections.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let start = rss_kib(agent.child.id());
+    // every Heartbeat is owed a HeartbeatAck that can never be written: the
+    // answers owed are bounded and the link ends, whatever the server sends
+    let line = agent.wait_for("does not read");
+    assert!(line.contains("reconnecting"), "{line}");
+    let peak = rss_kib(agent.child.id());
+    assert!(
+        peak < start + 32 * 1024,
+        "the agent grew from {start} KiB to {peak} KiB under the flood"
+    );
+    // and it comes back, to meet the same server again
+    tokio::time::timeout(DEADLINE, connections.recv())
+        .await
+        .expect("the agent did not reconnect")
+        .unwrap();
+    let again = agent.wait_for("does not read");
+    assert!(again.contains("WARN"), "{again}");
+}
