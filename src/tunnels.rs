@@ -30,6 +30,12 @@ pub enum RegistryError {
     /// A port could not be allocated.
     #[error(transparent)]
     Port(#[from] PortError),
+    /// Another agent's tunnel already registered a service of this name.
+    #[error("service {name:?} is already registered on this server by another agent")]
+    NameTaken {
+        /// The name.
+        name: String,
+    },
 }
 
 /// What identifies an agent across its reconnects: its token's hash and its client id.
@@ -64,6 +70,8 @@ struct Entry<T> {
     key: AgentKey,
     liveness: Liveness,
     ports: Vec<u16>,
+    /// The service name each port was allocated for.
+    names: Vec<(String, u16)>,
     services: Vec<RegisteredService>,
     io: T,
 }
@@ -126,6 +134,7 @@ impl<T> TunnelTable<T> {
             key: agent.clone(),
             liveness: Liveness::new(now, timeout),
             ports: Vec::new(),
+            names: Vec::new(),
             services: Vec::new(),
             io,
         };
@@ -177,14 +186,24 @@ impl<T> TunnelTable<T> {
         ids.into_iter().filter_map(|id| self.close(id)).collect()
     }
 
-    /// A public port for tunnel `id`: `requested` (0: the lowest free), from
-    /// `allowed` when its token is scoped to some ports.
+    /// A public port for service `name` of tunnel `id`: `requested` (0: the
+    /// lowest free), from `allowed` when its token is scoped to some ports.
+    /// A name another tunnel holds is refused (one name, one service: the
+    /// replicas issue will give a second registration its meaning).
     pub fn allocate(
         &mut self,
         id: Uuid,
+        name: &str,
         requested: u16,
         allowed: Option<&[(u16, u16)]>,
     ) -> Result<u16, RegistryError> {
+        let taken = (self.tunnels.iter())
+            .any(|(other, t)| *other != id && t.names.iter().any(|(n, _)| n == name));
+        if taken {
+            return Err(RegistryError::NameTaken {
+                name: name.to_owned(),
+            });
+        }
         let entry = self
             .tunnels
             .get_mut(&id)
@@ -195,6 +214,7 @@ impl<T> TunnelTable<T> {
             None => pool.allocate(requested)?,
         };
         entry.ports.push(port);
+        entry.names.push((name.to_owned(), port));
         Ok(port)
     }
 
@@ -208,6 +228,7 @@ impl<T> TunnelTable<T> {
             return; // never ours: another tunnel's port stays taken
         }
         entry.ports.retain(|p| *p != port);
+        entry.names.retain(|(_, p)| *p != port);
         entry.services.retain(|s| s.port != port);
         if let Ok(pool) = self.ports.as_mut() {
             pool.release(port);
@@ -283,12 +304,12 @@ mod tests {
                 .result
                 .is_ok()
         );
-        assert_eq!(t.allocate(id(1), 30_001, None), Ok(30_001));
+        assert_eq!(t.allocate(id(1), "svc1", 30_001, None), Ok(30_001));
         let opened = t.open(id(2), agent(7), "new", (now, 10 * S), 10);
         let old = opened.taken_over.expect("the old tunnel is taken over");
         assert_eq!((old.id, old.io, old.ports), (id(1), "old", vec![30_001]));
         // the new tunnel asks for the port it had, and gets it
-        assert_eq!(t.allocate(id(2), 30_001, None), Ok(30_001));
+        assert_eq!(t.allocate(id(2), "svc2", 30_001, None), Ok(30_001));
         assert_eq!(t.len(), 1);
         // another agent of the same token is another tunnel
         assert!(
@@ -320,14 +341,17 @@ mod tests {
         let mut t = TunnelTable::new((30_000, 30_000));
         t.open(id(1), agent(1), (), (now, 10 * S), 10);
         t.open(id(2), agent(2), (), (now, 10 * S), 10);
-        assert_eq!(t.allocate(id(1), 0, None), Ok(30_000));
-        assert!(t.allocate(id(2), 0, None).is_err(), "one port in all");
+        assert_eq!(t.allocate(id(1), "svc1", 0, None), Ok(30_000));
+        assert!(
+            t.allocate(id(2), "svc2", 0, None).is_err(),
+            "one port in all"
+        );
         t.alive(id(2), now + 5 * S);
         assert!(t.close_silent(now + 9 * S).is_empty());
         let closed = t.close_silent(now + 10 * S);
         assert_eq!(closed.iter().map(|c| c.id).collect::<Vec<_>>(), [id(1)]);
         assert_eq!(
-            t.allocate(id(2), 0, None),
+            t.allocate(id(2), "svc2", 0, None),
             Ok(30_000),
             "its port is free again"
         );
@@ -340,7 +364,7 @@ mod tests {
         let now = Instant::now();
         let mut t = TunnelTable::new((30_000, 30_009));
         t.open(id(1), agent(1), "a", (now, S), 10);
-        let port = t.allocate(id(1), 0, None).unwrap();
+        let port = t.allocate(id(1), "svc1", 0, None).unwrap();
         t.registered(id(1), service("db", port));
         assert_eq!(t.find_tcp_service("db"), Some((id(1), &"a")));
         assert_eq!(t.find_tcp_service("web"), None);
@@ -352,8 +376,19 @@ mod tests {
         assert_eq!(t.find_tcp_service("db"), None);
         assert_eq!(t.free_ports(), 10);
         assert_eq!(
-            t.allocate(id(9), 0, None),
+            t.allocate(id(9), "svc9", 0, None),
             Err(RegistryError::UnknownTunnel)
+        );
+        // one name, one service across the server's tunnels
+        let port = t.allocate(id(1), "web", 0, None).unwrap();
+        let taken = RegistryError::NameTaken {
+            name: "web".to_owned(),
+        };
+        assert_eq!(t.allocate(id(2), "web", 0, None), Err(taken));
+        t.release(id(1), port);
+        assert!(
+            t.allocate(id(2), "web", 0, None).is_ok(),
+            "free again once released"
         );
     }
 }

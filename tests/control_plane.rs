@@ -565,6 +565,53 @@ async fn a_registration_over_max_services_per_tunnel_is_refused_naming_the_limit
 }
 
 #[actix_web::test]
+async fn a_service_name_is_one_service_in_a_tunnel_and_across_agents() {
+    let server = spawn_server(fast_config(free_ports(3)), "secret");
+    let mut first = RawWs::connect(server.addr, PATH).await;
+    authed(&mut first, "secret", Uuid::new_v4()).await;
+    let ssh = Message::register("ssh", ServiceProtocol::Tcp, 22, 0).unwrap();
+    first.send(&ssh).await;
+    let Message::RegisterOk { service_id, .. } = next_reply(&mut first).await else {
+        panic!("the first registration of a name is taken");
+    };
+    // the same agent asks again: refused, naming the service
+    first.send(&ssh).await;
+    match next_reply(&mut first).await {
+        Message::RegisterFail { reason, .. } => {
+            assert!(
+                reason.contains("\"ssh\" is already registered by this agent"),
+                "{reason}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    // another agent: refused too, until the first gives the name up
+    let mut second = RawWs::connect(server.addr, PATH).await;
+    authed(&mut second, "secret", Uuid::new_v4()).await;
+    second.send(&ssh).await;
+    match next_reply(&mut second).await {
+        Message::RegisterFail { reason, .. } => {
+            assert!(reason.contains("by another agent"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    first.send(&Message::Unregister { service_id }).await;
+    // the unregistration is done once the first agent's next answer comes
+    first
+        .send(&Message::register("other", ServiceProtocol::Tcp, 22, 0).unwrap())
+        .await;
+    assert!(matches!(
+        next_reply(&mut first).await,
+        Message::RegisterOk { .. }
+    ));
+    second.send(&ssh).await;
+    assert!(matches!(
+        next_reply(&mut second).await,
+        Message::RegisterOk { .. }
+    ));
+}
+
+#[actix_web::test]
 async fn an_agent_over_max_tunnels_gets_auth_fail_with_the_reason() {
     let mut config = fast_config(free_ports(1));
     config.max_tunnels = 1;

@@ -24,9 +24,11 @@ impl ControlChannel {
         let registry = self.shared.registry.addr().clone();
         let host = self.shared.config.bind_host.clone();
         // `wait` holds later frames until this answer is sent
+        let service_name = name.clone();
         async move {
             let alloc = AllocatePort {
                 tunnel_id,
+                name: service_name,
                 requested: remote_port,
                 allowed: allowed_ports,
             };

@@ -9,6 +9,8 @@ use super::*;
 #[rtype(result = "Result<u16, Error>")]
 pub(crate) struct AllocatePort {
     pub(crate) tunnel_id: Uuid,
+    /// The service's name (one service of a name per server).
+    pub(crate) name: String,
     pub(crate) requested: u16,
     /// The ports the tunnel's token may use (`None`: any in the range).
     pub(crate) allowed: Option<Vec<(u16, u16)>>,
@@ -34,7 +36,7 @@ impl Handler<AllocatePort> for Registry {
         let allowed = msg.allowed.as_deref();
         Ok(self
             .tunnels
-            .allocate(msg.tunnel_id, msg.requested, allowed)?)
+            .allocate(msg.tunnel_id, &msg.name, msg.requested, allowed)?)
     }
 }
 

@@ -60,12 +60,15 @@ pub struct ServerSettings {
 #[derive(Debug)]
 struct Pending {
     seq: u64,
+    /// The service's name (a second registration of it is refused meanwhile).
+    name: String,
     answer: Option<Message>,
 }
 
 /// A registered service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Service {
+    name: String,
     port: u16,
 }
 

@@ -383,6 +383,7 @@ fn registrations_are_answered_in_order_under_refusals() {
     let mut pair = Pair::new(TOKEN, Some(Features::ALL));
     pair.run();
     // a taken port, the limit of 3 services, a free one: in the order asked
+    pair.register(ServiceConfig::tcp("ssh", 2222), 0);
     pair.register(ServiceConfig::tcp("taken", 8080), 30_000);
     pair.register(ServiceConfig::tcp("third", 8081), 0);
     pair.register(ServiceConfig::tcp("fourth", 8082), 0);
@@ -398,11 +399,15 @@ fn registrations_are_answered_in_order_under_refusals() {
             _ => None,
         })
         .collect();
-    assert_eq!(outcomes.len(), 5, "{outcomes:?}");
+    assert_eq!(outcomes.len(), 6, "{outcomes:?}");
     assert_eq!(outcomes[..2], ["ssh ok".to_owned(), "dns ok".to_owned()]);
-    assert!(outcomes[2].starts_with("taken refused"), "{outcomes:?}");
-    assert_eq!(outcomes[3], "third ok");
-    assert!(outcomes[4].contains("limit of 3 services"), "{outcomes:?}");
+    assert!(
+        outcomes[2].contains("\"ssh\" is already registered"),
+        "{outcomes:?}"
+    );
+    assert!(outcomes[3].starts_with("taken refused"), "{outcomes:?}");
+    assert_eq!(outcomes[4], "third ok");
+    assert!(outcomes[5].contains("limit of 3 services"), "{outcomes:?}");
     assert_eq!(pair.agent.awaiting(), 0);
 }
 

@@ -14,7 +14,10 @@ impl ServerSession {
         };
         let answer = match result {
             Ok((service_id, port)) => {
-                open.services.insert(service_id, Service { port });
+                let name = (open.pending.iter().find(|p| p.seq == seq))
+                    .map(|p| p.name.clone())
+                    .unwrap_or_default();
+                open.services.insert(service_id, Service { name, port });
                 Message::RegisterOk {
                     service_id,
                     port: Some(port),
@@ -41,6 +44,7 @@ impl ServerSession {
         let refusal = registration_refusal(open, max_services, &name, protocol, remote_port);
         open.pending.push_back(Pending {
             seq,
+            name: name.clone(),
             answer: refusal.map(register_fail),
         });
         if open.pending.back().is_some_and(|p| p.answer.is_none()) {
@@ -93,9 +97,15 @@ fn registration_refusal(
         return Some(e.to_string());
     }
     let allocating = open.pending.iter().filter(|p| p.answer.is_none()).count();
-    let registering = open.services.len() + allocating;
-    if registering >= max_services {
+    if open.services.len() + allocating >= max_services {
         return Some(format!("tunnel is at its limit of {max_services} services"));
+    }
+    let registered = open.services.values().any(|s| s.name == name);
+    let registering = (open.pending.iter()).any(|p| p.answer.is_none() && p.name == name);
+    if registered || registering {
+        return Some(format!(
+            "service {name:?} is already registered by this agent; give each service its own name"
+        ));
     }
     if protocol == ServiceProtocol::Udp && !open.features.contains(Features::DATAGRAMS) {
         return Some(
