@@ -77,6 +77,11 @@ pub struct TunnelServerConfig {
     pub max_connections_per_service: usize,
     /// Most open streams per tunnel, all services together. Default 16384.
     pub max_streams_per_tunnel: usize,
+    /// Streams of a tunnel kept for each of its other services: one service's
+    /// visitors may take at most `max_streams_per_tunnel` less this for each
+    /// other service registered, so a flood on one public port cannot refuse
+    /// every visitor of the tunnel's other services. Default 64.
+    pub stream_reserve_per_service: usize,
     /// Bytes an agent may send on a new stream before its first credit. Default 32 KiB.
     pub stream_window: u32,
     /// Largest window a busy stream grows to, from `stream_window` to 2^31-1. Default 1 MiB.
@@ -124,6 +129,7 @@ impl Default for TunnelServerConfig {
             max_services_per_tunnel: 50,
             max_connections_per_service: 16384,
             max_streams_per_tunnel: 16384,
+            stream_reserve_per_service: 64,
             stream_window: 32 * 1024,
             max_stream_window: 1024 * 1024,
             tunnel_window_budget: 16 * 1024 * 1024,
@@ -193,6 +199,7 @@ impl TunnelServerConfig {
             stream_window: self.stream_window,
             max_services: self.max_services_per_tunnel,
             max_connections_per_service: self.max_connections_per_service,
+            stream_reserve_per_service: self.stream_reserve_per_service,
             streams: self.stream_settings(crate::protocol::DEFAULT_INITIAL_WINDOW),
         }
     }

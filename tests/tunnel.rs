@@ -409,3 +409,46 @@ async fn a_local_dial_that_times_out_closes_the_visitor_and_the_tunnel_stays_up(
     echo(high, 11, 100_000).await;
     agent.stop();
 }
+
+/// Issue 16, finding 2: a flood of one service's visitors took the tunnel's
+/// whole stream budget, and every visitor of its other services was refused.
+#[actix_web::test]
+async fn a_flood_on_one_service_leaves_its_neighbour_room() {
+    let (low, high) = free_ports(2);
+    let mut config = fast_config((low, high));
+    config.max_streams_per_tunnel = 12;
+    config.stream_reserve_per_service = 4;
+    let server = spawn_server(config, "secret");
+    let services = vec![
+        ServiceConfig::tcp("flooded", services::echo().await).with_remote_port(low),
+        ServiceConfig::tcp("neighbour", services::echo().await).with_remote_port(high),
+    ];
+    let (_agent, _task, published) = spawn_published(server.addr, "secret", services);
+    published.wait(2).await;
+    // the flood: visitors of one service that hold their connections; a
+    // visitor is a stream once a byte came back through it
+    let (mut held, mut refused) = (Vec::new(), 0);
+    for _ in 0..16 {
+        let Some(mut s) = visit_maybe_refused(low).await else {
+            refused += 1;
+            continue;
+        };
+        s.write_all(b"x").await.unwrap();
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(DEADLINE, s.read_exact(&mut byte)).await {
+            Ok(Ok(_)) => held.push(s),
+            Ok(Err(_)) => refused += 1,
+            Err(_) => panic!("a visitor was neither served nor refused"),
+        }
+    }
+    assert_eq!(
+        held.len(),
+        12 - 4,
+        "the flooded service took more than its share"
+    );
+    assert_eq!(refused, 16 - 8);
+    // while the flood holds its share, the neighbour's visitors are served
+    for seed in 0..4 {
+        echo(high, seed, 64 << 10).await;
+    }
+}

@@ -52,6 +52,9 @@ pub struct ServerSettings {
     pub max_services: usize,
     /// Most connections open at once to one service.
     pub max_connections_per_service: usize,
+    /// Streams kept for each other service of the tunnel (see
+    /// `TunnelServerConfig::stream_reserve_per_service`).
+    pub stream_reserve_per_service: usize,
     /// The tunnel's stream table (`send_initial` becomes the window the agent announces).
     pub streams: StreamSettings,
 }

@@ -29,6 +29,7 @@ fn server_settings() -> ServerSettings {
         stream_window: 32 * 1024,
         max_services: 3,
         max_connections_per_service: 16_384,
+        stream_reserve_per_service: 2,
         streams: streams(32 * 1024),
     }
 }
@@ -675,6 +676,12 @@ fn visitors_become_streams_or_flows_and_frames_go_to_their_sockets() {
         pair.server
             .open_stream(Uuid::from_u128(5), Uuid::nil(), "x", 0)
             .is_err()
+    );
+    // of the tunnel's 8 streams, 2 are kept for its other service
+    let share = pair.server.open_stream(Uuid::from_u128(6), tcp, "x", 6);
+    assert_eq!(
+        share,
+        Err("service is at its share of the tunnel's streams")
     );
     // a Connect for a service the agent does not have is refused by it
     let unknown = Message::connect(Uuid::from_u128(999), Uuid::from_u128(3), "x").unwrap();

@@ -27,6 +27,18 @@ impl ServerSession {
         if active >= self.settings.max_connections_per_service as u64 {
             return Err("service is at its connection limit");
         }
+        // what the tunnel's other services are guaranteed is not this one's
+        let others = open.services.len().saturating_sub(1);
+        let reserved = others.saturating_mul(self.settings.stream_reserve_per_service);
+        let share = self
+            .settings
+            .streams
+            .max_streams
+            .saturating_sub(reserved)
+            .max(1);
+        if active >= share as u64 {
+            return Err("service is at its share of the tunnel's streams");
+        }
         let table = self.data.table().ok_or("session not authenticated")?;
         table
             .open(id)
