@@ -110,6 +110,11 @@ pub struct TunnelServerConfig {
 
 /// Default of `read_ahead` (server and agent).
 pub const DEFAULT_READ_AHEAD: usize = 256 * 1024;
+/// Default of the agent's `max_flows`.
+fn default_agent_flows() -> usize {
+    1024
+}
+
 /// Default of the UDP budgets (`udp_in_flight`, `udp_waiting`).
 pub const DEFAULT_UDP_BUDGET: usize = 4 * 1024 * 1024;
 
@@ -371,6 +376,11 @@ pub struct TunnelClientConfig {
     /// and counted; at least 64 KiB. Default 4 MiB.
     #[serde(default = "default_udp_budget")]
     pub udp_waiting: usize,
+    /// UDP flows this agent keeps open at once, whatever the server asks:
+    /// each is a socket of the agent's; past it, a new flow is refused with
+    /// `ConnectFail`. Default 1024.
+    #[serde(default = "default_agent_flows")]
+    pub max_flows: usize,
     /// Addresses an access client may ask this agent to dial (`Open` with a
     /// target), besides its registered services. Default none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -445,6 +455,7 @@ impl TunnelClientConfig {
             udp_idle_timeout: default_udp_idle(),
             read_ahead: default_read_ahead(),
             udp_waiting: default_udp_budget(),
+            max_flows: default_agent_flows(),
             access_targets: Vec::new(),
             ca_cert: None,
             services: Vec::new(),
@@ -493,6 +504,7 @@ impl TunnelClientConfig {
             heartbeat_timeout: self.heartbeat_timeout,
             streams: self.stream_settings(crate::protocol::DEFAULT_INITIAL_WINDOW),
             access_targets: self.access_targets.clone(),
+            max_flows: self.max_flows,
         }
     }
 
@@ -538,6 +550,9 @@ impl TunnelClientConfig {
         positive("udp_idle_timeout", self.udp_idle_timeout)?;
         at_least_a_frame("read_ahead", self.read_ahead)?;
         at_least_a_frame("udp_waiting", self.udp_waiting)?;
+        if self.max_flows == 0 {
+            return Err(invalid("max_flows", "must be at least 1"));
+        }
         validate_windows(
             self.stream_window,
             self.max_stream_window,

@@ -144,6 +144,8 @@ pub struct ConnectionTable {
     entries: HashMap<Uuid, Entry>,
     /// Entries that are streams (the stream limit counts only these).
     streams: usize,
+    /// Entries that are UDP flows.
+    flows: usize,
     budget: WindowBudget,
     settings: StreamSettings,
 }
@@ -154,6 +156,7 @@ impl ConnectionTable {
         Self {
             entries: HashMap::new(),
             streams: 0,
+            flows: 0,
             budget: WindowBudget::new(settings.budget),
             settings,
         }
@@ -167,6 +170,11 @@ impl ConnectionTable {
     /// True when no connection of any kind is open.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// Open UDP flows.
+    pub fn flows(&self) -> usize {
+        self.flows
     }
 
     /// Connections of every kind.
@@ -230,7 +238,9 @@ impl ConnectionTable {
 
     /// Opens UDP flow `id` (its limits are the UDP listener's, not the streams').
     pub fn open_flow(&mut self, id: Uuid) -> Result<(), StreamError> {
-        self.insert(id, Entry::Flow)
+        self.insert(id, Entry::Flow)?;
+        self.flows += 1;
+        Ok(())
     }
 
     /// Opens relayed access stream `id` (server side: its frames pass
@@ -510,7 +520,8 @@ impl ConnectionTable {
                 self.streams -= 1;
                 stream.recv.release(&mut self.budget);
             }
-            Entry::Flow | Entry::Relay { .. } => {}
+            Entry::Flow => self.flows -= 1,
+            Entry::Relay { .. } => {}
         }
         Some(())
     }

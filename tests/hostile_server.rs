@@ -82,3 +82,86 @@ async fn a_server_that_sends_and_never_reads_cannot_grow_the_agent() {
     let again = agent.wait_for("does not read");
     assert!(again.contains("WARN"), "{again}");
 }
+
+/// Accepts one agent: authenticates it, takes its UDP registration, then
+/// asks it to open `flows` flows at once. Sends the agent's answers to
+/// `answers`.
+async fn flow_asking_server(
+    listener: TcpListener,
+    flows: usize,
+    answers: mpsc::UnboundedSender<Message>,
+) {
+    let (mut socket, _) = listener.accept().await.unwrap();
+    let mut buf = accept_upgrade(&mut socket).await;
+    while let Some(payload) = read_frame(&mut socket, &mut buf).await {
+        let (message, _) = Message::decode(&payload).unwrap();
+        match message {
+            Message::Auth { .. } => {
+                let ok = Message::AuthOk {
+                    tunnel_id: Uuid::new_v4(),
+                    capabilities: Some(Capabilities {
+                        features: Features::ALL,
+                        initial_window: 65_536,
+                    }),
+                };
+                write_frame(&mut socket, &ok.encode()).await;
+            }
+            Message::Register { .. } => {
+                let service_id = Uuid::new_v4();
+                let ok = Message::RegisterOk {
+                    service_id,
+                    port: Some(5353),
+                };
+                write_frame(&mut socket, &ok.encode()).await;
+                for _ in 0..flows {
+                    let connect =
+                        Message::connect(service_id, Uuid::new_v4(), "192.0.2.7:53").unwrap();
+                    write_frame(&mut socket, &connect.encode()).await;
+                }
+            }
+            other => {
+                if answers.send(other).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_cannot_make_the_agent_open_sockets_without_end() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, mut answers) = mpsc::unbounded_channel();
+    tokio::spawn(flow_asking_server(listener, 300, tx));
+    let fds = common::fd_count(std::process::id());
+    let mut config = common::agent_config(
+        addr,
+        "token",
+        vec![zlayer_tunnel::ServiceConfig::udp("dns", 53)],
+    );
+    config.max_flows = 16;
+    let (agent, _task) = common::run_agent(zlayer_tunnel::TunnelAgent::new(config));
+    let (mut accepted, mut refused) = (0, 0);
+    while accepted + refused < 300 {
+        let answer = tokio::time::timeout(DEADLINE, answers.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        match answer {
+            Message::ConnectAck { .. } => accepted += 1,
+            Message::ConnectFail { reason, .. } => {
+                assert!(reason.contains("limit of 16 UDP flows"), "{reason}");
+                refused += 1;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!((accepted, refused), (16, 284));
+    let held = common::fd_count(std::process::id()).saturating_sub(fds);
+    assert!(
+        held < 64,
+        "the agent holds {held} more descriptors for 16 flows"
+    );
+    agent.stop();
+}

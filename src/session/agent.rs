@@ -53,6 +53,8 @@ pub struct AgentSettings {
     /// Addresses an access client may ask this agent to dial instead of a
     /// service's own (an allow-list; empty: none).
     pub access_targets: Vec<String>,
+    /// UDP flows open at once, whatever the server asks (each is a socket).
+    pub max_flows: usize,
 }
 
 #[derive(Debug)]

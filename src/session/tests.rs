@@ -56,6 +56,7 @@ fn agent_settings(token: &str, offer: Option<Features>) -> AgentSettings {
         heartbeat_timeout: 15 * SECOND,
         streams: streams(128 * 1024),
         access_targets: vec!["10.0.0.9:22".to_owned()],
+        max_flows: 3,
     }
 }
 
@@ -730,6 +731,35 @@ fn visitors_become_streams_or_flows_and_frames_go_to_their_sockets() {
         },
     ];
     assert_eq!(sockets, expected);
+}
+
+#[test]
+fn the_agent_refuses_flows_past_its_own_limit() {
+    let mut pair = open_pair(Features::ALL);
+    let udp = Uuid::from_u128(101);
+    for n in 0..4u128 {
+        let connect = Message::connect(udp, Uuid::from_u128(50 + n), "192.0.2.7:53").unwrap();
+        pair.to_agent.push_back(connect.encode());
+    }
+    pair.run();
+    let opened = (pair.agent_log.iter())
+        .filter(|a| matches!(a, AgentAction::OpenFlow { .. }))
+        .count();
+    assert_eq!(opened, 3, "max_flows is 3");
+    assert!(pair.agent_log.iter().any(|a| matches!(
+        a,
+        AgentAction::Send(Message::ConnectFail { connection_id, reason, .. })
+            if *connection_id == Uuid::from_u128(53) && reason.contains("limit of 3 UDP flows")
+    )));
+    // a flow that ends makes room
+    pair.agent.flow_ended(Uuid::from_u128(50));
+    let again = Message::connect(udp, Uuid::from_u128(60), "192.0.2.7:53").unwrap();
+    pair.to_agent.push_back(again.encode());
+    pair.run();
+    let opened = (pair.agent_log.iter())
+        .filter(|a| matches!(a, AgentAction::OpenFlow { .. }))
+        .count();
+    assert_eq!(opened, 4);
 }
 
 #[test]

@@ -81,10 +81,15 @@ impl AgentSession {
         let Some(service) = open.services.get(&service_id).cloned() else {
             return self.refuse(id, "unknown service");
         };
+        let max_flows = self.settings.max_flows;
         let Some(table) = self.data.table() else {
             return;
         };
         let action = match service.protocol {
+            ServiceProtocol::Udp if table.flows() >= max_flows => {
+                let reason = format!("agent is at its limit of {max_flows} UDP flows");
+                return self.refuse(id, &reason);
+            }
             ServiceProtocol::Udp => match table.open_flow(id) {
                 Ok(()) => AgentAction::OpenFlow {
                     connection_id: id,
