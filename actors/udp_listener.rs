@@ -199,17 +199,26 @@ impl UdpServiceListener {
     }
 
     fn on_visitor_datagram(&mut self, data: Bytes, visitor: SocketAddr, ctx: &mut Context<Self>) {
-        let (id, opened) =
-            match self
-                .flows
-                .on_visitor(visitor, data.len(), Instant::now(), Uuid::new_v4())
-            {
-                Verdict::Forward { id, opened } => (id, opened),
-                Verdict::Drop(reason) => {
-                    tracing::debug!(port = self.wiring.port, %visitor, %reason, "datagram dropped");
-                    return self.wiring.counters.add_drop();
-                }
-            };
+        let (id, opened) = match self.flows.on_visitor(
+            visitor,
+            data.len(),
+            Instant::now(),
+            Uuid::new_v4(),
+        ) {
+            Verdict::Forward { id, opened } => (id, opened),
+            Verdict::ForwardReplacing { id, evicted } => {
+                tracing::debug!(port = self.wiring.port, flow = %evicted, "udp flow evicted for a new visitor");
+                self.wiring.counters.connection_closed();
+                self.wiring
+                    .channel
+                    .do_send(UdpEvent::Closed { id: evicted });
+                (id, true)
+            }
+            Verdict::Drop(reason) => {
+                tracing::debug!(port = self.wiring.port, %visitor, %reason, "datagram dropped");
+                return self.wiring.counters.add_drop();
+            }
+        };
         if opened {
             tracing::debug!(port = self.wiring.port, %visitor, flow = %id, "udp flow opened");
             self.wiring.counters.connection_opened();

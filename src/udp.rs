@@ -62,6 +62,15 @@ pub enum Verdict {
         /// True for a new flow.
         opened: bool,
     },
+    /// The service's flows were full: flow `evicted` (the least recently
+    /// active of those the service never answered) made room for a new flow
+    /// `id`. End `evicted`, announce `id`, forward the datagram on it.
+    ForwardReplacing {
+        /// The new flow.
+        id: Uuid,
+        /// The flow it replaced.
+        evicted: Uuid,
+    },
     /// Drop it (and count it).
     Drop(DropReason),
 }
@@ -137,10 +146,18 @@ impl FlowTable {
             }
             return verdict;
         }
+        let mut evicted = None;
         if self.flows.len() >= self.limits.max_flows {
-            return Verdict::Drop(DropReason::TooManyFlows {
-                max: self.limits.max_flows,
-            });
+            // a flood from many source ports must not keep a genuine visitor
+            // out until its flows idle away: the flow that never had an
+            // answer and was heard from longest ago makes room
+            let Some(victim) = self.least_recent_unanswered() else {
+                return Verdict::Drop(DropReason::TooManyFlows {
+                    max: self.limits.max_flows,
+                });
+            };
+            self.remove(victim);
+            evicted = Some(victim);
         }
         let burst = f64::from(self.limits.max_rate);
         self.by_visitor.insert(visitor, fresh);
@@ -157,13 +174,25 @@ impl FlowTable {
                 },
             },
         );
-        match self.spend(fresh, now) {
-            Verdict::Forward { id, .. } => {
+        match (self.spend(fresh, now), evicted) {
+            (Verdict::Forward { id, .. }, None) => {
                 self.count_in(id, len);
                 Verdict::Forward { id, opened: true }
             }
-            drop => drop,
+            (Verdict::Forward { id, .. }, Some(evicted)) => {
+                self.count_in(id, len);
+                Verdict::ForwardReplacing { id, evicted }
+            }
+            (drop, _) => drop,
         }
+    }
+
+    /// The flow heard from longest ago among those the service never answered.
+    fn least_recent_unanswered(&self) -> Option<Uuid> {
+        (self.flows.iter())
+            .filter(|(_, f)| f.traffic.datagrams_out == 0)
+            .min_by_key(|(_, f)| f.last_seen)
+            .map(|(id, _)| *id)
     }
 
     /// Counts a forwarded datagram of `len` bytes toward the service.
@@ -307,8 +336,41 @@ mod tests {
         assert!(t.is_empty(), "an oversized datagram opens no flow");
         t.on_visitor(addr(1), 9000, now, id(1));
         t.on_visitor(addr(2), 1, now, id(2));
+        // both flows answered by the service: a third visitor waits its turn
+        t.on_reply(id(1), 1, now);
+        t.on_reply(id(2), 1, now);
         let third = t.on_visitor(addr(3), 1, now, id(3));
         assert_eq!(third, Verdict::Drop(DropReason::TooManyFlows { max: 2 }));
+    }
+
+    #[test]
+    fn a_full_table_evicts_the_oldest_flow_the_service_never_answered() {
+        let mut t = FlowTable::new(limits());
+        let now = Instant::now();
+        let later = now + Duration::from_secs(1);
+        t.on_visitor(addr(1), 1, now, id(1)); // a flood's flow: never answered
+        t.on_visitor(addr(2), 1, now, id(2)); // a genuine one, answered
+        t.on_reply(id(2), 1, now);
+        // a newcomer replaces the unanswered flow, not the answered one
+        let third = t.on_visitor(addr(3), 1, later, id(3));
+        assert_eq!(
+            third,
+            Verdict::ForwardReplacing {
+                id: id(3),
+                evicted: id(1)
+            }
+        );
+        assert_eq!(t.len(), 2);
+        // the next newcomer replaces the newest unanswered one
+        let fourth = t.on_visitor(addr(4), 1, later, id(4));
+        assert_eq!(
+            fourth,
+            Verdict::ForwardReplacing {
+                id: id(4),
+                evicted: id(3)
+            }
+        );
+        assert_eq!(t.on_reply(id(2), 1, later), Some(addr(2)), "kept");
     }
 
     #[test]

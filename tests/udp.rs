@@ -343,3 +343,60 @@ async fn flows_expire_when_idle_come_back_after_an_agent_restart_and_big_datagra
     published.wait(1).await;
     round_trip(b"after restart".to_vec()).await;
 }
+
+/// A UDP service that answers only datagrams starting with `genuine` (a
+/// resolver that ignores garbage); its port.
+fn picky_service() -> u16 {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = socket.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 2048];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            if buf[..n].starts_with(b"genuine") {
+                let _ = socket.send_to(&buf[..n], from);
+            }
+        }
+    });
+    port
+}
+
+/// Issue 16, finding 5: a flood from many source ports filled a service's
+/// flows, and a genuine visitor got no answer until the flood's flows idled
+/// out (a minute). The flows the service never answered now make room.
+#[actix_web::test]
+async fn a_genuine_visitor_is_answered_while_a_flood_holds_every_flow() {
+    let (port, _) = free_ports(1);
+    let mut config = udp_config(port);
+    config.max_flows_per_service = 8;
+    let server = spawn_server(config, "secret");
+    let service = ServiceConfig::udp("dns", picky_service()).with_remote_port(port);
+    let (agent, _task, published) = spawn_published(server.addr, "secret", vec![service]);
+    published.wait(1).await;
+    let public: SocketAddr = ([127, 0, 0, 1], port).into();
+    // the flood: 40 source ports, garbage the service never answers
+    let mut flood = Vec::new();
+    for _ in 0..40 {
+        let socket = udp_socket().await;
+        socket.send_to(b"junk", public).await.unwrap();
+        flood.push(socket);
+    }
+    // a genuine visitor, with the flows full of the flood's: answered
+    let visitor = udp_socket().await;
+    let mut buf = [0u8; 64];
+    let answered = tokio::time::timeout(DEADLINE, async {
+        loop {
+            visitor.send_to(b"genuine query", public).await.unwrap();
+            // a retry as a resolver does, until the first answer
+            match tokio::time::timeout(Duration::from_millis(200), visitor.recv_from(&mut buf))
+                .await
+            {
+                Ok(Ok((n, _))) => return buf[..n].to_vec(),
+                _ => continue,
+            }
+        }
+    })
+    .await
+    .expect("the genuine visitor was never answered");
+    assert_eq!(answered, b"genuine query");
+    agent.stop();
+}
