@@ -39,6 +39,7 @@ use crate::accounting::{CounterSet, Counters, Direction};
 use crate::auth::{TokenScope, hash_token};
 use crate::budget::Budget;
 use crate::connections::ConnectionAction;
+use crate::log_limit::RemoteEvent;
 use crate::outbound::Outbound;
 use crate::protocol::{AuthRefusal, Message, MessageType, ServiceProtocol};
 use crate::session::{
@@ -256,18 +257,28 @@ impl ControlChannel {
             CloseReason::Protocol(_) => ws::CloseCode::Protocol,
             CloseReason::Closed(_) => ws::CloseCode::Normal,
         };
+        let remote = match reason {
+            CloseReason::AuthTimeout => Some(RemoteEvent::AuthTimeout),
+            CloseReason::Protocol(_) => Some(RemoteEvent::ProtocolError),
+            _ => None,
+        };
+        // what any connection can cause is logged once a second, counted
+        let held_back = match remote {
+            Some(event) => self.shared.remote_event(event),
+            None => Some(0),
+        };
         let _span = self.span.enter();
-        match reason {
-            CloseReason::AuthTimeout => {
-                tracing::warn!("no authentication before the deadline; closing")
+        match (reason, held_back) {
+            (_, None) | (CloseReason::AuthRefused | CloseReason::Closed(_), _) => {}
+            (CloseReason::AuthTimeout, Some(held_back)) => {
+                tracing::warn!(held_back, "no authentication before the deadline; closing")
             }
-            CloseReason::HeartbeatTimeout => {
+            (CloseReason::HeartbeatTimeout, _) => {
                 tracing::warn!("heartbeat timeout; dropping the agent")
             }
-            CloseReason::Protocol(violation) => {
-                tracing::warn!(reason = %violation, "protocol error; closing the session")
+            (CloseReason::Protocol(violation), Some(held_back)) => {
+                tracing::warn!(reason = %violation, held_back, "protocol error; closing the session")
             }
-            CloseReason::AuthRefused | CloseReason::Closed(_) => {}
         }
         ctx.close(Some(code.into()));
         ctx.stop();

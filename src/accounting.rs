@@ -176,6 +176,8 @@ pub struct GuardCounters {
     awaiting_auth: AtomicU64,
     refused_unauthenticated: AtomicU64,
     accept_pauses: AtomicU64,
+    /// Remote events by kind (`RemoteEvent::index`), logged or held back.
+    remote_events: [AtomicU64; crate::log_limit::RemoteEvent::ALL.len()],
 }
 
 impl GuardCounters {
@@ -201,12 +203,18 @@ impl GuardCounters {
         self.accept_pauses.fetch_add(1, Relaxed);
     }
 
+    /// A remote party made `event` happen (whether or not it was logged).
+    pub fn remote_event(&self, event: crate::log_limit::RemoteEvent) {
+        self.remote_events[event.index()].fetch_add(1, Relaxed);
+    }
+
     /// A reading.
     pub fn snapshot(&self) -> GuardSnapshot {
         GuardSnapshot {
             awaiting_auth: self.awaiting_auth.load(Relaxed),
             refused_unauthenticated: self.refused_unauthenticated.load(Relaxed),
             accept_pauses: self.accept_pauses.load(Relaxed),
+            remote_events: self.remote_events.each_ref().map(|n| n.load(Relaxed)),
         }
     }
 }
@@ -220,6 +228,8 @@ pub struct GuardSnapshot {
     pub refused_unauthenticated: u64,
     /// Times a public port paused accepting, since the start.
     pub accept_pauses: u64,
+    /// Remote events since the start, by kind (`RemoteEvent::ALL`'s order).
+    pub remote_events: [u64; crate::log_limit::RemoteEvent::ALL.len()],
 }
 
 #[cfg(test)]

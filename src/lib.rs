@@ -40,6 +40,7 @@ pub mod fair;
 pub mod flow;
 mod http_upgrade;
 pub mod liveness;
+pub mod log_limit;
 pub mod node;
 pub mod outbound;
 pub mod ports;

@@ -93,6 +93,14 @@ pub fn render_guard_metrics(guards: &GuardSnapshot) -> String {
         "Times a public port paused accepting because its tunnel was not taking visitors.",
         guards.accept_pauses,
     );
+    let name = "zlayer_tunnel_remote_events_total";
+    out.push_str(&format!(
+        "# HELP {name} What remote parties made happen, by kind (logged at most once a second each).\n# TYPE {name} counter\n"
+    ));
+    for kind in crate::log_limit::RemoteEvent::ALL {
+        let count = guards.remote_events[kind.index()];
+        out.push_str(&format!("{name}{{event=\"{}\"}} {count}\n", kind.name()));
+    }
     out
 }
 

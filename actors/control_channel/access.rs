@@ -63,9 +63,11 @@ impl ControlChannel {
             .map(move |found, act, ctx| {
                 let Ok(Some(agent)) = found else {
                     let reason = format!("no service named {service:?} on this server");
-                    act.span.in_scope(
-                        || tracing::info!(stream = %id, %reason, "access stream refused"),
-                    );
+                    if let Some(held_back) = act.shared.remote_event(RemoteEvent::AccessRefused) {
+                        act.span.in_scope(|| {
+                            tracing::info!(stream = %id, %reason, held_back, "access stream refused")
+                        });
+                    }
                     act.core.relay_not_found(id, &reason);
                     return act.execute(ctx);
                 };

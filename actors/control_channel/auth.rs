@@ -35,9 +35,11 @@ impl ControlChannel {
                 match result.map_err(crate::actors::Error::from).and_then(|r| r) {
                     Ok((tunnel_id, cancel)) => act.accepted(tunnel_id, cancel, scope, ctx),
                     Err(e) => {
-                        act.span.in_scope(|| {
-                            tracing::warn!(reason = %e, "authentication refused by the registry")
-                        });
+                        if let Some(held_back) = act.shared.remote_event(RemoteEvent::AuthRefused) {
+                            act.span.in_scope(|| {
+                                tracing::warn!(reason = %e, held_back, "authentication refused by the registry")
+                            });
+                        }
                         act.core.refused(&e.to_string(), AuthRefusal::Later);
                         act.execute(ctx);
                     }
@@ -54,11 +56,21 @@ impl ControlChannel {
         let verdict = check_token(&mut throttle, self.peer.ip(), Instant::now(), || {
             (self.shared.validator)(token)
         });
+        let event = match &verdict {
+            Ok(()) => return verdict,
+            Err(TokenRefusal::LockedOut { .. }) => RemoteEvent::AuthLockedOut,
+            Err(TokenRefusal::Refused { .. }) => RemoteEvent::AuthRefused,
+        };
+        // a guesser decides how often this happens: one line a second, counted
+        let Some(held_back) = self.shared.remote_event(event) else {
+            return verdict;
+        };
         let _span = self.span.enter();
         match &verdict {
             Ok(()) => {}
             Err(TokenRefusal::LockedOut { retry_in_s }) => tracing::warn!(
                 retry_in_s,
+                held_back,
                 "authentication during a lockout refused unchecked"
             ),
             Err(TokenRefusal::Refused {
@@ -66,11 +78,11 @@ impl ControlChannel {
                 failures,
                 lockout: Some(lockout),
             }) => {
-                tracing::warn!(%reason, failures, lockout = %humantime::format_duration(*lockout), "authentication refused; address locked out")
+                tracing::warn!(%reason, failures, held_back, lockout = %humantime::format_duration(*lockout), "authentication refused; address locked out")
             }
             Err(TokenRefusal::Refused {
                 reason, failures, ..
-            }) => tracing::warn!(%reason, failures, "authentication refused"),
+            }) => tracing::warn!(%reason, failures, held_back, "authentication refused"),
         }
         verdict
     }

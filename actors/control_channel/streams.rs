@@ -13,9 +13,12 @@ impl Handler<VisitorArrived> for ControlChannel {
             // the visitor's first bytes ride in the same write as `Connect`
             Ok(Some(first)) => <Self as Handler<StreamEvent>>::handle(self, first, ctx),
             Ok(None) => self.execute(ctx),
-            Err(reason) => self
-                .span
-                .in_scope(|| tracing::info!(visitor = %msg.peer, reason, "visitor refused")),
+            Err(reason) => {
+                // a visitor decides how often this happens: one line a second, counted
+                if let Some(held_back) = self.shared.remote_event(RemoteEvent::VisitorRefused) {
+                    (self.span).in_scope(|| tracing::info!(visitor = %msg.peer, reason, held_back, "visitor refused"));
+                }
+            }
         }
     }
 }

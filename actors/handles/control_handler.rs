@@ -35,6 +35,8 @@ pub(crate) struct ServerShared {
     pub(crate) scopes: Option<TokenStore>,
     /// Connections awaiting authentication (bounded).
     pub(crate) pending: std::sync::Mutex<PendingAuth>,
+    /// What remote parties make happen, logged at most once a second per kind.
+    pub(crate) logs: std::sync::Mutex<crate::log_limit::LogLimiter>,
 }
 
 impl ServerShared {
@@ -55,7 +57,16 @@ impl ServerShared {
             throttle: std::sync::Mutex::default(),
             scopes,
             pending: std::sync::Mutex::new(pending),
+            logs: std::sync::Mutex::default(),
         }
+    }
+
+    /// Counts a remote event; `Some(held_back)` when a line may be logged for
+    /// it now (at most one per kind per second), with how many were not.
+    pub(crate) fn remote_event(&self, event: crate::log_limit::RemoteEvent) -> Option<u64> {
+        self.registry.guard_counters().remote_event(event);
+        let mut logs = self.logs.lock().ok()?;
+        logs.admit(event, Instant::now())
     }
 
     /// What `token` may register and access.
