@@ -3,6 +3,7 @@
 //! shut, reset; datagrams and flows of the UDP side).
 
 use super::*;
+use crate::log_limit::RemoteEvent;
 use crate::session::SocketEvent;
 
 impl Handler<StreamEvent> for AgentConnection {
@@ -53,7 +54,9 @@ impl AgentConnection {
         if let Some((service_id, client_addr)) = &visitor
             && !self.shared.admits(*service_id, id, client_addr)
         {
-            tracing::info!(stream = %id, visitor = %client_addr, "connection rejected by client");
+            if let Some(held_back) = self.shared.remote_event(RemoteEvent::VisitorRefused) {
+                tracing::info!(stream = %id, visitor = %client_addr, held_back, "connection rejected by client");
+            }
             if let Some(link) = self.link.as_mut() {
                 link.session.refuse(id, "connection rejected by client");
             }
@@ -110,7 +113,10 @@ impl AgentConnection {
         let socket = match result {
             Ok(socket) => socket,
             Err(reason) => {
-                tracing::info!(stream = %id, %reason, "connection refused");
+                // visitors decide how often this happens: a line a second
+                if let Some(held_back) = self.shared.remote_event(RemoteEvent::VisitorRefused) {
+                    tracing::info!(stream = %id, %reason, held_back, "connection refused");
+                }
                 link.streams.forget(id);
                 return link.session.refuse(id, &reason);
             }

@@ -2,6 +2,7 @@
 //! for the WebSocket within the link's bound.
 
 use super::*;
+use crate::log_limit::RemoteEvent;
 
 impl Handler<FlowEvent> for AgentConnection {
     type Result = ();
@@ -44,7 +45,9 @@ impl AgentConnection {
         match started {
             Ok(()) => link.session.flow_started(id),
             Err(reason) => {
-                tracing::info!(flow = %id, visitor = %client_addr, %reason, "udp flow refused");
+                if let Some(held_back) = self.shared.remote_event(RemoteEvent::VisitorRefused) {
+                    tracing::info!(flow = %id, visitor = %client_addr, %reason, held_back, "udp flow refused");
+                }
                 link.session.refuse(id, &reason);
             }
         }

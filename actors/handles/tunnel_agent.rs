@@ -35,9 +35,18 @@ pub(crate) struct AgentShared {
     /// For `wss://`: whom to trust (built once, at `run()`).
     tls: Option<Arc<rustls::ClientConfig>>,
     done: Mutex<Option<oneshot::Sender<Result<()>>>>,
+    /// What visitors make the agent log, at most once a second per kind.
+    logs: Mutex<crate::log_limit::LogLimiter>,
 }
 
 impl AgentShared {
+    /// A visitor (through the server) made `event` happen: `Some(held_back)`
+    /// when a line may be logged now, with how many were not since the last.
+    pub(crate) fn remote_event(&self, event: crate::log_limit::RemoteEvent) -> Option<u64> {
+        let mut logs = self.logs.lock().ok()?;
+        logs.admit(event, std::time::Instant::now())
+    }
+
     /// Whether the `on_connection` callback, if any, lets visitor `id` from
     /// `client_addr` reach service `service_id`.
     pub(crate) fn admits(&self, service_id: Uuid, id: Uuid, client_addr: &str) -> bool {
@@ -194,6 +203,7 @@ impl TunnelAgent {
             on_published: self.on_published.clone(),
             tls,
             done: Mutex::new(Some(done_tx)),
+            logs: Mutex::default(),
         });
         let control = self.control.clone();
         let spawned = runtime::arbiter().spawn_fn(move || {
