@@ -331,6 +331,8 @@ impl AgentSession {
     fn close(&mut self, error: LinkError) {
         self.phase = Phase::Closed;
         self.awaiting.clear();
+        // the link is over: a socket's late event sends nothing
+        self.data = DataPlane::default();
         self.actions.push_back(AgentAction::Close(error));
     }
 

@@ -350,6 +350,9 @@ impl ServerSession {
 
     fn close(&mut self, reason: CloseReason) {
         self.phase = Phase::Closed;
+        // the link is over: a socket's late event sends nothing (the owner
+        // resets every socket as it stops)
+        self.data = DataPlane::default();
         self.actions.push_back(ServerAction::Close(reason));
     }
 
