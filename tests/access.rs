@@ -50,15 +50,7 @@ async fn a_session_carries_bytes_both_ways_and_counts_them_exactly() {
         .serve_admin(&[([127, 0, 0, 1], admin).into()])
         .unwrap();
     actix_web::rt::spawn(server);
-    let body = awc::Client::new()
-        .get(format!("http://127.0.0.1:{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .body()
-        .await
-        .unwrap();
-    let metrics = String::from_utf8(body.to_vec()).unwrap();
+    let metrics = common::http_get(&format!("http://127.0.0.1:{admin}/metrics")).await;
     let line = format!(
         "zlayer_tunnel_access_session_bytes_total{{session=\"{}\",endpoint=\"echo\",local=\"{}\",direction=\"in\"}} {len}",
         info.id, info.local_addr

@@ -27,15 +27,7 @@ async fn a_flood_of_wrong_tokens_leaves_a_bounded_log_and_a_count() {
         assert!(matches!(ws.expect().await, Some(Message::AuthFail { .. })));
     }
     let seconds = started.elapsed().as_secs() + 1;
-    let metrics = awc::Client::new()
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .body()
-        .await
-        .unwrap();
-    let metrics = String::from_utf8(metrics.to_vec()).unwrap();
+    let metrics = common::http_get(&format!("http://{admin}/metrics")).await;
     let count = |event: &str| -> u64 {
         let key = format!("zlayer_tunnel_remote_events_total{{event=\"{event}\"}} ");
         let line = metrics.lines().find(|l| l.starts_with(&key)).unwrap();

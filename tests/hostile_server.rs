@@ -22,6 +22,17 @@ fn ws_frame(payload: &[u8]) -> Vec<u8> {
     frame
 }
 
+/// `AuthOk` with every feature, as our server answers.
+fn auth_ok() -> Message {
+    Message::AuthOk {
+        tunnel_id: Uuid::new_v4(),
+        capabilities: Some(Capabilities {
+            features: Features::ALL,
+            initial_window: 65_536,
+        }),
+    }
+}
+
 /// Accepts agents; for each: reads its `Auth`, answers `AuthOk`, then sends
 /// `Heartbeat`s as fast as it can and never reads again. Reports each new
 /// connection.
@@ -31,14 +42,7 @@ async fn flooding_server(listener: TcpListener, connections: mpsc::UnboundedSend
         tokio::spawn(async move {
             let mut buf = accept_upgrade(&mut socket).await;
             let _auth = read_frame(&mut socket, &mut buf).await;
-            let ok = Message::AuthOk {
-                tunnel_id: Uuid::new_v4(),
-                capabilities: Some(Capabilities {
-                    features: Features::ALL,
-                    initial_window: 65_536,
-                }),
-            };
-            write_frame(&mut socket, &ok.encode()).await;
+            write_frame(&mut socket, &auth_ok().encode()).await;
             let heartbeat = ws_frame(&Message::Heartbeat { timestamp: 1 }.encode());
             let block: Vec<u8> = heartbeat
                 .iter()
@@ -97,14 +101,7 @@ async fn flow_asking_server(
         let (message, _) = Message::decode(&payload).unwrap();
         match message {
             Message::Auth { .. } => {
-                let ok = Message::AuthOk {
-                    tunnel_id: Uuid::new_v4(),
-                    capabilities: Some(Capabilities {
-                        features: Features::ALL,
-                        initial_window: 65_536,
-                    }),
-                };
-                write_frame(&mut socket, &ok.encode()).await;
+                write_frame(&mut socket, &auth_ok().encode()).await;
             }
             Message::Register { .. } => {
                 let service_id = Uuid::new_v4();

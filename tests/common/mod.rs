@@ -398,6 +398,19 @@ pub struct Tunnel {
     pub public: Vec<u16>,
 }
 
+/// The body of an HTTP GET of `url` (an admin endpoint), as text.
+pub async fn http_get(url: &str) -> String {
+    let body = awc::Client::new()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .body()
+        .await
+        .unwrap();
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
 /// Starts a server and an agent for TCP services on `local_ports`; returns once all are published.
 pub async fn tunnel(local_ports: &[u16]) -> Tunnel {
     let (low, high) = free_ports(local_ports.len() as u16);

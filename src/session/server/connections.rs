@@ -3,7 +3,7 @@
 //! frames, all through the tunnel's one connection table.
 
 use super::*;
-use crate::connections::{ConnectionKind, connection_of};
+use crate::connections::ConnectionKind;
 use crate::session::SocketEvent;
 
 impl ServerSession {
@@ -172,27 +172,22 @@ impl ServerSession {
     /// connection, the table decides. A relayed stream's frame is passed on
     /// as it came (`frame`, when the caller has the encoded bytes).
     pub(super) fn on_data_plane(&mut self, message: Message, frame: Option<Bytes>) {
-        let id = connection_of(&message);
-        let relayed = id
-            .filter(|id| self.data.get().and_then(|t| t.kind(*id)) == Some(ConnectionKind::Relay));
-        let relay = relayed.map(|_| {
-            let close = match &message {
-                Message::Close { kind, .. } => Some(*kind),
-                _ => None,
-            };
-            let frame = frame.unwrap_or_else(|| message.to_bytes());
-            (message.message_type(), close, frame)
-        });
+        // what a relay pass needs, without a lookup: the table says whether
+        // the frame is a relay's (the caller has the encoded bytes; a decoded
+        // message handed in alone is encoded again)
+        let kind = message.message_type();
+        let close = match &message {
+            Message::Close { kind, .. } => Some(*kind),
+            _ => None,
+        };
+        let frame = frame.unwrap_or_else(|| message.to_bytes());
         let mut emitted = Vec::new();
         self.data.on_frame(message, &mut |e| emitted.push(e));
         for e in emitted {
-            match (e, &relay) {
-                (
-                    Emit::Socket(ConnectionAction::Relay { id, last }),
-                    Some((kind, close, frame)),
-                ) => {
-                    let (kind, close, frame) = (*kind, *close, frame.clone());
-                    self.actions.push_back(ServerAction::Relay {
+            match e {
+                Emit::Socket(ConnectionAction::Relay { id, last }) => {
+                    let frame = frame.clone();
+                    (self.actions).push_back(ServerAction::Relay {
                         id,
                         kind,
                         close,
@@ -200,7 +195,7 @@ impl ServerSession {
                         last,
                     });
                 }
-                (e, _) => self.emit(e),
+                e => self.emit(e),
             }
         }
     }
