@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::forwarded_connection::{ForwardedConnection, StreamEvent, StreamWiring};
-use super::handles::control_handler::{AuthPlace, ServerShared};
+use super::handles::control_handler::{AuthPlace, EVICTED, ServerShared};
 use super::io::read_gate::ReadGate;
 use super::io::stream_hub::StreamHub;
 use super::now_ms;
@@ -132,6 +132,11 @@ impl Actor for ControlChannel {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.arm_timer(ctx);
+        if let Some(place) = &self.place {
+            ctx.spawn(place.evicted().into_actor(self).map(|(), act, ctx| {
+                act.on_evicted(ctx);
+            }));
+        }
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
@@ -226,6 +231,7 @@ impl ControlChannel {
                     }
                 }
                 ServerAction::Write(frame) => self.write(frame, ctx),
+                ServerAction::VisitorRefused { id, reason } => self.visitor_refused(id, &reason),
                 ServerAction::Socket(action) => self.on_socket_action(action),
                 ServerAction::Relay {
                     id,
@@ -247,6 +253,19 @@ impl ControlChannel {
             }
         }
         self.arm_timer(ctx);
+    }
+
+    /// Its place was taken for a newer connection: unless it authenticated
+    /// meanwhile, it ends, told to try again.
+    fn on_evicted(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        if self.place.is_none() {
+            return;
+        }
+        ctx.close(Some(ws::CloseReason {
+            code: ws::CloseCode::Again,
+            description: Some(EVICTED.to_owned()),
+        }));
+        ctx.stop();
     }
 
     /// Ends the session: the WebSocket's close code says why.

@@ -169,12 +169,11 @@ impl CounterSet {
     }
 }
 
-/// What a server's admission limits turned away: atomics shared by the
+/// What a server's admission limits saw: atomics shared by the
 /// control handler, the service listeners and `/status` and `/metrics`.
 #[derive(Debug, Default)]
 pub struct GuardCounters {
     awaiting_auth: AtomicU64,
-    refused_unauthenticated: AtomicU64,
     accept_pauses: AtomicU64,
     /// Remote events by kind (`RemoteEvent::index`), logged or held back.
     remote_events: [AtomicU64; crate::log_limit::RemoteEvent::ALL.len()],
@@ -193,11 +192,6 @@ impl GuardCounters {
             .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
     }
 
-    /// A control connection was refused for want of a place.
-    pub fn refused_unauthenticated(&self) {
-        self.refused_unauthenticated.fetch_add(1, Relaxed);
-    }
-
     /// A public port paused accepting: its tunnel was not taking visitors.
     pub fn accept_paused(&self) {
         self.accept_pauses.fetch_add(1, Relaxed);
@@ -212,7 +206,6 @@ impl GuardCounters {
     pub fn snapshot(&self) -> GuardSnapshot {
         GuardSnapshot {
             awaiting_auth: self.awaiting_auth.load(Relaxed),
-            refused_unauthenticated: self.refused_unauthenticated.load(Relaxed),
             accept_pauses: self.accept_pauses.load(Relaxed),
             remote_events: self.remote_events.each_ref().map(|n| n.load(Relaxed)),
         }
@@ -224,8 +217,6 @@ impl GuardCounters {
 pub struct GuardSnapshot {
     /// Control connections awaiting authentication now.
     pub awaiting_auth: u64,
-    /// Control connections refused before authentication, since the start.
-    pub refused_unauthenticated: u64,
     /// Times a public port paused accepting, since the start.
     pub accept_pauses: u64,
     /// Remote events since the start, by kind (`RemoteEvent::ALL`'s order).

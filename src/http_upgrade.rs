@@ -87,15 +87,6 @@ pub(crate) fn switching_protocols(accept: &[u8]) -> String {
     )
 }
 
-/// The `503` for a connection that found no place among those awaiting
-/// authentication, with `reason` as its body.
-pub(crate) fn service_unavailable(reason: &str) -> String {
-    format!(
-        "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reason}",
-        reason.len()
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,8 +146,5 @@ mod tests {
         assert!(accepted.starts_with("HTTP/1.1 101 Switching Protocols\r\n"));
         assert!(accepted.contains("\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
         assert!(accepted.ends_with("\r\n\r\n"));
-        let busy = service_unavailable("too many");
-        assert!(busy.starts_with("HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"));
-        assert!(busy.ends_with("Content-Length: 8\r\nConnection: close\r\n\r\ntoo many"));
     }
 }

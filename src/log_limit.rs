@@ -22,11 +22,13 @@ pub enum RemoteEvent {
     AgentRefusedVisitor,
     /// An access stream refused (scope, no such service).
     AccessRefused,
+    /// A connection awaiting authentication dropped to make room for a newer one.
+    AuthEvicted,
 }
 
 impl RemoteEvent {
     /// Every kind, in the order of their counters.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::AuthRefused,
         Self::AuthLockedOut,
         Self::AuthTimeout,
@@ -34,6 +36,7 @@ impl RemoteEvent {
         Self::VisitorRefused,
         Self::AgentRefusedVisitor,
         Self::AccessRefused,
+        Self::AuthEvicted,
     ];
 
     /// Its name, as a metric label.
@@ -46,6 +49,7 @@ impl RemoteEvent {
             Self::VisitorRefused => "visitor_refused",
             Self::AgentRefusedVisitor => "agent_refused_visitor",
             Self::AccessRefused => "access_refused",
+            Self::AuthEvicted => "auth_evicted",
         }
     }
 

@@ -71,7 +71,7 @@ pub struct StatusReport<'a> {
 ///
 /// ```
 /// let text = zlayer_tunnel::status::render_guard_metrics(&Default::default());
-/// assert!(text.contains("zlayer_tunnel_unauthenticated_refused_total 0\n"));
+/// assert!(text.contains("zlayer_tunnel_remote_events_total{event=\"auth_evicted\"} 0\n"));
 /// ```
 pub fn render_guard_metrics(guards: &GuardSnapshot) -> String {
     let mut out = String::new();
@@ -80,12 +80,6 @@ pub fn render_guard_metrics(guards: &GuardSnapshot) -> String {
         "zlayer_tunnel_awaiting_auth",
         "Control connections awaiting authentication.",
         guards.awaiting_auth,
-    );
-    counter(
-        &mut out,
-        "zlayer_tunnel_unauthenticated_refused_total",
-        "Control connections refused before authentication (no place free).",
-        guards.refused_unauthenticated,
     );
     counter(
         &mut out,
@@ -436,7 +430,7 @@ mod tests {
             guards: GuardSnapshot::default(),
         })
         .unwrap();
-        assert_eq!(json["guards"]["refused_unauthenticated"], 0);
+        assert_eq!(json["guards"]["awaiting_auth"], 0);
         assert_eq!(json["tunnels"][0]["connected_since"], 0);
         assert_eq!(json["tunnels"][0]["services"][0]["stats"]["bytes_in"], 1234);
         assert_eq!(json["tunnels"][0]["client_addr"], "127.0.0.1:5000");

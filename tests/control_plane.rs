@@ -321,68 +321,76 @@ async fn garbage_after_auth_ends_that_session_only() {
     }
 }
 
-/// Connections that never authenticate hold a bounded number of places: past
-/// `max_unauthenticated_per_address` from one address, or
-/// `max_unauthenticated` in all, an upgrade is answered 503 with the reason.
-/// A place comes back when its connection authenticates or closes.
+/// Connections that never authenticate hold a bounded number of places:
+/// `max_unauthenticated_per_address` from one address, `max_unauthenticated`
+/// in all. A newcomer is never refused: the oldest of its address (when that
+/// has its share), or of all, is closed with code 1013 and the reason. A
+/// place comes back when its connection authenticates or closes, and an
+/// authenticated connection is never dropped for a newcomer.
 async fn unauthenticated_connections_are_bounded(addr: std::net::SocketAddr, token: &str) {
     let from = |last: u8| std::net::IpAddr::from([127, 0, 0, last]);
-    let upgrade = |last: u8| RawWs::try_connect_from(addr, PATH, from(last));
-    let mut held = Vec::new();
-    for _ in 0..3 {
-        held.push(upgrade(1).await.unwrap());
-    }
-    let refused = upgrade(1)
-        .await
-        .err()
-        .expect("a 4th from one address upgraded");
-    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
-    assert!(
-        refused.contains("awaiting authentication from this address (3)"),
-        "{refused}"
-    );
-    held.push(upgrade(2).await.unwrap());
-    held.push(upgrade(2).await.unwrap());
-    let refused = upgrade(3).await.err().expect("a 6th upgraded");
-    assert!(
-        refused.contains("too many connections awaiting authentication (5)"),
-        "{refused}"
-    );
-    // authenticating gives the place back
-    authed(&mut held[0], token, Uuid::new_v4()).await;
-    held.push(upgrade(3).await.unwrap());
-    // so does closing
-    drop(held.pop());
-    common::wait_until("a closed connection gives its place back", || async {
-        upgrade(4).await.is_ok()
-    })
-    .await;
+    let upgrade = |last: u8| async move {
+        RawWs::try_connect_from(addr, PATH, from(last))
+            .await
+            .unwrap_or_else(|refused| panic!("a newcomer was refused: {refused}"))
+    };
+    let mut a1 = upgrade(1).await;
+    let mut a2 = upgrade(1).await;
+    let mut a3 = upgrade(1).await;
+    // 127.0.0.1 has its share (3): its oldest makes room
+    let _a4 = upgrade(1).await;
+    assert_dropped_to_make_room(&mut a1).await;
+    let mut b1 = upgrade(2).await;
+    let _b2 = upgrade(2).await;
+    // every place (5) taken: the oldest of all makes room, whatever its address
+    let _c1 = upgrade(3).await;
+    assert_dropped_to_make_room(&mut a2).await;
+    // authenticating gives the place back; an authenticated session stays
+    authed(&mut b1, token, Uuid::new_v4()).await;
+    let _c2 = upgrade(3).await; // takes b1's place: nobody dropped
+    let _d: Vec<_> = futures::future::join_all([4, 4, 5, 5].map(upgrade)).await;
+    assert_dropped_to_make_room(&mut a3).await;
+    b1.send(&Message::register("b1", ServiceProtocol::Tcp, 53, 0).unwrap())
+        .await;
+    register_ok(&mut b1).await;
 }
 
-/// An agent refused for want of a place says so, and gets in once one is free.
+/// The connection is closed with 1013 (try again later) and says why.
+async fn assert_dropped_to_make_room(ws: &mut RawWs) {
+    let close = tokio::time::timeout(common::DEADLINE, async {
+        loop {
+            match ws.frame().await {
+                Some((8, payload)) => break Some(payload),
+                Some(_) => {}
+                None => break None,
+            }
+        }
+    })
+    .await
+    .expect("the oldest connection awaiting authentication was not dropped")
+    .expect("closed without a close frame");
+    assert_eq!(u16::from_be_bytes([close[0], close[1]]), 1013);
+    let reason = String::from_utf8_lossy(&close[2..]);
+    assert!(
+        reason.contains("the oldest was dropped to make room"),
+        "{reason}"
+    );
+}
+
+/// A squatter on the only place cannot keep an agent out: the agent takes
+/// its place and publishes.
 #[actix_web::test]
-async fn an_agent_refused_while_the_server_is_busy_says_so_and_gets_in_later() {
+async fn an_agent_gets_in_past_a_squatter_on_the_only_place() {
     let (p, _) = free_ports(1);
     let mut config = fast_config((p, p));
     config.max_unauthenticated = 1;
     let server = spawn_server(config, "secret");
-    let squatter = RawWs::connect(server.addr, PATH).await;
+    let mut squatter = RawWs::connect(server.addr, PATH).await;
     let echo = common::services::echo().await;
     let services = vec![zlayer_tunnel::ServiceConfig::tcp("e", echo)];
     let (agent, _task, published) = common::spawn_published(server.addr, "secret", services);
-    let last_error = || match agent.status().state {
-        zlayer_tunnel::TunnelState::Reconnecting { last_error, .. } => last_error,
-        _ => String::new(),
-    };
-    let mut error = String::new();
-    common::wait_until("the agent reports the refusal", || {
-        error = last_error();
-        std::future::ready(!error.is_empty())
-    })
-    .await;
-    assert!(error.contains("503 Service Unavailable (busy"), "{error}");
-    drop(squatter);
     assert_eq!(published.port(1).await, p);
+    assert_dropped_to_make_room(&mut squatter).await;
     assert!(agent.status().connected);
     agent.stop();
 }
@@ -399,8 +407,10 @@ async fn unauthenticated_connections_are_bounded_on_a_mounted_route() {
     let (p, _) = free_ports(1);
     let server = spawn_server(few_unauthenticated(p), "secret");
     unauthenticated_connections_are_bounded(server.addr, "secret").await;
-    // what `/status` and `/metrics` report: the refusals, and no place left taken
-    assert!(server.registry.guards().refused_unauthenticated >= 2);
+    // what `/status` and `/metrics` report: the connections dropped, and no
+    // place left taken once they are all closed
+    let evicted = zlayer_tunnel::log_limit::RemoteEvent::AuthEvicted.index();
+    assert_eq!(server.registry.guards().remote_events[evicted], 6);
     common::wait_until("no place taken", || async {
         server.registry.guards().awaiting_auth == 0
     })

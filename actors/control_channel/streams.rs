@@ -36,6 +36,13 @@ impl Handler<StreamEvent> for ControlChannel {
 }
 
 impl ControlChannel {
+    /// The agent refused a visitor: one line a second, counted.
+    pub(super) fn visitor_refused(&self, id: Uuid, reason: &str) {
+        if let Some(held_back) = self.shared.remote_event(RemoteEvent::AgentRefusedVisitor) {
+            (self.span).in_scope(|| tracing::info!(connection = %id, ?reason, held_back, "the agent refused a visitor"));
+        }
+    }
+
     /// Opens a stream for a visitor (the session sends `Connect`): its
     /// connection actor starts reading up to the agent's window. What the
     /// visitor had already sent, if anything (to send right after `Connect`).

@@ -3,7 +3,7 @@
 //! Not an actor: it starts a `ControlChannel` per connection.
 
 use std::any::Any;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,15 +12,17 @@ use actix_web::dev::Extensions;
 use actix_web::{HttpRequest, HttpResponse, web};
 use actix_web_actors::ws;
 use tokio::net::TcpStream;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::tunnel_registry::TunnelRegistry;
 use crate::actors::control_channel::ControlChannel;
 use crate::actors::io::frame_guard::FrameGuard;
 use crate::actors::io::socket_options::harden_control_socket;
 use crate::actors::io::{raw_connection, runtime};
-use crate::admission::{PendingAuth, PendingRefused};
+use crate::admission::{PendingAuth, PlaceId};
 use crate::auth::{TokenScope, TokenStore, TokenValidator};
 use crate::config::TunnelServerConfig;
+use crate::log_limit::RemoteEvent;
 use crate::protocol::MAX_MESSAGE_SIZE;
 use crate::{Result, TunnelError};
 
@@ -34,7 +36,7 @@ pub(crate) struct ServerShared {
     /// Scopes of the accepted tokens; none: every token may do everything.
     pub(crate) scopes: Option<TokenStore>,
     /// Connections awaiting authentication (bounded).
-    pub(crate) pending: std::sync::Mutex<PendingAuth>,
+    pub(crate) pending: std::sync::Mutex<PendingAuth<CancellationToken>>,
     /// What remote parties make happen, logged at most once a second per kind.
     pub(crate) logs: std::sync::Mutex<crate::log_limit::LogLimiter>,
 }
@@ -63,7 +65,7 @@ impl ServerShared {
 
     /// Counts a remote event; `Some(held_back)` when a line may be logged for
     /// it now (at most one per kind per second), with how many were not.
-    pub(crate) fn remote_event(&self, event: crate::log_limit::RemoteEvent) -> Option<u64> {
+    pub(crate) fn remote_event(&self, event: RemoteEvent) -> Option<u64> {
         self.registry.guard_counters().remote_event(event);
         let mut logs = self.logs.lock().ok()?;
         logs.admit(event, Instant::now())
@@ -80,39 +82,50 @@ impl ServerShared {
 
 /// A connection's place among those awaiting authentication (see
 /// [`crate::admission`]), given back when dropped: once its session has
-/// authenticated, or has ended.
+/// authenticated, or has ended. The place may be taken from it first, for a
+/// newer connection: [`AuthPlace::evicted`] then completes.
 pub(crate) struct AuthPlace {
     shared: Arc<ServerShared>,
-    addr: IpAddr,
+    place: PlaceId,
+    evicted: CancellationToken,
 }
 
 impl AuthPlace {
-    /// A place for a connection from `peer`, or why there is none (logged, at
-    /// most once a second).
-    pub(crate) fn take(
-        shared: &Arc<ServerShared>,
-        peer: SocketAddr,
-    ) -> Result<Self, PendingRefused> {
-        let mut pending = shared.pending.lock().unwrap_or_else(|e| e.into_inner());
+    /// A place for a connection from `peer`; with none free, the oldest
+    /// connection awaiting authentication (from `peer`'s address when that
+    /// has its share) loses its own (logged, at most once a second).
+    pub(crate) fn take(shared: &Arc<ServerShared>, peer: SocketAddr) -> Self {
+        let evicted = CancellationToken::new();
+        let entered = shared
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .enter(peer.ip(), evicted.clone());
         let guards = shared.registry.guard_counters();
-        match pending.enter(peer.ip()) {
-            Ok(()) => {
-                guards.auth_started();
-                Ok(Self {
-                    shared: shared.clone(),
-                    addr: peer.ip(),
-                })
-            }
-            Err(refused) => {
-                guards.refused_unauthenticated();
-                if let Some(count) = pending.note_refusal(Instant::now()) {
-                    tracing::warn!(%peer, reason = %refused, refused = count, "control connection refused before authentication");
-                }
-                Err(refused)
+        guards.auth_started();
+        if let Some(oldest) = entered.evicted {
+            oldest.cancel();
+            guards.auth_ended();
+            if let Some(held_back) = shared.remote_event(RemoteEvent::AuthEvicted) {
+                tracing::warn!(%peer, held_back, "{EVICTED}");
             }
         }
+        Self {
+            shared: shared.clone(),
+            place: entered.place,
+            evicted,
+        }
+    }
+
+    /// Completes when the place is taken for a newer connection.
+    pub(crate) fn evicted(&self) -> WaitForCancellationFutureOwned {
+        self.evicted.clone().cancelled_owned()
     }
 }
+
+/// Why a connection awaiting authentication was closed.
+pub(crate) const EVICTED: &str =
+    "too many connections awaiting authentication: the oldest was dropped to make room; retry";
 
 impl Drop for AuthPlace {
     fn drop(&mut self) {
@@ -121,8 +134,9 @@ impl Drop for AuthPlace {
             .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        pending.leave(self.addr);
-        self.shared.registry.guard_counters().auth_ended();
+        if pending.leave(self.place).is_some() {
+            self.shared.registry.guard_counters().auth_ended();
+        }
     }
 }
 
@@ -235,14 +249,7 @@ async fn upgrade(
     let peer = req
         .peer_addr()
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let place = match AuthPlace::take(shared.get_ref(), peer) {
-        Ok(place) => place,
-        Err(refused) => {
-            return Ok(HttpResponse::ServiceUnavailable()
-                .insert_header(("Retry-After", "1"))
-                .body(refused.to_string()));
-        }
-    };
+    let place = AuthPlace::take(shared.get_ref(), peer);
     let channel = ControlChannel::new(shared.get_ref().clone(), peer, place);
     ws::WsResponseBuilder::new(channel, &req, FrameGuard::new(payload, MAX_MESSAGE_SIZE))
         .frame_size(MAX_MESSAGE_SIZE)

@@ -7,7 +7,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use actix_web_actors::ws;
 use bytes::{Bytes, BytesMut};
@@ -18,8 +17,7 @@ use tokio::net::TcpStream;
 use super::frame_guard::FrameGuard;
 use super::socket_options::harden_control_socket;
 use crate::actors::control_channel::ControlChannel;
-use crate::actors::handles::control_handler::{AuthPlace, ServerShared};
-use crate::admission::PendingRefused;
+use crate::actors::handles::control_handler::{AuthPlace, EVICTED, ServerShared};
 use crate::http_upgrade::{self, UpgradeError};
 use crate::protocol::MAX_MESSAGE_SIZE;
 use crate::{Result, TunnelError};
@@ -31,16 +29,16 @@ pub(crate) async fn serve(
     peer: SocketAddr,
 ) -> Result<()> {
     let mut stream = TcpStream::from_std(std)?;
-    let place = match AuthPlace::take(&shared, peer) {
-        Ok(place) => place,
-        Err(refused) => return refuse_busy(stream, refused).await,
-    };
+    let place = AuthPlace::take(&shared, peer);
     stream.set_nodelay(true)?;
     harden_control_socket(&stream, shared.config.heartbeat_timeout);
     let deadline = shared.config.auth_timeout;
-    let (head, rest) = tokio::time::timeout(deadline, read_head(&mut stream))
-        .await
-        .map_err(|_| TunnelError::Timeout)??;
+    let (head, rest) = tokio::select! {
+        head = tokio::time::timeout(deadline, read_head(&mut stream)) => {
+            head.map_err(|_| TunnelError::Timeout)??
+        }
+        () = place.evicted() => return Err(TunnelError::connection_msg(EVICTED)),
+    };
     let key = match http_upgrade::check_upgrade(&head, &shared.config.control_path) {
         Ok(key) => key,
         Err(refusal) => return refuse_request(stream, refusal).await,
@@ -68,18 +66,6 @@ pub(crate) async fn serve(
     }
     let _ = write.shutdown().await;
     Ok(())
-}
-
-/// Answers a raw connection for which no place is free with `503`, once its
-/// request head is in (within a second), so that the answer is not lost to
-/// the reset that closing a socket with unread bytes sends.
-async fn refuse_busy(mut stream: TcpStream, refused: PendingRefused) -> Result<()> {
-    let _ = tokio::time::timeout(Duration::from_secs(1), read_head(&mut stream)).await;
-    let reason = refused.to_string();
-    let response = http_upgrade::service_unavailable(&reason);
-    stream.write_all(response.as_bytes()).await?;
-    let _ = stream.shutdown().await;
-    Err(TunnelError::protocol(reason))
 }
 
 /// Answers a request that is not an upgrade to the control path (`404` or

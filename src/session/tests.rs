@@ -733,6 +733,33 @@ fn visitors_become_streams_or_flows_and_frames_go_to_their_sockets() {
     assert_eq!(sockets, expected);
 }
 
+/// An agent's `ConnectFail` for a visitor's stream or flow is reported (the
+/// actor logs it, rate-limited); one for a connection the server does not
+/// have is not.
+#[test]
+fn the_agents_refusal_of_a_visitor_is_reported_with_its_reason() {
+    let mut pair = open_pair(Features::ALL);
+    let (tcp, udp) = (Uuid::from_u128(100), Uuid::from_u128(101));
+    let (stream, flow, stranger) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
+    pair.server
+        .open_stream(stream, tcp, "192.0.2.7:5000", 0)
+        .unwrap();
+    pair.server.open_flow(flow, udp, "192.0.2.7:5001").unwrap();
+    for id in [stream, flow, stranger] {
+        let fail = Message::connect_fail(id, "connection refused (os error 111)").unwrap();
+        pair.to_server.push_back(fail.encode());
+    }
+    pair.run();
+    let reported: Vec<_> = (pair.server_log.iter())
+        .filter_map(|a| match a {
+            ServerAction::VisitorRefused { id, reason } => Some((*id, reason.as_str())),
+            _ => None,
+        })
+        .collect();
+    let reason = "connection refused (os error 111)";
+    assert_eq!(reported, [(stream, reason), (flow, reason)]);
+}
+
 #[test]
 fn the_agent_refuses_flows_past_its_own_limit() {
     let mut pair = open_pair(Features::ALL);

@@ -51,6 +51,15 @@ pub enum ServerAction {
     ReportAlive,
     /// Write this frame, encoded by a socket's reader, to the agent.
     Write(Outbound),
+    /// The agent refused visitor stream or flow `id` (`ConnectFail`: its
+    /// service down, its limit); the connection is reset as well. A remote party decides
+    /// how often: log it rate-limited.
+    VisitorRefused {
+        /// The stream.
+        id: Uuid,
+        /// The agent's reason.
+        reason: String,
+    },
     /// Carry this out on a connection's socket (deliver, credit, shut,
     /// reset, a datagram for a visitor, a flow forgotten).
     Socket(ConnectionAction),

@@ -181,6 +181,13 @@ impl ServerSession {
             _ => None,
         };
         let frame = frame.unwrap_or_else(|| message.to_bytes());
+        if let Message::ConnectFail {
+            connection_id,
+            reason,
+        } = &message
+        {
+            self.note_refusal(*connection_id, reason);
+        }
         let mut emitted = Vec::new();
         self.data.on_frame(message, &mut |e| emitted.push(e));
         for e in emitted {
@@ -197,6 +204,18 @@ impl ServerSession {
                 }
                 e => self.emit(e),
             }
+        }
+    }
+
+    /// A `ConnectFail` for a visitor's stream or flow (not for a relayed
+    /// access stream, whose client hears of it): reported.
+    fn note_refusal(&mut self, id: Uuid, reason: &str) {
+        let kind = self.data.get().and_then(|t| t.kind(id));
+        if matches!(kind, Some(ConnectionKind::Stream | ConnectionKind::Flow)) {
+            (self.actions).push_back(ServerAction::VisitorRefused {
+                id,
+                reason: reason.to_owned(),
+            });
         }
     }
 
