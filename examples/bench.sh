@@ -20,7 +20,9 @@
 # Loads (LOADS="up 1073741824 1|conn 4 5" picks some): 1 GiB up and down on one stream, 1 GiB up on each of 8 streams,
 # 64-byte ping-pong on 1 and on 64 connections, new connections/s (connect,
 # one ping-pong, the service closes) with 4 workers, 1000 idle connections
-# held. Memory: the tunnel's processes' RSS fresh, after the loads (idle) and
+# held; and the latency probe beside bulk (`mixed`: a 64-byte ping-pong beside
+# one bulk download, one upload, 8 downloads, through the same port: the
+# probe's p50/p99 and the bulk's MiB/s). Memory: the tunnel's processes' RSS fresh, after the loads (idle) and
 # with the 1000 connections held. SECS (default 5) and BYTES (per stream,
 # default 1 GiB) change the sizes; ports 21201-21211 must be free.
 #
@@ -95,7 +97,7 @@ run_target() {
   local t=$1
   up_target "$t" || { echo "$t {\"error\":\"could not start (not installed, or its port never echoed)\"}"; stop_target; return; }
   local fresh; fresh=$(rss_kb "${TPIDS[@]}")
-  for load in "up $BYTES 1" "down $BYTES 1" "up $BYTES 8" "rr 1 64 $SECS" "rr 64 64 $SECS" "conn 4 $SECS"; do
+  for load in "up $BYTES 1" "down $BYTES 1" "up $BYTES 8" "rr 1 64 $SECS" "rr 64 64 $SECS" "conn 4 $SECS" "mixed down 1 $SECS" "mixed up 1 $SECS" "mixed down 8 $SECS"; do
     set -- $load
     echo "$t $(timeout 300 "$LOAD" "$1" 127.0.0.1:$PORT "${@:2}" || true)"
   done
@@ -129,7 +131,7 @@ done
 figure() { grep -o "\"$1\":[0-9.]*" | head -1 | cut -d: -f2; }
 median() { sort -n | awk '{v[NR]=$1} END {if (NR) print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'; }
 n=${#targets[@]}
-IFS='|' read -r -a loads <<<"${LOADS:-up $BYTES 1|down $BYTES 1|up $BYTES 8|rr 1 64 $SECS|rr 64 64 $SECS|conn 4 $SECS}"
+IFS='|' read -r -a loads <<<"${LOADS:-up $BYTES 1|down $BYTES 1|up $BYTES 8|rr 1 64 $SECS|rr 64 64 $SECS|conn 4 $SECS|mixed down 1 $SECS|mixed up 1 $SECS|mixed down 8 $SECS}"
 for load in "${loads[@]}"; do
   set -- $load
   for r in $(seq "$ROUNDS"); do
@@ -137,7 +139,7 @@ for load in "${loads[@]}"; do
       t=${targets[$(( (k + r) % n ))]}
       line=$(timeout 300 "$LOAD" "$1" "127.0.0.1:${PORTS[$t]}" "${@:2}" || true)
       echo "$t round $r $line"
-      echo "$t $(echo "$line" | figure mib_per_s)$(echo "$line" | figure per_s) $(echo "$line" | figure p50_us)" >>"$work/figures"
+      echo "$t $(echo "$line" | figure mib_per_s)$(echo "$line" | figure per_s) $(echo "$line" | figure p50_us) $(echo "$line" | figure p99_us) $(echo "$line" | figure bulk_mib_per_s)" >>"$work/figures"
     done
   done
   summary="{\"load\":\"$load\",\"rounds\":$ROUNDS"
@@ -145,8 +147,10 @@ for load in "${loads[@]}"; do
   for t in "${targets[@]}"; do
     rate=$(awk -v t="$t" '$1 == t {print $2}' "$work/figures" | median)
     p50=$(awk -v t="$t" '$1 == t && $3 != "" {print $3}' "$work/figures" | median)
+    p99=$(awk -v t="$t" '$1 == t && $4 != "" {print $4}' "$work/figures" | median)
+    bulk=$(awk -v t="$t" '$1 == t && $5 != "" {print $5}' "$work/figures" | median)
     first=${first:-$rate}
-    summary+=",\"$t\":{\"median\":$rate,\"p50_us\":${p50:-null},\"ratio\":$(awk -v a="$rate" -v b="$first" 'BEGIN {printf "%.2f", (b > 0) ? a / b : 0}')}"
+    summary+=",\"$t\":{\"median\":$rate,\"p50_us\":${p50:-null},\"p99_us\":${p99:-null},\"bulk_mib_per_s\":${bulk:-null},\"ratio\":$(awk -v a="$rate" -v b="$first" 'BEGIN {printf "%.2f", (b > 0) ? a / b : 0}')}"
   done
   echo "summary $summary}"
   : >"$work/figures"

@@ -9,6 +9,7 @@
 //! cargo run --release --example tcpload -- rr 127.0.0.1:21211 64 64 5         # conns, size, seconds
 //! cargo run --release --example tcpload -- conn 127.0.0.1:21211 4 5           # workers, seconds
 //! cargo run --release --example tcpload -- hold 127.0.0.1:21211 1000 3        # conns, seconds
+//! cargo run --release --example tcpload -- mixed 127.0.0.1:21211 down 1 5      # bulk direction, streams, seconds
 //! cargo run --release --example tcpload -- relay 127.0.0.1:21211 127.0.0.1:21201  # listen, target
 //! ```
 //!
@@ -21,6 +22,10 @@
 //!   closes first (so TIME_WAIT stays on the service's side), wait for its FIN.
 //! * `hold`: CONNS idle connections, each checked to echo when opened and
 //!   again after SECONDS.
+//! * `mixed`: a 64-byte ping-pong on one connection (the latency probe)
+//!   while STREAMS bulk streams run in DIRECTION through the same port, each
+//!   a chain of 64 MiB transfers checked byte for byte: the probe's p50/p99
+//!   and the bulk's MiB/s. What an ssh session beside an scp feels.
 //! * `relay`: not a load but a baseline, the least any tunnel must do: a
 //!   plain TCP relay on one thread that accepts, dials TARGET and copies both
 //!   ways (half-close passed on). `bench.sh relay` and `relay2` (two relays in
@@ -67,8 +72,9 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
         "rr" => rr(&addr, num(2)? as usize, num(3)? as usize, secs(num(4)?)).await,
         "conn" => conn(&addr, num(2)? as usize, secs(num(3)?)).await,
         "hold" => hold(&addr, num(2)? as usize, secs(num(3)?)).await,
+        "mixed" => mixed(&addr, arg(2) == "up", num(3)? as usize, secs(num(4)?)).await,
         _ => bail!(
-            "usage: tcpload serve|up|down|rr|conn|hold|relay ADDR ... (see the file's header)"
+            "usage: tcpload serve|up|down|rr|conn|hold|mixed|relay ADDR ... (see the file's header)"
         ),
     };
     std::process::exit(if ok { 0 } else { 1 });
@@ -272,32 +278,78 @@ fn report(mode: &str, extra: &str, mut lat: Vec<u64>, secs: Duration, errors: us
     errors == 0 && n > 0
 }
 
+/// SIZE-byte ping-pongs on one connection until `end`: each round trip in µs.
+async fn ping_pong(addr: String, size: usize, end: Instant) -> std::io::Result<Vec<u64>> {
+    let mut s = TcpStream::connect(&addr).await?;
+    s.set_nodelay(true)?;
+    s.write_u8(ECHO).await?;
+    let (mut lat, mut back) = (Vec::new(), vec![0u8; size]);
+    let mut message = vec![0u8; size];
+    let mut round = 0u64;
+    while Instant::now() < end {
+        Pattern { seed: round }.fill(&mut message, 0);
+        let t = Instant::now();
+        s.write_all(&message).await?;
+        s.read_exact(&mut back).await?;
+        lat.push(t.elapsed().as_micros() as u64);
+        if back != message {
+            return Err(std::io::Error::other("echo mismatch"));
+        }
+        round += 1;
+    }
+    Ok(lat)
+}
+
+/// The latency probe beside `streams` bulk streams (see the header).
+async fn mixed(addr: &str, up: bool, streams: usize, secs: Duration) -> bool {
+    const EACH: u64 = 64 << 20;
+    let start = Instant::now();
+    let end = start + secs;
+    let bulk: Vec<_> = (0..streams as u64)
+        .map(|i| {
+            let addr = addr.to_owned();
+            tokio::spawn(async move {
+                let (mut moved, mut round) = (0u64, 0u64);
+                while Instant::now() < end {
+                    round += 1;
+                    if !one_bulk(&addr, up, EACH, 0xB17 + (i << 32) + round).await? {
+                        return Err(std::io::Error::other("bytes differ"));
+                    }
+                    moved += EACH;
+                }
+                Ok::<_, std::io::Error>(moved)
+            })
+        })
+        .collect();
+    // the bulk streams fill their windows first
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let probe = ping_pong(addr.to_owned(), 64, end).await;
+    let (mut moved, mut errors) = (0u64, 0);
+    for task in bulk {
+        match task.await {
+            Ok(Ok(bytes)) => moved += bytes,
+            _ => errors += 1,
+        }
+    }
+    let bulk_mib = moved as f64 / (1 << 20) as f64 / start.elapsed().as_secs_f64();
+    let lat = probe.unwrap_or_else(|_| {
+        errors += 1;
+        Vec::new()
+    });
+    let direction = if up { "up" } else { "down" };
+    report(
+        "mixed",
+        &format!("\"bulk\":\"{direction}\",\"streams\":{streams},\"bulk_mib_per_s\":{bulk_mib:.1}"),
+        lat,
+        secs - Duration::from_millis(200),
+        errors,
+    )
+}
+
 async fn rr(addr: &str, conns: usize, size: usize, secs: Duration) -> bool {
     let end = Instant::now() + secs;
     let tasks: Vec<_> = (0..conns)
-        .map(|_| {
-            let addr = addr.to_owned();
-            tokio::spawn(async move {
-                let mut s = TcpStream::connect(&addr).await?;
-                s.set_nodelay(true)?;
-                s.write_u8(ECHO).await?;
-                let (mut lat, mut back) = (Vec::new(), vec![0u8; size]);
-                let mut message = vec![0u8; size];
-                let mut round = 0u64;
-                while Instant::now() < end {
-                    Pattern { seed: round }.fill(&mut message, 0);
-                    let t = Instant::now();
-                    s.write_all(&message).await?;
-                    s.read_exact(&mut back).await?;
-                    lat.push(t.elapsed().as_micros() as u64);
-                    if back != message {
-                        return Err(std::io::Error::other("echo mismatch"));
-                    }
-                    round += 1;
-                }
-                Ok::<_, std::io::Error>(lat)
-            })
-        })
+        .map(|_| tokio::spawn(ping_pong(addr.to_owned(), size, end)))
         .collect();
     let (mut all, mut errors) = (Vec::new(), 0);
     for task in tasks {
