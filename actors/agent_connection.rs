@@ -97,7 +97,10 @@ impl Actor for AgentConnection {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         if self.finished {
-            return;
+            // stopped for good: a restart (the link failed just as a
+            // StopAgent began its polite close, whose future the restart
+            // dropped) must still let `run()` return
+            return self.report_end(Ok(()));
         }
         self.starts += 1;
         let delay = if self.starts == 1 {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::proxy::Proxy;
 use common::{
     DEADLINE, RawWs, Tunnel, echo_through, fast_config, free_ports, reset, services,
-    spawn_published, spawn_server, tunnel,
+    spawn_published, spawn_server, tunnel, tunnel_with,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -553,9 +553,11 @@ async fn an_agent_replaces_a_half_dead_link_and_takes_its_session_over_at_once()
 
 /// The same the other way: the bulk flows from a service to its visitor (so
 /// the agent's queue toward the WebSocket is the busy one) while a ping-pong
-/// runs on another service of the tunnel.
+/// runs on another service of the tunnel; what the ping-pong waits behind
+/// is bounded by the download's window.
 #[actix_web::test]
 async fn a_ping_pong_progresses_beside_a_bulk_download() {
+    const WINDOW: u32 = 256 * 1024;
     let firehose = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let firehose_port = firehose.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -572,7 +574,7 @@ async fn a_ping_pong_progresses_beside_a_bulk_download() {
         agent,
         task: _task,
         public,
-    } = tunnel(&[firehose_port, echo]).await;
+    } = tunnel_with(&[firehose_port, echo], |c| c.max_stream_window = WINDOW).await;
     let (low, high) = (public[0], public[1]);
     let received = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -589,16 +591,43 @@ async fn a_ping_pong_progresses_beside_a_bulk_download() {
             }
         })
     };
-    // each round trip waits behind up to the bulk stream's window (1 MiB)
-    // queued ahead of it on the one WebSocket: 50 rounds, not 200
+    // each round trip waits behind what the bulk stream has in flight ahead
+    // of it on the one WebSocket: at most its window (the server's
+    // `max_stream_window`, here 256 KiB) plus the kernel's buffers
     let during = ping_pong_beside(&received, high, 50, "the bulk download").await;
+    // an ordering bound, not a timing one: the download's bytes that reach
+    // its visitor while one 64-byte exchange is under way
+    let ahead = bulk_bytes_per_round_trip(&received, high, 50).await;
     stop.store(true, Ordering::Relaxed);
     bulk.await.unwrap();
     assert!(
         during > 1 << 20,
         "the bulk download stalled during the ping-pong ({during} bytes)"
     );
+    // with the default window (1 MiB): 1.2-1.5 MiB a round trip
+    assert!(
+        ahead <= 3 * WINDOW as u64,
+        "a 64-byte exchange waited behind {ahead} bytes of the download (median)"
+    );
     agent.stop();
+}
+
+/// The median of the bytes `moved` advances by while one 64-byte exchange
+/// through `port` is under way, over `rounds` exchanges.
+async fn bulk_bytes_per_round_trip(moved: &AtomicU64, port: u16, rounds: usize) -> u64 {
+    let mut s = visit(port).await;
+    let mut buf = [0u8; 64];
+    let mut ahead = Vec::with_capacity(rounds);
+    for i in 0..rounds {
+        let msg = [i as u8; 64];
+        let before = moved.load(Ordering::Relaxed);
+        s.write_all(&msg).await.unwrap();
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(buf, msg);
+        ahead.push(moved.load(Ordering::Relaxed) - before);
+    }
+    ahead.sort_unstable();
+    ahead[rounds / 2]
 }
 
 /// The next stream message (`Data`, `Window`, `Close`, `Connect`) from the

@@ -92,6 +92,16 @@ impl AgentConnection {
     }
 
     pub(super) fn finish(&mut self, result: crate::Result<()>, ctx: &mut Context<Self>) {
+        self.report_end(result);
+        ctx.stop();
+    }
+
+    /// Says the agent has ended (its status, and `run()`'s answer); said
+    /// once, later calls change nothing.
+    pub(super) fn report_end(&mut self, result: crate::Result<()>) {
+        if self.shared.is_done() {
+            return;
+        }
         self.finished = true;
         self.shared.view.disconnected();
         self.shared.view.set_state(match &result {
@@ -101,7 +111,6 @@ impl AgentConnection {
             },
         });
         self.shared.done(AgentStopped(result));
-        ctx.stop();
     }
 }
 

@@ -81,6 +81,11 @@ impl AgentShared {
         awc::Client::builder().connector(connector).finish()
     }
 
+    /// Whether the end of the agent was reported.
+    pub(crate) fn is_done(&self) -> bool {
+        self.done.lock().map_or(true, |d| d.is_none())
+    }
+
     /// Reports the end of the agent to `run()`.
     pub(crate) fn done(&self, stopped: AgentStopped) {
         let sender = self.done.lock().ok().and_then(|mut d| d.take());

@@ -413,8 +413,18 @@ pub async fn http_get(url: &str) -> String {
 
 /// Starts a server and an agent for TCP services on `local_ports`; returns once all are published.
 pub async fn tunnel(local_ports: &[u16]) -> Tunnel {
+    tunnel_with(local_ports, |_| {}).await
+}
+
+/// [`tunnel`], the server's configuration adjusted by `adjust` first.
+pub async fn tunnel_with(
+    local_ports: &[u16],
+    adjust: impl FnOnce(&mut TunnelServerConfig),
+) -> Tunnel {
     let (low, high) = free_ports(local_ports.len() as u16);
-    let server = spawn_server(fast_config((low, high)), "secret");
+    let mut config = fast_config((low, high));
+    adjust(&mut config);
+    let server = spawn_server(config, "secret");
     let public: Vec<u16> = (low..=high).collect();
     let services = local_ports
         .iter()
