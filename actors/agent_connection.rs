@@ -27,7 +27,7 @@ use super::io::local_dial::{self, Dialing};
 use super::io::read_gate::ReadGate;
 use super::io::stream_hub::StreamHub;
 use super::udp_flow::{FlowEvent, FlowWiring, UdpFlow};
-use crate::accounting::{CounterSet, Direction};
+use crate::accounting::{CounterSet, Direction, DropKind};
 use crate::backoff::Backoff;
 use crate::config::ServiceConfig;
 use crate::connections::ConnectionAction;

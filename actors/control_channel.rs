@@ -35,7 +35,7 @@ use super::service_listener::{
     ACCEPTED_SOCKETS_TUNED, ServiceListener, StopListener, VisitorArrived,
 };
 use super::udp_listener::{ForgetFlow, SendToVisitor, UdpEvent, UdpServiceListener, UdpWiring};
-use crate::accounting::{CounterSet, Counters, Direction};
+use crate::accounting::{CounterSet, Counters, Direction, DropKind};
 use crate::auth::{TokenScope, hash_token};
 use crate::budget::Budget;
 use crate::connections::ConnectionAction;

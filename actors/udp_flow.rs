@@ -19,7 +19,7 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::accounting::{CounterSet, Direction};
+use crate::accounting::{CounterSet, Direction, DropKind};
 use crate::protocol::Message;
 use crate::udp::MAX_DATAGRAM;
 
@@ -104,7 +104,7 @@ impl Handler<ToService> for UdpFlow {
                 .add_datagram(Direction::In, msg.0.len() as u64),
             Err(e) => {
                 tracing::debug!(flow = %self.wiring.id, error = %e, "datagram to the service dropped");
-                self.wiring.counters.add_drop()
+                self.wiring.counters.add_drop(DropKind::SocketFull)
             }
         }
     }
@@ -133,7 +133,7 @@ impl StreamHandler<io::Result<Bytes>> for UdpFlow {
             .then(|| Message::datagram_frame(self.wiring.id, &data))
             .flatten();
         let Some(frame) = frame else {
-            return self.wiring.counters.add_drop();
+            return self.wiring.counters.add_drop(DropKind::Oversized);
         };
         self.wiring
             .counters

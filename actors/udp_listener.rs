@@ -23,8 +23,9 @@ use uuid::Uuid;
 
 use super::registry::FlowView;
 use super::service_listener::StopListener;
-use crate::accounting::{Counters, Direction};
+use crate::accounting::{Counters, Direction, DropKind};
 use crate::budget::Budget;
+use crate::log_limit::{LogLimiter, RemoteEvent};
 use crate::protocol::Message;
 use crate::udp::{FlowLimits, FlowTable, Verdict};
 
@@ -96,6 +97,9 @@ pub(crate) struct UdpServiceListener {
     wiring: UdpWiring,
     socket: Rc<UdpSocket>,
     flows: FlowTable,
+    /// Drops a visitor causes are logged at most once a second (each is
+    /// counted by reason in the service's counters).
+    logs: LogLimiter,
 }
 
 impl Actor for UdpServiceListener {
@@ -140,14 +144,14 @@ impl Handler<SendToVisitor> for UdpServiceListener {
         self.wiring.budget.give(len);
         self.wiring.counters.touch(super::now_ms());
         let Some(visitor) = self.flows.on_reply(msg.id, len, Instant::now()) else {
-            return self.wiring.counters.add_drop();
+            return self.wiring.counters.add_drop(DropKind::NoFlow);
         };
         match super::udp_flow::send_now(&self.socket, &msg.data, Some(visitor)) {
             Ok(_) => self
                 .wiring
                 .counters
                 .add_datagram(Direction::Out, len as u64),
-            Err(_) => self.wiring.counters.add_drop(),
+            Err(_) => self.wiring.counters.add_drop(DropKind::SocketFull),
         }
     }
 }
@@ -194,8 +198,18 @@ impl UdpServiceListener {
                 flows: FlowTable::new(wiring.limits),
                 wiring,
                 socket,
+                logs: LogLimiter::new(),
             }
         })
+    }
+
+    /// Counts a visitor's datagram dropped, by why, and logs it at most once
+    /// a second (a visitor decides how often).
+    fn dropped(&mut self, kind: DropKind, visitor: SocketAddr, reason: &str) {
+        self.wiring.counters.add_drop(kind);
+        if let Some(held_back) = self.logs.admit(RemoteEvent::VisitorRefused, Instant::now()) {
+            tracing::info!(port = self.wiring.port, %visitor, reason, drop = kind.name(), held_back, "datagram dropped");
+        }
     }
 
     fn on_visitor_datagram(&mut self, data: Bytes, visitor: SocketAddr, ctx: &mut Context<Self>) {
@@ -215,8 +229,7 @@ impl UdpServiceListener {
                 (id, true)
             }
             Verdict::Drop(reason) => {
-                tracing::debug!(port = self.wiring.port, %visitor, %reason, "datagram dropped");
-                return self.wiring.counters.add_drop();
+                return self.dropped(reason.into(), visitor, &reason.to_string());
             }
         };
         if opened {
@@ -230,10 +243,10 @@ impl UdpServiceListener {
             });
         }
         let Some(frame) = Message::datagram_frame(id, &data) else {
-            return self.wiring.counters.add_drop();
+            return self.wiring.counters.add_drop(DropKind::Oversized);
         };
         if !self.wiring.budget.take(frame.len()) {
-            return self.wiring.counters.add_drop();
+            return self.dropped(DropKind::OverBudget, visitor, "the channel is behind");
         }
         self.wiring
             .counters

@@ -24,9 +24,67 @@ pub struct Counters {
     connections_total: AtomicU64,
     datagrams_in: AtomicU64,
     datagrams_out: AtomicU64,
-    drops: AtomicU64,
+    /// By [`DropKind::index`].
+    drops: [AtomicU64; DropKind::ALL.len()],
     last_activity_ms: AtomicU64,
     unsent: AtomicU64,
+}
+
+/// Why a datagram was dropped, as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropKind {
+    /// Larger than the largest datagram carried.
+    Oversized,
+    /// The service had its maximum of flows, none of which could make room.
+    TooManyFlows,
+    /// Its flow was over its datagrams per second.
+    RateLimited,
+    /// The bytes in flight between a listener and its channel were at their bound.
+    OverBudget,
+    /// Its flow had ended (a race with the flow's end).
+    NoFlow,
+    /// The socket's buffer was full.
+    SocketFull,
+}
+
+impl DropKind {
+    /// Every kind, in the order of their counters.
+    pub const ALL: [Self; 6] = [
+        Self::Oversized,
+        Self::TooManyFlows,
+        Self::RateLimited,
+        Self::OverBudget,
+        Self::NoFlow,
+        Self::SocketFull,
+    ];
+
+    /// Its name, as a metric label.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Oversized => "oversized",
+            Self::TooManyFlows => "too_many_flows",
+            Self::RateLimited => "rate_limited",
+            Self::OverBudget => "over_budget",
+            Self::NoFlow => "no_flow",
+            Self::SocketFull => "socket_full",
+        }
+    }
+
+    /// Its place in [`DropKind::ALL`].
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl From<crate::udp::DropReason> for DropKind {
+    fn from(reason: crate::udp::DropReason) -> Self {
+        use crate::udp::DropReason;
+        match reason {
+            DropReason::Oversized { .. } => Self::Oversized,
+            DropReason::TooManyFlows { .. } => Self::TooManyFlows,
+            DropReason::RateLimited { .. } => Self::RateLimited,
+        }
+    }
 }
 
 impl Counters {
@@ -58,9 +116,9 @@ impl Counters {
         self.last_activity_ms.fetch_max(unix_ms, Relaxed);
     }
 
-    /// Counts one dropped datagram.
-    pub fn add_drop(&self) {
-        self.drops.fetch_add(1, Relaxed);
+    /// Counts one dropped datagram, by why.
+    pub fn add_drop(&self, kind: DropKind) {
+        self.drops[kind.index()].fetch_add(1, Relaxed);
     }
 
     /// Counts one frame not sent: it could not be built, or its type was not
@@ -96,7 +154,8 @@ impl Counters {
             connections_total: self.connections_total.load(Relaxed),
             datagrams_in: self.datagrams_in.load(Relaxed),
             datagrams_out: self.datagrams_out.load(Relaxed),
-            drops: self.drops.load(Relaxed),
+            drops: self.drops.iter().map(|n| n.load(Relaxed)).sum(),
+            drops_by_kind: self.drops.each_ref().map(|n| n.load(Relaxed)),
             last_activity_ms: self.last_activity_ms.load(Relaxed),
         }
     }
@@ -117,8 +176,10 @@ pub struct Snapshot {
     pub datagrams_in: u64,
     /// Datagrams toward visitors.
     pub datagrams_out: u64,
-    /// Datagrams dropped (over budget, oversized).
+    /// Datagrams dropped, for any reason.
     pub drops: u64,
+    /// Datagrams dropped, by why ([`DropKind::ALL`]'s order).
+    pub drops_by_kind: [u64; DropKind::ALL.len()],
     /// Last traffic, in milliseconds since the Unix epoch (0: none yet).
     pub last_activity_ms: u64,
 }
@@ -153,9 +214,9 @@ impl CounterSet {
         self.scopes.iter().for_each(|c| c.touch(unix_ms));
     }
 
-    /// Counts a drop on every scope.
-    pub fn add_drop(&self) {
-        self.scopes.iter().for_each(|c| c.add_drop());
+    /// Counts a drop on every scope, by why.
+    pub fn add_drop(&self, kind: DropKind) {
+        self.scopes.iter().for_each(|c| c.add_drop(kind));
     }
 
     /// Opens a connection on every scope.
@@ -235,13 +296,14 @@ mod tests {
         c.add_bytes(Direction::In, 10);
         c.add_bytes(Direction::Out, 7);
         c.add_datagram(Direction::In, 5);
-        c.add_drop();
+        c.add_drop(DropKind::RateLimited);
         c.connection_closed();
         c.connection_closed(); // never below zero
         let s = c.snapshot();
         assert_eq!((s.bytes_in, s.bytes_out), (15, 7));
         assert_eq!((s.connections_active, s.connections_total), (0, 1));
         assert_eq!((s.datagrams_in, s.drops), (1, 1));
+        assert_eq!(s.drops_by_kind[DropKind::RateLimited.index()], 1);
     }
 
     #[test]

@@ -91,7 +91,7 @@ pub struct TunnelServerConfig {
     pub tunnel_window_budget: u64,
     /// Most UDP flows (visitor addresses) per UDP service. Default 1024.
     pub max_flows_per_service: usize,
-    /// Datagrams per second one UDP flow may send toward its service. Default 10000.
+    /// Datagrams per second one UDP flow may send toward its service. Default 200000.
     pub max_datagram_rate: u32,
     /// Largest UDP datagram carried, 1..=65507; a larger one is dropped and counted. Default 65507.
     pub max_datagram_size: usize,
@@ -139,7 +139,7 @@ impl Default for TunnelServerConfig {
             max_stream_window: 1024 * 1024,
             tunnel_window_budget: 16 * 1024 * 1024,
             max_flows_per_service: 1024,
-            max_datagram_rate: 10_000,
+            max_datagram_rate: 200_000,
             max_datagram_size: crate::udp::MAX_DATAGRAM,
             udp_idle_timeout: Duration::from_secs(60),
             read_ahead: DEFAULT_READ_AHEAD,

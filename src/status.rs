@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::accounting::{GuardSnapshot, Snapshot};
+use crate::accounting::{DropKind, GuardSnapshot, Snapshot};
 use crate::protocol::ServiceProtocol;
 
 /// A registered service, as reported in [`TunnelInfo`].
@@ -294,7 +294,7 @@ fn render_scoped(out: &mut String, prefix: &str, what: &str, rows: &[(String, bo
 
 /// The per-service families, shared by server and agent.
 fn render_services(out: &mut String, services: &[&ServiceInfo]) {
-    let families: [Family; 5] = [
+    let families: [Family; 4] = [
         (
             "zlayer_tunnel_service_bytes_total",
             "counter",
@@ -319,12 +319,6 @@ fn render_services(out: &mut String, services: &[&ServiceInfo]) {
             "UDP datagrams through a service.",
             |s| vec![("in", s.datagrams_in), ("out", s.datagrams_out)],
         ),
-        (
-            "zlayer_tunnel_service_drops_total",
-            "counter",
-            "Datagrams a service dropped.",
-            |s| vec![("", s.drops)],
-        ),
     ];
     for (name, kind, help, values) in families {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -333,6 +327,18 @@ fn render_services(out: &mut String, services: &[&ServiceInfo]) {
                 let labels = labels(service, direction);
                 let _ = writeln!(out, "{name}{{{labels}}} {value}");
             }
+        }
+    }
+    let name = "zlayer_tunnel_service_drops_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Datagrams a service dropped, by reason.\n# TYPE {name} counter"
+    );
+    for service in services {
+        let labels = labels(service, "");
+        for kind in DropKind::ALL {
+            let (reason, value) = (kind.name(), service.stats.drops_by_kind[kind.index()]);
+            let _ = writeln!(out, "{name}{{{labels},reason=\"{reason}\"}} {value}");
         }
     }
 }

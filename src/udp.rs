@@ -1,6 +1,15 @@
 //! UDP flows on the server's public side: each visitor address is a flow,
 //! with a per-flow rate limit, a cap on flows per service and an idle timeout
 //! (docs/PROTOCOL.md §4.4). Pure: the caller passes `now` and fresh flow ids.
+//!
+//! As connection tracking does, a flow is judged by what it has carried. When
+//! a service's flows are full, a new visitor takes the place of one the
+//! service has not answered in a second (a flood from fresh source ports),
+//! else of one that was a single exchange (a DNS query and its answer, from
+//! a resolver that draws a new source port per query), else of the oldest
+//! still awaiting its first answer; a single exchange is also forgotten after
+//! [`ONE_EXCHANGE_IDLE`]. A flow of many exchanges (a VPN peer, a game) keeps
+//! its place until its idle timeout.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,6 +21,14 @@ use uuid::Uuid;
 /// The largest datagram the tunnel carries: the largest IPv4 UDP payload.
 /// A `Datagram` frame of it (5 + 16 + 65507 bytes) fits in `MAX_MESSAGE_SIZE`.
 pub const MAX_DATAGRAM: usize = 65_507;
+
+/// How long a flow that was one exchange (a datagram each way) is kept once
+/// it falls silent, when its idle timeout is longer.
+pub const ONE_EXCHANGE_IDLE: Duration = Duration::from_secs(5);
+
+/// How long a new flow may wait for its first answer before, the service's
+/// flows being full, it is the first to make room for a newcomer.
+pub const UNANSWERED_GRACE: Duration = Duration::from_secs(1);
 
 /// Limits of one UDP service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,8 +80,9 @@ pub enum Verdict {
         opened: bool,
     },
     /// The service's flows were full: flow `evicted` (the least recently
-    /// active of those the service never answered) made room for a new flow
-    /// `id`. End `evicted`, announce `id`, forward the datagram on it.
+    /// active of those the service never answered, else of those that were
+    /// one exchange) made room for a new flow `id`. End `evicted`, announce
+    /// `id`, forward the datagram on it.
     ForwardReplacing {
         /// The new flow.
         id: Uuid,
@@ -97,6 +115,18 @@ struct Flow {
     tokens: f64,
     refilled: Instant,
     traffic: FlowInfo,
+}
+
+impl Flow {
+    /// The service never answered it.
+    fn unanswered(&self) -> bool {
+        self.traffic.datagrams_out == 0
+    }
+
+    /// A datagram each way, no more: a query and its answer.
+    fn one_exchange(&self) -> bool {
+        self.traffic.datagrams_in <= 1 && self.traffic.datagrams_out == 1
+    }
 }
 
 /// The flows of one UDP service.
@@ -148,10 +178,11 @@ impl FlowTable {
         }
         let mut evicted = None;
         if self.flows.len() >= self.limits.max_flows {
-            // a flood from many source ports must not keep a genuine visitor
-            // out until its flows idle away: the flow that never had an
-            // answer and was heard from longest ago makes room
-            let Some(victim) = self.least_recent_unanswered() else {
+            // a flood from many source ports, or a resolver's fresh port per
+            // query, must not keep a genuine visitor out until its flows idle
+            // away: the least recently heard of the flows that never had an
+            // answer, else of those that were one exchange, makes room
+            let Some(victim) = self.eviction_candidate(now) else {
                 return Verdict::Drop(DropReason::TooManyFlows {
                     max: self.limits.max_flows,
                 });
@@ -187,12 +218,23 @@ impl FlowTable {
         }
     }
 
-    /// The flow heard from longest ago among those the service never answered.
-    fn least_recent_unanswered(&self) -> Option<Uuid> {
-        (self.flows.iter())
-            .filter(|(_, f)| f.traffic.datagrams_out == 0)
-            .min_by_key(|(_, f)| f.last_seen)
-            .map(|(id, _)| *id)
+    /// The flow heard from longest ago among those the service has not
+    /// answered in [`UNANSWERED_GRACE`], else among those that were one
+    /// exchange, else among those still awaiting their first answer (a query
+    /// in flight is not dropped for the next while answered ones can go).
+    fn eviction_candidate(&self, now: Instant) -> Option<Uuid> {
+        let least_recent = |class: &dyn Fn(&Flow) -> bool| {
+            (self.flows.iter())
+                .filter(|(_, f)| class(f))
+                .min_by_key(|(_, f)| f.last_seen)
+                .map(|(id, _)| *id)
+        };
+        let stale = |f: &Flow| {
+            f.unanswered() && now.saturating_duration_since(f.last_seen) >= UNANSWERED_GRACE
+        };
+        least_recent(&stale)
+            .or_else(|| least_recent(&Flow::one_exchange))
+            .or_else(|| least_recent(&Flow::unanswered))
     }
 
     /// Counts a forwarded datagram of `len` bytes toward the service.
@@ -225,13 +267,18 @@ impl FlowTable {
         Some(flow.visitor)
     }
 
-    /// Forgets every flow idle since before `now - idle_timeout`; their ids.
+    /// Forgets every flow idle since before `now - idle_timeout` (one that
+    /// was one exchange: `now - ONE_EXCHANGE_IDLE`, if sooner); their ids.
     pub fn expire(&mut self, now: Instant) -> Vec<Uuid> {
         let timeout = self.limits.idle_timeout;
+        let short = timeout.min(ONE_EXCHANGE_IDLE);
         let idle: Vec<Uuid> = self
             .flows
             .iter()
-            .filter(|(_, f)| now.saturating_duration_since(f.last_seen) >= timeout)
+            .filter(|(_, f)| {
+                let limit = if f.one_exchange() { short } else { timeout };
+                now.saturating_duration_since(f.last_seen) >= limit
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in &idle {
@@ -334,11 +381,13 @@ mod tests {
             })
         );
         assert!(t.is_empty(), "an oversized datagram opens no flow");
-        t.on_visitor(addr(1), 9000, now, id(1));
-        t.on_visitor(addr(2), 1, now, id(2));
-        // both flows answered by the service: a third visitor waits its turn
-        t.on_reply(id(1), 1, now);
-        t.on_reply(id(2), 1, now);
+        // two flows of two exchanges each: a third visitor waits its turn
+        for _ in 0..2 {
+            t.on_visitor(addr(1), 9000, now, id(1));
+            t.on_visitor(addr(2), 1, now, id(2));
+            t.on_reply(id(1), 1, now);
+            t.on_reply(id(2), 1, now);
+        }
         let third = t.on_visitor(addr(3), 1, now, id(3));
         assert_eq!(third, Verdict::Drop(DropReason::TooManyFlows { max: 2 }));
     }
@@ -349,8 +398,10 @@ mod tests {
         let now = Instant::now();
         let later = now + Duration::from_secs(1);
         t.on_visitor(addr(1), 1, now, id(1)); // a flood's flow: never answered
-        t.on_visitor(addr(2), 1, now, id(2)); // a genuine one, answered
-        t.on_reply(id(2), 1, now);
+        for _ in 0..2 {
+            t.on_visitor(addr(2), 1, now, id(2)); // a genuine one, answered
+            t.on_reply(id(2), 1, now);
+        }
         // a newcomer replaces the unanswered flow, not the answered one
         let third = t.on_visitor(addr(3), 1, later, id(3));
         assert_eq!(
@@ -371,6 +422,52 @@ mod tests {
             }
         );
         assert_eq!(t.on_reply(id(2), 1, later), Some(addr(2)), "kept");
+    }
+
+    #[test]
+    fn a_single_exchange_gives_way_after_the_unanswered_and_goes_sooner() {
+        let mut t = FlowTable::new(limits());
+        let now = Instant::now();
+        let later = now + Duration::from_secs(1);
+        // a flow of many exchanges, and a query with its answer
+        for _ in 0..3 {
+            t.on_visitor(addr(1), 1, now, id(1));
+            t.on_reply(id(1), 1, now);
+        }
+        t.on_visitor(addr(2), 1, now, id(2));
+        t.on_reply(id(2), 1, now);
+        // the next resolver query takes the answered query's place
+        let third = t.on_visitor(addr(3), 1, later, id(3));
+        let replacing = Verdict::ForwardReplacing {
+            id: id(3),
+            evicted: id(2),
+        };
+        assert_eq!(third, replacing);
+        // unanswered (id 3) goes before any answered flow
+        t.on_reply(id(1), 1, later);
+        let fourth = t.on_visitor(addr(4), 1, later, id(4));
+        assert!(matches!(fourth, Verdict::ForwardReplacing { evicted, .. } if evicted == id(3)));
+        // answered once: forgotten 5 s after; the flow of many exchanges is not
+        t.on_reply(id(4), 1, later);
+        let expired = t.expire(later + ONE_EXCHANGE_IDLE);
+        assert_eq!(expired, vec![id(4)]);
+        assert_eq!(t.on_reply(id(1), 1, later), Some(addr(1)), "kept");
+    }
+
+    #[test]
+    fn a_query_in_flight_is_not_dropped_while_an_answered_one_can_go() {
+        let mut t = FlowTable::new(limits());
+        let now = Instant::now();
+        t.on_visitor(addr(1), 1, now, id(1));
+        t.on_reply(id(1), 1, now); // answered: one exchange
+        t.on_visitor(addr(2), 1, now, id(2)); // in flight, older than the newcomer
+        let third = t.on_visitor(addr(3), 1, now, id(3));
+        assert!(matches!(third, Verdict::ForwardReplacing { evicted, .. } if evicted == id(1)));
+        // past the grace, a flow never answered goes first again
+        let later = now + UNANSWERED_GRACE;
+        t.on_reply(id(3), 1, later);
+        let fourth = t.on_visitor(addr(4), 1, later, id(4));
+        assert!(matches!(fourth, Verdict::ForwardReplacing { evicted, .. } if evicted == id(2)));
     }
 
     #[test]

@@ -31,11 +31,13 @@ impl AgentConnection {
             Some(ConnectionAction::Datagram { id, data }) => {
                 let delivered = link.flows.deliver(id, data);
                 if !delivered {
-                    self.shared.counters.add_drop(); // its socket is gone: a race
+                    self.shared.counters.add_drop(DropKind::NoFlow); // its socket is gone: a race
                 }
             }
             Some(ConnectionAction::ForgetFlow { id }) => link.flows.close(id),
-            Some(ConnectionAction::DatagramDropped) => self.shared.counters.add_drop(),
+            Some(ConnectionAction::DatagramDropped) => {
+                self.shared.counters.add_drop(DropKind::NoFlow)
+            }
             _ => {} // relays are the server's
         }
     }

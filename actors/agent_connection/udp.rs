@@ -16,7 +16,7 @@ impl Handler<FlowEvent> for AgentConnection {
                 if link.flows.queue(frame) {
                     self.write_next(ctx);
                 } else {
-                    self.shared.counters.add_drop();
+                    self.shared.counters.add_drop(DropKind::OverBudget);
                 }
             }
             FlowEvent::Ended { id } => {

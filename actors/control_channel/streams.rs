@@ -85,7 +85,7 @@ impl ControlChannel {
         match tunnel.streams.apply(action) {
             Some(ConnectionAction::ForgetFlow { id }) => tunnel.forget_flow(id),
             Some(ConnectionAction::Datagram { id, data }) => tunnel.relay_to_visitor(id, data),
-            Some(ConnectionAction::DatagramDropped) => tunnel.counters.add_drop(),
+            Some(ConnectionAction::DatagramDropped) => tunnel.counters.add_drop(DropKind::NoFlow),
             _ => {}
         }
     }

@@ -67,12 +67,13 @@ impl Link {
     /// A datagram from the agent for flow `id`: to its listener, if within budget.
     pub(super) fn relay_to_visitor(&mut self, id: Uuid, data: Bytes) {
         let Some(flow) = self.flows.get(&id) else {
-            return; // a race after the flow ended
+            // a race after the flow ended
+            return self.counters.add_drop(DropKind::NoFlow);
         };
         if flow.budget.take(data.len()) {
             flow.listener.do_send(SendToVisitor { id, data });
         } else {
-            flow.counters.add_drop();
+            flow.counters.add_drop(DropKind::OverBudget);
         }
     }
 
