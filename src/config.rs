@@ -110,6 +110,11 @@ pub struct TunnelServerConfig {
 
 /// Default of `read_ahead` (server and agent).
 pub const DEFAULT_READ_AHEAD: usize = 256 * 1024;
+/// Default of the agent's `max_streams`.
+fn default_agent_streams() -> usize {
+    16384
+}
+
 /// Default of the agent's `max_flows`.
 fn default_agent_flows() -> usize {
     1024
@@ -381,6 +386,14 @@ pub struct TunnelClientConfig {
     /// `ConnectFail`. Default 1024.
     #[serde(default = "default_agent_flows")]
     pub max_flows: usize,
+    /// TCP streams this agent keeps open at once, whatever the server asks:
+    /// each is a connection to a local service (a descriptor); past it, a
+    /// new stream is refused with `ConnectFail`. Keep it, with `max_flows`,
+    /// below the process's open-file limit (`ulimit -n`), so that the
+    /// control link can always reconnect. Default 16384 (the server's own
+    /// `max_streams_per_tunnel`).
+    #[serde(default = "default_agent_streams")]
+    pub max_streams: usize,
     /// Addresses an access client may ask this agent to dial (`Open` with a
     /// target), besides its registered services. Default none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -456,6 +469,7 @@ impl TunnelClientConfig {
             read_ahead: default_read_ahead(),
             udp_waiting: default_udp_budget(),
             max_flows: default_agent_flows(),
+            max_streams: default_agent_streams(),
             access_targets: Vec::new(),
             ca_cert: None,
             services: Vec::new(),
@@ -508,12 +522,11 @@ impl TunnelClientConfig {
         }
     }
 
-    /// The agent's stream table, given the initial window the server announced.
-    /// It has no stream cap of its own: the server's `max_streams_per_tunnel`
-    /// and `max_connections_per_service` are the limits.
+    /// The agent's stream table, given the initial window the server
+    /// announced, with the agent's own stream cap (`max_streams`).
     pub fn stream_settings(&self, server_window: u32) -> StreamSettings {
         StreamSettings {
-            max_streams: usize::MAX,
+            max_streams: self.max_streams,
             recv_initial: self.stream_window,
             recv_max: self.max_stream_window,
             send_initial: server_window,
@@ -552,6 +565,9 @@ impl TunnelClientConfig {
         at_least_a_frame("udp_waiting", self.udp_waiting)?;
         if self.max_flows == 0 {
             return Err(invalid("max_flows", "must be at least 1"));
+        }
+        if self.max_streams == 0 {
+            return Err(invalid("max_streams", "must be at least 1"));
         }
         validate_windows(
             self.stream_window,

@@ -87,8 +87,8 @@ async fn a_server_that_sends_and_never_reads_cannot_grow_the_agent() {
     assert!(again.contains("WARN"), "{again}");
 }
 
-/// Accepts one agent: authenticates it, takes its UDP registration, then
-/// asks it to open `flows` flows at once. Sends the agent's answers to
+/// Accepts one agent: authenticates it, takes its registration, then asks
+/// it to open `flows` flows (streams, for a TCP service) at once. Sends the agent's answers to
 /// `answers`.
 async fn flow_asking_server(
     listener: TcpListener,
@@ -159,6 +159,48 @@ async fn a_server_cannot_make_the_agent_open_sockets_without_end() {
     assert!(
         held < 64,
         "the agent holds {held} more descriptors for 16 flows"
+    );
+    agent.stop();
+}
+
+/// The same for streams: a server asking for 300 streams to a TCP service
+/// gets the agent's `max_streams` (16) dialed and the rest refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_cannot_make_the_agent_dial_without_end() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, mut answers) = mpsc::unbounded_channel();
+    tokio::spawn(flow_asking_server(listener, 300, tx));
+    let echo = common::services::echo().await;
+    let fds = common::fd_count(std::process::id());
+    let mut config = common::agent_config(
+        addr,
+        "token",
+        vec![zlayer_tunnel::ServiceConfig::tcp("ssh", echo)],
+    );
+    config.max_streams = 16;
+    let (agent, _task) = common::run_agent(zlayer_tunnel::TunnelAgent::new(config));
+    let (mut accepted, mut refused) = (0, 0);
+    while accepted + refused < 300 {
+        let answer = tokio::time::timeout(DEADLINE, answers.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        match answer {
+            Message::ConnectAck { .. } => accepted += 1,
+            Message::ConnectFail { reason, .. } => {
+                assert!(reason.contains("limit of 16 streams"), "{reason}");
+                refused += 1;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!((accepted, refused), (16, 284));
+    // each stream is two descriptors here: the agent's and the echo's end
+    let held = common::fd_count(std::process::id()).saturating_sub(fds);
+    assert!(
+        held < 96,
+        "the agent holds {held} more descriptors for 16 streams"
     );
     agent.stop();
 }

@@ -234,13 +234,8 @@ fn defaults_carry_ten_thousand_connections_through_one_agent() {
     assert!(server.max_connections_per_service >= TEN_THOUSAND);
     assert!(server.max_streams_per_tunnel >= TEN_THOUSAND);
     assert!(server.stream_settings(0).max_streams >= TEN_THOUSAND);
-    // the agent has no stream or connection cap of its own, so the server's
-    // limits above are the only ones
+    // the agent's own cap (against a server that asks without end) is above
+    // the target too
     let agent = TunnelClientConfig::new("ws://x", "t");
-    assert_eq!(agent.stream_settings(0).max_streams, usize::MAX);
-    let keys = toml::to_string(&agent).unwrap();
-    assert!(
-        !keys.contains("max_streams") && !keys.contains("max_connections"),
-        "the agent grew a cap: {keys}"
-    );
+    assert!(agent.stream_settings(0).max_streams >= TEN_THOUSAND);
 }

@@ -4,7 +4,7 @@
 //! server's data-plane frames, all through the link's one connection table.
 
 use super::*;
-use crate::connections::ConnectionKind;
+use crate::connections::{ConnectionKind, StreamError};
 use crate::session::SocketEvent;
 
 impl AgentSession {
@@ -110,7 +110,11 @@ impl AgentSession {
                     credit,
                     visitor: Some((service_id, client_addr)),
                 },
-                Err(_) => return self.refuse(id, "agent is at its stream limit"),
+                Err(StreamError::TooMany { max }) => {
+                    let reason = format!("agent is at its limit of {max} streams");
+                    return self.refuse(id, &reason);
+                }
+                Err(e) => return self.refuse(id, &e.to_string()),
             },
         };
         self.actions.push_back(action);
