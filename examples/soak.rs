@@ -384,16 +384,29 @@ fn count(tally: &Tally, outcome: Outcome) {
 
 /// Echoes of 64 KiB to 4 MiB, one after another, until `end`.
 async fn bulk(public: SocketAddr, worker: u64, tally: Arc<Tally>, end: Instant) {
+    repeat_until(end, &tally, |n| {
+        let len = (64 * 1024) << (n % 7); // 64 KiB .. 4 MiB
+        echo_once(public, worker << 40 | n, len)
+    })
+    .await;
+}
+
+/// Runs `transfer(1)`, `transfer(2)`, ... until `end`, each within
+/// [`TRANSFER_DEADLINE`], counting what became of each; a pause after one
+/// that was cut (the fault is likely still on).
+async fn repeat_until<F, Fut>(end: Instant, tally: &Tally, mut transfer: F)
+where
+    F: FnMut(u64) -> Fut,
+    Fut: Future<Output = Outcome>,
+{
     let mut n = 0u64;
     while Instant::now() < end {
         n += 1;
-        let seed = worker << 40 | n;
-        let len = (64 * 1024) << (n % 7); // 64 KiB .. 4 MiB
-        let outcome = tokio::time::timeout(TRANSFER_DEADLINE, echo_once(public, seed, len))
+        let outcome = tokio::time::timeout(TRANSFER_DEADLINE, transfer(n))
             .await
             .unwrap_or(Outcome::Interrupted);
         let failed = matches!(outcome, Outcome::Interrupted);
-        count(&tally, outcome);
+        count(tally, outcome);
         if failed {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -450,18 +463,7 @@ async fn echo_once(public: SocketAddr, seed: u64, len: u64) -> Outcome {
 
 /// 64-byte ping-pongs on one connection, reconnecting when it is cut.
 async fn ping_pong(public: SocketAddr, tally: Arc<Tally>, end: Instant) {
-    let mut seed = 0u64;
-    while Instant::now() < end {
-        seed += 1;
-        let outcome = tokio::time::timeout(TRANSFER_DEADLINE, exchanges(public, seed, 1000))
-            .await
-            .unwrap_or(Outcome::Interrupted);
-        let failed = matches!(outcome, Outcome::Interrupted);
-        count(&tally, outcome);
-        if failed {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
+    repeat_until(end, &tally, |seed| exchanges(public, seed, 1000)).await;
 }
 
 async fn exchanges(public: SocketAddr, seed: u64, rounds: u64) -> Outcome {

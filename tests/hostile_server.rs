@@ -139,22 +139,8 @@ async fn a_server_cannot_make_the_agent_open_sockets_without_end() {
     );
     config.max_flows = 16;
     let (agent, _task) = common::run_agent(zlayer_tunnel::TunnelAgent::new(config));
-    let (mut accepted, mut refused) = (0, 0);
-    while accepted + refused < 300 {
-        let answer = tokio::time::timeout(DEADLINE, answers.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        match answer {
-            Message::ConnectAck { .. } => accepted += 1,
-            Message::ConnectFail { reason, .. } => {
-                assert!(reason.contains("limit of 16 UDP flows"), "{reason}");
-                refused += 1;
-            }
-            _ => {}
-        }
-    }
-    assert_eq!((accepted, refused), (16, 284));
+    let answered = count_answers(&mut answers, 300, "limit of 16 UDP flows").await;
+    assert_eq!(answered, (16, 284));
     let held = common::fd_count(std::process::id()).saturating_sub(fds);
     assert!(
         held < 64,
@@ -180,22 +166,8 @@ async fn a_server_cannot_make_the_agent_dial_without_end() {
     );
     config.max_streams = 16;
     let (agent, _task) = common::run_agent(zlayer_tunnel::TunnelAgent::new(config));
-    let (mut accepted, mut refused) = (0, 0);
-    while accepted + refused < 300 {
-        let answer = tokio::time::timeout(DEADLINE, answers.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        match answer {
-            Message::ConnectAck { .. } => accepted += 1,
-            Message::ConnectFail { reason, .. } => {
-                assert!(reason.contains("limit of 16 streams"), "{reason}");
-                refused += 1;
-            }
-            _ => {}
-        }
-    }
-    assert_eq!((accepted, refused), (16, 284));
+    let answered = count_answers(&mut answers, 300, "limit of 16 streams").await;
+    assert_eq!(answered, (16, 284));
     // each stream is two descriptors here: the agent's and the echo's end
     let held = common::fd_count(std::process::id()).saturating_sub(fds);
     assert!(
@@ -203,4 +175,29 @@ async fn a_server_cannot_make_the_agent_dial_without_end() {
         "the agent holds {held} more descriptors for 16 streams"
     );
     agent.stop();
+}
+
+/// The agent's answers to `asked` `Connect`s: (accepted, refused), every
+/// refusal naming `limit`.
+async fn count_answers(
+    answers: &mut mpsc::UnboundedReceiver<Message>,
+    asked: usize,
+    limit: &str,
+) -> (usize, usize) {
+    let (mut accepted, mut refused) = (0, 0);
+    while accepted + refused < asked {
+        let answer = tokio::time::timeout(DEADLINE, answers.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        match answer {
+            Message::ConnectAck { .. } => accepted += 1,
+            Message::ConnectFail { reason, .. } => {
+                assert!(reason.contains(limit), "{reason}");
+                refused += 1;
+            }
+            _ => {}
+        }
+    }
+    (accepted, refused)
 }
