@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # UDP side by side on loopback: direct, rathole 0.5.0 (type = "udp") and
-# zlayer-tunnel, with the same load (examples/udpload.rs): 64- and 1200-byte
-# datagrams, round trips checked byte for byte, 1 flow (latency) and 8 flows x 8
-# in flight (rate). One JSON line per measurement, prefixed by the target.
+# zlayer-tunnel, with the same load (examples/udpload.rs), every reply checked
+# byte for byte: 64- and 1200-byte datagrams on 1 flow with 1 in flight
+# (latency) and on 8 flows x 8 in flight (rate); one busy socket with 64 in
+# flight (a resolver's or dnsperf -c 1's shape), of 64-byte and of 1400-byte
+# datagrams (what one flow carries, in Mbit/s each way); and 10,000 queries
+# each from a new source port, 64 at a time. One JSON line per measurement,
+# prefixed by the target.
 #
 #   examples/udp-bench.sh [direct] [rathole] [zlt]     (default: all found)
 #
@@ -45,6 +49,9 @@ for t in $targets; do
     echo "$t $("$LOAD" rr 127.0.0.1:$port $size 1 1 "$SECS")"
     echo "$t $("$LOAD" rr 127.0.0.1:$port $size 8 8 "$SECS")"
   done
+  echo "$t $("$LOAD" rr 127.0.0.1:$port 64 1 64 "$SECS")"
+  echo "$t $("$LOAD" rr 127.0.0.1:$port 1400 1 64 "$SECS")"
+  echo "$t $("$LOAD" fresh 127.0.0.1:$port 10000 64)"
   for p in "${PIDS[@]:$before}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
   PIDS=("${PIDS[@]:0:$before}")
   sleep 0.5

@@ -4,12 +4,18 @@
 //! ```sh
 //! cargo run --release --example udpload -- echo 127.0.0.1:21101
 //! cargo run --release --example udpload -- rr 127.0.0.1:21111 64 4 8 5   # size, flows, depth, seconds
+//! cargo run --release --example udpload -- fresh 127.0.0.1:21111 10000 64  # queries, at once
 //! ```
 //!
 //! `rr`: each of FLOWS sockets (one flow each) keeps DEPTH datagrams of SIZE
 //! bytes in flight; every reply is matched to its request by sequence number
 //! and checked byte for byte; its round trip is recorded. A datagram not
-//! answered within 500 ms counts as lost.
+//! answered within 500 ms counts as lost. `mbit_per_s` is what one direction
+//! carried (replies x SIZE).
+//!
+//! `fresh`: COUNT single exchanges, each from a socket of its own (a new
+//! source port, as a resolver that draws one per query), PARALLEL at a time;
+//! each 64-byte query must be answered, byte for byte, within 2 s.
 
 #![allow(clippy::print_stdout)]
 
@@ -22,6 +28,8 @@ use tokio::net::UdpSocket;
 
 /// A request unanswered this long is lost.
 const LOST_AFTER: Duration = Duration::from_millis(500);
+/// How often a flow looks for requests that became lost.
+const SWEEP_EVERY: Duration = Duration::from_millis(20);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -44,7 +52,15 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
         }
-        _ => bail!("usage: udpload echo ADDR | rr TARGET SIZE FLOWS DEPTH SECONDS"),
+        "fresh" => {
+            let target: SocketAddr = arg(1).parse().context("TARGET")?;
+            let count: u64 = arg(2).parse().context("COUNT")?;
+            let parallel: u64 = arg(3).parse().context("PARALLEL")?;
+            fresh(target, count, parallel.max(1)).await
+        }
+        _ => bail!(
+            "usage: udpload echo ADDR | rr TARGET SIZE FLOWS DEPTH SECONDS | fresh TARGET COUNT PARALLEL"
+        ),
     }
 }
 
@@ -112,9 +128,10 @@ async fn rr(
         }
     };
     println!(
-        "{{\"mode\":\"udp_rr\",\"size\":{size},\"flows\":{flows},\"depth\":{depth},\"replies\":{},\"per_s\":{:.0},\"p50_us\":{},\"p99_us\":{},\"sent\":{},\"lost\":{},\"loss_pct\":{:.3},\"corrupt\":{}}}",
+        "{{\"mode\":\"udp_rr\",\"size\":{size},\"flows\":{flows},\"depth\":{depth},\"replies\":{},\"per_s\":{:.0},\"mbit_per_s\":{:.0},\"p50_us\":{},\"p99_us\":{},\"sent\":{},\"lost\":{},\"loss_pct\":{:.3},\"corrupt\":{}}}",
         total.rtts_us.len(),
         total.rtts_us.len() as f64 / secs,
+        (total.rtts_us.len() * size * 8) as f64 / secs / 1e6,
         pct(0.50),
         pct(0.99),
         total.sent,
@@ -141,6 +158,7 @@ async fn flow(
     let mut in_flight: HashMap<u64, Instant> = HashMap::new();
     let mut next = 0u64;
     let mut buf = vec![0u8; 65536];
+    let mut swept = Instant::now();
     loop {
         let sending = Instant::now() < end;
         while sending && in_flight.len() < depth {
@@ -149,9 +167,15 @@ async fn flow(
             result.sent += 1;
             next += 1;
         }
-        let before = in_flight.len();
-        in_flight.retain(|_, sent_at| sent_at.elapsed() < LOST_AFTER);
-        result.lost += (before - in_flight.len()) as u64;
+        // the losses are swept now and then, not per reply: a sweep costs
+        // the whole depth, and per reply it made the load generator the
+        // bottleneck of deep flows
+        if swept.elapsed() >= SWEEP_EVERY || !sending {
+            swept = Instant::now();
+            let before = in_flight.len();
+            in_flight.retain(|_, sent_at| sent_at.elapsed() < LOST_AFTER);
+            result.lost += (before - in_flight.len()) as u64;
+        }
         if in_flight.is_empty() {
             if sending {
                 continue;
@@ -178,5 +202,59 @@ async fn flow(
                 in_flight.clear();
             }
         }
+    }
+}
+
+/// How long a fresh socket waits for its one answer.
+const FRESH_DEADLINE: Duration = Duration::from_secs(2);
+
+/// `count` exchanges, each from its own socket, `parallel` at a time.
+async fn fresh(target: SocketAddr, count: u64, parallel: u64) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let workers: Vec<_> = (0..parallel)
+        .map(|w| {
+            let mine: Vec<u64> = (w..count).step_by(parallel as usize).collect();
+            tokio::spawn(async move {
+                let (mut answered, mut corrupt) = (0u64, 0u64);
+                for seq in mine {
+                    match one_exchange(target, seq).await? {
+                        Some(true) => answered += 1,
+                        Some(false) => corrupt += 1,
+                        None => {}
+                    }
+                }
+                anyhow::Ok((answered, corrupt))
+            })
+        })
+        .collect();
+    let (mut answered, mut corrupt) = (0, 0);
+    for worker in workers {
+        let (a, c) = worker.await??;
+        answered += a;
+        corrupt += c;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{{\"mode\":\"udp_fresh\",\"queries\":{count},\"parallel\":{parallel},\"answered\":{answered},\"lost\":{},\"corrupt\":{corrupt},\"secs\":{secs:.3},\"per_s\":{:.0}}}",
+        count - answered - corrupt,
+        answered as f64 / secs
+    );
+    if corrupt > 0 {
+        bail!("{corrupt} corrupted replies");
+    }
+    Ok(())
+}
+
+/// One query from a new socket: `Some(true)` answered intact, `Some(false)`
+/// answered wrong, `None` unanswered within [`FRESH_DEADLINE`].
+async fn one_exchange(target: SocketAddr, seq: u64) -> anyhow::Result<Option<bool>> {
+    let socket = UdpSocket::bind(("127.0.0.1", 0)).await?;
+    socket.connect(target).await?;
+    let query = payload(seq, 64);
+    socket.send(&query).await?;
+    let mut buf = [0u8; 128];
+    match tokio::time::timeout(FRESH_DEADLINE, socket.recv(&mut buf)).await {
+        Ok(n) => Ok(Some(buf[..n?] == query[..])),
+        Err(_) => Ok(None),
     }
 }
