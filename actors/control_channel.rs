@@ -28,13 +28,15 @@ use super::io::read_gate::ReadGate;
 use super::io::stream_hub::StreamHub;
 use super::now_ms;
 use super::registry::{
-    AllocatePort, CloseTunnel, FindService, FlowView, OpenTunnel, ReleasePort, ReportAlive,
-    ServiceEntry, ServiceRegistered, TunnelClosed,
+    AllocatePort, CloseTunnel, FindService, FlowView, OpenTunnel, PortGrant, ReleasePort,
+    ReportAlive, ServiceEntry, ServiceRegistered, TunnelClosed,
 };
 use super::service_listener::{
-    ACCEPTED_SOCKETS_TUNED, ServiceListener, StopListener, VisitorArrived,
+    ACCEPTED_SOCKETS_TUNED, JoinReplica, LeaveReplica, Replica, ServiceListener, VisitorArrived,
 };
-use super::udp_listener::{ForgetFlow, SendToVisitor, UdpEvent, UdpServiceListener, UdpWiring};
+use super::udp_listener::{
+    ForgetFlow, SendToVisitor, StopListener, UdpEvent, UdpServiceListener, UdpWiring,
+};
 use crate::accounting::{CounterSet, Counters, Direction, DropKind};
 use crate::auth::{TokenScope, hash_token};
 use crate::budget::Budget;
@@ -73,18 +75,22 @@ enum Listener {
 }
 
 impl Listener {
-    fn stop(&self) {
+    /// Tunnel `tunnel_id`'s registration ends: it leaves the service's
+    /// replicas (a TCP listener stops with its last); a UDP listener stops.
+    fn stop(&self, tunnel_id: Uuid) {
         match self {
-            Self::Tcp(addr) => addr.do_send(StopListener),
+            Self::Tcp(addr) => addr.do_send(LeaveReplica { tunnel_id }),
             Self::Udp(addr, _) => addr.do_send(StopListener),
         }
     }
 }
 
-/// A socket bound for a service being registered.
+/// The public side of a service being registered.
 enum Bound {
     Tcp(tokio::net::TcpListener),
     Udp(tokio::net::UdpSocket),
+    /// The listener of the service this registration joins as a replica.
+    Replica(Addr<ServiceListener>),
 }
 
 /// A UDP flow of this tunnel: where the agent's datagrams for it go.

@@ -19,10 +19,11 @@ use uuid::Uuid;
 
 use super::Error;
 use super::control_channel::Relay;
+use super::service_listener::ServiceListener;
 use crate::accounting::{Counters, Snapshot};
 pub use crate::status::{ServiceInfo, TunnelInfo};
 use crate::tunnels::{ClosedTunnel, TunnelTable};
-pub(crate) use ports::{AllocatePort, CountFreePorts, ReleasePort};
+pub(crate) use ports::{AllocatePort, CountFreePorts, PortGrant, ReleasePort};
 pub(crate) use services::{FindService, FlowView, ServiceEntry, ServiceRegistered};
 
 /// The public handle, in `actors/handles/`; re-exported here so that
@@ -92,6 +93,8 @@ struct TunnelIo {
     counters: Arc<Counters>,
     /// Live views of its services, by service id.
     views: HashMap<Uuid, (Arc<Counters>, Option<FlowView>)>,
+    /// The listeners of its TCP services, by port (shared with replicas).
+    listeners: HashMap<u16, Addr<ServiceListener>>,
 }
 
 /// The registry actor.
@@ -130,6 +133,7 @@ impl Handler<OpenTunnel> for Registry {
             cancel: cancel.clone(),
             counters: msg.counters,
             views: HashMap::new(),
+            listeners: HashMap::new(),
         };
         let agent = (msg.token_hash, msg.client_id);
         let liveness = (Instant::now(), msg.timeout);

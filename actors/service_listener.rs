@@ -1,13 +1,17 @@
 //! `ServiceListener`: one per registered TCP service, on its public port.
 //!
 //! Owns the listening socket (bound with `SO_REUSEADDR`, so a port comes back
-//! at once after a restart or takeover). Sends each accepted visitor to its
-//! control channel as `VisitorArrived`, at most [`MAX_WAITING_VISITORS`] at a
-//! time not yet taken by the channel: a channel that is not taking them (its
-//! WebSocket actor frozen by an agent that reads nothing) pauses accepting,
-//! and further visitors wait in the kernel's listen backlog instead of as
-//! the server's sockets. Stops with its tunnel (cancellation token) or when
-//! its service is unregistered (`StopListener`).
+//! at once after a restart or takeover) and the service's replicas: the
+//! control channels of the agents that registered its name (`JoinReplica`).
+//! Sends each accepted visitor to one replica's channel as `VisitorArrived`
+//! (the replica with the fewest open streams, or each in turn: the server's
+//! `load_balance`), at most [`MAX_WAITING_VISITORS`] at a time not yet taken
+//! by the channels: a channel that is not taking them (its WebSocket actor
+//! frozen by an agent that reads nothing) pauses accepting, and further
+//! visitors wait in the kernel's listen backlog instead of as the server's
+//! sockets. A replica leaves when its tunnel ends (its cancellation token) or
+//! its service is unregistered (`LeaveReplica`); it gets no visitor from that
+//! moment. The listener stops when the last replica leaves.
 
 use std::io;
 use std::net::SocketAddr;
@@ -21,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::io::socket_options::limit_unsent;
-use crate::accounting::GuardCounters;
+use crate::accounting::{Counters, GuardCounters};
+use crate::replicas::{LoadBalance, ReplicaSet};
 
 /// Accepted sockets inherit `TCP_NODELAY` and `TCP_NOTSENT_LOWAT` from their
 /// listener on Linux, so [`ServiceListener::bind`] sets them there once, and
@@ -51,30 +56,44 @@ pub(crate) struct VisitorArrived {
 /// An accepted visitor and its place among the waiting ones.
 type Accepted = io::Result<(TcpStream, SocketAddr, OwnedSemaphorePermit)>;
 
-/// Stops listening (service unregistered).
+/// One agent's registration of the service: where its visitors go.
+pub(crate) struct Replica {
+    /// The service's id in that agent's tunnel.
+    pub(crate) service_id: Uuid,
+    pub(crate) channel: Recipient<VisitorArrived>,
+    /// The registration's counters: its open streams are its load.
+    pub(crate) counters: Arc<Counters>,
+}
+
+/// A replica joins the service (the first one starts the listener).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub(crate) struct StopListener;
+pub(crate) struct JoinReplica {
+    pub(crate) tunnel_id: Uuid,
+    pub(crate) replica: Replica,
+    /// Cancelled when the replica's tunnel ends: it leaves.
+    pub(crate) cancel: CancellationToken,
+}
+
+/// A replica leaves (its service was unregistered).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct LeaveReplica {
+    pub(crate) tunnel_id: Uuid,
+}
 
 /// The listener actor.
 pub(crate) struct ServiceListener {
-    service_id: Uuid,
     port: u16,
-    channel: Recipient<VisitorArrived>,
-    cancel: CancellationToken,
+    replicas: ReplicaSet<Uuid, Replica>,
+    policy: LoadBalance,
 }
 
 impl Actor for ServiceListener {
     type Context = Context<Self>;
 
-    fn started(&mut self, ctx: &mut Self::Context) {
+    fn started(&mut self, _: &mut Self::Context) {
         tracing::info!(port = self.port, "public port listening");
-        let cancel = self.cancel.clone();
-        ctx.spawn(
-            async move { cancel.cancelled_owned().await }
-                .into_actor(self)
-                .map(|(), _, ctx| ctx.stop()),
-        );
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
@@ -82,23 +101,57 @@ impl Actor for ServiceListener {
     }
 }
 
-impl Handler<StopListener> for ServiceListener {
+impl Handler<JoinReplica> for ServiceListener {
     type Result = ();
 
-    fn handle(&mut self, _: StopListener, ctx: &mut Self::Context) {
-        ctx.stop();
+    fn handle(&mut self, msg: JoinReplica, ctx: &mut Self::Context) {
+        self.join(msg, ctx);
+    }
+}
+
+impl ServiceListener {
+    /// Replica `msg.tunnel_id` takes visitors until it leaves.
+    fn join(&mut self, msg: JoinReplica, ctx: &mut Context<Self>) {
+        let tunnel_id = msg.tunnel_id;
+        if msg.cancel.is_cancelled() {
+            return self.leave(tunnel_id, ctx);
+        }
+        self.replicas.add(tunnel_id, msg.replica);
+        if self.replicas.len() > 1 {
+            tracing::info!(port = self.port, %tunnel_id, replicas = self.replicas.len(), "replica joined");
+        }
+        ctx.spawn(
+            async move { msg.cancel.cancelled_owned().await }
+                .into_actor(self)
+                .map(move |(), act, ctx| act.leave(tunnel_id, ctx)),
+        );
+    }
+}
+
+impl Handler<LeaveReplica> for ServiceListener {
+    type Result = ();
+
+    fn handle(&mut self, msg: LeaveReplica, ctx: &mut Self::Context) {
+        self.leave(msg.tunnel_id, ctx);
     }
 }
 
 impl StreamHandler<Accepted> for ServiceListener {
     fn handle(&mut self, item: Accepted, _: &mut Self::Context) {
         match item {
-            Ok((socket, peer, waiting)) => self.channel.do_send(VisitorArrived {
-                service_id: self.service_id,
-                socket,
-                peer,
-                _waiting: waiting,
-            }),
+            Ok((socket, peer, waiting)) => {
+                let open_streams = |r: &Replica| r.counters.open_connections();
+                // never empty while listening: the last replica stops it
+                let Some(replica) = self.replicas.pick(self.policy, |_| true, open_streams) else {
+                    return;
+                };
+                replica.channel.do_send(VisitorArrived {
+                    service_id: replica.service_id,
+                    socket,
+                    peer,
+                    _waiting: waiting,
+                });
+            }
             Err(e) => tracing::warn!(port = self.port, error = %e, "accept failed"),
         }
     }
@@ -136,13 +189,23 @@ impl ServiceListener {
             })
     }
 
-    /// Starts accepting on `listener` for the service.
+    /// Replica `tunnel_id` leaves; the last one stops the listener.
+    fn leave(&mut self, tunnel_id: Uuid, ctx: &mut Context<Self>) {
+        if self.replicas.remove(&tunnel_id).is_some() && !self.replicas.is_empty() {
+            tracing::info!(port = self.port, %tunnel_id, replicas = self.replicas.len(), "replica left");
+        }
+        if self.replicas.is_empty() {
+            ctx.stop();
+        }
+    }
+
+    /// Starts accepting on `listener` for the service, whose first replica
+    /// is `first`.
     pub(crate) fn start(
         listener: TcpListener,
-        service_id: Uuid,
         port: u16,
-        channel: Recipient<VisitorArrived>,
-        cancel: CancellationToken,
+        first: JoinReplica,
+        policy: LoadBalance,
         guards: Arc<GuardCounters>,
     ) -> Addr<Self> {
         let waiting = Arc::new(Semaphore::new(MAX_WAITING_VISITORS));
@@ -158,12 +221,13 @@ impl ServiceListener {
                     Some((next, l))
                 }
             }));
-            Self {
-                service_id,
+            let mut listener = Self {
                 port,
-                channel,
-                cancel,
-            }
+                replicas: ReplicaSet::default(),
+                policy,
+            };
+            listener.join(first, ctx);
+            listener
         })
     }
 }

@@ -22,7 +22,6 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::registry::FlowView;
-use super::service_listener::StopListener;
 use crate::accounting::{Counters, Direction, DropKind};
 use crate::budget::Budget;
 use crate::log_limit::{LogLimiter, RemoteEvent};
@@ -165,6 +164,11 @@ impl Handler<ForgetFlow> for UdpServiceListener {
         }
     }
 }
+
+/// Stops listening (service unregistered).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct StopListener;
 
 impl Handler<StopListener> for UdpServiceListener {
     type Result = ();

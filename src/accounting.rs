@@ -138,6 +138,11 @@ impl Counters {
         self.connections_total.fetch_add(1, Relaxed);
     }
 
+    /// Connections (or flows) open now.
+    pub fn open_connections(&self) -> u64 {
+        self.connections_active.load(Relaxed)
+    }
+
     /// A connection (or flow) closed; never goes below zero.
     pub fn connection_closed(&self) {
         let _ = self

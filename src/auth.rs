@@ -170,6 +170,12 @@ impl TokenScope {
             .ok_or_else(|| AuthError::RegisterDenied(service.to_owned()))
     }
 
+    /// True when the token's register scope names `service` explicitly (not
+    /// merely allows any): it may add replicas to another token's service.
+    pub fn names_service(&self, service: &str) -> bool {
+        (self.register.as_deref()).is_some_and(|names| names.iter().any(|n| n == service))
+    }
+
     /// Checks that the token may be given public port `port` (0: any of its ports).
     pub fn check_port(&self, port: u16) -> Result<(), AuthError> {
         match &self.ports {

@@ -91,6 +91,9 @@ pub struct TunnelServerConfig {
     pub tunnel_window_budget: u64,
     /// Most UDP flows (visitor addresses) per UDP service. Default 1024.
     pub max_flows_per_service: usize,
+    /// How visitors are spread over the replicas of a service (agents that
+    /// registered one name): `least-streams` (default) or `round-robin`.
+    pub load_balance: crate::replicas::LoadBalance,
     /// Datagrams per second one UDP flow may send toward its service. Default 200000.
     pub max_datagram_rate: u32,
     /// Largest UDP datagram carried, 1..=65507; a larger one is dropped and counted. Default 65507.
@@ -144,6 +147,7 @@ impl Default for TunnelServerConfig {
             max_stream_window: 1024 * 1024,
             tunnel_window_budget: 16 * 1024 * 1024,
             max_flows_per_service: 1024,
+            load_balance: crate::replicas::LoadBalance::LeastStreams,
             max_datagram_rate: 200_000,
             max_datagram_size: crate::udp::MAX_DATAGRAM,
             udp_idle_timeout: Duration::from_secs(60),

@@ -45,6 +45,7 @@ pub mod node;
 pub mod outbound;
 pub mod ports;
 pub mod protocol;
+pub mod replicas;
 pub mod session;
 pub mod status;
 pub mod throttle;

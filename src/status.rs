@@ -59,11 +59,72 @@ fn unix_seconds<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::
 pub struct StatusReport<'a> {
     /// Connected tunnels.
     pub tunnels: &'a [TunnelInfo],
+    /// The services by public port, each with its replicas (see [`replicas`]).
+    pub services: Vec<ServiceReplicas>,
     /// Free public ports.
     pub free_ports: usize,
     /// Connections awaiting authentication, and what the admission limits
     /// turned away.
     pub guards: GuardSnapshot,
+}
+
+/// A service as its visitors see it: one public port, and the agents'
+/// registrations of its name that serve it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceReplicas {
+    /// Its name.
+    pub name: String,
+    /// TCP or UDP.
+    pub protocol: ServiceProtocol,
+    /// Its public port.
+    pub port: u16,
+    /// The registrations serving it.
+    pub replicas: Vec<ReplicaInfo>,
+}
+
+/// One agent's registration of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReplicaInfo {
+    /// The agent's tunnel.
+    pub tunnel_id: Uuid,
+    /// The agent's stable client id.
+    pub client_id: Uuid,
+    /// The agent's address.
+    pub client_addr: SocketAddr,
+    /// Streams (UDP: flows) open through it now.
+    pub open_streams: u64,
+    /// Payload bytes from visitors to it.
+    pub bytes_in: u64,
+    /// Payload bytes from it to visitors.
+    pub bytes_out: u64,
+}
+
+/// The tunnels' services grouped by public port, ordered by port.
+pub fn replicas(tunnels: &[TunnelInfo]) -> Vec<ServiceReplicas> {
+    let mut services: Vec<ServiceReplicas> = Vec::new();
+    for tunnel in tunnels {
+        for service in &tunnel.services {
+            let replica = ReplicaInfo {
+                tunnel_id: tunnel.id,
+                client_id: tunnel.client_id,
+                client_addr: tunnel.client_addr,
+                open_streams: service.stats.connections_active,
+                bytes_in: service.stats.bytes_in,
+                bytes_out: service.stats.bytes_out,
+            };
+            match services.iter_mut().find(|s| s.port == service.port) {
+                Some(known) => known.replicas.push(replica),
+                None => services.push(ServiceReplicas {
+                    name: service.name.clone(),
+                    protocol: service.protocol,
+                    port: service.port,
+                    replicas: vec![replica],
+                }),
+            }
+        }
+    }
+    services.sort_by_key(|s| s.port);
+    services
 }
 
 /// What the server's admission limits did, in the same format (appended to
@@ -118,7 +179,11 @@ pub fn render_metrics(tunnels: &[TunnelInfo], free_ports: usize) -> String {
         "Free public ports.",
         free_ports as u64,
     );
-    let services: Vec<&ServiceInfo> = tunnels.iter().flat_map(|t| &t.services).collect();
+    // replicas of one service share its name and port: the agent's client
+    // id tells their series apart
+    let services: Vec<(&ServiceInfo, Option<Uuid>)> = (tunnels.iter())
+        .flat_map(|t| t.services.iter().map(|s| (s, Some(t.client_id))))
+        .collect();
     render_services(&mut out, &services);
     out
 }
@@ -191,7 +256,8 @@ pub fn render_agent_metrics(status: &AgentStatus) -> String {
         "1 while the agent is authenticated to its server.",
         u64::from(status.connected),
     );
-    let services: Vec<&ServiceInfo> = status.services.iter().collect();
+    let services: Vec<(&ServiceInfo, Option<Uuid>)> =
+        status.services.iter().map(|s| (s, None)).collect();
     render_services(&mut out, &services);
     out
 }
@@ -292,8 +358,9 @@ fn render_scoped(out: &mut String, prefix: &str, what: &str, rows: &[(String, bo
     }
 }
 
-/// The per-service families, shared by server and agent.
-fn render_services(out: &mut String, services: &[&ServiceInfo]) {
+/// The per-service families, shared by server (with each registration's
+/// client id) and agent (without).
+fn render_services(out: &mut String, services: &[(&ServiceInfo, Option<Uuid>)]) {
     let families: [Family; 4] = [
         (
             "zlayer_tunnel_service_bytes_total",
@@ -322,9 +389,9 @@ fn render_services(out: &mut String, services: &[&ServiceInfo]) {
     ];
     for (name, kind, help, values) in families {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for service in services {
+        for &(service, client) in services {
             for (direction, value) in values(&service.stats) {
-                let labels = labels(service, direction);
+                let labels = labels(service, client, direction);
                 let _ = writeln!(out, "{name}{{{labels}}} {value}");
             }
         }
@@ -334,8 +401,8 @@ fn render_services(out: &mut String, services: &[&ServiceInfo]) {
         out,
         "# HELP {name} Datagrams a service dropped, by reason.\n# TYPE {name} counter"
     );
-    for service in services {
-        let labels = labels(service, "");
+    for &(service, client) in services {
+        let labels = labels(service, client, "");
         for kind in DropKind::ALL {
             let (reason, value) = (kind.name(), service.stats.drops_by_kind[kind.index()]);
             let _ = writeln!(out, "{name}{{{labels},reason=\"{reason}\"}} {value}");
@@ -365,13 +432,16 @@ fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
     );
 }
 
-fn labels(service: &ServiceInfo, direction: &str) -> String {
+fn labels(service: &ServiceInfo, client: Option<Uuid>, direction: &str) -> String {
     let mut labels = format!(
         "service=\"{}\",protocol=\"{}\",port=\"{}\"",
         escape(&service.name),
         service.protocol,
         service.port
     );
+    if let Some(client) = client {
+        let _ = write!(labels, ",client_id=\"{client}\"");
+    }
     if !direction.is_empty() {
         let _ = write!(labels, ",direction=\"{direction}\"");
     }
@@ -421,9 +491,9 @@ mod tests {
         assert!(text.contains("zlayer_tunnel_tunnels 1\n"));
         assert!(text.contains("zlayer_tunnel_free_ports 7\n"));
         assert!(text.contains(
-            "zlayer_tunnel_service_bytes_total{service=\"s\\\"sh\",protocol=\"tcp\",port=\"30000\",direction=\"in\"} 1234\n"
+            "zlayer_tunnel_service_bytes_total{service=\"s\\\"sh\",protocol=\"tcp\",port=\"30000\",client_id=\"00000000-0000-0000-0000-000000000000\",direction=\"in\"} 1234\n"
         ));
-        assert!(text.contains("zlayer_tunnel_service_connections_total{service=\"s\\\"sh\",protocol=\"tcp\",port=\"30000\"} 3\n"));
+        assert!(text.contains("zlayer_tunnel_service_connections_total{service=\"s\\\"sh\",protocol=\"tcp\",port=\"30000\",client_id=\"00000000-0000-0000-0000-000000000000\"} 3\n"));
         assert!(text.contains("# TYPE zlayer_tunnel_service_bytes_total counter\n"));
     }
 
@@ -432,6 +502,7 @@ mod tests {
         let tunnels = [tunnel()];
         let json = serde_json::to_value(StatusReport {
             tunnels: &tunnels,
+            services: replicas(&tunnels),
             free_ports: 0,
             guards: GuardSnapshot::default(),
         })
@@ -440,5 +511,18 @@ mod tests {
         assert_eq!(json["tunnels"][0]["connected_since"], 0);
         assert_eq!(json["tunnels"][0]["services"][0]["stats"]["bytes_in"], 1234);
         assert_eq!(json["tunnels"][0]["client_addr"], "127.0.0.1:5000");
+        assert_eq!(json["services"][0]["port"], 30000);
+        assert_eq!(json["services"][0]["replicas"][0]["open_streams"], 1);
+    }
+
+    #[test]
+    fn replicas_of_one_port_are_grouped() {
+        let mut second = tunnel();
+        second.id = Uuid::from_u128(2);
+        second.client_id = Uuid::from_u128(2);
+        let services = replicas(&[tunnel(), second]);
+        assert_eq!(services.len(), 1);
+        let ids: Vec<Uuid> = services[0].replicas.iter().map(|r| r.client_id).collect();
+        assert_eq!(ids, [Uuid::nil(), Uuid::from_u128(2)]);
     }
 }

@@ -30,12 +30,76 @@ pub enum RegistryError {
     /// A port could not be allocated.
     #[error(transparent)]
     Port(#[from] PortError),
-    /// Another agent's tunnel already registered a service of this name.
-    #[error("service {name:?} is already registered on this server by another agent")]
+    /// Another agent's tunnel already registered a service of this name, and
+    /// this one may not join it as a replica (another token, whose scope
+    /// does not name the service).
+    #[error(
+        "service {name:?} is already registered on this server by another agent; to add a replica of it, use that agent's token or one whose register scope names {name:?}"
+    )]
     NameTaken {
         /// The name.
         name: String,
     },
+    /// A replica asked for another public port than its service has.
+    #[error(
+        "service {name:?} already has public port {port}; a replica must ask for {port} or for 0"
+    )]
+    PortMismatch {
+        /// The service.
+        name: String,
+        /// The port it has.
+        port: u16,
+    },
+    /// A replica of another protocol than its service.
+    #[error("service {name:?} is registered as {protocol}; a replica must be {protocol} too")]
+    ProtocolMismatch {
+        /// The service.
+        name: String,
+        /// Its protocol.
+        protocol: ServiceProtocol,
+    },
+    /// A replica's token may not be given the service's port.
+    #[error("service {name:?} has public port {port}, which this agent's token may not use")]
+    PortOutsideScope {
+        /// The service.
+        name: String,
+        /// Its port.
+        port: u16,
+    },
+}
+
+/// What a registration asks of [`TunnelTable::allocate`].
+#[derive(Debug, Clone, Copy)]
+pub struct Claim<'a> {
+    /// The service's name.
+    pub name: &'a str,
+    /// TCP or UDP.
+    pub protocol: ServiceProtocol,
+    /// The public port asked for; 0: any.
+    pub requested: u16,
+    /// The ports the tunnel's token may use (`None`: any in the range).
+    pub allowed: Option<&'a [(u16, u16)]>,
+    /// The token's register scope names the service explicitly: it may join
+    /// another token's registration of it as a replica.
+    pub named_in_scope: bool,
+}
+
+/// A port [`TunnelTable::allocate`] gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Granted {
+    /// A port of the service's own: the first registration of the name.
+    New(u16),
+    /// The port of the service another tunnel registered: a replica.
+    Joined(u16),
+}
+
+impl Granted {
+    /// The port, either way.
+    pub fn port(self) -> u16 {
+        match self {
+            Self::New(port) | Self::Joined(port) => port,
+        }
+    }
 }
 
 /// What identifies an agent across its reconnects: its token's hash and its client id.
@@ -70,10 +134,18 @@ struct Entry<T> {
     key: AgentKey,
     liveness: Liveness,
     ports: Vec<u16>,
-    /// The service name each port was allocated for.
-    names: Vec<(String, u16)>,
+    /// The service each port was allocated for.
+    names: Vec<Named>,
     services: Vec<RegisteredService>,
     io: T,
+}
+
+/// A port's service, as its tunnel claimed it.
+#[derive(Debug)]
+struct Named {
+    name: String,
+    port: u16,
+    protocol: ServiceProtocol,
 }
 
 /// The tunnels of one server.
@@ -162,22 +234,32 @@ impl<T> TunnelTable<T> {
         silent.into_iter().filter_map(|id| self.close(id)).collect()
     }
 
-    /// Closes tunnel `id` and frees its ports.
+    /// Closes tunnel `id` and frees its ports (a port a replica of another
+    /// tunnel still holds stays taken).
     pub fn close(&mut self, id: Uuid) -> Option<ClosedTunnel<T>> {
         let entry = self.tunnels.remove(&id)?;
         if self.by_agent.get(&entry.key) == Some(&id) {
             self.by_agent.remove(&entry.key);
         }
-        if let Ok(pool) = self.ports.as_mut() {
-            entry.ports.iter().for_each(|p| {
-                pool.release(*p);
-            });
-        }
+        let freed: Vec<u16> = (entry.ports.iter().copied())
+            .filter(|p| self.free_if_unheld(*p))
+            .collect();
         Some(ClosedTunnel {
             id,
             io: entry.io,
-            ports: entry.ports,
+            ports: freed,
         })
+    }
+
+    /// Gives `port` back to the pool unless a tunnel still holds it.
+    fn free_if_unheld(&mut self, port: u16) -> bool {
+        if self.tunnels.values().any(|t| t.ports.contains(&port)) {
+            return false;
+        }
+        if let Ok(pool) = self.ports.as_mut() {
+            pool.release(port);
+        }
+        true
     }
 
     /// Closes every tunnel (shutdown).
@@ -186,36 +268,45 @@ impl<T> TunnelTable<T> {
         ids.into_iter().filter_map(|id| self.close(id)).collect()
     }
 
-    /// A public port for service `name` of tunnel `id`: `requested` (0: the
-    /// lowest free), from `allowed` when its token is scoped to some ports.
-    /// A name another tunnel holds is refused (one name, one service: the
-    /// replicas issue will give a second registration its meaning).
-    pub fn allocate(
-        &mut self,
-        id: Uuid,
-        name: &str,
-        requested: u16,
-        allowed: Option<&[(u16, u16)]>,
-    ) -> Result<u16, RegistryError> {
-        let taken = (self.tunnels.iter())
-            .any(|(other, t)| *other != id && t.names.iter().any(|(n, _)| n == name));
-        if taken {
-            return Err(RegistryError::NameTaken {
-                name: name.to_owned(),
-            });
-        }
+    /// A public port for a service of tunnel `id`: `claim.requested` (0:
+    /// the lowest free), from `claim.allowed` when its token is scoped to
+    /// some ports. A name another tunnel holds is joined as a replica when
+    /// the same token or a scope naming it asks, on the same port and
+    /// protocol; otherwise refused. One tunnel's second registration of a
+    /// name is the session's to refuse, before it gets here.
+    pub fn allocate(&mut self, id: Uuid, claim: Claim<'_>) -> Result<Granted, RegistryError> {
+        let token = &(self.tunnels.get(&id))
+            .ok_or(RegistryError::UnknownTunnel)?
+            .key
+            .0;
+        let held = self.tunnels.iter().find_map(|(other, t)| {
+            let named = t.names.iter().find(|n| n.name == claim.name)?;
+            (*other != id).then_some((named.port, named.protocol, t.key.0 == *token))
+        });
+        let granted = match held {
+            Some((port, protocol, same_token)) => {
+                joinable(&claim, port, protocol, same_token)?;
+                Granted::Joined(port)
+            }
+            None => {
+                let pool = self.ports.as_mut().map_err(|e| e.clone())?;
+                Granted::New(match claim.allowed {
+                    Some(allowed) => pool.allocate_within(claim.requested, allowed)?,
+                    None => pool.allocate(claim.requested)?,
+                })
+            }
+        };
         let entry = self
             .tunnels
             .get_mut(&id)
             .ok_or(RegistryError::UnknownTunnel)?;
-        let pool = self.ports.as_mut().map_err(|e| e.clone())?;
-        let port = match allowed {
-            Some(allowed) => pool.allocate_within(requested, allowed)?,
-            None => pool.allocate(requested)?,
-        };
-        entry.ports.push(port);
-        entry.names.push((name.to_owned(), port));
-        Ok(port)
+        entry.ports.push(granted.port());
+        entry.names.push(Named {
+            name: claim.name.to_owned(),
+            port: granted.port(),
+            protocol: claim.protocol,
+        });
+        Ok(granted)
     }
 
     /// Tunnel `id` gives `port` back (its service was unregistered or not
@@ -228,11 +319,9 @@ impl<T> TunnelTable<T> {
             return; // never ours: another tunnel's port stays taken
         }
         entry.ports.retain(|p| *p != port);
-        entry.names.retain(|(_, p)| *p != port);
+        entry.names.retain(|n| n.port != port);
         entry.services.retain(|s| s.port != port);
-        if let Ok(pool) = self.ports.as_mut() {
-            pool.release(port);
-        }
+        self.free_if_unheld(port);
     }
 
     /// Tunnel `id` registered `service` (on a port it holds).
@@ -272,6 +361,32 @@ impl<T> TunnelTable<T> {
     }
 }
 
+/// Whether a claim may join the service on `port` as a replica.
+fn joinable(
+    claim: &Claim<'_>,
+    port: u16,
+    protocol: ServiceProtocol,
+    same_token: bool,
+) -> Result<(), RegistryError> {
+    let name = claim.name.to_owned();
+    if !same_token && !claim.named_in_scope {
+        return Err(RegistryError::NameTaken { name });
+    }
+    if protocol != claim.protocol {
+        return Err(RegistryError::ProtocolMismatch { name, protocol });
+    }
+    if claim.requested != 0 && claim.requested != port {
+        return Err(RegistryError::PortMismatch { name, port });
+    }
+    if claim
+        .allowed
+        .is_some_and(|ranges| !crate::ports::in_ranges(ranges, port))
+    {
+        return Err(RegistryError::PortOutsideScope { name, port });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,6 +399,38 @@ mod tests {
 
     fn id(n: u128) -> Uuid {
         Uuid::from_u128(1000 + n)
+    }
+
+    /// A TCP claim of `name` on `port` by tunnel `id`, unscoped.
+    fn alloc(
+        t: &mut TunnelTable<impl Sized>,
+        id: Uuid,
+        name: &str,
+        port: u16,
+    ) -> Result<u16, RegistryError> {
+        claim(t, id, name, port, ServiceProtocol::Tcp, false).map(Granted::port)
+    }
+
+    fn claim(
+        t: &mut TunnelTable<impl Sized>,
+        id: Uuid,
+        name: &str,
+        requested: u16,
+        protocol: ServiceProtocol,
+        named_in_scope: bool,
+    ) -> Result<Granted, RegistryError> {
+        let claim = Claim {
+            name,
+            protocol,
+            requested,
+            allowed: None,
+            named_in_scope,
+        };
+        t.allocate(id, claim)
+    }
+
+    fn other_token(n: u128) -> AgentKey {
+        ("other".to_owned(), Uuid::from_u128(n))
     }
 
     fn service(name: &str, port: u16) -> RegisteredService {
@@ -304,12 +451,12 @@ mod tests {
                 .result
                 .is_ok()
         );
-        assert_eq!(t.allocate(id(1), "svc1", 30_001, None), Ok(30_001));
+        assert_eq!(alloc(&mut t, id(1), "svc1", 30_001), Ok(30_001));
         let opened = t.open(id(2), agent(7), "new", (now, 10 * S), 10);
         let old = opened.taken_over.expect("the old tunnel is taken over");
         assert_eq!((old.id, old.io, old.ports), (id(1), "old", vec![30_001]));
         // the new tunnel asks for the port it had, and gets it
-        assert_eq!(t.allocate(id(2), "svc2", 30_001, None), Ok(30_001));
+        assert_eq!(alloc(&mut t, id(2), "svc2", 30_001), Ok(30_001));
         assert_eq!(t.len(), 1);
         // another agent of the same token is another tunnel
         assert!(
@@ -341,17 +488,14 @@ mod tests {
         let mut t = TunnelTable::new((30_000, 30_000));
         t.open(id(1), agent(1), (), (now, 10 * S), 10);
         t.open(id(2), agent(2), (), (now, 10 * S), 10);
-        assert_eq!(t.allocate(id(1), "svc1", 0, None), Ok(30_000));
-        assert!(
-            t.allocate(id(2), "svc2", 0, None).is_err(),
-            "one port in all"
-        );
+        assert_eq!(alloc(&mut t, id(1), "svc1", 0), Ok(30_000));
+        assert!(alloc(&mut t, id(2), "svc2", 0).is_err(), "one port in all");
         t.alive(id(2), now + 5 * S);
         assert!(t.close_silent(now + 9 * S).is_empty());
         let closed = t.close_silent(now + 10 * S);
         assert_eq!(closed.iter().map(|c| c.id).collect::<Vec<_>>(), [id(1)]);
         assert_eq!(
-            t.allocate(id(2), "svc2", 0, None),
+            alloc(&mut t, id(2), "svc2", 0),
             Ok(30_000),
             "its port is free again"
         );
@@ -364,31 +508,99 @@ mod tests {
         let now = Instant::now();
         let mut t = TunnelTable::new((30_000, 30_009));
         t.open(id(1), agent(1), "a", (now, S), 10);
-        let port = t.allocate(id(1), "svc1", 0, None).unwrap();
+        let port = alloc(&mut t, id(1), "svc1", 0).unwrap();
         t.registered(id(1), service("db", port));
         assert_eq!(t.find_tcp_service("db"), Some((id(1), &"a")));
         assert_eq!(t.find_tcp_service("web"), None);
         // a port another tunnel holds is not released by this one
-        t.open(id(2), agent(2), "b", (now, S), 10);
+        t.open(id(2), other_token(2), "b", (now, S), 10);
         t.release(id(2), port);
         assert!(t.find_tcp_service("db").is_some());
         t.release(id(1), port);
         assert_eq!(t.find_tcp_service("db"), None);
         assert_eq!(t.free_ports(), 10);
         assert_eq!(
-            t.allocate(id(9), "svc9", 0, None),
+            alloc(&mut t, id(9), "svc9", 0),
             Err(RegistryError::UnknownTunnel)
         );
         // one name, one service across the server's tunnels
-        let port = t.allocate(id(1), "web", 0, None).unwrap();
+        let port = alloc(&mut t, id(1), "web", 0).unwrap();
         let taken = RegistryError::NameTaken {
             name: "web".to_owned(),
         };
-        assert_eq!(t.allocate(id(2), "web", 0, None), Err(taken));
+        assert_eq!(alloc(&mut t, id(2), "web", 0), Err(taken));
         t.release(id(1), port);
         assert!(
-            t.allocate(id(2), "web", 0, None).is_ok(),
+            alloc(&mut t, id(2), "web", 0).is_ok(),
             "free again once released"
         );
+    }
+
+    #[test]
+    fn a_second_agent_of_the_same_token_joins_the_service_as_a_replica() {
+        let now = Instant::now();
+        let mut t = TunnelTable::new((30_000, 30_009));
+        t.open(id(1), agent(1), (), (now, S), 10);
+        t.open(id(2), agent(2), (), (now, S), 10);
+        t.open(id(3), other_token(3), (), (now, S), 10);
+        assert_eq!(
+            claim(&mut t, id(1), "web", 0, ServiceProtocol::Tcp, false),
+            Ok(Granted::New(30_000))
+        );
+        assert_eq!(
+            claim(&mut t, id(2), "web", 0, ServiceProtocol::Tcp, false),
+            Ok(Granted::Joined(30_000))
+        );
+        // another token joins only when its scope names the service
+        assert!(matches!(
+            claim(&mut t, id(3), "web", 0, ServiceProtocol::Tcp, false),
+            Err(RegistryError::NameTaken { .. })
+        ));
+        assert_eq!(
+            claim(&mut t, id(3), "web", 30_000, ServiceProtocol::Tcp, true),
+            Ok(Granted::Joined(30_000))
+        );
+        // the port stays taken while one replica holds it
+        assert_eq!(t.close(id(1)).map(|c| c.ports), Some(vec![]));
+        t.release(id(2), 30_000);
+        assert_eq!(t.free_ports(), 9);
+        assert_eq!(t.close(id(3)).map(|c| c.ports), Some(vec![30_000]));
+        assert_eq!(t.free_ports(), 10);
+    }
+
+    #[test]
+    fn a_replica_must_match_the_service_port_protocol_and_scope() {
+        let now = Instant::now();
+        let mut t = TunnelTable::new((30_000, 30_009));
+        t.open(id(1), agent(1), (), (now, S), 10);
+        t.open(id(2), agent(2), (), (now, S), 10);
+        assert_eq!(alloc(&mut t, id(1), "db", 30_005), Ok(30_005));
+        let wrong_port = alloc(&mut t, id(2), "db", 30_006).unwrap_err();
+        assert_eq!(
+            wrong_port,
+            RegistryError::PortMismatch {
+                name: "db".to_owned(),
+                port: 30_005
+            }
+        );
+        assert!(wrong_port.to_string().contains("public port 30005"));
+        assert!(matches!(
+            claim(&mut t, id(2), "db", 0, ServiceProtocol::Udp, false),
+            Err(RegistryError::ProtocolMismatch { .. })
+        ));
+        let scoped = Claim {
+            name: "db",
+            protocol: ServiceProtocol::Tcp,
+            requested: 0,
+            allowed: Some(&[(30_000, 30_001)]),
+            named_in_scope: false,
+        };
+        assert!(matches!(
+            t.allocate(id(2), scoped),
+            Err(RegistryError::PortOutsideScope { port: 30_005, .. })
+        ));
+        // nothing was recorded by the refusals: a plain join still works
+        assert_eq!(alloc(&mut t, id(2), "db", 0), Ok(30_005));
+        assert_eq!(t.free_ports(), 9);
     }
 }

@@ -575,13 +575,13 @@ async fn a_registration_over_max_services_per_tunnel_is_refused_naming_the_limit
 }
 
 #[actix_web::test]
-async fn a_service_name_is_one_service_in_a_tunnel_and_across_agents() {
+async fn a_service_name_is_one_service_in_a_tunnel_and_a_replica_across_agents() {
     let server = spawn_server(fast_config(free_ports(3)), "secret");
     let mut first = RawWs::connect(server.addr, PATH).await;
     authed(&mut first, "secret", Uuid::new_v4()).await;
     let ssh = Message::register("ssh", ServiceProtocol::Tcp, 22, 0).unwrap();
     first.send(&ssh).await;
-    let Message::RegisterOk { service_id, .. } = next_reply(&mut first).await else {
+    let Message::RegisterOk { port, .. } = next_reply(&mut first).await else {
         panic!("the first registration of a name is taken");
     };
     // the same agent asks again: refused, naming the service
@@ -595,30 +595,15 @@ async fn a_service_name_is_one_service_in_a_tunnel_and_across_agents() {
         }
         other => panic!("{other:?}"),
     }
-    // another agent: refused too, until the first gives the name up
+    // another agent of the same token: a replica, on the same port
+    // (another token is refused: tests/replicas.rs)
     let mut second = RawWs::connect(server.addr, PATH).await;
     authed(&mut second, "secret", Uuid::new_v4()).await;
     second.send(&ssh).await;
     match next_reply(&mut second).await {
-        Message::RegisterFail { reason, .. } => {
-            assert!(reason.contains("by another agent"), "{reason}")
-        }
+        Message::RegisterOk { port: joined, .. } => assert_eq!(joined, port),
         other => panic!("{other:?}"),
     }
-    first.send(&Message::Unregister { service_id }).await;
-    // the unregistration is done once the first agent's next answer comes
-    first
-        .send(&Message::register("other", ServiceProtocol::Tcp, 22, 0).unwrap())
-        .await;
-    assert!(matches!(
-        next_reply(&mut first).await,
-        Message::RegisterOk { .. }
-    ));
-    second.send(&ssh).await;
-    assert!(matches!(
-        next_reply(&mut second).await,
-        Message::RegisterOk { .. }
-    ));
 }
 
 #[actix_web::test]

@@ -19,6 +19,7 @@ impl ControlChannel {
             protocol,
             remote_port,
             allowed_ports,
+            named_in_scope,
         } = registration;
         let tunnel_id = tunnel.tunnel_id;
         let registry = self.shared.registry.addr().clone();
@@ -28,16 +29,25 @@ impl ControlChannel {
         async move {
             let alloc = AllocatePort {
                 tunnel_id,
-                name: service_name,
+                name: service_name.clone(),
+                protocol,
                 requested: remote_port,
                 allowed: allowed_ports,
+                named_in_scope,
             };
-            let port = match registry
+            let grant = registry
                 .send(alloc)
                 .await
-                .map_err(crate::actors::Error::from)
-            {
-                Ok(Ok(port)) => port,
+                .map_err(crate::actors::Error::from);
+            let port = match grant {
+                Ok(Ok(PortGrant::New(port))) => port,
+                Ok(Ok(PortGrant::Joined(port, listener))) => {
+                    let joined = joinable(&service_name, protocol, listener);
+                    if joined.is_err() {
+                        registry.do_send(ReleasePort { tunnel_id, port });
+                    }
+                    return joined.map(|l| (port, Bound::Replica(l)));
+                }
                 Ok(Err(e)) | Err(e) => return Err(e.to_string()),
             };
             let bound = match protocol {
@@ -84,12 +94,24 @@ impl ControlChannel {
         let counters = Arc::new(Counters::new());
         let cancel = session.cancel.child_token();
         let mut flows = None;
+        let replica = JoinReplica {
+            tunnel_id: session.tunnel_id,
+            replica: Replica {
+                service_id,
+                channel: ctx.address().recipient(),
+                counters: counters.clone(),
+            },
+            cancel: cancel.clone(),
+        };
         let (listener, protocol) = match bound {
             Bound::Tcp(socket) => {
-                let recipient = ctx.address().recipient();
                 let guards = self.shared.registry.guard_counters().clone();
-                let addr =
-                    ServiceListener::start(socket, service_id, port, recipient, cancel, guards);
+                let policy = self.shared.config.load_balance;
+                let addr = ServiceListener::start(socket, port, replica, policy, guards);
+                (Listener::Tcp(addr), ServiceProtocol::Tcp)
+            }
+            Bound::Replica(addr) => {
+                addr.do_send(replica);
                 (Listener::Tcp(addr), ServiceProtocol::Tcp)
             }
             Bound::Udp(socket) => {
@@ -111,6 +133,10 @@ impl ControlChannel {
             }
         };
         tracing::info!(service = %name, port, %protocol, "service registered");
+        let tcp_listener = match &listener {
+            Listener::Tcp(addr) => Some(addr.clone()),
+            Listener::Udp(..) => None,
+        };
         self.shared.registry.addr().do_send(ServiceRegistered {
             tunnel_id: session.tunnel_id,
             service: ServiceEntry {
@@ -121,6 +147,7 @@ impl ControlChannel {
             },
             counters: counters.clone(),
             flows,
+            listener: tcp_listener,
         });
         session.services.insert(
             service_id,
@@ -144,12 +171,29 @@ impl ControlChannel {
         self.span.in_scope(
             || tracing::info!(service = %service.name, port = service.port, "service unregistered"),
         );
-        service.listener.stop();
+        service.listener.stop(session.tunnel_id);
         let release = ReleasePort {
             tunnel_id: session.tunnel_id,
             port: service.port,
         };
         self.shared.registry.addr().do_send(release);
+    }
+}
+
+/// The listener a replica of service `name` joins, if it can join one.
+fn joinable(
+    name: &str,
+    protocol: ServiceProtocol,
+    listener: Option<Addr<ServiceListener>>,
+) -> Result<Addr<ServiceListener>, String> {
+    match (protocol, listener) {
+        (ServiceProtocol::Tcp, Some(listener)) if listener.connected() => Ok(listener),
+        (ServiceProtocol::Tcp, _) => Err(format!(
+            "service {name:?} is being set up or closed by another agent; register again in a moment"
+        )),
+        (ServiceProtocol::Udp, _) => Err(format!(
+            "service {name:?} is already registered (udp) by another agent; replicas of udp services are not supported yet"
+        )),
     }
 }
 

@@ -27,6 +27,7 @@ impl AdminSource for TunnelRegistry {
             let free_ports = self.available_ports().await;
             let report = StatusReport {
                 tunnels: &tunnels,
+                services: crate::status::replicas(&tunnels),
                 free_ports,
                 guards: self.guards(),
             };

@@ -13,6 +13,8 @@ pub(crate) struct ServiceRegistered {
     pub(crate) counters: Arc<Counters>,
     /// UDP: the flows' traffic, as the listener last published it.
     pub(crate) flows: Option<FlowView>,
+    /// TCP: the service's listener, which replicas of it join.
+    pub(crate) listener: Option<Addr<ServiceListener>>,
 }
 
 /// A UDP listener's flows, published for status pages.
@@ -34,6 +36,9 @@ impl Handler<ServiceRegistered> for Registry {
     fn handle(&mut self, msg: ServiceRegistered, _: &mut Self::Context) {
         if let Some(io) = self.tunnels.get_mut(msg.tunnel_id) {
             io.views.insert(msg.service.id, (msg.counters, msg.flows));
+            if let Some(listener) = msg.listener {
+                io.listeners.insert(msg.service.port, listener);
+            }
             self.tunnels.registered(msg.tunnel_id, msg.service);
         }
     }
@@ -45,6 +50,15 @@ impl Handler<FindService> for Registry {
     fn handle(&mut self, msg: FindService, _: &mut Self::Context) -> Self::Result {
         let (_, io) = self.tunnels.find_tcp_service(&msg.name)?;
         Some(io.relay.clone())
+    }
+}
+
+impl Registry {
+    /// The live TCP listener on `port`, which a new replica joins.
+    pub(super) fn listener_of(&self, port: u16) -> Option<Addr<ServiceListener>> {
+        (self.tunnels.iter())
+            .find_map(|(_, io, _, _)| io.listeners.get(&port).filter(|l| l.connected()))
+            .cloned()
     }
 }
 

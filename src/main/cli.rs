@@ -70,6 +70,10 @@ pub(crate) struct ServerArgs {
     /// Host the public listeners bind. Default 0.0.0.0.
     #[arg(long)]
     pub(crate) bind_host: Option<String>,
+    /// How visitors are spread over a service's replicas: least-streams
+    /// (default) or round-robin.
+    #[arg(long)]
+    pub(crate) load_balance: Option<zlayer_tunnel::replicas::LoadBalance>,
     /// An accepted token (repeatable); also ZLAYER_TUNNEL_TOKEN.
     #[arg(long, env = "ZLAYER_TUNNEL_TOKEN", hide_env_values = true)]
     pub(crate) token: Vec<String>,

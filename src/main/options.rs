@@ -29,6 +29,7 @@ pub(crate) fn serve_options(args: &ServerArgs) -> anyhow::Result<ServeOptions> {
     if let Some(host) = &args.bind_host {
         config.bind_host.clone_from(host);
     }
+    config.load_balance = args.load_balance.unwrap_or(config.load_balance);
     config.heartbeat_interval = args.heartbeat_interval.unwrap_or(config.heartbeat_interval);
     config.heartbeat_timeout = args.heartbeat_timeout.unwrap_or(config.heartbeat_timeout);
     config.validate()?;

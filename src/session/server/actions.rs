@@ -104,4 +104,7 @@ pub struct Registration {
     pub remote_port: u16,
     /// Public ports the token may take (`None`: the server's whole range).
     pub allowed_ports: Option<Vec<(u16, u16)>>,
+    /// The token's register scope names the service: it may join another
+    /// token's registration of the name as a replica.
+    pub named_in_scope: bool,
 }

@@ -49,12 +49,14 @@ impl ServerSession {
         });
         if open.pending.back().is_some_and(|p| p.answer.is_none()) {
             let allowed_ports = open.scope.ports.clone();
+            let named_in_scope = open.scope.names_service(&name);
             self.actions.push_back(ServerAction::Allocate(Registration {
                 seq,
                 name,
                 protocol,
                 remote_port,
                 allowed_ports,
+                named_in_scope,
             }));
         }
         self.answer_in_order();

@@ -1,0 +1,149 @@
+//! Replicas: several agents (the binary, real sockets) registering one service
+//! name on one server share its public port; each visitor goes to one of them,
+//! and the port lives as long as one of them does.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::process::{Proc, TOKEN};
+use common::wait::wait_until;
+use common::{echo_through, free_ports};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// An echo service that counts the connections it serves.
+async fn counting_echo() -> (u16, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = served.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (mut read, mut write) = socket.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+                let _ = write.shutdown().await;
+            });
+        }
+    });
+    (port, served)
+}
+
+/// A CLI server with public ports `range` and its agents' control URL.
+fn server(range: (u16, u16), flags: &[&str]) -> (Proc, String) {
+    let mut server = Proc::server(range, flags);
+    let control = server.listening_addr("control channel listening");
+    (server, format!("ws://{control}/tunnel/v1"))
+}
+
+/// An agent publishing `svc` from local port `local` on `public`.
+fn agent(url: &str, local: u16, public: u16) -> Proc {
+    Proc::spawn(&[
+        "agent",
+        "--server",
+        url,
+        "--tcp",
+        &format!("svc:{local}:{public}"),
+    ])
+}
+
+/// True once nothing accepts on `port`.
+async fn closed(port: u16) -> bool {
+    tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+}
+
+#[actix_web::test]
+async fn two_agents_of_one_name_share_its_port_and_the_survivor_serves_alone() {
+    let public = free_ports(1).0;
+    let (mut server, url) = server((public, public), &[]);
+    let (local_a, served_a) = counting_echo().await;
+    let (local_b, served_b) = counting_echo().await;
+    let mut a = agent(&url, local_a, public);
+    assert_eq!(a.registered_port(), public);
+    let mut b = agent(&url, local_b, public);
+    assert_eq!(
+        b.registered_port(),
+        public,
+        "the replica gets the same port"
+    );
+    server.wait_for("replica joined");
+
+    let addr = ([127, 0, 0, 1], public).into();
+    for seed in 0..200 {
+        echo_through(addr, seed, 4096).await;
+    }
+    let (on_a, on_b) = (
+        served_a.load(Ordering::SeqCst),
+        served_b.load(Ordering::SeqCst),
+    );
+    assert_eq!(on_a + on_b, 200);
+    assert!(on_a >= 60 && on_b >= 60, "spread {on_a} / {on_b}");
+
+    // a visitor that stays open across the loss of the other replica
+    let mut held = tokio::net::TcpStream::connect(addr).await.unwrap();
+    held.write_all(b"before").await.unwrap();
+    let mut got = [0u8; 6];
+    held.read_exact(&mut got).await.unwrap();
+    let held_on_b = served_b.load(Ordering::SeqCst) > on_b;
+
+    a.child.kill().unwrap(); // SIGKILL: only the kernel closes its socket
+    server.wait_for("replica left");
+    let before = served_b.load(Ordering::SeqCst);
+    for seed in 200..260 {
+        echo_through(addr, seed, 64 << 10).await;
+    }
+    assert_eq!(
+        served_b.load(Ordering::SeqCst) - before,
+        60,
+        "every visitor after the loss went to the survivor"
+    );
+    if held_on_b {
+        held.write_all(b"after!").await.unwrap();
+        held.read_exact(&mut got).await.unwrap();
+        assert_eq!(
+            &got, b"after!",
+            "the survivor's open stream was not touched"
+        );
+    }
+
+    b.child.kill().unwrap();
+    server.wait_for("public port closed");
+    wait_until("the port closes with its last replica", || closed(public)).await;
+}
+
+#[actix_web::test]
+async fn a_replica_is_refused_another_port_or_another_token() {
+    let (public, other) = free_ports(2);
+    let tokens = ["--token", TOKEN, "--token", "second-token"];
+    let (mut server, url) = server((public, other), &tokens);
+    let (local, _) = counting_echo().await;
+    let mut first = agent(&url, local, public);
+    assert_eq!(first.registered_port(), public);
+
+    let mut wrong_port = agent(&url, local, other);
+    let line = wrong_port.wait_for(&format!("already has public port {public}"));
+    assert!(line.contains("svc"), "{line}");
+
+    let mut other_token = Proc::spawn_with(
+        &[
+            "agent",
+            "--server",
+            &url,
+            "--tcp",
+            &format!("svc:{local}:0"),
+        ],
+        |c| {
+            c.env("ZLAYER_TUNNEL_TOKEN", "second-token");
+        },
+    );
+    other_token.wait_for("already registered on this server by another agent");
+    server.wait_for("already registered on this server by another agent");
+    // the service is undisturbed
+    echo_through(([127, 0, 0, 1], public).into(), 1, 64 << 10).await;
+}
