@@ -28,14 +28,15 @@ use super::io::read_gate::ReadGate;
 use super::io::stream_hub::StreamHub;
 use super::now_ms;
 use super::registry::{
-    AllocatePort, CloseTunnel, FindService, FlowView, OpenTunnel, PortGrant, ReleasePort,
-    ReportAlive, ServiceEntry, ServiceRegistered, TunnelClosed,
+    AllocatePort, CloseTunnel, FindService, FlowView, OpenTunnel, PortGrant, PublicListener,
+    ReleasePort, ReportAlive, ServiceEntry, ServiceRegistered, TunnelClosed,
 };
 use super::service_listener::{
     ACCEPTED_SOCKETS_TUNED, JoinReplica, LeaveReplica, Replica, ServiceListener, VisitorArrived,
 };
 use super::udp_listener::{
-    ForgetFlow, SendToVisitor, StopListener, UdpEvent, UdpServiceListener, UdpWiring,
+    ForgetFlow, JoinUdpReplica, LeaveUdpReplica, SendToVisitor, UdpEvent, UdpReplica,
+    UdpServiceListener, UdpSettings,
 };
 use crate::accounting::{CounterSet, Counters, Direction, DropKind};
 use crate::auth::{TokenScope, hash_token};
@@ -76,21 +77,37 @@ enum Listener {
 
 impl Listener {
     /// Tunnel `tunnel_id`'s registration ends: it leaves the service's
-    /// replicas (a TCP listener stops with its last); a UDP listener stops.
+    /// replicas (the listener stops with its last).
     fn stop(&self, tunnel_id: Uuid) {
         match self {
             Self::Tcp(addr) => addr.do_send(LeaveReplica { tunnel_id }),
-            Self::Udp(addr, _) => addr.do_send(StopListener),
+            Self::Udp(addr, _) => addr.do_send(LeaveUdpReplica { tunnel_id }),
+        }
+    }
+
+    fn protocol(&self) -> ServiceProtocol {
+        match self {
+            Self::Tcp(_) => ServiceProtocol::Tcp,
+            Self::Udp(..) => ServiceProtocol::Udp,
+        }
+    }
+
+    /// The listener, as the registry hands it to replicas.
+    fn public(&self) -> PublicListener {
+        match self {
+            Self::Tcp(addr) => PublicListener::Tcp(addr.clone()),
+            Self::Udp(addr, _) => PublicListener::Udp(addr.clone()),
         }
     }
 }
 
-/// The public side of a service being registered.
+/// The public side of a service being registered: a socket of its own, or
+/// the listener of the service it joins as a replica.
 enum Bound {
     Tcp(tokio::net::TcpListener),
     Udp(tokio::net::UdpSocket),
-    /// The listener of the service this registration joins as a replica.
-    Replica(Addr<ServiceListener>),
+    TcpReplica(Addr<ServiceListener>),
+    UdpReplica(Addr<UdpServiceListener>),
 }
 
 /// A UDP flow of this tunnel: where the agent's datagrams for it go.

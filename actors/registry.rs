@@ -19,12 +19,11 @@ use uuid::Uuid;
 
 use super::Error;
 use super::control_channel::Relay;
-use super::service_listener::ServiceListener;
 use crate::accounting::{Counters, Snapshot};
 pub use crate::status::{ServiceInfo, TunnelInfo};
 use crate::tunnels::{ClosedTunnel, TunnelTable};
 pub(crate) use ports::{AllocatePort, CountFreePorts, PortGrant, ReleasePort};
-pub(crate) use services::{FindService, FlowView, ServiceEntry, ServiceRegistered};
+pub(crate) use services::{FindService, FlowView, PublicListener, ServiceEntry, ServiceRegistered};
 
 /// The public handle, in `actors/handles/`; re-exported here so that
 /// `actors::registry::TunnelRegistry` still names it.
@@ -93,8 +92,8 @@ struct TunnelIo {
     counters: Arc<Counters>,
     /// Live views of its services, by service id.
     views: HashMap<Uuid, (Arc<Counters>, Option<FlowView>)>,
-    /// The listeners of its TCP services, by port (shared with replicas).
-    listeners: HashMap<u16, Addr<ServiceListener>>,
+    /// The listeners of its services, by port (shared with replicas).
+    listeners: HashMap<u16, PublicListener>,
 }
 
 /// The registry actor.

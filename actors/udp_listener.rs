@@ -1,12 +1,17 @@
 //! `UdpServiceListener`: one per registered UDP service, on its public port.
 //!
-//! Owns the UDP socket and the service's [`FlowTable`]: each visitor address
-//! is a flow, announced to the control channel (`FlowOpened`, which becomes a
-//! `Connect`), and each datagram from it goes up as an encoded `Datagram`
-//! frame. Replies come back as `SendToVisitor` and leave with `try_send_to`:
-//! datagram semantics, no queue. Whatever is over a limit (size, rate, flows,
-//! the channel's byte budget, a full socket) is dropped and counted. Idle
-//! flows expire. Stops with its tunnel or on `StopListener`.
+//! Owns the UDP socket, the service's [`FlowTable`] and its replicas (the
+//! control channels of the agents that registered its name: `JoinUdpReplica`).
+//! Each visitor address is a flow, given to one replica for its life (the one
+//! with the fewest flows, or each in turn) and announced to that replica's
+//! channel (`Opened`, which becomes a `Connect`); each datagram from it goes
+//! up as an encoded `Datagram` frame. Replies come back as `SendToVisitor` and
+//! leave with `try_send_to`: datagram semantics, no queue. Whatever is over a
+//! limit (size, rate, flows, the channel's byte budget, a full socket) is
+//! dropped and counted. Idle flows expire. A replica leaves with its tunnel or
+//! on `LeaveUdpReplica`, and its flows are forgotten (a visitor's next
+//! datagram opens a flow on another replica); the listener stops with the
+//! last replica.
 
 use std::io;
 use std::net::SocketAddr;
@@ -26,7 +31,12 @@ use crate::accounting::{Counters, Direction, DropKind};
 use crate::budget::Budget;
 use crate::log_limit::{LogLimiter, RemoteEvent};
 use crate::protocol::Message;
+use crate::replicas::{LoadBalance, ReplicaSet};
 use crate::udp::{FlowLimits, FlowTable, Verdict};
+
+mod replicas;
+
+pub(crate) use replicas::{JoinUdpReplica, LeaveUdpReplica, UdpReplica};
 
 /// What a UDP listener tells its control channel.
 #[derive(Message, Debug)]
@@ -60,10 +70,12 @@ pub(crate) enum UdpEvent {
     },
 }
 
-/// A datagram from the agent for the visitor of flow `id`.
+/// A datagram from the agent of tunnel `tunnel_id` for the visitor of flow
+/// `id` (its length was taken from that tunnel's budget).
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub(crate) struct SendToVisitor {
+    pub(crate) tunnel_id: Uuid,
     pub(crate) id: Uuid,
     pub(crate) data: Bytes,
 }
@@ -73,29 +85,22 @@ pub(crate) struct SendToVisitor {
 #[rtype(result = "()")]
 pub(crate) struct ForgetFlow(pub(crate) Uuid);
 
-/// How a UDP listener is wired to its tunnel.
-pub(crate) struct UdpWiring {
-    pub(crate) service_id: Uuid,
+/// What a UDP listener needs of the server.
+pub(crate) struct UdpSettings {
     pub(crate) port: u16,
     pub(crate) limits: FlowLimits,
-    pub(crate) channel: Recipient<UdpEvent>,
-    /// Bytes of datagrams on their way between this listener and its control
-    /// channel (both on one thread), against the server's `udp_in_flight`.
-    /// Over it, datagrams are dropped: a control channel frozen by a slow
-    /// agent WebSocket cannot make them pile up. Shared with the channel,
-    /// which gives back what it wrote.
-    pub(crate) budget: Budget,
-    pub(crate) counters: Arc<Counters>,
-    /// Where the flows' traffic is published for status pages.
-    pub(crate) view: FlowView,
-    pub(crate) cancel: CancellationToken,
+    pub(crate) policy: LoadBalance,
 }
 
 /// The UDP listener actor.
 pub(crate) struct UdpServiceListener {
-    wiring: UdpWiring,
+    settings: UdpSettings,
     socket: Rc<UdpSocket>,
     flows: FlowTable,
+    /// The service's replicas, by tunnel id.
+    replicas: ReplicaSet<Uuid, UdpReplica>,
+    /// Which replica (tunnel) each flow is on.
+    owners: std::collections::HashMap<Uuid, Uuid>,
     /// Drops a visitor causes are logged at most once a second (each is
     /// counted by reason in the service's counters).
     logs: LogLimiter,
@@ -105,23 +110,19 @@ impl Actor for UdpServiceListener {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        tracing::info!(port = self.wiring.port, "public UDP port listening");
-        let cancel = self.wiring.cancel.clone();
-        ctx.spawn(
-            async move { cancel.cancelled_owned().await }
-                .into_actor(self)
-                .map(|(), _, ctx| ctx.stop()),
-        );
-        let sweep = (self.wiring.limits.idle_timeout / 4).max(Duration::from_millis(50));
+        tracing::info!(port = self.settings.port, "public UDP port listening");
+        let sweep = (self.settings.limits.idle_timeout / 4).max(Duration::from_millis(50));
         ctx.run_interval(sweep, |act, _| act.expire_idle());
         ctx.run_interval(Duration::from_millis(500), |act, _| act.publish());
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        for _ in self.flows.drain() {
-            self.wiring.counters.connection_closed();
+        for id in self.flows.drain() {
+            if let Some(replica) = self.owner(id) {
+                replica.counters.connection_closed();
+            }
         }
-        tracing::info!(port = self.wiring.port, "public UDP port closed");
+        tracing::info!(port = self.settings.port, "public UDP port closed");
     }
 }
 
@@ -130,7 +131,7 @@ impl StreamHandler<io::Result<(Bytes, SocketAddr)>> for UdpServiceListener {
         match item {
             Ok((data, visitor)) => self.on_visitor_datagram(data, visitor, ctx),
             // ICMP errors from earlier sends surface here; the socket stays usable
-            Err(e) => tracing::debug!(port = self.wiring.port, error = %e, "udp receive failed"),
+            Err(e) => tracing::debug!(port = self.settings.port, error = %e, "udp receive failed"),
         }
     }
 }
@@ -140,17 +141,17 @@ impl Handler<SendToVisitor> for UdpServiceListener {
 
     fn handle(&mut self, msg: SendToVisitor, _: &mut Self::Context) {
         let len = msg.data.len();
-        self.wiring.budget.give(len);
-        self.wiring.counters.touch(super::now_ms());
+        let Some(replica) = self.replicas.get(&msg.tunnel_id) else {
+            return; // the replica left: its budget and counters went with it
+        };
+        replica.budget.give(len);
+        replica.counters.touch(super::now_ms());
         let Some(visitor) = self.flows.on_reply(msg.id, len, Instant::now()) else {
-            return self.wiring.counters.add_drop(DropKind::NoFlow);
+            return replica.counters.add_drop(DropKind::NoFlow);
         };
         match super::udp_flow::send_now(&self.socket, &msg.data, Some(visitor)) {
-            Ok(_) => self
-                .wiring
-                .counters
-                .add_datagram(Direction::Out, len as u64),
-            Err(_) => self.wiring.counters.add_drop(DropKind::SocketFull),
+            Ok(_) => replica.counters.add_datagram(Direction::Out, len as u64),
+            Err(_) => replica.counters.add_drop(DropKind::SocketFull),
         }
     }
 }
@@ -159,22 +160,7 @@ impl Handler<ForgetFlow> for UdpServiceListener {
     type Result = ();
 
     fn handle(&mut self, msg: ForgetFlow, _: &mut Self::Context) {
-        if self.flows.remove(msg.0).is_some() {
-            self.wiring.counters.connection_closed();
-        }
-    }
-}
-
-/// Stops listening (service unregistered).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub(crate) struct StopListener;
-
-impl Handler<StopListener> for UdpServiceListener {
-    type Result = ();
-
-    fn handle(&mut self, _: StopListener, ctx: &mut Self::Context) {
-        ctx.stop();
+        self.forget(msg.0);
     }
 }
 
@@ -192,89 +178,145 @@ impl UdpServiceListener {
         UdpSocket::from_std(socket.into())
     }
 
-    /// Starts serving `socket` for the service.
-    pub(crate) fn start(socket: UdpSocket, wiring: UdpWiring) -> Addr<Self> {
+    /// Starts serving `socket` for the service, whose first replica is `first`.
+    pub(crate) fn start(
+        socket: UdpSocket,
+        settings: UdpSettings,
+        first: JoinUdpReplica,
+    ) -> Addr<Self> {
         let socket = Rc::new(socket);
-        let max = wiring.limits.max_datagram;
+        let max = settings.limits.max_datagram;
         Self::create(|ctx| {
             ctx.add_stream(receive(socket.clone(), max));
-            Self {
-                flows: FlowTable::new(wiring.limits),
-                wiring,
+            let mut listener = Self {
+                flows: FlowTable::new(settings.limits),
+                settings,
                 socket,
+                replicas: ReplicaSet::default(),
+                owners: std::collections::HashMap::new(),
                 logs: LogLimiter::new(),
-            }
+            };
+            listener.join(first, ctx);
+            listener
         })
     }
 
-    /// Counts a visitor's datagram dropped, by why, and logs it at most once
-    /// a second (a visitor decides how often).
-    fn dropped(&mut self, kind: DropKind, visitor: SocketAddr, reason: &str) {
-        self.wiring.counters.add_drop(kind);
+    /// Counts a visitor's datagram dropped, by why (on the flow's replica,
+    /// or the service's first when it has none yet), and logs it at most
+    /// once a second (a visitor decides how often).
+    fn dropped(&mut self, kind: DropKind, flow: Option<Uuid>, visitor: SocketAddr, reason: &str) {
+        let replica = flow.and_then(|id| self.owner(id));
+        if let Some(replica) = replica.or_else(|| self.replicas.iter().next()) {
+            replica.counters.add_drop(kind);
+        }
         if let Some(held_back) = self.logs.admit(RemoteEvent::VisitorRefused, Instant::now()) {
-            tracing::info!(port = self.wiring.port, %visitor, reason, drop = kind.name(), held_back, "datagram dropped");
+            tracing::info!(port = self.settings.port, %visitor, reason, drop = kind.name(), held_back, "datagram dropped");
         }
     }
 
     fn on_visitor_datagram(&mut self, data: Bytes, visitor: SocketAddr, ctx: &mut Context<Self>) {
-        let (id, opened) = match self.flows.on_visitor(
-            visitor,
-            data.len(),
-            Instant::now(),
-            Uuid::new_v4(),
-        ) {
+        let verdict = self
+            .flows
+            .on_visitor(visitor, data.len(), Instant::now(), Uuid::new_v4());
+        let (id, opened) = match verdict {
             Verdict::Forward { id, opened } => (id, opened),
             Verdict::ForwardReplacing { id, evicted } => {
-                tracing::debug!(port = self.wiring.port, flow = %evicted, "udp flow evicted for a new visitor");
-                self.wiring.counters.connection_closed();
-                self.wiring
-                    .channel
-                    .do_send(UdpEvent::Closed { id: evicted });
+                tracing::debug!(port = self.settings.port, flow = %evicted, "udp flow evicted for a new visitor");
+                self.ended(evicted);
                 (id, true)
             }
             Verdict::Drop(reason) => {
-                return self.dropped(reason.into(), visitor, &reason.to_string());
+                let flow = self.flows.flow_of(visitor);
+                return self.dropped(reason.into(), flow, visitor, &reason.to_string());
             }
         };
-        if opened {
-            tracing::debug!(port = self.wiring.port, %visitor, flow = %id, "udp flow opened");
-            self.wiring.counters.connection_opened();
-            self.wiring.channel.do_send(UdpEvent::Opened {
-                service_id: self.wiring.service_id,
-                id,
-                visitor,
-                listener: ctx.address(),
-            });
+        if opened && !self.assign(id, visitor, ctx) {
+            self.flows.remove(id);
+            return;
         }
-        let Some(frame) = Message::datagram_frame(id, &data) else {
-            return self.wiring.counters.add_drop(DropKind::Oversized);
+        let Some(replica) = self.owner(id) else {
+            return;
         };
-        if !self.wiring.budget.take(frame.len()) {
-            return self.dropped(DropKind::OverBudget, visitor, "the channel is behind");
+        let Some(frame) = Message::datagram_frame(id, &data) else {
+            return replica.counters.add_drop(DropKind::Oversized);
+        };
+        if !replica.budget.take(frame.len()) {
+            return self.dropped(
+                DropKind::OverBudget,
+                Some(id),
+                visitor,
+                "the channel is behind",
+            );
         }
-        self.wiring
+        replica
             .counters
             .add_datagram(Direction::In, data.len() as u64);
-        self.wiring.counters.touch(super::now_ms());
-        let service_id = self.wiring.service_id;
-        (self.wiring.channel).do_send(UdpEvent::Datagram {
+        replica.counters.touch(super::now_ms());
+        let service_id = replica.service_id;
+        (replica.channel).do_send(UdpEvent::Datagram {
             service_id,
             id,
             frame,
         });
     }
 
-    /// Publishes each flow's traffic for status pages.
+    /// Gives new flow `id` to a replica and announces it there; false if
+    /// there is none.
+    fn assign(&mut self, id: Uuid, visitor: SocketAddr, ctx: &mut Context<Self>) -> bool {
+        let flows = |r: &UdpReplica| r.counters.open_connections();
+        let Some(replica) = self.replicas.pick(self.settings.policy, |_| true, flows) else {
+            return false;
+        };
+        tracing::debug!(port = self.settings.port, %visitor, flow = %id, "udp flow opened");
+        replica.counters.connection_opened();
+        replica.channel.do_send(UdpEvent::Opened {
+            service_id: replica.service_id,
+            id,
+            visitor,
+            listener: ctx.address(),
+        });
+        let tunnel_id = replica.tunnel_id;
+        self.owners.insert(id, tunnel_id);
+        true
+    }
+
+    /// The replica flow `id` is on.
+    fn owner(&self, id: Uuid) -> Option<&UdpReplica> {
+        self.owners.get(&id).and_then(|t| self.replicas.get(t))
+    }
+
+    /// Flow `id` was forgotten by the table: its replica's channel is told.
+    fn ended(&mut self, id: Uuid) {
+        if let Some(replica) = self.owner(id) {
+            replica.counters.connection_closed();
+            replica.channel.do_send(UdpEvent::Closed { id });
+        }
+        self.owners.remove(&id);
+    }
+
+    /// The agent refused or closed flow `id`: forgotten, quietly.
+    fn forget(&mut self, id: Uuid) {
+        if self.flows.remove(id).is_some()
+            && let Some(replica) = self.owner(id)
+        {
+            replica.counters.connection_closed();
+        }
+        self.owners.remove(&id);
+    }
+
+    /// Publishes each replica's flows' traffic for status pages.
     fn publish(&self) {
-        if let Ok(mut view) = self.wiring.view.lock() {
-            *view = self.flows.traffic();
+        for replica in self.replicas.iter() {
+            let mine = |id: &Uuid| self.owners.get(id) == Some(&replica.tunnel_id);
+            if let Ok(mut view) = replica.view.lock() {
+                *view = self.flows.traffic_where(mine);
+            }
         }
     }
 
     fn expire_idle(&mut self) {
         for id in self.flows.expire(Instant::now()) {
-            self.wiring.counters.connection_closed();
-            self.wiring.channel.do_send(UdpEvent::Closed { id });
+            self.ended(id);
         }
     }
 }

@@ -10,15 +10,15 @@
 //!   the budget is not spent and counts whatever it read, and giving bytes
 //!   back says when the budget reopened.
 
-use std::cell::Cell;
-use std::rc::Rc;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// Bytes in flight against a limit, shared by clones on one thread; over the
+/// Bytes in flight against a limit, shared by clones (on one thread in
+/// practice; atomic so that a clone may travel in a message); over the
 /// limit, a take is refused.
 #[derive(Debug, Clone)]
 pub(crate) struct Budget {
-    used: Rc<Cell<usize>>,
+    used: Arc<AtomicUsize>,
     limit: usize,
 }
 
@@ -26,24 +26,24 @@ impl Budget {
     /// A budget of `limit` bytes.
     pub(crate) fn new(limit: usize) -> Self {
         Self {
-            used: Rc::default(),
+            used: Arc::default(),
             limit,
         }
     }
 
     /// Takes `n` bytes if they fit.
     pub(crate) fn take(&self, n: usize) -> bool {
-        let used = self.used.get();
-        if used + n > self.limit {
-            return false;
-        }
-        self.used.set(used + n);
-        true
+        let fits = |used: usize| (used + n <= self.limit).then_some(used + n);
+        (self.used)
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, fits)
+            .is_ok()
     }
 
     /// Gives `n` bytes back.
     pub(crate) fn give(&self, n: usize) {
-        self.used.set(self.used.get().saturating_sub(n));
+        let _ = (self.used).fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+            Some(used.saturating_sub(n))
+        });
     }
 }
 

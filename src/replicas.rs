@@ -81,6 +81,11 @@ impl<K: PartialEq, R> ReplicaSet<K, R> {
         Some(self.replicas.remove(at).1)
     }
 
+    /// Replica `key`.
+    pub fn get(&self, key: &K) -> Option<&R> {
+        self.replicas.iter().find(|(k, _)| k == key).map(|(_, r)| r)
+    }
+
     /// Replicas left.
     pub fn len(&self) -> usize {
         self.replicas.len()

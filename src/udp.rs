@@ -250,6 +250,19 @@ impl FlowTable {
         self.flows.values().map(|f| f.traffic).collect()
     }
 
+    /// The traffic so far of the flows whose id `include` accepts.
+    pub fn traffic_where(&self, include: impl Fn(&Uuid) -> bool) -> Vec<FlowInfo> {
+        (self.flows.iter())
+            .filter(|(id, _)| include(id))
+            .map(|(_, f)| f.traffic)
+            .collect()
+    }
+
+    /// The flow of `visitor`, if it has one.
+    pub fn flow_of(&self, visitor: SocketAddr) -> Option<Uuid> {
+        self.by_visitor.get(&visitor).copied()
+    }
+
     /// A reply of `len` bytes on flow `id`: the visitor to send it to (the
     /// flow stays alive, and the reply is counted).
     pub fn on_reply(&mut self, id: Uuid, len: usize, now: Instant) -> Option<SocketAddr> {

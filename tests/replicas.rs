@@ -147,3 +147,82 @@ async fn a_replica_is_refused_another_port_or_another_token() {
     // the service is undisturbed
     echo_through(([127, 0, 0, 1], public).into(), 1, 64 << 10).await;
 }
+
+/// A UDP service that answers each datagram with its tag, then the datagram.
+async fn tagged_udp(tag: u8) -> u16 {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = socket.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let mut reply = vec![tag];
+            reply.extend_from_slice(&buf[..n]);
+            let _ = socket.send_to(&reply, from).await;
+        }
+    });
+    port
+}
+
+/// One exchange on `socket`: the tag of the replica that answered.
+async fn ask(socket: &tokio::net::UdpSocket, query: &[u8]) -> Option<u8> {
+    let mut buf = [0u8; 2048];
+    for _ in 0..20 {
+        socket.send(query).await.unwrap();
+        let wait = std::time::Duration::from_millis(250);
+        if let Ok(Ok(n)) = tokio::time::timeout(wait, socket.recv(&mut buf)).await {
+            assert_eq!(&buf[1..n], query, "the answer is the query, intact");
+            return Some(buf[0]);
+        }
+    }
+    None
+}
+
+#[actix_web::test]
+async fn udp_flows_spread_over_replicas_and_stay_on_theirs() {
+    let public = free_ports(1).0;
+    let (mut server, url) = server((public, public), &[]);
+    let spec = |local: u16| format!("dns:{local}:{public}");
+    let mut a = Proc::spawn(&[
+        "agent",
+        "--server",
+        &url,
+        "--udp",
+        &spec(tagged_udp(b'a').await),
+    ]);
+    assert_eq!(a.registered_port(), public);
+    let mut b = Proc::spawn(&[
+        "agent",
+        "--server",
+        &url,
+        "--udp",
+        &spec(tagged_udp(b'b').await),
+    ]);
+    assert_eq!(b.registered_port(), public);
+    server.wait_for("replica joined");
+
+    let mut sockets = Vec::new();
+    let mut tags = Vec::new();
+    for i in 0..20u8 {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        socket.connect(("127.0.0.1", public)).await.unwrap();
+        tags.push(ask(&socket, &[i; 100]).await.expect("answered"));
+        sockets.push(socket);
+    }
+    let on_a = tags.iter().filter(|t| **t == b'a').count();
+    assert!((6..=14).contains(&on_a), "flows spread: {on_a} of 20 on a");
+    // a flow stays on its replica for its life
+    for (socket, tag) in sockets.iter().zip(&tags) {
+        for round in 0..5u8 {
+            assert_eq!(ask(socket, &[round; 300]).await, Some(*tag));
+        }
+    }
+
+    a.child.kill().unwrap();
+    server.wait_for("replica left");
+    // every visitor is answered by the survivor, those that were on a included
+    for socket in &sockets {
+        assert_eq!(ask(socket, b"after").await, Some(b'b'));
+    }
+    b.child.kill().unwrap();
+    server.wait_for("public UDP port closed");
+}

@@ -46,7 +46,7 @@ impl ControlChannel {
                     if joined.is_err() {
                         registry.do_send(ReleasePort { tunnel_id, port });
                     }
-                    return joined.map(|l| (port, Bound::Replica(l)));
+                    return joined.map(|bound| (port, bound));
                 }
                 Ok(Err(e)) | Err(e) => return Err(e.to_string()),
             };
@@ -93,9 +93,10 @@ impl ControlChannel {
         let service_id = Uuid::new_v4();
         let counters = Arc::new(Counters::new());
         let cancel = session.cancel.child_token();
+        let tunnel_id = session.tunnel_id;
         let mut flows = None;
-        let replica = JoinReplica {
-            tunnel_id: session.tunnel_id,
+        let tcp_replica = || JoinReplica {
+            tunnel_id,
             replica: Replica {
                 service_id,
                 channel: ctx.address().recipient(),
@@ -103,40 +104,52 @@ impl ControlChannel {
             },
             cancel: cancel.clone(),
         };
-        let (listener, protocol) = match bound {
+        let budget = Budget::new(self.shared.config.udp_in_flight);
+        let udp_replica = |view: FlowView| JoinUdpReplica {
+            replica: UdpReplica {
+                tunnel_id,
+                service_id,
+                channel: ctx.address().recipient(),
+                budget: budget.clone(),
+                counters: counters.clone(),
+                view,
+            },
+            cancel: cancel.clone(),
+        };
+        let listener = match bound {
             Bound::Tcp(socket) => {
                 let guards = self.shared.registry.guard_counters().clone();
                 let policy = self.shared.config.load_balance;
-                let addr = ServiceListener::start(socket, port, replica, policy, guards);
-                (Listener::Tcp(addr), ServiceProtocol::Tcp)
+                let first = tcp_replica();
+                Listener::Tcp(ServiceListener::start(socket, port, first, policy, guards))
             }
-            Bound::Replica(addr) => {
-                addr.do_send(replica);
-                (Listener::Tcp(addr), ServiceProtocol::Tcp)
+            Bound::TcpReplica(addr) => {
+                addr.do_send(tcp_replica());
+                Listener::Tcp(addr)
             }
             Bound::Udp(socket) => {
-                let budget = Budget::new(self.shared.config.udp_in_flight);
                 let view = FlowView::default();
                 flows = Some(view.clone());
-                let wiring = UdpWiring {
-                    service_id,
+                let settings = UdpSettings {
                     port,
                     limits: self.shared.config.flow_limits(),
-                    channel: ctx.address().recipient(),
-                    budget: budget.clone(),
-                    counters: counters.clone(),
-                    view,
-                    cancel,
+                    policy: self.shared.config.load_balance,
                 };
-                let addr = UdpServiceListener::start(socket, wiring);
-                (Listener::Udp(addr, budget), ServiceProtocol::Udp)
+                let first = udp_replica(view);
+                Listener::Udp(
+                    UdpServiceListener::start(socket, settings, first),
+                    budget.clone(),
+                )
+            }
+            Bound::UdpReplica(addr) => {
+                let view = FlowView::default();
+                flows = Some(view.clone());
+                addr.do_send(udp_replica(view));
+                Listener::Udp(addr, budget.clone())
             }
         };
+        let protocol = listener.protocol();
         tracing::info!(service = %name, port, %protocol, "service registered");
-        let tcp_listener = match &listener {
-            Listener::Tcp(addr) => Some(addr.clone()),
-            Listener::Udp(..) => None,
-        };
         self.shared.registry.addr().do_send(ServiceRegistered {
             tunnel_id: session.tunnel_id,
             service: ServiceEntry {
@@ -147,7 +160,7 @@ impl ControlChannel {
             },
             counters: counters.clone(),
             flows,
-            listener: tcp_listener,
+            listener: listener.public(),
         });
         session.services.insert(
             service_id,
@@ -184,15 +197,17 @@ impl ControlChannel {
 fn joinable(
     name: &str,
     protocol: ServiceProtocol,
-    listener: Option<Addr<ServiceListener>>,
-) -> Result<Addr<ServiceListener>, String> {
+    listener: Option<PublicListener>,
+) -> Result<Bound, String> {
     match (protocol, listener) {
-        (ServiceProtocol::Tcp, Some(listener)) if listener.connected() => Ok(listener),
-        (ServiceProtocol::Tcp, _) => Err(format!(
+        (ServiceProtocol::Tcp, Some(PublicListener::Tcp(l))) if l.connected() => {
+            Ok(Bound::TcpReplica(l))
+        }
+        (ServiceProtocol::Udp, Some(PublicListener::Udp(l))) if l.connected() => {
+            Ok(Bound::UdpReplica(l))
+        }
+        _ => Err(format!(
             "service {name:?} is being set up or closed by another agent; register again in a moment"
-        )),
-        (ServiceProtocol::Udp, _) => Err(format!(
-            "service {name:?} is already registered (udp) by another agent; replicas of udp services are not supported yet"
         )),
     }
 }

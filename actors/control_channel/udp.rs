@@ -71,7 +71,12 @@ impl Link {
             return self.counters.add_drop(DropKind::NoFlow);
         };
         if flow.budget.take(data.len()) {
-            flow.listener.do_send(SendToVisitor { id, data });
+            let tunnel_id = self.tunnel_id;
+            flow.listener.do_send(SendToVisitor {
+                tunnel_id,
+                id,
+                data,
+            });
         } else {
             flow.counters.add_drop(DropKind::OverBudget);
         }

@@ -26,9 +26,10 @@ pub(crate) struct AllocatePort {
 pub(crate) enum PortGrant {
     /// The service's own: bind it.
     New(u16),
-    /// The port of a live service, whose TCP listener the replica joins
-    /// (`None` for UDP, whose replicas are refused for now).
-    Joined(u16, Option<Addr<ServiceListener>>),
+    /// The port of a live service, whose listener the replica joins (`None`
+    /// while the service's first registration is still binding it, or once
+    /// its last replica closed it).
+    Joined(u16, Option<PublicListener>),
 }
 
 /// Returns a port (service unregistered).

@@ -3,6 +3,8 @@
 //! (where a relayed access stream goes).
 
 use super::*;
+use crate::actors::service_listener::ServiceListener;
+use crate::actors::udp_listener::UdpServiceListener;
 
 /// A service went live on its public port (for status and metrics).
 #[derive(Message)]
@@ -13,8 +15,25 @@ pub(crate) struct ServiceRegistered {
     pub(crate) counters: Arc<Counters>,
     /// UDP: the flows' traffic, as the listener last published it.
     pub(crate) flows: Option<FlowView>,
-    /// TCP: the service's listener, which replicas of it join.
-    pub(crate) listener: Option<Addr<ServiceListener>>,
+    /// The service's listener, which replicas of it join.
+    pub(crate) listener: PublicListener,
+}
+
+/// A service's public listener, TCP or UDP, as replicas join it.
+#[derive(Clone)]
+pub(crate) enum PublicListener {
+    Tcp(Addr<ServiceListener>),
+    Udp(Addr<UdpServiceListener>),
+}
+
+impl PublicListener {
+    /// Whether the listener still runs (it stops with its last replica).
+    fn connected(&self) -> bool {
+        match self {
+            Self::Tcp(addr) => addr.connected(),
+            Self::Udp(addr) => addr.connected(),
+        }
+    }
 }
 
 /// A UDP listener's flows, published for status pages.
@@ -36,9 +55,7 @@ impl Handler<ServiceRegistered> for Registry {
     fn handle(&mut self, msg: ServiceRegistered, _: &mut Self::Context) {
         if let Some(io) = self.tunnels.get_mut(msg.tunnel_id) {
             io.views.insert(msg.service.id, (msg.counters, msg.flows));
-            if let Some(listener) = msg.listener {
-                io.listeners.insert(msg.service.port, listener);
-            }
+            io.listeners.insert(msg.service.port, msg.listener);
             self.tunnels.registered(msg.tunnel_id, msg.service);
         }
     }
@@ -54,8 +71,8 @@ impl Handler<FindService> for Registry {
 }
 
 impl Registry {
-    /// The live TCP listener on `port`, which a new replica joins.
-    pub(super) fn listener_of(&self, port: u16) -> Option<Addr<ServiceListener>> {
+    /// The live listener on `port`, which a new replica joins.
+    pub(super) fn listener_of(&self, port: u16) -> Option<PublicListener> {
         (self.tunnels.iter())
             .find_map(|(_, io, _, _)| io.listeners.get(&port).filter(|l| l.connected()))
             .cloned()
