@@ -21,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::forwarded_connection::{ForwardedConnection, StreamEvent, StreamWiring};
+use super::handles::agent_shared::{AgentShared, AgentStopped};
 use super::handles::agent_view::{PublishedService, public_addr};
-use super::handles::tunnel_agent::{AgentShared, AgentStopped};
 use super::io::local_dial::{self, Dialing};
 use super::io::read_gate::ReadGate;
 use super::io::stream_hub::StreamHub;
@@ -86,7 +86,6 @@ pub(crate) struct AgentConnection {
     backoff: Backoff,
     starts: u64,
     finished: bool,
-    assigned: HashMap<String, u16>,
     /// Retry delays of services whose registration the server refused.
     refused: HashMap<String, Backoff>,
     link: Option<Link>,
@@ -202,7 +201,6 @@ impl AgentConnection {
             backoff,
             starts: 0,
             finished: false,
-            assigned: HashMap::new(),
             refused: HashMap::new(),
             link: None,
         }

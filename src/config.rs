@@ -333,6 +333,11 @@ pub struct TunnelClientConfig {
     /// Control URL of the server, `ws://` or `wss://`.
     #[serde(default)]
     pub server_url: String,
+    /// More servers to link to (high availability): the agent keeps a link
+    /// to each (and to `server_url`), each with its own backoff, and
+    /// registers every service on every one, on the same public port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub servers: Vec<String>,
     /// The token, sent raw inside `Auth`; masked in logs. A file may leave it
     /// out and have it come from the environment.
     #[serde(default)]
@@ -457,6 +462,7 @@ impl TunnelClientConfig {
     pub fn new(server_url: impl Into<String>, token: impl Into<String>) -> Self {
         Self {
             server_url: server_url.into(),
+            servers: Vec::new(),
             token: Secret::new(token.into()),
             client_id: None,
             reconnect_interval: default_reconnect(),
@@ -485,6 +491,42 @@ impl TunnelClientConfig {
         let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Adds a server to link to, beside `server_url` (high availability).
+    #[must_use]
+    pub fn with_server(mut self, url: impl Into<String>) -> Self {
+        self.servers.push(url.into());
+        self
+    }
+
+    /// Adds servers to link to, beside `server_url` (high availability).
+    #[must_use]
+    pub fn with_servers<I: IntoIterator<Item = S>, S: Into<String>>(mut self, urls: I) -> Self {
+        self.servers.extend(urls.into_iter().map(Into::into));
+        self
+    }
+
+    /// Every server the agent links to: `server_url`, then `servers`, each once.
+    pub fn server_urls(&self) -> Vec<String> {
+        let mut urls: Vec<String> = Vec::new();
+        let all = std::iter::once(&self.server_url).chain(&self.servers);
+        for url in all.filter(|u| !u.is_empty()) {
+            if !urls.contains(url) {
+                urls.push(url.clone());
+            }
+        }
+        urls
+    }
+
+    /// The settings of the link to `url`: these, with `url` as the only server.
+    #[must_use]
+    pub fn for_server(&self, url: &str) -> Self {
+        Self {
+            server_url: url.to_owned(),
+            servers: Vec::new(),
+            ..self.clone()
+        }
     }
 
     /// Adds a service.
@@ -540,8 +582,16 @@ impl TunnelClientConfig {
 
     /// Checks every key; the error names the first bad one.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !(self.server_url.starts_with("ws://") || self.server_url.starts_with("wss://")) {
+        let websocket = |url: &str| url.starts_with("ws://") || url.starts_with("wss://");
+        if !(websocket(&self.server_url) || self.server_url.is_empty() && !self.servers.is_empty())
+        {
             return Err(invalid("server_url", "must start with ws:// or wss://"));
+        }
+        if let Some(i) = self.servers.iter().position(|url| !websocket(url)) {
+            return Err(invalid(
+                format!("servers[{i}]"),
+                "must start with ws:// or wss://",
+            ));
         }
         if self.token.is_empty() {
             return Err(invalid("token", "must not be empty"));

@@ -238,6 +238,24 @@ pub struct AgentStatus {
     pub services: Vec<ServiceInfo>,
     /// The agent's traffic since it started (all sessions).
     pub stats: Snapshot,
+    /// Each server the agent links to (the first is the one above).
+    pub links: Vec<LinkStatus>,
+}
+
+/// One of an agent's links: a server and where the link to it stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LinkStatus {
+    /// The server's control URL.
+    pub server_url: String,
+    /// True while authenticated to it.
+    pub connected: bool,
+    /// Where the link stands (`last_error` when reconnecting).
+    pub state: TunnelState,
+    /// When this session authenticated (seconds since the Unix epoch in JSON).
+    #[serde(serialize_with = "unix_seconds_opt")]
+    pub connected_since: Option<SystemTime>,
+    /// Services registered on it, with their public ports there.
+    pub services: Vec<ServiceInfo>,
 }
 
 fn unix_seconds_opt<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
@@ -250,12 +268,19 @@ fn unix_seconds_opt<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Resul
 /// Renders an agent's metrics (Prometheus text format, version 0.0.4).
 pub fn render_agent_metrics(status: &AgentStatus) -> String {
     let mut out = String::new();
-    gauge(
-        &mut out,
-        "zlayer_tunnel_agent_connected",
-        "1 while the agent is authenticated to its server.",
-        u64::from(status.connected),
+    let name = "zlayer_tunnel_agent_connected";
+    let _ = writeln!(
+        out,
+        "# HELP {name} 1 while the agent is authenticated to the server.\n# TYPE {name} gauge"
     );
+    for link in &status.links {
+        let server = escape(&link.server_url);
+        let _ = writeln!(
+            out,
+            "{name}{{server=\"{server}\"}} {}",
+            u8::from(link.connected)
+        );
+    }
     let services: Vec<(&ServiceInfo, Option<Uuid>)> =
         status.services.iter().map(|s| (s, None)).collect();
     render_services(&mut out, &services);

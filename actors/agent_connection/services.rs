@@ -26,7 +26,7 @@ impl AgentConnection {
     /// auto-assigned (the session sends it; `execute` writes it).
     pub(super) fn register(&mut self, service: ServiceConfig) {
         let port = match service.remote_port {
-            0 => self.assigned.get(&service.name).copied().unwrap_or(0),
+            0 => (self.shared.assigned.borrow().get(&service.name).copied()).unwrap_or(0),
             p => p,
         };
         if let Some(link) = self.link.as_mut() {
@@ -44,7 +44,7 @@ impl AgentConnection {
         match port {
             Some(port) => {
                 tracing::info!(service = %service.name, public_port = port, local = %service.local_addr(), "service registered");
-                self.assigned.insert(service.name.clone(), port);
+                self.remember_port(service, port);
                 self.published(service_id, service, port);
             }
             None => {
@@ -57,6 +57,31 @@ impl AgentConnection {
     pub(super) fn connected(&self) {
         let since = std::time::SystemTime::now();
         self.shared.view.set_state(TunnelState::Connected { since });
+    }
+
+    /// Remembers the port a server gave `service` (when it asked for any),
+    /// for the next registration and the agent's other links; says so when
+    /// another link's server gave another.
+    fn remember_port(&self, service: &ServiceConfig, port: u16) {
+        if service.remote_port != 0 {
+            return;
+        }
+        let mut other = None;
+        self.shared
+            .assigned
+            .send_if_modified(|ports| match ports.get(&service.name) {
+                Some(&known) => {
+                    other = (known != port).then_some(known);
+                    false
+                }
+                None => {
+                    ports.insert(service.name.clone(), port);
+                    true
+                }
+            });
+        if let Some(other) = other {
+            tracing::warn!(service = %service.name, port, other, server = %self.shared.config.server_url, "this server gave another public port than the agent's other servers");
+        }
     }
 
     /// Records a published service and tells the `on_published` callback.
@@ -96,7 +121,15 @@ impl AgentConnection {
             })
             .next_delay(Uuid::new_v4().as_u64_pair().0);
         tracing::warn!(service = %service.name, %reason, retry_in = %humantime::format_duration(delay), "registration refused");
-        if service.remote_port == 0 && self.assigned.remove(&service.name).is_some() {
+        // one server: its port may have gone to another agent meanwhile; with
+        // several, the port is the one every server gives the service
+        let forget = service.remote_port == 0 && !self.shared.several_links;
+        if forget
+            && self
+                .shared
+                .assigned
+                .send_if_modified(|p| p.remove(&service.name).is_some())
+        {
             tracing::info!(service = %service.name, "asking for any port next time");
         }
         ctx.run_later(delay, move |act, ctx| {

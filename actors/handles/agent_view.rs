@@ -62,6 +62,18 @@ impl AgentView {
         }
     }
 
+    /// A view of another link of the same agent: its own session and
+    /// state, the same service counters (a service's traffic is counted
+    /// over every link).
+    pub(crate) fn another_link(&self) -> Self {
+        Self {
+            session: Mutex::new(None),
+            state: Mutex::new(TunnelState::Connecting),
+            last_error: Mutex::new(None),
+            service_counters: self.service_counters.clone(),
+        }
+    }
+
     /// The counters of service `name`, if configured.
     pub(crate) fn counters(&self, name: &str) -> Option<Arc<Counters>> {
         self.service_counters.get(name).cloned()

@@ -5,6 +5,7 @@
 //! them by message, or reads what they publish.
 
 pub(crate) mod access_manager;
+pub(crate) mod agent_shared;
 pub(crate) mod agent_view;
 pub(crate) mod control_handler;
 pub(crate) mod node_tunnels;

@@ -1,102 +1,32 @@
 //! `TunnelAgent` (the seed's type): the public handle of an agent. Not an
-//! actor: `run()` starts an `AgentConnection` under an actix `Supervisor` on
-//! the library's runtime thread and waits until the agent is stopped or meets
-//! a fault that retrying cannot fix (the server refused the token).
+//! actor: `run()` starts one `AgentConnection` per server (a link), each
+//! under an actix `Supervisor` of its own on the library's runtime thread,
+//! and waits until the agent is stopped or every link met a fault that
+//! retrying cannot fix (the server refused the token).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use actix::{Addr, Supervisor};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
+use super::agent_shared::{AgentShared, client_tls};
 use super::agent_view::{AgentView, PublishedCallback};
 use crate::accounting::{Counters, Snapshot};
 use crate::actors::agent_connection::{AgentConnection, OpenStream, StopAgent};
 use crate::actors::io::{admin, runtime};
 use crate::config::TunnelClientConfig;
-use crate::status::AgentStatus;
+use crate::status::{AgentStatus, LinkStatus};
 use crate::{Result, TunnelError};
 use std::net::SocketAddr;
 
 /// Decides whether to accept a visitor: `(service_id, connection_id, client_addr) -> accept`.
 pub type ConnectionCallback = Arc<dyn Fn(Uuid, Uuid, String) -> bool + Send + Sync>;
 
-/// The agent ended: `Ok` when stopped, `Err` for a fatal refusal.
-pub(crate) struct AgentStopped(pub(crate) Result<()>);
-
-/// What the connection actor shares with its handle.
-pub(crate) struct AgentShared {
-    pub(crate) config: TunnelClientConfig,
-    pub(crate) client_id: Uuid,
-    pub(crate) on_connection: Option<ConnectionCallback>,
-    pub(crate) counters: Arc<Counters>,
-    pub(crate) view: Arc<AgentView>,
-    pub(crate) on_published: Option<PublishedCallback>,
-    /// For `wss://`: whom to trust (built once, at `run()`).
-    tls: Option<Arc<rustls::ClientConfig>>,
-    done: Mutex<Option<oneshot::Sender<Result<()>>>>,
-    /// What visitors make the agent log, at most once a second per kind.
-    logs: Mutex<crate::log_limit::LogLimiter>,
-}
-
-impl AgentShared {
-    /// A visitor (through the server) made `event` happen: `Some(held_back)`
-    /// when a line may be logged now, with how many were not since the last.
-    pub(crate) fn remote_event(&self, event: crate::log_limit::RemoteEvent) -> Option<u64> {
-        let mut logs = self.logs.lock().ok()?;
-        logs.admit(event, std::time::Instant::now())
-    }
-
-    /// Whether the `on_connection` callback, if any, lets visitor `id` from
-    /// `client_addr` reach service `service_id`.
-    pub(crate) fn admits(&self, service_id: Uuid, id: Uuid, client_addr: &str) -> bool {
-        self.on_connection
-            .as_ref()
-            .is_none_or(|cb| cb(service_id, id, client_addr.to_owned()))
-    }
-
-    /// A WebSocket client: HTTP/1.1 only (WebSockets do not run over h2
-    /// here), and TCP_NODELAY, without which Nagle's algorithm and delayed
-    /// ACKs hold small frames (a `Connect`, a 64-byte reply) for 40 ms.
-    pub(crate) fn client(&self) -> awc::Client {
-        use actix_service::Service;
-        use actix_tls::connect::{ConnectError, ConnectInfo, ConnectorService};
-        let tcp = ConnectorService::default();
-        let nodelay = actix_service::fn_service(move |req: ConnectInfo<awc::http::Uri>| {
-            let tcp = tcp.clone();
-            async move {
-                let connection = tcp.call(req).await?;
-                let _ = connection.io_ref().set_nodelay(true);
-                Ok::<_, ConnectError>(connection)
-            }
-        });
-        let connector = awc::Connector::new().connector(nodelay);
-        let connector = match &self.tls {
-            Some(tls) => connector.rustls_0_23(tls.clone()),
-            None => connector,
-        };
-        // no `max_http_version` here: awc rebuilds the TLS connector from its
-        // own roots when it is set, dropping ours; our TLS configuration
-        // offers only http/1.1 (ALPN), and plain TCP is HTTP/1.1 anyway
-        awc::Client::builder().connector(connector).finish()
-    }
-
-    /// Whether the end of the agent was reported.
-    pub(crate) fn is_done(&self) -> bool {
-        self.done.lock().map_or(true, |d| d.is_none())
-    }
-
-    /// Reports the end of the agent to `run()`.
-    pub(crate) fn done(&self, stopped: AgentStopped) {
-        let sender = self.done.lock().ok().and_then(|mut d| d.take());
-        if let Some(sender) = sender {
-            let _ = sender.send(stopped.0);
-        }
-    }
-}
-
-/// A tunnel agent: dials out to a server, registers its services, forwards
-/// visitors to them, and reconnects on exponential backoff.
+/// A tunnel agent: dials out to a server (or to each of several),
+/// registers its services, forwards visitors to them, and reconnects on
+/// exponential backoff.
 #[derive(Clone)]
 pub struct TunnelAgent {
     config: TunnelClientConfig,
@@ -104,13 +34,16 @@ pub struct TunnelAgent {
     on_connection: Option<ConnectionCallback>,
     on_published: Option<PublishedCallback>,
     counters: Arc<Counters>,
+    /// The first link's view (the one `status()` leads with).
     view: Arc<AgentView>,
+    /// Every link's server and view, the first one included.
+    links: Arc<Vec<(String, Arc<AgentView>)>>,
     control: Arc<Mutex<Control>>,
 }
 
 #[derive(Default)]
 struct Control {
-    addr: Option<Addr<AgentConnection>>,
+    addrs: Vec<Addr<AgentConnection>>,
     stop_requested: bool,
 }
 
@@ -120,6 +53,16 @@ impl TunnelAgent {
     pub fn new(config: TunnelClientConfig) -> Self {
         let client_id = config.client_id.unwrap_or_else(Uuid::new_v4);
         let view = Arc::new(AgentView::new(&config.services));
+        let links = (config.server_urls().into_iter().enumerate())
+            .map(|(i, url)| {
+                let link_view = if i == 0 {
+                    view.clone()
+                } else {
+                    Arc::new(view.another_link())
+                };
+                (url, link_view)
+            })
+            .collect();
         Self {
             config,
             client_id,
@@ -127,6 +70,7 @@ impl TunnelAgent {
             on_published: None,
             counters: Arc::new(Counters::new()),
             view,
+            links: Arc::new(links),
             control: Arc::default(),
         }
     }
@@ -146,8 +90,10 @@ impl TunnelAgent {
             Some((id, since, services)) => (Some(id), Some(since), services),
             None => (None, None, Vec::new()),
         };
+        let server_url =
+            (self.links.first()).map_or_else(|| self.config.server_url.clone(), |l| l.0.clone());
         AgentStatus {
-            server_url: self.config.server_url.clone(),
+            server_url,
             client_id: self.client_id,
             connected: tunnel_id.is_some(),
             state: self.view.state(),
@@ -155,12 +101,22 @@ impl TunnelAgent {
             connected_since: since,
             services,
             stats: self.counters.snapshot(),
+            links: self
+                .links
+                .iter()
+                .map(|(url, view)| link_status(url, view))
+                .collect(),
         }
     }
 
-    /// Opens an access stream through the server; false if the agent is not running.
+    /// Opens an access stream through the first server; false if the agent
+    /// is not running.
     pub(crate) fn open_stream(&self, open: OpenStream) -> bool {
-        let addr = self.control.lock().ok().and_then(|c| c.addr.clone());
+        let addr = self
+            .control
+            .lock()
+            .ok()
+            .and_then(|c| c.addrs.first().cloned());
         addr.map(|addr| addr.do_send(open)).is_some()
     }
 
@@ -193,23 +149,51 @@ impl TunnelAgent {
         self.counters.snapshot()
     }
 
-    /// Runs until [`stop`](Self::stop) (then `Ok`) or until the server refuses
-    /// the token (then `Err`). Every other fault is retried on backoff.
+    /// Runs until [`stop`](Self::stop) (then `Ok`) or until every server
+    /// refuses the token (then `Err`). Every other fault is retried on
+    /// backoff, each link on its own.
     pub async fn run(&self) -> Result<()> {
         self.config.validate()?;
-        let tls = client_tls(&self.config)?;
-        let (done_tx, done_rx) = oneshot::channel();
-        let shared = Arc::new(AgentShared {
-            config: self.config.clone(),
-            client_id: self.client_id,
-            on_connection: self.on_connection.clone(),
-            counters: self.counters.clone(),
-            view: self.view.clone(),
-            on_published: self.on_published.clone(),
-            tls,
-            done: Mutex::new(Some(done_tx)),
-            logs: Mutex::default(),
-        });
+        let assigned = Arc::new(watch::Sender::new(HashMap::new()));
+        let several_links = self.links.len() > 1;
+        let mut ends = Vec::new();
+        for (i, (url, view)) in self.links.iter().enumerate() {
+            let config = self.config.for_server(url);
+            let tls = client_tls(&config)?;
+            if i == 1 {
+                self.first_grants(&assigned).await;
+            }
+            let (done_tx, done_rx) = oneshot::channel();
+            let shared = Arc::new(AgentShared {
+                config,
+                client_id: self.client_id,
+                on_connection: self.on_connection.clone(),
+                counters: self.counters.clone(),
+                view: view.clone(),
+                on_published: self.on_published.clone(),
+                assigned: assigned.clone(),
+                several_links,
+                tls,
+                done: Mutex::new(Some(done_tx)),
+                logs: Mutex::default(),
+            });
+            self.start_link(shared)?;
+            ends.push(done_rx);
+        }
+        let results = futures::future::join_all(ends).await;
+        if let Ok(mut c) = self.control.lock() {
+            c.addrs.clear(); // the last addresses: the actors end instead of restarting
+        }
+        let mut results = results
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(TunnelError::Shutdown)));
+        let first = results.next().unwrap_or(Err(TunnelError::Shutdown));
+        // Ok when any link ended Ok (a stop); the first error otherwise
+        results.fold(first, |acc, r| if acc.is_ok() { acc } else { r.and(acc) })
+    }
+
+    /// Starts one link's connection actor on the runtime thread.
+    fn start_link(&self, shared: Arc<AgentShared>) -> Result<()> {
         let control = self.control.clone();
         let spawned = runtime::arbiter().spawn_fn(move || {
             let addr = Supervisor::start(move |_| AgentConnection::new(shared));
@@ -217,24 +201,34 @@ impl TunnelAgent {
                 if c.stop_requested {
                     addr.do_send(StopAgent);
                 }
-                c.addr = Some(addr);
+                c.addrs.push(addr);
             }
         });
-        if !spawned {
-            return Err(TunnelError::Shutdown);
+        if spawned {
+            Ok(())
+        } else {
+            Err(TunnelError::Shutdown)
         }
-        let result = done_rx.await.unwrap_or(Err(TunnelError::Shutdown));
-        if let Ok(mut c) = self.control.lock() {
-            c.addr = None; // the last address: the actor ends instead of restarting
-        }
-        result
+    }
+
+    /// Waits (at most `connect_timeout`) until the first link has been given
+    /// a port for every service that asks for any, so that the other links
+    /// ask their servers for the same ports.
+    async fn first_grants(&self, assigned: &watch::Sender<HashMap<String, u16>>) {
+        let wanted: Vec<String> = (self.config.services.iter())
+            .filter(|s| s.remote_port == 0)
+            .map(|s| s.name.clone())
+            .collect();
+        let mut grants = assigned.subscribe();
+        let all_given = grants.wait_for(|ports| wanted.iter().all(|n| ports.contains_key(n)));
+        let _ = tokio::time::timeout(self.config.connect_timeout, all_given).await;
     }
 
     /// Stops the agent: its streams are closed and `run()` returns `Ok`.
     pub fn stop(&self) {
         if let Ok(mut c) = self.control.lock() {
             c.stop_requested = true;
-            if let Some(addr) = &c.addr {
+            for addr in &c.addrs {
                 addr.do_send(StopAgent);
             }
         }
@@ -246,30 +240,16 @@ impl TunnelAgent {
     }
 }
 
-/// The TLS configuration of a `wss://` agent: the CA file it was given, or
-/// the system roots. `None` for `ws://`.
-fn client_tls(config: &TunnelClientConfig) -> Result<Option<Arc<rustls::ClientConfig>>> {
-    if !config.server_url.starts_with("wss://") {
-        return Ok(None);
+/// Where the link to `url` stands, as `/status` reports it.
+fn link_status(url: &str, view: &AgentView) -> LinkStatus {
+    let session = view.session();
+    LinkStatus {
+        server_url: url.to_owned(),
+        connected: session.is_some(),
+        state: view.state(),
+        connected_since: session.as_ref().map(|s| s.1),
+        services: session.map(|s| s.2).unwrap_or_default(),
     }
-    let tls = match &config.ca_cert {
-        Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| {
-                TunnelError::config(format!("ca_cert: cannot read {}: {e}", path.display()))
-            })?;
-            crate::tls::client_config_with_ca(&pem)
-                .map_err(|e| TunnelError::config(format!("ca_cert {}: {e}", path.display())))?
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            for error in &found.errors {
-                tracing::debug!(%error, "a system root certificate could not be loaded");
-            }
-            crate::tls::client_config_with_roots(found.certs)
-                .map_err(|e| TunnelError::config(format!("system roots: {e}; give ca_cert")))?
-        }
-    };
-    Ok(Some(Arc::new(tls)))
 }
 
 impl std::fmt::Debug for TunnelAgent {

@@ -239,3 +239,28 @@ fn defaults_carry_ten_thousand_connections_through_one_agent() {
     let agent = TunnelClientConfig::new("ws://x", "t");
     assert!(agent.stream_settings(0).max_streams >= TEN_THOUSAND);
 }
+
+#[test]
+fn an_agent_links_to_every_server_once() {
+    let config = TunnelClientConfig::from_toml_str(
+        r#"
+        server_url = "ws://a:7000/tunnel/v1"
+        servers = ["wss://b:7000/tunnel/v1", "ws://a:7000/tunnel/v1"]
+        token = "t"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(
+        config.server_urls(),
+        ["ws://a:7000/tunnel/v1", "wss://b:7000/tunnel/v1"]
+    );
+    let link = config.for_server("wss://b:7000/tunnel/v1");
+    assert_eq!(link.server_urls(), ["wss://b:7000/tunnel/v1"]);
+    // the list alone is enough; a bad entry is named by its index
+    let only_list = TunnelClientConfig::new("", "t").with_servers(["ws://b/tunnel/v1"]);
+    assert!(only_list.validate().is_ok());
+    let bad = TunnelClientConfig::new("ws://a/tunnel/v1", "t").with_server("http://b");
+    let err = bad.validate().unwrap_err().to_string();
+    assert!(err.starts_with("servers[0]:"), "{err}");
+    assert!(TunnelClientConfig::new("", "t").validate().is_err());
+}

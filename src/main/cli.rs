@@ -118,9 +118,10 @@ pub(crate) struct AgentArgs {
     /// A TOML file (see examples/config/agent.toml); flags override it.
     #[arg(long)]
     pub(crate) config: Option<PathBuf>,
-    /// Control URL of the server, ws:// or wss://.
+    /// Control URL of the server, ws:// or wss://; repeat it to link to
+    /// several servers (high availability: every service on each).
     #[arg(long)]
-    pub(crate) server: Option<String>,
+    pub(crate) server: Vec<String>,
     /// The token; prefer ZLAYER_TUNNEL_TOKEN, which stays out of `ps`.
     #[arg(long, env = "ZLAYER_TUNNEL_TOKEN", hide_env_values = true)]
     pub(crate) token: Option<String>,

@@ -88,8 +88,10 @@ pub(crate) fn agent_config(args: &AgentArgs) -> anyhow::Result<TunnelClientConfi
             .with_context(|| format!("--config {}", path.display()))?,
         None => TunnelClientConfig::new("", ""),
     };
-    if let Some(server) = &args.server {
-        config.server_url.clone_from(server);
+    // --server replaces the file's servers: the first is `server_url`
+    if let Some((first, more)) = args.server.split_first() {
+        config.server_url.clone_from(first);
+        config.servers = more.to_vec();
     }
     if let Some(token) = &args.token {
         config.token = token.clone().into();
