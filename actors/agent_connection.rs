@@ -38,6 +38,7 @@ use crate::status::TunnelState;
 
 mod access;
 mod flow_hub;
+mod health;
 mod link;
 mod services;
 mod streams;
@@ -78,6 +79,8 @@ struct Link {
     flows: FlowHub,
     cancel: CancellationToken,
     since: Instant,
+    /// The health checks of its services, by service id.
+    health: HashMap<Uuid, (String, crate::health::HealthState)>,
 }
 
 /// The agent's connection actor.
@@ -233,7 +236,10 @@ impl AgentConnection {
                     service_id,
                     service,
                     port,
-                } => self.registered(service_id, &service, port),
+                } => {
+                    self.registered(service_id, &service, port);
+                    self.watch_health(service_id, &service, ctx);
+                }
                 AgentAction::RegistrationRefused { service, reason } => {
                     self.register_failed(service, &reason, ctx)
                 }

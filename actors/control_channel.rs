@@ -32,7 +32,8 @@ use super::registry::{
     ReleasePort, ReportAlive, ServiceEntry, ServiceRegistered, TunnelClosed,
 };
 use super::service_listener::{
-    ACCEPTED_SOCKETS_TUNED, JoinReplica, LeaveReplica, Replica, ServiceListener, VisitorArrived,
+    ACCEPTED_SOCKETS_TUNED, JoinReplica, LeaveReplica, Replica, ReplicaHealth, ServiceListener,
+    VisitorArrived,
 };
 use super::udp_listener::{
     ForgetFlow, JoinUdpReplica, LeaveUdpReplica, SendToVisitor, UdpEvent, UdpReplica,
@@ -73,32 +74,6 @@ struct Service {
 enum Listener {
     Tcp(Addr<ServiceListener>),
     Udp(Addr<UdpServiceListener>, Budget),
-}
-
-impl Listener {
-    /// Tunnel `tunnel_id`'s registration ends: it leaves the service's
-    /// replicas (the listener stops with its last).
-    fn stop(&self, tunnel_id: Uuid) {
-        match self {
-            Self::Tcp(addr) => addr.do_send(LeaveReplica { tunnel_id }),
-            Self::Udp(addr, _) => addr.do_send(LeaveUdpReplica { tunnel_id }),
-        }
-    }
-
-    fn protocol(&self) -> ServiceProtocol {
-        match self {
-            Self::Tcp(_) => ServiceProtocol::Tcp,
-            Self::Udp(..) => ServiceProtocol::Udp,
-        }
-    }
-
-    /// The listener, as the registry hands it to replicas.
-    fn public(&self) -> PublicListener {
-        match self {
-            Self::Tcp(addr) => PublicListener::Tcp(addr.clone()),
-            Self::Udp(addr, _) => PublicListener::Udp(addr.clone()),
-        }
-    }
 }
 
 /// The public side of a service being registered: a socket of its own, or
@@ -255,6 +230,10 @@ impl ControlChannel {
                 }
                 ServerAction::Write(frame) => self.write(frame, ctx),
                 ServerAction::VisitorRefused { id, reason } => self.visitor_refused(id, &reason),
+                ServerAction::ServiceHealth {
+                    service_id,
+                    healthy,
+                } => self.service_health(service_id, healthy),
                 ServerAction::Socket(action) => self.on_socket_action(action),
                 ServerAction::Relay {
                     id,

@@ -63,6 +63,8 @@ pub(crate) struct Replica {
     pub(crate) channel: Recipient<VisitorArrived>,
     /// The registration's counters: its open streams are its load.
     pub(crate) counters: Arc<Counters>,
+    /// False while its agent's health checks fail.
+    pub(crate) healthy: bool,
 }
 
 /// A replica joins the service (the first one starts the listener).
@@ -73,6 +75,15 @@ pub(crate) struct JoinReplica {
     pub(crate) replica: Replica,
     /// Cancelled when the replica's tunnel ends: it leaves.
     pub(crate) cancel: CancellationToken,
+}
+
+/// A replica's agent says whether its local service passes its health
+/// checks: an unhealthy replica gets no new visitor until they pass again.
+#[derive(Message, Clone, Copy)]
+#[rtype(result = "()")]
+pub(crate) struct ReplicaHealth {
+    pub(crate) tunnel_id: Uuid,
+    pub(crate) healthy: bool,
 }
 
 /// A replica leaves (its service was unregistered).
@@ -128,6 +139,16 @@ impl ServiceListener {
     }
 }
 
+impl Handler<ReplicaHealth> for ServiceListener {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReplicaHealth, _: &mut Self::Context) {
+        if let Some(replica) = self.replicas.get_mut(&msg.tunnel_id) {
+            replica.healthy = msg.healthy;
+        }
+    }
+}
+
 impl Handler<LeaveReplica> for ServiceListener {
     type Result = ();
 
@@ -142,7 +163,9 @@ impl StreamHandler<Accepted> for ServiceListener {
             Ok((socket, peer, waiting)) => {
                 let open_streams = |r: &Replica| r.counters.open_connections();
                 // never empty while listening: the last replica stops it
-                let Some(replica) = self.replicas.pick(self.policy, |_| true, open_streams) else {
+                let healthy = |r: &Replica| r.healthy;
+                let Some(replica) = self.replicas.pick(self.policy, healthy, open_streams) else {
+                    // no replica passes its health checks: the visitor is closed
                     return;
                 };
                 replica.channel.do_send(VisitorArrived {

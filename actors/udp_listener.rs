@@ -264,7 +264,8 @@ impl UdpServiceListener {
     /// there is none.
     fn assign(&mut self, id: Uuid, visitor: SocketAddr, ctx: &mut Context<Self>) -> bool {
         let flows = |r: &UdpReplica| r.counters.open_connections();
-        let Some(replica) = self.replicas.pick(self.settings.policy, |_| true, flows) else {
+        let healthy = |r: &UdpReplica| r.healthy;
+        let Some(replica) = self.replicas.pick(self.settings.policy, healthy, flows) else {
             return false;
         };
         tracing::debug!(port = self.settings.port, %visitor, flow = %id, "udp flow opened");

@@ -12,6 +12,7 @@
 # with the dist profile), zlt-base (another build of it, BASE_BIN=path: a
 # before/after of a change in one interleaved run), rathole and bore (from
 # `cargo install --root ~/.cache/tunnel-peers rathole@0.5.0 bore-cli@0.6.0`),
+# zlt-2 (zlt with two agents registering the service: replicas sharing its port),
 # and two baselines that are not tunnels: relay (one plain TCP relay process,
 # `tcpload relay`: accept, dial the service, copy; the least work any tunnel
 # that ends the visitor's TCP and dials the service must do) and relay2 (two
@@ -68,7 +69,7 @@ up_target() {
     relay2)
       start "$LOAD" relay 127.0.0.1:$CTRL 127.0.0.1:$LOCAL; wait_tcp $CTRL || return 1
       start "$LOAD" relay 127.0.0.1:$PUB 127.0.0.1:$CTRL; PORT=$PUB ;;
-    zlt|zlt-base)
+    zlt|zlt-base|zlt-2)
       local bin=$BIN
       if [ "$1" = zlt-base ]; then
         bin=${BASE_BIN:-}
@@ -77,6 +78,11 @@ up_target() {
       start "$bin" server --listen 127.0.0.1:$CTRL --port-range $PUB-$PUB --bind-host 127.0.0.1 --token bench-token
       wait_tcp $CTRL || return 1
       start env ZLAYER_TUNNEL_TOKEN=bench-token "$bin" agent --server ws://127.0.0.1:$CTRL/tunnel/v1 --tcp svc:$LOCAL:$PUB
+      # zlt-2: a second agent, a replica of the service: visitors spread over both
+      if [ "$1" = zlt-2 ]; then
+        env ZLAYER_TUNNEL_TOKEN=bench-token "$bin" agent --server ws://127.0.0.1:$CTRL/tunnel/v1 --tcp svc:$LOCAL:$PUB 2>"$work/replica-$CTRL.log" >/dev/null & TPIDS+=($!)
+        for _ in $(seq 100); do grep -q "service registered" "$work/replica-$CTRL.log" 2>/dev/null && break; sleep 0.1; done
+      fi
       PORT=$PUB ;;
     rathole)
       [ -x "$PEERS/bin/rathole" ] || return 1

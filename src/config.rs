@@ -750,10 +750,38 @@ pub struct ServiceConfig {
     /// Requested public port; 0 lets the server choose. Default 0.
     #[serde(default)]
     pub remote_port: u16,
+    /// Checks of the local service: `"tcp"` dials it every
+    /// `health_interval`; after `health_failures` failures in a row the
+    /// server (if it supports it) sends this agent no new visitor for it
+    /// until a check passes. Absent: no checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+    /// Time between two health checks. Default 5 s.
+    #[serde(default = "default_health_interval", with = "humantime_serde")]
+    pub health_interval: Duration,
+    /// Failed checks in a row that make the service unhealthy. Default 3.
+    #[serde(default = "default_health_failures")]
+    pub health_failures: u32,
+}
+
+/// How the agent checks a local service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthCheck {
+    /// A TCP connection to the service's local address is accepted.
+    Tcp,
 }
 
 fn default_local_host() -> String {
     "127.0.0.1".into()
+}
+
+fn default_health_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_health_failures() -> u32 {
+    3
 }
 
 impl ServiceConfig {
@@ -776,7 +804,25 @@ impl ServiceConfig {
             local_port,
             local_host: default_local_host(),
             remote_port: 0,
+            health_check: None,
+            health_interval: default_health_interval(),
+            health_failures: default_health_failures(),
         }
+    }
+
+    /// Checks the local service with `check` every `interval`; `failures`
+    /// failed checks in a row make it unhealthy.
+    #[must_use]
+    pub fn with_health_check(
+        mut self,
+        check: HealthCheck,
+        interval: Duration,
+        failures: u32,
+    ) -> Self {
+        self.health_check = Some(check);
+        self.health_interval = interval;
+        self.health_failures = failures;
+        self
     }
 
     /// Asks for a specific public port.
@@ -825,6 +871,15 @@ impl ServiceConfig {
         }
         if self.local_host.is_empty() {
             return Err(invalid(format!("{at}.local_host"), "must not be empty"));
+        }
+        if self.health_check.is_some() {
+            positive(&format!("{at}.health_interval"), self.health_interval)?;
+            if self.health_failures == 0 {
+                return Err(invalid(
+                    format!("{at}.health_failures"),
+                    "must be at least 1",
+                ));
+            }
         }
         Ok(())
     }

@@ -38,6 +38,7 @@ pub mod connections;
 mod error;
 pub mod fair;
 pub mod flow;
+pub mod health;
 mod http_upgrade;
 pub mod liveness;
 pub mod log_limit;
@@ -65,7 +66,8 @@ pub use auth::{
     AuthError, Secret, TokenScope, TokenStore, TokenValidator, accept_all_tokens, hash_token,
 };
 pub use config::{
-    ConfigError, ScopedToken, ServerFile, ServiceConfig, TunnelClientConfig, TunnelServerConfig,
+    ConfigError, HealthCheck, ScopedToken, ServerFile, ServiceConfig, TunnelClientConfig,
+    TunnelServerConfig,
 };
 pub use error::{Result, TunnelError};
 pub use node::{NodeTunnel, NodeTunnelStatus};

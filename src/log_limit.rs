@@ -24,11 +24,13 @@ pub enum RemoteEvent {
     AccessRefused,
     /// A connection awaiting authentication dropped to make room for a newer one.
     AuthEvicted,
+    /// An agent's health checks of a replica changed their verdict.
+    ReplicaHealth,
 }
 
 impl RemoteEvent {
     /// Every kind, in the order of their counters.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::AuthRefused,
         Self::AuthLockedOut,
         Self::AuthTimeout,
@@ -37,6 +39,7 @@ impl RemoteEvent {
         Self::AgentRefusedVisitor,
         Self::AccessRefused,
         Self::AuthEvicted,
+        Self::ReplicaHealth,
     ];
 
     /// Its name, as a metric label.
@@ -50,6 +53,7 @@ impl RemoteEvent {
             Self::AgentRefusedVisitor => "agent_refused_visitor",
             Self::AccessRefused => "access_refused",
             Self::AuthEvicted => "auth_evicted",
+            Self::ReplicaHealth => "replica_health",
         }
     }
 

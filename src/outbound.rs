@@ -187,6 +187,11 @@ impl<S: Schedule> FrameQueue<S> {
         }
     }
 
+    /// What the peer announced.
+    pub fn features(&self) -> Features {
+        self.features
+    }
+
     /// The peer's features changed (negotiated after `Auth`).
     pub fn set_features(&mut self, features: Features) {
         self.features = features;

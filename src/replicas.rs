@@ -86,6 +86,14 @@ impl<K: PartialEq, R> ReplicaSet<K, R> {
         self.replicas.iter().find(|(k, _)| k == key).map(|(_, r)| r)
     }
 
+    /// Replica `key`, to change.
+    pub fn get_mut(&mut self, key: &K) -> Option<&mut R> {
+        self.replicas
+            .iter_mut()
+            .find(|(k, _)| k == key)
+            .map(|(_, r)| r)
+    }
+
     /// Replicas left.
     pub fn len(&self) -> usize {
         self.replicas.len()

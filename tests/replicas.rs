@@ -14,20 +14,29 @@ use common::wait::wait_until;
 use common::{echo_through, free_ports};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// An echo service that counts the connections it serves.
+/// Echoes `socket`, counted in `served` once it carries a byte (a health
+/// check connects and closes: not a visitor).
+async fn echo_counted(mut socket: tokio::net::TcpStream, served: Arc<AtomicUsize>) {
+    let mut first = [0u8; 1];
+    if !matches!(socket.read(&mut first).await, Ok(1)) {
+        return;
+    }
+    served.fetch_add(1, Ordering::SeqCst);
+    let (mut read, mut write) = socket.split();
+    let _ = write.write_all(&first).await;
+    let _ = tokio::io::copy(&mut read, &mut write).await;
+    let _ = write.shutdown().await;
+}
+
+/// An echo service that counts the visitors it serves.
 async fn counting_echo() -> (u16, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let served = Arc::new(AtomicUsize::new(0));
     let count = served.clone();
     tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let (mut read, mut write) = socket.split();
-                let _ = tokio::io::copy(&mut read, &mut write).await;
-                let _ = write.shutdown().await;
-            });
+        while let Ok((socket, _)) = listener.accept().await {
+            tokio::spawn(echo_counted(socket, count.clone()));
         }
     });
     (port, served)
@@ -225,4 +234,97 @@ async fn udp_flows_spread_over_replicas_and_stay_on_theirs() {
     }
     b.child.kill().unwrap();
     server.wait_for("public UDP port closed");
+}
+
+/// An echo service on a port of its own that can be stopped (nothing
+/// listens there) and started again on the same port.
+struct Switchable {
+    port: u16,
+    served: Arc<AtomicUsize>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Switchable {
+    async fn start(port: u16, served: Arc<AtomicUsize>) -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let count = served.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                tokio::spawn(echo_counted(socket, count.clone()));
+            }
+        });
+        Self {
+            port,
+            served,
+            task: Some(task),
+        }
+    }
+
+    async fn stop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await; // the listener is dropped: its port refuses
+        }
+    }
+}
+
+/// An agent from a config file: `svc` from `local` on `public`, checked every 100 ms.
+fn checked_agent(dir: &std::path::Path, url: &str, local: u16, public: u16) -> Proc {
+    let path = dir.join(format!("agent-{local}.toml"));
+    let text = format!(
+        "server_url = \"{url}\"\n[[services]]\nname = \"svc\"\nlocal_port = {local}\nremote_port = {public}\n\
+         health_check = \"tcp\"\nhealth_interval = \"100ms\"\nhealth_failures = 2\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    Proc::spawn(&["agent", "--config", path.to_str().unwrap()])
+}
+
+#[actix_web::test]
+async fn a_replica_whose_service_fails_its_checks_gets_no_visitor_until_it_passes() {
+    let public = free_ports(1).0;
+    let (mut server, url) = server((public, public), &[]);
+    let dir = std::env::temp_dir().join(format!("zlt-health-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let served_a = Arc::new(AtomicUsize::new(0));
+    let mut service_a = Switchable::start(0, served_a.clone()).await;
+    let (local_b, served_b) = counting_echo().await;
+    let mut a = checked_agent(&dir, &url, service_a.port, public);
+    assert_eq!(a.registered_port(), public);
+    let mut b = checked_agent(&dir, &url, local_b, public);
+    assert_eq!(b.registered_port(), public);
+    server.wait_for("replica joined");
+    let addr = ([127, 0, 0, 1], public).into();
+
+    service_a.stop().await;
+    a.wait_for("fails its health checks");
+    let line = server.wait_for("replica health changed");
+    assert!(line.contains("healthy=false"), "{line}");
+    let (before_a, before_b) = (
+        served_a.load(Ordering::SeqCst),
+        served_b.load(Ordering::SeqCst),
+    );
+    for seed in 0..30 {
+        echo_through(addr, seed, 16 << 10).await; // none is refused
+    }
+    assert_eq!(served_b.load(Ordering::SeqCst) - before_b, 30);
+    assert_eq!(served_a.load(Ordering::SeqCst), before_a);
+
+    let _service_a = Switchable::start(service_a.port, service_a.served.clone()).await;
+    a.wait_for("passes its health check again");
+    let mut seed = 100;
+    wait_until("the recovered replica gets visitors again", || {
+        seed += 1;
+        let served = served_a.clone();
+        async move {
+            let before = served.load(Ordering::SeqCst);
+            echo_through(addr, seed, 4096).await;
+            served.load(Ordering::SeqCst) > before
+        }
+    })
+    .await;
+    drop(b);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -53,6 +53,7 @@ impl AgentConnection {
             cancel: CancellationToken::new(),
             since: Instant::now(),
             gate: ReadGate::new(config.read_ahead),
+            health: HashMap::new(),
         });
         self.execute(ctx);
     }

@@ -3,6 +3,32 @@
 
 use super::*;
 
+impl Listener {
+    /// Tunnel `tunnel_id`'s registration ends: it leaves the service's
+    /// replicas (the listener stops with its last).
+    fn stop(&self, tunnel_id: Uuid) {
+        match self {
+            Self::Tcp(addr) => addr.do_send(LeaveReplica { tunnel_id }),
+            Self::Udp(addr, _) => addr.do_send(LeaveUdpReplica { tunnel_id }),
+        }
+    }
+
+    fn protocol(&self) -> ServiceProtocol {
+        match self {
+            Self::Tcp(_) => ServiceProtocol::Tcp,
+            Self::Udp(..) => ServiceProtocol::Udp,
+        }
+    }
+
+    /// The listener, as the registry hands it to replicas.
+    fn public(&self) -> PublicListener {
+        match self {
+            Self::Tcp(addr) => PublicListener::Tcp(addr.clone()),
+            Self::Udp(addr, _) => PublicListener::Udp(addr.clone()),
+        }
+    }
+}
+
 impl ControlChannel {
     /// Allocates the public port of a registration the session accepted and
     /// listens on it; the answer goes back to the session, which sends
@@ -101,6 +127,7 @@ impl ControlChannel {
                 service_id,
                 channel: ctx.address().recipient(),
                 counters: counters.clone(),
+                healthy: true,
             },
             cancel: cancel.clone(),
         };
@@ -113,6 +140,7 @@ impl ControlChannel {
                 budget: budget.clone(),
                 counters: counters.clone(),
                 view,
+                healthy: true,
             },
             cancel: cancel.clone(),
         };
@@ -190,6 +218,32 @@ impl ControlChannel {
             port: service.port,
         };
         self.shared.registry.addr().do_send(release);
+    }
+}
+
+impl ControlChannel {
+    /// The agent's checks of service `service_id` changed their verdict: its
+    /// replica takes new visitors again, or none until they pass.
+    pub(super) fn service_health(&mut self, service_id: Uuid, healthy: bool) {
+        let Some(session) = self.link.as_ref() else {
+            return;
+        };
+        let Some(service) = session.services.get(&service_id) else {
+            return;
+        };
+        let health = ReplicaHealth {
+            tunnel_id: session.tunnel_id,
+            healthy,
+        };
+        match &service.listener {
+            Listener::Tcp(addr) => addr.do_send(health),
+            Listener::Udp(addr, _) => addr.do_send(health),
+        }
+        // the agent decides how often: one line a second, counted
+        if let Some(held_back) = self.shared.remote_event(RemoteEvent::ReplicaHealth) {
+            let (name, port) = (&service.name, service.port);
+            self.span.in_scope(|| tracing::info!(service = %name, port, healthy, held_back, "replica health changed"));
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! joining and leaving.
 
 use super::*;
+use crate::actors::service_listener::ReplicaHealth;
 
 /// One agent's registration of the service: where its flows go.
 pub(crate) struct UdpReplica {
@@ -19,6 +20,8 @@ pub(crate) struct UdpReplica {
     pub(crate) counters: Arc<Counters>,
     /// Where its flows' traffic is published for status pages.
     pub(crate) view: FlowView,
+    /// False while its agent's health checks fail: no new flow.
+    pub(crate) healthy: bool,
 }
 
 /// A replica joins the service (the first one starts the listener).
@@ -42,6 +45,16 @@ impl Handler<JoinUdpReplica> for UdpServiceListener {
 
     fn handle(&mut self, msg: JoinUdpReplica, ctx: &mut Self::Context) {
         self.join(msg, ctx);
+    }
+}
+
+impl Handler<ReplicaHealth> for UdpServiceListener {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReplicaHealth, _: &mut Self::Context) {
+        if let Some(replica) = self.replicas.get_mut(&msg.tunnel_id) {
+            replica.healthy = msg.healthy;
+        }
     }
 }
 

@@ -100,6 +100,7 @@ impl Message {
             Self::Open {
                 service, target, ..
             } => UUID_LEN + 1 + service.len() + 2 + target.len(),
+            Self::Health { .. } => UUID_LEN + 1,
         }
     }
 
@@ -280,6 +281,13 @@ impl Message {
                 put_str8(buf, service);
                 put_str16(buf, target);
             }
+            Self::Health {
+                service_id,
+                healthy,
+            } => {
+                buf.put_slice(service_id.as_bytes());
+                buf.put_u8(u8::from(*healthy));
+            }
         }
     }
 
@@ -416,6 +424,7 @@ impl Reader {
                 service: self.str8("service")?,
                 target: self.str16("target")?,
             },
+            MessageType::Health => self.health()?,
         })
     }
 
@@ -455,6 +464,19 @@ impl Reader {
         Ok(Message::Close {
             connection_id,
             kind,
+        })
+    }
+
+    fn health(&mut self) -> Result<Message, DecodeError> {
+        let service_id = self.uuid("service_id")?;
+        let healthy = match self.u8("healthy")? {
+            0 => false,
+            1 => true,
+            other => return Err(self.bad("healthy", other)),
+        };
+        Ok(Message::Health {
+            service_id,
+            healthy,
         })
     }
 

@@ -31,8 +31,10 @@ impl Features {
     pub const DATAGRAMS: Self = Self(1 << 1);
     /// `Open`: streams to a named service, for on-demand access sessions.
     pub const ACCESS: Self = Self(1 << 2);
+    /// `Health`: the agent reports a service's local health checks.
+    pub const HEALTH: Self = Self(1 << 3);
     /// Everything this implementation supports.
-    pub const ALL: Self = Self(0b111);
+    pub const ALL: Self = Self(0b1111);
 
     /// Builds a set from raw bits; unknown bits are kept (a newer peer's features).
     pub const fn from_bits(bits: u32) -> Self {

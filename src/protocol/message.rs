@@ -55,6 +55,8 @@ pub enum MessageType {
     Datagram = 0x53,
     /// Open a stream to a named service (extension, ACCESS).
     Open = 0x54,
+    /// A registered service's health as the agent's checks see it (extension, HEALTH).
+    Health = 0x55,
 }
 
 impl MessageType {
@@ -64,6 +66,7 @@ impl MessageType {
             Self::Data | Self::Close | Self::Window => Features::STREAMS,
             Self::Datagram => Features::DATAGRAMS,
             Self::Open => Features::ACCESS,
+            Self::Health => Features::HEALTH,
             _ => Features::NONE,
         }
     }
@@ -92,6 +95,7 @@ impl TryFrom<u8> for MessageType {
             0x52 => Self::Window,
             0x53 => Self::Datagram,
             0x54 => Self::Open,
+            0x55 => Self::Health,
             other => return Err(other),
         })
     }
@@ -307,6 +311,15 @@ pub enum Message {
         /// Address the agent should dial instead of the service's own, or empty.
         target: String,
     },
+    /// The agent's checks of a registered service's local end passed
+    /// (`healthy`) or failed: an unhealthy replica gets no new visitor.
+    #[non_exhaustive]
+    Health {
+        /// The service, as `RegisterOk` named it.
+        service_id: Uuid,
+        /// Whether its checks pass.
+        healthy: bool,
+    },
 }
 
 /// Why the server refused an `Auth`, as far as the agent must act on it.
@@ -497,6 +510,14 @@ impl Message {
         })
     }
 
+    /// A `Health` report for `service_id`.
+    pub fn health(service_id: Uuid, healthy: bool) -> Self {
+        Self::Health {
+            service_id,
+            healthy,
+        }
+    }
+
     /// The message's type byte.
     pub const fn message_type(&self) -> MessageType {
         match self {
@@ -518,6 +539,7 @@ impl Message {
             Self::Window { .. } => MessageType::Window,
             Self::Datagram { .. } => MessageType::Datagram,
             Self::Open { .. } => MessageType::Open,
+            Self::Health { .. } => MessageType::Health,
         }
     }
 }

@@ -44,6 +44,8 @@ fn one_of_each() -> Vec<Message> {
         Message::window(id(4), 65536).unwrap(),
         Message::datagram(id(5), Bytes::from_static(&[0; 9000])).unwrap(),
         Message::open(id(6), "db", "10.0.0.1:5432").unwrap(),
+        Message::health(id(3), false),
+        Message::health(id(3), true),
     ]
 }
 
@@ -80,7 +82,19 @@ fn extension_types_need_their_feature() {
         Features::DATAGRAMS
     );
     assert_eq!(MessageType::Open.required_feature(), Features::ACCESS);
+    assert_eq!(MessageType::Health.required_feature(), Features::HEALTH);
     assert!(MessageType::Connect.required_feature().is_empty());
+}
+
+#[test]
+fn a_health_report_is_a_service_id_and_one_byte_of_zero_or_one() {
+    let frame = Message::health(id(3), true).encode();
+    assert_eq!(frame[0], 0x55);
+    assert_eq!(&frame[5..21], id(3).as_bytes());
+    assert_eq!(frame[21], 1);
+    let mut bad = frame.clone();
+    bad[21] = 2;
+    assert!(Message::decode(&bad).is_err(), "only 0 and 1");
 }
 
 #[test]
@@ -175,6 +189,7 @@ fn message() -> impl Strategy<Value = Message> {
         (uuid(), 1..=MAX_WINDOW).prop_map(|(c, i)| Message::window(c, i).unwrap()),
         (uuid(), data()).prop_map(|(c, d)| Message::datagram(c, d).unwrap()),
         (uuid(), text(60), text(64)).prop_map(|(c, s, t)| Message::open(c, s, t).unwrap()),
+        (uuid(), any::<bool>()).prop_map(|(s, h)| Message::health(s, h)),
     ]
 }
 

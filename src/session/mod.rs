@@ -73,7 +73,7 @@ pub enum End {
 impl End {
     /// True when the peer of this end may send `kind` (docs/PROTOCOL.md §3, §4):
     /// the server never receives the server's answers, nor the agent `Auth`,
-    /// `Register` or `Unregister`. Stream frames, heartbeats and the relayed
+    /// `Register`, `Unregister` or `Health`. Stream frames, heartbeats and the relayed
     /// `ConnectAck`/`ConnectFail`/`Open` go both ways.
     pub const fn receives(self, kind: MessageType) -> bool {
         use MessageType as T;
@@ -87,7 +87,7 @@ impl End {
                     | T::Connect
                     | T::Disconnect
             ),
-            Self::Agent => !matches!(kind, T::Auth | T::Register | T::Unregister),
+            Self::Agent => !matches!(kind, T::Auth | T::Register | T::Unregister | T::Health),
         }
     }
 }

@@ -339,6 +339,10 @@ impl ServerSession {
                 ..
             } => self.on_register(name, protocol, remote_port),
             Message::Unregister { service_id } => self.on_unregister(service_id),
+            Message::Health {
+                service_id,
+                healthy,
+            } => self.on_health(service_id, healthy),
             Message::Open {
                 connection_id,
                 service,

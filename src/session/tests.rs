@@ -1390,3 +1390,47 @@ mod data_plane {
         let _ = ConnectionKind::Relay;
     }
 }
+
+#[test]
+fn health_reports_reach_the_replica_only_for_a_registered_service() {
+    let mut pair = open_pair(Features::ALL);
+    let (registered, stranger) = (Uuid::from_u128(100), Uuid::from_u128(999));
+    for (id, healthy) in [(registered, false), (stranger, false), (registered, true)] {
+        pair.to_server
+            .push_back(Message::health(id, healthy).encode());
+    }
+    pair.run();
+    let reported: Vec<_> = (pair.server_log.iter())
+        .filter_map(|a| match a {
+            ServerAction::ServiceHealth {
+                service_id,
+                healthy,
+            } => Some((*service_id, *healthy)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reported, [(registered, false), (registered, true)]);
+    assert!(pair.server.is_open());
+
+    // not negotiated: a protocol error; and never from the server
+    let mut pair = open_pair(Features::STREAMS | Features::DATAGRAMS);
+    pair.to_server
+        .push_back(Message::health(registered, false).encode());
+    pair.run();
+    assert!(matches!(
+        pair.server_closed(),
+        Some(CloseReason::Protocol(
+            ProtocolViolation::NotNegotiated { .. }
+        ))
+    ));
+    let mut pair = open_pair(Features::ALL);
+    pair.to_agent
+        .push_back(Message::health(registered, false).encode());
+    pair.run();
+    assert!(matches!(
+        pair.agent_closed(),
+        Some(LinkError::Protocol(ProtocolViolation::Unexpected(
+            MessageType::Health
+        )))
+    ));
+}

@@ -51,6 +51,14 @@ pub enum ServerAction {
     ReportAlive,
     /// Write this frame, encoded by a socket's reader, to the agent.
     Write(Outbound),
+    /// The agent's health checks of service `service_id` passed (`healthy`)
+    /// or failed: while unhealthy, its replica gets no new visitor.
+    ServiceHealth {
+        /// The service.
+        service_id: Uuid,
+        /// Whether its checks pass.
+        healthy: bool,
+    },
     /// The agent refused visitor stream or flow `id` (`ConnectFail`: its
     /// service down, its limit); the connection is reset as well. A remote party decides
     /// how often: log it rate-limited.

@@ -71,6 +71,18 @@ impl ServerSession {
         }
     }
 
+    /// The agent's checks of a registered service changed their verdict;
+    /// a service it did not register (or no longer has) is ignored.
+    pub(super) fn on_health(&mut self, service_id: Uuid, healthy: bool) {
+        let Some(open) = self.open_mut() else { return };
+        if open.services.contains_key(&service_id) {
+            (self.actions).push_back(ServerAction::ServiceHealth {
+                service_id,
+                healthy,
+            });
+        }
+    }
+
     /// Sends the answers at the head of the queue that are ready.
     fn answer_in_order(&mut self) {
         let Phase::Open(open) = &mut self.phase else {
