@@ -192,4 +192,20 @@ async fn a_bad_token_fails_and_bad_tunnels_are_refused() {
             .start_outbound("nope", "ws://127.0.0.1:1/tunnel/v1".into())
             .is_err()
     );
+    // several servers: none is refused, a bad one is named
+    node_a
+        .add_tunnel(
+            NodeTunnel::new("ha", "node-a", "node-b")
+                .with_ports(1, public)
+                .with_token("t"),
+        )
+        .unwrap();
+    let none = node_a.start_outbound_to("ha", Vec::new()).unwrap_err();
+    assert!(none.to_string().contains("no server URL"), "{none}");
+    let urls = vec![
+        "ws://127.0.0.1:1/tunnel/v1".to_owned(),
+        "http://b".to_owned(),
+    ];
+    let bad = node_a.start_outbound_to("ha", urls).unwrap_err();
+    assert!(bad.to_string().contains("servers[0]"), "{bad}");
 }

@@ -75,6 +75,18 @@ impl NodeTunnelManager {
     /// Connects tunnel `name` to the tunnel server at `url` (`ws://` or
     /// `wss://`) and keeps it connected, reconnecting on backoff, until removed.
     pub fn start_outbound(&self, name: &str, url: String) -> Result<()> {
+        self.start_outbound_to(name, vec![url])
+    }
+
+    /// [`start_outbound`](Self::start_outbound) to each of several servers
+    /// of the other node (high availability: a link to each, the same
+    /// public port on all).
+    pub fn start_outbound_to(&self, name: &str, urls: Vec<String>) -> Result<()> {
+        let Some((url, more)) = urls.split_first() else {
+            return Err(TunnelError::config(format!(
+                "node tunnel {name:?}: no server URL given"
+            )));
+        };
         let mut tunnels = self.lock()?;
         let entry = tunnels
             .get_mut(name)
@@ -84,7 +96,8 @@ impl NodeTunnelManager {
                 "node tunnel {name:?} is already started"
             )));
         }
-        let config = TunnelClientConfig::new(url, entry.tunnel.token.expose())
+        let config = TunnelClientConfig::new(url.as_str(), entry.tunnel.token.expose())
+            .with_servers(more.iter().cloned())
             .with_service(entry.tunnel.service());
         config
             .validate()
