@@ -184,12 +184,12 @@ impl TunnelAgent {
         if let Ok(mut c) = self.control.lock() {
             c.addrs.clear(); // the last addresses: the actors end instead of restarting
         }
+        // Ok when any link ended Ok (a stop); the first error otherwise
         let mut results = results
             .into_iter()
             .map(|r| r.unwrap_or(Err(TunnelError::Shutdown)));
         let first = results.next().unwrap_or(Err(TunnelError::Shutdown));
-        // Ok when any link ended Ok (a stop); the first error otherwise
-        results.fold(first, |acc, r| if acc.is_ok() { acc } else { r.and(acc) })
+        results.fold(first, |acc, r| acc.or_else(|error| r.map_err(|_| error)))
     }
 
     /// Starts one link's connection actor on the runtime thread.
