@@ -25,12 +25,15 @@ use uuid::Uuid;
 
 use super::io::read_gate::ReadGate;
 use super::io::socket_options::limit_unsent;
+use super::service_listener::SecondChance;
 use crate::accounting::{CounterSet, Direction};
 use crate::protocol::MAX_DATA_PAYLOAD;
 use crate::session::SocketEvent;
 use reader::{Credit, CreditedReader, read_now};
+use retry::Retry;
 
 mod reader;
+mod retry;
 mod writer;
 
 /// What the owning channel tells a connection.
@@ -45,6 +48,10 @@ pub(crate) enum StreamCommand {
     ShutdownWrite,
     /// The stream is gone: reset the socket now.
     Reset,
+    /// The agent refused the stream (its local dial failed): the visitor
+    /// goes back to its listener for another replica if it has a second
+    /// chance, and is reset otherwise.
+    Refused,
 }
 
 /// What a connection tells its channel: an event of its socket, for the
@@ -75,6 +82,9 @@ pub(crate) struct StreamWiring {
     /// sockets inherit them from a listener that has them, on Linux): two
     /// system calls fewer per connection.
     pub(crate) tuned: bool,
+    /// A visitor's way to another replica if this one refuses it (a
+    /// service with more than one healthy replica); `None` elsewhere.
+    pub(crate) second_chance: Option<SecondChance>,
 }
 
 impl StreamWiring {
@@ -103,6 +113,9 @@ pub(crate) struct ForwardedConnection {
     read_done: bool,
     write_done: bool,
     reset: bool,
+    /// What the visitor sent while its agent has not yet answered, to offer
+    /// it to another replica if the agent refuses it.
+    retry: Option<Retry>,
 }
 
 impl Actor for ForwardedConnection {
@@ -134,13 +147,20 @@ impl Handler<StreamCommand> for ForwardedConnection {
 
     fn handle(&mut self, command: StreamCommand, ctx: &mut Self::Context) {
         match command {
-            StreamCommand::Deliver(data) => self.deliver(data, ctx),
-            StreamCommand::Credit(n) => self.credit.grant(n),
+            StreamCommand::Deliver(data) => {
+                self.retry = None; // the agent answered: it took the stream
+                self.deliver(data, ctx);
+            }
+            StreamCommand::Credit(n) => {
+                self.retry = None;
+                self.credit.grant(n);
+            }
             StreamCommand::ShutdownWrite => {
                 self.shutdown_pending = true;
                 self.write_next(ctx);
             }
             StreamCommand::Reset => self.reset_now(ctx),
+            StreamCommand::Refused => self.refused(ctx),
         }
     }
 }
@@ -150,6 +170,7 @@ impl StreamHandler<io::Result<(Bytes, usize)>> for ForwardedConnection {
         let id = self.wiring.id;
         match item {
             Ok((frame, len)) => {
+                Retry::keep(&mut self.retry, &frame);
                 let read = self.wiring.read_event(frame, len);
                 self.wiring.channel.do_send(read);
             }
@@ -179,46 +200,60 @@ impl ForwardedConnection {
     /// Starts the actor on `socket` on the current arbiter.
     pub(crate) fn start(socket: TcpStream, wiring: StreamWiring) -> Addr<Self> {
         let credit = wiring.initial_credit as usize;
-        Self::start_with_credit(socket, wiring, credit)
+        Self::start_with_credit(socket, wiring, credit, None)
     }
 
     /// Starts the actor on a visitor's socket that may already hold the
     /// visitor's first bytes, and reads them now (within the peer's window and
     /// the read gate): the caller sends them right behind the stream's opening
     /// frame, in the same WebSocket write, so the agent wakes once for both.
-    /// The event to hand the channel, if anything was read.
+    /// A visitor another replica refused comes with what it had sent
+    /// (`sent`), which goes first instead. The event to hand the channel, if
+    /// anything was read.
     pub(crate) fn start_reading(
         socket: TcpStream,
         wiring: StreamWiring,
+        sent: Bytes,
     ) -> (Addr<Self>, Option<StreamEvent>) {
         let (id, credit) = (wiring.id, wiring.initial_credit as usize);
+        if !sent.is_empty() {
+            return Self::start_replaying(socket, wiring, sent);
+        }
         let want = credit.min(MAX_DATA_PAYLOAD);
         if want == 0 || !wiring.gate.has_room() {
-            return (Self::start_with_credit(socket, wiring, credit), None);
+            return (Self::start_with_credit(socket, wiring, credit, None), None);
         }
         match read_now(&socket, id, want) {
             Ok((frame, len)) if len > 0 => {
+                let kept = wiring.second_chance.is_some().then(|| frame.clone());
                 let read = wiring.read_event(frame, len);
                 (
-                    Self::start_with_credit(socket, wiring, credit - len),
+                    Self::start_with_credit(socket, wiring, credit - len, kept),
                     Some(read),
                 )
             }
             // nothing yet, or end of stream (which the reader sees again)
-            Ok(_) => (Self::start_with_credit(socket, wiring, credit), None),
+            Ok(_) => (Self::start_with_credit(socket, wiring, credit, None), None),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                (Self::start_with_credit(socket, wiring, credit), None)
+                (Self::start_with_credit(socket, wiring, credit, None), None)
             }
             Err(e) => {
                 tracing::debug!(stream = %id, error = %e, "visitor socket failed at once; aborting the stream");
-                let addr = Self::start_with_credit(socket, wiring, credit);
+                let addr = Self::start_with_credit(socket, wiring, credit, None);
                 addr.do_send(StreamCommand::Reset);
                 (addr, Some(StreamEvent(SocketEvent::Failed { id })))
             }
         }
     }
 
-    fn start_with_credit(socket: TcpStream, wiring: StreamWiring, credit: usize) -> Addr<Self> {
+    /// Starts the actor with `credit` to read; `first` is the `Data` frame
+    /// already read from the socket, if any (kept for a second chance).
+    fn start_with_credit(
+        socket: TcpStream,
+        mut wiring: StreamWiring,
+        credit: usize,
+        first: Option<Bytes>,
+    ) -> Addr<Self> {
         if !wiring.tuned {
             let _ = socket.set_nodelay(true);
             if let Err(error) = limit_unsent(&socket) {
@@ -226,6 +261,10 @@ impl ForwardedConnection {
             }
         }
         wiring.counters.connection_opened();
+        let mut retry = wiring.second_chance.take().map(Retry::new);
+        if let Some(frame) = first {
+            Retry::keep(&mut retry, &frame);
+        }
         let socket = Rc::new(socket);
         let credit = Rc::new(Credit::new(credit));
         Self::create(|ctx| {
@@ -245,6 +284,7 @@ impl ForwardedConnection {
                 read_done: false,
                 write_done: false,
                 reset: false,
+                retry,
             }
         })
     }

@@ -11,7 +11,10 @@
 //! visitors wait in the kernel's listen backlog instead of as the server's
 //! sockets. A replica leaves when its tunnel ends (its cancellation token) or
 //! its service is unregistered (`LeaveReplica`); it gets no visitor from that
-//! moment. The listener stops when the last replica leaves.
+//! moment. A visitor whose replica's agent refuses it (its local dial
+//! failed) comes back once (`RetryVisitor`, with what it had sent) and goes
+//! to another healthy replica, if there is one. The listener stops when the
+//! last replica leaves.
 
 use std::io;
 use std::net::SocketAddr;
@@ -19,6 +22,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use actix::prelude::*;
+use bytes::Bytes;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -51,6 +55,33 @@ pub(crate) struct VisitorArrived {
     /// Its place among the listener's waiting visitors, freed when the
     /// channel has handled (or dropped) the message.
     pub(crate) _waiting: OwnedSemaphorePermit,
+    /// Where it goes if this replica's agent refuses it (there is another
+    /// healthy replica); `None` for a visitor already retried.
+    pub(crate) second_chance: Option<SecondChance>,
+    /// What it sent before another replica refused it: sent first.
+    pub(crate) sent: Bytes,
+}
+
+/// A visitor's way back to its listener if the replica it was given
+/// refuses it.
+#[derive(Clone)]
+pub(crate) struct SecondChance {
+    pub(crate) listener: Recipient<RetryVisitor>,
+    /// The replica it was given (its service id).
+    pub(crate) replica: Uuid,
+}
+
+/// A visitor a replica's agent refused (its local dial failed), back for
+/// another replica; it is not offered a third.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct RetryVisitor {
+    pub(crate) socket: TcpStream,
+    pub(crate) peer: SocketAddr,
+    /// What it had sent, which the refusing agent dropped.
+    pub(crate) sent: Bytes,
+    /// The replica that refused it (its service id).
+    pub(crate) refused_by: Uuid,
 }
 
 /// An accepted visitor and its place among the waiting ones.
@@ -98,6 +129,8 @@ pub(crate) struct ServiceListener {
     port: u16,
     replicas: ReplicaSet<Uuid, Replica>,
     policy: LoadBalance,
+    /// The places of visitors handed to channels and not yet taken.
+    waiting: Arc<Semaphore>,
 }
 
 impl Actor for ServiceListener {
@@ -158,26 +191,68 @@ impl Handler<LeaveReplica> for ServiceListener {
 }
 
 impl StreamHandler<Accepted> for ServiceListener {
-    fn handle(&mut self, item: Accepted, _: &mut Self::Context) {
+    fn handle(&mut self, item: Accepted, ctx: &mut Self::Context) {
         match item {
             Ok((socket, peer, waiting)) => {
                 let open_streams = |r: &Replica| r.counters.open_connections();
                 // never empty while listening: the last replica stops it
                 let healthy = |r: &Replica| r.healthy;
+                let others = self.replicas.iter().filter(|r| r.healthy).count() > 1;
                 let Some(replica) = self.replicas.pick(self.policy, healthy, open_streams) else {
                     // no replica passes its health checks: the visitor is closed
                     return;
                 };
+                let second_chance = others.then(|| SecondChance {
+                    listener: ctx.address().recipient(),
+                    replica: replica.service_id,
+                });
                 replica.channel.do_send(VisitorArrived {
                     service_id: replica.service_id,
                     socket,
                     peer,
                     _waiting: waiting,
+                    second_chance,
+                    sent: Bytes::new(),
                 });
             }
             Err(e) => tracing::warn!(port = self.port, error = %e, "accept failed"),
         }
     }
+}
+
+impl Handler<RetryVisitor> for ServiceListener {
+    type Result = ();
+
+    fn handle(&mut self, msg: RetryVisitor, _: &mut Self::Context) {
+        let open_streams = |r: &Replica| r.counters.open_connections();
+        let other = |r: &Replica| r.healthy && r.service_id != msg.refused_by;
+        let place = self.waiting.clone().try_acquire_owned().ok();
+        let replica = place
+            .is_some()
+            .then(|| self.replicas.pick(self.policy, other, open_streams))
+            .flatten();
+        let (Some(replica), Some(place)) = (replica, place) else {
+            // no other replica (or the channels are not taking visitors):
+            // refused, as it would have been without a second chance
+            return reset(&msg.socket);
+        };
+        tracing::debug!(port = self.port, visitor = %msg.peer, "visitor refused by one replica; offered to another");
+        replica.channel.do_send(VisitorArrived {
+            service_id: replica.service_id,
+            socket: msg.socket,
+            peer: msg.peer,
+            _waiting: place,
+            second_chance: None,
+            sent: msg.sent,
+        });
+    }
+}
+
+/// Closes a visitor's socket with RST (SO_LINGER 0), as a refused stream is.
+fn reset(socket: &TcpStream) {
+    // with a zero timeout SO_LINGER never blocks the thread
+    #[allow(deprecated)]
+    let _ = socket.set_linger(Some(std::time::Duration::ZERO));
 }
 
 impl ServiceListener {
@@ -232,6 +307,7 @@ impl ServiceListener {
         guards: Arc<GuardCounters>,
     ) -> Addr<Self> {
         let waiting = Arc::new(Semaphore::new(MAX_WAITING_VISITORS));
+        let places = waiting.clone();
         Self::create(|ctx| {
             ctx.add_stream(futures::stream::unfold(listener, move |l| {
                 let (waiting, guards) = (waiting.clone(), guards.clone());
@@ -248,6 +324,7 @@ impl ServiceListener {
                 port,
                 replicas: ReplicaSet::default(),
                 policy,
+                waiting: places,
             };
             listener.join(first, ctx);
             listener

@@ -328,3 +328,46 @@ async fn a_replica_whose_service_fails_its_checks_gets_no_visitor_until_it_passe
     drop(b);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[actix_web::test]
+async fn a_visitor_the_first_replica_refuses_is_served_by_another_byte_exact() {
+    let public = free_ports(1).0;
+    let (mut server, url) = server((public, public), &[]);
+    let down = free_ports(1).0; // nothing listens there: agent A's dial fails
+    let (local_b, served_b) = counting_echo().await;
+    let mut a = agent(&url, down, public);
+    assert_eq!(a.registered_port(), public);
+    let mut b = agent(&url, local_b, public);
+    assert_eq!(b.registered_port(), public);
+    server.wait_for("replica joined");
+
+    // every visitor sends its bytes and its FIN at once, before any agent
+    // answers: those refused by A reach B whole
+    let addr = ([127, 0, 0, 1], public).into();
+    for round in 0..10u64 {
+        let visitors = (0..10u64).map(|i| {
+            let seed = round * 10 + i;
+            echo_through(addr, seed, 1 + (seed as usize * 997) % (12 << 10))
+        });
+        futures::future::join_all(visitors).await;
+    }
+    assert_eq!(
+        served_b.load(Ordering::SeqCst),
+        100,
+        "B served every visitor"
+    );
+    server.wait_for("the agent refused a visitor"); // A did get its share first
+
+    // with B gone, A's refusal is the visitor's: no echo
+    b.child.kill().unwrap();
+    server.wait_for("replica left");
+    let mut visitor = tokio::net::TcpStream::connect(addr).await.unwrap();
+    visitor.write_all(b"anyone?").await.unwrap();
+    let mut back = Vec::new();
+    let got = visitor.read_to_end(&mut back).await;
+    assert!(
+        got.is_err() || back.is_empty(),
+        "a refused visitor got {back:?}"
+    );
+    a.child.kill().unwrap();
+}

@@ -38,6 +38,7 @@ impl Handler<OpenStream> for AgentConnection {
             cancel: Some(msg.cancel),
             gate: link.gate.clone(),
             tuned: false,
+            second_chance: None,
         };
         link.streams
             .attach(id, ForwardedConnection::start(msg.socket, wiring));

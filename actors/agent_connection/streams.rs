@@ -136,6 +136,7 @@ impl AgentConnection {
             cancel: None,
             gate: link.gate.clone(),
             tuned: false,
+            second_chance: None,
         };
         if link
             .streams

@@ -9,7 +9,17 @@ impl Handler<VisitorArrived> for ControlChannel {
     type Result = ();
 
     fn handle(&mut self, msg: VisitorArrived, ctx: &mut Self::Context) {
-        match self.open_stream(msg.service_id, msg.socket, &msg.peer.to_string(), ctx) {
+        let opened = self.open_stream(
+            msg.service_id,
+            msg.socket,
+            &msg.peer.to_string(),
+            Opening {
+                second_chance: msg.second_chance,
+                sent: msg.sent,
+            },
+            ctx,
+        );
+        match opened {
             // the visitor's first bytes ride in the same write as `Connect`
             Ok(Some(first)) => <Self as Handler<StreamEvent>>::handle(self, first, ctx),
             Ok(None) => self.execute(ctx),
@@ -35,9 +45,20 @@ impl Handler<StreamEvent> for ControlChannel {
     }
 }
 
+/// How a visitor's stream opens: its second chance, and what it sent
+/// before another replica refused it.
+struct Opening {
+    second_chance: Option<crate::actors::service_listener::SecondChance>,
+    sent: Bytes,
+}
+
 impl ControlChannel {
-    /// The agent refused a visitor: one line a second, counted.
-    pub(super) fn visitor_refused(&self, id: Uuid, reason: &str) {
+    /// The agent refused a visitor: offered to another replica if it may
+    /// be; one line a second, counted.
+    pub(super) fn visitor_refused(&mut self, id: Uuid, reason: &str) {
+        if let Some(tunnel) = self.link.as_mut() {
+            tunnel.streams.refused(id);
+        }
         if let Some(held_back) = self.shared.remote_event(RemoteEvent::AgentRefusedVisitor) {
             (self.span).in_scope(|| tracing::info!(connection = %id, ?reason, held_back, "the agent refused a visitor"));
         }
@@ -51,6 +72,7 @@ impl ControlChannel {
         service_id: Uuid,
         socket: tokio::net::TcpStream,
         visitor: &str,
+        opening: Opening,
         ctx: &mut ws::WebsocketContext<Self>,
     ) -> Result<Option<StreamEvent>, &'static str> {
         let tunnel = self.link.as_mut().ok_or("session not authenticated")?;
@@ -71,8 +93,9 @@ impl ControlChannel {
             cancel: Some(tunnel.cancel.child_token()),
             gate: tunnel.gate.clone(),
             tuned: ACCEPTED_SOCKETS_TUNED,
+            second_chance: opening.second_chance,
         };
-        let (addr, first) = ForwardedConnection::start_reading(socket, wiring);
+        let (addr, first) = ForwardedConnection::start_reading(socket, wiring, opening.sent);
         tunnel.streams.attach(id, addr);
         Ok(first)
     }

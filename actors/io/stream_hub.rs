@@ -46,6 +46,16 @@ impl StreamHub {
         }
     }
 
+    /// The peer refused stream `id`: its socket's actor offers the visitor
+    /// to another replica if it may (and resets it otherwise); the table's
+    /// reset that follows finds nothing left to do.
+    pub(crate) fn refused(&mut self, id: Uuid) {
+        self.pending.remove(&id);
+        if let Some(addr) = self.conns.remove(&id) {
+            addr.do_send(StreamCommand::Refused);
+        }
+    }
+
     /// The socket's actor stopped on its own.
     pub(crate) fn finished(&mut self, id: Uuid) {
         self.conns.remove(&id);
