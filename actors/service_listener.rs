@@ -66,7 +66,8 @@ pub(crate) struct VisitorArrived {
 /// refuses it.
 #[derive(Clone)]
 pub(crate) struct SecondChance {
-    pub(crate) listener: Recipient<RetryVisitor>,
+    /// (An `Addr`, not a `Recipient`: cloned per visitor without allocating.)
+    pub(crate) listener: Addr<ServiceListener>,
     /// The replica it was given (its service id).
     pub(crate) replica: Uuid,
 }
@@ -203,7 +204,7 @@ impl StreamHandler<Accepted> for ServiceListener {
                     return;
                 };
                 let second_chance = others.then(|| SecondChance {
-                    listener: ctx.address().recipient(),
+                    listener: ctx.address(),
                     replica: replica.service_id,
                 });
                 replica.channel.do_send(VisitorArrived {

@@ -12,7 +12,8 @@
 # with the dist profile), zlt-base (another build of it, BASE_BIN=path: a
 # before/after of a change in one interleaved run), rathole and bore (from
 # `cargo install --root ~/.cache/tunnel-peers rathole@0.5.0 bore-cli@0.6.0`),
-# zlt-2 (zlt with two agents registering the service: replicas sharing its port),
+# zlt-2 (zlt with two agents registering the service: replicas sharing its port;
+# zlt-base-2 the same with BASE_BIN),
 # and two baselines that are not tunnels: relay (one plain TCP relay process,
 # `tcpload relay`: accept, dial the service, copy; the least work any tunnel
 # that ends the visitor's TCP and dials the service must do) and relay2 (two
@@ -69,9 +70,9 @@ up_target() {
     relay2)
       start "$LOAD" relay 127.0.0.1:$CTRL 127.0.0.1:$LOCAL; wait_tcp $CTRL || return 1
       start "$LOAD" relay 127.0.0.1:$PUB 127.0.0.1:$CTRL; PORT=$PUB ;;
-    zlt|zlt-base|zlt-2)
+    zlt|zlt-base|zlt-2|zlt-base-2)
       local bin=$BIN
-      if [ "$1" = zlt-base ]; then
+      if [ "${1#zlt-base}" != "$1" ]; then
         bin=${BASE_BIN:-}
         [ -x "$bin" ] || { echo "zlt-base needs BASE_BIN, a zlayer-tunnel binary to compare with" >&2; return 1; }
       fi
@@ -79,7 +80,7 @@ up_target() {
       wait_tcp $CTRL || return 1
       start env ZLAYER_TUNNEL_TOKEN=bench-token "$bin" agent --server ws://127.0.0.1:$CTRL/tunnel/v1 --tcp svc:$LOCAL:$PUB
       # zlt-2: a second agent, a replica of the service: visitors spread over both
-      if [ "$1" = zlt-2 ]; then
+      if [ "${1%-2}" != "$1" ]; then
         env ZLAYER_TUNNEL_TOKEN=bench-token "$bin" agent --server ws://127.0.0.1:$CTRL/tunnel/v1 --tcp svc:$LOCAL:$PUB 2>"$work/replica-$CTRL.log" >/dev/null & TPIDS+=($!)
         for _ in $(seq 100); do grep -q "service registered" "$work/replica-$CTRL.log" 2>/dev/null && break; sleep 0.1; done
       fi
