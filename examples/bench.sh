@@ -43,9 +43,14 @@ LOCAL=21201 CTRL=21210 PUB=21211
 # two builds, so that the binary measured is the one shipped: built with an
 # example, it would carry the dev-dependencies' features (tokio's multi-thread
 # runtime); no difference in speed was measured, but it is not the same binary
-cargo build --profile dist --quiet --bin zlayer-tunnel || exit 2
-cargo build --profile dist --quiet --example tcpload || exit 2
-BIN=target/dist/zlayer-tunnel LOAD=target/dist/examples/tcpload
+# (BIN=path measures a binary built before instead, and builds nothing but
+# the load generator if it is missing: the tree may change meanwhile)
+if [ -z "${BIN:-}" ]; then
+  cargo build --profile dist --quiet --bin zlayer-tunnel || exit 2
+  BIN=target/dist/zlayer-tunnel
+fi
+[ -x target/dist/examples/tcpload ] || cargo build --profile dist --quiet --example tcpload || exit 2
+LOAD=target/dist/examples/tcpload
 ulimit -n 4096 2>/dev/null || true
 work=$(mktemp -d) SERVICE= TPIDS=()
 stop_target() {
