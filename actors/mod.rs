@@ -39,6 +39,8 @@
 //!   (`flow_hub.rs`); one write path (`writer.rs`, a `FrameQueue`).
 //! * `UdpFlow` (`udp_flow.rs`): one per UDP flow on the agent.
 //! * `AccessSession` (`access_session.rs`): one per on-demand access session.
+//! * `TokenSync` (`token_sync.rs`): one per server of a cluster; follows the
+//!   cluster store's tokens and closes the tunnels of revoked ones.
 //!
 //! Handles (`handles/`): [`ControlHandler`] (mounts the control route in an
 //! actix-web `App`, or serves a raw TCP connection) and the state its channels
@@ -61,6 +63,7 @@ mod handles;
 mod io;
 pub mod registry;
 mod service_listener;
+mod token_sync;
 mod udp_flow;
 mod udp_listener;
 
@@ -69,6 +72,8 @@ pub use handles::agent_view::{PublishedCallback, PublishedService};
 pub use handles::control_handler::ControlHandler;
 pub use handles::node_tunnels::NodeTunnelManager;
 pub use handles::tunnel_agent::{ConnectionCallback, TunnelAgent};
+#[cfg(feature = "etcd")]
+pub use io::etcd_store::{EtcdOptions, EtcdStore};
 pub use io::serve::{ServeOptions, serve};
 pub use io::signals::shutdown_signal;
 pub use registry::{ServiceInfo, TunnelInfo, TunnelRegistry};

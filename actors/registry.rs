@@ -174,6 +174,25 @@ impl Handler<ListTunnels> for Registry {
     }
 }
 
+/// Closes the tunnels of revoked tokens (by hash), telling their agents why.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub(crate) struct CloseTokens {
+    pub(crate) hashes: Vec<String>,
+    pub(crate) reason: String,
+}
+
+impl Handler<CloseTokens> for Registry {
+    type Result = usize;
+
+    fn handle(&mut self, msg: CloseTokens, _: &mut Self::Context) -> usize {
+        let closed = self.tunnels.close_of_tokens(&msg.hashes);
+        let count = closed.len();
+        closed.into_iter().for_each(|c| ended(c, Some(&msg.reason)));
+        count
+    }
+}
+
 impl Handler<CloseAll> for Registry {
     type Result = usize;
 

@@ -145,7 +145,7 @@ impl From<String> for Secret {
 }
 
 /// What a token may do. `None` in a list means "any".
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TokenScope {
     /// Services the token may register; `None` allows any.
     pub register: Option<Vec<String>>,
@@ -269,9 +269,75 @@ impl TokenStore {
     }
 }
 
+/// The accepted tokens of a server whose tokens change while it runs (a
+/// cluster's, from its store): a [`TokenStore`] behind a lock, replaced
+/// whole. Cheap to clone; every clone sees the same tokens.
+#[derive(Debug, Clone, Default)]
+pub struct LiveTokens {
+    current: Arc<std::sync::RwLock<TokenStore>>,
+}
+
+impl LiveTokens {
+    /// Starts with `store`.
+    pub fn new(store: TokenStore) -> Self {
+        Self {
+            current: Arc::new(std::sync::RwLock::new(store)),
+        }
+    }
+
+    /// Replaces the tokens: later authentications see `store`.
+    pub fn replace(&self, store: TokenStore) {
+        let mut current = self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *current = store;
+    }
+
+    /// Checks `token` as [`TokenStore::verify`] does; its scope.
+    pub fn verify(&self, token: &str) -> Result<TokenScope, AuthError> {
+        let current = self
+            .current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        current.verify(token).cloned()
+    }
+
+    /// Tokens known now.
+    pub fn len(&self) -> usize {
+        let current = self
+            .current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        current.len()
+    }
+
+    /// True when no token is known now.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// These tokens as a seed-style [`TokenValidator`] that follows them.
+    pub fn validator(&self) -> TokenValidator {
+        let live = self.clone();
+        Arc::new(move |token: &str| live.verify(token).map(|_| ()).map_err(Into::into))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn live_tokens_follow_their_replacement() {
+        let live = LiveTokens::new(TokenStore::new().with_token("old"));
+        let validator = live.validator();
+        assert!(validator("old").is_ok());
+        live.replace(TokenStore::new().with_token("new"));
+        assert!(validator("old").is_err());
+        assert!(validator("new").is_ok());
+        assert_eq!(live.verify("new"), Ok(TokenScope::default()));
+    }
 
     #[test]
     fn hashes_are_lowercase_hex() {

@@ -668,6 +668,12 @@ pub struct ServerFile {
     pub tls_key: Option<String>,
     /// Serve `/healthz`, `/status` and `/metrics` here (keep it private).
     pub admin_listen: Vec<String>,
+    /// etcd endpoints of the cluster this server joins (`--etcd`); empty:
+    /// a server on its own.
+    pub etcd: Vec<String>,
+    /// The prefix of the cluster's keys in etcd (`--cluster-prefix`);
+    /// default `/zlayer-tunnel/`.
+    pub cluster_prefix: Option<String>,
     /// The tunnel settings.
     pub tunnel: TunnelServerConfig,
 }

@@ -33,6 +33,7 @@ pub mod admission;
 pub mod auth;
 pub mod backoff;
 mod budget;
+pub mod cluster;
 pub mod config;
 pub mod connections;
 mod error;
@@ -62,9 +63,13 @@ pub use actors::{
     AccessManager, ConnectionCallback, ControlHandler, NodeTunnelManager, PublishedCallback,
     PublishedService, StartedSession, TunnelAgent, TunnelInfo, TunnelRegistry,
 };
+#[cfg(feature = "etcd")]
+pub use actors::{EtcdOptions, EtcdStore};
 pub use auth::{
-    AuthError, Secret, TokenScope, TokenStore, TokenValidator, accept_all_tokens, hash_token,
+    AuthError, LiveTokens, Secret, TokenScope, TokenStore, TokenValidator, accept_all_tokens,
+    hash_token,
 };
+pub use cluster::{ClusterStore, StoreError, StoredToken};
 pub use config::{
     ConfigError, HealthCheck, ScopedToken, ServerFile, ServiceConfig, TunnelClientConfig,
     TunnelServerConfig,

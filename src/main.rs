@@ -13,6 +13,8 @@ use std::process::ExitCode;
 mod allocator;
 #[path = "main/cli.rs"]
 mod cli;
+#[path = "main/cluster.rs"]
+mod cluster;
 #[path = "main/commands.rs"]
 mod commands;
 #[path = "main/options.rs"]
@@ -34,6 +36,17 @@ fn main() -> ExitCode {
         Command::Access(args) => commands::run_access(args),
         Command::Token(TokenCommand::Hash { token }) => commands::print_hash(&token),
         Command::Token(TokenCommand::Generate) => commands::generate_token(),
+        Command::Token(TokenCommand::Add {
+            store,
+            which,
+            register,
+            access,
+            ports,
+        }) => cluster::add_token(&store, &which, register, access, ports),
+        Command::Token(TokenCommand::Revoke { store, which }) => {
+            cluster::revoke_token(&store, &which)
+        }
+        Command::Token(TokenCommand::List { store }) => cluster::list_tokens(&store),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

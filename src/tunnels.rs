@@ -262,6 +262,15 @@ impl<T> TunnelTable<T> {
         true
     }
 
+    /// Closes the tunnels of the tokens whose hashes are `hashes` (revoked).
+    pub fn close_of_tokens(&mut self, hashes: &[String]) -> Vec<ClosedTunnel<T>> {
+        let ids: Vec<Uuid> = (self.by_agent.iter())
+            .filter(|((hash, _), _)| hashes.contains(hash))
+            .map(|(_, id)| *id)
+            .collect();
+        ids.into_iter().filter_map(|id| self.close(id)).collect()
+    }
+
     /// Closes every tunnel (shutdown).
     pub fn close_all(&mut self) -> Vec<ClosedTunnel<T>> {
         let ids: Vec<Uuid> = self.tunnels.keys().copied().collect();
@@ -440,6 +449,25 @@ mod tests {
             protocol: ServiceProtocol::Tcp,
             port,
         }
+    }
+
+    #[test]
+    fn revoking_a_token_closes_its_tunnels_only() {
+        let mut t = TunnelTable::new((5000, 5010));
+        let now = Instant::now();
+        t.open(id(1), agent(1), "a", (now, S), 10);
+        t.open(
+            id(2),
+            ("other".into(), Uuid::from_u128(2)),
+            "b",
+            (now, S),
+            10,
+        );
+        let hash = agent(1).0;
+        let closed = t.close_of_tokens(&[hash]);
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].id, id(1));
+        assert_eq!(t.len(), 1);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::actors::io::frame_guard::FrameGuard;
 use crate::actors::io::socket_options::harden_control_socket;
 use crate::actors::io::{raw_connection, runtime};
 use crate::admission::{PendingAuth, PlaceId};
-use crate::auth::{TokenScope, TokenStore, TokenValidator};
+use crate::auth::{LiveTokens, TokenScope, TokenStore, TokenValidator};
 use crate::config::TunnelServerConfig;
 use crate::log_limit::RemoteEvent;
 use crate::protocol::MAX_MESSAGE_SIZE;
@@ -34,7 +34,7 @@ pub(crate) struct ServerShared {
     /// Failed authentications per address (token guessing is slowed down).
     pub(crate) throttle: std::sync::Mutex<crate::throttle::AuthThrottle>,
     /// Scopes of the accepted tokens; none: every token may do everything.
-    pub(crate) scopes: Option<TokenStore>,
+    pub(crate) scopes: Option<LiveTokens>,
     /// Connections awaiting authentication (bounded).
     pub(crate) pending: std::sync::Mutex<PendingAuth<CancellationToken>>,
     /// What remote parties make happen, logged at most once a second per kind.
@@ -46,7 +46,7 @@ impl ServerShared {
         registry: Arc<TunnelRegistry>,
         config: TunnelServerConfig,
         validator: TokenValidator,
-        scopes: Option<TokenStore>,
+        scopes: Option<LiveTokens>,
     ) -> Self {
         let pending = PendingAuth::new(
             config.max_unauthenticated,
@@ -75,7 +75,7 @@ impl ServerShared {
     pub(crate) fn scope(&self, token: &str) -> TokenScope {
         self.scopes
             .as_ref()
-            .and_then(|store| store.verify(token).ok().cloned())
+            .and_then(|tokens| tokens.verify(token).ok())
             .unwrap_or_default()
     }
 }
@@ -167,9 +167,21 @@ impl ControlHandler {
         config: TunnelServerConfig,
         store: TokenStore,
     ) -> Self {
-        let validator = store.clone().into_validator();
+        Self::with_live_tokens(registry, config, LiveTokens::new(store))
+    }
+
+    /// A handler that admits the tokens of `tokens` as they are at each
+    /// authentication (they change while it runs: a cluster's), each session
+    /// held to its token's scope.
+    #[must_use]
+    pub fn with_live_tokens(
+        registry: Arc<TunnelRegistry>,
+        config: TunnelServerConfig,
+        tokens: LiveTokens,
+    ) -> Self {
+        let validator = tokens.validator();
         Self {
-            shared: Arc::new(ServerShared::new(registry, config, validator, Some(store))),
+            shared: Arc::new(ServerShared::new(registry, config, validator, Some(tokens))),
         }
     }
 

@@ -6,6 +6,8 @@
 //! table to its sockets, the local dial and the socket options.
 
 pub(crate) mod admin;
+#[cfg(feature = "etcd")]
+pub(crate) mod etcd_store;
 pub(crate) mod frame_guard;
 pub(crate) mod local_dial;
 pub(crate) mod raw_connection;

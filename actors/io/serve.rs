@@ -10,8 +10,10 @@ use std::time::Duration;
 use actix_web::{App, HttpServer};
 
 use super::signals::shutdown_signal;
+use crate::actors::token_sync::TokenSync;
 use crate::actors::{ControlHandler, TunnelRegistry};
-use crate::auth::{TokenStore, TokenValidator};
+use crate::auth::{LiveTokens, TokenStore, TokenValidator};
+use crate::cluster::ClusterStore;
 use crate::config::TunnelServerConfig;
 
 /// What `serve` needs.
@@ -30,14 +32,23 @@ pub struct ServeOptions {
     /// Serve `wss://` with this configuration (see [`crate::tls::server_config`]);
     /// none: plain `ws://`.
     pub tls: Option<rustls::ServerConfig>,
+    /// The cluster's store (`--etcd`): its tokens are accepted beside
+    /// `tokens` and followed as they change; none: a server on its own.
+    pub cluster: Option<Arc<dyn ClusterStore>>,
 }
 
 /// Runs a tunnel server until SIGINT or SIGTERM; must run inside an actix `System`.
 pub async fn serve(options: ServeOptions) -> std::io::Result<()> {
     let registry = Arc::new(TunnelRegistry::new(options.config.data_port_range));
-    let handler = match options.tokens {
-        Some(store) => ControlHandler::with_tokens(registry.clone(), options.config, store),
-        None => ControlHandler::new(registry.clone(), options.config, options.validator),
+    let handler = match (options.tokens, options.cluster) {
+        (fixed, Some(store)) => {
+            let fixed = fixed.unwrap_or_default();
+            let live = LiveTokens::new(fixed.clone());
+            TokenSync::start(store, live.clone(), fixed, registry.addr().clone());
+            ControlHandler::with_live_tokens(registry.clone(), options.config, live)
+        }
+        (Some(store), None) => ControlHandler::with_tokens(registry.clone(), options.config, store),
+        (None, None) => ControlHandler::new(registry.clone(), options.config, options.validator),
     };
     let hardening = handler.on_connect();
     let server = HttpServer::new(move || {

@@ -20,6 +20,7 @@ pub(crate) struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once, at start
 pub(crate) enum Command {
     /// Runs a tunnel server: agents connect to it, visitors to its public ports.
     Server(ServerArgs),
@@ -111,6 +112,43 @@ pub(crate) struct ServerArgs {
     /// The token for the other nodes' servers; also ZLAYER_TUNNEL_NODE_TOKEN.
     #[arg(long, env = "ZLAYER_TUNNEL_NODE_TOKEN", hide_env_values = true)]
     pub(crate) node_token: Option<String>,
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+}
+
+/// Where a cluster's store is: for a server of the cluster, and for
+/// `token add|revoke|list`.
+#[derive(Args, Clone, Default)]
+pub(crate) struct StoreArgs {
+    /// An etcd endpoint, e.g. http://127.0.0.1:2379 (repeatable, or
+    /// comma-separated): a server joins the cluster kept there.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) etcd: Vec<String>,
+    /// The prefix of the cluster's keys in etcd. Default /zlayer-tunnel/.
+    #[arg(long)]
+    pub(crate) cluster_prefix: Option<String>,
+    /// The etcd user, for an etcd with authentication on; the password from
+    /// ZLAYER_TUNNEL_ETCD_PASSWORD.
+    #[arg(long)]
+    pub(crate) etcd_user: Option<String>,
+    /// The etcd user's password (prefer the environment variable).
+    #[arg(long, env = "ZLAYER_TUNNEL_ETCD_PASSWORD", hide_env_values = true)]
+    pub(crate) etcd_password: Option<String>,
+    /// PEM of the CA that signed etcd's certificates (https:// endpoints).
+    #[arg(long)]
+    pub(crate) etcd_ca: Option<PathBuf>,
+}
+
+/// Which token: `--token`, `--hash`, or the first line of stdin.
+#[derive(Args)]
+pub(crate) struct TokenArg {
+    /// The token (hashed here; only its hash is stored). Without it or
+    /// --hash, the first line of stdin.
+    #[arg(long, conflicts_with = "hash")]
+    pub(crate) token: Option<String>,
+    /// The token's SHA-256, lowercase hex (`zlayer-tunnel token hash`).
+    #[arg(long)]
+    pub(crate) hash: Option<String>,
 }
 
 #[derive(Args)]
@@ -149,4 +187,34 @@ pub(crate) enum TokenCommand {
     },
     /// Prints a new random token, then its hash.
     Generate,
+    /// Adds a token to a cluster's store (its hash and scope; every server
+    /// of the cluster accepts it within a second).
+    Add {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        which: TokenArg,
+        /// A service it may register (repeatable). Default: any.
+        #[arg(long)]
+        register: Vec<String>,
+        /// A service it may open access to (repeatable). Default: any.
+        #[arg(long)]
+        access: Vec<String>,
+        /// Public ports its services may get, LOW-HIGH (repeatable). Default: any.
+        #[arg(long, value_parser = parse_range)]
+        ports: Vec<(u16, u16)>,
+    },
+    /// Removes a token from a cluster's store: its tunnels close on every
+    /// server within two seconds.
+    Revoke {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        which: TokenArg,
+    },
+    /// Lists the tokens of a cluster's store: hash and scope, one per line.
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }

@@ -14,10 +14,13 @@ use crate::options;
 
 /// `zlayer-tunnel server`: [`zlayer_tunnel::actors::serve`] and this node's tunnels.
 pub(crate) fn run_server(args: ServerArgs) -> anyhow::Result<()> {
-    let server = options::serve_options(&args)?;
+    let mut server = options::serve_options(&args)?;
+    let file = options::server_file(&args)?;
     let nodes = options::node_tunnels(&args, &server)?;
     actix_web::rt::System::new().block_on(async move {
         actix_web::rt::spawn(allocator::release_after_activity());
+        let prefix = file.cluster_prefix.as_deref();
+        server.cluster = crate::cluster::connect(&args.store, &file.etcd, prefix).await?;
         if let Some(nodes) = nodes {
             for (name, _, _, url) in &args.node_tunnel {
                 nodes.start_outbound(name, url.clone())?;

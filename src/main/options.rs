@@ -15,13 +15,18 @@ use zlayer_tunnel::{
 
 use crate::cli::{AgentArgs, ServerArgs};
 
-/// The server's options: `--config`'s file (or the defaults) under the flags.
-pub(crate) fn serve_options(args: &ServerArgs) -> anyhow::Result<ServeOptions> {
-    let file = match &args.config {
+/// The server's config file (`--config`), or the defaults.
+pub(crate) fn server_file(args: &ServerArgs) -> anyhow::Result<ServerFile> {
+    Ok(match &args.config {
         Some(path) => ServerFile::from_toml_str(&read(path)?)
             .with_context(|| format!("--config {}", path.display()))?,
         None => ServerFile::default(),
-    };
+    })
+}
+
+/// The server's options: `--config`'s file (or the defaults) under the flags.
+pub(crate) fn serve_options(args: &ServerArgs) -> anyhow::Result<ServeOptions> {
+    let file = server_file(args)?;
     let mut config = file.tunnel.clone();
     if let Some((low, high)) = args.port_range {
         config.data_port_range = (low, high);
@@ -40,7 +45,8 @@ pub(crate) fn serve_options(args: &ServerArgs) -> anyhow::Result<ServeOptions> {
         let any: TokenValidator = std::sync::Arc::new(zlayer_tunnel::accept_all_tokens);
         (any, None)
     } else {
-        let store = token_store(args, &file)?;
+        let clustered = !args.store.etcd.is_empty() || !file.etcd.is_empty();
+        let store = token_store(args, &file, clustered)?;
         (store.clone().into_validator(), Some(store))
     };
     let admin_listen = admin_addrs(args, &file)?;
@@ -52,6 +58,7 @@ pub(crate) fn serve_options(args: &ServerArgs) -> anyhow::Result<ServeOptions> {
         tokens,
         admin_listen,
         tls,
+        cluster: None,
     })
 }
 
@@ -153,7 +160,13 @@ fn server_tls(
 }
 
 /// The accepted tokens: flags, hash files and the file's `[[tokens]]` with their scopes.
-fn token_store(args: &ServerArgs, file: &ServerFile) -> anyhow::Result<TokenStore> {
+/// A server of a cluster (`clustered`) may have none: its tokens come from
+/// the store.
+fn token_store(
+    args: &ServerArgs,
+    file: &ServerFile,
+    clustered: bool,
+) -> anyhow::Result<TokenStore> {
     let mut store = TokenStore::new();
     for token in &args.token {
         store = store.with_token(token);
@@ -189,9 +202,9 @@ fn token_store(args: &ServerArgs, file: &ServerFile) -> anyhow::Result<TokenStor
             .with_hash(&token.hash, scope)
             .with_context(|| format!("tokens[{i}].hash {:?}", token.hash))?;
     }
-    if store.is_empty() {
+    if store.is_empty() && !clustered {
         bail!(
-            "no token configured: give --token, --token-hash or --token-file (or --accept-any-token for development)"
+            "no token configured: give --token, --token-hash or --token-file, join a cluster whose store holds them (--etcd), or --accept-any-token for development"
         );
     }
     Ok(store)

@@ -1,0 +1,204 @@
+//! A cluster of tunnel servers sharing state in a store (docs/CLUSTER.md):
+//! the store's trait, what is kept in it, and where. No IO here: the etcd
+//! implementation is `actors/io/etcd_store.rs` (feature `etcd`); a host with
+//! a store of its own (ZLayer's Raft) implements [`ClusterStore`].
+//!
+//! Kept so far: **tokens**, as SHA-256 hashes with their scopes, one key
+//! each (`<prefix>tokens/<hash>`, a JSON [`StoredToken`]). Every server
+//! reads them all at start and watches the prefix; a token whose key goes is
+//! revoked on every server.
+
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+
+use crate::auth::{AuthError, TokenScope, TokenStore};
+
+/// The default prefix of a cluster's keys.
+pub const DEFAULT_PREFIX: &str = "/zlayer-tunnel/";
+
+/// Why the store could not do what was asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The store did not answer (down, unreachable, or refused us).
+    #[error("the cluster store is unreachable: {0}")]
+    Unreachable(String),
+    /// A key holds something that is not what we keep there.
+    #[error("the cluster store's key {key} holds no valid entry: {reason}")]
+    Corrupt {
+        /// The key.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// What was asked is not valid (a malformed hash, an empty prefix).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A token as the store keeps it: its hash, never the token, and its scope.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredToken {
+    /// Lowercase hex SHA-256 of the token.
+    pub hash: String,
+    /// What it may do.
+    #[serde(default)]
+    pub scope: TokenScope,
+}
+
+impl StoredToken {
+    /// Checks the hash (64 hex digits) and lowercases it.
+    pub fn new(hash: &str, scope: TokenScope) -> Result<Self, StoreError> {
+        let hash = hash.trim().to_ascii_lowercase();
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(StoreError::Invalid(format!(
+                "a token hash is 64 hex digits (zlayer-tunnel token hash TOKEN); got {:?}",
+                hash
+            )));
+        }
+        Ok(Self { hash, scope })
+    }
+
+    /// The entry's value in the store.
+    pub fn to_value(&self) -> Vec<u8> {
+        // a struct of strings and numbers always serializes
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parses the value at `key`.
+    pub fn from_value(key: &str, value: &[u8]) -> Result<Self, StoreError> {
+        let token: Self = serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
+            key: key.to_owned(),
+            reason: e.to_string(),
+        })?;
+        Self::new(&token.hash, token.scope)
+    }
+}
+
+/// Where a cluster's entries live in the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterKeys {
+    prefix: String,
+}
+
+impl ClusterKeys {
+    /// The keys under `prefix` (a trailing `/` is added if missing).
+    pub fn new(prefix: &str) -> Result<Self, StoreError> {
+        if prefix.is_empty() {
+            return Err(StoreError::Invalid(
+                "--cluster-prefix must not be empty".into(),
+            ));
+        }
+        let mut prefix = prefix.to_owned();
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        Ok(Self { prefix })
+    }
+
+    /// The prefix of every token's key.
+    pub fn tokens(&self) -> String {
+        format!("{}tokens/", self.prefix)
+    }
+
+    /// The key of the token whose hash is `hash`.
+    pub fn token(&self, hash: &str) -> String {
+        format!("{}tokens/{hash}", self.prefix)
+    }
+}
+
+impl Default for ClusterKeys {
+    fn default() -> Self {
+        Self {
+            prefix: DEFAULT_PREFIX.to_owned(),
+        }
+    }
+}
+
+/// The store a cluster of servers shares. Implementations are cheap to
+/// clone handles to one client; every call may fail with
+/// [`StoreError::Unreachable`], and the caller keeps what it last saw.
+pub trait ClusterStore: Send + Sync + 'static {
+    /// Every stored token (an entry that does not parse is skipped and
+    /// logged, not fatal: one bad key must not lock every agent out).
+    fn tokens(&self) -> BoxFuture<'_, Result<Vec<StoredToken>, StoreError>>;
+
+    /// Adds `token`, or replaces the scope of the same hash.
+    fn put_token(&self, token: StoredToken) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Removes the token whose hash is `hash`; false if there was none.
+    fn revoke_token(&self, hash: &str) -> BoxFuture<'_, Result<bool, StoreError>>;
+
+    /// A stream that yields once per change to the tokens (then read them
+    /// all again with [`ClusterStore::tokens`]); it ends, or yields an
+    /// error, when the store is lost.
+    fn watch_tokens(
+        &self,
+    ) -> BoxFuture<'_, Result<BoxStream<'static, Result<(), StoreError>>, StoreError>>;
+}
+
+/// The tokens a server accepts: those of its flags and files, and the
+/// store's, as last read.
+pub fn merged_tokens(fixed: &TokenStore, stored: &[StoredToken]) -> Result<TokenStore, AuthError> {
+    stored.iter().try_fold(fixed.clone(), |store, t| {
+        store.with_hash(&t.hash, t.scope.clone())
+    })
+}
+
+/// The hashes in `before` that are not in `after`: revoked tokens.
+pub fn revoked(before: &[StoredToken], after: &[StoredToken]) -> Vec<String> {
+    before
+        .iter()
+        .filter(|b| !after.iter().any(|a| a.hash == b.hash))
+        .map(|b| b.hash.clone())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::hash_token;
+
+    #[test]
+    fn a_stored_token_round_trips_and_keeps_only_its_hash() {
+        let scope = TokenScope {
+            register: Some(vec!["web".into()]),
+            access: None,
+            ports: Some(vec![(30000, 30010)]),
+        };
+        let token = StoredToken::new(&hash_token("secret").to_uppercase(), scope).unwrap();
+        let value = token.to_value();
+        assert!(!String::from_utf8_lossy(&value).contains("secret"));
+        let back = StoredToken::from_value("k", &value).unwrap();
+        assert_eq!(back, token);
+        assert_eq!(back.hash, hash_token("secret"));
+    }
+
+    #[test]
+    fn malformed_entries_name_their_key() {
+        let err = StoredToken::from_value("/p/tokens/x", b"{\"hash\":\"zz\"}").unwrap_err();
+        assert!(matches!(err, StoreError::Invalid(_)), "{err}");
+        let err = StoredToken::from_value("/p/tokens/x", b"not json").unwrap_err();
+        assert!(err.to_string().contains("/p/tokens/x"), "{err}");
+    }
+
+    #[test]
+    fn keys_live_under_the_prefix() {
+        let keys = ClusterKeys::new("/c").unwrap();
+        assert_eq!(keys.tokens(), "/c/tokens/");
+        assert_eq!(keys.token("ab"), "/c/tokens/ab");
+        assert!(ClusterKeys::new("").is_err());
+        assert_eq!(ClusterKeys::default().tokens(), "/zlayer-tunnel/tokens/");
+    }
+
+    #[test]
+    fn merged_tokens_accept_both_and_revoked_names_the_gone() {
+        let fixed = TokenStore::new().with_token("flag");
+        let stored = vec![StoredToken::new(&hash_token("stored"), TokenScope::default()).unwrap()];
+        let merged = merged_tokens(&fixed, &stored).unwrap();
+        assert!(merged.verify("flag").is_ok());
+        assert!(merged.verify("stored").is_ok());
+        assert_eq!(revoked(&stored, &[]), vec![hash_token("stored")]);
+        assert!(revoked(&stored, &stored).is_empty());
+    }
+}

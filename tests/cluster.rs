@@ -1,0 +1,247 @@
+//! A cluster of servers sharing tokens in a real etcd (Debian's
+//! `etcd-server`, which `.ci/run` installs), started here on free ports with
+//! a data directory of its own: `token add` and every server accepts the
+//! token within a second; `token revoke` and its tunnels close on every
+//! server within two seconds; etcd down, and the servers keep what they saw.
+
+#![cfg(feature = "etcd")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::free_ports;
+use common::process::Proc;
+use common::wait::wait_until;
+
+/// A one-member etcd on loopback, stopped (and its data removed) on drop.
+struct Etcd {
+    child: Child,
+    dir: PathBuf,
+    url: String,
+    client_port: u16,
+    peer_port: u16,
+}
+
+impl Etcd {
+    /// Starts etcd on two free ports; ready once it answers `/health`.
+    async fn start() -> Self {
+        let (client_port, _) = free_ports(1);
+        let (peer_port, _) = free_ports(1);
+        let dir =
+            std::env::temp_dir().join(format!("zlt-etcd-{}-{client_port}", std::process::id()));
+        let mut etcd = Self {
+            child: Self::spawn(&dir, client_port, peer_port),
+            dir,
+            url: format!("http://127.0.0.1:{client_port}"),
+            client_port,
+            peer_port,
+        };
+        etcd.wait_healthy().await;
+        etcd
+    }
+
+    fn spawn(dir: &std::path::Path, client_port: u16, peer_port: u16) -> Child {
+        let client = format!("http://127.0.0.1:{client_port}");
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        Command::new("etcd")
+            .args(["--name", "m1", "--data-dir"])
+            .arg(dir)
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("m1={peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd (Debian's etcd-server; `bash .ci/run` installs it)")
+    }
+
+    async fn wait_healthy(&mut self) {
+        let port = self.client_port;
+        wait_until(
+            "etcd answers /health",
+            || async move { healthy(port).await },
+        )
+        .await;
+    }
+
+    /// kill -9, then the same member again on the same data.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    async fn restart(&mut self) {
+        self.child = Self::spawn(&self.dir, self.client_port, self.peer_port);
+        self.wait_healthy().await;
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// True when etcd at `port` says it is healthy.
+async fn healthy(port: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return false;
+    };
+    let ask = "GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+    if s.write_all(ask.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer).await;
+    answer.contains("\"health\":\"true\"")
+}
+
+/// Runs a `zlayer-tunnel token ...` command to its end; its stdout.
+fn token_command(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_zlayer-tunnel"))
+        .arg("token")
+        .args(args)
+        .env_remove("ZLAYER_TUNNEL_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "token {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A server of the cluster at `etcd`, with no token of its own.
+fn cluster_server(etcd: &str, public: u16) -> (Proc, String) {
+    let mut server = Proc::server_with((public, public), &["--etcd", etcd], |c| {
+        c.env_remove("ZLAYER_TUNNEL_TOKEN");
+    });
+    let control = server.listening_addr("control channel listening");
+    server.wait_for("cluster store: tokens read");
+    (server, format!("ws://{control}/tunnel/v1"))
+}
+
+/// An agent with `token` publishing an echo service on `url`.
+fn agent(url: &str, token: &str, local: u16) -> Proc {
+    let service = format!("svc:{local}:0");
+    Proc::spawn_with(&["agent", "--server", url, "--tcp", &service], |c| {
+        c.env("ZLAYER_TUNNEL_TOKEN", token);
+    })
+}
+
+/// Waits until `proc` logs `text`; how long that took from `since`.
+fn logged_within(proc: &mut Proc, text: &str, since: Instant) -> Duration {
+    proc.wait_for(text);
+    since.elapsed()
+}
+
+#[actix_web::test]
+async fn a_stored_token_is_accepted_by_every_server_and_its_revocation_closes_every_tunnel() {
+    let etcd = Etcd::start().await;
+    let (public_1, public_2) = (free_ports(1).0, free_ports(1).0);
+    let (mut one, url_1) = cluster_server(&etcd.url, public_1);
+    let (mut two, url_2) = cluster_server(&etcd.url, public_2);
+    let local = common::services::echo().await;
+
+    let added = Instant::now();
+    let hash = token_command(&[
+        "add",
+        "--etcd",
+        &etcd.url,
+        "--token",
+        "cluster-token",
+        "--register",
+        "svc",
+    ]);
+    assert_eq!(hash.trim(), zlayer_tunnel::hash_token("cluster-token"));
+    for server in [&mut one, &mut two] {
+        let took = logged_within(server, "cluster store: tokens read tokens=1", added);
+        assert!(took < Duration::from_secs(1), "accepted after {took:?}");
+    }
+    let listed = token_command(&["list", "--etcd", &etcd.url]);
+    assert!(
+        listed.contains(hash.trim()) && listed.contains("register=svc"),
+        "{listed}"
+    );
+
+    let mut on_1 = agent(&url_1, "cluster-token", local);
+    let mut on_2 = agent(&url_2, "cluster-token", local);
+    let port_1 = on_1.registered_port();
+    let port_2 = on_2.registered_port();
+    common::echo_through(([127, 0, 0, 1], port_1).into(), 1, 64 << 10).await;
+    common::echo_through(([127, 0, 0, 1], port_2).into(), 2, 64 << 10).await;
+
+    let revoked = Instant::now();
+    token_command(&["revoke", "--etcd", &etcd.url, "--hash", hash.trim()]);
+    for agent in [&mut on_1, &mut on_2] {
+        let took = logged_within(agent, "token was revoked", revoked);
+        assert!(took < Duration::from_secs(2), "closed after {took:?}");
+    }
+    // a token from no flag and no store is refused
+    let mut stranger = agent(&url_1, "never-added", local);
+    stranger.wait_for("invalid tunnel token");
+}
+
+#[actix_web::test]
+async fn with_the_store_down_servers_keep_the_tokens_they_read() {
+    let mut etcd = Etcd::start().await;
+    token_command(&["add", "--etcd", &etcd.url, "--token", "kept-token"]);
+    // this one from its file: `etcd = [..]` and `cluster_prefix`
+    let public = free_ports(1).0;
+    let dir = std::env::temp_dir().join(format!("zlt-cluster-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("server.toml");
+    let toml = format!(
+        "etcd = [\"{}\"]\ncluster_prefix = \"/zlayer-tunnel\"\n",
+        etcd.url
+    );
+    std::fs::write(&file, toml).unwrap();
+    let file = file.to_str().unwrap();
+    let mut server = Proc::server_with((public, public), &["--config", file], |c| {
+        c.env_remove("ZLAYER_TUNNEL_TOKEN");
+    });
+    let control = server.listening_addr("control channel listening");
+    let url = format!("ws://{control}/tunnel/v1");
+    server.wait_for("cluster store: tokens read");
+    let read = server
+        .seen()
+        .iter()
+        .any(|l| l.contains("tokens read tokens=1"));
+    assert!(read, "{:?}", server.seen());
+    let local = common::services::echo().await;
+
+    etcd.kill();
+    server.wait_for("tokens not followed");
+    let mut agent = agent(&url, "kept-token", local);
+    let port = agent.registered_port();
+    common::echo_through(([127, 0, 0, 1], port).into(), 3, 256 << 10).await;
+
+    // the store back: the server follows it again, no restart
+    etcd.restart().await;
+    server.wait_for("cluster store reachable again");
+    token_command(&["revoke", "--etcd", &etcd.url, "--token", "kept-token"]);
+    agent.wait_for("token was revoked");
+    let public_gone = || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+    };
+    wait_until("the revoked tunnel's port closes", public_gone).await;
+}
