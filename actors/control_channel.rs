@@ -53,6 +53,7 @@ use crate::session::{
 
 mod access;
 mod auth;
+mod cluster;
 mod relay;
 mod services;
 mod streams;

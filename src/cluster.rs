@@ -6,7 +6,12 @@
 //! Kept so far: **tokens**, as SHA-256 hashes with their scopes, one key
 //! each (`<prefix>tokens/<hash>`, a JSON [`StoredToken`]). Every server
 //! reads them all at start and watches the prefix; a token whose key goes is
-//! revoked on every server.
+//! revoked on every server. **Port leases**: a service's public port, one
+//! for the whole cluster (`<prefix>services/<name>` holds its port,
+//! `<prefix>ports/<port>` its name), both created at once only if neither
+//! exists (compare-and-swap), under a store lease that every server with a
+//! registration of the service keeps alive; `port_hold` after the last one
+//! stops, the store frees them.
 
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
@@ -75,6 +80,72 @@ impl StoredToken {
     }
 }
 
+/// A service's claim of a public port across the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortClaim {
+    /// The service's name.
+    pub name: String,
+    /// The port asked for; 0: the service's port if it has one, else the
+    /// lowest free one of `ranges`.
+    pub requested: u16,
+    /// Where a new port may come from (the server's range, within the
+    /// token's scope).
+    pub ranges: Vec<(u16, u16)>,
+    /// How long the reservation outlives its last keep-alive.
+    pub hold: std::time::Duration,
+}
+
+/// A service's public port in the cluster, and the store lease that keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortLease {
+    /// The port.
+    pub port: u16,
+    /// The store's lease id (keep it alive with [`ClusterStore::keep_port`]).
+    pub lease: i64,
+}
+
+/// Why a port could not be leased.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseError {
+    /// The store could not be asked.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The service already has another port in the cluster.
+    #[error("service {name:?} has public port {port} in this cluster; ask for {port} or 0")]
+    ServiceHasPort {
+        /// The service.
+        name: String,
+        /// Its port.
+        port: u16,
+    },
+    /// The port asked for is another service's in the cluster.
+    #[error("public port {port} belongs to service {owner:?} in this cluster")]
+    PortTaken {
+        /// The port.
+        port: u16,
+        /// Its service.
+        owner: String,
+    },
+    /// Every port of the ranges is leased.
+    #[error("no free public port left in {ranges} across the cluster")]
+    Exhausted {
+        /// The ranges, as `LOW-HIGH,...`.
+        ranges: String,
+    },
+}
+
+/// The port a claim gets, given the ports already leased in the cluster
+/// (`taken`, ascending or not): the one asked for if free, else the lowest
+/// free one of its ranges.
+pub fn choose_port(claim: &PortClaim, taken: &[u16]) -> Option<u16> {
+    if claim.requested != 0 {
+        return (!taken.contains(&claim.requested)).then_some(claim.requested);
+    }
+    (claim.ranges.iter())
+        .flat_map(|&(low, high)| low..=high)
+        .find(|port| !taken.contains(port))
+}
+
 /// Where a cluster's entries live in the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterKeys {
@@ -104,6 +175,21 @@ impl ClusterKeys {
     /// The key of the token whose hash is `hash`.
     pub fn token(&self, hash: &str) -> String {
         format!("{}tokens/{hash}", self.prefix)
+    }
+
+    /// The key of service `name`'s port.
+    pub fn service(&self, name: &str) -> String {
+        format!("{}services/{name}", self.prefix)
+    }
+
+    /// The prefix of every leased port's key.
+    pub fn ports(&self) -> String {
+        format!("{}ports/", self.prefix)
+    }
+
+    /// The key of leased port `port` (its value: the service's name).
+    pub fn port(&self, port: u16) -> String {
+        format!("{}ports/{port}", self.prefix)
     }
 }
 
@@ -135,6 +221,14 @@ pub trait ClusterStore: Send + Sync + 'static {
     fn watch_tokens(
         &self,
     ) -> BoxFuture<'_, Result<BoxStream<'static, Result<(), StoreError>>, StoreError>>;
+
+    /// The service's public port in the cluster: its own if it has one,
+    /// else a new one leased (never one another service holds, even when
+    /// two servers ask at the same instant).
+    fn lease_port(&self, claim: PortClaim) -> BoxFuture<'_, Result<PortLease, LeaseError>>;
+
+    /// Keeps a port's lease alive for another `hold`; false if it expired.
+    fn keep_port(&self, lease: i64) -> BoxFuture<'_, Result<bool, StoreError>>;
 }
 
 /// The tokens a server accepts: those of its flags and files, and the
@@ -180,6 +274,21 @@ mod tests {
         assert!(matches!(err, StoreError::Invalid(_)), "{err}");
         let err = StoredToken::from_value("/p/tokens/x", b"not json").unwrap_err();
         assert!(err.to_string().contains("/p/tokens/x"), "{err}");
+    }
+
+    #[test]
+    fn a_claim_gets_its_port_or_the_lowest_free_one() {
+        let claim = |requested| PortClaim {
+            name: "svc".into(),
+            requested,
+            ranges: vec![(100, 102), (200, 200)],
+            hold: std::time::Duration::from_secs(1),
+        };
+        assert_eq!(choose_port(&claim(0), &[100, 101]), Some(102));
+        assert_eq!(choose_port(&claim(0), &[100, 101, 102]), Some(200));
+        assert_eq!(choose_port(&claim(0), &[100, 101, 102, 200]), None);
+        assert_eq!(choose_port(&claim(150), &[100]), Some(150));
+        assert_eq!(choose_port(&claim(100), &[100]), None);
     }
 
     #[test]

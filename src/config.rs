@@ -109,6 +109,11 @@ pub struct TunnelServerConfig {
     /// control channel; over it they are dropped and counted; at least 64 KiB.
     /// Default 4 MiB.
     pub udp_in_flight: usize,
+    /// In a cluster: how long a service's public port stays reserved for it
+    /// after the last of its registrations on any server goes (a restarting
+    /// agent gets it back). Default 5 min.
+    #[serde(with = "humantime_serde")]
+    pub port_hold: Duration,
 }
 
 /// Default of `read_ahead` (server and agent).
@@ -153,6 +158,7 @@ impl Default for TunnelServerConfig {
             udp_idle_timeout: Duration::from_secs(60),
             read_ahead: DEFAULT_READ_AHEAD,
             udp_in_flight: DEFAULT_UDP_BUDGET,
+            port_hold: Duration::from_secs(300),
         }
     }
 }

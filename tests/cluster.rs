@@ -128,9 +128,24 @@ fn token_command(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// A server of the cluster at `etcd`, with no token of its own.
-fn cluster_server(etcd: &str, public: u16) -> (Proc, String) {
-    let mut server = Proc::server_with((public, public), &["--etcd", etcd], |c| {
+/// A server of the cluster at `etcd` on `bind_host`, public ports `range`,
+/// a port held 2 s after its last registration.
+fn server_on(etcd: &str, bind_host: &str, (low, high): (u16, u16)) -> (Proc, String) {
+    let range = format!("{low}-{high}");
+    let args = [
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--port-range",
+        &range,
+        "--bind-host",
+        bind_host,
+        "--etcd",
+        etcd,
+        "--port-hold",
+        "2s",
+    ];
+    let mut server = Proc::spawn_with(&args, |c| {
         c.env_remove("ZLAYER_TUNNEL_TOKEN");
     });
     let control = server.listening_addr("control channel listening");
@@ -140,7 +155,12 @@ fn cluster_server(etcd: &str, public: u16) -> (Proc, String) {
 
 /// An agent with `token` publishing an echo service on `url`.
 fn agent(url: &str, token: &str, local: u16) -> Proc {
-    let service = format!("svc:{local}:0");
+    named_agent(url, token, "svc", local)
+}
+
+/// An agent with `token` publishing service `name` on `url`, port 0.
+fn named_agent(url: &str, token: &str, name: &str, local: u16) -> Proc {
+    let service = format!("{name}:{local}:0");
     Proc::spawn_with(&["agent", "--server", url, "--tcp", &service], |c| {
         c.env("ZLAYER_TUNNEL_TOKEN", token);
     })
@@ -155,9 +175,9 @@ fn logged_within(proc: &mut Proc, text: &str, since: Instant) -> Duration {
 #[actix_web::test]
 async fn a_stored_token_is_accepted_by_every_server_and_its_revocation_closes_every_tunnel() {
     let etcd = Etcd::start().await;
-    let (public_1, public_2) = (free_ports(1).0, free_ports(1).0);
-    let (mut one, url_1) = cluster_server(&etcd.url, public_1);
-    let (mut two, url_2) = cluster_server(&etcd.url, public_2);
+    let range = free_ports(1);
+    let (mut one, url_1) = server_on(&etcd.url, "127.0.0.1", range);
+    let (mut two, url_2) = server_on(&etcd.url, "127.0.0.2", range);
     let local = common::services::echo().await;
 
     let added = Instant::now();
@@ -185,8 +205,9 @@ async fn a_stored_token_is_accepted_by_every_server_and_its_revocation_closes_ev
     let mut on_2 = agent(&url_2, "cluster-token", local);
     let port_1 = on_1.registered_port();
     let port_2 = on_2.registered_port();
+    assert_eq!(port_1, port_2, "one service, one port in the cluster");
     common::echo_through(([127, 0, 0, 1], port_1).into(), 1, 64 << 10).await;
-    common::echo_through(([127, 0, 0, 1], port_2).into(), 2, 64 << 10).await;
+    common::echo_through(([127, 0, 0, 2], port_2).into(), 2, 64 << 10).await;
 
     let revoked = Instant::now();
     token_command(&["revoke", "--etcd", &etcd.url, "--hash", hash.trim()]);
@@ -226,12 +247,17 @@ async fn with_the_store_down_servers_keep_the_tokens_they_read() {
         .any(|l| l.contains("tokens read tokens=1"));
     assert!(read, "{:?}", server.seen());
     let local = common::services::echo().await;
+    let mut agent = agent(&url, "kept-token", local);
+    let port = agent.registered_port();
 
     etcd.kill();
     server.wait_for("tokens not followed");
-    let mut agent = agent(&url, "kept-token", local);
-    let port = agent.registered_port();
     common::echo_through(([127, 0, 0, 1], port).into(), 3, 256 << 10).await;
+    // its token still opens a tunnel (a second agent: a replica)
+    let mut replica = Proc::spawn_with(&["agent", "--server", &url], |c| {
+        c.env("ZLAYER_TUNNEL_TOKEN", "kept-token");
+    });
+    replica.wait_for("authenticated");
 
     // the store back: the server follows it again, no restart
     etcd.restart().await;
@@ -244,4 +270,74 @@ async fn with_the_store_down_servers_keep_the_tokens_they_read() {
             .is_err()
     };
     wait_until("the revoked tunnel's port closes", public_gone).await;
+}
+
+#[actix_web::test]
+async fn services_registering_at_once_on_two_servers_get_two_ports_and_keep_them() {
+    let mut etcd = Etcd::start().await;
+    token_command(&["add", "--etcd", &etcd.url, "--token", "port-token"]);
+    let range = free_ports(3);
+    let (mut one, url_1) = server_on(&etcd.url, "127.0.0.1", range);
+    let (_two, url_2) = server_on(&etcd.url, "127.0.0.2", range);
+    let local = common::services::echo().await;
+
+    // without the store both would take the range's first port
+    let mut a = named_agent(&url_1, "port-token", "alpha", local);
+    let mut b = named_agent(&url_2, "port-token", "beta", local);
+    let (port_a, port_b) = (a.registered_port(), b.registered_port());
+    assert_ne!(port_a, port_b, "two services, one port");
+    common::echo_through(([127, 0, 0, 1], port_a).into(), 4, 64 << 10).await;
+    common::echo_through(([127, 0, 0, 2], port_b).into(), 5, 64 << 10).await;
+
+    // alpha again on the other server: its port follows it
+    drop(a);
+    let mut again = named_agent(&url_2, "port-token", "alpha", local);
+    assert_eq!(again.registered_port(), port_a, "the service kept its port");
+
+    // the store down: a new service cannot get a port, and says why
+    etcd.kill();
+    let mut gamma = named_agent(&url_1, "port-token", "gamma", local);
+    let refused = gamma.wait_for("registration refused");
+    assert!(refused.contains("unreachable"), "{refused}");
+    // the store back: it registers on its own retry, no server restarted
+    etcd.restart().await;
+    gamma.registered_port();
+    one.wait_for("cluster store reachable again");
+}
+
+/// Eight servers' worth of leases asked at the same instant, on one range:
+/// every service gets its own port (etcd's compare-and-swap decides the
+/// races), and a service asking again gets its own back.
+#[actix_web::test]
+async fn concurrent_leases_never_give_one_port_twice() {
+    use zlayer_tunnel::ClusterStore;
+    use zlayer_tunnel::cluster::{ClusterKeys, PortClaim};
+    let etcd = Etcd::start().await;
+    let options = |_| zlayer_tunnel::EtcdOptions {
+        endpoints: vec![etcd.url.clone()],
+        keys: ClusterKeys::default(),
+        ..Default::default()
+    };
+    let mut stores = Vec::new();
+    for i in 0..8 {
+        stores.push(zlayer_tunnel::EtcdStore::connect(options(i)).await.unwrap());
+    }
+    let claim = |i: usize| PortClaim {
+        name: format!("service-{i}"),
+        requested: 0,
+        ranges: vec![(40000, 40007)],
+        hold: Duration::from_secs(5),
+    };
+    let asks = stores
+        .iter()
+        .enumerate()
+        .map(|(i, s)| s.lease_port(claim(i)));
+    let leases: Vec<_> = futures::future::join_all(asks).await;
+    let mut ports: Vec<u16> = leases.iter().map(|l| l.as_ref().unwrap().port).collect();
+    ports.sort_unstable();
+    assert_eq!(ports, (40000..=40007).collect::<Vec<_>>(), "{leases:?}");
+    let again = stores[0].lease_port(claim(3)).await.unwrap();
+    assert_eq!(Some(again.port), leases[3].as_ref().ok().map(|l| l.port));
+    let full = stores[0].lease_port(claim(8)).await.unwrap_err();
+    assert!(full.to_string().contains("no free public port"), "{full}");
 }

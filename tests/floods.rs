@@ -87,7 +87,8 @@ async fn a_flood_of_idle_connections_cannot_keep_an_agent_out() {
     common::echo_through(([127, 0, 0, 1], public).into(), 1, 64 << 10).await;
     let attempts = agent.seen().join("\n");
     assert!(
-        !attempts.contains("reconnecting") && !attempts.contains("503"),
+        // (not "503" alone: a port number can hold it, as 38503 once did)
+        !attempts.contains("reconnecting") && !attempts.contains("503 Service Unavailable"),
         "the agent did not get in at its first attempt:\n{attempts}"
     );
     stop.cancel();

@@ -1,6 +1,7 @@
 //! The control channel's registrations: a public port from the registry, a
 //! listener bound on it, answers in order.
 
+use super::cluster::{keep_port, outside_range};
 use super::*;
 
 impl Listener {
@@ -50,14 +51,28 @@ impl ControlChannel {
         let tunnel_id = tunnel.tunnel_id;
         let registry = self.shared.registry.addr().clone();
         let host = self.shared.config.bind_host.clone();
+        let cluster = self.cluster_claim(&name, remote_port, allowed_ports.as_deref());
+        let tunnel_cancel = tunnel.cancel.clone();
+        let range = self.shared.config.data_port_range;
         // `wait` holds later frames until this answer is sent
         let service_name = name.clone();
         async move {
+            // in a cluster, the port is the service's across the cluster
+            let requested = match cluster {
+                Some((store, claim)) => {
+                    let hold = claim.hold;
+                    let lease = store.lease_port(claim).await.map_err(|e| e.to_string())?;
+                    outside_range(lease.port, range)?;
+                    actix::spawn(keep_port(store, lease, hold, tunnel_cancel));
+                    lease.port
+                }
+                None => remote_port,
+            };
             let alloc = AllocatePort {
                 tunnel_id,
                 name: service_name.clone(),
                 protocol,
-                requested: remote_port,
+                requested,
                 allowed: allowed_ports,
                 named_in_scope,
             };

@@ -21,6 +21,7 @@ use crate::actors::io::socket_options::harden_control_socket;
 use crate::actors::io::{raw_connection, runtime};
 use crate::admission::{PendingAuth, PlaceId};
 use crate::auth::{LiveTokens, TokenScope, TokenStore, TokenValidator};
+use crate::cluster::ClusterStore;
 use crate::config::TunnelServerConfig;
 use crate::log_limit::RemoteEvent;
 use crate::protocol::MAX_MESSAGE_SIZE;
@@ -39,6 +40,8 @@ pub(crate) struct ServerShared {
     pub(crate) pending: std::sync::Mutex<PendingAuth<CancellationToken>>,
     /// What remote parties make happen, logged at most once a second per kind.
     pub(crate) logs: std::sync::Mutex<crate::log_limit::LogLimiter>,
+    /// The cluster's store: services' public ports are leased there.
+    pub(crate) cluster: Option<Arc<dyn ClusterStore>>,
 }
 
 impl ServerShared {
@@ -47,6 +50,7 @@ impl ServerShared {
         config: TunnelServerConfig,
         validator: TokenValidator,
         scopes: Option<LiveTokens>,
+        cluster: Option<Arc<dyn ClusterStore>>,
     ) -> Self {
         let pending = PendingAuth::new(
             config.max_unauthenticated,
@@ -60,6 +64,7 @@ impl ServerShared {
             scopes,
             pending: std::sync::Mutex::new(pending),
             logs: std::sync::Mutex::default(),
+            cluster,
         }
     }
 
@@ -155,7 +160,7 @@ impl ControlHandler {
         validator: TokenValidator,
     ) -> Self {
         Self {
-            shared: Arc::new(ServerShared::new(registry, config, validator, None)),
+            shared: Arc::new(ServerShared::new(registry, config, validator, None, None)),
         }
     }
 
@@ -180,8 +185,26 @@ impl ControlHandler {
         tokens: LiveTokens,
     ) -> Self {
         let validator = tokens.validator();
+        let shared = ServerShared::new(registry, config, validator, Some(tokens), None);
         Self {
-            shared: Arc::new(ServerShared::new(registry, config, validator, Some(tokens))),
+            shared: Arc::new(shared),
+        }
+    }
+
+    /// A handler of a server of a cluster: the tokens of `tokens` (which
+    /// follow the store: see `TokenSync`), and services' public ports leased
+    /// in `store`, one per service across the cluster.
+    #[must_use]
+    pub fn in_cluster(
+        registry: Arc<TunnelRegistry>,
+        config: TunnelServerConfig,
+        tokens: LiveTokens,
+        store: Arc<dyn ClusterStore>,
+    ) -> Self {
+        let validator = tokens.validator();
+        let shared = ServerShared::new(registry, config, validator, Some(tokens), Some(store));
+        Self {
+            shared: Arc::new(shared),
         }
     }
 

@@ -5,12 +5,20 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, GetOptions, WatchOptions};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+};
 use futures::future::BoxFuture;
 use futures::stream::{BoxStream, StreamExt};
 
 use crate::auth::Secret;
-use crate::cluster::{ClusterKeys, ClusterStore, StoreError, StoredToken};
+use crate::cluster::{
+    ClusterKeys, ClusterStore, LeaseError, PortClaim, PortLease, StoreError, StoredToken,
+    choose_port,
+};
+
+/// Tries at leasing a port when other servers lease at the same instant.
+const LEASE_TRIES: usize = 8;
 
 /// How long one request to etcd may take before the store counts as unreachable.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -76,12 +84,137 @@ impl EtcdStore {
     }
 }
 
+/// A service's entry: its port and the lease that keeps it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ServicePort {
+    port: u16,
+    lease: i64,
+}
+
+impl EtcdStore {
+    /// The service's port lease, if it has one.
+    async fn service_port(
+        &self,
+        client: &mut Client,
+        name: &str,
+    ) -> Result<Option<PortLease>, StoreError> {
+        let key = self.keys.service(name);
+        let found = client.get(key.clone(), None).await.map_err(unreachable)?;
+        let Some(kv) = found.kvs().first() else {
+            return Ok(None);
+        };
+        let entry: ServicePort =
+            serde_json::from_slice(kv.value()).map_err(|e| StoreError::Corrupt {
+                key,
+                reason: e.to_string(),
+            })?;
+        Ok(Some(PortLease {
+            port: entry.port,
+            lease: entry.lease,
+        }))
+    }
+
+    /// Every leased port, with its service's name.
+    async fn leased_ports(&self, client: &mut Client) -> Result<Vec<(u16, String)>, StoreError> {
+        let prefix = self.keys.ports();
+        let found = client
+            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(unreachable)?;
+        let ports = found.kvs().iter().filter_map(|kv| {
+            let port = kv.key().get(prefix.len()..)?;
+            let port = std::str::from_utf8(port).ok()?.parse().ok()?;
+            Some((port, String::from_utf8_lossy(kv.value()).into_owned()))
+        });
+        Ok(ports.collect())
+    }
+
+    /// One try: the service's port if it has one, else a new lease created
+    /// only if neither its name nor the port is taken meanwhile (`None`:
+    /// another server won the race; try again).
+    async fn try_lease(
+        &self,
+        client: &mut Client,
+        claim: &PortClaim,
+    ) -> Result<Option<PortLease>, LeaseError> {
+        if let Some(held) = self.service_port(client, &claim.name).await? {
+            if claim.requested != 0 && claim.requested != held.port {
+                return Err(LeaseError::ServiceHasPort {
+                    name: claim.name.clone(),
+                    port: held.port,
+                });
+            }
+            return Ok(Some(held));
+        }
+        let leased = self.leased_ports(client).await?;
+        if let Some((_, owner)) = leased.iter().find(|(p, _)| *p == claim.requested) {
+            return Err(LeaseError::PortTaken {
+                port: claim.requested,
+                owner: owner.clone(),
+            });
+        }
+        let taken: Vec<u16> = leased.iter().map(|(p, _)| *p).collect();
+        let port = choose_port(claim, &taken).ok_or_else(|| LeaseError::Exhausted {
+            ranges: crate::ports::format_ranges(&claim.ranges),
+        })?;
+        let ttl = i64::try_from(claim.hold.as_secs().max(1)).unwrap_or(i64::MAX);
+        let lease = client
+            .lease_grant(ttl, None)
+            .await
+            .map_err(unreachable)?
+            .id();
+        let (service_key, port_key) = (self.keys.service(&claim.name), self.keys.port(port));
+        let entry = serde_json::to_vec(&ServicePort { port, lease }).unwrap_or_default();
+        let with_lease = || Some(PutOptions::new().with_lease(lease));
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(service_key.clone(), CompareOp::Equal, 0),
+                Compare::create_revision(port_key.clone(), CompareOp::Equal, 0),
+            ])
+            .and_then([
+                TxnOp::put(service_key, entry, with_lease()),
+                TxnOp::put(port_key, claim.name.clone(), with_lease()),
+            ]);
+        if client.txn(txn).await.map_err(unreachable)?.succeeded() {
+            return Ok(Some(PortLease { port, lease }));
+        }
+        // lost the race: the lease holds nothing; give it back
+        let _ = client.lease_revoke(lease).await;
+        Ok(None)
+    }
+}
+
 /// An etcd error as the store's: etcd could not be asked.
 fn unreachable(e: etcd_client::Error) -> StoreError {
     StoreError::Unreachable(e.to_string())
 }
 
 impl ClusterStore for EtcdStore {
+    fn lease_port(&self, claim: PortClaim) -> BoxFuture<'_, Result<PortLease, LeaseError>> {
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            for _ in 0..LEASE_TRIES {
+                if let Some(lease) = self.try_lease(&mut client, &claim).await? {
+                    return Ok(lease);
+                }
+            }
+            Err(LeaseError::Store(StoreError::Unreachable(format!(
+                "{LEASE_TRIES} servers leased a port at the same instant as this one; try again"
+            ))))
+        })
+    }
+
+    fn keep_port(&self, lease: i64) -> BoxFuture<'_, Result<bool, StoreError>> {
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            let (mut keeper, mut answers) =
+                client.lease_keep_alive(lease).await.map_err(unreachable)?;
+            keeper.keep_alive().await.map_err(unreachable)?;
+            let answer = answers.message().await.map_err(unreachable)?;
+            Ok(answer.is_some_and(|a| a.ttl() > 0))
+        })
+    }
+
     fn tokens(&self) -> BoxFuture<'_, Result<Vec<StoredToken>, StoreError>> {
         let mut client = self.client.clone();
         let prefix = self.keys.tokens();

@@ -44,8 +44,8 @@ pub async fn serve(options: ServeOptions) -> std::io::Result<()> {
         (fixed, Some(store)) => {
             let fixed = fixed.unwrap_or_default();
             let live = LiveTokens::new(fixed.clone());
-            TokenSync::start(store, live.clone(), fixed, registry.addr().clone());
-            ControlHandler::with_live_tokens(registry.clone(), options.config, live)
+            TokenSync::start(store.clone(), live.clone(), fixed, registry.addr().clone());
+            ControlHandler::in_cluster(registry.clone(), options.config, live, store)
         }
         (Some(store), None) => ControlHandler::with_tokens(registry.clone(), options.config, store),
         (None, None) => ControlHandler::new(registry.clone(), options.config, options.validator),

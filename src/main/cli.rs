@@ -112,6 +112,10 @@ pub(crate) struct ServerArgs {
     /// The token for the other nodes' servers; also ZLAYER_TUNNEL_NODE_TOKEN.
     #[arg(long, env = "ZLAYER_TUNNEL_NODE_TOKEN", hide_env_values = true)]
     pub(crate) node_token: Option<String>,
+    /// In a cluster: how long a service's public port stays reserved after
+    /// its last registration goes, e.g. 5m (the default).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) port_hold: Option<Duration>,
     #[command(flatten)]
     pub(crate) store: StoreArgs,
 }

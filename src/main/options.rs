@@ -37,6 +37,7 @@ pub(crate) fn serve_options(args: &ServerArgs) -> anyhow::Result<ServeOptions> {
     config.load_balance = args.load_balance.unwrap_or(config.load_balance);
     config.heartbeat_interval = args.heartbeat_interval.unwrap_or(config.heartbeat_interval);
     config.heartbeat_timeout = args.heartbeat_timeout.unwrap_or(config.heartbeat_timeout);
+    config.port_hold = args.port_hold.unwrap_or(config.port_hold);
     config.validate()?;
     file.check_token_ports(Some(config.data_port_range))?;
     let listen = listen_addrs(args, &file)?;
