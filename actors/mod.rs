@@ -41,6 +41,9 @@
 //! * `AccessSession` (`access_session.rs`): one per on-demand access session.
 //! * `TokenSync` (`token_sync.rs`): one per server of a cluster; follows the
 //!   cluster store's tokens and closes the tunnels of revoked ones.
+//! * `RouteSync` (`route_sync.rs`; its forwards in `route_sync/`): one per
+//!   server of a cluster with peers; publishes its routes, reads the others',
+//!   forwards the public ports of services registered only on peers.
 //!
 //! Handles (`handles/`): [`ControlHandler`] (mounts the control route in an
 //! actix-web `App`, or serves a raw TCP connection) and the state its channels
@@ -62,6 +65,7 @@ mod forwarded_connection;
 mod handles;
 mod io;
 pub mod registry;
+mod route_sync;
 mod service_listener;
 mod token_sync;
 mod udp_flow;
@@ -77,6 +81,7 @@ pub use io::etcd_store::{EtcdOptions, EtcdStore};
 pub use io::serve::{ServeOptions, serve};
 pub use io::signals::shutdown_signal;
 pub use registry::{ServiceInfo, TunnelInfo, TunnelRegistry};
+pub use route_sync::PeerOptions;
 
 use crate::tunnels::RegistryError;
 

@@ -100,7 +100,7 @@ pub struct PortClaim {
 pub struct PortLease {
     /// The port.
     pub port: u16,
-    /// The store's lease id (keep it alive with [`ClusterStore::keep_port`]).
+    /// The store's lease id (keep it alive with [`ClusterStore::keep_lease`]).
     pub lease: i64,
 }
 
@@ -146,6 +146,20 @@ pub fn choose_port(claim: &PortClaim, taken: &[u16]) -> Option<u16> {
         .find(|port| !taken.contains(port))
 }
 
+/// A server's route: it has a link for `service` (a registration of it),
+/// and its peers reach it at `advertise`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Route {
+    /// The server's id (`--server-id`).
+    pub server: String,
+    /// The server's control URL for its peers (`--advertise`).
+    pub advertise: String,
+    /// The service's name.
+    pub service: String,
+    /// The service's public port.
+    pub port: u16,
+}
+
 /// Where a cluster's entries live in the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterKeys {
@@ -180,6 +194,16 @@ impl ClusterKeys {
     /// The key of service `name`'s port.
     pub fn service(&self, name: &str) -> String {
         format!("{}services/{name}", self.prefix)
+    }
+
+    /// The prefix of every route's key.
+    pub fn routes(&self) -> String {
+        format!("{}routes/", self.prefix)
+    }
+
+    /// The key of server `server`'s route to `service`.
+    pub fn route(&self, server: &str, service: &str) -> String {
+        format!("{}routes/{server}/{service}", self.prefix)
     }
 
     /// The prefix of every leased port's key.
@@ -227,8 +251,21 @@ pub trait ClusterStore: Send + Sync + 'static {
     /// two servers ask at the same instant).
     fn lease_port(&self, claim: PortClaim) -> BoxFuture<'_, Result<PortLease, LeaseError>>;
 
-    /// Keeps a port's lease alive for another `hold`; false if it expired.
-    fn keep_port(&self, lease: i64) -> BoxFuture<'_, Result<bool, StoreError>>;
+    /// Keeps a store lease (a port's, a server's) alive for another of its
+    /// TTLs; false if it expired.
+    fn keep_lease(&self, lease: i64) -> BoxFuture<'_, Result<bool, StoreError>>;
+
+    /// A new store lease of `ttl` (a server's, for its routes).
+    fn grant_lease(&self, ttl: std::time::Duration) -> BoxFuture<'_, Result<i64, StoreError>>;
+
+    /// Publishes `route` under `lease` (it goes when the lease does).
+    fn publish_route(&self, lease: i64, route: Route) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Withdraws server `server`'s route to `service`.
+    fn withdraw_route(&self, server: &str, service: &str) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Every server's routes.
+    fn routes(&self) -> BoxFuture<'_, Result<Vec<Route>, StoreError>>;
 }
 
 /// The tokens a server accepts: those of its flags and files, and the

@@ -341,3 +341,91 @@ async fn concurrent_leases_never_give_one_port_twice() {
     let full = stores[0].lease_port(claim(8)).await.unwrap_err();
     assert!(full.to_string().contains("no free public port"), "{full}");
 }
+
+/// A server of the cluster with peers: control on `control`, routes gone 1 s
+/// after its death.
+fn peer_server(etcd: &str, host: &str, (low, high): (u16, u16), control: u16) -> (Proc, String) {
+    let range = format!("{low}-{high}");
+    let listen = format!("127.0.0.1:{control}");
+    let url = format!("ws://{listen}/tunnel/v1");
+    let args = [
+        "server",
+        "--listen",
+        &listen,
+        "--port-range",
+        &range,
+        "--bind-host",
+        host,
+        "--etcd",
+        etcd,
+        "--peer-token",
+        "peer-secret",
+        "--advertise",
+        &url,
+        "--route-ttl",
+        "1s",
+    ];
+    let mut server = Proc::spawn_with(&args, |c| {
+        c.env_remove("ZLAYER_TUNNEL_TOKEN");
+    });
+    server.wait_for("cluster store: tokens read");
+    (server, url)
+}
+
+/// True if `len` bytes echo back whole through `addr` within two seconds.
+async fn echoes(addr: std::net::SocketAddr, seed: u64, len: usize) -> bool {
+    let attempt = tokio::spawn(common::echo_through(addr, seed, len));
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), attempt).await,
+        Ok(Ok(_))
+    )
+}
+
+#[actix_web::test]
+async fn any_server_answers_any_visitor_and_a_dead_one_stops_being_routed_to() {
+    let etcd = Etcd::start().await;
+    token_command(&["add", "--etcd", &etcd.url, "--token", "ha-token"]);
+    let range = free_ports(1);
+    let controls = free_ports(3).0;
+    let (mut one, url_1) = peer_server(&etcd.url, "127.0.0.1", range, controls);
+    let (_two, url_2) = peer_server(&etcd.url, "127.0.0.2", range, controls + 1);
+    let (mut three, _) = peer_server(&etcd.url, "127.0.0.3", range, controls + 2);
+    let local = common::services::echo().await;
+    let service = format!("svc:{local}:0");
+    let mut agent = Proc::spawn_with(
+        &[
+            "agent", "--server", &url_1, "--server", &url_2, "--tcp", &service,
+        ],
+        |c| {
+            c.env("ZLAYER_TUNNEL_TOKEN", "ha-token");
+        },
+    );
+    let port = agent.registered_port();
+    three.wait_for("forwarding public port to a peer");
+    for (host, seed) in [
+        ([127, 0, 0, 1], 10),
+        ([127, 0, 0, 2], 11),
+        ([127, 0, 0, 3], 12),
+    ] {
+        common::echo_through((host, port).into(), seed, 1 << 20).await;
+    }
+
+    // server 1 dies during a transfer through 2: that one completes whole
+    let through_two = tokio::spawn(common::echo_through(
+        ([127, 0, 0, 2], port).into(),
+        13,
+        16 << 20,
+    ));
+    one.child.kill().unwrap();
+    through_two.await.unwrap();
+    // server 3 stops routing to 1 once its route expires: every visitor served
+    let all_served = || async move {
+        let mut served = true;
+        for seed in 0..4 {
+            served &= echoes(([127, 0, 0, 3], port).into(), 20 + seed, 4096).await;
+        }
+        served
+    };
+    wait_until("server 3 routes to server 2 alone", all_served).await;
+    assert!(echoes(([127, 0, 0, 2], port).into(), 30, 1 << 20).await);
+}

@@ -31,7 +31,7 @@ pub(super) async fn keep_port(
             () = tunnel.cancelled() => return,
             () = tokio::time::sleep(every) => {}
         }
-        match store.keep_port(lease.lease).await {
+        match store.keep_lease(lease.lease).await {
             Ok(true) => failing = false,
             Ok(false) => {
                 return tracing::warn!(

@@ -54,6 +54,7 @@ impl ControlChannel {
         let cluster = self.cluster_claim(&name, remote_port, allowed_ports.as_deref());
         let tunnel_cancel = tunnel.cancel.clone();
         let range = self.shared.config.data_port_range;
+        let forwards = self.shared.forwards.clone();
         // `wait` holds later frames until this answer is sent
         let service_name = name.clone();
         async move {
@@ -91,6 +92,8 @@ impl ControlChannel {
                 }
                 Ok(Err(e)) | Err(e) => return Err(e.to_string()),
             };
+            // a port this server forwarded to a peer is taken over
+            forwards.release(port);
             let bound = match protocol {
                 ServiceProtocol::Tcp => bind_with_retry(&host, port).await.map(Bound::Tcp),
                 ServiceProtocol::Udp => UdpServiceListener::bind(&host, port).map(Bound::Udp),

@@ -42,6 +42,8 @@ pub(crate) struct ServerShared {
     pub(crate) logs: std::sync::Mutex<crate::log_limit::LogLimiter>,
     /// The cluster's store: services' public ports are leased there.
     pub(crate) cluster: Option<Arc<dyn ClusterStore>>,
+    /// Public ports forwarded to peers (a registration here takes one over).
+    pub(crate) forwards: super::forwards::Forwards,
 }
 
 impl ServerShared {
@@ -65,6 +67,7 @@ impl ServerShared {
             pending: std::sync::Mutex::new(pending),
             logs: std::sync::Mutex::default(),
             cluster,
+            forwards: super::forwards::Forwards::default(),
         }
     }
 
@@ -206,6 +209,11 @@ impl ControlHandler {
         Self {
             shared: Arc::new(shared),
         }
+    }
+
+    /// The public ports this server forwards to its peers.
+    pub(crate) fn forwards(&self) -> super::forwards::Forwards {
+        self.shared.forwards.clone()
     }
 
     /// The server configuration.

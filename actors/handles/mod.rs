@@ -8,6 +8,7 @@ pub(crate) mod access_manager;
 pub(crate) mod agent_shared;
 pub(crate) mod agent_view;
 pub(crate) mod control_handler;
+pub(crate) mod forwards;
 pub(crate) mod node_tunnels;
 pub(crate) mod tunnel_agent;
 pub(crate) mod tunnel_registry;

@@ -13,7 +13,7 @@ use futures::stream::{BoxStream, StreamExt};
 
 use crate::auth::Secret;
 use crate::cluster::{
-    ClusterKeys, ClusterStore, LeaseError, PortClaim, PortLease, StoreError, StoredToken,
+    ClusterKeys, ClusterStore, LeaseError, PortClaim, PortLease, Route, StoreError, StoredToken,
     choose_port,
 };
 
@@ -184,6 +184,15 @@ impl EtcdStore {
     }
 }
 
+/// Every key under `prefix`, with its value.
+async fn under(
+    client: &mut Client,
+    prefix: String,
+) -> Result<etcd_client::GetResponse, StoreError> {
+    let options = GetOptions::new().with_prefix();
+    client.get(prefix, Some(options)).await.map_err(unreachable)
+}
+
 /// An etcd error as the store's: etcd could not be asked.
 fn unreachable(e: etcd_client::Error) -> StoreError {
     StoreError::Unreachable(e.to_string())
@@ -204,7 +213,52 @@ impl ClusterStore for EtcdStore {
         })
     }
 
-    fn keep_port(&self, lease: i64) -> BoxFuture<'_, Result<bool, StoreError>> {
+    fn grant_lease(&self, ttl: Duration) -> BoxFuture<'_, Result<i64, StoreError>> {
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            let ttl = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+            let granted = client.lease_grant(ttl, None).await.map_err(unreachable)?;
+            Ok(granted.id())
+        })
+    }
+
+    fn publish_route(&self, lease: i64, route: Route) -> BoxFuture<'_, Result<(), StoreError>> {
+        let mut client = self.client.clone();
+        let key = self.keys.route(&route.server, &route.service);
+        Box::pin(async move {
+            let value = serde_json::to_vec(&route).unwrap_or_default();
+            let options = PutOptions::new().with_lease(lease);
+            client
+                .put(key, value, Some(options))
+                .await
+                .map_err(unreachable)?;
+            Ok(())
+        })
+    }
+
+    fn withdraw_route(&self, server: &str, service: &str) -> BoxFuture<'_, Result<(), StoreError>> {
+        let mut client = self.client.clone();
+        let key = self.keys.route(server, service);
+        Box::pin(async move {
+            client.delete(key, None).await.map_err(unreachable)?;
+            Ok(())
+        })
+    }
+
+    fn routes(&self) -> BoxFuture<'_, Result<Vec<Route>, StoreError>> {
+        let mut client = self.client.clone();
+        let prefix = self.keys.routes();
+        Box::pin(async move {
+            let found = under(&mut client, prefix).await?;
+            let routes = found
+                .kvs()
+                .iter()
+                .filter_map(|kv| serde_json::from_slice(kv.value()).ok());
+            Ok(routes.collect())
+        })
+    }
+
+    fn keep_lease(&self, lease: i64) -> BoxFuture<'_, Result<bool, StoreError>> {
         let mut client = self.client.clone();
         Box::pin(async move {
             let (mut keeper, mut answers) =
@@ -219,11 +273,7 @@ impl ClusterStore for EtcdStore {
         let mut client = self.client.clone();
         let prefix = self.keys.tokens();
         Box::pin(async move {
-            let options = GetOptions::new().with_prefix();
-            let found = client
-                .get(prefix, Some(options))
-                .await
-                .map_err(unreachable)?;
+            let found = under(&mut client, prefix).await?;
             let mut tokens = Vec::with_capacity(found.kvs().len());
             for kv in found.kvs() {
                 let key = String::from_utf8_lossy(kv.key());

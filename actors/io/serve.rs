@@ -10,6 +10,7 @@ use std::time::Duration;
 use actix_web::{App, HttpServer};
 
 use super::signals::shutdown_signal;
+use crate::actors::route_sync::{PeerOptions, RouteSync};
 use crate::actors::token_sync::TokenSync;
 use crate::actors::{ControlHandler, TunnelRegistry};
 use crate::auth::{LiveTokens, TokenStore, TokenValidator};
@@ -35,6 +36,21 @@ pub struct ServeOptions {
     /// The cluster's store (`--etcd`): its tokens are accepted beside
     /// `tokens` and followed as they change; none: a server on its own.
     pub cluster: Option<Arc<dyn ClusterStore>>,
+    /// In a cluster: who this server is to its peers; then it publishes its
+    /// routes and answers the visitors of every service of the cluster.
+    pub peer: Option<PeerOptions>,
+}
+
+/// `fixed` and the cluster's peer token, which may open access streams to
+/// any service (a peer's forwarded visitors) and register none.
+fn with_peer_token(fixed: TokenStore, token: &crate::auth::Secret) -> TokenStore {
+    let scope = crate::auth::TokenScope {
+        register: Some(Vec::new()),
+        access: None,
+        ports: None,
+    };
+    let hash = crate::auth::hash_token(token.expose());
+    fixed.clone().with_hash(&hash, scope).unwrap_or(fixed)
 }
 
 /// Runs a tunnel server until SIGINT or SIGTERM; must run inside an actix `System`.
@@ -42,10 +58,20 @@ pub async fn serve(options: ServeOptions) -> std::io::Result<()> {
     let registry = Arc::new(TunnelRegistry::new(options.config.data_port_range));
     let handler = match (options.tokens, options.cluster) {
         (fixed, Some(store)) => {
-            let fixed = fixed.unwrap_or_default();
+            let mut fixed = fixed.unwrap_or_default();
+            if let Some(peer) = &options.peer {
+                fixed = with_peer_token(fixed, &peer.peer_token);
+            }
             let live = LiveTokens::new(fixed.clone());
             TokenSync::start(store.clone(), live.clone(), fixed, registry.addr().clone());
-            ControlHandler::in_cluster(registry.clone(), options.config, live, store)
+            let host = options.config.bind_host.clone();
+            let handler =
+                ControlHandler::in_cluster(registry.clone(), options.config, live, store.clone());
+            if let Some(peer) = options.peer {
+                let forwards = handler.forwards();
+                RouteSync::start(store, peer, registry.addr().clone(), host, forwards);
+            }
+            handler
         }
         (Some(store), None) => ControlHandler::with_tokens(registry.clone(), options.config, store),
         (None, None) => ControlHandler::new(registry.clone(), options.config, options.validator),

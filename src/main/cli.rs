@@ -118,6 +118,22 @@ pub(crate) struct ServerArgs {
     pub(crate) port_hold: Option<Duration>,
     #[command(flatten)]
     pub(crate) store: StoreArgs,
+    /// In a cluster: the token every server accepts from its peers (the same
+    /// on all); with it, this server answers the visitors of every service
+    /// of the cluster. Prefer ZLAYER_TUNNEL_PEER_TOKEN.
+    #[arg(long, env = "ZLAYER_TUNNEL_PEER_TOKEN", hide_env_values = true)]
+    pub(crate) peer_token: Option<String>,
+    /// In a cluster: this server's id. Default: its --advertise URL.
+    #[arg(long)]
+    pub(crate) server_id: Option<String>,
+    /// In a cluster: the control URL at which peers reach this server, e.g.
+    /// ws://10.0.0.1:7000/tunnel/v1. Default: from the first --listen.
+    #[arg(long)]
+    pub(crate) advertise: Option<String>,
+    /// In a cluster: a dead server's routes go this long after its last
+    /// renewal, e.g. 5s (the default).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) route_ttl: Option<Duration>,
 }
 
 /// Where a cluster's store is: for a server of the cluster, and for

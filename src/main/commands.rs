@@ -15,6 +15,7 @@ use crate::options;
 /// `zlayer-tunnel server`: [`zlayer_tunnel::actors::serve`] and this node's tunnels.
 pub(crate) fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     let mut server = options::serve_options(&args)?;
+    server.peer = options::peer_options(&args, &server)?;
     let file = options::server_file(&args)?;
     let nodes = options::node_tunnels(&args, &server)?;
     actix_web::rt::System::new().block_on(async move {

@@ -60,7 +60,34 @@ pub(crate) fn serve_options(args: &ServerArgs) -> anyhow::Result<ServeOptions> {
         admin_listen,
         tls,
         cluster: None,
+        peer: None,
     })
+}
+
+/// Who this server is to its peers in a cluster (`--peer-token`), if it has any.
+pub(crate) fn peer_options(
+    args: &ServerArgs,
+    options: &ServeOptions,
+) -> anyhow::Result<Option<zlayer_tunnel::actors::PeerOptions>> {
+    let Some(token) = args.peer_token.clone().filter(|t| !t.is_empty()) else {
+        return Ok(None);
+    };
+    let scheme = if options.tls.is_some() { "wss" } else { "ws" };
+    let advertise = match (&args.advertise, options.listen.first()) {
+        (Some(url), _) => url.clone(),
+        (None, Some(addr)) if addr.port() != 0 && !addr.ip().is_unspecified() => {
+            format!("{scheme}://{addr}{}", options.config.control_path)
+        }
+        _ => bail!(
+            "--peer-token needs --advertise URL (the control URL at which peers reach this server) when --listen has no fixed address and port"
+        ),
+    };
+    Ok(Some(zlayer_tunnel::actors::PeerOptions {
+        server_id: args.server_id.clone().unwrap_or_else(|| advertise.clone()),
+        advertise,
+        peer_token: token.into(),
+        route_ttl: args.route_ttl.unwrap_or(std::time::Duration::from_secs(5)),
+    }))
 }
 
 /// This node's tunnels to other nodes (`--node-tunnel`), added but not

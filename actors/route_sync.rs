@@ -1,0 +1,201 @@
+//! `RouteSync`: one per server of a cluster with peers (`--peer-token`).
+//! Twice a second: keeps the server's store lease alive, publishes a route
+//! for each TCP service registered here and withdraws the gone ones, reads
+//! every server's routes, and makes this server answer every service of the
+//! cluster: a service with no registration here but a route on a peer gets
+//! a *forward* on its public port, whose visitors go through a peer link (an
+//! access link with the peer token: `forward.rs`) to a server that has one.
+//! A route whose server dies goes with its lease (`--route-ttl`); a forward
+//! with no route left closes; a registration here takes its port over.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+
+use super::handles::forwards::Forwards;
+use super::registry::ListTunnels;
+use super::registry::Registry;
+use crate::cluster::{ClusterStore, Route};
+use crate::protocol::ServiceProtocol;
+
+mod forward;
+
+use forward::PeerLinks;
+
+/// How often routes are published and read.
+const TICK: Duration = Duration::from_millis(500);
+
+/// Who this server is to its peers.
+#[derive(Debug, Clone)]
+pub struct PeerOptions {
+    /// This server's id in the cluster (`--server-id`).
+    pub server_id: String,
+    /// Its control URL for its peers (`--advertise`).
+    pub advertise: String,
+    /// The token every server of the cluster accepts from its peers.
+    pub peer_token: crate::auth::Secret,
+    /// A dead server's routes go this long after its last renewal (`--route-ttl`).
+    pub route_ttl: Duration,
+}
+
+/// The actor.
+pub(crate) struct RouteSync {
+    store: Arc<dyn ClusterStore>,
+    peer: PeerOptions,
+    registry: Addr<Registry>,
+    bind_host: String,
+    forwards: Forwards,
+    links: PeerLinks,
+    lease: Option<i64>,
+    /// This server's published routes: service → port.
+    published: HashMap<String, u16>,
+    busy: bool,
+}
+
+impl Actor for RouteSync {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(TICK, |act, ctx| act.tick(ctx));
+    }
+}
+
+impl RouteSync {
+    /// Starts following the cluster's routes.
+    pub(crate) fn start(
+        store: Arc<dyn ClusterStore>,
+        peer: PeerOptions,
+        registry: Addr<Registry>,
+        bind_host: String,
+        forwards: Forwards,
+    ) -> Addr<Self> {
+        let links = PeerLinks::new(peer.peer_token.clone());
+        Self {
+            store,
+            peer,
+            registry,
+            bind_host,
+            forwards,
+            links,
+            lease: None,
+            published: HashMap::new(),
+            busy: false,
+        }
+        .start()
+    }
+
+    /// One round: lease, publish, read, forward. Rounds never overlap.
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        if self.busy {
+            return;
+        }
+        self.busy = true;
+        let (store, registry) = (self.store.clone(), self.registry.clone());
+        let (peer, lease) = (self.peer.clone(), self.lease);
+        let published = self.published.clone();
+        let round = async move {
+            let tunnels = registry.send(ListTunnels).await.unwrap_or_default();
+            let local: HashMap<String, u16> = (tunnels.iter())
+                .flat_map(|t| t.services.iter())
+                .filter(|s| s.protocol == ServiceProtocol::Tcp)
+                .map(|s| (s.name.clone(), s.port))
+                .collect();
+            let renewed = keep(&*store, lease, peer.route_ttl).await?;
+            // under a new lease (the old one expired) every route again
+            let published = if Some(renewed) == lease {
+                published
+            } else {
+                HashMap::new()
+            };
+            let lease = renewed;
+            publish(&*store, &peer, lease, &published, &local).await?;
+            let routes = store.routes().await?;
+            Ok::<_, crate::cluster::StoreError>((lease, local, routes))
+        };
+        ctx.spawn(round.into_actor(self).map(|result, act, _| {
+            act.busy = false;
+            match result {
+                Ok((lease, local, routes)) => {
+                    act.lease = Some(lease);
+                    act.follow(&local, &routes);
+                    act.published = local;
+                }
+                Err(error) => {
+                    act.lease = None;
+                    tracing::debug!(%error, "cluster store: routes not followed this round");
+                }
+            }
+        }));
+    }
+
+    /// Opens a forward for each service routed only elsewhere; closes those
+    /// registered here now or routed nowhere.
+    fn follow(&mut self, local: &HashMap<String, u16>, routes: &[Route]) {
+        let me = &self.peer.server_id;
+        let remote: Vec<&Route> = routes.iter().filter(|r| &r.server != me).collect();
+        let wanted: HashSet<u16> = (remote.iter())
+            .filter(|r| !local.contains_key(&r.service))
+            .map(|r| r.port)
+            .collect();
+        self.forwards.retain(|port| wanted.contains(port));
+        for route in remote.iter().filter(|r| wanted.contains(&r.port)) {
+            if self.forwards.contains(route.port) {
+                self.links.set_routes(route.port, &remote);
+                continue;
+            }
+            self.links.set_routes(route.port, &remote);
+            match forward::open(&self.bind_host, route, &self.links) {
+                Ok(cancel) => {
+                    tracing::info!(service = %route.service, port = route.port, via = %route.server, "forwarding public port to a peer");
+                    self.forwards.insert(route.port, cancel);
+                }
+                Err(error) => {
+                    tracing::warn!(service = %route.service, port = route.port, %error, "cannot forward public port")
+                }
+            }
+        }
+    }
+}
+
+/// The server's lease: kept alive, or a new one if it expired or is none.
+async fn keep(
+    store: &dyn ClusterStore,
+    lease: Option<i64>,
+    ttl: Duration,
+) -> Result<i64, crate::cluster::StoreError> {
+    if let Some(lease) = lease
+        && store.keep_lease(lease).await?
+    {
+        return Ok(lease);
+    }
+    store.grant_lease(ttl).await
+}
+
+/// Publishes the routes of `local` (all of them under a new lease, the new
+/// ones otherwise) and withdraws those of `published` gone from it.
+async fn publish(
+    store: &dyn ClusterStore,
+    peer: &PeerOptions,
+    lease: i64,
+    published: &HashMap<String, u16>,
+    local: &HashMap<String, u16>,
+) -> Result<(), crate::cluster::StoreError> {
+    for (service, port) in local {
+        if published.get(service) == Some(port) {
+            continue;
+        }
+        let route = Route {
+            server: peer.server_id.clone(),
+            advertise: peer.advertise.clone(),
+            service: service.clone(),
+            port: *port,
+        };
+        store.publish_route(lease, route).await?;
+    }
+    for service in published.keys().filter(|s| !local.contains_key(*s)) {
+        store.withdraw_route(&peer.server_id, service).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,146 @@
+//! A forward: a service's public port on a server with no registration of
+//! it. Each visitor goes, as an access stream, through a peer link (an access
+//! link to a peer's advertised URL, with the cluster's peer token) to a
+//! server that has one, each in turn.
+
+use std::sync::Mutex;
+
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::accounting::CounterSet;
+use crate::actors::TunnelAgent;
+use crate::actors::agent_connection::OpenStream;
+use crate::actors::io::runtime;
+use crate::actors::service_listener::ServiceListener;
+use crate::auth::Secret;
+use crate::config::TunnelClientConfig;
+
+/// How long a visitor waits for a new peer link to connect.
+const LINK_WAIT: Duration = Duration::from_secs(3);
+
+/// The peer links, one per peer, and the routes of each forwarded port.
+#[derive(Clone)]
+pub(super) struct PeerLinks {
+    token: Secret,
+    inner: Arc<Mutex<Inner>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// By advertised URL.
+    links: HashMap<String, TunnelAgent>,
+    /// By forwarded port: the peers' URLs and the service's name.
+    routes: HashMap<u16, Vec<(String, String)>>,
+    turn: usize,
+}
+
+impl PeerLinks {
+    pub(super) fn new(token: Secret) -> Self {
+        Self {
+            token,
+            inner: Arc::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The peers that route `port` now.
+    pub(super) fn set_routes(&self, port: u16, remote: &[&Route]) {
+        let peers = (remote.iter())
+            .filter(|r| r.port == port)
+            .map(|r| (r.advertise.clone(), r.service.clone()))
+            .collect();
+        self.lock().routes.insert(port, peers);
+    }
+
+    /// The next peer for a visitor of `port` (each in turn), its link
+    /// started if it was not, and the service's name.
+    fn pick(&self, port: u16) -> Option<(TunnelAgent, String)> {
+        let mut inner = self.lock();
+        let peers = inner.routes.get(&port)?.clone();
+        if peers.is_empty() {
+            return None;
+        }
+        inner.turn = inner.turn.wrapping_add(1);
+        let (url, service) = peers[inner.turn % peers.len()].clone();
+        let link = inner
+            .links
+            .entry(url.clone())
+            .or_insert_with(|| start_link(&url, &self.token))
+            .clone();
+        Some((link, service))
+    }
+}
+
+/// A peer link: an access link that reconnects on its own.
+fn start_link(url: &str, token: &Secret) -> TunnelAgent {
+    let link = TunnelAgent::new(TunnelClientConfig::new(url, token.expose()));
+    let runner = link.clone();
+    let url = url.to_owned();
+    runtime::arbiter().spawn(async move {
+        if let Err(error) = runner.run().await {
+            tracing::error!(peer = %url, %error, "peer link failed");
+        }
+    });
+    link
+}
+
+/// Listens on `route.port` and forwards its visitors until the token fires.
+pub(super) fn open(
+    host: &str,
+    route: &Route,
+    links: &PeerLinks,
+) -> std::io::Result<CancellationToken> {
+    let listener = ServiceListener::bind(host, route.port)?;
+    let close = CancellationToken::new();
+    let (links, closed, port) = (links.clone(), close.clone(), route.port);
+    actix::spawn(async move {
+        loop {
+            tokio::select! {
+                () = closed.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((socket, _)) => pass(&links, port, socket),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                },
+            }
+        }
+    });
+    Ok(close)
+}
+
+/// Sends a visitor to a peer (once its link is up); closed if none can take it.
+fn pass(links: &PeerLinks, port: u16, socket: tokio::net::TcpStream) {
+    let Some((link, service)) = links.pick(port) else {
+        return;
+    };
+    // the stream outlives the forward (closed when a registration here takes
+    // the port over): it ends when either side does
+    let cancel = CancellationToken::new();
+    actix::spawn(async move {
+        let deadline = tokio::time::Instant::now() + LINK_WAIT;
+        while !matches!(
+            link.status().state,
+            crate::status::TunnelState::Connected { .. }
+        ) {
+            if tokio::time::Instant::now() >= deadline {
+                return tracing::warn!(port, "no peer link up in time; visitor closed");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let open = OpenStream {
+            socket,
+            service,
+            target: String::new(),
+            counters: CounterSet::new(Vec::new()),
+            cancel,
+        };
+        if !link.open_stream(open) {
+            tracing::warn!(port, "the peer link is not running; visitor closed");
+        }
+    });
+}
