@@ -97,6 +97,38 @@ impl Drop for Etcd {
     }
 }
 
+/// Starts etcd member `name` of the cluster `initial` (`m1=URL,m2=URL,...`).
+fn member(
+    dir: &std::path::Path,
+    name: &str,
+    client_port: u16,
+    peer_port: u16,
+    initial: &str,
+) -> Child {
+    let client = format!("http://127.0.0.1:{client_port}");
+    let peer = format!("http://127.0.0.1:{peer_port}");
+    Command::new("etcd")
+        .args(["--name", name, "--data-dir"])
+        .arg(dir)
+        .args([
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+        ])
+        .args(["--initial-cluster", initial])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcd (Debian's etcd-server; `bash .ci/run` installs it)")
+}
+
 /// True when etcd at `port` says it is healthy.
 async fn healthy(port: u16) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -428,4 +460,61 @@ async fn any_server_answers_any_visitor_and_a_dead_one_stops_being_routed_to() {
     };
     wait_until("server 3 routes to server 2 alone", all_served).await;
     assert!(echoes(([127, 0, 0, 2], port).into(), 30, 1 << 20).await);
+}
+
+/// A three-member etcd on loopback, one member killed: the tunnels, a new
+/// token and a new service's port go on through the other two.
+#[actix_web::test]
+async fn one_etcd_member_of_three_lost_changes_nothing() {
+    let clients = free_ports(3).0;
+    let peers = free_ports(3).0;
+    let initial = (0..3)
+        .map(|i| format!("m{i}=http://127.0.0.1:{}", peers + i))
+        .collect::<Vec<_>>()
+        .join(",");
+    let base = std::env::temp_dir().join(format!("zlt-etcd3-{}-{clients}", std::process::id()));
+    let mut members: Vec<Child> = (0..3)
+        .map(|i| {
+            member(
+                &base.join(i.to_string()),
+                &format!("m{i}"),
+                clients + i,
+                peers + i,
+                &initial,
+            )
+        })
+        .collect();
+    for i in 0..3 {
+        let port = clients + i;
+        wait_until("the member answers /health", || async move {
+            healthy(port).await
+        })
+        .await;
+    }
+    let endpoints = (0..3)
+        .map(|i| format!("http://127.0.0.1:{}", clients + i))
+        .collect::<Vec<_>>()
+        .join(",");
+    token_command(&["add", "--etcd", &endpoints, "--token", "three-token"]);
+    let range = free_ports(2);
+    let (mut server, url) = server_on(&endpoints, "127.0.0.1", range);
+    let local = common::services::echo().await;
+    let mut first = named_agent(&url, "three-token", "first", local);
+    let port = first.registered_port();
+
+    let _ = members[0].kill();
+    let _ = members[0].wait();
+    common::echo_through(([127, 0, 0, 1], port).into(), 40, 1 << 20).await;
+    token_command(&["add", "--etcd", &endpoints, "--token", "later-token"]);
+    // (its watch may have been on the lost member: the server watches anew)
+    server.wait_for("tokens read tokens=2");
+    let mut second = named_agent(&url, "later-token", "second", local);
+    let other = second.registered_port();
+    assert_ne!(other, port);
+    common::echo_through(([127, 0, 0, 1], other).into(), 41, 1 << 20).await;
+    for member in &mut members {
+        let _ = member.kill();
+        let _ = member.wait();
+    }
+    let _ = std::fs::remove_dir_all(&base);
 }

@@ -3,6 +3,8 @@
 //! call is bounded by a request timeout, so an unreachable etcd is an error
 //! within seconds, never a hang.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use etcd_client::{
@@ -36,10 +38,14 @@ pub struct EtcdOptions {
     pub ca_pem: Option<Vec<u8>>,
 }
 
-/// A handle to the cluster's etcd.
+/// A handle to the cluster's etcd: a client per member, the one in use
+/// replaced by the next whenever etcd cannot be asked through it (the
+/// `etcd-client` crate's own balancer keeps sending requests to a member
+/// that is gone: etcd-client#39).
 #[derive(Clone)]
 pub struct EtcdStore {
-    client: Client,
+    clients: Arc<[Client]>,
+    current: Arc<AtomicUsize>,
     keys: ClusterKeys,
 }
 
@@ -69,13 +75,52 @@ impl EtcdStore {
             let ca = etcd_client::Certificate::from_pem(pem);
             connect = connect.with_tls(etcd_client::TlsOptions::new().ca_certificate(ca));
         }
-        let client = Client::connect(&options.endpoints, Some(connect))
-            .await
-            .map_err(unreachable)?;
+        let mut clients = Vec::with_capacity(options.endpoints.len());
+        for endpoint in &options.endpoints {
+            // one endpoint: connected lazily, so a member down now is no error
+            let client = Client::connect([endpoint], Some(connect.clone()))
+                .await
+                .map_err(unreachable)?;
+            clients.push(client);
+        }
         Ok(Self {
-            client,
+            clients: clients.into(),
+            current: Arc::default(),
             keys: options.keys,
         })
+    }
+
+    /// The client of the member in use.
+    fn client(&self) -> Client {
+        let i = self.current.load(Ordering::Relaxed) % self.clients.len().max(1);
+        self.clients[i].clone()
+    }
+
+    /// etcd could not be asked through the member in use: the next one is
+    /// used from now on; the error as the store's.
+    fn lost(&self, e: etcd_client::Error) -> StoreError {
+        if self.clients.len() > 1 {
+            self.current.fetch_add(1, Ordering::Relaxed);
+        }
+        unreachable(e)
+    }
+
+    /// Every key under `prefix`, with its value.
+    async fn under(
+        &self,
+        client: &mut Client,
+        prefix: String,
+    ) -> Result<etcd_client::GetResponse, StoreError> {
+        let options = GetOptions::new().with_prefix();
+        client
+            .get(prefix, Some(options))
+            .await
+            .map_err(|e| self.lost(e))
+    }
+
+    /// How many members there are to try.
+    fn members(&self) -> usize {
+        self.clients.len()
     }
 
     /// The cluster's keys.
@@ -99,7 +144,10 @@ impl EtcdStore {
         name: &str,
     ) -> Result<Option<PortLease>, StoreError> {
         let key = self.keys.service(name);
-        let found = client.get(key.clone(), None).await.map_err(unreachable)?;
+        let found = client
+            .get(key.clone(), None)
+            .await
+            .map_err(|e| self.lost(e))?;
         let Some(kv) = found.kvs().first() else {
             return Ok(None);
         };
@@ -120,7 +168,7 @@ impl EtcdStore {
         let found = client
             .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
             .await
-            .map_err(unreachable)?;
+            .map_err(|e| self.lost(e))?;
         let ports = found.kvs().iter().filter_map(|kv| {
             let port = kv.key().get(prefix.len()..)?;
             let port = std::str::from_utf8(port).ok()?.parse().ok()?;
@@ -161,7 +209,7 @@ impl EtcdStore {
         let lease = client
             .lease_grant(ttl, None)
             .await
-            .map_err(unreachable)?
+            .map_err(|e| self.lost(e))?
             .id();
         let (service_key, port_key) = (self.keys.service(&claim.name), self.keys.port(port));
         let entry = serde_json::to_vec(&ServicePort { port, lease }).unwrap_or_default();
@@ -175,22 +223,13 @@ impl EtcdStore {
                 TxnOp::put(service_key, entry, with_lease()),
                 TxnOp::put(port_key, claim.name.clone(), with_lease()),
             ]);
-        if client.txn(txn).await.map_err(unreachable)?.succeeded() {
+        if client.txn(txn).await.map_err(|e| self.lost(e))?.succeeded() {
             return Ok(Some(PortLease { port, lease }));
         }
         // lost the race: the lease holds nothing; give it back
         let _ = client.lease_revoke(lease).await;
         Ok(None)
     }
-}
-
-/// Every key under `prefix`, with its value.
-async fn under(
-    client: &mut Client,
-    prefix: String,
-) -> Result<etcd_client::GetResponse, StoreError> {
-    let options = GetOptions::new().with_prefix();
-    client.get(prefix, Some(options)).await.map_err(unreachable)
 }
 
 /// An etcd error as the store's: etcd could not be asked.
@@ -200,11 +239,21 @@ fn unreachable(e: etcd_client::Error) -> StoreError {
 
 impl ClusterStore for EtcdStore {
     fn lease_port(&self, claim: PortClaim) -> BoxFuture<'_, Result<PortLease, LeaseError>> {
-        let mut client = self.client.clone();
+        let mut client = self.client();
         Box::pin(async move {
+            let mut retried = 0;
             for _ in 0..LEASE_TRIES {
-                if let Some(lease) = self.try_lease(&mut client, &claim).await? {
-                    return Ok(lease);
+                match self.try_lease(&mut client, &claim).await {
+                    Ok(Some(lease)) => return Ok(lease),
+                    Ok(None) => {}
+                    // through the next member, each once
+                    Err(LeaseError::Store(StoreError::Unreachable(_)))
+                        if retried + 1 < self.members() =>
+                    {
+                        retried += 1;
+                        client = self.client();
+                    }
+                    Err(e) => return Err(e),
                 }
             }
             Err(LeaseError::Store(StoreError::Unreachable(format!(
@@ -214,16 +263,19 @@ impl ClusterStore for EtcdStore {
     }
 
     fn grant_lease(&self, ttl: Duration) -> BoxFuture<'_, Result<i64, StoreError>> {
-        let mut client = self.client.clone();
+        let mut client = self.client();
         Box::pin(async move {
             let ttl = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
-            let granted = client.lease_grant(ttl, None).await.map_err(unreachable)?;
+            let granted = client
+                .lease_grant(ttl, None)
+                .await
+                .map_err(|e| self.lost(e))?;
             Ok(granted.id())
         })
     }
 
     fn publish_route(&self, lease: i64, route: Route) -> BoxFuture<'_, Result<(), StoreError>> {
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let key = self.keys.route(&route.server, &route.service);
         Box::pin(async move {
             let value = serde_json::to_vec(&route).unwrap_or_default();
@@ -231,25 +283,25 @@ impl ClusterStore for EtcdStore {
             client
                 .put(key, value, Some(options))
                 .await
-                .map_err(unreachable)?;
+                .map_err(|e| self.lost(e))?;
             Ok(())
         })
     }
 
     fn withdraw_route(&self, server: &str, service: &str) -> BoxFuture<'_, Result<(), StoreError>> {
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let key = self.keys.route(server, service);
         Box::pin(async move {
-            client.delete(key, None).await.map_err(unreachable)?;
+            client.delete(key, None).await.map_err(|e| self.lost(e))?;
             Ok(())
         })
     }
 
     fn routes(&self) -> BoxFuture<'_, Result<Vec<Route>, StoreError>> {
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let prefix = self.keys.routes();
         Box::pin(async move {
-            let found = under(&mut client, prefix).await?;
+            let found = self.under(&mut client, prefix).await?;
             let routes = found
                 .kvs()
                 .iter()
@@ -259,21 +311,23 @@ impl ClusterStore for EtcdStore {
     }
 
     fn keep_lease(&self, lease: i64) -> BoxFuture<'_, Result<bool, StoreError>> {
-        let mut client = self.client.clone();
+        let mut client = self.client();
         Box::pin(async move {
-            let (mut keeper, mut answers) =
-                client.lease_keep_alive(lease).await.map_err(unreachable)?;
-            keeper.keep_alive().await.map_err(unreachable)?;
-            let answer = answers.message().await.map_err(unreachable)?;
+            let (mut keeper, mut answers) = client
+                .lease_keep_alive(lease)
+                .await
+                .map_err(|e| self.lost(e))?;
+            keeper.keep_alive().await.map_err(|e| self.lost(e))?;
+            let answer = answers.message().await.map_err(|e| self.lost(e))?;
             Ok(answer.is_some_and(|a| a.ttl() > 0))
         })
     }
 
     fn tokens(&self) -> BoxFuture<'_, Result<Vec<StoredToken>, StoreError>> {
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let prefix = self.keys.tokens();
         Box::pin(async move {
-            let found = under(&mut client, prefix).await?;
+            let found = self.under(&mut client, prefix).await?;
             let mut tokens = Vec::with_capacity(found.kvs().len());
             for kv in found.kvs() {
                 let key = String::from_utf8_lossy(kv.key());
@@ -287,22 +341,22 @@ impl ClusterStore for EtcdStore {
     }
 
     fn put_token(&self, token: StoredToken) -> BoxFuture<'_, Result<(), StoreError>> {
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let key = self.keys.token(&token.hash);
         Box::pin(async move {
             client
                 .put(key, token.to_value(), None)
                 .await
-                .map_err(unreachable)?;
+                .map_err(|e| self.lost(e))?;
             Ok(())
         })
     }
 
     fn revoke_token(&self, hash: &str) -> BoxFuture<'_, Result<bool, StoreError>> {
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let key = self.keys.token(&hash.to_ascii_lowercase());
         Box::pin(async move {
-            let deleted = client.delete(key, None).await.map_err(unreachable)?;
+            let deleted = client.delete(key, None).await.map_err(|e| self.lost(e))?;
             Ok(deleted.deleted() > 0)
         })
     }
@@ -310,14 +364,14 @@ impl ClusterStore for EtcdStore {
     fn watch_tokens(
         &self,
     ) -> BoxFuture<'_, Result<BoxStream<'static, Result<(), StoreError>>, StoreError>> {
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let prefix = self.keys.tokens();
         Box::pin(async move {
             let options = WatchOptions::new().with_prefix();
             let stream = client
                 .watch(prefix, Some(options))
                 .await
-                .map_err(unreachable)?;
+                .map_err(|e| self.lost(e))?;
             let changes = stream.filter_map(|response| async move {
                 match response {
                     // the first answer (created) changes nothing; a change has events

@@ -67,10 +67,12 @@ async fn open(_: &StoreArgs) -> anyhow::Result<Arc<dyn ClusterStore>> {
     )
 }
 
-/// Runs `work` with the store `args` names, on a runtime of its own.
+/// Runs `work` with the store `args` names, on a runtime of its own; again,
+/// twice at most, if the store could not be asked (an etcd member just lost
+/// may still be sent the first request; the client moves to the others).
 fn with_store<T>(
     args: &StoreArgs,
-    work: impl AsyncFnOnce(&dyn ClusterStore) -> anyhow::Result<T>,
+    work: impl AsyncFn(&dyn ClusterStore) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
     if args.etcd.is_empty() {
         bail!("give the cluster's store: --etcd URL");
@@ -80,8 +82,25 @@ fn with_store<T>(
         .build()?;
     runtime.block_on(async {
         let store = open(args).await?;
-        work(&*store).await
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match work(&*store).await {
+                Err(e) if tries < 3 && unreachable(&e) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                done => return done,
+            }
+        }
     })
+}
+
+/// True when `error` is the store's being unreachable.
+fn unreachable(error: &anyhow::Error) -> bool {
+    matches!(
+        error.downcast_ref::<zlayer_tunnel::StoreError>(),
+        Some(zlayer_tunnel::StoreError::Unreachable(_))
+    )
 }
 
 /// The hash of the token `which` names: `--hash`, or `--token` or stdin hashed.
@@ -121,8 +140,8 @@ pub(crate) fn add_token(
     };
     let token = StoredToken::new(&token_hash(which)?, scope).context("--hash")?;
     let hash = token.hash.clone();
-    with_store(args, async move |store| {
-        store.put_token(token).await?;
+    with_store(args, async |store| {
+        store.put_token(token.clone()).await?;
         println!("{hash}");
         Ok(())
     })
@@ -131,7 +150,7 @@ pub(crate) fn add_token(
 /// `zlayer-tunnel token revoke`: removes the token; its tunnels close.
 pub(crate) fn revoke_token(args: &StoreArgs, which: &TokenArg) -> anyhow::Result<()> {
     let hash = token_hash(which)?;
-    with_store(args, async move |store| {
+    with_store(args, async |store| {
         if !store.revoke_token(&hash).await? {
             bail!("no token with hash {hash} in the store");
         }
