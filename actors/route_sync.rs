@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
+use super::TunnelRegistry;
 use super::handles::forwards::Forwards;
-use super::registry::ListTunnels;
-use super::registry::Registry;
+use crate::accounting::Counters;
 use crate::cluster::{ClusterStore, Route};
 use crate::protocol::ServiceProtocol;
 
@@ -44,9 +44,11 @@ pub struct PeerOptions {
 pub(crate) struct RouteSync {
     store: Arc<dyn ClusterStore>,
     peer: PeerOptions,
-    registry: Addr<Registry>,
+    registry: TunnelRegistry,
     bind_host: String,
     forwards: Forwards,
+    /// The forwarded ports' services and traffic, for `/status`.
+    forwarded: HashMap<u16, (String, Arc<Counters>)>,
     links: PeerLinks,
     lease: Option<i64>,
     /// This server's published routes: service → port.
@@ -67,7 +69,7 @@ impl RouteSync {
     pub(crate) fn start(
         store: Arc<dyn ClusterStore>,
         peer: PeerOptions,
-        registry: Addr<Registry>,
+        registry: TunnelRegistry,
         bind_host: String,
         forwards: Forwards,
     ) -> Addr<Self> {
@@ -78,6 +80,7 @@ impl RouteSync {
             registry,
             bind_host,
             forwards,
+            forwarded: HashMap::new(),
             links,
             lease: None,
             published: HashMap::new(),
@@ -96,7 +99,7 @@ impl RouteSync {
         let (peer, lease) = (self.peer.clone(), self.lease);
         let published = self.published.clone();
         let round = async move {
-            let tunnels = registry.send(ListTunnels).await.unwrap_or_default();
+            let tunnels = registry.list_tunnels().await;
             let local: HashMap<String, u16> = (tunnels.iter())
                 .flat_map(|t| t.services.iter())
                 .filter(|s| s.protocol == ServiceProtocol::Tcp)
@@ -121,6 +124,7 @@ impl RouteSync {
                     act.lease = Some(lease);
                     act.follow(&local, &routes);
                     act.published = local;
+                    act.report(routes);
                 }
                 Err(error) => {
                     act.lease = None;
@@ -140,22 +144,46 @@ impl RouteSync {
             .map(|r| r.port)
             .collect();
         self.forwards.retain(|port| wanted.contains(port));
+        self.forwarded.retain(|port, _| wanted.contains(port));
         for route in remote.iter().filter(|r| wanted.contains(&r.port)) {
             if self.forwards.contains(route.port) {
                 self.links.set_routes(route.port, &remote);
                 continue;
             }
             self.links.set_routes(route.port, &remote);
-            match forward::open(&self.bind_host, route, &self.links) {
+            let counters = Arc::new(Counters::new());
+            match forward::open(&self.bind_host, route, &self.links, counters.clone()) {
                 Ok(cancel) => {
                     tracing::info!(service = %route.service, port = route.port, via = %route.server, "forwarding public port to a peer");
                     self.forwards.insert(route.port, cancel);
+                    self.forwarded
+                        .insert(route.port, (route.service.clone(), counters));
                 }
                 Err(error) => {
                     tracing::warn!(service = %route.service, port = route.port, %error, "cannot forward public port")
                 }
             }
         }
+    }
+}
+
+impl RouteSync {
+    /// What `/status` and `/metrics` say of the routes and forwards.
+    fn report(&self, routes: Vec<Route>) {
+        let mut forwards: Vec<crate::status::ForwardStatus> = (self.forwarded.iter())
+            .map(|(port, (service, counters))| crate::status::ForwardStatus {
+                port: *port,
+                service: service.clone(),
+                stats: counters.snapshot(),
+            })
+            .collect();
+        forwards.sort_by_key(|f| f.port);
+        let server_id = self.peer.server_id.clone();
+        self.registry.update_cluster(|c| {
+            c.server_id = Some(server_id);
+            c.routes = routes;
+            c.forwards = forwards;
+        });
     }
 }
 

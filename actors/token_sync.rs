@@ -13,7 +13,8 @@ use std::time::Duration;
 use actix::prelude::*;
 use futures::StreamExt;
 
-use super::registry::{CloseTokens, Registry};
+use super::TunnelRegistry;
+use super::registry::CloseTokens;
 use crate::auth::{LiveTokens, TokenStore};
 use crate::backoff::Backoff;
 use crate::cluster::{ClusterStore, StoreError, StoredToken, merged_tokens, revoked};
@@ -32,7 +33,7 @@ struct Follower {
     live: LiveTokens,
     /// The tokens of the flags and files, always accepted.
     fixed: TokenStore,
-    registry: Addr<Registry>,
+    registry: TunnelRegistry,
     /// The store's tokens as last read (`None`: not yet).
     last: Option<Vec<StoredToken>>,
     /// The last read succeeded and no error came since.
@@ -55,7 +56,7 @@ impl TokenSync {
         store: Arc<dyn ClusterStore>,
         live: LiveTokens,
         fixed: TokenStore,
-        registry: Addr<Registry>,
+        registry: TunnelRegistry,
     ) -> Addr<Self> {
         let follower = Follower {
             store,
@@ -88,6 +89,9 @@ async fn follow(mut follower: Follower) {
             backoff.reset();
         }
         follower.reachable = false;
+        follower
+            .registry
+            .update_cluster(|c| c.store_reachable = false);
         let jitter = u64::from(uuid::Uuid::new_v4().as_fields().0);
         tokio::time::sleep(backoff.next_delay(jitter)).await;
     }
@@ -122,6 +126,11 @@ impl Follower {
             tracing::info!("cluster store reachable again; tokens followed");
         }
         self.reachable = true;
+        let count = stored.len();
+        self.registry.update_cluster(|c| {
+            c.store_reachable = true;
+            c.stored_tokens = count;
+        });
         self.apply(stored);
         Ok(())
     }
@@ -146,7 +155,7 @@ impl Follower {
                     tokens = stored.len(),
                     "cluster store: tokens revoked; their tunnels close"
                 );
-                self.registry.do_send(CloseTokens {
+                self.registry.addr().do_send(CloseTokens {
                     hashes,
                     reason: REVOKED.into(),
                 });

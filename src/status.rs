@@ -66,6 +66,115 @@ pub struct StatusReport<'a> {
     /// Connections awaiting authentication, and what the admission limits
     /// turned away.
     pub guards: GuardSnapshot,
+    /// The cluster, for a server of one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// A server's view of its cluster (docs/CLUSTER.md), for `/status` and
+/// `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ClusterStatus {
+    /// This server's id among its peers (none: it has no peer token).
+    pub server_id: Option<String>,
+    /// The store answered the last time it was asked.
+    pub store_reachable: bool,
+    /// Tokens read from the store.
+    pub stored_tokens: usize,
+    /// Every server's routes, as last read.
+    pub routes: Vec<crate::cluster::Route>,
+    /// Public ports this server forwards to its peers, with their traffic.
+    pub forwards: Vec<ForwardStatus>,
+}
+
+/// A public port forwarded to peers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ForwardStatus {
+    /// The port.
+    pub port: u16,
+    /// Its service.
+    pub service: String,
+    /// Visitors' streams through peer links, now and in all.
+    pub stats: Snapshot,
+}
+
+impl ClusterStatus {
+    /// The servers seen in the routes (this one too if it routes anything).
+    pub fn servers(&self) -> Vec<&str> {
+        let mut servers: Vec<&str> = self.routes.iter().map(|r| r.server.as_str()).collect();
+        servers.sort_unstable();
+        servers.dedup();
+        servers
+    }
+}
+
+/// The cluster's lines of `/metrics`.
+///
+/// ```
+/// let text = zlayer_tunnel::status::render_cluster_metrics(&Default::default());
+/// assert!(text.contains("zlayer_tunnel_cluster_store_reachable 0\n"));
+/// ```
+pub fn render_cluster_metrics(cluster: &ClusterStatus) -> String {
+    let mut out = String::new();
+    let count = |n: usize| n as u64;
+    gauge(
+        &mut out,
+        "zlayer_tunnel_cluster_store_reachable",
+        "1 if the cluster's store answered when last asked.",
+        u64::from(cluster.store_reachable),
+    );
+    gauge(
+        &mut out,
+        "zlayer_tunnel_cluster_stored_tokens",
+        "Tokens read from the cluster's store.",
+        count(cluster.stored_tokens),
+    );
+    gauge(
+        &mut out,
+        "zlayer_tunnel_cluster_servers",
+        "Servers of the cluster seen in its routes.",
+        count(cluster.servers().len()),
+    );
+    gauge(
+        &mut out,
+        "zlayer_tunnel_cluster_routes",
+        "Routes of the cluster (a server with a link for a service).",
+        count(cluster.routes.len()),
+    );
+    gauge(
+        &mut out,
+        "zlayer_tunnel_cluster_forwarded_ports",
+        "Public ports this server forwards to its peers.",
+        count(cluster.forwards.len()),
+    );
+    let per_port = [
+        (
+            "zlayer_tunnel_cluster_forwarded_streams",
+            "gauge",
+            "Visitors' streams through peer links, open now.",
+        ),
+        (
+            "zlayer_tunnel_cluster_forwarded_streams_total",
+            "counter",
+            "Visitors' streams through peer links since start.",
+        ),
+    ];
+    for (name, kind, help) in per_port {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for forward in &cluster.forwards {
+            let value = match kind {
+                "gauge" => forward.stats.connections_active,
+                _ => forward.stats.connections_total,
+            };
+            let service = escape(&forward.service);
+            let _ = writeln!(
+                out,
+                "{name}{{service=\"{service}\",port=\"{}\"}} {value}",
+                forward.port
+            );
+        }
+    }
+    out
 }
 
 /// A service as its visitors see it: one public port, and the agents'
@@ -526,6 +635,7 @@ mod tests {
     fn status_is_json_with_unix_times() {
         let tunnels = [tunnel()];
         let json = serde_json::to_value(StatusReport {
+            cluster: None,
             tunnels: &tunnels,
             services: replicas(&tunnels),
             free_ports: 0,

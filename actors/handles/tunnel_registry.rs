@@ -9,7 +9,7 @@ use actix::prelude::*;
 use crate::accounting::{GuardCounters, GuardSnapshot};
 use crate::actors::io::runtime;
 use crate::actors::registry::{CloseAll, CountFreePorts, ListTunnels, Registry};
-use crate::status::TunnelInfo;
+use crate::status::{ClusterStatus, TunnelInfo};
 
 /// The server's registry of tunnels and public ports (the seed's type): a
 /// handle to the registry actor, which runs on the library's runtime thread.
@@ -18,6 +18,8 @@ pub struct TunnelRegistry {
     addr: Addr<Registry>,
     range: (u16, u16),
     guards: Arc<GuardCounters>,
+    /// The cluster as its followers last saw it (a server of one).
+    cluster: Arc<std::sync::Mutex<Option<ClusterStatus>>>,
 }
 
 impl TunnelRegistry {
@@ -29,6 +31,7 @@ impl TunnelRegistry {
             addr,
             range,
             guards: Arc::default(),
+            cluster: Arc::default(),
         }
     }
 
@@ -68,6 +71,23 @@ impl TunnelRegistry {
     /// Number of free public ports.
     pub async fn available_ports(&self) -> usize {
         self.addr.send(CountFreePorts).await.unwrap_or(0)
+    }
+
+    /// The cluster as this server sees it; none: not a server of one.
+    pub fn cluster_status(&self) -> Option<ClusterStatus> {
+        self.cluster
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Updates what `/status` and `/metrics` say of the cluster.
+    pub(crate) fn update_cluster(&self, update: impl FnOnce(&mut ClusterStatus)) {
+        let mut cluster = self
+            .cluster
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        update(cluster.get_or_insert_with(ClusterStatus::default));
     }
 
     pub(crate) fn addr(&self) -> &Addr<Registry> {

@@ -30,6 +30,7 @@ impl AdminSource for TunnelRegistry {
                 services: crate::status::replicas(&tunnels),
                 free_ports,
                 guards: self.guards(),
+                cluster: self.cluster_status(),
             };
             serde_json::to_value(report).unwrap_or_default()
         })
@@ -40,6 +41,9 @@ impl AdminSource for TunnelRegistry {
             let tunnels = self.list_tunnels().await;
             let mut text = render_metrics(&tunnels, self.available_ports().await);
             text.push_str(&render_guard_metrics(&self.guards()));
+            if let Some(cluster) = self.cluster_status() {
+                text.push_str(&crate::status::render_cluster_metrics(&cluster));
+            }
             text
         })
     }

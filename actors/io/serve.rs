@@ -63,13 +63,13 @@ pub async fn serve(options: ServeOptions) -> std::io::Result<()> {
                 fixed = with_peer_token(fixed, &peer.peer_token);
             }
             let live = LiveTokens::new(fixed.clone());
-            TokenSync::start(store.clone(), live.clone(), fixed, registry.addr().clone());
+            TokenSync::start(store.clone(), live.clone(), fixed, (*registry).clone());
             let host = options.config.bind_host.clone();
             let handler =
                 ControlHandler::in_cluster(registry.clone(), options.config, live, store.clone());
             if let Some(peer) = options.peer {
                 let forwards = handler.forwards();
-                RouteSync::start(store, peer, registry.addr().clone(), host, forwards);
+                RouteSync::start(store, peer, (*registry).clone(), host, forwards);
             }
             handler
         }

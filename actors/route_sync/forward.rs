@@ -95,6 +95,7 @@ pub(super) fn open(
     host: &str,
     route: &Route,
     links: &PeerLinks,
+    counters: Arc<Counters>,
 ) -> std::io::Result<CancellationToken> {
     let listener = ServiceListener::bind(host, route.port)?;
     let close = CancellationToken::new();
@@ -104,7 +105,7 @@ pub(super) fn open(
             tokio::select! {
                 () = closed.cancelled() => return,
                 accepted = listener.accept() => match accepted {
-                    Ok((socket, _)) => pass(&links, port, socket),
+                    Ok((socket, _)) => pass(&links, port, socket, &counters),
                     Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                 },
             }
@@ -114,13 +115,14 @@ pub(super) fn open(
 }
 
 /// Sends a visitor to a peer (once its link is up); closed if none can take it.
-fn pass(links: &PeerLinks, port: u16, socket: tokio::net::TcpStream) {
+fn pass(links: &PeerLinks, port: u16, socket: tokio::net::TcpStream, counters: &Arc<Counters>) {
     let Some((link, service)) = links.pick(port) else {
         return;
     };
     // the stream outlives the forward (closed when a registration here takes
     // the port over): it ends when either side does
     let cancel = CancellationToken::new();
+    let counters = CounterSet::new(vec![counters.clone()]);
     actix::spawn(async move {
         let deadline = tokio::time::Instant::now() + LINK_WAIT;
         while !matches!(
@@ -136,7 +138,7 @@ fn pass(links: &PeerLinks, port: u16, socket: tokio::net::TcpStream) {
             socket,
             service,
             target: String::new(),
-            counters: CounterSet::new(Vec::new()),
+            counters,
             cancel,
         };
         if !link.open_stream(open) {
