@@ -134,6 +134,28 @@ pub enum LeaseError {
     },
 }
 
+/// The ports this server leased, by port (so at most one entry a port, the
+/// latest): while the store is unreachable, a service registering again here
+/// (a reconnecting agent) gets the port it had, as the store would give it.
+#[derive(Debug, Clone, Default)]
+pub struct KnownPorts {
+    by_port: std::collections::HashMap<u16, (String, PortLease)>,
+}
+
+impl KnownPorts {
+    /// Service `name` was given `lease`.
+    pub fn remember(&mut self, name: &str, lease: PortLease) {
+        self.by_port.insert(lease.port, (name.to_owned(), lease));
+    }
+
+    /// The port lease service `name` was last given here, if any.
+    pub fn of(&self, name: &str) -> Option<PortLease> {
+        (self.by_port.values())
+            .find(|(service, _)| service == name)
+            .map(|(_, lease)| *lease)
+    }
+}
+
 /// The port a claim gets, given the ports already leased in the cluster
 /// (`taken`, ascending or not): the one asked for if free, else the lowest
 /// free one of its ranges.
@@ -326,6 +348,15 @@ mod tests {
         assert_eq!(choose_port(&claim(0), &[100, 101, 102, 200]), None);
         assert_eq!(choose_port(&claim(150), &[100]), Some(150));
         assert_eq!(choose_port(&claim(100), &[100]), None);
+    }
+
+    #[test]
+    fn known_ports_keep_the_latest_service_of_each_port() {
+        let mut known = KnownPorts::default();
+        known.remember("a", PortLease { port: 1, lease: 10 });
+        known.remember("b", PortLease { port: 1, lease: 11 });
+        assert_eq!(known.of("a"), None);
+        assert_eq!(known.of("b"), Some(PortLease { port: 1, lease: 11 }));
     }
 
     #[test]

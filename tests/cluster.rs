@@ -285,17 +285,18 @@ async fn with_the_store_down_servers_keep_the_tokens_they_read() {
     etcd.kill();
     server.wait_for("tokens not followed");
     common::echo_through(([127, 0, 0, 1], port).into(), 3, 256 << 10).await;
-    // its token still opens a tunnel (a second agent: a replica)
-    let mut replica = Proc::spawn_with(&["agent", "--server", &url], |c| {
-        c.env("ZLAYER_TUNNEL_TOKEN", "kept-token");
-    });
-    replica.wait_for("authenticated");
+    // its token still opens a tunnel, and the service's port is the one the
+    // server last leased for it (a second agent of it: a replica)
+    let mut replica = named_agent(&url, "kept-token", "svc", local);
+    assert_eq!(replica.registered_port(), port);
+    server.wait_for("the service gets the port it was last leased here");
 
     // the store back: the server follows it again, no restart
     etcd.restart().await;
     server.wait_for("cluster store reachable again");
     token_command(&["revoke", "--etcd", &etcd.url, "--token", "kept-token"]);
     agent.wait_for("token was revoked");
+    replica.wait_for("token was revoked");
     let public_gone = || async move {
         tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
@@ -517,4 +518,48 @@ async fn one_etcd_member_of_three_lost_changes_nothing() {
         let _ = member.wait();
     }
     let _ = std::fs::remove_dir_all(&base);
+}
+
+/// `token add` reads the token from stdin; what is wrong is said plainly.
+#[actix_web::test]
+async fn token_commands_read_stdin_and_say_what_is_wrong() {
+    use std::io::Write as _;
+    let etcd = Etcd::start().await;
+    let mut add = Command::new(env!("CARGO_BIN_EXE_zlayer-tunnel"))
+        .args(["token", "add", "--etcd", &etcd.url, "--access", "db"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    add.stdin
+        .take()
+        .unwrap()
+        .write_all(b"piped-token\n")
+        .unwrap();
+    let out = add.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let hash = zlayer_tunnel::hash_token("piped-token");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), hash);
+    let listed = token_command(&["list", "--etcd", &etcd.url]);
+    assert!(
+        listed.contains(&format!("{hash} register=* access=db ports=*")),
+        "{listed}"
+    );
+
+    let failed = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_zlayer-tunnel"))
+            .arg("token")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let unknown = failed(&["revoke", "--etcd", &etcd.url, "--hash", &"0".repeat(64)]);
+    assert!(unknown.contains("no token with hash"), "{unknown}");
+    let bad = failed(&["add", "--etcd", &etcd.url, "--hash", "abc"]);
+    assert!(bad.contains("64 hex digits"), "{bad}");
+    let empty = failed(&["add", "--etcd", &etcd.url]);
+    assert!(empty.contains("no token"), "{empty}");
 }

@@ -3,7 +3,41 @@
 //! the service's tunnel lives.
 
 use super::*;
-use crate::cluster::{ClusterStore, PortClaim, PortLease};
+use crate::cluster::{ClusterStore, LeaseError, PortClaim, PortLease, StoreError};
+
+/// Service `claim.name`'s port: leased in the store, or, while the store is
+/// unreachable, the one last leased for it here (a reconnecting agent keeps
+/// its port through an outage); otherwise why not.
+pub(super) async fn lease(
+    store: &dyn ClusterStore,
+    claim: PortClaim,
+    shared: &ServerShared,
+) -> Result<PortLease, String> {
+    let (name, requested) = (claim.name.clone(), claim.requested);
+    let known = || {
+        shared
+            .known_ports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    match store.lease_port(claim).await {
+        Ok(lease) => {
+            known().remember(&name, lease);
+            Ok(lease)
+        }
+        Err(LeaseError::Store(error @ StoreError::Unreachable(_))) => {
+            let last = known()
+                .of(&name)
+                .filter(|l| requested == 0 || requested == l.port);
+            let Some(lease) = last else {
+                return Err(error.to_string());
+            };
+            tracing::warn!(service = %name, port = lease.port, %error, "cluster store unreachable; the service gets the port it was last leased here");
+            Ok(lease)
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
 
 /// A port the cluster gave a service must be in this server's range.
 pub(super) fn outside_range(port: u16, (low, high): (u16, u16)) -> Result<(), String> {

@@ -1,7 +1,7 @@
 //! The control channel's registrations: a public port from the registry, a
 //! listener bound on it, answers in order.
 
-use super::cluster::{keep_port, outside_range};
+use super::cluster::{keep_port, lease, outside_range};
 use super::*;
 
 impl Listener {
@@ -55,6 +55,7 @@ impl ControlChannel {
         let tunnel_cancel = tunnel.cancel.clone();
         let range = self.shared.config.data_port_range;
         let forwards = self.shared.forwards.clone();
+        let shared = self.shared.clone();
         // `wait` holds later frames until this answer is sent
         let service_name = name.clone();
         async move {
@@ -62,7 +63,7 @@ impl ControlChannel {
             let requested = match cluster {
                 Some((store, claim)) => {
                     let hold = claim.hold;
-                    let lease = store.lease_port(claim).await.map_err(|e| e.to_string())?;
+                    let lease = lease(&*store, claim, &shared).await?;
                     outside_range(lease.port, range)?;
                     actix::spawn(keep_port(store, lease, hold, tunnel_cancel));
                     lease.port

@@ -44,6 +44,8 @@ pub(crate) struct ServerShared {
     pub(crate) cluster: Option<Arc<dyn ClusterStore>>,
     /// Public ports forwarded to peers (a registration here takes one over).
     pub(crate) forwards: super::forwards::Forwards,
+    /// The ports leased here, for registrations while the store is away.
+    pub(crate) known_ports: std::sync::Mutex<crate::cluster::KnownPorts>,
 }
 
 impl ServerShared {
@@ -68,6 +70,7 @@ impl ServerShared {
             logs: std::sync::Mutex::default(),
             cluster,
             forwards: super::forwards::Forwards::default(),
+            known_ports: std::sync::Mutex::default(),
         }
     }
 
