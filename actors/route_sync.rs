@@ -179,10 +179,12 @@ impl RouteSync {
             .collect();
         forwards.sort_by_key(|f| f.port);
         let server_id = self.peer.server_id.clone();
+        let peer_links = self.links.report();
         self.registry.update_cluster(|c| {
             c.server_id = Some(server_id);
             c.routes = routes;
             c.forwards = forwards;
+            c.peer_links = peer_links;
         });
     }
 }

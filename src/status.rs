@@ -85,6 +85,19 @@ pub struct ClusterStatus {
     pub routes: Vec<crate::cluster::Route>,
     /// Public ports this server forwards to its peers, with their traffic.
     pub forwards: Vec<ForwardStatus>,
+    /// This server's peer links, with the streams sent through each.
+    pub peer_links: Vec<PeerLinkStatus>,
+}
+
+/// A peer link of this server.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PeerLinkStatus {
+    /// The peer's advertised URL.
+    pub peer: String,
+    /// Whether the link is up.
+    pub connected: bool,
+    /// Visitors' streams sent through it, now and in all.
+    pub stats: Snapshot,
 }
 
 /// A public port forwarded to peers.
@@ -147,6 +160,27 @@ pub fn render_cluster_metrics(cluster: &ClusterStatus) -> String {
         "Public ports this server forwards to its peers.",
         count(cluster.forwards.len()),
     );
+    let per_peer = [
+        (
+            "zlayer_tunnel_cluster_peer_link_up",
+            "1 if this server's peer link to the peer is up.",
+        ),
+        (
+            "zlayer_tunnel_cluster_peer_link_streams",
+            "Visitors' streams through this server's peer link, open now.",
+        ),
+    ];
+    for (i, (name, help)) in per_peer.into_iter().enumerate() {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for link in &cluster.peer_links {
+            let value = if i == 0 {
+                u64::from(link.connected)
+            } else {
+                link.stats.connections_active
+            };
+            let _ = writeln!(out, "{name}{{peer=\"{}\"}} {value}", escape(&link.peer));
+        }
+    }
     let per_port = [
         (
             "zlayer_tunnel_cluster_forwarded_streams",

@@ -13,6 +13,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use common::free_ports;
 use common::process::Proc;
 use common::wait::wait_until;
@@ -397,6 +399,8 @@ fn peer_server(etcd: &str, host: &str, (low, high): (u16, u16), control: u16) ->
         &url,
         "--route-ttl",
         "1s",
+        "--admin-listen",
+        "127.0.0.1:0",
     ];
     let mut server = Proc::spawn_with(&args, |c| {
         c.env_remove("ZLAYER_TUNNEL_TOKEN");
@@ -442,6 +446,49 @@ async fn any_server_answers_any_visitor_and_a_dead_one_stops_being_routed_to() {
     ] {
         common::echo_through((host, port).into(), seed, 1 << 20).await;
     }
+    // server 3 says what it forwards, and the peer token is not logged
+    let admin = three.listening_addr("admin endpoints listening");
+    let forwarded = format!(
+        "zlayer_tunnel_cluster_forwarded_streams_total{{service=\"svc\",port=\"{port}\"}} 1\n"
+    );
+    // (the figures are those of the last round, twice a second)
+    let counted = || {
+        let forwarded = forwarded.clone();
+        async move {
+            let metrics = common::http_get(&format!("http://{admin}/metrics")).await;
+            metrics.contains(&forwarded) && metrics.contains("zlayer_tunnel_cluster_servers 2\n")
+        }
+    };
+    wait_until("server 3 counts its forwarded stream", counted).await;
+    let status = common::http_get(&format!("http://{admin}/status")).await;
+    let reachable = status.contains("\"store_reachable\":true");
+    assert!(reachable && status.contains("\"forwards\""), "{status}");
+    let logged = three.seen().join("\n");
+    assert!(!logged.contains("peer-secret"), "the peer token was logged");
+
+    // four visitors held open through server 3: the fewest streams first,
+    // two on each peer link
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut visitor = tokio::net::TcpStream::connect(("127.0.0.3", port))
+            .await
+            .unwrap();
+        visitor.write_all(b"x").await.unwrap();
+        let mut byte = [0u8; 1];
+        visitor.read_exact(&mut byte).await.unwrap();
+        held.push(visitor);
+    }
+    let spread = || async move {
+        let metrics = common::http_get(&format!("http://{admin}/metrics")).await;
+        let streams = |control: u16| {
+            format!(
+                "zlayer_tunnel_cluster_peer_link_streams{{peer=\"ws://127.0.0.1:{control}/tunnel/v1\"}} 2\n"
+            )
+        };
+        metrics.contains(&streams(controls)) && metrics.contains(&streams(controls + 1))
+    };
+    wait_until("two held streams on each peer link", spread).await;
+    drop(held);
 
     // server 1 dies during a transfer through 2: that one completes whole
     let through_two = tokio::spawn(common::echo_through(

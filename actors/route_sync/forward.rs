@@ -28,8 +28,8 @@ pub(super) struct PeerLinks {
 
 #[derive(Default)]
 struct Inner {
-    /// By advertised URL.
-    links: HashMap<String, TunnelAgent>,
+    /// By advertised URL, with the streams sent through each.
+    links: HashMap<String, (TunnelAgent, Arc<Counters>)>,
     /// By forwarded port: the peers' URLs and the service's name.
     routes: HashMap<u16, Vec<(String, String)>>,
     turn: usize,
@@ -58,22 +58,49 @@ impl PeerLinks {
         self.lock().routes.insert(port, peers);
     }
 
-    /// The next peer for a visitor of `port` (each in turn), its link
-    /// started if it was not, and the service's name.
-    fn pick(&self, port: u16) -> Option<(TunnelAgent, String)> {
+    /// The peer for a visitor of `port`: the one with the fewest open
+    /// streams from here, ties in turn; its link (started if it was not),
+    /// its counters, and the service's name.
+    fn pick(&self, port: u16) -> Option<(TunnelAgent, Arc<Counters>, String)> {
         let mut inner = self.lock();
         let peers = inner.routes.get(&port)?.clone();
         if peers.is_empty() {
             return None;
         }
         inner.turn = inner.turn.wrapping_add(1);
-        let (url, service) = peers[inner.turn % peers.len()].clone();
-        let link = inner
+        let turn = inner.turn;
+        let open = |inner: &Inner, url: &str| {
+            inner
+                .links
+                .get(url)
+                .map_or(0, |(_, c)| c.open_connections())
+        };
+        let order = (0..peers.len()).map(|i| (turn + i) % peers.len());
+        let chosen = order.min_by_key(|&i| open(&inner, &peers[i].0))?;
+        let (url, service) = peers[chosen].clone();
+        let (link, counters) = inner
             .links
             .entry(url.clone())
-            .or_insert_with(|| start_link(&url, &self.token))
+            .or_insert_with(|| (start_link(&url, &self.token), Arc::new(Counters::new())))
             .clone();
-        Some((link, service))
+        Some((link, counters, service))
+    }
+
+    /// Each peer link: its peer, whether it is up, its streams.
+    pub(super) fn report(&self) -> Vec<crate::status::PeerLinkStatus> {
+        let inner = self.lock();
+        let mut links: Vec<_> = (inner.links.iter())
+            .map(|(url, (link, counters))| crate::status::PeerLinkStatus {
+                peer: url.clone(),
+                connected: matches!(
+                    link.status().state,
+                    crate::status::TunnelState::Connected { .. }
+                ),
+                stats: counters.snapshot(),
+            })
+            .collect();
+        links.sort_by(|a, b| a.peer.cmp(&b.peer));
+        links
     }
 }
 
@@ -116,13 +143,13 @@ pub(super) fn open(
 
 /// Sends a visitor to a peer (once its link is up); closed if none can take it.
 fn pass(links: &PeerLinks, port: u16, socket: tokio::net::TcpStream, counters: &Arc<Counters>) {
-    let Some((link, service)) = links.pick(port) else {
+    let Some((link, peer, service)) = links.pick(port) else {
         return;
     };
     // the stream outlives the forward (closed when a registration here takes
     // the port over): it ends when either side does
     let cancel = CancellationToken::new();
-    let counters = CounterSet::new(vec![counters.clone()]);
+    let counters = CounterSet::new(vec![counters.clone(), peer]);
     actix::spawn(async move {
         let deadline = tokio::time::Instant::now() + LINK_WAIT;
         while !matches!(
