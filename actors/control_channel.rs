@@ -29,7 +29,7 @@ use super::io::stream_hub::StreamHub;
 use super::now_ms;
 use super::registry::{
     AllocatePort, CloseTunnel, FindService, FlowView, OpenTunnel, PortGrant, PublicListener,
-    ReleasePort, ReportAlive, ServiceEntry, ServiceRegistered, TunnelClosed,
+    ReleasePort, ReportAlive, ServiceEntry, ServiceHealthChanged, ServiceRegistered, TunnelClosed,
 };
 use super::service_listener::{
     ACCEPTED_SOCKETS_TUNED, JoinReplica, LeaveReplica, Replica, ReplicaHealth, ServiceListener,

@@ -23,7 +23,9 @@ use crate::accounting::{Counters, Snapshot};
 pub use crate::status::{ServiceInfo, TunnelInfo};
 use crate::tunnels::{ClosedTunnel, TunnelTable};
 pub(crate) use ports::{AllocatePort, CountFreePorts, PortGrant, ReleasePort};
-pub(crate) use services::{FindService, FlowView, PublicListener, ServiceEntry, ServiceRegistered};
+pub(crate) use services::{
+    FindService, FlowView, PublicListener, ServiceEntry, ServiceHealthChanged, ServiceRegistered,
+};
 
 /// The public handle, in `actors/handles/`; re-exported here so that
 /// `actors::registry::TunnelRegistry` still names it.
@@ -92,6 +94,8 @@ struct TunnelIo {
     counters: Arc<Counters>,
     /// Live views of its services, by service id.
     views: HashMap<Uuid, (Arc<Counters>, Option<FlowView>)>,
+    /// Its services whose agent's health checks fail now.
+    unhealthy: std::collections::HashSet<Uuid>,
     /// The listeners of its services, by port (shared with replicas).
     listeners: HashMap<u16, PublicListener>,
 }
@@ -132,6 +136,7 @@ impl Handler<OpenTunnel> for Registry {
             cancel: cancel.clone(),
             counters: msg.counters,
             views: HashMap::new(),
+            unhealthy: std::collections::HashSet::new(),
             listeners: HashMap::new(),
         };
         let agent = (msg.token_hash, msg.client_id);

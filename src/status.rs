@@ -28,6 +28,9 @@ pub struct ServiceInfo {
     /// UDP: each open flow's traffic (refreshed twice a second).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub flows: Vec<crate::udp::FlowInfo>,
+    /// False while its agent's health checks of it fail (replicas: it gets
+    /// no new visitor); true without checks.
+    pub healthy: bool,
 }
 
 /// A connected tunnel (one agent session), as the registry reports it.
@@ -240,6 +243,8 @@ pub struct ReplicaInfo {
     pub bytes_in: u64,
     /// Payload bytes from it to visitors.
     pub bytes_out: u64,
+    /// False while its agent's health checks fail: it gets no new visitor.
+    pub healthy: bool,
 }
 
 /// The tunnels' services grouped by public port, ordered by port.
@@ -254,6 +259,7 @@ pub fn replicas(tunnels: &[TunnelInfo]) -> Vec<ServiceReplicas> {
                 open_streams: service.stats.connections_active,
                 bytes_in: service.stats.bytes_in,
                 bytes_out: service.stats.bytes_out,
+                healthy: service.healthy,
             };
             match services.iter_mut().find(|s| s.port == service.port) {
                 Some(known) => known.replicas.push(replica),
@@ -328,6 +334,19 @@ pub fn render_metrics(tunnels: &[TunnelInfo], free_ports: usize) -> String {
         .flat_map(|t| t.services.iter().map(|s| (s, Some(t.client_id))))
         .collect();
     render_services(&mut out, &services);
+    let name = "zlayer_tunnel_replica_healthy";
+    let _ = writeln!(
+        out,
+        "# HELP {name} 1 while a replica passes its agent's health checks (or has none), 0 while it gets no new visitor.\n# TYPE {name} gauge"
+    );
+    for (service, client) in &services {
+        let _ = writeln!(
+            out,
+            "{name}{{{}}} {}",
+            labels(service, *client, ""),
+            u64::from(service.healthy)
+        );
+    }
     out
 }
 
@@ -648,6 +667,7 @@ mod tests {
                     ..Snapshot::default()
                 },
                 flows: Vec::new(),
+                healthy: true,
             }],
             stats: Snapshot::default(),
         }

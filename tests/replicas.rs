@@ -285,7 +285,8 @@ fn checked_agent(dir: &std::path::Path, url: &str, local: u16, public: u16) -> P
 #[actix_web::test]
 async fn a_replica_whose_service_fails_its_checks_gets_no_visitor_until_it_passes() {
     let public = free_ports(1).0;
-    let (mut server, url) = server((public, public), &[]);
+    let (mut server, url) = server((public, public), &["--admin-listen", "127.0.0.1:0"]);
+    let admin = server.listening_addr("admin endpoints listening");
     let dir = std::env::temp_dir().join(format!("zlt-health-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let served_a = Arc::new(AtomicUsize::new(0));
@@ -311,6 +312,21 @@ async fn a_replica_whose_service_fails_its_checks_gets_no_visitor_until_it_passe
     }
     assert_eq!(served_b.load(Ordering::SeqCst) - before_b, 30);
     assert_eq!(served_a.load(Ordering::SeqCst), before_a);
+    // /status and /metrics say which replica is out
+    let status = common::http_get(&format!("http://{admin}/status")).await;
+    let replicas = status.matches("\"healthy\":").count();
+    assert!(
+        replicas >= 2 && status.contains("\"healthy\":false"),
+        "{status}"
+    );
+    let metrics = common::http_get(&format!("http://{admin}/metrics")).await;
+    let healthy = |v: &str| {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("zlayer_tunnel_replica_healthy{") && l.ends_with(v))
+            .count()
+    };
+    assert_eq!((healthy(" 0"), healthy(" 1")), (1, 1), "{metrics}");
 
     let _service_a = Switchable::start(service_a.port, service_a.served.clone()).await;
     a.wait_for("passes its health check again");

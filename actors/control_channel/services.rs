@@ -258,6 +258,11 @@ impl ControlChannel {
             Listener::Tcp(addr) => addr.do_send(health),
             Listener::Udp(addr, _) => addr.do_send(health),
         }
+        self.shared.registry.addr().do_send(ServiceHealthChanged {
+            tunnel_id: session.tunnel_id,
+            service_id,
+            healthy,
+        });
         // the agent decides how often: one line a second, counted
         if let Some(held_back) = self.shared.remote_event(RemoteEvent::ReplicaHealth) {
             let (name, port) = (&service.name, service.port);

@@ -105,6 +105,7 @@ impl AgentView {
                 port,
                 stats: Default::default(),
                 flows: Vec::new(),
+                healthy: true,
             });
         }
     }

@@ -61,6 +61,29 @@ impl Handler<ServiceRegistered> for Registry {
     }
 }
 
+/// A service's agent says whether its health checks pass (for `/status`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct ServiceHealthChanged {
+    pub(crate) tunnel_id: Uuid,
+    pub(crate) service_id: Uuid,
+    pub(crate) healthy: bool,
+}
+
+impl Handler<ServiceHealthChanged> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: ServiceHealthChanged, _: &mut Self::Context) {
+        if let Some(io) = self.tunnels.get_mut(msg.tunnel_id) {
+            if msg.healthy {
+                io.unhealthy.remove(&msg.service_id);
+            } else if io.views.contains_key(&msg.service_id) {
+                io.unhealthy.insert(msg.service_id);
+            }
+        }
+    }
+}
+
 impl Handler<FindService> for Registry {
     type Result = Option<Recipient<Relay>>;
 
@@ -94,6 +117,7 @@ impl TunnelIo {
                 flows: (view.and_then(|(_, f)| f.as_ref()))
                     .and_then(|f| f.lock().ok().map(|f| f.clone()))
                     .unwrap_or_default(),
+                healthy: !self.unhealthy.contains(&s.id),
             }
         });
         TunnelInfo {
