@@ -610,3 +610,62 @@ async fn token_commands_read_stdin_and_say_what_is_wrong() {
     let empty = failed(&["add", "--etcd", &etcd.url]);
     assert!(empty.contains("no token"), "{empty}");
 }
+
+/// An etcd with authentication on: the commands and the servers sign in
+/// with `--etcd-user` and the password in the environment; without them
+/// they are refused, saying so.
+#[actix_web::test]
+async fn an_etcd_with_authentication_is_reached_with_its_credentials() {
+    let etcd = Etcd::start().await;
+    let mut admin = etcd_client::Client::connect([etcd.url.as_str()], None)
+        .await
+        .unwrap();
+    admin.user_add("root", "root-secret", None).await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.auth_enable().await.unwrap();
+
+    let signed_in = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_zlayer-tunnel"))
+            .arg("token")
+            .args(args)
+            .args(["--etcd-user", "root"])
+            .env("ZLAYER_TUNNEL_ETCD_PASSWORD", "root-secret")
+            .output()
+            .unwrap()
+    };
+    let added = signed_in(&["add", "--etcd", &etcd.url, "--token", "authed-token"]);
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let anonymous = Command::new(env!("CARGO_BIN_EXE_zlayer-tunnel"))
+        .args(["token", "list", "--etcd", &etcd.url])
+        .output()
+        .unwrap();
+    assert!(
+        !anonymous.status.success(),
+        "an anonymous list was answered"
+    );
+
+    let public = free_ports(1).0;
+    let mut server = Proc::server_with(
+        (public, public),
+        &["--etcd", &etcd.url, "--etcd-user", "root"],
+        |c| {
+            c.env_remove("ZLAYER_TUNNEL_TOKEN");
+            c.env("ZLAYER_TUNNEL_ETCD_PASSWORD", "root-secret");
+        },
+    );
+    let control = server.listening_addr("control channel listening");
+    server.wait_for("cluster store: tokens read tokens=1");
+    let url = format!("ws://{control}/tunnel/v1");
+    let local = common::services::echo().await;
+    let mut agent = agent(&url, "authed-token", local);
+    let port = agent.registered_port();
+    common::echo_through(([127, 0, 0, 1], port).into(), 50, 64 << 10).await;
+    assert!(
+        !server.seen().join("\n").contains("root-secret"),
+        "the password was logged"
+    );
+}

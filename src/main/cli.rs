@@ -123,7 +123,8 @@ pub(crate) struct ServerArgs {
     /// of the cluster. Prefer ZLAYER_TUNNEL_PEER_TOKEN.
     #[arg(long, env = "ZLAYER_TUNNEL_PEER_TOKEN", hide_env_values = true)]
     pub(crate) peer_token: Option<String>,
-    /// In a cluster: this server's id. Default: its --advertise URL.
+    /// In a cluster: this server's id. Default: its host name and first
+    /// --listen address (HOST@ADDR).
     #[arg(long)]
     pub(crate) server_id: Option<String>,
     /// In a cluster: the control URL at which peers reach this server, e.g.

@@ -64,6 +64,21 @@ pub(crate) fn serve_options(args: &ServerArgs) -> anyhow::Result<ServeOptions> {
     })
 }
 
+/// A server's id when `--server-id` is not given: its host name and first
+/// listen address (`node-1@10.0.0.1:7000`).
+fn default_server_id(options: &ServeOptions) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned());
+    match options.listen.first() {
+        Some(addr) => format!("{host}@{addr}"),
+        None => host,
+    }
+}
+
 /// Who this server is to its peers in a cluster (`--peer-token`), if it has any.
 pub(crate) fn peer_options(
     args: &ServerArgs,
@@ -82,8 +97,12 @@ pub(crate) fn peer_options(
             "--peer-token needs --advertise URL (the control URL at which peers reach this server) when --listen has no fixed address and port"
         ),
     };
+    let server_id = match &args.server_id {
+        Some(id) => id.clone(),
+        None => default_server_id(options),
+    };
     Ok(Some(zlayer_tunnel::actors::PeerOptions {
-        server_id: args.server_id.clone().unwrap_or_else(|| advertise.clone()),
+        server_id,
         advertise,
         peer_token: token.into(),
         route_ttl: args.route_ttl.unwrap_or(std::time::Duration::from_secs(5)),
