@@ -131,6 +131,20 @@ fn member(
         .expect("etcd (Debian's etcd-server; `bash .ci/run` installs it)")
 }
 
+/// etcd members, killed (and their data removed) on drop, a failed test
+/// included.
+struct Members(Vec<Child>, PathBuf);
+
+impl Drop for Members {
+    fn drop(&mut self) {
+        for member in &mut self.0 {
+            let _ = member.kill();
+            let _ = member.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.1);
+    }
+}
+
 /// True when etcd at `port` says it is healthy.
 async fn healthy(port: u16) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -521,7 +535,8 @@ async fn one_etcd_member_of_three_lost_changes_nothing() {
         .collect::<Vec<_>>()
         .join(",");
     let base = std::env::temp_dir().join(format!("zlt-etcd3-{}-{clients}", std::process::id()));
-    let mut members: Vec<Child> = (0..3)
+    let mut members = Members(Vec::new(), base.clone());
+    members.0 = (0..3)
         .map(|i| {
             member(
                 &base.join(i.to_string()),
@@ -550,8 +565,8 @@ async fn one_etcd_member_of_three_lost_changes_nothing() {
     let mut first = named_agent(&url, "three-token", "first", local);
     let port = first.registered_port();
 
-    let _ = members[0].kill();
-    let _ = members[0].wait();
+    let _ = members.0[0].kill();
+    let _ = members.0[0].wait();
     common::echo_through(([127, 0, 0, 1], port).into(), 40, 1 << 20).await;
     token_command(&["add", "--etcd", &endpoints, "--token", "later-token"]);
     // (its watch may have been on the lost member: the server watches anew)
@@ -560,11 +575,6 @@ async fn one_etcd_member_of_three_lost_changes_nothing() {
     let other = second.registered_port();
     assert_ne!(other, port);
     common::echo_through(([127, 0, 0, 1], other).into(), 41, 1 << 20).await;
-    for member in &mut members {
-        let _ = member.kill();
-        let _ = member.wait();
-    }
-    let _ = std::fs::remove_dir_all(&base);
 }
 
 /// `token add` reads the token from stdin; what is wrong is said plainly.
