@@ -47,28 +47,8 @@ impl Etcd {
     }
 
     fn spawn(dir: &std::path::Path, client_port: u16, peer_port: u16) -> Child {
-        let client = format!("http://127.0.0.1:{client_port}");
-        let peer = format!("http://127.0.0.1:{peer_port}");
-        Command::new("etcd")
-            .args(["--name", "m1", "--data-dir"])
-            .arg(dir)
-            .args([
-                "--listen-client-urls",
-                &client,
-                "--advertise-client-urls",
-                &client,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &format!("m1={peer}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("etcd (Debian's etcd-server; `bash .ci/run` installs it)")
+        let initial = format!("m1=http://127.0.0.1:{peer_port}");
+        member(dir, "m1", client_port, peer_port, &initial)
     }
 
     async fn wait_healthy(&mut self) {

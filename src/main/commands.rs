@@ -14,9 +14,9 @@ use crate::options;
 
 /// `zlayer-tunnel server`: [`zlayer_tunnel::actors::serve`] and this node's tunnels.
 pub(crate) fn run_server(args: ServerArgs) -> anyhow::Result<()> {
-    let mut server = options::serve_options(&args)?;
-    server.peer = options::peer_options(&args, &server)?;
     let file = options::server_file(&args)?;
+    let mut server = options::serve_options(&args, &file)?;
+    server.peer = options::peer_options(&args, &server)?;
     let nodes = options::node_tunnels(&args, &server)?;
     actix_web::rt::System::new().block_on(async move {
         actix_web::rt::spawn(allocator::release_after_activity());

@@ -24,9 +24,8 @@ pub(crate) fn server_file(args: &ServerArgs) -> anyhow::Result<ServerFile> {
     })
 }
 
-/// The server's options: `--config`'s file (or the defaults) under the flags.
-pub(crate) fn serve_options(args: &ServerArgs) -> anyhow::Result<ServeOptions> {
-    let file = server_file(args)?;
+/// The server's options: `file` (`--config`'s, or the defaults) under the flags.
+pub(crate) fn serve_options(args: &ServerArgs, file: &ServerFile) -> anyhow::Result<ServeOptions> {
     let mut config = file.tunnel.clone();
     if let Some((low, high)) = args.port_range {
         config.data_port_range = (low, high);
@@ -40,18 +39,18 @@ pub(crate) fn serve_options(args: &ServerArgs) -> anyhow::Result<ServeOptions> {
     config.port_hold = args.port_hold.unwrap_or(config.port_hold);
     config.validate()?;
     file.check_token_ports(Some(config.data_port_range))?;
-    let listen = listen_addrs(args, &file)?;
+    let listen = listen_addrs(args, file)?;
     let (validator, tokens) = if args.accept_any_token || file.accept_any_token {
         tracing::warn!("accepting any token (--accept-any-token): for development only");
         let any: TokenValidator = std::sync::Arc::new(zlayer_tunnel::accept_all_tokens);
         (any, None)
     } else {
         let clustered = !args.store.etcd.is_empty() || !file.etcd.is_empty();
-        let store = token_store(args, &file, clustered)?;
+        let store = token_store(args, file, clustered)?;
         (store.clone().into_validator(), Some(store))
     };
-    let admin_listen = admin_addrs(args, &file)?;
-    let tls = server_tls(args, &file)?;
+    let admin_listen = admin_addrs(args, file)?;
+    let tls = server_tls(args, file)?;
     Ok(ServeOptions {
         listen,
         config,
