@@ -378,7 +378,8 @@ async fn a_visitor_the_first_replica_refuses_is_served_by_another_byte_exact() {
     b.child.kill().unwrap();
     server.wait_for("replica left");
     let mut visitor = tokio::net::TcpStream::connect(addr).await.unwrap();
-    visitor.write_all(b"anyone?").await.unwrap();
+    // the reset may come before the write is done: either way, no echo
+    let _ = visitor.write_all(b"anyone?").await;
     let mut back = Vec::new();
     let got = visitor.read_to_end(&mut back).await;
     assert!(
