@@ -45,9 +45,10 @@ mod streams;
 mod udp;
 mod writer;
 
-use flow_hub::FlowHub;
+use flow_hub::{FlowEnd, FlowHub};
 
 pub(crate) use access::OpenStream;
+pub(crate) use udp::OpenFlow;
 
 type WsSink = SplitSink<actix_codec::Framed<awc::BoxedSocket, ws::Codec>, ws::Message>;
 
@@ -131,6 +132,7 @@ impl Supervised for AgentConnection {
         self.shared.view.disconnected();
         if let Some(mut link) = self.link.take() {
             link.streams.close_all();
+            link.flows.close_all();
             link.cancel.cancel();
             if link.session.was_authenticated() {
                 self.backoff.connection_ended(link.since.elapsed());

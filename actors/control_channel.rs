@@ -60,8 +60,8 @@ mod streams;
 mod udp;
 mod writer;
 
-pub(crate) use relay::Relay;
 use relay::Relays;
+pub(crate) use relay::{Relay, RelayEnd};
 
 /// A registered service of this tunnel.
 struct Service {
@@ -123,6 +123,8 @@ pub(crate) struct ControlChannel {
     /// Its place among the connections awaiting authentication, until it
     /// authenticates.
     place: Option<AuthPlace>,
+    /// Bytes of relayed datagrams on their way to this channel (bounded).
+    relay_inbox: Budget,
     span: tracing::Span,
 }
 
@@ -194,6 +196,7 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for ControlChannel {
 impl ControlChannel {
     pub(crate) fn new(shared: Arc<ServerShared>, peer: SocketAddr, place: AuthPlace) -> Self {
         let core = ServerSession::new(shared.config.session_settings(), Instant::now());
+        let relay_inbox = Budget::new(shared.config.udp_in_flight);
         Self {
             shared,
             peer,
@@ -202,6 +205,7 @@ impl ControlChannel {
             timer: None,
             counters: Arc::new(Counters::new()),
             place: Some(place),
+            relay_inbox,
             span: tracing::info_span!("control", %peer, tunnel_id = tracing::field::Empty),
         }
     }
@@ -243,15 +247,18 @@ impl ControlChannel {
                     frame,
                     last,
                 } => {
-                    if let Some(tunnel) = self.link.as_mut() {
-                        tunnel.relays.pass(id, kind, close, frame, last);
+                    if let Some(tunnel) = self.link.as_mut()
+                        && !tunnel.relays.pass(id, kind, close, frame, last)
+                    {
+                        tunnel.counters.add_drop(DropKind::OverBudget);
                     }
                 }
                 ServerAction::FindService {
                     id,
                     service,
                     target,
-                } => self.find_service(id, service, target, ctx),
+                    protocol,
+                } => self.find_service(id, service, target, protocol, ctx),
                 ServerAction::Close(reason) => return self.close(&reason, ctx),
             }
         }

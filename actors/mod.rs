@@ -38,6 +38,8 @@
 //!   `AgentSession`'s actions; its UDP flows' sockets and waiting datagrams
 //!   (`flow_hub.rs`); one write path (`writer.rs`, a `FrameQueue`).
 //! * `UdpFlow` (`udp_flow.rs`): one per UDP flow on the agent.
+//! * `UdpForward` (`udp_forward.rs`): one per UDP port a server of a cluster
+//!   forwards to its peers; its visitors' flows go through peer links.
 //! * `AccessSession` (`access_session.rs`): one per on-demand access session.
 //! * `TokenSync` (`token_sync.rs`): one per server of a cluster; follows the
 //!   cluster store's tokens and closes the tunnels of revoked ones.
@@ -69,6 +71,7 @@ mod route_sync;
 mod service_listener;
 mod token_sync;
 mod udp_flow;
+mod udp_forward;
 mod udp_listener;
 
 pub use handles::access_manager::{AccessManager, StartedSession};

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::Error;
-use super::control_channel::Relay;
+use super::control_channel::RelayEnd;
 use crate::accounting::{Counters, Snapshot};
 pub use crate::status::{ServiceInfo, TunnelInfo};
 use crate::tunnels::{ClosedTunnel, TunnelTable};
@@ -52,7 +52,7 @@ pub(crate) struct OpenTunnel {
     pub(crate) peer: SocketAddr,
     pub(crate) channel: Recipient<CloseTunnel>,
     /// Where relayed access streams for this tunnel's services go.
-    pub(crate) relay: Recipient<Relay>,
+    pub(crate) relay: RelayEnd,
     pub(crate) timeout: Duration,
     pub(crate) max_tunnels: usize,
     pub(crate) counters: Arc<Counters>,
@@ -89,7 +89,7 @@ pub(crate) struct CloseAll {
 struct TunnelIo {
     info: TunnelInfo,
     channel: Recipient<CloseTunnel>,
-    relay: Recipient<Relay>,
+    relay: RelayEnd,
     cancel: CancellationToken,
     counters: Arc<Counters>,
     /// Live views of its services, by service id.

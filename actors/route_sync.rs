@@ -1,10 +1,11 @@
 //! `RouteSync`: one per server of a cluster with peers (`--peer-token`).
 //! Twice a second: keeps the server's store lease alive, publishes a route
-//! for each TCP service registered here and withdraws the gone ones, reads
-//! every server's routes, and makes this server answer every service of the
-//! cluster: a service with no registration here but a route on a peer gets
-//! a *forward* on its public port, whose visitors go through a peer link (an
-//! access link with the peer token: `forward.rs`) to a server that has one.
+//! for each service registered here (TCP and UDP) and withdraws the gone
+//! ones, reads every server's routes, and makes this server answer every
+//! service of the cluster: a service with no registration here but a route
+//! on a peer gets a *forward* on its public port, whose visitors (streams,
+//! or UDP flows: `UdpForward`) go through a peer link (an access link with
+//! the peer token: `forward.rs`) to a server that has one.
 //! A route whose server dies goes with its lease (`--route-ttl`); a forward
 //! with no route left closes; a registration here takes its port over.
 
@@ -19,6 +20,13 @@ use super::handles::forwards::Forwards;
 use crate::accounting::Counters;
 use crate::cluster::{ClusterStore, Route};
 use crate::protocol::ServiceProtocol;
+use crate::udp::FlowLimits;
+
+/// A service as routed: its name and protocol.
+type Routed = (String, ServiceProtocol);
+
+/// A public port as forwarded: its number and protocol.
+type PortKey = (u16, ServiceProtocol);
 
 mod forward;
 
@@ -46,13 +54,15 @@ pub(crate) struct RouteSync {
     peer: PeerOptions,
     registry: TunnelRegistry,
     bind_host: String,
+    /// The limits of a forwarded UDP port's flows (the server's).
+    flow_limits: FlowLimits,
     forwards: Forwards,
     /// The forwarded ports' services and traffic, for `/status`.
-    forwarded: HashMap<u16, (String, Arc<Counters>)>,
+    forwarded: HashMap<PortKey, (String, Arc<Counters>)>,
     links: PeerLinks,
     lease: Option<i64>,
     /// This server's published routes: service → port.
-    published: HashMap<String, u16>,
+    published: HashMap<Routed, u16>,
     busy: bool,
 }
 
@@ -70,7 +80,7 @@ impl RouteSync {
         store: Arc<dyn ClusterStore>,
         peer: PeerOptions,
         registry: TunnelRegistry,
-        bind_host: String,
+        (bind_host, flow_limits): (String, FlowLimits),
         forwards: Forwards,
     ) -> Addr<Self> {
         let links = PeerLinks::new(peer.peer_token.clone());
@@ -79,6 +89,7 @@ impl RouteSync {
             peer,
             registry,
             bind_host,
+            flow_limits,
             forwards,
             forwarded: HashMap::new(),
             links,
@@ -100,10 +111,9 @@ impl RouteSync {
         let published = self.published.clone();
         let round = async move {
             let tunnels = registry.list_tunnels().await;
-            let local: HashMap<String, u16> = (tunnels.iter())
+            let local: HashMap<Routed, u16> = (tunnels.iter())
                 .flat_map(|t| t.services.iter())
-                .filter(|s| s.protocol == ServiceProtocol::Tcp)
-                .map(|s| (s.name.clone(), s.port))
+                .map(|s| ((s.name.clone(), s.protocol), s.port))
                 .collect();
             let renewed = keep(&*store, lease, peer.route_ttl).await?;
             // under a new lease (the old one expired) every route again
@@ -136,31 +146,46 @@ impl RouteSync {
 
     /// Opens a forward for each service routed only elsewhere; closes those
     /// registered here now or routed nowhere.
-    fn follow(&mut self, local: &HashMap<String, u16>, routes: &[Route]) {
+    fn follow(&mut self, local: &HashMap<Routed, u16>, routes: &[Route]) {
         let me = &self.peer.server_id;
         let remote: Vec<&Route> = routes.iter().filter(|r| &r.server != me).collect();
-        let wanted: HashSet<u16> = (remote.iter())
-            .filter(|r| !local.contains_key(&r.service))
-            .map(|r| r.port)
+        let wanted: HashSet<PortKey> = (remote.iter())
+            .filter(|r| !local.contains_key(&(r.service.clone(), r.protocol)))
+            .map(|r| (r.port, r.protocol))
             .collect();
         self.forwards.retain(|port| wanted.contains(port));
         self.forwarded.retain(|port, _| wanted.contains(port));
-        for route in remote.iter().filter(|r| wanted.contains(&r.port)) {
-            if self.forwards.contains(route.port) {
-                self.links.set_routes(route.port, &remote);
+        for route in remote
+            .iter()
+            .filter(|r| wanted.contains(&(r.port, r.protocol)))
+        {
+            let key = (route.port, route.protocol);
+            self.links.set_routes(key, &remote);
+            if self.forwards.contains(key) {
                 continue;
             }
-            self.links.set_routes(route.port, &remote);
             let counters = Arc::new(Counters::new());
-            match forward::open(&self.bind_host, route, &self.links, counters.clone()) {
+            let opened = match route.protocol {
+                ServiceProtocol::Tcp => {
+                    forward::open(&self.bind_host, route, &self.links, counters.clone())
+                }
+                ServiceProtocol::Udp => forward::open_udp(
+                    &self.bind_host,
+                    route,
+                    &self.links,
+                    self.flow_limits,
+                    counters.clone(),
+                ),
+            };
+            match opened {
                 Ok(cancel) => {
-                    tracing::info!(service = %route.service, port = route.port, via = %route.server, "forwarding public port to a peer");
-                    self.forwards.insert(route.port, cancel);
+                    tracing::info!(service = %route.service, port = route.port, protocol = %route.protocol, via = %route.server, "forwarding public port to a peer");
+                    self.forwards.insert(key, cancel);
                     self.forwarded
-                        .insert(route.port, (route.service.clone(), counters));
+                        .insert(key, (route.service.clone(), counters));
                 }
                 Err(error) => {
-                    tracing::warn!(service = %route.service, port = route.port, %error, "cannot forward public port")
+                    tracing::warn!(service = %route.service, port = route.port, protocol = %route.protocol, %error, "cannot forward public port")
                 }
             }
         }
@@ -171,13 +196,16 @@ impl RouteSync {
     /// What `/status` and `/metrics` say of the routes and forwards.
     fn report(&self, routes: Vec<Route>) {
         let mut forwards: Vec<crate::status::ForwardStatus> = (self.forwarded.iter())
-            .map(|(port, (service, counters))| crate::status::ForwardStatus {
-                port: *port,
-                service: service.clone(),
-                stats: counters.snapshot(),
-            })
+            .map(
+                |((port, protocol), (service, counters))| crate::status::ForwardStatus {
+                    port: *port,
+                    protocol: *protocol,
+                    service: service.clone(),
+                    stats: counters.snapshot(),
+                },
+            )
             .collect();
-        forwards.sort_by_key(|f| f.port);
+        forwards.sort_by_key(|f| (f.port, f.protocol.to_byte()));
         let server_id = self.peer.server_id.clone();
         let peer_links = self.links.report();
         self.registry.update_cluster(|c| {
@@ -209,23 +237,26 @@ async fn publish(
     store: &dyn ClusterStore,
     peer: &PeerOptions,
     lease: i64,
-    published: &HashMap<String, u16>,
-    local: &HashMap<String, u16>,
+    published: &HashMap<Routed, u16>,
+    local: &HashMap<Routed, u16>,
 ) -> Result<(), crate::cluster::StoreError> {
-    for (service, port) in local {
-        if published.get(service) == Some(port) {
+    for (routed, port) in local {
+        if published.get(routed) == Some(port) {
             continue;
         }
         let route = Route {
             server: peer.server_id.clone(),
             advertise: peer.advertise.clone(),
-            service: service.clone(),
+            service: routed.0.clone(),
             port: *port,
+            protocol: routed.1,
         };
         store.publish_route(lease, route).await?;
     }
-    for service in published.keys().filter(|s| !local.contains_key(*s)) {
-        store.withdraw_route(&peer.server_id, service).await?;
+    for (service, protocol) in published.keys().filter(|s| !local.contains_key(*s)) {
+        store
+            .withdraw_route(&peer.server_id, service, *protocol)
+            .await?;
     }
     Ok(())
 }

@@ -42,6 +42,17 @@ pub(crate) enum FlowEvent {
         /// The encoded frame.
         frame: Bytes,
     },
+    /// A forwarded visitor's datagram (a cluster's UDP forward), as an
+    /// encoded `Datagram` frame whose length was taken from `budget`: given
+    /// back once queued.
+    Forwarded {
+        /// The flow.
+        id: Uuid,
+        /// The encoded frame.
+        frame: Bytes,
+        /// The forward's budget of datagrams in flight.
+        budget: crate::budget::Budget,
+    },
     /// The flow stopped (idle, closed, or its socket failed).
     Ended {
         /// The flow.

@@ -325,7 +325,7 @@ impl UdpServiceListener {
 /// Datagrams from `socket`, each whole: a buffer one byte larger than `max`
 /// tells an oversized datagram (the kernel truncates to the buffer) from one
 /// of exactly `max` bytes, so it can be dropped, never forwarded truncated.
-fn receive(
+pub(crate) fn receive(
     socket: Rc<UdpSocket>,
     max: usize,
 ) -> impl Stream<Item = io::Result<(Bytes, SocketAddr)>> {

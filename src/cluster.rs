@@ -18,6 +18,7 @@ use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{AuthError, TokenScope, TokenStore};
+use crate::protocol::ServiceProtocol;
 
 /// The default prefix of a cluster's keys.
 pub const DEFAULT_PREFIX: &str = "/zlayer-tunnel/";
@@ -180,6 +181,9 @@ pub struct Route {
     pub service: String,
     /// The service's public port.
     pub port: u16,
+    /// TCP or UDP (absent in a route stored before UDP was routed: TCP).
+    #[serde(default)]
+    pub protocol: ServiceProtocol,
 }
 
 /// Where a cluster's entries live in the store.
@@ -223,9 +227,12 @@ impl ClusterKeys {
         format!("{}routes/", self.prefix)
     }
 
-    /// The key of server `server`'s route to `service`.
-    pub fn route(&self, server: &str, service: &str) -> String {
-        format!("{}routes/{server}/{service}", self.prefix)
+    /// The key of server `server`'s route to `service` over `protocol`.
+    pub fn route(&self, server: &str, service: &str, protocol: ServiceProtocol) -> String {
+        match protocol {
+            ServiceProtocol::Tcp => format!("{}routes/{server}/{service}", self.prefix),
+            ServiceProtocol::Udp => format!("{}routes/{server}/{service}/udp", self.prefix),
+        }
     }
 
     /// The prefix of every leased port's key.
@@ -283,8 +290,13 @@ pub trait ClusterStore: Send + Sync + 'static {
     /// Publishes `route` under `lease` (it goes when the lease does).
     fn publish_route(&self, lease: i64, route: Route) -> BoxFuture<'_, Result<(), StoreError>>;
 
-    /// Withdraws server `server`'s route to `service`.
-    fn withdraw_route(&self, server: &str, service: &str) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Withdraws server `server`'s route to `service` over `protocol`.
+    fn withdraw_route(
+        &self,
+        server: &str,
+        service: &str,
+        protocol: ServiceProtocol,
+    ) -> BoxFuture<'_, Result<(), StoreError>>;
 
     /// Every server's routes.
     fn routes(&self) -> BoxFuture<'_, Result<Vec<Route>, StoreError>>;

@@ -110,7 +110,9 @@ pub struct ForwardStatus {
     pub port: u16,
     /// Its service.
     pub service: String,
-    /// Visitors' streams through peer links, now and in all.
+    /// TCP or UDP.
+    pub protocol: ServiceProtocol,
+    /// Visitors' streams (or UDP flows) through peer links, now and in all.
     pub stats: Snapshot,
 }
 
@@ -206,8 +208,8 @@ pub fn render_cluster_metrics(cluster: &ClusterStatus) -> String {
             let service = escape(&forward.service);
             let _ = writeln!(
                 out,
-                "{name}{{service=\"{service}\",port=\"{}\"}} {value}",
-                forward.port
+                "{name}{{service=\"{service}\",protocol=\"{}\",port=\"{}\"}} {value}",
+                forward.protocol, forward.port
             );
         }
     }

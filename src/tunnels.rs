@@ -340,11 +340,10 @@ impl<T> TunnelTable<T> {
         }
     }
 
-    /// The tunnel that registered the TCP service `name`, if one did.
-    pub fn find_tcp_service(&self, name: &str) -> Option<(Uuid, &T)> {
+    /// The tunnel that registered service `name` over `protocol`, if one did.
+    pub fn find_service(&self, name: &str, protocol: ServiceProtocol) -> Option<(Uuid, &T)> {
         self.tunnels.iter().find_map(|(id, t)| {
-            let has =
-                (t.services.iter()).any(|s| s.name == name && s.protocol == ServiceProtocol::Tcp);
+            let has = (t.services.iter()).any(|s| s.name == name && s.protocol == protocol);
             has.then_some((*id, &t.io))
         })
     }
@@ -538,14 +537,17 @@ mod tests {
         t.open(id(1), agent(1), "a", (now, S), 10);
         let port = alloc(&mut t, id(1), "svc1", 0).unwrap();
         t.registered(id(1), service("db", port));
-        assert_eq!(t.find_tcp_service("db"), Some((id(1), &"a")));
-        assert_eq!(t.find_tcp_service("web"), None);
+        assert_eq!(
+            t.find_service("db", ServiceProtocol::Tcp),
+            Some((id(1), &"a"))
+        );
+        assert_eq!(t.find_service("web", ServiceProtocol::Tcp), None);
         // a port another tunnel holds is not released by this one
         t.open(id(2), other_token(2), "b", (now, S), 10);
         t.release(id(2), port);
-        assert!(t.find_tcp_service("db").is_some());
+        assert!(t.find_service("db", ServiceProtocol::Tcp).is_some());
         t.release(id(1), port);
-        assert_eq!(t.find_tcp_service("db"), None);
+        assert_eq!(t.find_service("db", ServiceProtocol::Tcp), None);
         assert_eq!(t.free_ports(), 10);
         assert_eq!(
             alloc(&mut t, id(9), "svc9", 0),

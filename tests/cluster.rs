@@ -9,6 +9,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -88,15 +89,28 @@ fn member(
     initial: &str,
 ) -> Child {
     let client = format!("http://127.0.0.1:{client_port}");
+    etcd_command(dir, name, &client, peer_port, initial)
+        .spawn()
+        .expect("etcd (Debian's etcd-server; `bash .ci/run` installs it)")
+}
+
+/// The command of etcd member `name`, serving clients at `client`.
+fn etcd_command(
+    dir: &std::path::Path,
+    name: &str,
+    client: &str,
+    peer_port: u16,
+    initial: &str,
+) -> Command {
     let peer = format!("http://127.0.0.1:{peer_port}");
-    Command::new("etcd")
-        .args(["--name", name, "--data-dir"])
+    let mut etcd = Command::new("etcd");
+    etcd.args(["--name", name, "--data-dir"])
         .arg(dir)
         .args([
             "--listen-client-urls",
-            &client,
+            client,
             "--advertise-client-urls",
-            &client,
+            client,
         ])
         .args([
             "--listen-peer-urls",
@@ -106,9 +120,8 @@ fn member(
         ])
         .args(["--initial-cluster", initial])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("etcd (Debian's etcd-server; `bash .ci/run` installs it)")
+        .stderr(Stdio::null());
+    etcd
 }
 
 /// etcd members, killed (and their data removed) on drop, a failed test
@@ -404,7 +417,7 @@ fn peer_server(etcd: &str, host: &str, (low, high): (u16, u16), control: u16) ->
 }
 
 /// True if `len` bytes echo back whole through `addr` within two seconds.
-async fn echoes(addr: std::net::SocketAddr, seed: u64, len: usize) -> bool {
+async fn echoes(addr: SocketAddr, seed: u64, len: usize) -> bool {
     let attempt = tokio::spawn(common::echo_through(addr, seed, len));
     matches!(
         tokio::time::timeout(Duration::from_secs(2), attempt).await,
@@ -443,7 +456,7 @@ async fn any_server_answers_any_visitor_and_a_dead_one_stops_being_routed_to() {
     // server 3 says what it forwards, and the peer token is not logged
     let admin = three.listening_addr("admin endpoints listening");
     let forwarded = format!(
-        "zlayer_tunnel_cluster_forwarded_streams_total{{service=\"svc\",port=\"{port}\"}} 1\n"
+        "zlayer_tunnel_cluster_forwarded_streams_total{{service=\"svc\",protocol=\"tcp\",port=\"{port}\"}} 1\n"
     );
     // (the figures are those of the last round, twice a second)
     let counted = || {
@@ -502,6 +515,82 @@ async fn any_server_answers_any_visitor_and_a_dead_one_stops_being_routed_to() {
     };
     wait_until("server 3 routes to server 2 alone", all_served).await;
     assert!(echoes(([127, 0, 0, 2], port).into(), 30, 1 << 20).await);
+}
+
+/// Sends `count` datagrams of 1 B to 9 KB from `socket` to `to`, one at a
+/// time, each resent until its echo comes back whole (UDP may lose one);
+/// false if one never does within two seconds.
+async fn datagrams_echo(
+    socket: &tokio::net::UdpSocket,
+    to: SocketAddr,
+    seed: u64,
+    count: u32,
+) -> bool {
+    let mut buf = vec![0u8; 65536];
+    for seq in 0..count {
+        let len = [1, 64, 1200, 1400, 9000][seq as usize % 5];
+        let mut sent = common::pattern(seed << 32 | u64::from(seq), len);
+        if len >= 4 {
+            sent[..4].copy_from_slice(&seq.to_be_bytes());
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let echoed = loop {
+            if Instant::now() >= deadline {
+                break false;
+            }
+            socket.send_to(&sent, to).await.unwrap();
+            let wait = tokio::time::timeout(Duration::from_millis(200), socket.recv(&mut buf));
+            // an echo of an earlier resend is skipped by its sequence number
+            if let Ok(Ok(n)) = wait.await
+                && buf[..n] == sent[..]
+            {
+                break true;
+            }
+        };
+        if !echoed {
+            return false;
+        }
+    }
+    true
+}
+
+/// A UDP service registered on server 1 answers visitors of server 2 too:
+/// each visitor address is a flow through the peer link, byte-exact both ways.
+#[actix_web::test]
+async fn udp_visitors_of_a_server_without_the_service_go_through_a_peer() {
+    let etcd = Etcd::start().await;
+    token_command(&["add", "--etcd", &etcd.url, "--token", "udp-token"]);
+    let range = free_ports(1);
+    let controls = free_ports(2).0;
+    let (_one, url_1) = peer_server(&etcd.url, "127.0.0.1", range, controls);
+    let (mut two, _) = peer_server(&etcd.url, "127.0.0.2", range, controls + 1);
+    let service = format!("dns:{}:0", common::services::udp_echo());
+    let mut agent = Proc::spawn_with(&["agent", "--server", &url_1, "--udp", &service], |c| {
+        c.env("ZLAYER_TUNNEL_TOKEN", "udp-token");
+    });
+    let port = agent.registered_port();
+    two.wait_for("forwarding public port to a peer");
+    let direct = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    assert!(datagrams_echo(&direct, ([127, 0, 0, 1], port).into(), 1, 20).await);
+    // three visitors at once through server 2: three flows over the peer link
+    let visitors = (0..3u64).map(|v| async move {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        datagrams_echo(&socket, ([127, 0, 0, 2], port).into(), 10 + v, 100).await
+    });
+    let echoed = futures::future::join_all(visitors).await;
+    assert_eq!(echoed, [true; 3], "every datagram echoed through the peer");
+    let admin = two.listening_addr("admin endpoints listening");
+    let flows = format!(
+        "zlayer_tunnel_cluster_forwarded_streams_total{{service=\"dns\",protocol=\"udp\",port=\"{port}\"}} 3\n"
+    );
+    let counted = || {
+        let flows = flows.clone();
+        async move {
+            let metrics = common::http_get(&format!("http://{admin}/metrics")).await;
+            metrics.contains(&flows)
+        }
+    };
+    wait_until("server 2 counts the three forwarded flows", counted).await;
 }
 
 /// A three-member etcd on loopback, one member killed: the tunnels, a new
@@ -658,4 +747,75 @@ async fn an_etcd_with_authentication_is_reached_with_its_credentials() {
         !server.seen().join("\n").contains("root-secret"),
         "the password was logged"
     );
+}
+
+/// etcd serving its clients over TLS with a private CA: servers and `token`
+/// commands reach it with `--etcd-ca`; without it they are refused, saying so.
+#[actix_web::test]
+async fn an_etcd_over_tls_is_reached_with_its_ca() {
+    let (ca, pem) = common::certs::private_ca();
+    let (client_port, _) = free_ports(1);
+    let (peer_port, _) = free_ports(1);
+    let base =
+        std::env::temp_dir().join(format!("zlt-etcd-tls-{}-{client_port}", std::process::id()));
+    let pki = base.join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    let (cert, key, ca_file) = (
+        pki.join("etcd.pem"),
+        pki.join("etcd.key"),
+        pki.join("ca.pem"),
+    );
+    std::fs::write(&cert, &pem.cert).unwrap();
+    std::fs::write(&key, &pem.key).unwrap();
+    std::fs::write(&ca_file, &ca).unwrap();
+    let client = format!("https://127.0.0.1:{client_port}");
+    let initial = format!("m1=http://127.0.0.1:{peer_port}");
+    let etcd = etcd_command(&base.join("data"), "m1", &client, peer_port, &initial)
+        .arg("--cert-file")
+        .arg(&cert)
+        .arg("--key-file")
+        .arg(&key)
+        .spawn()
+        .expect("etcd (Debian's etcd-server; `bash .ci/run` installs it)");
+    let _members = Members(vec![etcd], base.clone());
+    let ca_arg = ca_file.to_str().unwrap().to_owned();
+    let listed = |with_ca: bool| {
+        let mut list = Command::new(env!("CARGO_BIN_EXE_zlayer-tunnel"));
+        list.args(["token", "list", "--etcd", &client]);
+        if with_ca {
+            list.args(["--etcd-ca", &ca_arg]);
+        }
+        list.env_remove("ZLAYER_TUNNEL_TOKEN").output().unwrap()
+    };
+    let answered = || {
+        let out = listed(true);
+        async move { out.status.success() }
+    };
+    wait_until("etcd answers over TLS", answered).await;
+    let untrusted = listed(false);
+    assert!(
+        !untrusted.status.success(),
+        "etcd's certificate was trusted without its CA"
+    );
+    token_command(&[
+        "add",
+        "--etcd",
+        &client,
+        "--etcd-ca",
+        &ca_arg,
+        "--token",
+        "tls-token",
+    ]);
+
+    let public = free_ports(1).0;
+    let args = ["--etcd", client.as_str(), "--etcd-ca", ca_arg.as_str()];
+    let mut server = Proc::server_with((public, public), &args, |c| {
+        c.env_remove("ZLAYER_TUNNEL_TOKEN");
+    });
+    let control = server.listening_addr("control channel listening");
+    server.wait_for("cluster store: tokens read tokens=1");
+    let local = common::services::echo().await;
+    let mut agent = agent(&format!("ws://{control}/tunnel/v1"), "tls-token", local);
+    let port = agent.registered_port();
+    common::echo_through(([127, 0, 0, 1], port).into(), 60, 64 << 10).await;
 }

@@ -27,23 +27,6 @@ async fn udp_socket() -> UdpSocket {
     UdpSocket::from_std(socket).unwrap()
 }
 
-/// A UDP echo service on a thread of its own, so that the test's checking
-/// cannot starve it; its port.
-async fn udp_echo() -> u16 {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let tuned = socket2::SockRef::from(&socket);
-    tuned.set_recv_buffer_size(8 << 20).unwrap();
-    tuned.set_send_buffer_size(8 << 20).unwrap();
-    let port = socket.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 65536];
-        while let Ok((n, from)) = socket.recv_from(&mut buf) {
-            let _ = socket.send_to(&buf[..n], from);
-        }
-    });
-    port
-}
-
 /// Datagram `seq` of visitor `visitor`: its size and bytes (header: visitor, seq).
 fn datagram(visitor: u8, seq: u32, max: usize) -> Vec<u8> {
     const SIZES: [usize; 6] = [1, 64, 1200, 1500, 9000, 20_000];
@@ -70,7 +53,7 @@ async fn ten_thousand_datagrams_from_16_visitors_each_echoed_to_its_sender() {
     const MAX: usize = zlayer_tunnel::udp::MAX_DATAGRAM;
     let (port, _) = free_ports(1);
     let server = spawn_server(udp_config(port), "secret");
-    let echo = udp_echo().await;
+    let echo = services::udp_echo();
     let (agent, _task, published) = spawn_published(
         server.addr,
         "secret",
@@ -300,7 +283,7 @@ async fn flows_expire_when_idle_come_back_after_an_agent_restart_and_big_datagra
     config.udp_idle_timeout = Duration::from_millis(300);
     config.max_datagram_size = 9000;
     let server = spawn_server(config, "secret");
-    let echo = udp_echo().await;
+    let echo = services::udp_echo();
     let service = ServiceConfig::udp("echo", echo).with_remote_port(port);
     let (agent, task, published) = spawn_published(server.addr, "secret", vec![service.clone()]);
     published.wait(1).await;
@@ -417,7 +400,7 @@ async fn a_new_source_port_per_query_is_answered_every_time() {
     const AT_ONCE: usize = 50;
     let (port, _) = free_ports(1);
     let server = spawn_server(udp_config(port), "secret");
-    let service = ServiceConfig::udp("dns", udp_echo().await).with_remote_port(port);
+    let service = ServiceConfig::udp("dns", services::udp_echo()).with_remote_port(port);
     let (_agent, _task, published) = spawn_published(server.addr, "secret", vec![service]);
     published.wait(1).await;
     let public: SocketAddr = ([127, 0, 0, 1], port).into();
@@ -461,7 +444,7 @@ async fn one_flow_above_the_old_rate_cap_is_not_rate_limited() {
     const SENT: u32 = 20_000;
     let (port, _) = free_ports(1);
     let server = spawn_server(udp_config(port), "secret");
-    let service = ServiceConfig::udp("vpn", udp_echo().await).with_remote_port(port);
+    let service = ServiceConfig::udp("vpn", services::udp_echo()).with_remote_port(port);
     let (_agent, _task, published) = spawn_published(server.addr, "secret", vec![service]);
     published.wait(1).await;
     let public: SocketAddr = ([127, 0, 0, 1], port).into();

@@ -5,15 +5,24 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use actix::Addr;
+use actix::{Addr, Recipient};
 use bytes::Bytes;
 use uuid::Uuid;
 
 use crate::actors::udp_flow::{CloseFlow, ToService, UdpFlow};
+use crate::actors::udp_forward::ToVisitor;
+
+/// Where a flow's datagrams from the link go.
+pub(crate) enum FlowEnd {
+    /// A socket toward the local service (a visitor's flow).
+    Service(Addr<UdpFlow>),
+    /// A forwarded visitor (a cluster's UDP forward, over a peer link).
+    Visitor(Recipient<ToVisitor>),
+}
 
 /// A link's flows and waiting datagrams.
 pub(crate) struct FlowHub {
-    flows: HashMap<Uuid, Addr<UdpFlow>>,
+    flows: HashMap<Uuid, FlowEnd>,
     waiting: VecDeque<Bytes>,
     waiting_bytes: usize,
     /// Bytes of datagrams that may wait for the WebSocket (the agent's `udp_waiting`).
@@ -32,24 +41,39 @@ impl FlowHub {
     }
 
     /// Adds a started flow.
-    pub(crate) fn insert(&mut self, id: Uuid, flow: Addr<UdpFlow>) {
+    pub(crate) fn insert(&mut self, id: Uuid, flow: FlowEnd) {
         self.flows.insert(id, flow);
+    }
+
+    /// True while flow `id` is open.
+    pub(crate) fn contains(&self, id: Uuid) -> bool {
+        self.flows.contains_key(&id)
     }
 
     /// A datagram from the server for flow `id`; false if the flow is unknown.
     pub(crate) fn deliver(&self, id: Uuid, data: Bytes) -> bool {
-        let Some(flow) = self.flows.get(&id) else {
-            return false;
-        };
-        flow.do_send(ToService(data));
+        match self.flows.get(&id) {
+            Some(FlowEnd::Service(flow)) => flow.do_send(ToService(data)),
+            Some(FlowEnd::Visitor(to)) => to.do_send(ToVisitor::Datagram { id, data }),
+            None => return false,
+        }
         true
     }
 
     /// The server closed flow `id` (the table forgot it): its socket closes.
     pub(crate) fn close(&mut self, id: Uuid) {
-        if let Some(flow) = self.flows.remove(&id) {
-            flow.do_send(CloseFlow);
+        match self.flows.remove(&id) {
+            Some(FlowEnd::Service(flow)) => flow.do_send(CloseFlow),
+            Some(FlowEnd::Visitor(to)) => to.do_send(ToVisitor::Closed { id }),
+            None => {}
         }
+    }
+
+    /// The link ended: every forwarded visitor's flow is closed (the
+    /// service flows stop with the link's cancel token).
+    pub(crate) fn close_all(&mut self) {
+        let ids: Vec<Uuid> = self.flows.keys().copied().collect();
+        ids.into_iter().for_each(|id| self.close(id));
     }
 
     /// Flow `id` stopped on its own.

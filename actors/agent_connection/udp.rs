@@ -2,6 +2,7 @@
 //! for the WebSocket within the link's bound.
 
 use super::*;
+use crate::actors::udp_forward::ToVisitor;
 use crate::log_limit::RemoteEvent;
 
 impl Handler<FlowEvent> for AgentConnection {
@@ -19,12 +20,54 @@ impl Handler<FlowEvent> for AgentConnection {
                     self.shared.counters.add_drop(DropKind::OverBudget);
                 }
             }
+            FlowEvent::Forwarded { id, frame, budget } => {
+                budget.give(frame.len());
+                if !link.flows.contains(id) {
+                    self.shared.counters.add_drop(DropKind::NoFlow); // refused, or not yet linked
+                } else if link.flows.queue(frame) {
+                    self.write_next(ctx);
+                } else {
+                    self.shared.counters.add_drop(DropKind::OverBudget);
+                }
+            }
             FlowEvent::Ended { id } => {
                 link.flows.ended(id);
                 link.session.flow_ended(id);
                 self.execute(ctx);
             }
         }
+    }
+}
+
+/// Opens a flow for a forwarded visitor at `visitor` to UDP service
+/// `service` through the peer (a cluster's UDP forward); its datagrams come
+/// back to `to`. Answers where to send the visitor's datagrams, or `None`
+/// (`to` is told the flow closed).
+#[derive(Message)]
+#[rtype(result = "Option<Recipient<FlowEvent>>")]
+pub(crate) struct OpenFlow {
+    pub(crate) id: Uuid,
+    pub(crate) service: String,
+    pub(crate) visitor: std::net::SocketAddr,
+    pub(crate) to: Recipient<ToVisitor>,
+}
+
+impl Handler<OpenFlow> for AgentConnection {
+    type Result = Option<Recipient<FlowEvent>>;
+
+    fn handle(&mut self, msg: OpenFlow, ctx: &mut Self::Context) -> Self::Result {
+        let link = self.link.as_mut()?;
+        let visitor = msg.visitor.to_string();
+        if let Err(error) = link
+            .session
+            .open_access_flow(msg.id, &msg.service, &visitor)
+        {
+            tracing::debug!(service = %msg.service, %error, "forwarded flow not opened");
+            return None;
+        }
+        link.flows.insert(msg.id, FlowEnd::Visitor(msg.to));
+        self.execute(ctx);
+        Some(ctx.address().recipient())
     }
 }
 
@@ -83,7 +126,7 @@ impl AgentConnection {
         };
         let flow = UdpFlow::start(target, wiring)
             .map_err(|e| format!("cannot open a socket toward {local}: {e}"))?;
-        link.flows.insert(id, flow);
+        link.flows.insert(id, FlowEnd::Service(flow));
         tracing::debug!(flow = %id, visitor = %client_addr, %target, "udp flow opened");
         Ok(())
     }

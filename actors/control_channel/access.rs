@@ -16,10 +16,11 @@ impl Handler<Relay> for ControlChannel {
                 id,
                 service,
                 target,
+                protocol,
                 from,
-            } => match self.core.relay_to_agent(id, &service, &target) {
+            } => match self.core.relay_to_agent(id, &service, &target, protocol) {
                 Ok(()) => tunnel.relays.insert(id, from),
-                Err(reason) => refuse_across(&from, id, reason),
+                Err(reason) => refuse_across(&from.to, id, reason),
             },
             Relay::Frame {
                 id,
@@ -27,6 +28,9 @@ impl Handler<Relay> for ControlChannel {
                 close,
                 frame,
             } => {
+                if kind == MessageType::Datagram {
+                    self.relay_inbox.give(frame.len());
+                }
                 if self.core.relay_from_other(id, kind, close, frame) == Some(true) {
                     tunnel.relays.remove(id);
                 }
@@ -50,10 +54,12 @@ impl ControlChannel {
         id: Uuid,
         service: String,
         target: String,
+        protocol: ServiceProtocol,
         ctx: &mut ws::WebsocketContext<Self>,
     ) {
         let find = FindService {
             name: service.clone(),
+            protocol,
         };
         self.shared
             .registry
@@ -62,7 +68,7 @@ impl ControlChannel {
             .into_actor(self)
             .map(move |found, act, ctx| {
                 let Ok(Some(agent)) = found else {
-                    let reason = format!("no service named {service:?} on this server");
+                    let reason = format!("no {protocol} service named {service:?} on this server");
                     if let Some(held_back) = act.shared.remote_event(RemoteEvent::AccessRefused) {
                         act.span.in_scope(|| {
                             tracing::info!(stream = %id, %reason, held_back, "access stream refused")
@@ -75,11 +81,15 @@ impl ControlChannel {
                     && let Some(tunnel) = act.link.as_mut()
                 {
                     tunnel.relays.insert(id, agent.clone());
-                    let from = ctx.address().recipient();
-                    agent.do_send(Relay::Open {
+                    let from = RelayEnd {
+                        to: ctx.address().recipient(),
+                        datagrams: act.relay_inbox.clone(),
+                    };
+                    agent.to.do_send(Relay::Open {
                         id,
                         service,
                         target,
+                        protocol,
                         from,
                     });
                 }

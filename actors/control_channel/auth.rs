@@ -21,7 +21,10 @@ impl ControlChannel {
             client_id,
             peer: self.peer,
             channel: ctx.address().recipient(),
-            relay: ctx.address().recipient(),
+            relay: RelayEnd {
+                to: ctx.address().recipient(),
+                datagrams: self.relay_inbox.clone(),
+            },
             timeout: config.heartbeat_timeout + config.heartbeat_interval,
             max_tunnels: config.max_tunnels,
             counters: self.counters.clone(),

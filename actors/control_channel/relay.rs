@@ -5,6 +5,9 @@
 //! two ends run flow control between themselves (each grants its window with
 //! an explicit `Window`), so what crosses is bounded by their windows. The
 //! connection table decides which frames are a relay's and when it is over.
+//! A relayed UDP flow (a peer's forwarded visitor) has no windows: its
+//! datagrams cross within the receiving channel's budget, and past it are
+//! dropped and counted, as any datagram over a budget is.
 
 use std::collections::HashMap;
 
@@ -12,19 +15,29 @@ use actix::prelude::*;
 use bytes::Bytes;
 use uuid::Uuid;
 
-use crate::protocol::{CloseKind, MessageType};
+use crate::budget::Budget;
+use crate::protocol::{CloseKind, MessageType, ServiceProtocol};
+
+/// A channel, as the other end of relays: where their frames go, and the
+/// bytes of datagrams that may be on their way to it.
+#[derive(Clone, Debug)]
+pub(crate) struct RelayEnd {
+    pub(crate) to: Recipient<Relay>,
+    pub(crate) datagrams: Budget,
+}
 
 /// Between two control channels, about a relayed stream.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub(crate) enum Relay {
-    /// An access client opens stream `id` to `service` (to the agent's channel).
+    /// An access client opens stream (or flow) `id` to `service` (to the agent's channel).
     Open {
         id: Uuid,
         service: String,
         target: String,
+        protocol: ServiceProtocol,
         /// The access client's channel.
-        from: Recipient<Self>,
+        from: RelayEnd,
     },
     /// A frame of stream `id` from the other end, for this channel's peer.
     Frame {
@@ -43,17 +56,18 @@ pub(crate) enum Relay {
 /// (`ConnectionKind::Relay`); this holds only the recipients.
 #[derive(Default)]
 pub(crate) struct Relays {
-    others: HashMap<Uuid, Recipient<Relay>>,
+    others: HashMap<Uuid, RelayEnd>,
 }
 
 impl Relays {
     /// Relays stream `id` to and from `other`.
-    pub(crate) fn insert(&mut self, id: Uuid, other: Recipient<Relay>) {
+    pub(crate) fn insert(&mut self, id: Uuid, other: RelayEnd) {
         self.others.insert(id, other);
     }
 
     /// Passes a frame of relayed stream `id` from this channel's peer to the
-    /// other end; `last`: the relay is over, forget it.
+    /// other end; `last`: the relay is over, forget it. False if it was a
+    /// datagram over the other end's budget (dropped).
     pub(crate) fn pass(
         &mut self,
         id: Uuid,
@@ -61,20 +75,25 @@ impl Relays {
         close: Option<CloseKind>,
         frame: Bytes,
         last: bool,
-    ) {
+    ) -> bool {
         let other = if last {
             self.others.remove(&id)
         } else {
             self.others.get(&id).cloned()
         };
-        if let Some(other) = other {
-            other.do_send(Relay::Frame {
-                id,
-                kind: message_kind,
-                close,
-                frame,
-            });
+        let Some(other) = other else {
+            return true;
+        };
+        if message_kind == MessageType::Datagram && !other.datagrams.take(frame.len()) {
+            return false;
         }
+        other.to.do_send(Relay::Frame {
+            id,
+            kind: message_kind,
+            close,
+            frame,
+        });
+        true
     }
 
     /// Forgets stream `id`; true if it was relayed.
@@ -85,7 +104,7 @@ impl Relays {
     /// This channel ended: tells the other end of every relayed stream.
     pub(crate) fn end_all(&mut self) {
         for (id, other) in self.others.drain() {
-            other.do_send(Relay::Gone { id });
+            other.to.do_send(Relay::Gone { id });
         }
     }
 }

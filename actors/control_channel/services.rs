@@ -94,7 +94,7 @@ impl ControlChannel {
                 Ok(Err(e)) | Err(e) => return Err(e.to_string()),
             };
             // a port this server forwarded to a peer is taken over
-            forwards.release(port);
+            forwards.release((port, protocol));
             let bound = match protocol {
                 ServiceProtocol::Tcp => bind_with_retry(&host, port).await.map(Bound::Tcp),
                 ServiceProtocol::Udp => UdpServiceListener::bind(&host, port).map(Bound::Udp),

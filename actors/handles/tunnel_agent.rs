@@ -112,12 +112,13 @@ impl TunnelAgent {
     /// Opens an access stream through the first server; false if the agent
     /// is not running.
     pub(crate) fn open_stream(&self, open: OpenStream) -> bool {
-        let addr = self
-            .control
-            .lock()
-            .ok()
-            .and_then(|c| c.addrs.first().cloned());
-        addr.map(|addr| addr.do_send(open)).is_some()
+        self.connection().map(|addr| addr.do_send(open)).is_some()
+    }
+
+    /// The agent's (first) link actor, while it runs.
+    pub(crate) fn connection(&self) -> Option<Addr<AgentConnection>> {
+        let control = self.control.lock().ok()?;
+        control.addrs.first().cloned()
     }
 
     /// Traffic of service `name` since the agent started (all sessions).

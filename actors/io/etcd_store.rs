@@ -18,6 +18,7 @@ use crate::cluster::{
     ClusterKeys, ClusterStore, LeaseError, PortClaim, PortLease, Route, StoreError, StoredToken,
     choose_port,
 };
+use crate::protocol::ServiceProtocol;
 
 mod ports;
 
@@ -175,7 +176,9 @@ impl ClusterStore for EtcdStore {
 
     fn publish_route(&self, lease: i64, route: Route) -> BoxFuture<'_, Result<(), StoreError>> {
         let mut client = self.client();
-        let key = self.keys.route(&route.server, &route.service);
+        let key = self
+            .keys
+            .route(&route.server, &route.service, route.protocol);
         Box::pin(async move {
             let value = serde_json::to_vec(&route).unwrap_or_default();
             let options = PutOptions::new().with_lease(lease);
@@ -187,9 +190,14 @@ impl ClusterStore for EtcdStore {
         })
     }
 
-    fn withdraw_route(&self, server: &str, service: &str) -> BoxFuture<'_, Result<(), StoreError>> {
+    fn withdraw_route(
+        &self,
+        server: &str,
+        service: &str,
+        protocol: ServiceProtocol,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
         let mut client = self.client();
-        let key = self.keys.route(server, service);
+        let key = self.keys.route(server, service, protocol);
         Box::pin(async move {
             client.delete(key, None).await.map_err(|e| self.lost(e))?;
             Ok(())

@@ -65,11 +65,13 @@ pub async fn serve(options: ServeOptions) -> std::io::Result<()> {
             let live = LiveTokens::new(fixed.clone());
             TokenSync::start(store.clone(), live.clone(), fixed, (*registry).clone());
             let host = options.config.bind_host.clone();
+            let limits = options.config.flow_limits();
             let handler =
                 ControlHandler::in_cluster(registry.clone(), options.config, live, store.clone());
             if let Some(peer) = options.peer {
                 let forwards = handler.forwards();
-                RouteSync::start(store, peer, (*registry).clone(), host, forwards);
+                let listening = (host, limits);
+                RouteSync::start(store, peer, (*registry).clone(), listening, forwards);
             }
             handler
         }

@@ -44,9 +44,10 @@ pub(crate) type ServiceEntry = crate::tunnels::RegisteredService;
 
 /// The channel of the tunnel that registered TCP service `name` (for `Open`).
 #[derive(Message)]
-#[rtype(result = "Option<Recipient<Relay>>")]
+#[rtype(result = "Option<RelayEnd>")]
 pub(crate) struct FindService {
     pub(crate) name: String,
+    pub(crate) protocol: crate::protocol::ServiceProtocol,
 }
 
 impl Handler<ServiceRegistered> for Registry {
@@ -85,10 +86,10 @@ impl Handler<ServiceHealthChanged> for Registry {
 }
 
 impl Handler<FindService> for Registry {
-    type Result = Option<Recipient<Relay>>;
+    type Result = Option<RelayEnd>;
 
     fn handle(&mut self, msg: FindService, _: &mut Self::Context) -> Self::Result {
-        let (_, io) = self.tunnels.find_tcp_service(&msg.name)?;
+        let (_, io) = self.tunnels.find_service(&msg.name, msg.protocol)?;
         Some(io.relay.clone())
     }
 }

@@ -1,7 +1,8 @@
 //! A forward: a service's public port on a server with no registration of
-//! it. Each visitor goes, as an access stream, through a peer link (an access
-//! link to a peer's advertised URL, with the cluster's peer token) to a
-//! server that has one, each in turn.
+//! it. Each visitor goes, as an access stream (or, for a UDP service, a
+//! flow: `UdpForward`), through a peer link (an access link to a peer's
+//! advertised URL, with the cluster's peer token) to a server that has one,
+//! the one with the fewest open streams from here first.
 
 use std::sync::Mutex;
 
@@ -13,6 +14,8 @@ use crate::actors::TunnelAgent;
 use crate::actors::agent_connection::OpenStream;
 use crate::actors::io::runtime;
 use crate::actors::service_listener::ServiceListener;
+use crate::actors::udp_forward::UdpForward;
+use crate::actors::udp_listener::UdpServiceListener;
 use crate::auth::Secret;
 use crate::config::TunnelClientConfig;
 
@@ -31,7 +34,7 @@ struct Inner {
     /// By advertised URL, with the streams sent through each.
     links: HashMap<String, (TunnelAgent, Arc<Counters>)>,
     /// By forwarded port: the peers' URLs and the service's name.
-    routes: HashMap<u16, Vec<(String, String)>>,
+    routes: HashMap<PortKey, Vec<(String, String)>>,
     turn: usize,
 }
 
@@ -50,9 +53,9 @@ impl PeerLinks {
     }
 
     /// The peers that route `port` now.
-    pub(super) fn set_routes(&self, port: u16, remote: &[&Route]) {
+    pub(super) fn set_routes(&self, port: PortKey, remote: &[&Route]) {
         let peers = (remote.iter())
-            .filter(|r| r.port == port)
+            .filter(|r| (r.port, r.protocol) == port)
             .map(|r| (r.advertise.clone(), r.service.clone()))
             .collect();
         self.lock().routes.insert(port, peers);
@@ -61,7 +64,7 @@ impl PeerLinks {
     /// The peer for a visitor of `port`: the one with the fewest open
     /// streams from here, ties in turn; its link (started if it was not),
     /// its counters, and the service's name.
-    fn pick(&self, port: u16) -> Option<(TunnelAgent, Arc<Counters>, String)> {
+    fn pick(&self, port: PortKey) -> Option<(TunnelAgent, Arc<Counters>, String)> {
         let mut inner = self.lock();
         let peers = inner.routes.get(&port)?.clone();
         if peers.is_empty() {
@@ -84,6 +87,19 @@ impl PeerLinks {
             .or_insert_with(|| (start_link(&url, &self.token), Arc::new(Counters::new())))
             .clone();
         Some((link, counters, service))
+    }
+
+    /// Starts the links to the peers that route `port`, so that its first
+    /// visitors find them up.
+    pub(super) fn warm(&self, port: PortKey) {
+        let mut inner = self.lock();
+        let peers = inner.routes.get(&port).cloned().unwrap_or_default();
+        for (url, _) in peers {
+            inner
+                .links
+                .entry(url.clone())
+                .or_insert_with(|| (start_link(&url, &self.token), Arc::new(Counters::new())));
+        }
     }
 
     /// Each peer link: its peer, whether it is up, its streams.
@@ -127,6 +143,7 @@ pub(super) fn open(
     let listener = ServiceListener::bind(host, route.port)?;
     let close = CancellationToken::new();
     let (links, closed, port) = (links.clone(), close.clone(), route.port);
+    links.warm((port, ServiceProtocol::Tcp));
     actix::spawn(async move {
         loop {
             tokio::select! {
@@ -141,9 +158,31 @@ pub(super) fn open(
     Ok(close)
 }
 
+/// Listens on UDP `route.port` and forwards its visitors' flows until the
+/// token fires.
+pub(super) fn open_udp(
+    host: &str,
+    route: &Route,
+    links: &PeerLinks,
+    limits: FlowLimits,
+    counters: Arc<Counters>,
+) -> std::io::Result<CancellationToken> {
+    let socket = UdpServiceListener::bind(host, route.port)?;
+    let close = CancellationToken::new();
+    let key = (route.port, ServiceProtocol::Udp);
+    links.warm(key);
+    let links = links.clone();
+    let pick = Box::new(move || {
+        let (link, peer, service) = links.pick(key)?;
+        Some((link.connection()?, peer, service))
+    });
+    UdpForward::start(socket, limits, pick, counters, close.clone());
+    Ok(close)
+}
+
 /// Sends a visitor to a peer (once its link is up); closed if none can take it.
 fn pass(links: &PeerLinks, port: u16, socket: tokio::net::TcpStream, counters: &Arc<Counters>) {
-    let Some((link, peer, service)) = links.pick(port) else {
+    let Some((link, peer, service)) = links.pick((port, ServiceProtocol::Tcp)) else {
         return;
     };
     // the stream outlives the forward (closed when a registration here takes

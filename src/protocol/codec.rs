@@ -98,8 +98,14 @@ impl Message {
             Self::Close { .. } => UUID_LEN + 1,
             Self::Window { .. } => UUID_LEN + 4,
             Self::Open {
-                service, target, ..
-            } => UUID_LEN + 1 + service.len() + 2 + target.len(),
+                service,
+                target,
+                protocol,
+                ..
+            } => {
+                let udp = usize::from(*protocol == ServiceProtocol::Udp);
+                UUID_LEN + 1 + service.len() + 2 + target.len() + udp
+            }
             Self::Health { .. } => UUID_LEN + 1,
         }
     }
@@ -276,10 +282,14 @@ impl Message {
                 connection_id,
                 service,
                 target,
+                protocol,
             } => {
                 buf.put_slice(connection_id.as_bytes());
                 put_str8(buf, service);
                 put_str16(buf, target);
+                if *protocol == ServiceProtocol::Udp {
+                    buf.put_u8(protocol.to_byte());
+                }
             }
             Self::Health {
                 service_id,
@@ -419,11 +429,7 @@ impl Reader {
                 connection_id: self.uuid("connection_id")?,
                 data: self.rest(),
             },
-            MessageType::Open => Message::Open {
-                connection_id: self.uuid("connection_id")?,
-                service: self.str8("service")?,
-                target: self.str16("target")?,
-            },
+            MessageType::Open => self.open()?,
             MessageType::Health => self.health()?,
         })
     }
@@ -446,6 +452,23 @@ impl Reader {
             protocol,
             local_port: self.u16("local_port")?,
             remote_port: self.u16("remote_port")?,
+        })
+    }
+
+    /// `Open`; a trailing protocol byte (absent: TCP) makes it a UDP flow.
+    fn open(&mut self) -> Result<Message, DecodeError> {
+        let connection_id = self.uuid("connection_id")?;
+        let service = self.str8("service")?;
+        let target = self.str16("target")?;
+        let protocol = match self.take(1, "protocol").ok().map(|b| b[0]) {
+            None => ServiceProtocol::Tcp,
+            Some(byte) => ServiceProtocol::from_byte(byte).map_err(|b| self.bad("protocol", b))?,
+        };
+        Ok(Message::Open {
+            connection_id,
+            service,
+            target,
+            protocol,
         })
     }
 

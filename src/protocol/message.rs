@@ -308,8 +308,11 @@ pub enum Message {
         connection_id: Uuid,
         /// Name of the registered service.
         service: String,
-        /// Address the agent should dial instead of the service's own, or empty.
+        /// Address the agent should dial instead of the service's own, or
+        /// empty; for a UDP flow, the visitor's address (shown, never dialed).
         target: String,
+        /// A TCP stream, or a UDP flow (`ACCESS_UDP`; on the wire only when UDP).
+        protocol: ServiceProtocol,
     },
     /// The agent's checks of a registered service's local end passed
     /// (`healthy`) or failed: an unhealthy replica gets no new visitor.
@@ -507,7 +510,31 @@ impl Message {
             connection_id,
             service,
             target: target.into(),
+            protocol: ServiceProtocol::Tcp,
         })
+    }
+
+    /// `Open` a UDP flow to a named service for the visitor at `visitor`
+    /// (a peer link's forwarded flow; needs `ACCESS_UDP`).
+    pub fn open_flow(
+        connection_id: Uuid,
+        service: impl Into<String>,
+        visitor: impl Into<String>,
+    ) -> Result<Self, BuildError> {
+        match Self::open(connection_id, service, visitor)? {
+            Self::Open {
+                connection_id,
+                service,
+                target,
+                ..
+            } => checked(Self::Open {
+                connection_id,
+                service,
+                target,
+                protocol: ServiceProtocol::Udp,
+            }),
+            other => Ok(other),
+        }
     }
 
     /// A `Health` report for `service_id`.

@@ -302,7 +302,11 @@ impl AgentSession {
                 connection_id,
                 service,
                 target,
+                protocol: ServiceProtocol::Tcp,
             } => self.on_open(connection_id, &service, &target),
+            Message::Open { connection_id, .. } => {
+                self.refuse(connection_id, "an agent takes no UDP flows by Open");
+            }
             data_plane => self.on_data_plane(data_plane),
         }
     }

@@ -347,7 +347,8 @@ impl ServerSession {
                 connection_id,
                 service,
                 target,
-            } => self.on_open(connection_id, service, target),
+                protocol,
+            } => self.on_open(connection_id, service, target, protocol),
             data_plane => self.on_data_plane(data_plane, frame),
         }
     }

@@ -1318,7 +1318,7 @@ mod data_plane {
         let id = Uuid::from_u128(30);
         t.pair
             .server
-            .relay_to_agent(id, "ssh", "10.0.0.9:22")
+            .relay_to_agent(id, "ssh", "10.0.0.9:22", ServiceProtocol::Tcp)
             .unwrap();
         t.pump();
         // agent A grants its window and dials the allowed target at once
@@ -1375,7 +1375,7 @@ mod data_plane {
         // a service the agent does not have is refused by the agent
         t.pair
             .server
-            .relay_to_agent(Uuid::from_u128(31), "nope", "")
+            .relay_to_agent(Uuid::from_u128(31), "nope", "", ServiceProtocol::Tcp)
             .unwrap();
         t.pump();
         assert!(t.pair.server_log.iter().any(|a| matches!(
@@ -1388,6 +1388,86 @@ mod data_plane {
         )));
         assert_eq!(t.pair.agent.close_connections().len(), 0);
         let _ = ConnectionKind::Relay;
+    }
+
+    #[test]
+    fn a_peers_udp_flow_reaches_the_agent_as_a_visitors_flow() {
+        // a peer server forwards a UDP visitor: an Open of a flow, with the
+        // visitor's address, from the peer link
+        let mut t = Tunnel::new();
+        let id = Uuid::from_u128(40);
+        t.pair
+            .server
+            .relay_to_agent(id, "dns", "198.51.100.4:5353", ServiceProtocol::Udp)
+            .unwrap();
+        t.pump();
+        let opened = t.pair.agent_log.iter().any(|a| {
+            matches!(a, AgentAction::OpenFlow { connection_id, client_addr, .. }
+                if *connection_id == id && client_addr == "198.51.100.4:5353")
+        });
+        assert!(opened, "the agent opens a flow for the forwarded visitor");
+        // the peer's datagrams cross as they came
+        let query = Message::datagram(id, Bytes::from_static(b"query")).unwrap();
+        let passed =
+            (t.pair.server).relay_from_other(id, MessageType::Datagram, None, query.to_bytes());
+        assert_eq!(passed, Some(false));
+        t.pump();
+        assert_eq!(t.agent.datagrams, [(id, Bytes::from_static(b"query"))]);
+        // the peer's flow idles out: an abort ends the relay
+        let abort = Message::Close {
+            connection_id: id,
+            kind: CloseKind::Abort,
+        };
+        let last = (t.pair.server).relay_from_other(
+            id,
+            MessageType::Close,
+            Some(CloseKind::Abort),
+            abort.to_bytes(),
+        );
+        assert_eq!(last, Some(true));
+        // a UDP service the agent does not have is refused at once
+        let unknown = (t.pair.server).relay_to_agent(
+            Uuid::from_u128(41),
+            "nope",
+            "198.51.100.4:1",
+            ServiceProtocol::Udp,
+        );
+        assert!(unknown.is_err());
+    }
+
+    #[test]
+    fn a_flow_opened_by_open_says_so_on_the_wire_and_is_found_by_protocol() {
+        let mut t = Tunnel::new();
+        let id = Uuid::from_u128(50);
+        t.pair
+            .agent
+            .open_access_flow(id, "dns", "203.0.113.9:7")
+            .unwrap();
+        t.pump();
+        let find = t.pair.server_log.iter().find_map(|a| match a {
+            ServerAction::FindService {
+                id: found,
+                service,
+                target,
+                protocol,
+            } if *found == id => Some((service.clone(), target.clone(), *protocol)),
+            _ => None,
+        });
+        let expected = (
+            "dns".to_owned(),
+            "203.0.113.9:7".to_owned(),
+            ServiceProtocol::Udp,
+        );
+        assert_eq!(find, Some(expected));
+        // a server that did not announce ACCESS_UDP is never sent one
+        let older = Features::STREAMS | Features::DATAGRAMS | Features::ACCESS;
+        let mut old = Pair::new(TOKEN, Some(older));
+        old.run();
+        assert!(old.agent.is_open());
+        let refused = old
+            .agent
+            .open_access_flow(Uuid::from_u128(51), "dns", "203.0.113.9:7");
+        assert!(refused.is_err());
     }
 }
 

@@ -531,6 +531,23 @@ pub mod services {
     use super::*;
     use tokio::net::TcpListener;
 
+    /// A UDP echo service on a thread of its own (so that a test's checking
+    /// cannot starve it), with 8 MiB socket buffers; its port.
+    pub fn udp_echo() -> u16 {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tuned = socket2::SockRef::from(&socket);
+        tuned.set_recv_buffer_size(8 << 20).unwrap();
+        tuned.set_send_buffer_size(8 << 20).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(&buf[..n], from);
+            }
+        });
+        port
+    }
+
     /// Echoes every byte; half-closes after the visitor does.
     pub async fn echo() -> u16 {
         serve(|mut s| async move {

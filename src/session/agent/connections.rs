@@ -48,6 +48,28 @@ impl AgentSession {
         Ok(())
     }
 
+    /// A server of a cluster forwards the visitor at `visitor` of UDP
+    /// service `service` to this peer (`Open` of a flow): flow `id`, whose
+    /// datagrams go both ways as any flow's.
+    pub fn open_access_flow(
+        &mut self,
+        id: Uuid,
+        service: &str,
+        visitor: &str,
+    ) -> Result<(), String> {
+        if !self.features().contains(Features::ACCESS_UDP) {
+            return Err("the peer takes no UDP flows by Open".to_owned());
+        }
+        let max_flows = self.settings.max_flows;
+        let table = self.data.table().ok_or("no link to the peer yet")?;
+        if table.flows() >= max_flows {
+            return Err(format!("at the limit of {max_flows} UDP flows"));
+        }
+        table.open_flow(id).map_err(|e| e.to_string())?;
+        self.send_built(Message::open_flow(id, service, visitor));
+        Ok(())
+    }
+
     /// A stream's socket reported.
     pub fn socket_event(&mut self, event: SocketEvent) {
         let emitted = self.data.socket_event(event);

@@ -92,8 +92,11 @@ pub enum ServerAction {
         id: Uuid,
         /// The service's name.
         service: String,
-        /// What the client asks the agent to dial instead, if allowed.
+        /// What the client asks the agent to dial instead, if allowed (for
+        /// a UDP flow, the visitor's address).
         target: String,
+        /// A stream to a TCP service, or a flow to a UDP one.
+        protocol: ServiceProtocol,
     },
     /// End the session: close the WebSocket, free what it holds.
     Close(CloseReason),

@@ -99,21 +99,33 @@ impl ServerSession {
     }
 
     /// Another channel's access client opens stream `id` to this agent's
-    /// `service`: relayed if the agent takes access streams.
+    /// `service`: relayed if the agent takes access streams. A UDP flow
+    /// (a peer's forwarded visitor) reaches the agent as any visitor's flow
+    /// does, a `Connect` with the visitor's address (`target`).
     pub fn relay_to_agent(
         &mut self,
         id: Uuid,
         service: &str,
         target: &str,
+        protocol: ServiceProtocol,
     ) -> Result<(), &'static str> {
-        if !self.features().contains(Features::ACCESS) {
-            return Err("the agent of this service does not take access streams");
-        }
+        let opening = match protocol {
+            ServiceProtocol::Tcp if !self.features().contains(Features::ACCESS) => {
+                return Err("the agent of this service does not take access streams");
+            }
+            ServiceProtocol::Tcp => Message::open(id, service, target),
+            ServiceProtocol::Udp => {
+                let service_id = (self.open().map(|o| o.services.iter()))
+                    .and_then(|mut s| s.find(|(_, s)| s.name == service).map(|(id, _)| *id))
+                    .ok_or("no such service on this agent")?;
+                Message::connect(service_id, id, target)
+            }
+        };
         let table = self.data.table().ok_or("session not authenticated")?;
         table
             .open_relay(id)
             .map_err(|_| "stream id already in use")?;
-        self.send_built(Message::open(id, service, target));
+        self.send_built(opening);
         Ok(())
     }
 
@@ -155,17 +167,31 @@ impl ServerSession {
             .map_or(0, crate::connections::ConnectionTable::len)
     }
 
-    /// An access client's `Open`, checked against its token's scope.
-    pub(super) fn on_open(&mut self, id: Uuid, service: String, target: String) {
+    /// An access client's `Open`, checked against its token's scope (a UDP
+    /// flow only from a client that announced `ACCESS_UDP`).
+    pub(super) fn on_open(
+        &mut self,
+        id: Uuid,
+        service: String,
+        target: String,
+        protocol: ServiceProtocol,
+    ) {
         let refusal = self.scope().and_then(|s| s.check_access(&service).err());
-        match refusal {
-            Some(e) => self.send_built(Message::connect_fail(id, e.to_string())),
-            None => (self.actions).push_back(ServerAction::FindService {
-                id,
-                service,
-                target,
-            }),
+        if let Some(e) = refusal {
+            return self.send_built(Message::connect_fail(id, e.to_string()));
         }
+        if protocol == ServiceProtocol::Udp && !self.features().contains(Features::ACCESS_UDP) {
+            return self.send_built(Message::connect_fail(
+                id,
+                "UDP flows by Open need ACCESS_UDP",
+            ));
+        }
+        (self.actions).push_back(ServerAction::FindService {
+            id,
+            service,
+            target,
+            protocol,
+        });
     }
 
     /// A stream frame, datagram, `ConnectAck` or `ConnectFail`: whatever its
