@@ -252,13 +252,21 @@ impl AgentConnection {
                     service,
                     credit,
                     visitor,
-                } => self.on_dial(connection_id, address, service, credit, visitor, ctx),
+                    proxy_header,
+                } => {
+                    let opening = (credit, proxy_header);
+                    self.on_dial(connection_id, address, service, opening, visitor, ctx);
+                }
                 AgentAction::OpenFlow {
                     connection_id,
                     service_id,
                     service,
                     client_addr,
-                } => self.open_flow(service_id, connection_id, &service, &client_addr, ctx),
+                    proxy_header,
+                } => {
+                    let visitor = (client_addr.as_str(), proxy_header);
+                    self.open_flow((service_id, connection_id), &service, visitor, ctx);
+                }
                 AgentAction::Write(frame) => self.write(frame, ctx),
                 AgentAction::Socket(action) => self.on_socket_action(action),
                 AgentAction::Close(error) => return self.link_ended(error, ctx),

@@ -67,6 +67,8 @@ pub(crate) struct FlowWiring {
     pub(crate) counters: CounterSet,
     pub(crate) idle_timeout: Duration,
     pub(crate) cancel: CancellationToken,
+    /// The PROXY protocol header put before each datagram, if any.
+    pub(crate) proxy_header: Option<Bytes>,
 }
 
 /// The flow actor.
@@ -108,7 +110,13 @@ impl Handler<ToService> for UdpFlow {
     fn handle(&mut self, msg: ToService, _: &mut Self::Context) {
         self.last_active = Instant::now();
         self.wiring.counters.touch(super::now_ms());
-        match send_now(&self.socket, &msg.0, None) {
+        let sent = match &self.wiring.proxy_header {
+            None => send_now(&self.socket, &msg.0, None),
+            // one datagram from two slices: the header, then the visitor's bytes
+            Some(header) => socket2::SockRef::from(&*self.socket)
+                .send_vectored(&[io::IoSlice::new(header), io::IoSlice::new(&msg.0)]),
+        };
+        match sent {
             Ok(_) => self
                 .wiring
                 .counters

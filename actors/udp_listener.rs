@@ -50,6 +50,8 @@ pub(crate) enum UdpEvent {
         id: Uuid,
         /// The visitor.
         visitor: SocketAddr,
+        /// The address it sent to (the listener's, if known).
+        public: Option<SocketAddr>,
         /// Who to send the flow's replies to.
         listener: Addr<UdpServiceListener>,
     },
@@ -104,6 +106,8 @@ pub(crate) struct UdpServiceListener {
     /// Drops a visitor causes are logged at most once a second (each is
     /// counted by reason in the service's counters).
     logs: LogLimiter,
+    /// The address visitors send to (for PROXY protocol headers).
+    public: Option<SocketAddr>,
 }
 
 impl Actor for UdpServiceListener {
@@ -185,6 +189,7 @@ impl UdpServiceListener {
         first: JoinUdpReplica,
     ) -> Addr<Self> {
         let socket = Rc::new(socket);
+        let public = socket.local_addr().ok();
         let max = settings.limits.max_datagram;
         Self::create(|ctx| {
             ctx.add_stream(receive(socket.clone(), max));
@@ -195,6 +200,7 @@ impl UdpServiceListener {
                 replicas: ReplicaSet::default(),
                 owners: std::collections::HashMap::new(),
                 logs: LogLimiter::new(),
+                public,
             };
             listener.join(first, ctx);
             listener
@@ -274,6 +280,7 @@ impl UdpServiceListener {
             service_id: replica.service_id,
             id,
             visitor,
+            public: self.public,
             listener: ctx.address(),
         });
         let tunnel_id = replica.tunnel_id;

@@ -558,12 +558,24 @@ impl TunnelClientConfig {
         self
     }
 
+    /// What the agent offers: everything, but `PROXY` (the public address
+    /// of each visitor) only when a service writes PROXY protocol headers.
+    fn features(&self) -> crate::protocol::Features {
+        use crate::protocol::Features;
+        let wants_proxy = self.services.iter().any(|s| s.proxy_protocol.is_some());
+        if wants_proxy {
+            Features::ALL
+        } else {
+            Features::from_bits(Features::ALL.bits() & !Features::PROXY.bits())
+        }
+    }
+
     /// The rules of one link to the server, for agent `client_id`.
     pub fn session_settings(&self, client_id: Uuid) -> crate::session::AgentSettings {
         crate::session::AgentSettings {
             token: self.token.clone(),
             client_id,
-            offer: Some(crate::protocol::Features::ALL),
+            offer: Some(self.features()),
             stream_window: self.stream_window,
             auth_timeout: self.connect_timeout,
             heartbeat_interval: self.heartbeat_interval,
@@ -774,6 +786,12 @@ pub struct ServiceConfig {
     /// Failed checks in a row that make the service unhealthy. Default 3.
     #[serde(default = "default_health_failures")]
     pub health_failures: u32,
+    /// A PROXY protocol header (`"v1"` or `"v2"`; UDP: `"v2"`) written to
+    /// the local service before each visitor's first byte (each datagram,
+    /// for UDP), with the visitor's address and the public address it
+    /// reached. Absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<crate::proxy_protocol::ProxyVersion>,
 }
 
 /// How the agent checks a local service.
@@ -819,7 +837,30 @@ impl ServiceConfig {
             health_check: None,
             health_interval: default_health_interval(),
             health_failures: default_health_failures(),
+            proxy_protocol: None,
         }
+    }
+
+    /// Writes a PROXY protocol header of `version` to the local service
+    /// before each visitor's bytes.
+    #[must_use]
+    pub const fn with_proxy_protocol(
+        mut self,
+        version: crate::proxy_protocol::ProxyVersion,
+    ) -> Self {
+        self.proxy_protocol = Some(version);
+        self
+    }
+
+    /// The PROXY protocol header for a visitor at `visitor` who reached
+    /// `public` (either may be empty: unknown), if the service wants one.
+    pub fn proxy_header(&self, visitor: &str, public: &str) -> Option<bytes::Bytes> {
+        use crate::proxy_protocol::{Transport, header};
+        let transport = match self.protocol {
+            ServiceProtocol::Tcp => Transport::Stream,
+            ServiceProtocol::Udp => Transport::Datagram,
+        };
+        Some(header(self.proxy_protocol?, transport, visitor, public))
     }
 
     /// Checks the local service with `check` every `interval`; `failures`
@@ -883,6 +924,14 @@ impl ServiceConfig {
         }
         if self.local_host.is_empty() {
             return Err(invalid(format!("{at}.local_host"), "must not be empty"));
+        }
+        if self.protocol == ServiceProtocol::Udp
+            && self.proxy_protocol == Some(crate::proxy_protocol::ProxyVersion::V1)
+        {
+            return Err(invalid(
+                format!("{at}.proxy_protocol"),
+                "v1 is for TCP services; a UDP service takes \"v2\"",
+            ));
         }
         if self.health_check.is_some() {
             positive(&format!("{at}.health_interval"), self.health_interval)?;

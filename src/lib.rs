@@ -47,6 +47,7 @@ pub mod node;
 pub mod outbound;
 pub mod ports;
 pub mod protocol;
+pub mod proxy_protocol;
 pub mod replicas;
 pub mod session;
 pub mod status;

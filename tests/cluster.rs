@@ -171,22 +171,9 @@ fn token_command(args: &[&str]) -> String {
 
 /// A server of the cluster at `etcd` on `bind_host`, public ports `range`,
 /// a port held 2 s after its last registration.
-fn server_on(etcd: &str, bind_host: &str, (low, high): (u16, u16)) -> (Proc, String) {
-    let range = format!("{low}-{high}");
-    let args = [
-        "server",
-        "--listen",
-        "127.0.0.1:0",
-        "--port-range",
-        &range,
-        "--bind-host",
-        bind_host,
-        "--etcd",
-        etcd,
-        "--port-hold",
-        "2s",
-    ];
-    let mut server = Proc::spawn_with(&args, |c| {
+fn server_on(etcd: &str, bind_host: &str, range: (u16, u16)) -> (Proc, String) {
+    let flags = ["--etcd", etcd, "--port-hold", "2s"];
+    let mut server = Proc::server_bound_with(bind_host, range, &flags, |c| {
         c.env_remove("ZLAYER_TUNNEL_TOKEN");
     });
     let control = server.listening_addr("control channel listening");

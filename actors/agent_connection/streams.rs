@@ -49,7 +49,7 @@ impl AgentConnection {
         id: Uuid,
         address: String,
         service: String,
-        credit: u32,
+        opening: (u32, Option<Bytes>),
         visitor: Option<(Uuid, String)>,
         ctx: &mut Context<Self>,
     ) {
@@ -67,16 +67,17 @@ impl AgentConnection {
         if let Some(link) = self.link.as_mut() {
             link.streams.expect(id);
         }
-        self.dial(id, address, service, credit, ctx);
+        self.dial(id, address, service, opening, ctx);
     }
 
-    /// Dials `local` for stream `id`; `credit` is what the stream may send before a `Window`.
+    /// Dials `local` for stream `id`; `credit` is what the stream may send
+    /// before a `Window`, `proxy_header` what is written to the socket first.
     fn dial(
         &mut self,
         id: Uuid,
         local: String,
         service: String,
-        credit: u32,
+        (credit, proxy_header): (u32, Option<Bytes>),
         ctx: &mut Context<Self>,
     ) {
         let timeout = self.shared.config.local_connect_timeout;
@@ -85,15 +86,17 @@ impl AgentConnection {
         let connecting = match local_dial::dial(&local) {
             Dialing::Done(result) => {
                 let result = result.map_err(|e| unreachable(&local, e));
+                let result = result.and_then(|s| write_proxy_header(s, proxy_header.as_deref()));
                 return self.dialed(id, &service, (generation, credit), result, ctx);
             }
             Dialing::Later(connecting) => connecting,
         };
         let dial = async move {
-            match tokio::time::timeout(timeout, connecting).await {
-                Ok(result) => result.map_err(|e| unreachable(&local, e)),
-                Err(_) => Err(format!("local service {local} did not answer in time")),
-            }
+            let socket = match tokio::time::timeout(timeout, connecting).await {
+                Ok(result) => result.map_err(|e| unreachable(&local, e))?,
+                Err(_) => return Err(format!("local service {local} did not answer in time")),
+            };
+            write_proxy_header(socket, proxy_header.as_deref())
         };
         ctx.spawn(dial.into_actor(self).map(move |result, act, ctx| {
             act.dialed(id, &service, (generation, credit), result, ctx);
@@ -144,5 +147,22 @@ impl AgentConnection {
         {
             link.session.dialed(id);
         }
+    }
+}
+
+/// Writes the PROXY protocol header, if any, to a just-connected socket:
+/// its send buffer is empty, so the whole header (at most 107 bytes) goes
+/// in one `send` or not at all (the service closed at once).
+fn write_proxy_header(
+    socket: tokio::net::TcpStream,
+    header: Option<&[u8]>,
+) -> Result<tokio::net::TcpStream, String> {
+    let Some(header) = header else {
+        return Ok(socket);
+    };
+    match socket2::SockRef::from(&socket).send(header) {
+        Ok(n) if n == header.len() => Ok(socket),
+        Ok(n) => Err(format!("the PROXY protocol header was cut at {n} bytes")),
+        Err(e) => Err(format!("cannot write the PROXY protocol header: {e}")),
     }
 }

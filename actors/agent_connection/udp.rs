@@ -41,10 +41,9 @@ impl Handler<FlowEvent> for AgentConnection {
 
 /// Opens a flow for a forwarded visitor at `visitor` to UDP service
 /// `service` through the peer (a cluster's UDP forward); its datagrams come
-/// back to `to`. Answers where to send the visitor's datagrams, or `None`
-/// (`to` is told the flow closed).
+/// back to `to`, which is told when the flow closes, or could not open.
 #[derive(Message)]
-#[rtype(result = "Option<Recipient<FlowEvent>>")]
+#[rtype(result = "()")]
 pub(crate) struct OpenFlow {
     pub(crate) id: Uuid,
     pub(crate) service: String,
@@ -53,21 +52,25 @@ pub(crate) struct OpenFlow {
 }
 
 impl Handler<OpenFlow> for AgentConnection {
-    type Result = Option<Recipient<FlowEvent>>;
+    type Result = ();
 
-    fn handle(&mut self, msg: OpenFlow, ctx: &mut Self::Context) -> Self::Result {
-        let link = self.link.as_mut()?;
+    fn handle(&mut self, msg: OpenFlow, ctx: &mut Self::Context) {
         let visitor = msg.visitor.to_string();
-        if let Err(error) = link
-            .session
-            .open_access_flow(msg.id, &msg.service, &visitor)
-        {
-            tracing::debug!(service = %msg.service, %error, "forwarded flow not opened");
-            return None;
+        let opened = match self.link.as_mut() {
+            Some(link) => link
+                .session
+                .open_access_flow(msg.id, &msg.service, &visitor),
+            None => Err("the peer link is not up yet".to_owned()),
+        };
+        if let Err(error) = opened {
+            // the forward forgets the flow: the visitor's next datagram tries again
+            msg.to.do_send(ToVisitor::Closed { id: msg.id });
+            return tracing::debug!(service = %msg.service, %error, "forwarded flow not opened");
         }
-        link.flows.insert(msg.id, FlowEnd::Visitor(msg.to));
+        if let Some(link) = self.link.as_mut() {
+            link.flows.insert(msg.id, FlowEnd::Visitor(msg.to));
+        }
         self.execute(ctx);
-        Some(ctx.address().recipient())
     }
 }
 
@@ -75,13 +78,12 @@ impl AgentConnection {
     /// A visitor address opened a flow of a UDP service: a socket toward the service for it.
     pub(super) fn open_flow(
         &mut self,
-        service_id: Uuid,
-        id: Uuid,
+        (service_id, id): (Uuid, Uuid),
         service: &ServiceConfig,
-        client_addr: &str,
+        (client_addr, proxy_header): (&str, Option<Bytes>),
         ctx: &mut Context<Self>,
     ) {
-        let started = self.start_flow(service_id, id, service, client_addr, ctx);
+        let started = self.start_flow((service_id, id), service, (client_addr, proxy_header), ctx);
         let Some(link) = self.link.as_mut() else {
             return;
         };
@@ -98,10 +100,9 @@ impl AgentConnection {
 
     pub(super) fn start_flow(
         &mut self,
-        service_id: Uuid,
-        id: Uuid,
+        (service_id, id): (Uuid, Uuid),
         service: &ServiceConfig,
-        client_addr: &str,
+        (client_addr, proxy_header): (&str, Option<Bytes>),
         ctx: &mut Context<Self>,
     ) -> Result<(), String> {
         let link = self.link.as_mut().ok_or("no link")?;
@@ -123,6 +124,7 @@ impl AgentConnection {
             ),
             idle_timeout: self.shared.config.udp_idle_timeout,
             cancel: link.cancel.child_token(),
+            proxy_header,
         };
         let flow = UdpFlow::start(target, wiring)
             .map_err(|e| format!("cannot open a socket toward {local}: {e}"))?;

@@ -82,7 +82,14 @@ impl ControlChannel {
             .ok_or("service unregistered")?;
         let active = service.counters.snapshot().connections_active;
         let id = Uuid::new_v4();
-        self.core.open_stream(id, service_id, visitor, active)?;
+        let public = match self.core.wants_public_addr() {
+            true => socket
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            false => String::new(),
+        };
+        (self.core).open_stream(id, service_id, (visitor, &public), active)?;
         tunnel.streams.expect(id);
         let wiring = StreamWiring {
             id,

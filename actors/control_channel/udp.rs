@@ -15,6 +15,7 @@ impl Handler<UdpEvent> for ControlChannel {
                 service_id,
                 id,
                 visitor,
+                public,
                 listener,
             } => {
                 let Some(budget) = session.udp_budget(service_id) else {
@@ -24,7 +25,11 @@ impl Handler<UdpEvent> for ControlChannel {
                     return;
                 };
                 let counters = service.counters.clone();
-                if let Err(reason) = self.core.open_flow(id, service_id, &visitor.to_string()) {
+                let public = public.map(|a| a.to_string()).unwrap_or_default();
+                let addresses = (visitor.to_string(), public);
+                if let Err(reason) =
+                    (self.core).open_flow(id, service_id, (&addresses.0, &addresses.1))
+                {
                     return tracing::debug!(flow = %id, reason, "flow not opened");
                 }
                 let flow = Flow {

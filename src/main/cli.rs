@@ -190,6 +190,11 @@ pub(crate) struct AgentArgs {
     /// A UDP service: NAME:LOCAL_PORT:REMOTE_PORT or NAME:HOST:PORT:REMOTE_PORT (remote 0 = any).
     #[arg(long, value_parser = parse_udp_service)]
     pub(crate) udp: Vec<ServiceConfig>,
+    /// Write a PROXY protocol header (v1 or v2; UDP: v2) with the visitor's
+    /// address to every --tcp and --udp service before the visitor's bytes
+    /// (per service: `proxy_protocol` in the config file).
+    #[arg(long, value_name = "VERSION")]
+    pub(crate) proxy_protocol: Option<zlayer_tunnel::proxy_protocol::ProxyVersion>,
     /// For wss://: trust the certificates of this PEM file (a private CA, or
     /// the server's own self-signed certificate) instead of the system roots.
     #[arg(long)]

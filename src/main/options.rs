@@ -150,7 +150,11 @@ pub(crate) fn agent_config(args: &AgentArgs) -> anyhow::Result<TunnelClientConfi
         config.token = token.clone().into();
     }
     for service in args.tcp.iter().chain(&args.udp) {
-        config = config.with_service(service.clone());
+        let mut service = service.clone();
+        if args.proxy_protocol.is_some() {
+            service.proxy_protocol = args.proxy_protocol;
+        }
+        config = config.with_service(service);
     }
     if let Some(path) = &args.ca_cert {
         config.ca_cert = Some(path.clone());

@@ -90,7 +90,18 @@ impl Message {
             Self::RegisterFail { reason } | Self::Disconnect { reason } => 2 + reason.len(),
             Self::Register { name, .. } => 1 + name.len() + 1 + 2 + 2,
             Self::RegisterOk { port, .. } => UUID_LEN + if port.is_some() { 2 } else { 0 },
-            Self::Connect { client_addr, .. } => 2 * UUID_LEN + 2 + client_addr.len(),
+            Self::Connect {
+                client_addr,
+                public_addr,
+                ..
+            } => {
+                let public = if public_addr.is_empty() {
+                    0
+                } else {
+                    2 + public_addr.len()
+                };
+                2 * UUID_LEN + 2 + client_addr.len() + public
+            }
             Self::ConnectAck { .. } | Self::Unregister { .. } => UUID_LEN,
             Self::ConnectFail { reason, .. } => UUID_LEN + 2 + reason.len(),
             Self::Heartbeat { .. } | Self::HeartbeatAck { .. } => 8,
@@ -234,10 +245,14 @@ impl Message {
                 service_id,
                 connection_id,
                 client_addr,
+                public_addr,
             } => {
                 buf.put_slice(service_id.as_bytes());
                 buf.put_slice(connection_id.as_bytes());
                 put_str16(buf, client_addr);
+                if !public_addr.is_empty() {
+                    put_str16(buf, public_addr);
+                }
             }
             Self::ConnectAck { connection_id }
             | Self::Unregister {
@@ -473,10 +488,17 @@ impl Reader {
     }
 
     fn connect(&mut self) -> Result<Message, DecodeError> {
+        let service_id = self.uuid("service_id")?;
+        let connection_id = self.uuid("connection_id")?;
+        let client_addr = self.str16("client_addr")?;
+        // trailing, under PROXY: absent from an original server's (and
+        // ignored if unreadable, as an original agent ignores it)
+        let public_addr = self.str16("public_addr").unwrap_or_default();
         Ok(Message::Connect {
-            service_id: self.uuid("service_id")?,
-            connection_id: self.uuid("connection_id")?,
-            client_addr: self.str16("client_addr")?,
+            service_id,
+            connection_id,
+            client_addr,
+            public_addr,
         })
     }
 

@@ -35,8 +35,11 @@ impl Features {
     pub const HEALTH: Self = Self(1 << 3);
     /// `Open` of UDP flows (a cluster's peer links forward UDP visitors).
     pub const ACCESS_UDP: Self = Self(1 << 4);
+    /// `Connect` carries the public address the visitor reached (for the
+    /// PROXY protocol headers an agent writes).
+    pub const PROXY: Self = Self(1 << 5);
     /// Everything this implementation supports.
-    pub const ALL: Self = Self(0b1_1111);
+    pub const ALL: Self = Self(0b11_1111);
 
     /// Builds a set from raw bits; unknown bits are kept (a newer peer's features).
     pub const fn from_bits(bits: u32) -> Self {
@@ -81,6 +84,7 @@ impl fmt::Debug for Features {
             (Self::ACCESS, "ACCESS"),
             (Self::HEALTH, "HEALTH"),
             (Self::ACCESS_UDP, "ACCESS_UDP"),
+            (Self::PROXY, "PROXY"),
         ];
         let mut list = f.debug_set();
         for (bit, name) in names {
@@ -134,7 +138,7 @@ mod tests {
 
     #[test]
     fn accept_is_the_intersection() {
-        let offer = Capabilities::new(Features::from_bits(0b10_0101));
+        let offer = Capabilities::new(Features::from_bits(0b100_0101));
         let answer = Capabilities::accept(offer, Features::ALL, 4096);
         assert_eq!(answer.features, Features::STREAMS | Features::ACCESS);
         assert_eq!(answer.initial_window, 4096);

@@ -235,6 +235,9 @@ pub enum Message {
         connection_id: Uuid,
         /// The visitor's address, as text.
         client_addr: String,
+        /// The public address and port the visitor reached, as text, or
+        /// empty (`PROXY`; on the wire only when not empty).
+        public_addr: String,
     },
     /// The agent accepted the connection.
     ConnectAck {
@@ -444,10 +447,22 @@ impl Message {
         connection_id: Uuid,
         client_addr: impl Into<String>,
     ) -> Result<Self, BuildError> {
+        Self::connect_to(service_id, connection_id, client_addr, "")
+    }
+
+    /// `Connect` for a new visitor who reached `public_addr` (sent to an
+    /// agent that announced `PROXY`; empty: unknown).
+    pub fn connect_to(
+        service_id: Uuid,
+        connection_id: Uuid,
+        client_addr: impl Into<String>,
+        public_addr: impl Into<String>,
+    ) -> Result<Self, BuildError> {
         checked(Self::Connect {
             service_id,
             connection_id,
             client_addr: client_addr.into(),
+            public_addr: public_addr.into(),
         })
     }
 

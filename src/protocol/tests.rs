@@ -28,6 +28,7 @@ fn one_of_each() -> Vec<Message> {
         },
         Message::register_fail("busy").unwrap(),
         Message::connect(id(3), id(4), "127.0.0.1:5").unwrap(),
+        Message::connect_to(id(3), id(4), "[::1]:5", "[::1]:30000").unwrap(),
         Message::ConnectAck {
             connection_id: id(4),
         },
@@ -44,6 +45,7 @@ fn one_of_each() -> Vec<Message> {
         Message::window(id(4), 65536).unwrap(),
         Message::datagram(id(5), Bytes::from_static(&[0; 9000])).unwrap(),
         Message::open(id(6), "db", "10.0.0.1:5432").unwrap(),
+        Message::open_flow(id(6), "dns", "192.0.2.1:53").unwrap(),
         Message::health(id(3), false),
         Message::health(id(3), true),
     ]
@@ -59,6 +61,27 @@ fn every_type_round_trips_with_its_header() {
         assert_eq!(Message::decode(&bytes), Ok((m.clone(), bytes.len())));
         assert_eq!(m.to_bytes(), Bytes::from(bytes));
     }
+}
+
+#[test]
+fn trailing_fields_of_the_extension_are_sent_only_when_set() {
+    // an original agent's Connect, and ours to an agent that did not ask
+    let plain = Message::connect(id(3), id(4), "127.0.0.1:5")
+        .unwrap()
+        .encode();
+    let to = Message::connect_to(id(3), id(4), "127.0.0.1:5", "")
+        .unwrap()
+        .encode();
+    assert_eq!(plain, to);
+    let with = Message::connect_to(id(3), id(4), "127.0.0.1:5", "127.0.0.1:30000").unwrap();
+    assert_eq!(
+        with.encode().len(),
+        plain.len() + 2 + "127.0.0.1:30000".len()
+    );
+    // an Open of a stream is the original 0x54 layout; a flow adds one byte
+    let stream = Message::open(id(6), "dns", "x").unwrap().encode();
+    let flow = Message::open_flow(id(6), "dns", "x").unwrap().encode();
+    assert_eq!((flow.len(), flow[flow.len() - 1]), (stream.len() + 1, 1));
 }
 
 #[test]

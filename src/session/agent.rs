@@ -296,8 +296,9 @@ impl AgentSession {
                 service_id,
                 connection_id,
                 client_addr,
+                public_addr,
                 ..
-            } => self.on_connect(service_id, connection_id, client_addr),
+            } => self.on_connect(service_id, connection_id, client_addr, &public_addr),
             Message::Open {
                 connection_id,
                 service,

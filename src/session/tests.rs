@@ -659,27 +659,85 @@ fn a_message_of_the_other_direction_is_refused() {
 }
 
 #[test]
+fn a_service_with_the_proxy_protocol_is_dialed_with_its_header_first() {
+    use crate::proxy_protocol::{ProxyVersion, Transport, header};
+    let mut pair = open_pair(Features::ALL);
+    pair.register(
+        ServiceConfig::tcp("web", 80).with_proxy_protocol(ProxyVersion::V1),
+        0,
+    );
+    pair.run();
+    // (the UDP header, v2 over DGRAM, is read back in tests/proxy_protocol.rs)
+    let (web, plain) = (Uuid::from_u128(102), Uuid::from_u128(100));
+    let visitor = ("192.0.2.7:5000", "198.51.100.1:30001");
+    for (id, service) in [(1, web), (2, plain)] {
+        (pair.server)
+            .open_stream(Uuid::from_u128(id), service, visitor, 0)
+            .unwrap();
+    }
+    pair.run();
+    let header_of = |wanted: u128| {
+        pair.agent_log.iter().find_map(|a| match a {
+            AgentAction::Dial {
+                connection_id,
+                proxy_header,
+                ..
+            }
+            | AgentAction::OpenFlow {
+                connection_id,
+                proxy_header,
+                ..
+            } if *connection_id == Uuid::from_u128(wanted) => Some(proxy_header.clone()),
+            _ => None,
+        })
+    };
+    let v1 = header(ProxyVersion::V1, Transport::Stream, visitor.0, visitor.1);
+    assert_eq!(header_of(1), Some(Some(v1)));
+    assert_eq!(
+        header_of(2),
+        Some(None),
+        "a service without it gets no header"
+    );
+    // an agent that did not ask for PROXY is not sent the public address
+    let without = Features::from_bits(Features::ALL.bits() & !Features::PROXY.bits());
+    let mut plain_pair = open_pair(without);
+    (plain_pair.server)
+        .open_stream(Uuid::from_u128(1), plain, visitor, 0)
+        .unwrap();
+    plain_pair.run();
+    let connect = plain_pair.server_log.iter().find_map(|a| match a {
+        ServerAction::Send(Message::Connect { public_addr, .. }) => Some(public_addr.clone()),
+        _ => None,
+    });
+    assert_eq!(connect, Some(String::new()));
+}
+
+#[test]
 fn visitors_become_streams_or_flows_and_frames_go_to_their_sockets() {
     let mut pair = open_pair(Features::ALL);
     let (tcp, udp) = (Uuid::from_u128(100), Uuid::from_u128(101));
     let (stream, flow) = (Uuid::from_u128(1), Uuid::from_u128(2));
     pair.server
-        .open_stream(stream, tcp, "192.0.2.7:5000", 0)
+        .open_stream(stream, tcp, ("192.0.2.7:5000", ""), 0)
         .unwrap();
-    pair.server.open_flow(flow, udp, "192.0.2.7:5001").unwrap();
+    pair.server
+        .open_flow(flow, udp, ("192.0.2.7:5001", ""))
+        .unwrap();
     // the per-service limit and an unknown service are refused at the server
     assert!(
         pair.server
-            .open_stream(Uuid::from_u128(4), tcp, "x", 16_384)
+            .open_stream(Uuid::from_u128(4), tcp, ("x", ""), 16_384)
             .is_err()
     );
     assert!(
         pair.server
-            .open_stream(Uuid::from_u128(5), Uuid::nil(), "x", 0)
+            .open_stream(Uuid::from_u128(5), Uuid::nil(), ("x", ""), 0)
             .is_err()
     );
     // of the tunnel's 8 streams, 2 are kept for its other service
-    let share = pair.server.open_stream(Uuid::from_u128(6), tcp, "x", 6);
+    let share = pair
+        .server
+        .open_stream(Uuid::from_u128(6), tcp, ("x", ""), 6);
     assert_eq!(
         share,
         Err("service is at its share of the tunnel's streams")
@@ -742,9 +800,11 @@ fn the_agents_refusal_of_a_visitor_is_reported_with_its_reason() {
     let (tcp, udp) = (Uuid::from_u128(100), Uuid::from_u128(101));
     let (stream, flow, stranger) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
     pair.server
-        .open_stream(stream, tcp, "192.0.2.7:5000", 0)
+        .open_stream(stream, tcp, ("192.0.2.7:5000", ""), 0)
         .unwrap();
-    pair.server.open_flow(flow, udp, "192.0.2.7:5001").unwrap();
+    pair.server
+        .open_flow(flow, udp, ("192.0.2.7:5001", ""))
+        .unwrap();
     for id in [stream, flow, stranger] {
         let fail = Message::connect_fail(id, "connection refused (os error 111)").unwrap();
         pair.to_server.push_back(fail.encode());
@@ -976,13 +1036,13 @@ mod data_plane {
             if service_id == 101 {
                 self.pair
                     .server
-                    .open_flow(id, service, "192.0.2.7:4000")
+                    .open_flow(id, service, ("192.0.2.7:4000", ""))
                     .unwrap();
             } else {
                 let window = self.pair.server.agent_window();
                 self.pair
                     .server
-                    .open_stream(id, service, "192.0.2.7:4000", 0)
+                    .open_stream(id, service, ("192.0.2.7:4000", ""), 0)
                     .unwrap();
                 self.server.credit.insert(id, u64::from(window));
             }

@@ -34,6 +34,16 @@ impl Proc {
 
     /// [`Proc::server`], its command adjusted by `adjust` first.
     pub fn server_with(
+        public: (u16, u16),
+        flags: &[&str],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Self {
+        Self::server_bound_with("127.0.0.1", public, flags, adjust)
+    }
+
+    /// [`Proc::server_with`], its public ports bound on `bind_host`.
+    pub fn server_bound_with(
+        bind_host: &str,
         (low, high): (u16, u16),
         flags: &[&str],
         adjust: impl FnOnce(&mut Command),
@@ -46,7 +56,7 @@ impl Proc {
             "--port-range",
             &range,
             "--bind-host",
-            "127.0.0.1",
+            bind_host,
         ];
         args.extend_from_slice(flags);
         Self::spawn_with(&args, adjust)

@@ -1,5 +1,6 @@
 //! What an agent session asks of its owner, and how a link ends.
 
+use bytes::Bytes;
 use uuid::Uuid;
 
 use crate::config::ServiceConfig;
@@ -110,6 +111,9 @@ pub enum AgentAction {
         /// For a visitor's stream: the service's id and the visitor's address
         /// (a host's connection callback may refuse it).
         visitor: Option<(Uuid, String)>,
+        /// The PROXY protocol header to write to the socket first, if the
+        /// service wants one.
+        proxy_header: Option<Bytes>,
     },
     /// A UDP flow began on a service: open its socket.
     OpenFlow {
@@ -121,6 +125,9 @@ pub enum AgentAction {
         service: ServiceConfig,
         /// The visitor's address, as the server wrote it.
         client_addr: String,
+        /// The PROXY protocol header to put before each datagram, if the
+        /// service wants one.
+        proxy_header: Option<Bytes>,
     },
     /// Write this frame, encoded by a socket's reader, to the server.
     Write(Outbound),

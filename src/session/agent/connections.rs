@@ -95,7 +95,13 @@ impl AgentSession {
     }
 
     /// A visitor reached service `service_id`: a stream to dial, or a flow.
-    pub(super) fn on_connect(&mut self, service_id: Uuid, id: Uuid, client_addr: String) {
+    pub(super) fn on_connect(
+        &mut self,
+        service_id: Uuid,
+        id: Uuid,
+        client_addr: String,
+        public_addr: &str,
+    ) {
         let Phase::Open(open) = &self.phase else {
             return;
         };
@@ -103,6 +109,7 @@ impl AgentSession {
         let Some(service) = open.services.get(&service_id).cloned() else {
             return self.refuse(id, "unknown service");
         };
+        let proxy_header = service.proxy_header(&client_addr, public_addr);
         let max_flows = self.settings.max_flows;
         let Some(table) = self.data.table() else {
             return;
@@ -118,6 +125,7 @@ impl AgentSession {
                     service_id,
                     service,
                     client_addr,
+                    proxy_header,
                 },
                 Err(e) => return self.refuse(id, &e.to_string()),
             },
@@ -131,6 +139,7 @@ impl AgentSession {
                     service: service.name,
                     credit,
                     visitor: Some((service_id, client_addr)),
+                    proxy_header,
                 },
                 Err(StreamError::TooMany { max }) => {
                     let reason = format!("agent is at its limit of {max} streams");
@@ -163,12 +172,16 @@ impl AgentSession {
         match table.open_relayed(id) {
             Ok(window) => {
                 self.send(window);
+                // no visitor address through an access client or a peer:
+                // the header says so (PROXY UNKNOWN, or v2's LOCAL)
+                let proxy_header = service.proxy_header("", "");
                 self.actions.push_back(AgentAction::Dial {
                     connection_id: id,
                     address,
                     service: service.name,
                     credit: 0,
                     visitor: None,
+                    proxy_header,
                 });
             }
             Err(e) => self.refuse(id, &e.to_string()),

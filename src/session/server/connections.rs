@@ -14,7 +14,7 @@ impl ServerSession {
         &mut self,
         id: Uuid,
         service_id: Uuid,
-        client_addr: &str,
+        (client_addr, public_addr): (&str, &str),
         active: u64,
     ) -> Result<(), &'static str> {
         let open = self.open().ok_or("session not authenticated")?;
@@ -43,7 +43,7 @@ impl ServerSession {
         table
             .open(id)
             .map_err(|_| "tunnel is at its stream limit")?;
-        self.send_built(Message::connect(service_id, id, client_addr));
+        self.send_connect(service_id, id, client_addr, public_addr);
         Ok(())
     }
 
@@ -53,7 +53,7 @@ impl ServerSession {
         &mut self,
         id: Uuid,
         service_id: Uuid,
-        visitor: &str,
+        (visitor, public_addr): (&str, &str),
     ) -> Result<(), &'static str> {
         let open = self.open().ok_or("session not authenticated")?;
         if !open.features.contains(Features::DATAGRAMS) || !open.services.contains_key(&service_id)
@@ -62,8 +62,24 @@ impl ServerSession {
         }
         let table = self.data.table().ok_or("session not authenticated")?;
         table.open_flow(id).map_err(|_| "flow id in use")?;
-        self.send_built(Message::connect(service_id, id, visitor));
+        self.send_connect(service_id, id, visitor, public_addr);
         Ok(())
+    }
+
+    /// True when the agent wants the public address each visitor reached
+    /// (`PROXY`: it writes PROXY protocol headers).
+    pub fn wants_public_addr(&self) -> bool {
+        self.features().contains(Features::PROXY)
+    }
+
+    /// `Connect`, with the public address only to an agent that asked.
+    fn send_connect(&mut self, service_id: Uuid, id: Uuid, visitor: &str, public_addr: &str) {
+        let public_addr = if self.wants_public_addr() {
+            public_addr
+        } else {
+            ""
+        };
+        self.send_built(Message::connect_to(service_id, id, visitor, public_addr));
     }
 
     /// A visitor's socket reported.
