@@ -28,6 +28,9 @@ type Routed = (String, ServiceProtocol);
 /// A public port as forwarded: its number and protocol.
 type PortKey = (u16, ServiceProtocol);
 
+/// A route as published: the service's port and address lists.
+type Published = (u16, crate::visitor_rules::ServiceRules);
+
 mod forward;
 
 use forward::PeerLinks;
@@ -61,8 +64,8 @@ pub(crate) struct RouteSync {
     forwarded: HashMap<PortKey, (String, Arc<Counters>)>,
     links: PeerLinks,
     lease: Option<i64>,
-    /// This server's published routes: service → port.
-    published: HashMap<Routed, u16>,
+    /// This server's published routes: service → port and lists.
+    published: HashMap<Routed, Published>,
     busy: bool,
 }
 
@@ -111,9 +114,9 @@ impl RouteSync {
         let published = self.published.clone();
         let round = async move {
             let tunnels = registry.list_tunnels().await;
-            let local: HashMap<Routed, u16> = (tunnels.iter())
+            let local: HashMap<Routed, Published> = (tunnels.iter())
                 .flat_map(|t| t.services.iter())
-                .map(|s| ((s.name.clone(), s.protocol), s.port))
+                .map(|s| ((s.name.clone(), s.protocol), (s.port, s.visitors.clone())))
                 .collect();
             let renewed = keep(&*store, lease, peer.route_ttl).await?;
             // under a new lease (the old one expired) every route again
@@ -146,7 +149,7 @@ impl RouteSync {
 
     /// Opens a forward for each service routed only elsewhere; closes those
     /// registered here now or routed nowhere.
-    fn follow(&mut self, local: &HashMap<Routed, u16>, routes: &[Route]) {
+    fn follow(&mut self, local: &HashMap<Routed, Published>, routes: &[Route]) {
         let me = &self.peer.server_id;
         let remote: Vec<&Route> = routes.iter().filter(|r| &r.server != me).collect();
         let wanted: HashSet<PortKey> = (remote.iter())
@@ -237,19 +240,20 @@ async fn publish(
     store: &dyn ClusterStore,
     peer: &PeerOptions,
     lease: i64,
-    published: &HashMap<Routed, u16>,
-    local: &HashMap<Routed, u16>,
+    published: &HashMap<Routed, Published>,
+    local: &HashMap<Routed, Published>,
 ) -> Result<(), crate::cluster::StoreError> {
-    for (routed, port) in local {
-        if published.get(routed) == Some(port) {
+    for (routed, now) in local {
+        if published.get(routed) == Some(now) {
             continue;
         }
         let route = Route {
             server: peer.server_id.clone(),
             advertise: peer.advertise.clone(),
             service: routed.0.clone(),
-            port: *port,
+            port: now.0,
             protocol: routed.1,
+            visitors: now.1.clone(),
         };
         store.publish_route(lease, route).await?;
     }

@@ -20,6 +20,7 @@ use std::io;
 use std::net::SocketAddr;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use actix::prelude::*;
 use bytes::Bytes;
@@ -29,7 +30,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::accounting::{Counters, GuardCounters};
+use crate::log_limit::{LogLimiter, RemoteEvent};
 use crate::replicas::{LoadBalance, ReplicaSet};
+use crate::visitor_rules::ServiceRules;
 use socket::{accept, reset};
 
 mod socket;
@@ -99,6 +102,8 @@ pub(crate) struct Replica {
     pub(crate) counters: Arc<Counters>,
     /// False while its agent's health checks fail.
     pub(crate) healthy: bool,
+    /// Who may visit it (its token's and its registration's lists).
+    pub(crate) visitors: ServiceRules,
 }
 
 /// A replica joins the service (the first one starts the listener).
@@ -134,6 +139,8 @@ pub(crate) struct ServiceListener {
     policy: LoadBalance,
     /// The places of visitors handed to channels and not yet taken.
     waiting: Arc<Semaphore>,
+    /// Visitors refused by address lists are logged at most once a second.
+    logs: LogLimiter,
 }
 
 impl Actor for ServiceListener {
@@ -199,11 +206,12 @@ impl StreamHandler<Accepted> for ServiceListener {
             Ok((socket, peer, waiting)) => {
                 let open_streams = |r: &Replica| r.counters.open_connections();
                 // never empty while listening: the last replica stops it
-                let healthy = |r: &Replica| r.healthy;
-                let others = self.replicas.iter().filter(|r| r.healthy).count() > 1;
-                let Some(replica) = self.replicas.pick(self.policy, healthy, open_streams) else {
-                    // no replica passes its health checks: the visitor is closed
-                    return;
+                let ip = peer.ip();
+                let admits = |r: &Replica| r.healthy && r.visitors.check(ip).is_ok();
+                let others = self.replicas.iter().filter(|r| admits(r)).count() > 1;
+                let Some(replica) = self.replicas.pick(self.policy, admits, open_streams) else {
+                    // no healthy replica, or none admits the visitor: closed
+                    return self.refuse(&socket, peer);
                 };
                 let second_chance = others.then(|| SecondChance {
                     listener: ctx.address(),
@@ -228,7 +236,10 @@ impl Handler<RetryVisitor> for ServiceListener {
 
     fn handle(&mut self, msg: RetryVisitor, _: &mut Self::Context) {
         let open_streams = |r: &Replica| r.counters.open_connections();
-        let other = |r: &Replica| r.healthy && r.service_id != msg.refused_by;
+        let ip = msg.peer.ip();
+        let other = |r: &Replica| {
+            r.healthy && r.service_id != msg.refused_by && r.visitors.check(ip).is_ok()
+        };
         let place = self.waiting.clone().try_acquire_owned().ok();
         let replica = place
             .is_some()
@@ -252,6 +263,24 @@ impl Handler<RetryVisitor> for ServiceListener {
 }
 
 impl ServiceListener {
+    /// A visitor no replica takes: reset at once. Refused by a replica's
+    /// address lists, it is counted there by why, and logged at most once a
+    /// second with the count held back (a visitor decides how often).
+    fn refuse(&mut self, socket: &TcpStream, peer: SocketAddr) {
+        reset(socket);
+        let healthy = self.replicas.iter().filter(|r| r.healthy);
+        let refused = healthy
+            .map(|r| (r, r.visitors.check(peer.ip())))
+            .find_map(|(r, verdict)| verdict.err().map(|why| (r, why)));
+        let Some((replica, why)) = refused else {
+            return; // no healthy replica: the agent's checks say why
+        };
+        replica.counters.add_refused(why);
+        if let Some(held_back) = self.logs.admit(RemoteEvent::VisitorRefused, Instant::now()) {
+            tracing::info!(port = self.port, visitor = %peer, reason = why.name(), held_back, "visitor refused by the service's address lists");
+        }
+    }
+
     /// Replica `tunnel_id` leaves; the last one stops the listener.
     fn leave(&mut self, tunnel_id: Uuid, ctx: &mut Context<Self>) {
         if self.replicas.remove(&tunnel_id).is_some() && !self.replicas.is_empty() {
@@ -290,6 +319,7 @@ impl ServiceListener {
                 replicas: ReplicaSet::default(),
                 policy,
                 waiting: places,
+                logs: LogLimiter::new(),
             };
             listener.join(first, ctx);
             listener

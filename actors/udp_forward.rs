@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +30,7 @@ use crate::budget::Budget;
 use crate::log_limit::{LogLimiter, RemoteEvent};
 use crate::protocol::Message;
 use crate::udp::{FlowLimits, FlowTable, Verdict};
+use crate::visitor_rules::Refusal;
 
 /// Bytes of visitors' datagrams that may be on their way to the peer links.
 const IN_FLIGHT: usize = 1 << 20;
@@ -48,8 +49,14 @@ pub(crate) enum ToVisitor {
 /// count in, and the service's name there.
 pub(crate) type PeerChoice = (Addr<AgentConnection>, Arc<Counters>, String);
 
-/// How a forward finds a peer link for a new flow.
-pub(crate) type PickPeer = Box<dyn Fn() -> Option<PeerChoice>>;
+/// The peers a forward sends its visitors to.
+pub(crate) trait Peers {
+    /// Whether some peer's address lists admit a visitor from `ip`.
+    fn check(&self, ip: IpAddr) -> Result<(), Refusal>;
+
+    /// A peer link for a new flow from `ip` (among those that admit it).
+    fn pick(&self, ip: IpAddr) -> Option<PeerChoice>;
+}
 
 /// A forwarded flow: its link and the counters it counts in.
 struct Forwarded {
@@ -63,7 +70,7 @@ pub(crate) struct UdpForward {
     socket: Rc<UdpSocket>,
     flows: FlowTable,
     forwarded: HashMap<Uuid, Forwarded>,
-    pick: PickPeer,
+    peers: Box<dyn Peers>,
     /// The forward's own traffic (for `/status`).
     counters: Arc<Counters>,
     budget: Budget,
@@ -137,7 +144,7 @@ impl UdpForward {
     pub(crate) fn start(
         socket: UdpSocket,
         limits: FlowLimits,
-        pick: PickPeer,
+        peers: Box<dyn Peers>,
         counters: Arc<Counters>,
         close: CancellationToken,
     ) -> Addr<Self> {
@@ -154,7 +161,7 @@ impl UdpForward {
                 socket,
                 flows: FlowTable::new(limits),
                 forwarded: HashMap::new(),
-                pick,
+                peers,
                 counters,
                 budget: Budget::new(IN_FLIGHT),
                 logs: LogLimiter::new(),
@@ -165,6 +172,12 @@ impl UdpForward {
     }
 
     fn on_visitor_datagram(&mut self, data: Bytes, visitor: SocketAddr, ctx: &mut Context<Self>) {
+        if let Err(why) = self.peers.check(visitor.ip()) {
+            // before the flow table: a refused address takes no flow's place
+            self.counters.add_refused(why);
+            let reason = "refused by the service's address lists";
+            return self.dropped(None, visitor, reason);
+        }
         let now = Instant::now();
         let (id, opened) = match self
             .flows
@@ -176,7 +189,7 @@ impl UdpForward {
                 (id, true)
             }
             Verdict::Drop(reason) => {
-                return self.dropped(reason.into(), visitor, &reason.to_string());
+                return self.dropped(Some(reason.into()), visitor, &reason.to_string());
             }
         };
         let link_gone = (self.forwarded.get(&id)).is_some_and(|f| !f.link.connected());
@@ -188,7 +201,11 @@ impl UdpForward {
         }
         if opened && !self.assign(id, visitor, ctx) {
             self.flows.remove(id);
-            return self.dropped(DropKind::NoFlow, visitor, "no peer link for the service");
+            return self.dropped(
+                Some(DropKind::NoFlow),
+                visitor,
+                "no peer link for the service",
+            );
         }
         let Some(flow) = self.forwarded.get(&id) else {
             return;
@@ -197,7 +214,11 @@ impl UdpForward {
             return flow.counters.add_drop(DropKind::Oversized);
         };
         if !self.budget.take(frame.len()) {
-            return self.dropped(DropKind::OverBudget, visitor, "the peer link is behind");
+            return self.dropped(
+                Some(DropKind::OverBudget),
+                visitor,
+                "the peer link is behind",
+            );
         }
         flow.counters.add_datagram(Direction::In, data.len() as u64);
         flow.link.do_send(FlowEvent::Forwarded {
@@ -210,7 +231,7 @@ impl UdpForward {
     /// Gives new flow `id` to a peer link and opens it there; false if
     /// there is none.
     fn assign(&mut self, id: Uuid, visitor: SocketAddr, ctx: &mut Context<Self>) -> bool {
-        let Some((link, peer, service)) = (self.pick)() else {
+        let Some((link, peer, service)) = self.peers.pick(visitor.ip()) else {
             return false;
         };
         let counters = CounterSet::new(vec![self.counters.clone(), peer]);
@@ -242,10 +263,13 @@ impl UdpForward {
 
     /// Counts a visitor's datagram dropped, and logs it at most once a
     /// second (a visitor decides how often).
-    fn dropped(&mut self, kind: DropKind, visitor: SocketAddr, reason: &str) {
-        self.counters.add_drop(kind);
+    fn dropped(&mut self, kind: Option<DropKind>, visitor: SocketAddr, reason: &str) {
+        if let Some(kind) = kind {
+            self.counters.add_drop(kind);
+        }
+        let drop = kind.map_or("refused", DropKind::name);
         if let Some(held_back) = self.logs.admit(RemoteEvent::VisitorRefused, Instant::now()) {
-            tracing::info!(port = self.port, %visitor, reason, drop = kind.name(), held_back, "forwarded datagram dropped");
+            tracing::info!(port = self.port, %visitor, reason, drop, held_back, "forwarded datagram dropped");
         }
     }
 }

@@ -29,11 +29,12 @@ use uuid::Uuid;
 use super::registry::FlowView;
 use crate::accounting::{Counters, Direction, DropKind};
 use crate::budget::Budget;
-use crate::log_limit::{LogLimiter, RemoteEvent};
+use crate::log_limit::LogLimiter;
 use crate::protocol::Message;
 use crate::replicas::{LoadBalance, ReplicaSet};
 use crate::udp::{FlowLimits, FlowTable, Verdict};
 
+mod refusals;
 mod replicas;
 
 pub(crate) use replicas::{JoinUdpReplica, LeaveUdpReplica, UdpReplica};
@@ -207,20 +208,11 @@ impl UdpServiceListener {
         })
     }
 
-    /// Counts a visitor's datagram dropped, by why (on the flow's replica,
-    /// or the service's first when it has none yet), and logs it at most
-    /// once a second (a visitor decides how often).
-    fn dropped(&mut self, kind: DropKind, flow: Option<Uuid>, visitor: SocketAddr, reason: &str) {
-        let replica = flow.and_then(|id| self.owner(id));
-        if let Some(replica) = replica.or_else(|| self.replicas.iter().next()) {
-            replica.counters.add_drop(kind);
-        }
-        if let Some(held_back) = self.logs.admit(RemoteEvent::VisitorRefused, Instant::now()) {
-            tracing::info!(port = self.settings.port, %visitor, reason, drop = kind.name(), held_back, "datagram dropped");
-        }
-    }
-
     fn on_visitor_datagram(&mut self, data: Bytes, visitor: SocketAddr, ctx: &mut Context<Self>) {
+        if let Some(why) = self.refusal(visitor) {
+            // before the flow table: a refused address takes no flow's place
+            return self.refused(why, visitor);
+        }
         let verdict = self
             .flows
             .on_visitor(visitor, data.len(), Instant::now(), Uuid::new_v4());
@@ -270,7 +262,8 @@ impl UdpServiceListener {
     /// there is none.
     fn assign(&mut self, id: Uuid, visitor: SocketAddr, ctx: &mut Context<Self>) -> bool {
         let flows = |r: &UdpReplica| r.counters.open_connections();
-        let healthy = |r: &UdpReplica| r.healthy;
+        let ip = visitor.ip();
+        let healthy = |r: &UdpReplica| r.healthy && r.visitors.check(ip).is_ok();
         let Some(replica) = self.replicas.pick(self.settings.policy, healthy, flows) else {
             return false;
         };

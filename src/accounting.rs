@@ -6,6 +6,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use crate::visitor_rules::Refusal;
+
 /// Direction of traffic, seen from the tunnel server's public side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Direction {
@@ -26,6 +28,8 @@ pub struct Counters {
     datagrams_out: AtomicU64,
     /// By [`DropKind::index`].
     drops: [AtomicU64; DropKind::ALL.len()],
+    /// Visitors refused by the service's address lists, by [`Refusal::index`].
+    refused: [AtomicU64; Refusal::ALL.len()],
     last_activity_ms: AtomicU64,
     unsent: AtomicU64,
 }
@@ -121,6 +125,11 @@ impl Counters {
         self.drops[kind.index()].fetch_add(1, Relaxed);
     }
 
+    /// Counts one visitor refused by the service's address lists.
+    pub fn add_refused(&self, why: Refusal) {
+        self.refused[why.index()].fetch_add(1, Relaxed);
+    }
+
     /// Counts one frame not sent: it could not be built, or its type was not
     /// announced by the peer (a bug on our side either way, also logged).
     pub fn add_unsent(&self) {
@@ -161,6 +170,7 @@ impl Counters {
             datagrams_out: self.datagrams_out.load(Relaxed),
             drops: self.drops.iter().map(|n| n.load(Relaxed)).sum(),
             drops_by_kind: self.drops.each_ref().map(|n| n.load(Relaxed)),
+            visitors_refused: self.refused.each_ref().map(|n| n.load(Relaxed)),
             last_activity_ms: self.last_activity_ms.load(Relaxed),
         }
     }
@@ -185,6 +195,8 @@ pub struct Snapshot {
     pub drops: u64,
     /// Datagrams dropped, by why ([`DropKind::ALL`]'s order).
     pub drops_by_kind: [u64; DropKind::ALL.len()],
+    /// Visitors refused by the address lists, by why ([`Refusal::ALL`]'s order).
+    pub visitors_refused: [u64; Refusal::ALL.len()],
     /// Last traffic, in milliseconds since the Unix epoch (0: none yet).
     pub last_activity_ms: u64,
 }

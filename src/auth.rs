@@ -155,6 +155,13 @@ pub struct TokenScope {
     /// allows any of the server's range. A registration asking for port 0
     /// gets the lowest free one of these.
     pub ports: Option<Vec<(u16, u16)>>,
+    /// Who may visit its services (`visitors_allow`, `visitors_deny`),
+    /// besides what each registration says.
+    #[serde(
+        default,
+        skip_serializing_if = "crate::visitor_rules::VisitorRules::is_empty"
+    )]
+    pub visitors: crate::visitor_rules::VisitorRules,
 }
 
 impl TokenScope {
@@ -375,6 +382,7 @@ mod tests {
             register: Some(vec!["ssh".into()]),
             access: Some(vec![]),
             ports: None,
+            visitors: Default::default(),
         };
         let store = TokenStore::new()
             .with_hash(&hash_token("t"), scope)

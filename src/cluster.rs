@@ -184,6 +184,14 @@ pub struct Route {
     /// TCP or UDP (absent in a route stored before UDP was routed: TCP).
     #[serde(default)]
     pub protocol: ServiceProtocol,
+    /// The address lists a visitor must pass (the registration's and its
+    /// token's): a server that forwards the service checks them before
+    /// passing a visitor on.
+    #[serde(
+        default,
+        skip_serializing_if = "crate::visitor_rules::ServiceRules::is_empty"
+    )]
+    pub visitors: crate::visitor_rules::ServiceRules,
 }
 
 /// Where a cluster's entries live in the store.
@@ -330,6 +338,7 @@ mod tests {
             register: Some(vec!["web".into()]),
             access: None,
             ports: Some(vec![(30000, 30010)]),
+            visitors: crate::visitor_rules::VisitorRules::from_wire("10.0.0.0/8", "").unwrap(),
         };
         let token = StoredToken::new(&hash_token("secret").to_uppercase(), scope).unwrap();
         let value = token.to_value();

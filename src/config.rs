@@ -755,6 +755,12 @@ pub struct ScopedToken {
     /// ranges within `data_port_range`; absent: any.
     #[serde(default)]
     pub ports: Option<Vec<(u16, u16)>>,
+    /// Visitors its services admit, CIDR blocks; absent or empty: all.
+    #[serde(default)]
+    pub visitors_allow: Vec<crate::visitor_rules::Cidr>,
+    /// Visitors its services refuse, whatever the allow lists say.
+    #[serde(default)]
+    pub visitors_deny: Vec<crate::visitor_rules::Cidr>,
 }
 
 /// A service the agent exposes.
@@ -792,6 +798,12 @@ pub struct ServiceConfig {
     /// reached. Absent: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_protocol: Option<crate::proxy_protocol::ProxyVersion>,
+    /// Visitors the server admits, CIDR blocks (empty: all).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<crate::visitor_rules::Cidr>,
+    /// Visitors the server refuses, whatever `allow` says.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<crate::visitor_rules::Cidr>,
 }
 
 /// How the agent checks a local service.
@@ -838,6 +850,29 @@ impl ServiceConfig {
             health_interval: default_health_interval(),
             health_failures: default_health_failures(),
             proxy_protocol: None,
+            allow: Vec::new(),
+            deny: Vec::new(),
+        }
+    }
+
+    /// Visitors the server admits (`allow`: empty admits all) and refuses
+    /// (`deny`, which wins), checked before any stream opens.
+    #[must_use]
+    pub fn with_visitors(
+        mut self,
+        allow: Vec<crate::visitor_rules::Cidr>,
+        deny: Vec<crate::visitor_rules::Cidr>,
+    ) -> Self {
+        self.allow = allow;
+        self.deny = deny;
+        self
+    }
+
+    /// Its address lists, as one value.
+    pub fn visitor_rules(&self) -> crate::visitor_rules::VisitorRules {
+        crate::visitor_rules::VisitorRules {
+            allow: self.allow.clone(),
+            deny: self.deny.clone(),
         }
     }
 

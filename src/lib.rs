@@ -55,6 +55,7 @@ pub mod throttle;
 pub mod tls;
 pub mod tunnels;
 pub mod udp;
+pub mod visitor_rules;
 
 pub use access::AccessSessionInfo;
 /// The wait for SIGINT or SIGTERM (Ctrl-C off unix) that `serve`, the binary

@@ -42,7 +42,15 @@ fn main() -> ExitCode {
             register,
             access,
             ports,
-        }) => cluster::add_token(&store, &which, register, access, ports),
+            visitors_allow,
+            visitors_deny,
+        }) => {
+            let visitors = zlayer_tunnel::visitor_rules::VisitorRules {
+                allow: visitors_allow,
+                deny: visitors_deny,
+            };
+            cluster::add_token(&store, &which, (register, access, ports), visitors)
+        }
         Command::Token(TokenCommand::Revoke { store, which }) => {
             cluster::revoke_token(&store, &which)
         }

@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use crate::accounting::{DropKind, GuardSnapshot, Snapshot};
 use crate::protocol::ServiceProtocol;
+use crate::visitor_rules::Refusal;
 
 /// A registered service, as reported in [`TunnelInfo`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -31,6 +32,10 @@ pub struct ServiceInfo {
     /// False while its agent's health checks of it fail (replicas: it gets
     /// no new visitor); true without checks.
     pub healthy: bool,
+    /// The address lists a visitor must pass (its token's, its
+    /// registration's), each `{allow, deny}`; none: everyone.
+    #[serde(skip_serializing_if = "crate::visitor_rules::ServiceRules::is_empty")]
+    pub visitors: crate::visitor_rules::ServiceRules,
 }
 
 /// A connected tunnel (one agent session), as the registry reports it.
@@ -597,6 +602,18 @@ fn render_services(out: &mut String, services: &[(&ServiceInfo, Option<Uuid>)]) 
             let _ = writeln!(out, "{name}{{{labels},reason=\"{reason}\"}} {value}");
         }
     }
+    let name = "zlayer_tunnel_visitors_refused_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Visitors a service's address lists refused, by reason.\n# TYPE {name} counter"
+    );
+    for &(service, client) in services {
+        let labels = labels(service, client, "");
+        for why in Refusal::ALL {
+            let (reason, value) = (why.name(), service.stats.visitors_refused[why.index()]);
+            let _ = writeln!(out, "{name}{{{labels},reason=\"{reason}\"}} {value}");
+        }
+    }
 }
 
 /// A metric family: name, type, help, and its labelled values from a snapshot.
@@ -670,6 +687,7 @@ mod tests {
                 },
                 flows: Vec::new(),
                 healthy: true,
+                visitors: Default::default(),
             }],
             stats: Snapshot::default(),
         }

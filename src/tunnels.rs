@@ -116,6 +116,8 @@ pub struct RegisteredService {
     pub protocol: ServiceProtocol,
     /// Its public port.
     pub port: u16,
+    /// Who may visit it.
+    pub visitors: crate::visitor_rules::ServiceRules,
 }
 
 /// A tunnel that ended: what its owner must close, and the ports it gave back.
@@ -447,6 +449,7 @@ mod tests {
             name: name.to_owned(),
             protocol: ServiceProtocol::Tcp,
             port,
+            visitors: crate::visitor_rules::ServiceRules::default(),
         }
     }
 

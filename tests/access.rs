@@ -173,6 +173,7 @@ async fn token_scopes_limit_what_is_registered_and_accessed() {
         register: register.map(|r| r.iter().map(|s| (*s).to_owned()).collect()),
         access: access.map(|a| a.iter().map(|s| (*s).to_owned()).collect()),
         ports: None,
+        visitors: Default::default(),
     };
     let store = TokenStore::new()
         .with_hash(&hash_token("agent"), scope(Some(&["web", "db"]), Some(&[])))

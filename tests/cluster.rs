@@ -806,3 +806,57 @@ async fn an_etcd_over_tls_is_reached_with_its_ca() {
     let port = agent.registered_port();
     common::echo_through(([127, 0, 0, 1], port).into(), 60, 64 << 10).await;
 }
+
+/// A service's address lists hold on every server: a server that forwards
+/// the service to a peer checks them before passing a visitor on.
+#[actix_web::test]
+async fn a_services_address_lists_hold_on_the_servers_that_forward_it() {
+    let etcd = Etcd::start().await;
+    token_command(&["add", "--etcd", &etcd.url, "--token", "lists-token"]);
+    let range = free_ports(1);
+    let controls = free_ports(2).0;
+    let (_one, url_1) = peer_server(&etcd.url, "127.0.0.1", range, controls);
+    let (mut two, _) = peer_server(&etcd.url, "127.0.0.2", range, controls + 1);
+    let service = format!("svc:{}:0", common::services::echo().await);
+    let args = [
+        "agent",
+        "--server",
+        &url_1,
+        "--tcp",
+        &service,
+        "--deny",
+        "127.0.0.5",
+    ];
+    let mut agent = Proc::spawn_with(&args, |c| {
+        c.env("ZLAYER_TUNNEL_TOKEN", "lists-token");
+    });
+    let port = agent.registered_port();
+    two.wait_for("forwarding public port to a peer");
+    let visit = |from: [u8; 4]| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind((from, 0).into()).unwrap();
+        // a refused visitor's reset may come before the connect returns
+        let Ok(mut s) = socket.connect(([127, 0, 0, 2], port).into()).await else {
+            return false;
+        };
+        let _ = s.write_all(b"hello").await;
+        let _ = s.shutdown().await;
+        let mut back = Vec::new();
+        let _ = s.read_to_end(&mut back).await;
+        back == b"hello"
+    };
+    assert!(
+        visit([127, 0, 0, 6]).await,
+        "an admitted visitor through the peer"
+    );
+    assert!(
+        !visit([127, 0, 0, 5]).await,
+        "a denied one, refused by server 2"
+    );
+    let admin = two.listening_addr("admin endpoints listening");
+    let counted = || async move {
+        let status = common::http_get(&format!("http://{admin}/status")).await;
+        status.contains("\"visitors_refused\":[1,0]")
+    };
+    wait_until("server 2 counts the refusal", counted).await;
+}

@@ -3,6 +3,7 @@
 
 use super::cluster::{keep_port, lease, outside_range};
 use super::*;
+use crate::visitor_rules::ServiceRules;
 
 impl Listener {
     /// Tunnel `tunnel_id`'s registration ends: it leaves the service's
@@ -47,6 +48,7 @@ impl ControlChannel {
             remote_port,
             allowed_ports,
             named_in_scope,
+            visitors,
         } = registration;
         let tunnel_id = tunnel.tunnel_id;
         let registry = self.shared.registry.addr().clone();
@@ -109,7 +111,7 @@ impl ControlChannel {
         }
         .into_actor(self)
         .map(move |result: Result<_, String>, act, ctx| {
-            let answer = act.registered(name, result, ctx);
+            let answer = act.registered((name, visitors), result, ctx);
             act.core.allocated(seq, answer);
             act.execute(ctx);
         })
@@ -120,7 +122,7 @@ impl ControlChannel {
     /// why it was refused.
     fn registered(
         &mut self,
-        name: String,
+        (name, visitors): (String, ServiceRules),
         result: Result<(u16, Bound), String>,
         ctx: &mut ws::WebsocketContext<Self>,
     ) -> Result<(Uuid, u16), String> {
@@ -147,6 +149,7 @@ impl ControlChannel {
                 channel: ctx.address().recipient(),
                 counters: counters.clone(),
                 healthy: true,
+                visitors: visitors.clone(),
             },
             cancel: cancel.clone(),
         };
@@ -160,6 +163,7 @@ impl ControlChannel {
                 counters: counters.clone(),
                 view,
                 healthy: true,
+                visitors: visitors.clone(),
             },
             cancel: cancel.clone(),
         };
@@ -204,6 +208,7 @@ impl ControlChannel {
                 name: name.clone(),
                 protocol,
                 port,
+                visitors: visitors.clone(),
             },
             counters: counters.clone(),
             flows,

@@ -106,6 +106,8 @@ impl AgentView {
                 stats: Default::default(),
                 flows: Vec::new(),
                 healthy: true,
+                visitors: crate::visitor_rules::VisitorRules::default()
+                    .and(&service.visitor_rules()),
             });
         }
     }

@@ -48,6 +48,7 @@ fn with_peer_token(fixed: TokenStore, token: &crate::auth::Secret) -> TokenStore
         register: Some(Vec::new()),
         access: None,
         ports: None,
+        visitors: crate::visitor_rules::VisitorRules::default(),
     };
     let hash = crate::auth::hash_token(token.expose());
     fixed.clone().with_hash(&hash, scope).unwrap_or(fixed)

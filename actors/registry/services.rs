@@ -119,6 +119,7 @@ impl TunnelIo {
                     .and_then(|f| f.lock().ok().map(|f| f.clone()))
                     .unwrap_or_default(),
                 healthy: !self.unhealthy.contains(&s.id),
+                visitors: s.visitors.clone(),
             }
         });
         TunnelInfo {

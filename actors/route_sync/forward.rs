@@ -4,6 +4,7 @@
 //! advertised URL, with the cluster's peer token) to a server that has one,
 //! the one with the fewest open streams from here first.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 
 use tokio_util::sync::CancellationToken;
@@ -14,10 +15,12 @@ use crate::actors::TunnelAgent;
 use crate::actors::agent_connection::OpenStream;
 use crate::actors::io::runtime;
 use crate::actors::service_listener::ServiceListener;
-use crate::actors::udp_forward::UdpForward;
+use crate::actors::udp_forward::{PeerChoice, Peers, UdpForward};
 use crate::actors::udp_listener::UdpServiceListener;
 use crate::auth::Secret;
 use crate::config::TunnelClientConfig;
+use crate::log_limit::{LogLimiter, RemoteEvent};
+use crate::visitor_rules::{Refusal, ServiceRules};
 
 /// How long a visitor waits for a new peer link to connect.
 const LINK_WAIT: Duration = Duration::from_secs(3);
@@ -33,8 +36,9 @@ pub(super) struct PeerLinks {
 struct Inner {
     /// By advertised URL, with the streams sent through each.
     links: HashMap<String, (TunnelAgent, Arc<Counters>)>,
-    /// By forwarded port: the peers' URLs and the service's name.
-    routes: HashMap<PortKey, Vec<(String, String)>>,
+    /// By forwarded port: the peers' URLs, the service's name there, and
+    /// the address lists its visitors must pass.
+    routes: HashMap<PortKey, Vec<(String, String, ServiceRules)>>,
     turn: usize,
 }
 
@@ -56,17 +60,37 @@ impl PeerLinks {
     pub(super) fn set_routes(&self, port: PortKey, remote: &[&Route]) {
         let peers = (remote.iter())
             .filter(|r| (r.port, r.protocol) == port)
-            .map(|r| (r.advertise.clone(), r.service.clone()))
+            .map(|r| (r.advertise.clone(), r.service.clone(), r.visitors.clone()))
             .collect();
         self.lock().routes.insert(port, peers);
     }
 
-    /// The peer for a visitor of `port`: the one with the fewest open
-    /// streams from here, ties in turn; its link (started if it was not),
-    /// its counters, and the service's name.
-    fn pick(&self, port: PortKey) -> Option<(TunnelAgent, Arc<Counters>, String)> {
+    /// Whether some peer that routes `port` admits a visitor from `ip`
+    /// (its route's address lists); why not if none does.
+    pub(super) fn check(&self, port: PortKey, ip: IpAddr) -> Result<(), Refusal> {
+        let inner = self.lock();
+        let Some(peers) = inner.routes.get(&port) else {
+            return Ok(());
+        };
+        let mut verdicts = peers.iter().map(|(_, _, rules)| rules.check(ip));
+        let first = verdicts.next().unwrap_or(Ok(()));
+        match first {
+            Ok(()) => Ok(()),
+            Err(_) if verdicts.any(|v| v.is_ok()) => Ok(()),
+            Err(why) => Err(why),
+        }
+    }
+
+    /// The peer for a visitor of `port` from `ip`: among those whose lists
+    /// admit it, the one with the fewest open streams from here, ties in
+    /// turn; its link (started if it was not), its counters, and the
+    /// service's name.
+    fn pick(&self, port: PortKey, ip: IpAddr) -> Option<(TunnelAgent, Arc<Counters>, String)> {
         let mut inner = self.lock();
-        let peers = inner.routes.get(&port)?.clone();
+        let peers: Vec<(String, String)> = (inner.routes.get(&port)?.iter())
+            .filter(|(_, _, rules)| rules.check(ip).is_ok())
+            .map(|(url, service, _)| (url.clone(), service.clone()))
+            .collect();
         if peers.is_empty() {
             return None;
         }
@@ -94,7 +118,7 @@ impl PeerLinks {
     pub(super) fn warm(&self, port: PortKey) {
         let mut inner = self.lock();
         let peers = inner.routes.get(&port).cloned().unwrap_or_default();
-        for (url, _) in peers {
+        for (url, _, _) in peers {
             inner
                 .links
                 .entry(url.clone())
@@ -145,11 +169,15 @@ pub(super) fn open(
     let (links, closed, port) = (links.clone(), close.clone(), route.port);
     links.warm((port, ServiceProtocol::Tcp));
     actix::spawn(async move {
+        let mut logs = LogLimiter::new();
         loop {
             tokio::select! {
                 () = closed.cancelled() => return,
                 accepted = listener.accept() => match accepted {
-                    Ok((socket, _)) => pass(&links, port, socket, &counters),
+                    Ok((socket, visitor)) => match links.check((port, ServiceProtocol::Tcp), visitor.ip()) {
+                        Ok(()) => pass(&links, port, (socket, visitor), &counters),
+                        Err(why) => refuse(port, (socket, visitor), why, (&counters, &mut logs)),
+                    },
                     Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                 },
             }
@@ -171,18 +199,55 @@ pub(super) fn open_udp(
     let close = CancellationToken::new();
     let key = (route.port, ServiceProtocol::Udp);
     links.warm(key);
-    let links = links.clone();
-    let pick = Box::new(move || {
-        let (link, peer, service) = links.pick(key)?;
-        Some((link.connection()?, peer, service))
+    let peers = Box::new(ForwardedPort {
+        links: links.clone(),
+        key,
     });
-    UdpForward::start(socket, limits, pick, counters, close.clone());
+    UdpForward::start(socket, limits, peers, counters, close.clone());
     Ok(close)
 }
 
+/// The peers of one forwarded UDP port, for its `UdpForward`.
+struct ForwardedPort {
+    links: PeerLinks,
+    key: PortKey,
+}
+
+impl Peers for ForwardedPort {
+    fn check(&self, ip: IpAddr) -> Result<(), Refusal> {
+        self.links.check(self.key, ip)
+    }
+
+    fn pick(&self, ip: IpAddr) -> Option<PeerChoice> {
+        let (link, peer, service) = self.links.pick(self.key, ip)?;
+        Some((link.connection()?, peer, service))
+    }
+}
+
+/// A visitor the service's address lists refuse: reset at once, counted
+/// by why, logged at most once a second.
+fn refuse(
+    port: u16,
+    (socket, visitor): (tokio::net::TcpStream, SocketAddr),
+    why: Refusal,
+    (counters, logs): (&Counters, &mut LogLimiter),
+) {
+    #[allow(deprecated)] // SO_LINGER 0: a reset, which never blocks
+    let _ = socket.set_linger(Some(Duration::ZERO));
+    counters.add_refused(why);
+    if let Some(held_back) = logs.admit(RemoteEvent::VisitorRefused, std::time::Instant::now()) {
+        tracing::info!(port, %visitor, reason = why.name(), held_back, "visitor refused by the service's address lists");
+    }
+}
+
 /// Sends a visitor to a peer (once its link is up); closed if none can take it.
-fn pass(links: &PeerLinks, port: u16, socket: tokio::net::TcpStream, counters: &Arc<Counters>) {
-    let Some((link, peer, service)) = links.pick((port, ServiceProtocol::Tcp)) else {
+fn pass(
+    links: &PeerLinks,
+    port: u16,
+    (socket, visitor): (tokio::net::TcpStream, SocketAddr),
+    counters: &Arc<Counters>,
+) {
+    let Some((link, peer, service)) = links.pick((port, ServiceProtocol::Tcp), visitor.ip()) else {
         return;
     };
     // the stream outlives the forward (closed when a registration here takes

@@ -22,6 +22,8 @@ pub(crate) struct UdpReplica {
     pub(crate) view: FlowView,
     /// False while its agent's health checks fail: no new flow.
     pub(crate) healthy: bool,
+    /// Who may send to it (its token's and its registration's lists).
+    pub(crate) visitors: crate::visitor_rules::ServiceRules,
 }
 
 /// A replica joins the service (the first one starts the listener).

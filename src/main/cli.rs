@@ -195,6 +195,14 @@ pub(crate) struct AgentArgs {
     /// (per service: `proxy_protocol` in the config file).
     #[arg(long, value_name = "VERSION")]
     pub(crate) proxy_protocol: Option<zlayer_tunnel::proxy_protocol::ProxyVersion>,
+    /// Admit only visitors from this CIDR block to every --tcp and --udp
+    /// service (repeatable; checked by the server; per service: `allow` in
+    /// the config file).
+    #[arg(long, value_name = "CIDR")]
+    pub(crate) allow: Vec<zlayer_tunnel::visitor_rules::Cidr>,
+    /// Refuse visitors from this CIDR block, whatever --allow says (repeatable).
+    #[arg(long, value_name = "CIDR")]
+    pub(crate) deny: Vec<zlayer_tunnel::visitor_rules::Cidr>,
     /// For wss://: trust the certificates of this PEM file (a private CA, or
     /// the server's own self-signed certificate) instead of the system roots.
     #[arg(long)]
@@ -229,6 +237,12 @@ pub(crate) enum TokenCommand {
         /// Public ports its services may get, LOW-HIGH (repeatable). Default: any.
         #[arg(long, value_parser = parse_range)]
         ports: Vec<(u16, u16)>,
+        /// Visitors its services admit, a CIDR block (repeatable). Default: all.
+        #[arg(long, value_name = "CIDR")]
+        visitors_allow: Vec<zlayer_tunnel::visitor_rules::Cidr>,
+        /// Visitors its services refuse, a CIDR block (repeatable).
+        #[arg(long, value_name = "CIDR")]
+        visitors_deny: Vec<zlayer_tunnel::visitor_rules::Cidr>,
     },
     /// Removes a token from a cluster's store: its tunnels close on every
     /// server within two seconds.

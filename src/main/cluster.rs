@@ -129,14 +129,14 @@ fn token_hash(which: &TokenArg) -> anyhow::Result<String> {
 pub(crate) fn add_token(
     args: &StoreArgs,
     which: &TokenArg,
-    register: Vec<String>,
-    access: Vec<String>,
-    ports: Vec<(u16, u16)>,
+    (register, access, ports): (Vec<String>, Vec<String>, Vec<(u16, u16)>),
+    visitors: zlayer_tunnel::visitor_rules::VisitorRules,
 ) -> anyhow::Result<()> {
     let scope = TokenScope {
         register: (!register.is_empty()).then_some(register),
         access: (!access.is_empty()).then_some(access),
         ports: (!ports.is_empty()).then_some(ports),
+        visitors,
     };
     let token = StoredToken::new(&token_hash(which)?, scope).context("--hash")?;
     let hash = token.hash.clone();
@@ -171,8 +171,16 @@ pub(crate) fn list_tokens(args: &StoreArgs) -> anyhow::Result<()> {
                 .ports
                 .as_ref()
                 .map_or_else(|| "*".into(), |r| zlayer_tunnel::ports::format_ranges(r));
+            let (allow, deny) = scope.visitors.to_wire();
+            let mut visitors = String::new();
+            if !allow.is_empty() {
+                visitors += &format!(" visitors_allow={allow}");
+            }
+            if !deny.is_empty() {
+                visitors += &format!(" visitors_deny={deny}");
+            }
             println!(
-                "{} register={} access={} ports={}",
+                "{} register={} access={} ports={}{visitors}",
                 token.hash,
                 names(&scope.register),
                 names(&scope.access),

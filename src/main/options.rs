@@ -154,6 +154,8 @@ pub(crate) fn agent_config(args: &AgentArgs) -> anyhow::Result<TunnelClientConfi
         if args.proxy_protocol.is_some() {
             service.proxy_protocol = args.proxy_protocol;
         }
+        service.allow.extend(args.allow.iter().copied());
+        service.deny.extend(args.deny.iter().copied());
         config = config.with_service(service);
     }
     if let Some(path) = &args.ca_cert {
@@ -247,6 +249,10 @@ fn token_store(
             register: token.register.clone(),
             access: token.access.clone(),
             ports: token.ports.clone(),
+            visitors: zlayer_tunnel::visitor_rules::VisitorRules {
+                allow: token.visitors_allow.clone(),
+                deny: token.visitors_deny.clone(),
+            },
         };
         store = store
             .with_hash(&token.hash, scope)

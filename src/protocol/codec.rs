@@ -88,7 +88,14 @@ impl Message {
             Self::AuthOk { capabilities, .. } => UUID_LEN + ext_len(capabilities),
             Self::AuthFail { reason, refusal } => 2 + reason.len() + usize::from(refusal.is_some()),
             Self::RegisterFail { reason } | Self::Disconnect { reason } => 2 + reason.len(),
-            Self::Register { name, .. } => 1 + name.len() + 1 + 2 + 2,
+            Self::Register { name, visitors, .. } => {
+                let rules = if visitors.0.is_empty() && visitors.1.is_empty() {
+                    0
+                } else {
+                    2 + visitors.0.len() + 2 + visitors.1.len()
+                };
+                1 + name.len() + 1 + 2 + 2 + rules
+            }
             Self::RegisterOk { port, .. } => UUID_LEN + if port.is_some() { 2 } else { 0 },
             Self::Connect {
                 client_addr,
@@ -229,11 +236,16 @@ impl Message {
                 protocol,
                 local_port,
                 remote_port,
+                visitors: (allow, deny),
             } => {
                 put_str8(buf, name);
                 buf.put_u8(protocol.to_byte());
                 buf.put_u16(*local_port);
                 buf.put_u16(*remote_port);
+                if !allow.is_empty() || !deny.is_empty() {
+                    put_str16(buf, allow);
+                    put_str16(buf, deny);
+                }
             }
             Self::RegisterOk { service_id, port } => {
                 buf.put_slice(service_id.as_bytes());
@@ -462,11 +474,21 @@ impl Reader {
         let name = self.str8("name")?;
         let byte = self.u8("protocol")?;
         let protocol = ServiceProtocol::from_byte(byte).map_err(|b| self.bad("protocol", b))?;
+        let local_port = self.u16("local_port")?;
+        let remote_port = self.u16("remote_port")?;
+        // trailing, under VISITOR_RULES: both lists, or neither; other
+        // trailing bytes are ignored, as the original decoder ignores them
+        let lists = (self.str16("allow"), self.str16("deny"));
+        let visitors = match lists {
+            (Ok(allow), Ok(deny)) => (allow, deny),
+            _ => (String::new(), String::new()),
+        };
         Ok(Message::Register {
             name,
             protocol,
-            local_port: self.u16("local_port")?,
-            remote_port: self.u16("remote_port")?,
+            local_port,
+            remote_port,
+            visitors,
         })
     }
 

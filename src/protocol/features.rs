@@ -38,8 +38,10 @@ impl Features {
     /// `Connect` carries the public address the visitor reached (for the
     /// PROXY protocol headers an agent writes).
     pub const PROXY: Self = Self(1 << 5);
+    /// `Register` carries visitor address lists the server enforces.
+    pub const VISITOR_RULES: Self = Self(1 << 6);
     /// Everything this implementation supports.
-    pub const ALL: Self = Self(0b11_1111);
+    pub const ALL: Self = Self(0b111_1111);
 
     /// Builds a set from raw bits; unknown bits are kept (a newer peer's features).
     pub const fn from_bits(bits: u32) -> Self {
@@ -85,6 +87,7 @@ impl fmt::Debug for Features {
             (Self::HEALTH, "HEALTH"),
             (Self::ACCESS_UDP, "ACCESS_UDP"),
             (Self::PROXY, "PROXY"),
+            (Self::VISITOR_RULES, "VISITOR_RULES"),
         ];
         let mut list = f.debug_set();
         for (bit, name) in names {
@@ -138,7 +141,7 @@ mod tests {
 
     #[test]
     fn accept_is_the_intersection() {
-        let offer = Capabilities::new(Features::from_bits(0b100_0101));
+        let offer = Capabilities::new(Features::from_bits(0b1000_0101));
         let answer = Capabilities::accept(offer, Features::ALL, 4096);
         assert_eq!(answer.features, Features::STREAMS | Features::ACCESS);
         assert_eq!(answer.initial_window, 4096);

@@ -212,6 +212,10 @@ pub enum Message {
         local_port: u16,
         /// Requested public port, 0 for any.
         remote_port: u16,
+        /// Visitors the server is to admit and refuse: CIDR blocks separated
+        /// by commas, each list possibly empty (`VISITOR_RULES`; on the wire
+        /// only when one is not empty).
+        visitors: (String, String),
     },
     /// Registration success.
     RegisterOk {
@@ -431,7 +435,35 @@ impl Message {
             protocol,
             local_port,
             remote_port,
+            visitors: (String::new(), String::new()),
         })
+    }
+
+    /// `Register` with visitor address lists, `(allow, deny)`: CIDR blocks
+    /// separated by commas (sent only to a server that announced
+    /// `VISITOR_RULES`).
+    pub fn register_with_visitors(
+        name: impl Into<String>,
+        protocol: ServiceProtocol,
+        (local_port, remote_port): (u16, u16),
+        visitors: (String, String),
+    ) -> Result<Self, BuildError> {
+        match Self::register(name, protocol, local_port, remote_port)? {
+            Self::Register {
+                name,
+                protocol,
+                local_port,
+                remote_port,
+                ..
+            } => checked(Self::Register {
+                name,
+                protocol,
+                local_port,
+                remote_port,
+                visitors,
+            }),
+            other => Ok(other),
+        }
     }
 
     /// `RegisterFail` with a reason.

@@ -22,6 +22,13 @@ fn one_of_each() -> Vec<Message> {
         },
         Message::auth_fail("no").unwrap(),
         Message::register("ssh", ServiceProtocol::Tcp, 22, 2222).unwrap(),
+        Message::register_with_visitors(
+            "ssh",
+            ServiceProtocol::Tcp,
+            (22, 0),
+            ("10.0.0.0/8".into(), String::new()),
+        )
+        .unwrap(),
         Message::RegisterOk {
             service_id: id(3),
             port: Some(30000),

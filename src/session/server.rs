@@ -336,8 +336,9 @@ impl ServerSession {
                 name,
                 protocol,
                 remote_port,
+                visitors,
                 ..
-            } => self.on_register(name, protocol, remote_port),
+            } => self.on_register(name, protocol, remote_port, &visitors),
             Message::Unregister { service_id } => self.on_unregister(service_id),
             Message::Health {
                 service_id,

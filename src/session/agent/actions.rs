@@ -70,7 +70,8 @@ pub enum AgentAction {
         /// What we may send on a new stream before a `Window`.
         server_window: u32,
     },
-    /// A UDP service is not registered: the server carries no datagrams.
+    /// A service is not registered: the server carries no datagrams (a UDP
+    /// service), or enforces no visitor lists (a service with them).
     NotRegistered {
         /// The service.
         service: ServiceConfig,

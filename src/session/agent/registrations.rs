@@ -1,5 +1,5 @@
 //! The agent session's registrations: asked in order (UDP only over
-//! `DATAGRAMS`), answers paired first-in-first-out (an answer with nothing
+//! `DATAGRAMS`, visitor lists only over `VISITOR_RULES`), answers paired first-in-first-out (an answer with nothing
 //! waiting is a violation), `Ready` once every one is answered.
 
 use super::*;
@@ -19,7 +19,20 @@ impl AgentSession {
                 .push_back(AgentAction::NotRegistered { service, reason });
             return;
         }
-        let register = Message::register(&service.name, service.protocol, service.local_port, port);
+        let rules = service.visitor_rules();
+        if !rules.is_empty() && !self.features().contains(Features::VISITOR_RULES) {
+            // a service that relies on its lists is not published unguarded
+            let reason = "the server does not enforce visitor allow/deny lists (no VISITOR_RULES capability): upgrade it, or remove the service's allow and deny";
+            self.actions
+                .push_back(AgentAction::NotRegistered { service, reason });
+            return;
+        }
+        let ports = (service.local_port, port);
+        let register = if rules.is_empty() {
+            Message::register(&service.name, service.protocol, ports.0, ports.1)
+        } else {
+            Message::register_with_visitors(&service.name, service.protocol, ports, rules.to_wire())
+        };
         self.awaiting.push_back(service);
         self.send_built(register);
     }

@@ -118,4 +118,6 @@ pub struct Registration {
     /// The token's register scope names the service: it may join another
     /// token's registration of the name as a replica.
     pub named_in_scope: bool,
+    /// Who may visit it: the token's lists and the registration's.
+    pub visitors: crate::visitor_rules::ServiceRules,
 }

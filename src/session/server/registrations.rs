@@ -3,6 +3,7 @@
 //! caller, and every one answered exactly once, in the order asked.
 
 use super::*;
+use crate::visitor_rules::VisitorRules;
 
 impl ServerSession {
     /// The port of registration `seq` was allocated and listened on
@@ -36,12 +37,23 @@ impl ServerSession {
         name: String,
         protocol: ServiceProtocol,
         remote_port: u16,
+        (allow, deny): &(String, String),
     ) {
         let max_services = self.settings.max_services;
         let Some(open) = self.open_mut() else { return };
         let seq = open.next_seq;
         open.next_seq += 1;
-        let refusal = registration_refusal(open, max_services, &name, protocol, remote_port);
+        // the token's lists and the registration's (read only under
+        // VISITOR_RULES: an original agent's trailing bytes mean nothing)
+        let (allow, deny) = match open.features.contains(Features::VISITOR_RULES) {
+            true => (allow.as_str(), deny.as_str()),
+            false => ("", ""),
+        };
+        let visitors = VisitorRules::from_wire(allow, deny)
+            .map(|own| open.scope.visitors.and(&own))
+            .map_err(|e| format!("visitor lists: {e}"));
+        let refusal = registration_refusal(open, max_services, &name, protocol, remote_port)
+            .or_else(|| visitors.as_ref().err().cloned());
         open.pending.push_back(Pending {
             seq,
             name: name.clone(),
@@ -57,6 +69,7 @@ impl ServerSession {
                 remote_port,
                 allowed_ports,
                 named_in_scope,
+                visitors: visitors.unwrap_or_default(),
             }));
         }
         self.answer_in_order();
