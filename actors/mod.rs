@@ -78,6 +78,7 @@ pub use handles::access_manager::{AccessManager, StartedSession};
 pub use handles::agent_view::{PublishedCallback, PublishedService};
 pub use handles::control_handler::ControlHandler;
 pub use handles::node_tunnels::NodeTunnelManager;
+pub use handles::reload::{ReloadReport, TokenReload};
 pub use handles::tunnel_agent::{ConnectionCallback, TunnelAgent};
 #[cfg(feature = "etcd")]
 pub use io::etcd_store::{EtcdOptions, EtcdStore};

@@ -270,6 +270,15 @@ impl TokenStore {
         found.ok_or(AuthError::InvalidToken)
     }
 
+    /// The hashes (lowercase hex) of `self` that `newer` does not have:
+    /// the tokens a reload removes.
+    pub fn removed_in(&self, newer: &Self) -> Vec<String> {
+        (self.entries.iter())
+            .filter(|e| !newer.entries.iter().any(|n| n.hash == e.hash))
+            .map(|e| to_hex(&e.hash))
+            .collect()
+    }
+
     /// This store as a seed-style [`TokenValidator`].
     pub fn into_validator(self) -> TokenValidator {
         Arc::new(move |token: &str| self.verify(token).map(|_| ()).map_err(Into::into))

@@ -29,6 +29,7 @@ pub mod actors;
 
 pub mod access;
 pub mod accounting;
+pub mod admin_access;
 pub mod admission;
 pub mod auth;
 pub mod backoff;

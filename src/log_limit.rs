@@ -26,11 +26,13 @@ pub enum RemoteEvent {
     AuthEvicted,
     /// An agent's health checks of a replica changed their verdict.
     ReplicaHealth,
+    /// An admin request without the right token.
+    AdminRefused,
 }
 
 impl RemoteEvent {
     /// Every kind, in the order of their counters.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::AuthRefused,
         Self::AuthLockedOut,
         Self::AuthTimeout,
@@ -40,6 +42,7 @@ impl RemoteEvent {
         Self::AccessRefused,
         Self::AuthEvicted,
         Self::ReplicaHealth,
+        Self::AdminRefused,
     ];
 
     /// Its name, as a metric label.
@@ -54,6 +57,7 @@ impl RemoteEvent {
             Self::AccessRefused => "access_refused",
             Self::AuthEvicted => "auth_evicted",
             Self::ReplicaHealth => "replica_health",
+            Self::AdminRefused => "admin_refused",
         }
     }
 

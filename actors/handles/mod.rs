@@ -10,5 +10,6 @@ pub(crate) mod agent_view;
 pub(crate) mod control_handler;
 pub(crate) mod forwards;
 pub(crate) mod node_tunnels;
+pub(crate) mod reload;
 pub(crate) mod tunnel_agent;
 pub(crate) mod tunnel_registry;

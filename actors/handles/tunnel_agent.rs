@@ -133,6 +133,15 @@ impl TunnelAgent {
         admin::start(listen, Arc::new(self.clone()))
     }
 
+    /// [`TunnelAgent::serve_admin`], guarded by `access` (bearer tokens).
+    pub fn serve_admin_guarded(
+        &self,
+        listen: &[SocketAddr],
+        access: crate::admin_access::AdminAccess,
+    ) -> std::io::Result<actix_web::dev::Server> {
+        admin::start_guarded(listen, Arc::new(self.clone()), access)
+    }
+
     /// Sets the callback that accepts or refuses each visitor.
     #[must_use]
     pub fn on_connection(mut self, callback: ConnectionCallback) -> Self {

@@ -1,13 +1,23 @@
 //! The admin endpoints, on their own listener so that they can stay private:
 //! `GET /healthz`, `GET /status` (JSON) and `GET /metrics` (Prometheus text),
 //! for a server (its registry) or an agent (its own session). Not an actor:
-//! actix-web handlers that read an [`AdminSource`].
+//! actix-web handlers that read an [`AdminSource`]. Each request but
+//! `/healthz` is checked against the listener's [`AdminAccess`]; a refused
+//! one is answered 401 (or 403), counted, and logged at most once a second,
+//! never with what it presented.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-use actix_web::{App, HttpResponse, HttpServer, web};
+use actix_web::dev::Payload;
+use actix_web::error::InternalError;
+use actix_web::{App, FromRequest, HttpRequest, HttpResponse, HttpServer, web};
 use futures::future::LocalBoxFuture;
+
+use crate::admin_access::{AdminAccess, AdminNeed, AdminRefusal};
+use crate::log_limit::{LogLimiter, RemoteEvent};
 
 use crate::actors::{AccessManager, NodeTunnelManager, TunnelAgent, TunnelRegistry};
 use crate::status::{StatusReport, render_agent_metrics, render_guard_metrics, render_metrics};
@@ -18,6 +28,11 @@ pub(crate) trait AdminSource: Send + Sync + 'static {
     fn status(&self) -> LocalBoxFuture<'_, serde_json::Value>;
     /// The `/metrics` text.
     fn metrics(&self) -> LocalBoxFuture<'_, String>;
+    /// Re-reads the configuration (`POST /reload`): what changed, or why
+    /// nothing did; `None`: this source does not reload.
+    fn reload(&self) -> Option<LocalBoxFuture<'_, Result<serde_json::Value, String>>> {
+        None
+    }
 }
 
 impl AdminSource for TunnelRegistry {
@@ -85,18 +100,70 @@ impl AdminSource for AccessManager {
     }
 }
 
-/// Starts the admin server on `listen`; it runs until `stop` on the returned handle.
+/// The listener's access rules and what it refused.
+pub(crate) struct Guard {
+    access: AdminAccess,
+    refused: AtomicU64,
+    logs: Mutex<LogLimiter>,
+}
+
+impl Guard {
+    /// Checks `request` for `need`: the answer to send if it is refused.
+    fn refusal(&self, request: &HttpRequest, need: AdminNeed) -> Option<HttpResponse> {
+        let authorization = (request.headers().get("authorization")).and_then(|v| v.to_str().ok());
+        let refusal = self.access.check(need, authorization).err()?;
+        self.refused.fetch_add(1, Relaxed);
+        let logs = self
+            .logs
+            .lock()
+            .ok()
+            .map(|mut l| l.admit(RemoteEvent::AdminRefused, Instant::now()));
+        if let Some(Some(held_back)) = logs {
+            let peer = request
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            tracing::warn!(%peer, path = request.path(), reason = %refusal, held_back, "admin request refused");
+        }
+        let answer = match refusal {
+            AdminRefusal::Unauthorized => HttpResponse::Unauthorized()
+                .insert_header(("WWW-Authenticate", "Bearer"))
+                .body(format!("{refusal}\n")),
+            AdminRefusal::NoAdminToken => HttpResponse::Forbidden().body(format!("{refusal}\n")),
+        };
+        Some(answer)
+    }
+}
+
+/// Starts the admin server on `listen`, open to read and taking no
+/// changes; it runs until `stop` on the returned handle.
 pub(crate) fn start(
     listen: &[SocketAddr],
     source: Arc<dyn AdminSource>,
 ) -> std::io::Result<actix_web::dev::Server> {
+    start_guarded(listen, source, AdminAccess::open())
+}
+
+/// Starts the admin server on `listen`, guarded by `access`.
+pub(crate) fn start_guarded(
+    listen: &[SocketAddr],
+    source: Arc<dyn AdminSource>,
+    access: AdminAccess,
+) -> std::io::Result<actix_web::dev::Server> {
     let data: web::Data<dyn AdminSource> = web::Data::from(source);
+    let guard = web::Data::new(Guard {
+        access,
+        refused: AtomicU64::new(0),
+        logs: Mutex::new(LogLimiter::new()),
+    });
     let server = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
+            .app_data(guard.clone())
             .route("/healthz", web::get().to(|| async { "ok\n" }))
             .route("/status", web::get().to(status))
             .route("/metrics", web::get().to(metrics))
+            .route("/reload", web::post().to(reload))
     })
     .workers(1)
     .disable_signals()
@@ -108,12 +175,66 @@ pub(crate) fn start(
     Ok(server.run())
 }
 
-async fn status(source: web::Data<dyn AdminSource>) -> HttpResponse {
+/// A request the guard let read (`/status`, `/metrics`).
+struct CanRead;
+
+/// A request the guard let change something (`POST /reload`).
+struct CanWrite;
+
+/// Checks `request` for `need` against the listener's guard; the refusal
+/// becomes the answer.
+fn admitted(request: &HttpRequest, need: AdminNeed) -> Result<(), actix_web::Error> {
+    let guard = request.app_data::<web::Data<Guard>>();
+    match guard.and_then(|g| g.refusal(request, need)) {
+        None => Ok(()),
+        Some(answer) => Err(InternalError::from_response("refused", answer).into()),
+    }
+}
+
+impl FromRequest for CanRead {
+    type Error = actix_web::Error;
+    type Future = std::future::Ready<Result<Self, Self::Error>>;
+
+    fn from_request(request: &HttpRequest, _: &mut Payload) -> Self::Future {
+        std::future::ready(admitted(request, AdminNeed::Read).map(|()| Self))
+    }
+}
+
+impl FromRequest for CanWrite {
+    type Error = actix_web::Error;
+    type Future = std::future::Ready<Result<Self, Self::Error>>;
+
+    fn from_request(request: &HttpRequest, _: &mut Payload) -> Self::Future {
+        std::future::ready(admitted(request, AdminNeed::Write).map(|()| Self))
+    }
+}
+
+async fn status(_: CanRead, source: web::Data<dyn AdminSource>) -> HttpResponse {
     HttpResponse::Ok().json(source.status().await)
 }
 
-async fn metrics(source: web::Data<dyn AdminSource>) -> HttpResponse {
+async fn metrics(
+    _: CanRead,
+    source: web::Data<dyn AdminSource>,
+    guard: web::Data<Guard>,
+) -> HttpResponse {
+    let mut text = source.metrics().await;
+    let name = "zlayer_tunnel_admin_refused_total";
+    text.push_str(&format!(
+        "# HELP {name} Admin requests refused for a missing or wrong token.\n# TYPE {name} counter\n{name} {}\n",
+        guard.refused.load(Relaxed)
+    ));
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(source.metrics().await)
+        .body(text)
+}
+
+async fn reload(_: CanWrite, source: web::Data<dyn AdminSource>) -> HttpResponse {
+    let Some(reloading) = source.reload() else {
+        return HttpResponse::NotFound().body("this listener has nothing to reload\n");
+    };
+    match reloading.await {
+        Ok(report) => HttpResponse::Ok().json(report),
+        Err(error) => HttpResponse::BadRequest().body(format!("nothing changed: {error}\n")),
+    }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use actix_web::{App, HttpServer};
 
 use super::signals::shutdown_signal;
+use crate::actors::handles::reload::{Reloader, TokenReload};
 use crate::actors::route_sync::{PeerOptions, RouteSync};
 use crate::actors::token_sync::TokenSync;
 use crate::actors::{ControlHandler, TunnelRegistry};
@@ -30,6 +31,15 @@ pub struct ServeOptions {
     pub tokens: Option<TokenStore>,
     /// Where to serve `/healthz`, `/status` and `/metrics` (none: not served).
     pub admin_listen: Vec<SocketAddr>,
+    /// Who may use the admin endpoints ([`AdminAccess::open`]: anyone may
+    /// read, nothing may be changed).
+    ///
+    /// [`AdminAccess::open`]: crate::admin_access::AdminAccess::open
+    pub admin_access: crate::admin_access::AdminAccess,
+    /// Reads `tokens` again, on `SIGHUP` and `POST /reload` (admin token
+    /// required): new tokens are accepted, a removed token's tunnels closed;
+    /// none: no reload. Not in a cluster, whose tokens live in its store.
+    pub reload: Option<TokenReload>,
     /// Serve `wss://` with this configuration (see [`crate::tls::server_config`]);
     /// none: plain `ws://`.
     pub tls: Option<rustls::ServerConfig>,
@@ -57,6 +67,7 @@ fn with_peer_token(fixed: TokenStore, token: &crate::auth::Secret) -> TokenStore
 /// Runs a tunnel server until SIGINT or SIGTERM; must run inside an actix `System`.
 pub async fn serve(options: ServeOptions) -> std::io::Result<()> {
     let registry = Arc::new(TunnelRegistry::new(options.config.data_port_range));
+    let mut reloader = None;
     let handler = match (options.tokens, options.cluster) {
         (fixed, Some(store)) => {
             let mut fixed = fixed.unwrap_or_default();
@@ -76,7 +87,14 @@ pub async fn serve(options: ServeOptions) -> std::io::Result<()> {
             }
             handler
         }
-        (Some(store), None) => ControlHandler::with_tokens(registry.clone(), options.config, store),
+        (Some(store), None) => {
+            let live = LiveTokens::new(store.clone());
+            if let Some(read) = options.reload {
+                let registry = (*registry).clone();
+                reloader = Some(Reloader::new(read, live.clone(), store, registry));
+            }
+            ControlHandler::with_live_tokens(registry.clone(), options.config, live)
+        }
         (None, None) => ControlHandler::new(registry.clone(), options.config, options.validator),
     };
     let hardening = handler.on_connect();
@@ -105,14 +123,22 @@ pub async fn serve(options: ServeOptions) -> std::io::Result<()> {
     let admin = if options.admin_listen.is_empty() {
         None
     } else {
-        Some(super::admin::start(
+        let source = ServerAdmin {
+            registry: (*registry).clone(),
+            reloader: reloader.clone(),
+        };
+        Some(super::admin::start_guarded(
             &options.admin_listen,
-            registry.clone(),
+            Arc::new(source),
+            options.admin_access.clone(),
         )?)
     };
     let admin_handle = admin.as_ref().map(actix_web::dev::Server::handle);
     if let Some(admin) = admin {
         actix_web::rt::spawn(admin);
+    }
+    if let Some(reloader) = reloader {
+        actix_web::rt::spawn(reload_on_hangup(reloader));
     }
     actix_web::rt::spawn(async move {
         if shutdown_signal().await.is_ok() {
@@ -126,4 +152,49 @@ pub async fn serve(options: ServeOptions) -> std::io::Result<()> {
         }
     });
     server.await
+}
+
+/// Reloads the tokens on each `SIGHUP` (unix), saying what changed or why
+/// nothing did.
+async fn reload_on_hangup(reloader: Reloader) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            return tracing::warn!("cannot listen for SIGHUP: reload with POST /reload");
+        };
+        while hangups.recv().await.is_some() {
+            if let Err(error) = reloader.reload().await {
+                tracing::error!(%error, "configuration not reloaded; nothing changed");
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = reloader;
+}
+
+/// What a server's admin endpoints read, and how it reloads.
+struct ServerAdmin {
+    registry: TunnelRegistry,
+    reloader: Option<Reloader>,
+}
+
+impl super::admin::AdminSource for ServerAdmin {
+    fn status(&self) -> futures::future::LocalBoxFuture<'_, serde_json::Value> {
+        self.registry.status()
+    }
+
+    fn metrics(&self) -> futures::future::LocalBoxFuture<'_, String> {
+        self.registry.metrics()
+    }
+
+    fn reload(
+        &self,
+    ) -> Option<futures::future::LocalBoxFuture<'_, Result<serde_json::Value, String>>> {
+        let reloader = self.reloader.clone()?;
+        Some(Box::pin(async move {
+            let report = reloader.reload().await?;
+            Ok(serde_json::to_value(report).unwrap_or_default())
+        }))
+    }
 }

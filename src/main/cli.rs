@@ -57,7 +57,7 @@ pub(crate) struct AccessArgs {
     pub(crate) target: String,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub(crate) struct ServerArgs {
     /// A TOML file (see examples/config/server.toml); flags override it.
     #[arg(long)]
@@ -90,6 +90,8 @@ pub(crate) struct ServerArgs {
     /// Serve /healthz, /status and /metrics on this address (keep it private).
     #[arg(long)]
     pub(crate) admin_listen: Vec<SocketAddr>,
+    #[command(flatten)]
+    pub(crate) admin_tokens: AdminTokens,
     /// How often to send heartbeats, e.g. 30s. Default 30s.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub(crate) heartbeat_interval: Option<Duration>,
@@ -210,6 +212,24 @@ pub(crate) struct AgentArgs {
     /// Serve /healthz, /status and /metrics about this agent on this address.
     #[arg(long)]
     pub(crate) admin_listen: Vec<SocketAddr>,
+    #[command(flatten)]
+    pub(crate) admin_tokens: AdminTokens,
+}
+
+/// The admin listener's bearer tokens.
+#[derive(Args, Clone)]
+pub(crate) struct AdminTokens {
+    /// Bearer token required by every admin endpoint that changes something
+    /// (and accepted for reading); prefer ZLAYER_TUNNEL_ADMIN_TOKEN.
+    #[arg(long, env = "ZLAYER_TUNNEL_ADMIN_TOKEN", hide_env_values = true)]
+    pub(crate) admin_token: Option<String>,
+    /// A file whose first line is the admin token.
+    #[arg(long, conflicts_with = "admin_token")]
+    pub(crate) admin_token_file: Option<PathBuf>,
+    /// Bearer token required to read /status and /metrics (/healthz stays
+    /// open); prefer ZLAYER_TUNNEL_ADMIN_READ_TOKEN.
+    #[arg(long, env = "ZLAYER_TUNNEL_ADMIN_READ_TOKEN", hide_env_values = true)]
+    pub(crate) admin_read_token: Option<String>,
 }
 
 #[derive(Subcommand)]

@@ -63,10 +63,11 @@ pub(crate) fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     actix_web::rt::System::new().block_on(async {
         actix_web::rt::spawn(allocator::release_after_activity());
         let agent = TunnelAgent::new(config).on_published(std::sync::Arc::new(print_published));
+        let access = options::admin_access(&args.admin_tokens)?;
         let admin = match args.admin_listen.as_slice() {
             [] => None,
             listen => {
-                let server = agent.serve_admin(listen)?;
+                let server = agent.serve_admin_guarded(listen, access)?;
                 let handle = server.handle();
                 actix_web::rt::spawn(server);
                 Some(handle)

@@ -50,6 +50,7 @@ pub(crate) fn serve_options(args: &ServerArgs, file: &ServerFile) -> anyhow::Res
         (store.clone().into_validator(), Some(store))
     };
     let admin_listen = admin_addrs(args, file)?;
+    let admin_access = admin_access(&args.admin_tokens)?;
     let tls = server_tls(args, file)?;
     Ok(ServeOptions {
         listen,
@@ -57,6 +58,8 @@ pub(crate) fn serve_options(args: &ServerArgs, file: &ServerFile) -> anyhow::Res
         validator,
         tokens,
         admin_listen,
+        admin_access,
+        reload: reload_tokens(args),
         tls,
         cluster: None,
         peer: None,
@@ -264,4 +267,58 @@ fn token_store(
         );
     }
     Ok(store)
+}
+
+/// The admin listener's access: `--admin-token` (or its file) for changes,
+/// `--admin-read-token` for reading.
+pub(crate) fn admin_access(
+    tokens: &crate::cli::AdminTokens,
+) -> anyhow::Result<zlayer_tunnel::admin_access::AdminAccess> {
+    let mut access = zlayer_tunnel::admin_access::AdminAccess::open();
+    let from_file = match &tokens.admin_token_file {
+        Some(path) => Some(
+            read(path)?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+        ),
+        None => None,
+    };
+    if let Some(token) = tokens.admin_token.clone().or(from_file) {
+        if token.is_empty() {
+            bail!(
+                "--admin-token (or ZLAYER_TUNNEL_ADMIN_TOKEN, or --admin-token-file) must not be empty"
+            );
+        }
+        access = access.with_admin_token(&token);
+    }
+    if let Some(token) = &tokens.admin_read_token {
+        if token.is_empty() {
+            bail!("--admin-read-token (or ZLAYER_TUNNEL_ADMIN_READ_TOKEN) must not be empty");
+        }
+        access = access.with_read_token(token);
+    }
+    Ok(access)
+}
+
+/// Re-reads the tokens as at start (flags, the config file, token files),
+/// for `SIGHUP` and `POST /reload`; none for a server of a cluster (its
+/// tokens live in the store) or one that accepts any token.
+fn reload_tokens(args: &ServerArgs) -> Option<zlayer_tunnel::actors::TokenReload> {
+    if args.accept_any_token || !args.store.etcd.is_empty() {
+        return None;
+    }
+    let args = args.clone();
+    Some(std::sync::Arc::new(move || {
+        let file = server_file(&args).map_err(|e| format!("{e:#}"))?;
+        if file.accept_any_token || !file.etcd.is_empty() {
+            return Err("accept_any_token and etcd need a restart to change".to_owned());
+        }
+        let range = args.port_range.unwrap_or(file.tunnel.data_port_range);
+        file.check_token_ports(Some(range))
+            .map_err(|e| format!("{e:#}"))?;
+        token_store(&args, &file, false).map_err(|e| format!("{e:#}"))
+    }))
 }

@@ -399,6 +399,24 @@ pub struct Tunnel {
 }
 
 /// The body of an HTTP GET of `url` (an admin endpoint), as text.
+/// `method` `url` with `token`, if any, as a bearer: status and body.
+pub async fn http_bearer(method: &str, url: &str, token: Option<&str>) -> (u16, String) {
+    let client = awc::Client::new();
+    let mut request = match method {
+        "POST" => client.post(url),
+        _ => client.get(url),
+    };
+    if let Some(token) = token {
+        request = request.insert_header(("Authorization", format!("Bearer {token}")));
+    }
+    let mut answer = request.send().await.unwrap();
+    let body = answer.body().await.unwrap();
+    (
+        answer.status().as_u16(),
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
 pub async fn http_get(url: &str) -> String {
     let body = awc::Client::new()
         .get(url)
