@@ -48,6 +48,7 @@ mod writer;
 use flow_hub::{FlowEnd, FlowHub};
 
 pub(crate) use access::OpenStream;
+pub(crate) use services::{AddService, RemoveService};
 pub(crate) use udp::OpenFlow;
 
 type WsSink = SplitSink<actix_codec::Framed<awc::BoxedSocket, ws::Codec>, ws::Message>;

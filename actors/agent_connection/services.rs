@@ -3,6 +3,42 @@
 
 use super::*;
 
+/// Publishes a service added while the agent runs.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct AddService(pub(crate) ServiceConfig);
+
+/// Withdraws the service of this name: unregistered, its streams end.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct RemoveService(pub(crate) String);
+
+impl Handler<AddService> for AgentConnection {
+    type Result = ();
+
+    fn handle(&mut self, AddService(service): AddService, ctx: &mut Self::Context) {
+        if self.link.as_ref().is_some_and(|l| l.session.is_open()) {
+            self.register(service);
+            self.execute(ctx);
+        }
+    }
+}
+
+impl Handler<RemoveService> for AgentConnection {
+    type Result = ();
+
+    fn handle(&mut self, RemoveService(name): RemoveService, ctx: &mut Self::Context) {
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        if link.session.unregister(&name) > 0 {
+            tracing::info!(service = %name, "service withdrawn");
+        }
+        self.shared.view.withdrawn(&name);
+        self.execute(ctx);
+    }
+}
+
 impl AgentConnection {
     pub(super) fn authenticated(&mut self, tunnel_id: Uuid, features: Features) {
         let Some(link) = self.link.as_mut() else {
@@ -14,10 +50,16 @@ impl AgentConnection {
         if !features.contains(Features::STREAMS) {
             tracing::warn!("the server has no data plane (legacy): visitors cannot be forwarded");
         }
-        if self.shared.config.services.is_empty() {
+        let services = self
+            .shared
+            .services
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        if services.is_empty() {
             self.connected();
         }
-        for service in self.shared.config.services.clone() {
+        for service in services {
             self.register(service);
         }
     }

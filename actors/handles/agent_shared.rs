@@ -21,6 +21,10 @@ pub(crate) struct AgentStopped(pub(crate) Result<()>);
 /// What the connection actor shares with its handle.
 pub(crate) struct AgentShared {
     pub(crate) config: TunnelClientConfig,
+    /// The services it publishes now: the configured ones, and those added
+    /// and removed since (`TunnelAgent::add_service`); registered on each
+    /// authentication.
+    pub(crate) services: Arc<Mutex<Vec<crate::config::ServiceConfig>>>,
     pub(crate) client_id: Uuid,
     pub(crate) on_connection: Option<ConnectionCallback>,
     pub(crate) counters: Arc<Counters>,

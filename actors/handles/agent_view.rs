@@ -44,7 +44,9 @@ pub(crate) struct AgentView {
     session: Mutex<Option<Session>>,
     state: Mutex<TunnelState>,
     last_error: Mutex<Option<String>>,
-    service_counters: HashMap<String, Arc<Counters>>,
+    /// By service name; shared by the agent's links, and grown by the
+    /// services added while it runs.
+    service_counters: Arc<Mutex<HashMap<String, Arc<Counters>>>>,
 }
 
 impl AgentView {
@@ -58,7 +60,7 @@ impl AgentView {
             session: Mutex::new(None),
             state: Mutex::new(TunnelState::Connecting),
             last_error: Mutex::new(None),
-            service_counters,
+            service_counters: Arc::new(Mutex::new(service_counters)),
         }
     }
 
@@ -76,7 +78,24 @@ impl AgentView {
 
     /// The counters of service `name`, if configured.
     pub(crate) fn counters(&self, name: &str) -> Option<Arc<Counters>> {
-        self.service_counters.get(name).cloned()
+        let counters = self.service_counters.lock().ok()?;
+        counters.get(name).cloned()
+    }
+
+    /// Service `name` was added while the agent runs: it gets counters.
+    pub(crate) fn add_service(&self, name: &str) {
+        if let Ok(mut counters) = self.service_counters.lock() {
+            counters.entry(name.to_owned()).or_default();
+        }
+    }
+
+    /// Service `name` was withdrawn: no longer shown as registered.
+    pub(crate) fn withdrawn(&self, name: &str) {
+        if let Ok(mut session) = self.session.lock()
+            && let Some(session) = session.as_mut()
+        {
+            session.services.retain(|s| s.name != name);
+        }
     }
 
     /// A session authenticated.

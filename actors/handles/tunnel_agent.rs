@@ -14,9 +14,11 @@ use uuid::Uuid;
 use super::agent_shared::{AgentShared, client_tls};
 use super::agent_view::{AgentView, PublishedCallback};
 use crate::accounting::{Counters, Snapshot};
-use crate::actors::agent_connection::{AgentConnection, OpenStream, StopAgent};
+use crate::actors::agent_connection::{
+    AddService, AgentConnection, OpenStream, RemoveService, StopAgent,
+};
 use crate::actors::io::{admin, runtime};
-use crate::config::TunnelClientConfig;
+use crate::config::{ServiceConfig, TunnelClientConfig};
 use crate::status::{AgentStatus, LinkStatus};
 use crate::{Result, TunnelError};
 use std::net::SocketAddr;
@@ -39,6 +41,8 @@ pub struct TunnelAgent {
     /// Every link's server and view, the first one included.
     links: Arc<Vec<(String, Arc<AgentView>)>>,
     control: Arc<Mutex<Control>>,
+    /// The services published now (see [`TunnelAgent::add_service`]).
+    services: Arc<Mutex<Vec<ServiceConfig>>>,
 }
 
 #[derive(Default)]
@@ -64,7 +68,6 @@ impl TunnelAgent {
             })
             .collect();
         Self {
-            config,
             client_id,
             on_connection: None,
             on_published: None,
@@ -72,6 +75,8 @@ impl TunnelAgent {
             view,
             links: Arc::new(links),
             control: Arc::default(),
+            services: Arc::new(Mutex::new(config.services.clone())),
+            config,
         }
     }
 
@@ -119,6 +124,62 @@ impl TunnelAgent {
     pub(crate) fn connection(&self) -> Option<Addr<AgentConnection>> {
         let control = self.control.lock().ok()?;
         control.addrs.first().cloned()
+    }
+
+    /// Publishes `service` while the agent runs, on every server it is
+    /// linked to (now if linked, else at the next connection) and after
+    /// every reconnect; a service of that name is replaced (withdrawn,
+    /// then published anew) unless it is the same. A host that starts
+    /// containers publishes them this way.
+    pub fn add_service(&self, service: ServiceConfig) -> Result<()> {
+        service.validate()?;
+        let replaced = {
+            let mut services = self.services.lock().map_err(|_| TunnelError::Shutdown)?;
+            match services.iter().position(|s| s.name == service.name) {
+                Some(i) if services[i] == service => return Ok(()),
+                Some(i) => Some(std::mem::replace(&mut services[i], service.clone())),
+                None => {
+                    services.push(service.clone());
+                    None
+                }
+            }
+        };
+        for (_, view) in self.links.iter() {
+            view.add_service(&service.name);
+        }
+        self.each_link(|addr| {
+            if replaced.is_some() {
+                addr.do_send(RemoveService(service.name.clone()));
+            }
+            addr.do_send(AddService(service.clone()));
+        });
+        Ok(())
+    }
+
+    /// Withdraws service `name` while the agent runs: unregistered on every
+    /// server, its open streams and flows end (the others are untouched).
+    /// False if it was not published.
+    pub fn remove_service(&self, name: &str) -> bool {
+        let removed = self.services.lock().is_ok_and(|mut services| {
+            let before = services.len();
+            services.retain(|s| s.name != name);
+            services.len() < before
+        });
+        if removed {
+            self.each_link(|addr| addr.do_send(RemoveService(name.to_owned())));
+        }
+        removed
+    }
+
+    /// The services it publishes now.
+    pub fn services(&self) -> Vec<ServiceConfig> {
+        self.services.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn each_link(&self, send: impl Fn(&Addr<AgentConnection>)) {
+        if let Ok(control) = self.control.lock() {
+            control.addrs.iter().for_each(send);
+        }
     }
 
     /// Traffic of service `name` since the agent started (all sessions).
@@ -176,6 +237,7 @@ impl TunnelAgent {
             let (done_tx, done_rx) = oneshot::channel();
             let shared = Arc::new(AgentShared {
                 config,
+                services: self.services.clone(),
                 client_id: self.client_id,
                 on_connection: self.on_connection.clone(),
                 counters: self.counters.clone(),

@@ -33,6 +33,23 @@ pub(crate) trait AdminSource: Send + Sync + 'static {
     fn reload(&self) -> Option<LocalBoxFuture<'_, Result<serde_json::Value, String>>> {
         None
     }
+    /// The services it publishes (`GET /services`); `None`: it has none.
+    fn services(&self) -> Option<serde_json::Value> {
+        None
+    }
+    /// Publishes a service (`POST /services`, a `ServiceConfig` as JSON):
+    /// what it publishes now, or why not; `None`: it publishes none.
+    fn add_service(
+        &self,
+        _service: serde_json::Value,
+    ) -> Option<Result<serde_json::Value, String>> {
+        None
+    }
+    /// Withdraws service `name` (`DELETE /services/{name}`): whether it
+    /// was published; `None`: it publishes none.
+    fn remove_service(&self, _name: &str) -> Option<bool> {
+        None
+    }
 }
 
 impl AdminSource for TunnelRegistry {
@@ -73,6 +90,21 @@ impl AdminSource for TunnelAgent {
     fn metrics(&self) -> LocalBoxFuture<'_, String> {
         let text = render_agent_metrics(&Self::status(self));
         Box::pin(async move { text })
+    }
+
+    fn services(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(Self::services(self)).ok()
+    }
+
+    fn add_service(&self, service: serde_json::Value) -> Option<Result<serde_json::Value, String>> {
+        let added = serde_json::from_value::<crate::config::ServiceConfig>(service)
+            .map_err(|e| format!("not a service: {e}"))
+            .and_then(|s| Self::add_service(self, s).map_err(|e| e.to_string()));
+        Some(added.map(|()| AdminSource::services(self).unwrap_or_default()))
+    }
+
+    fn remove_service(&self, name: &str) -> Option<bool> {
+        Some(Self::remove_service(self, name))
     }
 }
 
@@ -164,6 +196,9 @@ pub(crate) fn start_guarded(
             .route("/status", web::get().to(status))
             .route("/metrics", web::get().to(metrics))
             .route("/reload", web::post().to(reload))
+            .route("/services", web::get().to(list_services))
+            .route("/services", web::post().to(add_service))
+            .route("/services/{name}", web::delete().to(remove_service))
     })
     .workers(1)
     .disable_signals()
@@ -236,5 +271,38 @@ async fn reload(_: CanWrite, source: web::Data<dyn AdminSource>) -> HttpResponse
     match reloading.await {
         Ok(report) => HttpResponse::Ok().json(report),
         Err(error) => HttpResponse::BadRequest().body(format!("nothing changed: {error}\n")),
+    }
+}
+
+const NO_SERVICES: &str = "this listener publishes no services\n";
+
+async fn list_services(_: CanRead, source: web::Data<dyn AdminSource>) -> HttpResponse {
+    match source.services() {
+        Some(services) => HttpResponse::Ok().json(services),
+        None => HttpResponse::NotFound().body(NO_SERVICES),
+    }
+}
+
+async fn add_service(
+    _: CanWrite,
+    source: web::Data<dyn AdminSource>,
+    service: web::Json<serde_json::Value>,
+) -> HttpResponse {
+    match source.add_service(service.into_inner()) {
+        Some(Ok(services)) => HttpResponse::Ok().json(services),
+        Some(Err(error)) => HttpResponse::BadRequest().body(format!("{error}\n")),
+        None => HttpResponse::NotFound().body(NO_SERVICES),
+    }
+}
+
+async fn remove_service(
+    _: CanWrite,
+    source: web::Data<dyn AdminSource>,
+    name: web::Path<String>,
+) -> HttpResponse {
+    match source.remove_service(&name) {
+        Some(true) => HttpResponse::NoContent().finish(),
+        Some(false) => HttpResponse::NotFound().body(format!("no service named {:?}\n", *name)),
+        None => HttpResponse::NotFound().body(NO_SERVICES),
     }
 }

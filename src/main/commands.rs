@@ -79,6 +79,7 @@ pub(crate) fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
                 stopper.stop();
             }
         });
+        actix_web::rt::spawn(reload_services_on_hangup(args, agent.clone()));
         let result = agent.run().await;
         if let Some(admin) = admin {
             admin.stop(true).await;
@@ -139,4 +140,56 @@ pub(crate) fn generate_token() -> anyhow::Result<()> {
     println!("{token}");
     println!("{}", zlayer_tunnel::hash_token(&token));
     Ok(())
+}
+
+/// On each `SIGHUP`, re-reads the agent's config file and flags: added
+/// services are published, removed ones withdrawn (their streams end),
+/// changed ones published anew; the others are not touched. A file that
+/// does not parse or validate changes nothing.
+async fn reload_services_on_hangup(args: AgentArgs, agent: TunnelAgent) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            return tracing::warn!("cannot listen for SIGHUP: services are not reloaded");
+        };
+        while hangups.recv().await.is_some() {
+            match options::agent_config(&args) {
+                Ok(config) => apply_services(&agent, config.services),
+                Err(error) => {
+                    tracing::error!(
+                        error = format!("{error:#}"),
+                        "configuration not reloaded; nothing changed"
+                    );
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (args, agent);
+}
+
+/// Makes `agent` publish `wanted`, touching only what differs.
+fn apply_services(agent: &TunnelAgent, wanted: Vec<zlayer_tunnel::ServiceConfig>) {
+    let now = agent.services();
+    let mut removed = 0;
+    for gone in now
+        .iter()
+        .filter(|s| !wanted.iter().any(|w| w.name == s.name))
+    {
+        removed += usize::from(agent.remove_service(&gone.name));
+    }
+    let (mut added, mut changed) = (0, 0);
+    for service in wanted {
+        match now.iter().find(|s| s.name == service.name) {
+            Some(same) if *same == service => continue,
+            Some(_) => changed += 1,
+            None => added += 1,
+        }
+        let name = service.name.clone();
+        if let Err(error) = agent.add_service(service) {
+            tracing::error!(service = %name, %error, "service not published");
+        }
+    }
+    tracing::info!(added, removed, changed, "configuration reloaded");
 }

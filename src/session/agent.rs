@@ -61,6 +61,12 @@ pub struct AgentSettings {
 struct Open {
     features: Features,
     services: HashMap<Uuid, ServiceConfig>,
+    /// The service of each visitor's stream or flow (to end them when the
+    /// service is withdrawn); pruned of ended ones as it grows.
+    service_of: HashMap<Uuid, Uuid>,
+    /// Services withdrawn while their `Register` awaited its answer: a
+    /// `RegisterOk` for one is undone at once.
+    withdrawn: Vec<String>,
     next_heartbeat: Instant,
     /// What a socket may send on a new visitor stream before a `Window`.
     server_window: u32,
@@ -319,6 +325,8 @@ impl AgentSession {
         self.phase = Phase::Open(Open {
             features,
             services: HashMap::new(),
+            service_of: HashMap::new(),
+            withdrawn: Vec::new(),
             next_heartbeat: now + self.settings.heartbeat_interval,
             server_window,
         });

@@ -149,6 +149,23 @@ impl AgentSession {
             },
         };
         self.actions.push_back(action);
+        self.remember_service(id, service_id);
+    }
+
+    /// Notes that visitor `id` is of `service_id` (to end it if the service
+    /// is withdrawn), first forgetting ended ones when the notes outgrow the
+    /// open connections.
+    fn remember_service(&mut self, id: Uuid, service_id: Uuid) {
+        let Phase::Open(open) = &mut self.phase else {
+            return;
+        };
+        let table = self.data.get();
+        let live = table.map_or(0, crate::connections::ConnectionTable::len);
+        if open.service_of.len() > 2 * live + 64 {
+            open.service_of
+                .retain(|c, _| table.is_some_and(|t| t.contains(*c)));
+        }
+        open.service_of.insert(id, service_id);
     }
 
     /// An access client's stream to service `name`, relayed by the server:

@@ -3,6 +3,7 @@
 //! waiting is a violation), `Ready` once every one is answered.
 
 use super::*;
+use crate::connections::{ConnectionAction, ConnectionKind};
 
 impl AgentSession {
     /// Asks the server for `service`, on public port `port` (0: any).
@@ -37,11 +38,66 @@ impl AgentSession {
         self.send_built(register);
     }
 
+    /// Withdraws every registration of service `name` (the host removed
+    /// it): `Unregister` for each, and its visitors' streams and flows end
+    /// (reset; the server is told). One still awaiting its answer is undone
+    /// when the answer comes. How many registrations were withdrawn.
+    pub fn unregister(&mut self, name: &str) -> usize {
+        let Phase::Open(open) = &mut self.phase else {
+            return 0;
+        };
+        let ids: Vec<Uuid> = (open.services.iter())
+            .filter(|(_, s)| s.name == name)
+            .map(|(id, _)| *id)
+            .collect();
+        if self.awaiting.iter().any(|s| s.name == name) {
+            open.withdrawn.push(name.to_owned());
+        }
+        let ending: Vec<Uuid> = (open.service_of.iter())
+            .filter(|(_, s)| ids.contains(s))
+            .map(|(c, _)| *c)
+            .collect();
+        for id in &ids {
+            open.services.remove(id);
+        }
+        open.service_of.retain(|_, s| !ids.contains(s));
+        for service_id in &ids {
+            self.send(Message::Unregister {
+                service_id: *service_id,
+            });
+        }
+        for id in ending {
+            let kind = self.data.get().and_then(|t| t.kind(id));
+            let Some(abort) = self.data.table().and_then(|t| t.local_reset(id)) else {
+                continue; // ended already
+            };
+            self.send(abort);
+            let action = match kind {
+                Some(ConnectionKind::Flow) => ConnectionAction::ForgetFlow { id },
+                _ => ConnectionAction::Reset {
+                    id,
+                    reason: "the service was withdrawn",
+                },
+            };
+            self.actions.push_back(AgentAction::Socket(action));
+        }
+        ids.len()
+    }
+
     pub(super) fn on_register_ok(&mut self, service_id: Uuid, port: Option<u16>) {
         let Some(service) = self.awaiting.pop_front() else {
             return self.close(ProtocolViolation::UnpairedReply(MessageType::RegisterOk).into());
         };
         if let Phase::Open(open) = &mut self.phase {
+            if let Some(i) = open.withdrawn.iter().position(|n| *n == service.name) {
+                // withdrawn while it was asked: undone at once
+                open.withdrawn.swap_remove(i);
+                self.send(Message::Unregister { service_id });
+                if self.awaiting.is_empty() {
+                    self.actions.push_back(AgentAction::Ready);
+                }
+                return;
+            }
             open.services.insert(service_id, service.clone());
         }
         self.actions.push_back(AgentAction::Registered {
