@@ -32,7 +32,8 @@ use uuid::Uuid;
 use crate::accounting::{Counters, GuardCounters};
 use crate::log_limit::{LogLimiter, RemoteEvent};
 use crate::replicas::{LoadBalance, ReplicaSet};
-use crate::visitor_rules::ServiceRules;
+use crate::visitor_rate::VisitorRate;
+use crate::visitor_rules::{Refusal, ServiceRules};
 use socket::{accept, reset};
 
 mod socket;
@@ -104,6 +105,8 @@ pub(crate) struct Replica {
     pub(crate) healthy: bool,
     /// Who may visit it (its token's and its registration's lists).
     pub(crate) visitors: ServiceRules,
+    /// New connections a second one visitor address may open.
+    pub(crate) visitor_rate: Option<u32>,
 }
 
 /// A replica joins the service (the first one starts the listener).
@@ -141,6 +144,8 @@ pub(crate) struct ServiceListener {
     waiting: Arc<Semaphore>,
     /// Visitors refused by address lists are logged at most once a second.
     logs: LogLimiter,
+    /// New connections per visitor address (the first replica's `visitor_rate`).
+    rate: Option<VisitorRate>,
 }
 
 impl Actor for ServiceListener {
@@ -169,6 +174,9 @@ impl ServiceListener {
         let tunnel_id = msg.tunnel_id;
         if msg.cancel.is_cancelled() {
             return self.leave(tunnel_id, ctx);
+        }
+        if self.rate.is_none() {
+            self.rate = msg.replica.visitor_rate.map(VisitorRate::new);
         }
         self.replicas.add(tunnel_id, msg.replica);
         if self.replicas.len() > 1 {
@@ -211,8 +219,13 @@ impl StreamHandler<Accepted> for ServiceListener {
                 let others = self.replicas.iter().filter(|r| admits(r)).count() > 1;
                 let Some(replica) = self.replicas.pick(self.policy, admits, open_streams) else {
                     // no healthy replica, or none admits the visitor: closed
-                    return self.refuse(&socket, peer);
+                    return self.refuse(&socket, peer, None);
                 };
+                if let Some(rate) = self.rate.as_mut()
+                    && !rate.admit(ip, Instant::now())
+                {
+                    return self.refuse(&socket, peer, Some(Refusal::RateLimited));
+                }
                 let second_chance = others.then(|| SecondChance {
                     listener: ctx.address(),
                     replica: replica.service_id,
@@ -263,21 +276,25 @@ impl Handler<RetryVisitor> for ServiceListener {
 }
 
 impl ServiceListener {
-    /// A visitor no replica takes: reset at once. Refused by a replica's
-    /// address lists, it is counted there by why, and logged at most once a
-    /// second with the count held back (a visitor decides how often).
-    fn refuse(&mut self, socket: &TcpStream, peer: SocketAddr) {
+    /// A visitor no replica takes (`why`: over the rate; none: find which
+    /// replica's lists refuse it): reset at once, counted by why, and logged
+    /// at most once a second with the count held back (a visitor decides
+    /// how often).
+    fn refuse(&mut self, socket: &TcpStream, peer: SocketAddr, why: Option<Refusal>) {
         reset(socket);
-        let healthy = self.replicas.iter().filter(|r| r.healthy);
-        let refused = healthy
-            .map(|r| (r, r.visitors.check(peer.ip())))
-            .find_map(|(r, verdict)| verdict.err().map(|why| (r, why)));
+        let mut healthy = self.replicas.iter().filter(|r| r.healthy);
+        let refused = match why {
+            Some(why) => healthy.next().map(|r| (r, why)),
+            None => healthy
+                .map(|r| (r, r.visitors.check(peer.ip())))
+                .find_map(|(r, verdict)| verdict.err().map(|why| (r, why))),
+        };
         let Some((replica, why)) = refused else {
             return; // no healthy replica: the agent's checks say why
         };
         replica.counters.add_refused(why);
         if let Some(held_back) = self.logs.admit(RemoteEvent::VisitorRefused, Instant::now()) {
-            tracing::info!(port = self.port, visitor = %peer, reason = why.name(), held_back, "visitor refused by the service's address lists");
+            tracing::info!(port = self.port, visitor = %peer, reason = why.name(), held_back, "visitor refused by the service's rules");
         }
     }
 
@@ -320,6 +337,7 @@ impl ServiceListener {
                 policy,
                 waiting: places,
                 logs: LogLimiter::new(),
+                rate: None,
             };
             listener.join(first, ctx);
             listener

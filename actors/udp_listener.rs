@@ -109,6 +109,8 @@ pub(crate) struct UdpServiceListener {
     logs: LogLimiter,
     /// The address visitors send to (for PROXY protocol headers).
     public: Option<SocketAddr>,
+    /// New flows per visitor address (the first replica's `visitor_rate`).
+    rate: Option<crate::visitor_rate::VisitorRate>,
 }
 
 impl Actor for UdpServiceListener {
@@ -202,6 +204,7 @@ impl UdpServiceListener {
                 owners: std::collections::HashMap::new(),
                 logs: LogLimiter::new(),
                 public,
+                rate: None,
             };
             listener.join(first, ctx);
             listener
@@ -212,6 +215,13 @@ impl UdpServiceListener {
         if let Some(why) = self.refusal(visitor) {
             // before the flow table: a refused address takes no flow's place
             return self.refused(why, visitor);
+        }
+        if self.rate.is_some() && self.flows.flow_of(visitor).is_none() {
+            let admitted =
+                (self.rate.as_mut()).is_none_or(|r| r.admit(visitor.ip(), Instant::now()));
+            if !admitted {
+                return self.refused(crate::visitor_rules::Refusal::RateLimited, visitor);
+            }
         }
         let verdict = self
             .flows

@@ -804,6 +804,11 @@ pub struct ServiceConfig {
     /// Visitors the server refuses, whatever `allow` says.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deny: Vec<crate::visitor_rules::Cidr>,
+    /// New connections (UDP: new flows) one visitor address may open per
+    /// second, a burst of one second's worth; the server refuses the rest.
+    /// Absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub visitor_rate: Option<u32>,
 }
 
 /// How the agent checks a local service.
@@ -852,7 +857,16 @@ impl ServiceConfig {
             proxy_protocol: None,
             allow: Vec::new(),
             deny: Vec::new(),
+            visitor_rate: None,
         }
+    }
+
+    /// At most `per_second` new connections (or UDP flows) a second from
+    /// one visitor address, enforced by the server.
+    #[must_use]
+    pub const fn with_visitor_rate(mut self, per_second: u32) -> Self {
+        self.visitor_rate = Some(per_second);
+        self
     }
 
     /// Visitors the server admits (`allow`: empty admits all) and refuses
@@ -966,6 +980,12 @@ impl ServiceConfig {
             return Err(invalid(
                 format!("{at}.proxy_protocol"),
                 "v1 is for TCP services; a UDP service takes \"v2\"",
+            ));
+        }
+        if self.visitor_rate == Some(0) {
+            return Err(invalid(
+                format!("{at}.visitor_rate"),
+                "must be at least 1 (or absent: no limit)",
             ));
         }
         if self.health_check.is_some() {

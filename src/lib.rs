@@ -56,6 +56,7 @@ pub mod throttle;
 pub mod tls;
 pub mod tunnels;
 pub mod udp;
+pub mod visitor_rate;
 pub mod visitor_rules;
 
 pub use access::AccessSessionInfo;

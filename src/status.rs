@@ -36,6 +36,9 @@ pub struct ServiceInfo {
     /// registration's), each `{allow, deny}`; none: everyone.
     #[serde(skip_serializing_if = "crate::visitor_rules::ServiceRules::is_empty")]
     pub visitors: crate::visitor_rules::ServiceRules,
+    /// New connections (UDP: flows) a second one visitor address may open.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub visitor_rate: Option<u32>,
 }
 
 /// A connected tunnel (one agent session), as the registry reports it.
@@ -688,6 +691,7 @@ mod tests {
                 flows: Vec::new(),
                 healthy: true,
                 visitors: Default::default(),
+                visitor_rate: None,
             }],
             stats: Snapshot::default(),
         }

@@ -118,6 +118,8 @@ pub struct RegisteredService {
     pub port: u16,
     /// Who may visit it.
     pub visitors: crate::visitor_rules::ServiceRules,
+    /// New connections a second one visitor address may open (none: no limit).
+    pub visitor_rate: Option<u32>,
 }
 
 /// A tunnel that ended: what its owner must close, and the ports it gave back.
@@ -450,6 +452,7 @@ mod tests {
             protocol: ServiceProtocol::Tcp,
             port,
             visitors: crate::visitor_rules::ServiceRules::default(),
+            visitor_rate: None,
         }
     }
 

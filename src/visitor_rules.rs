@@ -108,17 +108,20 @@ pub enum Refusal {
     Denied,
     /// An allow list does not have its address.
     NotAllowed,
+    /// Its address opened connections faster than the service's `visitor_rate`.
+    RateLimited,
 }
 
 impl Refusal {
     /// Every reason, in the order of their counters.
-    pub const ALL: [Self; 2] = [Self::Denied, Self::NotAllowed];
+    pub const ALL: [Self; 3] = [Self::Denied, Self::NotAllowed, Self::RateLimited];
 
     /// Its metric label.
     pub const fn name(self) -> &'static str {
         match self {
             Self::Denied => "denied",
             Self::NotAllowed => "not_allowed",
+            Self::RateLimited => "rate_limited",
         }
     }
 

@@ -856,7 +856,7 @@ async fn a_services_address_lists_hold_on_the_servers_that_forward_it() {
     let admin = two.listening_addr("admin endpoints listening");
     let counted = || async move {
         let status = common::http_get(&format!("http://{admin}/status")).await;
-        status.contains("\"visitors_refused\":[1,0]")
+        status.contains("\"visitors_refused\":[1,0,0]")
     };
     wait_until("server 2 counts the refusal", counted).await;
 }

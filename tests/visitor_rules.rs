@@ -118,18 +118,18 @@ async fn an_agents_lists_admit_and_refuse_tcp_visitors_before_any_stream() {
             .unwrap_or(0)
     };
     let held = (0..3)
-        .map(|_| held_back(&server.wait_for("visitor refused by the service's address lists")))
+        .map(|_| held_back(&server.wait_for("visitor refused by the service's rules")))
         .find(|&held| held > 0)
         .expect("a line with the refusals held back");
     let lines = (server.seen().iter())
-        .filter(|l| l.contains("visitor refused by the service's address lists"))
+        .filter(|l| l.contains("visitor refused by the service's rules"))
         .count();
     assert!(
         lines <= 3 && held >= 38,
         "{lines} lines, {held} held back, for 43 refusals"
     );
     let status = common::http_get(&format!("http://{admin}/status")).await;
-    assert!(status.contains("\"visitors_refused\":[42,1]"), "{status}");
+    assert!(status.contains("\"visitors_refused\":[42,1,0]"), "{status}");
 }
 
 #[actix_web::test]
@@ -223,4 +223,35 @@ async fn a_bad_block_is_refused_by_the_agent_naming_it() {
         stderr.contains("\"10.0.0.0/33\" is not an address block"),
         "{stderr}"
     );
+}
+
+#[actix_web::test]
+async fn a_visitor_over_the_services_connection_rate_is_refused() {
+    let (_server, url, admin) = server(&[]);
+    let local = common::services::echo().await;
+    let spec = format!("svc:{local}:0");
+    let args = [
+        "agent",
+        "--server",
+        &url,
+        "--tcp",
+        &spec,
+        "--visitor-rate",
+        "5",
+    ];
+    let mut agent = Proc::spawn(&args);
+    let port = agent.registered_port();
+    // a burst of 5 a second per address: the 3 more are refused
+    let mut admitted = 0;
+    for seed in 0..8 {
+        admitted += u32::from(echoes_from("127.0.0.2", port, seed).await);
+    }
+    assert!((5..=6).contains(&admitted), "{admitted} of 8 admitted");
+    assert!(
+        echoes_from("127.0.0.3", port, 9).await,
+        "another address has its own"
+    );
+    refused_counted(admin, "rate_limited", 8 - admitted).await;
+    let status = common::http_get(&format!("http://{admin}/status")).await;
+    assert!(status.contains("\"visitor_rate\":5"), "{status}");
 }

@@ -49,6 +49,7 @@ impl ControlChannel {
             allowed_ports,
             named_in_scope,
             visitors,
+            visitor_rate,
         } = registration;
         let tunnel_id = tunnel.tunnel_id;
         let registry = self.shared.registry.addr().clone();
@@ -111,7 +112,7 @@ impl ControlChannel {
         }
         .into_actor(self)
         .map(move |result: Result<_, String>, act, ctx| {
-            let answer = act.registered((name, visitors), result, ctx);
+            let answer = act.registered((name, visitors, visitor_rate), result, ctx);
             act.core.allocated(seq, answer);
             act.execute(ctx);
         })
@@ -122,7 +123,7 @@ impl ControlChannel {
     /// why it was refused.
     fn registered(
         &mut self,
-        (name, visitors): (String, ServiceRules),
+        (name, visitors, visitor_rate): (String, ServiceRules, Option<u32>),
         result: Result<(u16, Bound), String>,
         ctx: &mut ws::WebsocketContext<Self>,
     ) -> Result<(Uuid, u16), String> {
@@ -150,6 +151,7 @@ impl ControlChannel {
                 counters: counters.clone(),
                 healthy: true,
                 visitors: visitors.clone(),
+                visitor_rate,
             },
             cancel: cancel.clone(),
         };
@@ -164,6 +166,7 @@ impl ControlChannel {
                 view,
                 healthy: true,
                 visitors: visitors.clone(),
+                visitor_rate,
             },
             cancel: cancel.clone(),
         };
@@ -209,6 +212,7 @@ impl ControlChannel {
                 protocol,
                 port,
                 visitors: visitors.clone(),
+                visitor_rate,
             },
             counters: counters.clone(),
             flows,

@@ -127,6 +127,7 @@ impl AgentView {
                 healthy: true,
                 visitors: crate::visitor_rules::VisitorRules::default()
                     .and(&service.visitor_rules()),
+                visitor_rate: service.visitor_rate,
             });
         }
     }

@@ -120,6 +120,7 @@ impl TunnelIo {
                     .unwrap_or_default(),
                 healthy: !self.unhealthy.contains(&s.id),
                 visitors: s.visitors.clone(),
+                visitor_rate: s.visitor_rate,
             }
         });
         TunnelInfo {

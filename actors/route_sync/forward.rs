@@ -236,7 +236,7 @@ fn refuse(
     let _ = socket.set_linger(Some(Duration::ZERO));
     counters.add_refused(why);
     if let Some(held_back) = logs.admit(RemoteEvent::VisitorRefused, std::time::Instant::now()) {
-        tracing::info!(port, %visitor, reason = why.name(), held_back, "visitor refused by the service's address lists");
+        tracing::info!(port, %visitor, reason = why.name(), held_back, "visitor refused by the service's rules");
     }
 }
 

@@ -55,7 +55,7 @@ impl UdpServiceListener {
             replica.counters.add_refused(why);
         }
         if let Some(held_back) = self.logs.admit(RemoteEvent::VisitorRefused, Instant::now()) {
-            tracing::info!(port = self.settings.port, %visitor, reason = why.name(), held_back, "datagram refused by the service's address lists");
+            tracing::info!(port = self.settings.port, %visitor, reason = why.name(), held_back, "datagram refused by the service's rules");
         }
     }
 }

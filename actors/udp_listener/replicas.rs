@@ -24,6 +24,8 @@ pub(crate) struct UdpReplica {
     pub(crate) healthy: bool,
     /// Who may send to it (its token's and its registration's lists).
     pub(crate) visitors: crate::visitor_rules::ServiceRules,
+    /// New flows a second one visitor address may open.
+    pub(crate) visitor_rate: Option<u32>,
 }
 
 /// A replica joins the service (the first one starts the listener).
@@ -74,6 +76,12 @@ impl UdpServiceListener {
         let tunnel_id = msg.replica.tunnel_id;
         if msg.cancel.is_cancelled() {
             return self.leave(tunnel_id, ctx);
+        }
+        if self.rate.is_none() {
+            self.rate = msg
+                .replica
+                .visitor_rate
+                .map(crate::visitor_rate::VisitorRate::new);
         }
         self.replicas.add(tunnel_id, msg.replica);
         if self.replicas.len() > 1 {

@@ -205,6 +205,11 @@ pub(crate) struct AgentArgs {
     /// Refuse visitors from this CIDR block, whatever --allow says (repeatable).
     #[arg(long, value_name = "CIDR")]
     pub(crate) deny: Vec<zlayer_tunnel::visitor_rules::Cidr>,
+    /// At most this many new connections (UDP: flows) a second from one
+    /// visitor address, to every --tcp and --udp service (checked by the
+    /// server; per service: `visitor_rate` in the config file).
+    #[arg(long, value_name = "PER_SECOND")]
+    pub(crate) visitor_rate: Option<u32>,
     /// For wss://: trust the certificates of this PEM file (a private CA, or
     /// the server's own self-signed certificate) instead of the system roots.
     #[arg(long)]

@@ -159,6 +159,9 @@ pub(crate) fn agent_config(args: &AgentArgs) -> anyhow::Result<TunnelClientConfi
         }
         service.allow.extend(args.allow.iter().copied());
         service.deny.extend(args.deny.iter().copied());
+        if args.visitor_rate.is_some() {
+            service.visitor_rate = args.visitor_rate;
+        }
         config = config.with_service(service);
     }
     if let Some(path) = &args.ca_cert {

@@ -88,13 +88,20 @@ impl Message {
             Self::AuthOk { capabilities, .. } => UUID_LEN + ext_len(capabilities),
             Self::AuthFail { reason, refusal } => 2 + reason.len() + usize::from(refusal.is_some()),
             Self::RegisterFail { reason } | Self::Disconnect { reason } => 2 + reason.len(),
-            Self::Register { name, visitors, .. } => {
-                let rules = if visitors.0.is_empty() && visitors.1.is_empty() {
+            Self::Register {
+                name,
+                visitors,
+                visitor_rate,
+                ..
+            } => {
+                let rules = if visitors.0.is_empty() && visitors.1.is_empty() && *visitor_rate == 0
+                {
                     0
                 } else {
                     2 + visitors.0.len() + 2 + visitors.1.len()
                 };
-                1 + name.len() + 1 + 2 + 2 + rules
+                let rate = if *visitor_rate == 0 { 0 } else { 4 };
+                1 + name.len() + 1 + 2 + 2 + rules + rate
             }
             Self::RegisterOk { port, .. } => UUID_LEN + if port.is_some() { 2 } else { 0 },
             Self::Connect {
@@ -237,14 +244,18 @@ impl Message {
                 local_port,
                 remote_port,
                 visitors: (allow, deny),
+                visitor_rate,
             } => {
                 put_str8(buf, name);
                 buf.put_u8(protocol.to_byte());
                 buf.put_u16(*local_port);
                 buf.put_u16(*remote_port);
-                if !allow.is_empty() || !deny.is_empty() {
+                if !allow.is_empty() || !deny.is_empty() || *visitor_rate != 0 {
                     put_str16(buf, allow);
                     put_str16(buf, deny);
+                }
+                if *visitor_rate != 0 {
+                    buf.put_u32(*visitor_rate);
                 }
             }
             Self::RegisterOk { service_id, port } => {
@@ -479,9 +490,9 @@ impl Reader {
         // trailing, under VISITOR_RULES: both lists, or neither; other
         // trailing bytes are ignored, as the original decoder ignores them
         let lists = (self.str16("allow"), self.str16("deny"));
-        let visitors = match lists {
-            (Ok(allow), Ok(deny)) => (allow, deny),
-            _ => (String::new(), String::new()),
+        let (visitors, visitor_rate) = match lists {
+            (Ok(allow), Ok(deny)) => ((allow, deny), self.u32("visitor_rate").unwrap_or(0)),
+            _ => ((String::new(), String::new()), 0),
         };
         Ok(Message::Register {
             name,
@@ -489,6 +500,7 @@ impl Reader {
             local_port,
             remote_port,
             visitors,
+            visitor_rate,
         })
     }
 

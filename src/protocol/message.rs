@@ -216,6 +216,9 @@ pub enum Message {
         /// by commas, each list possibly empty (`VISITOR_RULES`; on the wire
         /// only when one is not empty).
         visitors: (String, String),
+        /// New connections a second one visitor address may open, 0 for no
+        /// limit (`VISITOR_RULES`; on the wire only when not 0).
+        visitor_rate: u32,
     },
     /// Registration success.
     RegisterOk {
@@ -436,6 +439,7 @@ impl Message {
             local_port,
             remote_port,
             visitors: (String::new(), String::new()),
+            visitor_rate: 0,
         })
     }
 
@@ -446,7 +450,7 @@ impl Message {
         name: impl Into<String>,
         protocol: ServiceProtocol,
         (local_port, remote_port): (u16, u16),
-        visitors: (String, String),
+        (visitors, visitor_rate): ((String, String), u32),
     ) -> Result<Self, BuildError> {
         match Self::register(name, protocol, local_port, remote_port)? {
             Self::Register {
@@ -461,6 +465,7 @@ impl Message {
                 local_port,
                 remote_port,
                 visitors,
+                visitor_rate,
             }),
             other => Ok(other),
         }

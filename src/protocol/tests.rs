@@ -26,7 +26,14 @@ fn one_of_each() -> Vec<Message> {
             "ssh",
             ServiceProtocol::Tcp,
             (22, 0),
-            ("10.0.0.0/8".into(), String::new()),
+            (("10.0.0.0/8".into(), String::new()), 0),
+        )
+        .unwrap(),
+        Message::register_with_visitors(
+            "dns",
+            ServiceProtocol::Udp,
+            (53, 0),
+            ((String::new(), String::new()), 100),
         )
         .unwrap(),
         Message::RegisterOk {

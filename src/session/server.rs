@@ -337,8 +337,9 @@ impl ServerSession {
                 protocol,
                 remote_port,
                 visitors,
+                visitor_rate,
                 ..
-            } => self.on_register(name, protocol, remote_port, &visitors),
+            } => self.on_register(name, protocol, remote_port, (&visitors, visitor_rate)),
             Message::Unregister { service_id } => self.on_unregister(service_id),
             Message::Health {
                 service_id,

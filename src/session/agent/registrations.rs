@@ -21,18 +21,21 @@ impl AgentSession {
             return;
         }
         let rules = service.visitor_rules();
-        if !rules.is_empty() && !self.features().contains(Features::VISITOR_RULES) {
+        let rate = service.visitor_rate.unwrap_or(0);
+        let guarded = !rules.is_empty() || rate != 0;
+        if guarded && !self.features().contains(Features::VISITOR_RULES) {
             // a service that relies on its lists is not published unguarded
-            let reason = "the server does not enforce visitor allow/deny lists (no VISITOR_RULES capability): upgrade it, or remove the service's allow and deny";
+            let reason = "the server does not enforce visitor allow/deny lists or rates (no VISITOR_RULES capability): upgrade it, or remove the service's allow, deny and visitor_rate";
             self.actions
                 .push_back(AgentAction::NotRegistered { service, reason });
             return;
         }
         let ports = (service.local_port, port);
-        let register = if rules.is_empty() {
-            Message::register(&service.name, service.protocol, ports.0, ports.1)
+        let register = if guarded {
+            let visitors = (rules.to_wire(), rate);
+            Message::register_with_visitors(&service.name, service.protocol, ports, visitors)
         } else {
-            Message::register_with_visitors(&service.name, service.protocol, ports, rules.to_wire())
+            Message::register(&service.name, service.protocol, ports.0, ports.1)
         };
         self.awaiting.push_back(service);
         self.send_built(register);

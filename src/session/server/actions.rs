@@ -120,4 +120,6 @@ pub struct Registration {
     pub named_in_scope: bool,
     /// Who may visit it: the token's lists and the registration's.
     pub visitors: crate::visitor_rules::ServiceRules,
+    /// New connections (or flows) a second one visitor address may open.
+    pub visitor_rate: Option<u32>,
 }
