@@ -109,8 +109,8 @@ impl<T> PendingAuth<T> {
 }
 
 /// What an address counts as: itself (IPv4, or IPv4 mapped into IPv6), or
-/// its /64 (IPv6).
-fn address_key(addr: IpAddr) -> IpAddr {
+/// its /64 (IPv6), what one host is usually given.
+pub fn address_key(addr: IpAddr) -> IpAddr {
     match addr {
         IpAddr::V4(_) => addr,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {

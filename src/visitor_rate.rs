@@ -9,6 +9,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Instant;
 
+use crate::admission::address_key;
+
 /// Addresses tracked at once per service.
 pub const MAX_ADDRESSES: usize = 4096;
 
@@ -43,7 +45,7 @@ impl VisitorRate {
     /// Whether a visitor from `ip` may open one more connection at `now`
     /// (it takes a token if so).
     pub fn admit(&mut self, ip: IpAddr, now: Instant) -> bool {
-        let key = host_of(ip);
+        let key = address_key(ip);
         let burst = f64::from(self.per_second);
         if !self.buckets.contains_key(&key) && self.buckets.len() >= MAX_ADDRESSES {
             self.make_room(now);
@@ -77,17 +79,6 @@ impl VisitorRate {
             let cut = seen[seen.len() / 2];
             self.buckets.retain(|_, b| b.at > cut);
         }
-    }
-}
-
-/// The host an address stands for: itself, or its /64 for IPv6.
-fn host_of(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
-        },
-        v4 => v4,
     }
 }
 
