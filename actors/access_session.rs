@@ -102,6 +102,7 @@ impl StreamHandler<io::Result<(TcpStream, SocketAddr)>> for AccessSession {
                 socket: local,
                 service: endpoint.clone(),
                 target: remote,
+                visitor: None,
                 counters,
                 cancel,
             };

@@ -258,7 +258,8 @@ impl ControlChannel {
                     service,
                     target,
                     protocol,
-                } => self.find_service(id, service, target, protocol, ctx),
+                    visitor,
+                } => self.find_service(id, (service, target, visitor), protocol, ctx),
                 ServerAction::Close(reason) => return self.close(&reason, ctx),
             }
         }

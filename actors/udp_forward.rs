@@ -76,6 +76,8 @@ pub(crate) struct UdpForward {
     budget: Budget,
     logs: LogLimiter,
     idle: Duration,
+    /// The address visitors send to (for the agent's PROXY header).
+    public: Option<SocketAddr>,
     /// Fires when the forward closes (the service registered here, or no
     /// peer routes it any more).
     close: CancellationToken,
@@ -149,7 +151,8 @@ impl UdpForward {
         close: CancellationToken,
     ) -> Addr<Self> {
         let socket = Rc::new(socket);
-        let port = socket.local_addr().map_or(0, |a| a.port());
+        let public = socket.local_addr().ok();
+        let port = public.map_or(0, |a| a.port());
         Self::create(|ctx| {
             ctx.add_stream(super::udp_listener::receive(
                 socket.clone(),
@@ -166,6 +169,7 @@ impl UdpForward {
                 budget: Budget::new(IN_FLIGHT),
                 logs: LogLimiter::new(),
                 idle: limits.idle_timeout,
+                public,
                 close,
             }
         })
@@ -240,6 +244,7 @@ impl UdpForward {
             id,
             service,
             visitor,
+            public: self.public,
             to: ctx.address().recipient(),
         });
         self.forwarded.insert(id, Forwarded { link, counters });

@@ -162,6 +162,11 @@ pub struct TokenScope {
         skip_serializing_if = "crate::visitor_rules::VisitorRules::is_empty"
     )]
     pub visitors: crate::visitor_rules::VisitorRules,
+    /// The cluster's peer token: its `Open`s may carry a forwarded
+    /// visitor's address, which the agent trusts (its PROXY header). Never
+    /// stored: only a server's own peer token has it.
+    #[serde(skip)]
+    pub peer: bool,
 }
 
 impl TokenScope {
@@ -392,6 +397,7 @@ mod tests {
             access: Some(vec![]),
             ports: None,
             visitors: Default::default(),
+            peer: false,
         };
         let store = TokenStore::new()
             .with_hash(&hash_token("t"), scope)

@@ -339,6 +339,7 @@ mod tests {
             access: None,
             ports: Some(vec![(30000, 30010)]),
             visitors: crate::visitor_rules::VisitorRules::from_wire("10.0.0.0/8", "").unwrap(),
+            peer: false,
         };
         let token = StoredToken::new(&hash_token("secret").to_uppercase(), scope).unwrap();
         let value = token.to_value();

@@ -174,6 +174,7 @@ async fn token_scopes_limit_what_is_registered_and_accessed() {
         access: access.map(|a| a.iter().map(|s| (*s).to_owned()).collect()),
         ports: None,
         visitors: Default::default(),
+        peer: false,
     };
     let store = TokenStore::new()
         .with_hash(&hash_token("agent"), scope(Some(&["web", "db"]), Some(&[])))

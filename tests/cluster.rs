@@ -860,3 +860,70 @@ async fn a_services_address_lists_hold_on_the_servers_that_forward_it() {
     };
     wait_until("server 2 counts the refusal", counted).await;
 }
+
+/// A service that answers each connection with its first line (the PROXY
+/// protocol v1 header its agent writes) and closes.
+async fn first_line_service() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut line = Vec::new();
+                let mut byte = [0u8; 1];
+                while s.read_exact(&mut byte).await.is_ok() && byte[0] != b'\n' {
+                    line.push(byte[0]);
+                }
+                let _ = s.write_all(&line).await;
+            });
+        }
+    });
+    port
+}
+
+/// A visitor forwarded through a peer link keeps its address: the agent's
+/// PROXY header names the visitor and the public address it reached, as
+/// for a visitor of the server the agent is linked to.
+#[actix_web::test]
+async fn a_forwarded_visitors_address_reaches_the_service_in_its_proxy_header() {
+    let etcd = Etcd::start().await;
+    token_command(&["add", "--etcd", &etcd.url, "--token", "proxy-token"]);
+    let range = free_ports(1);
+    let controls = free_ports(2).0;
+    let (_one, url_1) = peer_server(&etcd.url, "127.0.0.1", range, controls);
+    let (mut two, _) = peer_server(&etcd.url, "127.0.0.2", range, controls + 1);
+    let service = format!("px:{}:0", first_line_service().await);
+    let args = [
+        "agent",
+        "--server",
+        &url_1,
+        "--tcp",
+        &service,
+        "--proxy-protocol",
+        "v1",
+    ];
+    let mut agent = Proc::spawn_with(&args, |c| {
+        c.env("ZLAYER_TUNNEL_TOKEN", "proxy-token");
+    });
+    let port = agent.registered_port();
+    two.wait_for("forwarding public port to a peer");
+    let header_seen = |from: [u8; 4], server: [u8; 4]| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind((from, 0).into()).unwrap();
+        let mut s = socket.connect((server, port).into()).await.unwrap();
+        let me = s.local_addr().unwrap();
+        let mut line = String::new();
+        s.read_to_string(&mut line).await.unwrap();
+        (me, line)
+    };
+    let (me, line) = header_seen([127, 0, 0, 8], [127, 0, 0, 1]).await;
+    assert_eq!(
+        line,
+        format!("PROXY TCP4 127.0.0.8 127.0.0.1 {} {port}\r", me.port())
+    );
+    let (me, line) = header_seen([127, 0, 0, 7], [127, 0, 0, 2]).await;
+    assert_eq!(
+        line,
+        format!("PROXY TCP4 127.0.0.7 127.0.0.2 {} {port}\r", me.port())
+    );
+}

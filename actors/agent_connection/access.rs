@@ -12,6 +12,9 @@ pub(crate) struct OpenStream {
     pub(crate) socket: tokio::net::TcpStream,
     pub(crate) service: String,
     pub(crate) target: String,
+    /// A cluster's forwarded visitor: its address and the public address
+    /// it reached (they go with the `Open`).
+    pub(crate) visitor: Option<(String, String)>,
     pub(crate) counters: CounterSet,
     pub(crate) cancel: CancellationToken,
 }
@@ -25,7 +28,8 @@ impl Handler<OpenStream> for AgentConnection {
             return tracing::warn!(service = %msg.service, "no access link to the server yet; connection closed");
         };
         let id = Uuid::new_v4();
-        if let Err(error) = link.session.open_access(id, &msg.service, &msg.target) {
+        let opened = (link.session).open_access(id, &msg.service, &msg.target, msg.visitor);
+        if let Err(error) = opened {
             return tracing::warn!(service = %msg.service, %error, "access stream not opened; connection closed");
         }
         link.streams.expect(id);

@@ -48,6 +48,8 @@ pub(crate) struct OpenFlow {
     pub(crate) id: Uuid,
     pub(crate) service: String,
     pub(crate) visitor: std::net::SocketAddr,
+    /// The public address it sent to, if known.
+    pub(crate) public: Option<std::net::SocketAddr>,
     pub(crate) to: Recipient<ToVisitor>,
 }
 
@@ -56,10 +58,11 @@ impl Handler<OpenFlow> for AgentConnection {
 
     fn handle(&mut self, msg: OpenFlow, ctx: &mut Self::Context) {
         let visitor = msg.visitor.to_string();
+        let public = msg.public.map(|a| a.to_string()).unwrap_or_default();
         let opened = match self.link.as_mut() {
             Some(link) => link
                 .session
-                .open_access_flow(msg.id, &msg.service, &visitor),
+                .open_access_flow(msg.id, &msg.service, (visitor, public)),
             None => Err("the peer link is not up yet".to_owned()),
         };
         if let Err(error) = opened {

@@ -17,8 +17,9 @@ impl Handler<Relay> for ControlChannel {
                 service,
                 target,
                 protocol,
+                visitor,
                 from,
-            } => match self.core.relay_to_agent(id, &service, &target, protocol) {
+            } => match (self.core).relay_to_agent(id, (&service, &target), protocol, visitor) {
                 Ok(()) => tunnel.relays.insert(id, from),
                 Err(reason) => refuse_across(&from.to, id, reason),
             },
@@ -52,8 +53,7 @@ impl ControlChannel {
     pub(super) fn find_service(
         &mut self,
         id: Uuid,
-        service: String,
-        target: String,
+        (service, target, visitor): (String, String, (String, String)),
         protocol: ServiceProtocol,
         ctx: &mut ws::WebsocketContext<Self>,
     ) {
@@ -90,6 +90,7 @@ impl ControlChannel {
                         service,
                         target,
                         protocol,
+                        visitor,
                         from,
                     });
                 }

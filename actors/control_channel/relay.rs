@@ -36,6 +36,8 @@ pub(crate) enum Relay {
         service: String,
         target: String,
         protocol: ServiceProtocol,
+        /// A peer's forwarded visitor: its address, the public address.
+        visitor: (String, String),
         /// The access client's channel.
         from: RelayEnd,
     },

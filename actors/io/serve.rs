@@ -59,6 +59,7 @@ fn with_peer_token(fixed: TokenStore, token: &crate::auth::Secret) -> TokenStore
         access: None,
         ports: None,
         visitors: crate::visitor_rules::VisitorRules::default(),
+        peer: true,
     };
     let hash = crate::auth::hash_token(token.expose());
     fixed.clone().with_hash(&hash, scope).unwrap_or(fixed)

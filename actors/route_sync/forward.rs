@@ -265,10 +265,15 @@ fn pass(
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        let public = socket
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         let open = OpenStream {
             socket,
             service,
             target: String::new(),
+            visitor: Some((visitor.to_string(), public)),
             counters,
             cancel,
         };

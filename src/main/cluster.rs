@@ -137,6 +137,7 @@ pub(crate) fn add_token(
         access: (!access.is_empty()).then_some(access),
         ports: (!ports.is_empty()).then_some(ports),
         visitors,
+        peer: false,
     };
     let token = StoredToken::new(&token_hash(which)?, scope).context("--hash")?;
     let hash = token.hash.clone();

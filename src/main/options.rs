@@ -259,6 +259,7 @@ fn token_store(
                 allow: token.visitors_allow.clone(),
                 deny: token.visitors_deny.clone(),
             },
+            peer: false,
         };
         store = store
             .with_hash(&token.hash, scope)

@@ -126,10 +126,23 @@ impl Message {
                 service,
                 target,
                 protocol,
+                visitor,
                 ..
             } => {
-                let udp = usize::from(*protocol == ServiceProtocol::Udp);
-                UUID_LEN + 1 + service.len() + 2 + target.len() + udp
+                let forwarded = !visitor.0.is_empty() || !visitor.1.is_empty();
+                let with_protocol = forwarded || *protocol == ServiceProtocol::Udp;
+                let addresses = if forwarded {
+                    2 + visitor.0.len() + 2 + visitor.1.len()
+                } else {
+                    0
+                };
+                UUID_LEN
+                    + 1
+                    + service.len()
+                    + 2
+                    + target.len()
+                    + usize::from(with_protocol)
+                    + addresses
             }
             Self::Health { .. } => UUID_LEN + 1,
         }
@@ -321,12 +334,18 @@ impl Message {
                 service,
                 target,
                 protocol,
+                visitor: (client_addr, public_addr),
             } => {
                 buf.put_slice(connection_id.as_bytes());
                 put_str8(buf, service);
                 put_str16(buf, target);
-                if *protocol == ServiceProtocol::Udp {
+                let forwarded = !client_addr.is_empty() || !public_addr.is_empty();
+                if forwarded || *protocol == ServiceProtocol::Udp {
                     buf.put_u8(protocol.to_byte());
+                }
+                if forwarded {
+                    put_str16(buf, client_addr);
+                    put_str16(buf, public_addr);
                 }
             }
             Self::Health {
@@ -513,11 +532,17 @@ impl Reader {
             None => ServiceProtocol::Tcp,
             Some(byte) => ServiceProtocol::from_byte(byte).map_err(|b| self.bad("protocol", b))?,
         };
+        // a forwarded visitor's addresses, both or neither
+        let visitor = match (self.str16("client_addr"), self.str16("public_addr")) {
+            (Ok(client), Ok(public)) => (client, public),
+            _ => (String::new(), String::new()),
+        };
         Ok(Message::Open {
             connection_id,
             service,
             target,
             protocol,
+            visitor,
         })
     }
 

@@ -321,8 +321,13 @@ pub enum Message {
         /// Address the agent should dial instead of the service's own, or
         /// empty; for a UDP flow, the visitor's address (shown, never dialed).
         target: String,
-        /// A TCP stream, or a UDP flow (`ACCESS_UDP`; on the wire only when UDP).
+        /// A TCP stream, or a UDP flow (`ACCESS_UDP`; on the wire only when
+        /// UDP or when `visitor` is set).
         protocol: ServiceProtocol,
+        /// For a cluster's forwarded visitor: its address and the public
+        /// address it reached, as text (empty: not forwarded; on the wire
+        /// only when set).
+        visitor: (String, String),
     },
     /// The agent's checks of a registered service's local end passed
     /// (`healthy`) or failed: an unhealthy replica gets no new visitor.
@@ -563,7 +568,39 @@ impl Message {
             service,
             target: target.into(),
             protocol: ServiceProtocol::Tcp,
+            visitor: (String::new(), String::new()),
         })
+    }
+
+    /// `Open` of a stream (TCP) or flow (UDP) for a visitor a server of a
+    /// cluster forwards to its peer: the visitor's address and the public
+    /// address it reached travel with it (the agent's PROXY header, its
+    /// connection callback); for a flow, `target` is the visitor's address.
+    pub fn open_forwarded(
+        connection_id: Uuid,
+        service: impl Into<String>,
+        protocol: ServiceProtocol,
+        (client_addr, public_addr): (String, String),
+    ) -> Result<Self, BuildError> {
+        let target = match protocol {
+            ServiceProtocol::Tcp => String::new(),
+            ServiceProtocol::Udp => client_addr.clone(),
+        };
+        match Self::open(connection_id, service, target)? {
+            Self::Open {
+                connection_id,
+                service,
+                target,
+                ..
+            } => checked(Self::Open {
+                connection_id,
+                service,
+                target,
+                protocol,
+                visitor: (client_addr, public_addr),
+            }),
+            other => Ok(other),
+        }
     }
 
     /// `Open` a UDP flow to a named service for the visitor at `visitor`
@@ -584,6 +621,7 @@ impl Message {
                 service,
                 target,
                 protocol: ServiceProtocol::Udp,
+                visitor: (String::new(), String::new()),
             }),
             other => Ok(other),
         }

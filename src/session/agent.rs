@@ -310,7 +310,8 @@ impl AgentSession {
                 service,
                 target,
                 protocol: ServiceProtocol::Tcp,
-            } => self.on_open(connection_id, &service, &target),
+                visitor,
+            } => self.on_open(connection_id, &service, &target, &visitor),
             Message::Open { connection_id, .. } => {
                 self.refuse(connection_id, "an agent takes no UDP flows by Open");
             }

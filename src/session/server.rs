@@ -350,7 +350,8 @@ impl ServerSession {
                 service,
                 target,
                 protocol,
-            } => self.on_open(connection_id, service, target, protocol),
+                visitor,
+            } => self.on_open(connection_id, service, (target, visitor), protocol),
             data_plane => self.on_data_plane(data_plane, frame),
         }
     }

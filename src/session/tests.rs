@@ -1378,7 +1378,12 @@ mod data_plane {
         let id = Uuid::from_u128(30);
         t.pair
             .server
-            .relay_to_agent(id, "ssh", "10.0.0.9:22", ServiceProtocol::Tcp)
+            .relay_to_agent(
+                id,
+                ("ssh", "10.0.0.9:22"),
+                ServiceProtocol::Tcp,
+                Default::default(),
+            )
             .unwrap();
         t.pump();
         // agent A grants its window and dials the allowed target at once
@@ -1435,7 +1440,12 @@ mod data_plane {
         // a service the agent does not have is refused by the agent
         t.pair
             .server
-            .relay_to_agent(Uuid::from_u128(31), "nope", "", ServiceProtocol::Tcp)
+            .relay_to_agent(
+                Uuid::from_u128(31),
+                ("nope", ""),
+                ServiceProtocol::Tcp,
+                Default::default(),
+            )
             .unwrap();
         t.pump();
         assert!(t.pair.server_log.iter().any(|a| matches!(
@@ -1458,7 +1468,12 @@ mod data_plane {
         let id = Uuid::from_u128(40);
         t.pair
             .server
-            .relay_to_agent(id, "dns", "198.51.100.4:5353", ServiceProtocol::Udp)
+            .relay_to_agent(
+                id,
+                ("dns", "198.51.100.4:5353"),
+                ServiceProtocol::Udp,
+                Default::default(),
+            )
             .unwrap();
         t.pump();
         let opened = t.pair.agent_log.iter().any(|a| {
@@ -1488,9 +1503,9 @@ mod data_plane {
         // a UDP service the agent does not have is refused at once
         let unknown = (t.pair.server).relay_to_agent(
             Uuid::from_u128(41),
-            "nope",
-            "198.51.100.4:1",
+            ("nope", "198.51.100.4:1"),
             ServiceProtocol::Udp,
+            Default::default(),
         );
         assert!(unknown.is_err());
     }
@@ -1501,7 +1516,11 @@ mod data_plane {
         let id = Uuid::from_u128(50);
         t.pair
             .agent
-            .open_access_flow(id, "dns", "203.0.113.9:7")
+            .open_access_flow(
+                id,
+                "dns",
+                ("203.0.113.9:7".into(), "198.51.100.1:53".into()),
+            )
             .unwrap();
         t.pump();
         let find = t.pair.server_log.iter().find_map(|a| match a {
@@ -1510,7 +1529,13 @@ mod data_plane {
                 service,
                 target,
                 protocol,
-            } if *found == id => Some((service.clone(), target.clone(), *protocol)),
+                visitor,
+            } if *found == id => {
+                // an address claimed by a client that is not a peer server
+                // is not passed on (it would forge the service's PROXY header)
+                assert_eq!(visitor, &(String::new(), String::new()));
+                Some((service.clone(), target.clone(), *protocol))
+            }
             _ => None,
         });
         let expected = (
@@ -1526,7 +1551,7 @@ mod data_plane {
         assert!(old.agent.is_open());
         let refused = old
             .agent
-            .open_access_flow(Uuid::from_u128(51), "dns", "203.0.113.9:7");
+            .open_access_flow(Uuid::from_u128(51), "dns", Default::default());
         assert!(refused.is_err());
     }
 }

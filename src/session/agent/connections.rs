@@ -34,7 +34,13 @@ impl AgentSession {
 
     /// One of this agent's access clients opens stream `id` to `service`
     /// through the server (`Open`, then our receive window).
-    pub fn open_access(&mut self, id: Uuid, service: &str, target: &str) -> Result<(), String> {
+    pub fn open_access(
+        &mut self,
+        id: Uuid,
+        service: &str,
+        target: &str,
+        visitor: Option<(String, String)>,
+    ) -> Result<(), String> {
         if !self.features().contains(Features::ACCESS) {
             return Err("no access link to the server yet".to_owned());
         }
@@ -43,7 +49,12 @@ impl AgentSession {
             .table()
             .ok_or("no access link to the server yet")?;
         let window = table.open_relayed(id).map_err(|e| e.to_string())?;
-        self.send_built(Message::open(id, service, target));
+        let open = match visitor {
+            // a cluster's forwarded visitor (a peer link): its addresses go along
+            Some(visitor) => Message::open_forwarded(id, service, ServiceProtocol::Tcp, visitor),
+            None => Message::open(id, service, target),
+        };
+        self.send_built(open);
         self.send(window);
         Ok(())
     }
@@ -55,7 +66,7 @@ impl AgentSession {
         &mut self,
         id: Uuid,
         service: &str,
-        visitor: &str,
+        visitor: (String, String),
     ) -> Result<(), String> {
         if !self.features().contains(Features::ACCESS_UDP) {
             return Err("the peer takes no UDP flows by Open".to_owned());
@@ -66,7 +77,12 @@ impl AgentSession {
             return Err(format!("at the limit of {max_flows} UDP flows"));
         }
         table.open_flow(id).map_err(|e| e.to_string())?;
-        self.send_built(Message::open_flow(id, service, visitor));
+        self.send_built(Message::open_forwarded(
+            id,
+            service,
+            ServiceProtocol::Udp,
+            visitor,
+        ));
         Ok(())
     }
 
@@ -172,7 +188,13 @@ impl AgentSession {
     /// the `target` is dialed only if `access_targets` allows it (otherwise
     /// it is only shown to the client, and the service's own address is
     /// dialed); our window is granted at once, before the dial.
-    pub(super) fn on_open(&mut self, id: Uuid, name: &str, target: &str) {
+    pub(super) fn on_open(
+        &mut self,
+        id: Uuid,
+        name: &str,
+        target: &str,
+        visitor: &(String, String),
+    ) {
         let Some(service) = self.service_named(name, ServiceProtocol::Tcp).cloned() else {
             return self.refuse(id, &format!("no TCP service named {name:?} on this agent"));
         };
@@ -189,9 +211,10 @@ impl AgentSession {
         match table.open_relayed(id) {
             Ok(window) => {
                 self.send(window);
-                // no visitor address through an access client or a peer:
-                // the header says so (PROXY UNKNOWN, or v2's LOCAL)
-                let proxy_header = service.proxy_header("", "");
+                // a peer's forwarded visitor has its addresses; an access
+                // client's stream none: the header says so (PROXY
+                // UNKNOWN, or v2's LOCAL)
+                let proxy_header = service.proxy_header(&visitor.0, &visitor.1);
                 self.actions.push_back(AgentAction::Dial {
                     connection_id: id,
                     address,

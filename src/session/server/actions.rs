@@ -97,6 +97,9 @@ pub enum ServerAction {
         target: String,
         /// A stream to a TCP service, or a flow to a UDP one.
         protocol: ServiceProtocol,
+        /// A peer's forwarded visitor: its address and the public address
+        /// it reached (empty otherwise).
+        visitor: (String, String),
     },
     /// End the session: close the WebSocket, free what it holds.
     Close(CloseReason),

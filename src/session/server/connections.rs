@@ -121,20 +121,29 @@ impl ServerSession {
     pub fn relay_to_agent(
         &mut self,
         id: Uuid,
-        service: &str,
-        target: &str,
+        (service, target): (&str, &str),
         protocol: ServiceProtocol,
+        visitor: (String, String),
     ) -> Result<(), &'static str> {
+        let forwarded = !visitor.0.is_empty();
         let opening = match protocol {
             ServiceProtocol::Tcp if !self.features().contains(Features::ACCESS) => {
                 return Err("the agent of this service does not take access streams");
+            }
+            ServiceProtocol::Tcp if forwarded => {
+                Message::open_forwarded(id, service, protocol, visitor)
             }
             ServiceProtocol::Tcp => Message::open(id, service, target),
             ServiceProtocol::Udp => {
                 let service_id = (self.open().map(|o| o.services.iter()))
                     .and_then(|mut s| s.find(|(_, s)| s.name == service).map(|(id, _)| *id))
                     .ok_or("no such service on this agent")?;
-                Message::connect(service_id, id, target)
+                let public = if self.wants_public_addr() {
+                    visitor.1.as_str()
+                } else {
+                    ""
+                };
+                Message::connect_to(service_id, id, target, public)
             }
         };
         let table = self.data.table().ok_or("session not authenticated")?;
@@ -189,7 +198,7 @@ impl ServerSession {
         &mut self,
         id: Uuid,
         service: String,
-        target: String,
+        (target, visitor): (String, (String, String)),
         protocol: ServiceProtocol,
     ) {
         let refusal = self.scope().and_then(|s| s.check_access(&service).err());
@@ -202,11 +211,15 @@ impl ServerSession {
                 "UDP flows by Open need ACCESS_UDP",
             ));
         }
+        // a visitor's address is trusted from a peer server only
+        let peer = self.scope().is_some_and(|s| s.peer);
+        let visitor = if peer { visitor } else { Default::default() };
         (self.actions).push_back(ServerAction::FindService {
             id,
             service,
             target,
             protocol,
+            visitor,
         });
     }
 
