@@ -541,22 +541,49 @@ async fn datagrams_echo(
     true
 }
 
+/// Two servers of one cluster (127.0.0.1 and 127.0.0.2) and an agent
+/// linked to the first with `token` and `agent_args`; the second forwards
+/// the agent's service to the first.
+struct TwoServers {
+    _etcd: Etcd,
+    _one: Proc,
+    two: Proc,
+    _agent: Proc,
+    /// The service's public port (on both).
+    port: u16,
+}
+
+async fn two_servers_with_agent(token: &str, agent_args: &[&str]) -> TwoServers {
+    let etcd = Etcd::start().await;
+    token_command(&["add", "--etcd", &etcd.url, "--token", token]);
+    let range = free_ports(1);
+    let controls = free_ports(2).0;
+    let (one, url_1) = peer_server(&etcd.url, "127.0.0.1", range, controls);
+    let (mut two, _) = peer_server(&etcd.url, "127.0.0.2", range, controls + 1);
+    let mut args = vec!["agent", "--server", &url_1];
+    args.extend_from_slice(agent_args);
+    let mut agent = Proc::spawn_with(&args, |c| {
+        c.env("ZLAYER_TUNNEL_TOKEN", token);
+    });
+    let port = agent.registered_port();
+    two.wait_for("forwarding public port to a peer");
+    TwoServers {
+        _etcd: etcd,
+        _one: one,
+        two,
+        _agent: agent,
+        port,
+    }
+}
+
 /// A UDP service registered on server 1 answers visitors of server 2 too:
 /// each visitor address is a flow through the peer link, byte-exact both ways.
 #[actix_web::test]
 async fn udp_visitors_of_a_server_without_the_service_go_through_a_peer() {
-    let etcd = Etcd::start().await;
-    token_command(&["add", "--etcd", &etcd.url, "--token", "udp-token"]);
-    let range = free_ports(1);
-    let controls = free_ports(2).0;
-    let (_one, url_1) = peer_server(&etcd.url, "127.0.0.1", range, controls);
-    let (mut two, _) = peer_server(&etcd.url, "127.0.0.2", range, controls + 1);
     let service = format!("dns:{}:0", common::services::udp_echo());
-    let mut agent = Proc::spawn_with(&["agent", "--server", &url_1, "--udp", &service], |c| {
-        c.env("ZLAYER_TUNNEL_TOKEN", "udp-token");
-    });
-    let port = agent.registered_port();
-    two.wait_for("forwarding public port to a peer");
+    // (bound whole: its servers and agent live until the test ends)
+    let mut cluster = two_servers_with_agent("udp-token", &["--udp", &service]).await;
+    let (two, port) = (&mut cluster.two, cluster.port);
     let direct = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     assert!(datagrams_echo(&direct, ([127, 0, 0, 1], port).into(), 1, 20).await);
     // three visitors at once through server 2: three flows over the peer link
@@ -811,27 +838,10 @@ async fn an_etcd_over_tls_is_reached_with_its_ca() {
 /// the service to a peer checks them before passing a visitor on.
 #[actix_web::test]
 async fn a_services_address_lists_hold_on_the_servers_that_forward_it() {
-    let etcd = Etcd::start().await;
-    token_command(&["add", "--etcd", &etcd.url, "--token", "lists-token"]);
-    let range = free_ports(1);
-    let controls = free_ports(2).0;
-    let (_one, url_1) = peer_server(&etcd.url, "127.0.0.1", range, controls);
-    let (mut two, _) = peer_server(&etcd.url, "127.0.0.2", range, controls + 1);
     let service = format!("svc:{}:0", common::services::echo().await);
-    let args = [
-        "agent",
-        "--server",
-        &url_1,
-        "--tcp",
-        &service,
-        "--deny",
-        "127.0.0.5",
-    ];
-    let mut agent = Proc::spawn_with(&args, |c| {
-        c.env("ZLAYER_TUNNEL_TOKEN", "lists-token");
-    });
-    let port = agent.registered_port();
-    two.wait_for("forwarding public port to a peer");
+    let agent = ["--tcp", service.as_str(), "--deny", "127.0.0.5"];
+    let mut cluster = two_servers_with_agent("lists-token", &agent).await;
+    let (two, port) = (&mut cluster.two, cluster.port);
     let visit = |from: [u8; 4]| async move {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.bind((from, 0).into()).unwrap();
@@ -886,27 +896,10 @@ async fn first_line_service() -> u16 {
 /// for a visitor of the server the agent is linked to.
 #[actix_web::test]
 async fn a_forwarded_visitors_address_reaches_the_service_in_its_proxy_header() {
-    let etcd = Etcd::start().await;
-    token_command(&["add", "--etcd", &etcd.url, "--token", "proxy-token"]);
-    let range = free_ports(1);
-    let controls = free_ports(2).0;
-    let (_one, url_1) = peer_server(&etcd.url, "127.0.0.1", range, controls);
-    let (mut two, _) = peer_server(&etcd.url, "127.0.0.2", range, controls + 1);
     let service = format!("px:{}:0", first_line_service().await);
-    let args = [
-        "agent",
-        "--server",
-        &url_1,
-        "--tcp",
-        &service,
-        "--proxy-protocol",
-        "v1",
-    ];
-    let mut agent = Proc::spawn_with(&args, |c| {
-        c.env("ZLAYER_TUNNEL_TOKEN", "proxy-token");
-    });
-    let port = agent.registered_port();
-    two.wait_for("forwarding public port to a peer");
+    let agent = ["--tcp", service.as_str(), "--proxy-protocol", "v1"];
+    let cluster = two_servers_with_agent("proxy-token", &agent).await;
+    let port = cluster.port;
     let header_seen = |from: [u8; 4], server: [u8; 4]| async move {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.bind((from, 0).into()).unwrap();

@@ -603,30 +603,6 @@ impl Message {
         }
     }
 
-    /// `Open` a UDP flow to a named service for the visitor at `visitor`
-    /// (a peer link's forwarded flow; needs `ACCESS_UDP`).
-    pub fn open_flow(
-        connection_id: Uuid,
-        service: impl Into<String>,
-        visitor: impl Into<String>,
-    ) -> Result<Self, BuildError> {
-        match Self::open(connection_id, service, visitor)? {
-            Self::Open {
-                connection_id,
-                service,
-                target,
-                ..
-            } => checked(Self::Open {
-                connection_id,
-                service,
-                target,
-                protocol: ServiceProtocol::Udp,
-                visitor: (String::new(), String::new()),
-            }),
-            other => Ok(other),
-        }
-    }
-
     /// A `Health` report for `service_id`.
     pub fn health(service_id: Uuid, healthy: bool) -> Self {
         Self::Health {

@@ -59,7 +59,13 @@ fn one_of_each() -> Vec<Message> {
         Message::window(id(4), 65536).unwrap(),
         Message::datagram(id(5), Bytes::from_static(&[0; 9000])).unwrap(),
         Message::open(id(6), "db", "10.0.0.1:5432").unwrap(),
-        Message::open_flow(id(6), "dns", "192.0.2.1:53").unwrap(),
+        Message::open_forwarded(
+            id(6),
+            "dns",
+            ServiceProtocol::Udp,
+            ("192.0.2.1:53".into(), "198.51.100.1:53".into()),
+        )
+        .unwrap(),
         Message::health(id(3), false),
         Message::health(id(3), true),
     ]
@@ -92,10 +98,16 @@ fn trailing_fields_of_the_extension_are_sent_only_when_set() {
         with.encode().len(),
         plain.len() + 2 + "127.0.0.1:30000".len()
     );
-    // an Open of a stream is the original 0x54 layout; a flow adds one byte
+    // an Open of a stream is the original 0x54 layout; a forwarded flow adds
+    // its protocol and addresses
     let stream = Message::open(id(6), "dns", "x").unwrap().encode();
-    let flow = Message::open_flow(id(6), "dns", "x").unwrap().encode();
-    assert_eq!((flow.len(), flow[flow.len() - 1]), (stream.len() + 1, 1));
+    let visitor = ("1.2.3.4:5".to_owned(), "6.7.8.9:10".to_owned());
+    let flow = Message::open_forwarded(id(6), "dns", ServiceProtocol::Udp, visitor).unwrap();
+    let flow = flow.encode();
+    // the flow's target is the visitor; then its protocol and both addresses
+    let target_grows = "1.2.3.4:5".len() - "x".len();
+    let added = 1 + 2 + "1.2.3.4:5".len() + 2 + "6.7.8.9:10".len();
+    assert_eq!(flow.len(), stream.len() + target_grows + added);
 }
 
 #[test]
