@@ -50,7 +50,8 @@
 //! Handles (`handles/`): [`ControlHandler`] (mounts the control route in an
 //! actix-web `App`, or serves a raw TCP connection) and the state its channels
 //! share, [`TunnelRegistry`], [`TunnelAgent`], [`NodeTunnelManager`],
-//! [`AccessManager`], and `AgentView` (an agent's session as reported).
+//! [`AccessManager`], `AgentView` (an agent's session as reported), and
+//! `Reloader` (a server's tokens re-read on `SIGHUP` or `POST /reload`).
 //!
 //! IO plumbing (`io/`): the library's runtime thread (`runtime.rs`),
 //! [`serve`] (`serve.rs`), the admin endpoints (`admin.rs`),

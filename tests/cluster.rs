@@ -541,6 +541,22 @@ async fn datagrams_echo(
     true
 }
 
+/// True if a few bytes sent from source address `from` to `to:port` come
+/// back whole (false if the visitor is refused: reset or closed).
+async fn echoes_from(from: [u8; 4], to: [u8; 4], port: u16) -> bool {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((from, 0).into()).unwrap();
+    // a refused visitor's reset may come before the connect returns
+    let Ok(mut s) = socket.connect((to, port).into()).await else {
+        return false;
+    };
+    let _ = s.write_all(b"hello").await;
+    let _ = s.shutdown().await;
+    let mut back = Vec::new();
+    let _ = s.read_to_end(&mut back).await;
+    back == b"hello"
+}
+
 /// Two servers of one cluster (127.0.0.1 and 127.0.0.2) and an agent
 /// linked to the first with `token` and `agent_args`; the second forwards
 /// the agent's service to the first.
@@ -842,19 +858,7 @@ async fn a_services_address_lists_hold_on_the_servers_that_forward_it() {
     let agent = ["--tcp", service.as_str(), "--deny", "127.0.0.5"];
     let mut cluster = two_servers_with_agent("lists-token", &agent).await;
     let (two, port) = (&mut cluster.two, cluster.port);
-    let visit = |from: [u8; 4]| async move {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind((from, 0).into()).unwrap();
-        // a refused visitor's reset may come before the connect returns
-        let Ok(mut s) = socket.connect(([127, 0, 0, 2], port).into()).await else {
-            return false;
-        };
-        let _ = s.write_all(b"hello").await;
-        let _ = s.shutdown().await;
-        let mut back = Vec::new();
-        let _ = s.read_to_end(&mut back).await;
-        back == b"hello"
-    };
+    let visit = |from: [u8; 4]| echoes_from(from, [127, 0, 0, 2], port);
     assert!(
         visit([127, 0, 0, 6]).await,
         "an admitted visitor through the peer"
@@ -919,4 +923,22 @@ async fn a_forwarded_visitors_address_reaches_the_service_in_its_proxy_header() 
         line,
         format!("PROXY TCP4 127.0.0.7 127.0.0.2 {} {port}\r", me.port())
     );
+}
+
+/// A stored token's visitor lists (`token add --visitors-deny`) hold for
+/// the services it registers, on any server of the cluster.
+#[actix_web::test]
+async fn a_stored_tokens_visitor_lists_apply_to_its_services() {
+    let etcd = Etcd::start().await;
+    let add = ["add", "--etcd", &etcd.url, "--token", "listed-token"];
+    token_command(&[&add[..], &["--visitors-deny", "127.0.0.9"]].concat());
+    let listed = token_command(&["list", "--etcd", &etcd.url]);
+    assert!(listed.contains("visitors_deny=127.0.0.9/32"), "{listed}");
+    let (_server, url) = server_on(&etcd.url, "127.0.0.1", free_ports(1));
+    let local = common::services::echo().await;
+    let mut agent = agent(&url, "listed-token", local);
+    let port = agent.registered_port();
+    let visit = |from: [u8; 4]| echoes_from(from, [127, 0, 0, 1], port);
+    assert!(visit([127, 0, 0, 10]).await);
+    assert!(!visit([127, 0, 0, 9]).await, "the token's deny list");
 }
