@@ -69,6 +69,8 @@ struct Service {
     port: u16,
     listener: Listener,
     counters: Arc<Counters>,
+    /// Its bandwidth limit: visitors' sockets read no faster.
+    bandwidth: Option<crate::actors::forwarded_connection::SharedBandwidth>,
 }
 
 /// The public side of a service.

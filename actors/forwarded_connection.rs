@@ -29,7 +29,7 @@ use super::service_listener::SecondChance;
 use crate::accounting::{CounterSet, Direction};
 use crate::protocol::MAX_DATA_PAYLOAD;
 use crate::session::SocketEvent;
-use reader::{Credit, CreditedReader, read_now};
+use reader::{Credit, CreditedReader, Pace, read_now};
 use retry::Retry;
 
 mod reader;
@@ -85,7 +85,13 @@ pub(crate) struct StreamWiring {
     /// A visitor's way to another replica if this one refuses it (a
     /// service with more than one healthy replica); `None` elsewhere.
     pub(crate) second_chance: Option<SecondChance>,
+    /// The service's bandwidth limit on this side, shared by its streams:
+    /// reads take at most what it allows. `None`: no limit.
+    pub(crate) bandwidth: Option<SharedBandwidth>,
 }
+
+/// A service's bandwidth bucket, shared by its streams on one side.
+pub(crate) type SharedBandwidth = Arc<std::sync::Mutex<crate::bandwidth::Bandwidth>>;
 
 impl StreamWiring {
     /// Counts `len` bytes just read and holds their ticket at the read gate:
@@ -273,6 +279,7 @@ impl ForwardedConnection {
                 socket: socket.clone(),
                 credit: credit.clone(),
                 gate: wiring.gate.clone(),
+                pace: wiring.bandwidth.clone().map(Pace::new),
             });
             Self {
                 wiring,

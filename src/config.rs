@@ -809,6 +809,11 @@ pub struct ServiceConfig {
     /// Absent: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub visitor_rate: Option<u32>,
+    /// Bytes a second each way, all the service's TCP streams together (a
+    /// burst of one second's worth): the server reads its visitors less,
+    /// the agent its service. Absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<u64>,
 }
 
 /// How the agent checks a local service.
@@ -858,7 +863,15 @@ impl ServiceConfig {
             allow: Vec::new(),
             deny: Vec::new(),
             visitor_rate: None,
+            bandwidth: None,
         }
+    }
+
+    /// At most `bytes_per_second` each way, all its streams together.
+    #[must_use]
+    pub const fn with_bandwidth(mut self, bytes_per_second: u64) -> Self {
+        self.bandwidth = Some(bytes_per_second);
+        self
     }
 
     /// At most `per_second` new connections (or UDP flows) a second from
@@ -980,6 +993,12 @@ impl ServiceConfig {
             return Err(invalid(
                 format!("{at}.proxy_protocol"),
                 "v1 is for TCP services; a UDP service takes \"v2\"",
+            ));
+        }
+        if self.bandwidth == Some(0) {
+            return Err(invalid(
+                format!("{at}.bandwidth"),
+                "must be at least 1 byte a second (or absent: no limit)",
             ));
         }
         if self.visitor_rate == Some(0) {

@@ -33,6 +33,7 @@ pub mod admin_access;
 pub mod admission;
 pub mod auth;
 pub mod backoff;
+pub mod bandwidth;
 mod budget;
 pub mod cluster;
 pub mod config;

@@ -39,6 +39,9 @@ pub struct ServiceInfo {
     /// New connections (UDP: flows) a second one visitor address may open.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub visitor_rate: Option<u32>,
+    /// Bytes a second each way, all its streams together.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<u64>,
 }
 
 /// A connected tunnel (one agent session), as the registry reports it.
@@ -692,6 +695,7 @@ mod tests {
                 healthy: true,
                 visitors: Default::default(),
                 visitor_rate: None,
+                bandwidth: None,
             }],
             stats: Snapshot::default(),
         }

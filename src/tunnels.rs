@@ -120,6 +120,8 @@ pub struct RegisteredService {
     pub visitors: crate::visitor_rules::ServiceRules,
     /// New connections a second one visitor address may open (none: no limit).
     pub visitor_rate: Option<u32>,
+    /// Bytes a second each way, all its streams together (none: no limit).
+    pub bandwidth: Option<u64>,
 }
 
 /// A tunnel that ended: what its owner must close, and the ports it gave back.
@@ -453,6 +455,7 @@ mod tests {
             port,
             visitors: crate::visitor_rules::ServiceRules::default(),
             visitor_rate: None,
+            bandwidth: None,
         }
     }
 

@@ -255,3 +255,33 @@ async fn a_visitor_over_the_services_connection_rate_is_refused() {
     let status = common::http_get(&format!("http://{admin}/status")).await;
     assert!(status.contains("\"visitor_rate\":5"), "{status}");
 }
+
+#[actix_web::test]
+async fn a_services_bandwidth_is_held_by_reading_less_with_every_byte_delivered() {
+    let (_server, url, admin) = server(&[]);
+    let local = common::services::echo().await;
+    let spec = format!("svc:{local}:0");
+    let args = [
+        "agent",
+        "--server",
+        &url,
+        "--tcp",
+        &spec,
+        "--bandwidth",
+        "1048576",
+    ];
+    let mut agent = Proc::spawn(&args);
+    let port = agent.registered_port();
+    // 3 MiB each way at 1 MiB/s with a burst of one second's worth: two
+    // seconds at least, two streams sharing the limit, every byte whole
+    let started = std::time::Instant::now();
+    let both = futures::future::join(
+        common::echo_through(([127, 0, 0, 1], port).into(), 1, 3 << 19),
+        common::echo_through(([127, 0, 0, 1], port).into(), 2, 3 << 19),
+    );
+    assert_eq!(both.await, (3 << 19, 3 << 19));
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1800), "3 MiB in {took:?}");
+    let status = common::http_get(&format!("http://{admin}/status")).await;
+    assert!(status.contains("\"bandwidth\":1048576"), "{status}");
+}

@@ -43,6 +43,7 @@ impl Handler<OpenStream> for AgentConnection {
             gate: link.gate.clone(),
             tuned: false,
             second_chance: None,
+            bandwidth: None,
         };
         link.streams
             .attach(id, ForwardedConnection::start(msg.socket, wiring));

@@ -140,6 +140,7 @@ impl AgentConnection {
             gate: link.gate.clone(),
             tuned: false,
             second_chance: None,
+            bandwidth: self.shared.view.bandwidth(service),
         };
         if link
             .streams

@@ -50,6 +50,7 @@ impl ControlChannel {
             named_in_scope,
             visitors,
             visitor_rate,
+            bandwidth,
         } = registration;
         let tunnel_id = tunnel.tunnel_id;
         let registry = self.shared.registry.addr().clone();
@@ -112,7 +113,8 @@ impl ControlChannel {
         }
         .into_actor(self)
         .map(move |result: Result<_, String>, act, ctx| {
-            let answer = act.registered((name, visitors, visitor_rate), result, ctx);
+            let limits = (visitor_rate, bandwidth);
+            let answer = act.registered((name, visitors, limits), result, ctx);
             act.core.allocated(seq, answer);
             act.execute(ctx);
         })
@@ -123,7 +125,11 @@ impl ControlChannel {
     /// why it was refused.
     fn registered(
         &mut self,
-        (name, visitors, visitor_rate): (String, ServiceRules, Option<u32>),
+        (name, visitors, (visitor_rate, bandwidth)): (
+            String,
+            ServiceRules,
+            (Option<u32>, Option<u64>),
+        ),
         result: Result<(u16, Bound), String>,
         ctx: &mut ws::WebsocketContext<Self>,
     ) -> Result<(Uuid, u16), String> {
@@ -213,6 +219,7 @@ impl ControlChannel {
                 port,
                 visitors: visitors.clone(),
                 visitor_rate,
+                bandwidth,
             },
             counters: counters.clone(),
             flows,
@@ -225,6 +232,10 @@ impl ControlChannel {
                 port,
                 listener,
                 counters,
+                bandwidth: bandwidth.map(|rate| {
+                    let bucket = crate::bandwidth::Bandwidth::new(rate, Instant::now());
+                    Arc::new(std::sync::Mutex::new(bucket))
+                }),
             },
         );
         Ok((service_id, port))

@@ -101,6 +101,7 @@ impl ControlChannel {
             gate: tunnel.gate.clone(),
             tuned: ACCEPTED_SOCKETS_TUNED,
             second_chance: opening.second_chance,
+            bandwidth: service.bandwidth.clone(),
         };
         let (addr, first) = ForwardedConnection::start_reading(socket, wiring, opening.sent);
         tunnel.streams.attach(id, addr);

@@ -8,6 +8,8 @@ use std::task::{Context as TaskContext, Poll, Waker};
 
 use bytes::{BufMut, BytesMut};
 use futures::Stream;
+use std::future::Future;
+
 use tokio::io::Interest;
 
 use super::*;
@@ -129,13 +131,62 @@ pub(super) fn read_now(socket: &TcpStream, id: Uuid, want: usize) -> io::Result<
     }
 }
 
-/// The socket's read side, gated by credit and by the tunnel's read gate:
-/// returns `Pending` at zero credit or while the gate is closed.
+/// The socket's read side, gated by credit, by the tunnel's read gate and
+/// by its service's bandwidth, if limited: returns `Pending` at zero
+/// credit, while the gate is closed, or until the bandwidth allows a read.
 pub(super) struct CreditedReader {
     pub(super) id: Uuid,
     pub(super) socket: Rc<TcpStream>,
     pub(super) credit: Rc<Credit>,
     pub(super) gate: Arc<ReadGate>,
+    pub(super) pace: Option<Pace>,
+}
+
+/// A stream's share of its service's bandwidth: the bucket, and the wait
+/// for it to refill.
+pub(super) struct Pace {
+    bucket: SharedBandwidth,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Pace {
+    pub(super) fn new(bucket: SharedBandwidth) -> Self {
+        Self {
+            bucket,
+            sleep: None,
+        }
+    }
+
+    /// How much of `want` a read may take now; `None` (woken when it may
+    /// take some) while the bucket is empty.
+    fn allowance(&mut self, want: usize, cx: &mut TaskContext<'_>) -> Option<usize> {
+        loop {
+            let now = std::time::Instant::now();
+            let wait = {
+                let mut bucket = self
+                    .bucket
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                match bucket.available(now) {
+                    0 => bucket.wait(want, now),
+                    n => return Some(n.min(want)),
+                }
+            };
+            let sleep = self.sleep.insert(Box::pin(tokio::time::sleep(wait)));
+            if sleep.as_mut().poll(cx).is_pending() {
+                return None;
+            }
+        }
+    }
+
+    /// `n` bytes were read.
+    fn taken(&self, n: usize) {
+        let mut bucket = self
+            .bucket
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        bucket.take(n);
+    }
 }
 
 impl Stream for CreditedReader {
@@ -143,24 +194,34 @@ impl Stream for CreditedReader {
     type Item = io::Result<(Bytes, usize)>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
-        let credit = self.credit.bytes.get();
+        let this = self.get_mut();
+        let credit = this.credit.bytes.get();
         if credit == 0 {
-            *self.credit.waker.borrow_mut() = Some(cx.waker().clone());
+            *this.credit.waker.borrow_mut() = Some(cx.waker().clone());
             return Poll::Pending;
         }
-        if !self.gate.is_open(self.id, cx) {
+        if !this.gate.is_open(this.id, cx) {
             return Poll::Pending;
+        }
+        // invariant: `want` is at most MAX_DATA_PAYLOAD, so a header is always built
+        let mut want = credit.min(MAX_DATA_PAYLOAD);
+        if let Some(pace) = this.pace.as_mut() {
+            match pace.allowance(want, cx) {
+                Some(allowed) => want = allowed,
+                None => return Poll::Pending,
+            }
         }
         loop {
-            if let Err(e) = futures::ready!(self.socket.poll_read_ready(cx)) {
+            if let Err(e) = futures::ready!(this.socket.poll_read_ready(cx)) {
                 return Poll::Ready(Some(Err(e)));
             }
-            // invariant: `want` is at most MAX_DATA_PAYLOAD, so a header is always built
-            let want = credit.min(MAX_DATA_PAYLOAD);
-            match read_now(&self.socket, self.id, want) {
+            match read_now(&this.socket, this.id, want) {
                 Ok((_, 0)) => return Poll::Ready(None),
                 Ok((frame, n)) => {
-                    self.credit.bytes.set(credit - n);
+                    this.credit.bytes.set(credit - n);
+                    if let Some(pace) = &this.pace {
+                        pace.taken(n);
+                    }
                     return Poll::Ready(Some(Ok((frame, n))));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,

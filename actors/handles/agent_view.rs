@@ -2,6 +2,7 @@
 //! connection actor (which writes it) and whoever asks (`TunnelAgent::status`,
 //! the agent's admin endpoints). Not an actor: a small locked record.
 
+use crate::actors::forwarded_connection::SharedBandwidth;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -47,6 +48,9 @@ pub(crate) struct AgentView {
     /// By service name; shared by the agent's links, and grown by the
     /// services added while it runs.
     service_counters: Arc<Mutex<HashMap<String, Arc<Counters>>>>,
+    /// The bandwidth limits of the services that have one, by name, shared
+    /// by the agent's links (a service's limit covers all its streams).
+    bandwidths: Arc<Mutex<HashMap<String, SharedBandwidth>>>,
 }
 
 impl AgentView {
@@ -56,12 +60,36 @@ impl AgentView {
             .iter()
             .map(|s| (s.name.clone(), Arc::new(Counters::new())))
             .collect();
-        Self {
+        let view = Self {
             session: Mutex::new(None),
             state: Mutex::new(TunnelState::Connecting),
             last_error: Mutex::new(None),
             service_counters: Arc::new(Mutex::new(service_counters)),
+            bandwidths: Arc::default(),
+        };
+        services.iter().for_each(|s| view.set_bandwidth(s));
+        view
+    }
+
+    /// Service `service`'s bandwidth limit from now on (none: no limit).
+    fn set_bandwidth(&self, service: &ServiceConfig) {
+        let Ok(mut bandwidths) = self.bandwidths.lock() else {
+            return;
+        };
+        match service.bandwidth {
+            Some(rate) => {
+                let bucket = crate::bandwidth::Bandwidth::new(rate, std::time::Instant::now());
+                bandwidths.insert(service.name.clone(), Arc::new(Mutex::new(bucket)));
+            }
+            None => {
+                bandwidths.remove(&service.name);
+            }
         }
+    }
+
+    /// Service `name`'s bandwidth limit, if it has one.
+    pub(crate) fn bandwidth(&self, name: &str) -> Option<SharedBandwidth> {
+        self.bandwidths.lock().ok()?.get(name).cloned()
     }
 
     /// A view of another link of the same agent: its own session and
@@ -73,6 +101,7 @@ impl AgentView {
             state: Mutex::new(TunnelState::Connecting),
             last_error: Mutex::new(None),
             service_counters: self.service_counters.clone(),
+            bandwidths: self.bandwidths.clone(),
         }
     }
 
@@ -82,11 +111,13 @@ impl AgentView {
         counters.get(name).cloned()
     }
 
-    /// Service `name` was added while the agent runs: it gets counters.
-    pub(crate) fn add_service(&self, name: &str) {
+    /// Service `service` was added (or changed) while the agent runs: it
+    /// gets counters, and its bandwidth limit.
+    pub(crate) fn add_service(&self, service: &ServiceConfig) {
         if let Ok(mut counters) = self.service_counters.lock() {
-            counters.entry(name.to_owned()).or_default();
+            counters.entry(service.name.clone()).or_default();
         }
+        self.set_bandwidth(service);
     }
 
     /// Service `name` was withdrawn: no longer shown as registered.
@@ -128,6 +159,7 @@ impl AgentView {
                 visitors: crate::visitor_rules::VisitorRules::default()
                     .and(&service.visitor_rules()),
                 visitor_rate: service.visitor_rate,
+                bandwidth: service.bandwidth,
             });
         }
     }

@@ -145,7 +145,7 @@ impl TunnelAgent {
             }
         };
         for (_, view) in self.links.iter() {
-            view.add_service(&service.name);
+            view.add_service(&service);
         }
         self.each_link(|addr| {
             if replaced.is_some() {

@@ -121,6 +121,7 @@ impl TunnelIo {
                 healthy: !self.unhealthy.contains(&s.id),
                 visitors: s.visitors.clone(),
                 visitor_rate: s.visitor_rate,
+                bandwidth: s.bandwidth,
             }
         });
         TunnelInfo {

@@ -210,6 +210,10 @@ pub(crate) struct AgentArgs {
     /// server; per service: `visitor_rate` in the config file).
     #[arg(long, value_name = "PER_SECOND")]
     pub(crate) visitor_rate: Option<u32>,
+    /// At most this many bytes a second each way for every --tcp service,
+    /// all its streams together (per service: `bandwidth` in the config file).
+    #[arg(long, value_name = "BYTES")]
+    pub(crate) bandwidth: Option<u64>,
     /// For wss://: trust the certificates of this PEM file (a private CA, or
     /// the server's own self-signed certificate) instead of the system roots.
     #[arg(long)]

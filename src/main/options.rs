@@ -162,6 +162,9 @@ pub(crate) fn agent_config(args: &AgentArgs) -> anyhow::Result<TunnelClientConfi
         if args.visitor_rate.is_some() {
             service.visitor_rate = args.visitor_rate;
         }
+        if args.bandwidth.is_some() {
+            service.bandwidth = args.bandwidth;
+        }
         config = config.with_service(service);
     }
     if let Some(path) = &args.ca_cert {

@@ -92,16 +92,22 @@ impl Message {
                 name,
                 visitors,
                 visitor_rate,
+                bandwidth,
                 ..
             } => {
-                let rules = if visitors.0.is_empty() && visitors.1.is_empty() && *visitor_rate == 0
-                {
-                    0
-                } else {
+                let limited = *visitor_rate != 0 || *bandwidth != 0;
+                let lists = !visitors.0.is_empty() || !visitors.1.is_empty();
+                let rules = if lists || limited {
                     2 + visitors.0.len() + 2 + visitors.1.len()
+                } else {
+                    0
                 };
-                let rate = if *visitor_rate == 0 { 0 } else { 4 };
-                1 + name.len() + 1 + 2 + 2 + rules + rate
+                let limits = match (limited, *bandwidth != 0) {
+                    (false, _) => 0,
+                    (true, false) => 4,
+                    (true, true) => 4 + 8,
+                };
+                1 + name.len() + 1 + 2 + 2 + rules + limits
             }
             Self::RegisterOk { port, .. } => UUID_LEN + if port.is_some() { 2 } else { 0 },
             Self::Connect {
@@ -258,17 +264,22 @@ impl Message {
                 remote_port,
                 visitors: (allow, deny),
                 visitor_rate,
+                bandwidth,
             } => {
                 put_str8(buf, name);
                 buf.put_u8(protocol.to_byte());
                 buf.put_u16(*local_port);
                 buf.put_u16(*remote_port);
-                if !allow.is_empty() || !deny.is_empty() || *visitor_rate != 0 {
+                let limited = *visitor_rate != 0 || *bandwidth != 0;
+                if !allow.is_empty() || !deny.is_empty() || limited {
                     put_str16(buf, allow);
                     put_str16(buf, deny);
                 }
-                if *visitor_rate != 0 {
+                if limited {
                     buf.put_u32(*visitor_rate);
+                }
+                if *bandwidth != 0 {
+                    buf.put_u64(*bandwidth);
                 }
             }
             Self::RegisterOk { service_id, port } => {
@@ -513,6 +524,7 @@ impl Reader {
             (Ok(allow), Ok(deny)) => ((allow, deny), self.u32("visitor_rate").unwrap_or(0)),
             _ => ((String::new(), String::new()), 0),
         };
+        let bandwidth = self.u64("bandwidth").unwrap_or(0);
         Ok(Message::Register {
             name,
             protocol,
@@ -520,6 +532,7 @@ impl Reader {
             remote_port,
             visitors,
             visitor_rate,
+            bandwidth,
         })
     }
 

@@ -219,6 +219,9 @@ pub enum Message {
         /// New connections a second one visitor address may open, 0 for no
         /// limit (`VISITOR_RULES`; on the wire only when not 0).
         visitor_rate: u32,
+        /// Bytes a second each way for all the service's streams, 0 for no
+        /// limit (`VISITOR_RULES`; on the wire only when not 0).
+        bandwidth: u64,
     },
     /// Registration success.
     RegisterOk {
@@ -445,6 +448,7 @@ impl Message {
             remote_port,
             visitors: (String::new(), String::new()),
             visitor_rate: 0,
+            bandwidth: 0,
         })
     }
 
@@ -455,7 +459,7 @@ impl Message {
         name: impl Into<String>,
         protocol: ServiceProtocol,
         (local_port, remote_port): (u16, u16),
-        (visitors, visitor_rate): ((String, String), u32),
+        (visitors, visitor_rate, bandwidth): ((String, String), u32, u64),
     ) -> Result<Self, BuildError> {
         match Self::register(name, protocol, local_port, remote_port)? {
             Self::Register {
@@ -471,6 +475,7 @@ impl Message {
                 remote_port,
                 visitors,
                 visitor_rate,
+                bandwidth,
             }),
             other => Ok(other),
         }

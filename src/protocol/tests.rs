@@ -26,14 +26,21 @@ fn one_of_each() -> Vec<Message> {
             "ssh",
             ServiceProtocol::Tcp,
             (22, 0),
-            (("10.0.0.0/8".into(), String::new()), 0),
+            (("10.0.0.0/8".into(), String::new()), 0, 0),
         )
         .unwrap(),
         Message::register_with_visitors(
             "dns",
             ServiceProtocol::Udp,
             (53, 0),
-            ((String::new(), String::new()), 100),
+            ((String::new(), String::new()), 100, 0),
+        )
+        .unwrap(),
+        Message::register_with_visitors(
+            "web",
+            ServiceProtocol::Tcp,
+            (80, 0),
+            ((String::new(), String::new()), 0, 1 << 20),
         )
         .unwrap(),
         Message::RegisterOk {

@@ -338,8 +338,14 @@ impl ServerSession {
                 remote_port,
                 visitors,
                 visitor_rate,
+                bandwidth,
                 ..
-            } => self.on_register(name, protocol, remote_port, (&visitors, visitor_rate)),
+            } => self.on_register(
+                name,
+                protocol,
+                remote_port,
+                (&visitors, visitor_rate, bandwidth),
+            ),
             Message::Unregister { service_id } => self.on_unregister(service_id),
             Message::Health {
                 service_id,

@@ -22,17 +22,18 @@ impl AgentSession {
         }
         let rules = service.visitor_rules();
         let rate = service.visitor_rate.unwrap_or(0);
-        let guarded = !rules.is_empty() || rate != 0;
+        let bandwidth = service.bandwidth.unwrap_or(0);
+        let guarded = !rules.is_empty() || rate != 0 || bandwidth != 0;
         if guarded && !self.features().contains(Features::VISITOR_RULES) {
             // a service that relies on its lists is not published unguarded
-            let reason = "the server does not enforce visitor allow/deny lists or rates (no VISITOR_RULES capability): upgrade it, or remove the service's allow, deny and visitor_rate";
+            let reason = "the server does not enforce visitor allow/deny lists or rates (no VISITOR_RULES capability): upgrade it, or remove the service's allow, deny, visitor_rate and bandwidth";
             self.actions
                 .push_back(AgentAction::NotRegistered { service, reason });
             return;
         }
         let ports = (service.local_port, port);
         let register = if guarded {
-            let visitors = (rules.to_wire(), rate);
+            let visitors = (rules.to_wire(), rate, bandwidth);
             Message::register_with_visitors(&service.name, service.protocol, ports, visitors)
         } else {
             Message::register(&service.name, service.protocol, ports.0, ports.1)

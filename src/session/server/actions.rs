@@ -125,4 +125,6 @@ pub struct Registration {
     pub visitors: crate::visitor_rules::ServiceRules,
     /// New connections (or flows) a second one visitor address may open.
     pub visitor_rate: Option<u32>,
+    /// Bytes a second each way for all its streams.
+    pub bandwidth: Option<u64>,
 }

@@ -37,7 +37,7 @@ impl ServerSession {
         name: String,
         protocol: ServiceProtocol,
         remote_port: u16,
-        ((allow, deny), visitor_rate): (&(String, String), u32),
+        ((allow, deny), visitor_rate, bandwidth): (&(String, String), u32, u64),
     ) {
         let max_services = self.settings.max_services;
         let Some(open) = self.open_mut() else { return };
@@ -45,10 +45,11 @@ impl ServerSession {
         open.next_seq += 1;
         // the token's lists and the registration's (read only under
         // VISITOR_RULES: an original agent's trailing bytes mean nothing)
-        let (allow, deny, visitor_rate) = match open.features.contains(Features::VISITOR_RULES) {
-            true => (allow.as_str(), deny.as_str(), visitor_rate),
-            false => ("", "", 0),
-        };
+        let (allow, deny, visitor_rate, bandwidth) =
+            match open.features.contains(Features::VISITOR_RULES) {
+                true => (allow.as_str(), deny.as_str(), visitor_rate, bandwidth),
+                false => ("", "", 0, 0),
+            };
         let visitors = VisitorRules::from_wire(allow, deny)
             .map(|own| open.scope.visitors.and(&own))
             .map_err(|e| format!("visitor lists: {e}"));
@@ -71,6 +72,7 @@ impl ServerSession {
                 named_in_scope,
                 visitors: visitors.unwrap_or_default(),
                 visitor_rate: (visitor_rate > 0).then_some(visitor_rate),
+                bandwidth: (bandwidth > 0).then_some(bandwidth),
             }));
         }
         self.answer_in_order();
