@@ -29,7 +29,7 @@ use super::service_listener::SecondChance;
 use crate::accounting::{CounterSet, Direction};
 use crate::protocol::MAX_DATA_PAYLOAD;
 use crate::session::SocketEvent;
-use reader::{Credit, CreditedReader, Pace, read_now};
+use reader::{Credit, CreditedReader, Pace, Unpaced, read_now};
 use retry::Retry;
 
 mod reader;
@@ -274,13 +274,26 @@ impl ForwardedConnection {
         let socket = Rc::new(socket);
         let credit = Rc::new(Credit::new(credit));
         Self::create(|ctx| {
-            ctx.add_stream(CreditedReader {
-                id: wiring.id,
-                socket: socket.clone(),
-                credit: credit.clone(),
-                gate: wiring.gate.clone(),
-                pace: wiring.bandwidth.clone().map(Pace::new),
-            });
+            let (id, gate) = (wiring.id, wiring.gate.clone());
+            let (read_socket, read_credit) = (socket.clone(), credit.clone());
+            // a limited service's streams pace their reads; the others'
+            // readers have no pacing to test
+            match wiring.bandwidth.clone() {
+                Some(bucket) => ctx.add_stream(CreditedReader {
+                    id,
+                    socket: read_socket,
+                    credit: read_credit,
+                    gate,
+                    pace: Pace::new(bucket),
+                }),
+                None => ctx.add_stream(CreditedReader {
+                    id,
+                    socket: read_socket,
+                    credit: read_credit,
+                    gate,
+                    pace: Unpaced,
+                }),
+            };
             Self {
                 wiring,
                 credit,

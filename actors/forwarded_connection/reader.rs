@@ -134,12 +134,34 @@ pub(super) fn read_now(socket: &TcpStream, id: Uuid, want: usize) -> io::Result<
 /// The socket's read side, gated by credit, by the tunnel's read gate and
 /// by its service's bandwidth, if limited: returns `Pending` at zero
 /// credit, while the gate is closed, or until the bandwidth allows a read.
-pub(super) struct CreditedReader {
+pub(super) struct CreditedReader<P> {
     pub(super) id: Uuid,
     pub(super) socket: Rc<TcpStream>,
     pub(super) credit: Rc<Credit>,
     pub(super) gate: Arc<ReadGate>,
-    pub(super) pace: Option<Pace>,
+    /// `Unpaced` (compiled away) or a service's `Pace`.
+    pub(super) pace: P,
+}
+
+/// How much a read may take beyond credit and gate.
+pub(super) trait Pacer: Unpin {
+    /// How much of `want` a read may take now; `None` (woken later) for nothing.
+    fn allowance(&mut self, want: usize, cx: &mut TaskContext<'_>) -> Option<usize>;
+    /// `n` bytes were read.
+    fn taken(&self, n: usize);
+}
+
+/// No bandwidth limit: every read takes what credit allows.
+pub(super) struct Unpaced;
+
+impl Pacer for Unpaced {
+    #[inline]
+    fn allowance(&mut self, want: usize, _: &mut TaskContext<'_>) -> Option<usize> {
+        Some(want)
+    }
+
+    #[inline]
+    fn taken(&self, _: usize) {}
 }
 
 /// A stream's share of its service's bandwidth: the bucket, and the wait
@@ -156,7 +178,9 @@ impl Pace {
             sleep: None,
         }
     }
+}
 
+impl Pacer for Pace {
     /// How much of `want` a read may take now; `None` (woken when it may
     /// take some) while the bucket is empty.
     fn allowance(&mut self, want: usize, cx: &mut TaskContext<'_>) -> Option<usize> {
@@ -189,7 +213,7 @@ impl Pace {
     }
 }
 
-impl Stream for CreditedReader {
+impl<P: Pacer> Stream for CreditedReader<P> {
     /// A `Data` frame and the payload bytes in it.
     type Item = io::Result<(Bytes, usize)>;
 
@@ -204,13 +228,9 @@ impl Stream for CreditedReader {
             return Poll::Pending;
         }
         // invariant: `want` is at most MAX_DATA_PAYLOAD, so a header is always built
-        let mut want = credit.min(MAX_DATA_PAYLOAD);
-        if let Some(pace) = this.pace.as_mut() {
-            match pace.allowance(want, cx) {
-                Some(allowed) => want = allowed,
-                None => return Poll::Pending,
-            }
-        }
+        let Some(want) = this.pace.allowance(credit.min(MAX_DATA_PAYLOAD), cx) else {
+            return Poll::Pending;
+        };
         loop {
             if let Err(e) = futures::ready!(this.socket.poll_read_ready(cx)) {
                 return Poll::Ready(Some(Err(e)));
@@ -219,9 +239,7 @@ impl Stream for CreditedReader {
                 Ok((_, 0)) => return Poll::Ready(None),
                 Ok((frame, n)) => {
                     this.credit.bytes.set(credit - n);
-                    if let Some(pace) = &this.pace {
-                        pace.taken(n);
-                    }
+                    this.pace.taken(n);
                     return Poll::Ready(Some(Ok((frame, n))));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
