@@ -177,14 +177,7 @@ async fn sighup_rereads_the_agents_services() {
     let b_stream = held(b_port).await;
 
     std::fs::write(&config, services(&["a", "c"])).unwrap();
-    let pid = agent.child.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    agent.hangup();
     agent.wait_for("configuration reloaded added=1 removed=1 changed=0");
     let c_port = agent.registered_port();
     assert!(ends(b_stream).await, "b's stream ends");
@@ -193,13 +186,7 @@ async fn sighup_rereads_the_agents_services() {
 
     // a file that does not parse changes nothing
     std::fs::write(&config, "server_url = 1\n").unwrap();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    agent.hangup();
     agent.wait_for("configuration not reloaded; nothing changed");
     common::echo_through(([127, 0, 0, 1], c_port).into(), 5, 1 << 20).await;
     let _ = std::fs::remove_dir_all(&dir);

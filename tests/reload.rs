@@ -112,12 +112,7 @@ async fn tokens_change_without_a_restart_and_the_other_tunnels_are_untouched() {
 
     // SIGHUP reloads too: the new token goes
     write_config(&config, &["keep-token"]);
-    let pid = server.child.id().to_string();
-    let hup = std::process::Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .unwrap();
-    assert!(hup.success());
+    server.hangup();
     server.wait_for("configuration reloaded tokens=1 removed=1 tunnels_closed=1");
     newcomer.wait_for("the token was removed from the server's configuration");
     common::echo_through(([127, 0, 0, 1], kept_port).into(), 4, 1 << 20).await;

@@ -27,6 +27,21 @@ fn server(flags: &[&str]) -> (Proc, String, SocketAddr) {
     (server, format!("ws://{control}/tunnel/v1"), admin)
 }
 
+/// An agent on `url` publishing an echo service `svc` (`protocol`:
+/// `--tcp` or `--udp`) with `flags`; it and the service's public port.
+async fn agent_of(url: &str, protocol: &str, flags: &[&str]) -> (Proc, u16) {
+    let local = match protocol {
+        "--udp" => common::services::udp_echo(),
+        _ => common::services::echo().await,
+    };
+    let spec = format!("svc:{local}:0");
+    let mut args = vec!["agent", "--server", url, protocol, &spec];
+    args.extend_from_slice(flags);
+    let mut agent = Proc::spawn(&args);
+    let port = agent.registered_port();
+    (agent, port)
+}
+
 /// `len` bytes echoed whole through `port` from source address `from`;
 /// false if the connection is refused (reset or closed with nothing back).
 async fn echoes_from(from: &str, port: u16, seed: u64) -> bool {
@@ -73,21 +88,12 @@ async fn refused_counted(admin: SocketAddr, reason: &str, count: u32) {
 #[actix_web::test]
 async fn an_agents_lists_admit_and_refuse_tcp_visitors_before_any_stream() {
     let (mut server, url, admin) = server(&[]);
-    let local = common::services::echo().await;
-    let spec = format!("svc:{local}:0");
-    let args = [
-        "agent",
-        "--server",
+    let (_agent, port) = agent_of(
         &url,
         "--tcp",
-        &spec,
-        "--allow",
-        "127.0.0.0/24",
-        "--deny",
-        "127.0.0.3",
-    ];
-    let mut agent = Proc::spawn(&args);
-    let port = agent.registered_port();
+        &["--allow", "127.0.0.0/24", "--deny", "127.0.0.3"],
+    )
+    .await;
     assert!(
         echoes_from("127.0.0.2", port, 1).await,
         "an allowed visitor"
@@ -168,19 +174,7 @@ async fn a_tokens_lists_on_the_server_apply_to_every_service_it_registers() {
 #[actix_web::test]
 async fn a_udp_services_lists_refuse_datagrams_before_they_take_a_flow() {
     let (_server, url, admin) = server(&[]);
-    let local = common::services::udp_echo();
-    let spec = format!("svc:{local}:0");
-    let args = [
-        "agent",
-        "--server",
-        &url,
-        "--udp",
-        &spec,
-        "--deny",
-        "127.0.0.3",
-    ];
-    let mut agent = Proc::spawn(&args);
-    let port = agent.registered_port();
+    let (_agent, port) = agent_of(&url, "--udp", &["--deny", "127.0.0.3"]).await;
     let answered = |from: &'static str| async move {
         let socket = tokio::net::UdpSocket::bind((from.parse::<IpAddr>().unwrap(), 0))
             .await
@@ -228,19 +222,7 @@ async fn a_bad_block_is_refused_by_the_agent_naming_it() {
 #[actix_web::test]
 async fn a_visitor_over_the_services_connection_rate_is_refused() {
     let (_server, url, admin) = server(&[]);
-    let local = common::services::echo().await;
-    let spec = format!("svc:{local}:0");
-    let args = [
-        "agent",
-        "--server",
-        &url,
-        "--tcp",
-        &spec,
-        "--visitor-rate",
-        "5",
-    ];
-    let mut agent = Proc::spawn(&args);
-    let port = agent.registered_port();
+    let (_agent, port) = agent_of(&url, "--tcp", &["--visitor-rate", "5"]).await;
     // a burst of 5 a second per address: the 3 more are refused
     let mut admitted = 0;
     for seed in 0..8 {
@@ -259,19 +241,7 @@ async fn a_visitor_over_the_services_connection_rate_is_refused() {
 #[actix_web::test]
 async fn a_services_bandwidth_is_held_by_reading_less_with_every_byte_delivered() {
     let (_server, url, admin) = server(&[]);
-    let local = common::services::echo().await;
-    let spec = format!("svc:{local}:0");
-    let args = [
-        "agent",
-        "--server",
-        &url,
-        "--tcp",
-        &spec,
-        "--bandwidth",
-        "1048576",
-    ];
-    let mut agent = Proc::spawn(&args);
-    let port = agent.registered_port();
+    let (_agent, port) = agent_of(&url, "--tcp", &["--bandwidth", "1048576"]).await;
     // 3 MiB each way at 1 MiB/s with a burst of one second's worth: two
     // seconds at least, two streams sharing the limit, every byte whole
     let started = std::time::Instant::now();

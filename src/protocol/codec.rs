@@ -519,10 +519,9 @@ impl Reader {
         let remote_port = self.u16("remote_port")?;
         // trailing, under VISITOR_RULES: both lists, or neither; other
         // trailing bytes are ignored, as the original decoder ignores them
-        let lists = (self.str16("allow"), self.str16("deny"));
-        let (visitors, visitor_rate) = match lists {
-            (Ok(allow), Ok(deny)) => ((allow, deny), self.u32("visitor_rate").unwrap_or(0)),
-            _ => ((String::new(), String::new()), 0),
+        let (visitors, visitor_rate) = match self.trailing_pair("allow", "deny") {
+            Some(lists) => (lists, self.u32("visitor_rate").unwrap_or(0)),
+            None => ((String::new(), String::new()), 0),
         };
         let bandwidth = self.u64("bandwidth").unwrap_or(0);
         Ok(Message::Register {
@@ -546,10 +545,7 @@ impl Reader {
             Some(byte) => ServiceProtocol::from_byte(byte).map_err(|b| self.bad("protocol", b))?,
         };
         // a forwarded visitor's addresses, both or neither
-        let visitor = match (self.str16("client_addr"), self.str16("public_addr")) {
-            (Ok(client), Ok(public)) => (client, public),
-            _ => (String::new(), String::new()),
-        };
+        let visitor = (self.trailing_pair("client_addr", "public_addr")).unwrap_or_default();
         Ok(Message::Open {
             connection_id,
             service,
@@ -557,6 +553,20 @@ impl Reader {
             protocol,
             visitor,
         })
+    }
+
+    /// Two trailing `str16` fields of the extension, both or neither
+    /// (unreadable ones are ignored, as the original decoder ignores
+    /// trailing bytes).
+    fn trailing_pair(
+        &mut self,
+        first: &'static str,
+        second: &'static str,
+    ) -> Option<(String, String)> {
+        match (self.str16(first), self.str16(second)) {
+            (Ok(a), Ok(b)) => Some((a, b)),
+            _ => None,
+        }
     }
 
     fn connect(&mut self) -> Result<Message, DecodeError> {

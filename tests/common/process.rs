@@ -146,6 +146,13 @@ impl Proc {
             .unwrap_or_else(|| panic!("no public_port= in {line:?}"))
     }
 
+    /// Sends the process `SIGHUP` (a reload).
+    pub fn hangup(&self) {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+        assert!(sent.success(), "kill -HUP {pid}");
+    }
+
     /// The lines read so far (by `wait_for` and the like).
     pub fn seen(&self) -> &[String] {
         &self.seen
