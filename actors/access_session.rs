@@ -103,6 +103,7 @@ impl StreamHandler<io::Result<(TcpStream, SocketAddr)>> for AccessSession {
                 service: endpoint.clone(),
                 target: remote,
                 visitor: None,
+                bandwidth: None,
                 counters,
                 cancel,
             };

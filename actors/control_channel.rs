@@ -114,6 +114,9 @@ struct Link {
 /// The control channel actor.
 pub(crate) struct ControlChannel {
     shared: Arc<ServerShared>,
+    /// The server's settings when the channel started (a reload applies to
+    /// the channels that start after it).
+    config: Arc<crate::config::TunnelServerConfig>,
     peer: SocketAddr,
     /// The link's rules: auth, negotiation, registrations, heartbeats.
     core: ServerSession,
@@ -197,10 +200,12 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for ControlChannel {
 
 impl ControlChannel {
     pub(crate) fn new(shared: Arc<ServerShared>, peer: SocketAddr, place: AuthPlace) -> Self {
-        let core = ServerSession::new(shared.config.session_settings(), Instant::now());
-        let relay_inbox = Budget::new(shared.config.udp_in_flight);
+        let config = shared.config.current();
+        let core = ServerSession::new(config.session_settings(), Instant::now());
+        let relay_inbox = Budget::new(config.udp_in_flight);
         Self {
             shared,
+            config,
             peer,
             core,
             link: None,

@@ -51,7 +51,7 @@
 //! actix-web `App`, or serves a raw TCP connection) and the state its channels
 //! share, [`TunnelRegistry`], [`TunnelAgent`], [`NodeTunnelManager`],
 //! [`AccessManager`], `AgentView` (an agent's session as reported), and
-//! `Reloader` (a server's tokens re-read on `SIGHUP` or `POST /reload`).
+//! `Reloader` (a server's tokens and limits re-read on `SIGHUP` or `POST /reload`).
 //!
 //! IO plumbing (`io/`): the library's runtime thread (`runtime.rs`),
 //! [`serve`] (`serve.rs`), the admin endpoints (`admin.rs`),
@@ -79,7 +79,7 @@ pub use handles::access_manager::{AccessManager, StartedSession};
 pub use handles::agent_view::{PublishedCallback, PublishedService};
 pub use handles::control_handler::ControlHandler;
 pub use handles::node_tunnels::NodeTunnelManager;
-pub use handles::reload::{ReloadReport, TokenReload};
+pub use handles::reload::{ConfigReload, ReloadReport, ReloadedConfig};
 pub use handles::tunnel_agent::{ConnectionCallback, TunnelAgent};
 #[cfg(feature = "etcd")]
 pub use io::etcd_store::{EtcdOptions, EtcdStore};

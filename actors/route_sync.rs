@@ -29,7 +29,14 @@ type Routed = (String, ServiceProtocol);
 type PortKey = (u16, ServiceProtocol);
 
 /// A route as published: the service's port and address lists.
-type Published = (u16, crate::visitor_rules::ServiceRules);
+/// What is published of a service here: its port, visitor lists, visitor
+/// rate and bandwidth.
+type Published = (
+    u16,
+    crate::visitor_rules::ServiceRules,
+    Option<u32>,
+    Option<u64>,
+);
 
 mod forward;
 
@@ -116,7 +123,10 @@ impl RouteSync {
             let tunnels = registry.list_tunnels().await;
             let local: HashMap<Routed, Published> = (tunnels.iter())
                 .flat_map(|t| t.services.iter())
-                .map(|s| ((s.name.clone(), s.protocol), (s.port, s.visitors.clone())))
+                .map(|s| {
+                    let published = (s.port, s.visitors.clone(), s.visitor_rate, s.bandwidth);
+                    ((s.name.clone(), s.protocol), published)
+                })
                 .collect();
             let renewed = keep(&*store, lease, peer.route_ttl).await?;
             // under a new lease (the old one expired) every route again
@@ -254,6 +264,8 @@ async fn publish(
             port: now.0,
             protocol: routed.1,
             visitors: now.1.clone(),
+            visitor_rate: now.2,
+            bandwidth: now.3,
         };
         store.publish_route(lease, route).await?;
     }

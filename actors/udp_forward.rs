@@ -53,6 +53,8 @@ pub(crate) type PeerChoice = (Addr<AgentConnection>, Arc<Counters>, String);
 pub(crate) trait Peers {
     /// Whether some peer's address lists admit a visitor from `ip`.
     fn check(&self, ip: IpAddr) -> Result<(), Refusal>;
+    /// Whether a new flow from `ip` is within the service's visitor rate.
+    fn admit_flow(&self, ip: IpAddr) -> bool;
 
     /// A peer link for a new flow from `ip` (among those that admit it).
     fn pick(&self, ip: IpAddr) -> Option<PeerChoice>;
@@ -180,6 +182,11 @@ impl UdpForward {
             // before the flow table: a refused address takes no flow's place
             self.counters.add_refused(why);
             let reason = "refused by the service's address lists";
+            return self.dropped(None, visitor, reason);
+        }
+        if self.flows.flow_of(visitor).is_none() && !self.peers.admit_flow(visitor.ip()) {
+            self.counters.add_refused(Refusal::RateLimited);
+            let reason = "a new flow over the service's visitor rate";
             return self.dropped(None, visitor, reason);
         }
         let now = Instant::now();

@@ -192,6 +192,14 @@ pub struct Route {
         skip_serializing_if = "crate::visitor_rules::ServiceRules::is_empty"
     )]
     pub visitors: crate::visitor_rules::ServiceRules,
+    /// New connections (or UDP flows) a second per visitor address: a
+    /// server that forwards the service limits its visitors to it too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub visitor_rate: Option<u32>,
+    /// The service's bandwidth limit, bytes a second each way: a server
+    /// that forwards the service reads its visitors no faster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<u64>,
 }
 
 /// Where a cluster's entries live in the store.

@@ -995,6 +995,13 @@ impl ServiceConfig {
                 "v1 is for TCP services; a UDP service takes \"v2\"",
             ));
         }
+        if self.protocol == ServiceProtocol::Udp && self.bandwidth.is_some() {
+            return Err(invalid(
+                format!("{at}.bandwidth"),
+                "is for TCP services: it slows their streams by reading less, and a UDP \
+                 service has none (remove it; the server's max_datagram_rate limits a flow)",
+            ));
+        }
         if self.bandwidth == Some(0) {
             return Err(invalid(
                 format!("{at}.bandwidth"),
@@ -1019,6 +1026,9 @@ impl ServiceConfig {
         Ok(())
     }
 }
+
+mod live;
+pub use live::{LiveServerConfig, RESTART_ONLY};
 
 #[cfg(test)]
 mod tests;

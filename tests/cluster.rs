@@ -544,17 +544,23 @@ async fn datagrams_echo(
 /// True if a few bytes sent from source address `from` to `to:port` come
 /// back whole (false if the visitor is refused: reset or closed).
 async fn echoes_from(from: [u8; 4], to: [u8; 4], port: u16) -> bool {
+    exchange_from(from, (to, port), b"hello").await == b"hello"
+}
+
+/// What a visitor from source address `from` gets back from `to` for
+/// `sent` and its end of stream (nothing if it is refused: reset or closed).
+async fn exchange_from(from: [u8; 4], to: ([u8; 4], u16), sent: &[u8]) -> Vec<u8> {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind((from, 0).into()).unwrap();
-    // a refused visitor's reset may come before the connect returns
-    let Ok(mut s) = socket.connect((to, port).into()).await else {
-        return false;
-    };
-    let _ = s.write_all(b"hello").await;
-    let _ = s.shutdown().await;
     let mut back = Vec::new();
+    // a refused visitor's reset may come before the connect returns
+    let Ok(mut s) = socket.connect(to.into()).await else {
+        return back;
+    };
+    let _ = s.write_all(sent).await;
+    let _ = s.shutdown().await;
     let _ = s.read_to_end(&mut back).await;
-    back == b"hello"
+    back
 }
 
 /// Two servers of one cluster (127.0.0.1 and 127.0.0.2) and an agent
@@ -873,6 +879,50 @@ async fn a_services_address_lists_hold_on_the_servers_that_forward_it() {
         status.contains("\"visitors_refused\":[1,0,0]")
     };
     wait_until("server 2 counts the refusal", counted).await;
+}
+
+/// A service's visitor rate and bandwidth hold on a server that forwards
+/// it: server 2 reads its visitors no faster than the service's bandwidth
+/// (an upload: server 1 gets it from the peer link, unpaced, and the agent
+/// paces only what it reads from the service), and admits new connections
+/// from one address no more often than its rate.
+#[actix_web::test]
+async fn a_services_rate_and_bandwidth_hold_on_the_servers_that_forward_it() {
+    let service = format!("svc:{}:0", common::services::digest().await);
+    let limits = ["--visitor-rate", "1", "--bandwidth", "262144"];
+    let agent = [&["--tcp", service.as_str()][..], &limits].concat();
+    let mut cluster = two_servers_with_agent("limits-token", &agent).await;
+    let (two, port) = (&mut cluster.two, cluster.port);
+    // 768 KiB at 256 KiB/s with a burst of one second's worth: 2 s at least
+    let started = Instant::now();
+    common::upload_digest_to(([127, 0, 0, 2], port).into(), 1, 768 << 10).await;
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1800), "768 KiB in {took:?}");
+
+    // one new connection a second from 127.0.0.7, with a burst of one
+    let started = Instant::now();
+    let mut admitted = 0;
+    for _ in 0..6 {
+        admitted += usize::from(answered_from([127, 0, 0, 7], [127, 0, 0, 2], port).await);
+    }
+    let allowed = 1 + started.elapsed().as_secs() as usize;
+    assert!(
+        (1..=allowed).contains(&admitted),
+        "{admitted} of 6 admitted, {allowed} allowed"
+    );
+    let admin = two.listening_addr("admin endpoints listening");
+    let refused = 6 - admitted;
+    let counted = || async move {
+        let status = common::http_get(&format!("http://{admin}/status")).await;
+        status.contains(&format!("\"visitors_refused\":[0,0,{refused}]"))
+    };
+    wait_until("server 2 counts the refusals", counted).await;
+}
+
+/// True if a digest service behind `to:port` answers a visitor from `from`
+/// (false if the visitor is refused: reset or closed).
+async fn answered_from(from: [u8; 4], to: [u8; 4], port: u16) -> bool {
+    exchange_from(from, (to, port), b"x").await.len() == 40
 }
 
 /// A service that answers each connection with its first line (the PROXY

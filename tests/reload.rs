@@ -38,6 +38,24 @@ fn agent(url: &str, token: &str, name: &str, local: u16) -> Proc {
     })
 }
 
+/// A server of `config` with `ports` public ports and an admin listener
+/// guarded by `admin-secret`: it, its control URL and its admin address.
+fn server_of(config: &Path, ports: u16) -> (Proc, String, SocketAddr) {
+    let flags = [
+        "--config",
+        config.to_str().unwrap(),
+        "--admin-listen",
+        "127.0.0.1:0",
+    ];
+    let mut server = Proc::server_with(free_ports(ports), &flags, |c| {
+        c.env_remove("ZLAYER_TUNNEL_TOKEN");
+        c.env("ZLAYER_TUNNEL_ADMIN_TOKEN", "admin-secret");
+    });
+    let control = server.listening_addr("control channel listening");
+    let admin = server.listening_addr("admin endpoints listening");
+    (server, format!("ws://{control}/tunnel/v1"), admin)
+}
+
 struct Dir(PathBuf);
 
 impl Drop for Dir {
@@ -52,20 +70,7 @@ async fn tokens_change_without_a_restart_and_the_other_tunnels_are_untouched() {
     std::fs::create_dir_all(&dir.0).unwrap();
     let config = dir.0.join("server.toml");
     write_config(&config, &["keep-token", "drop-token"]);
-    let public = free_ports(3);
-    let flags = [
-        "--config",
-        config.to_str().unwrap(),
-        "--admin-listen",
-        "127.0.0.1:0",
-    ];
-    let mut server = Proc::server_with(public, &flags, |c| {
-        c.env_remove("ZLAYER_TUNNEL_TOKEN");
-        c.env("ZLAYER_TUNNEL_ADMIN_TOKEN", "admin-secret");
-    });
-    let control = server.listening_addr("control channel listening");
-    let admin = server.listening_addr("admin endpoints listening");
-    let url = format!("ws://{control}/tunnel/v1");
+    let (mut server, url, admin) = server_of(&config, 3);
     let local = common::services::echo().await;
     let mut kept = agent(&url, "keep-token", "kept", local);
     let kept_port = kept.registered_port();
@@ -116,6 +121,59 @@ async fn tokens_change_without_a_restart_and_the_other_tunnels_are_untouched() {
     server.wait_for("configuration reloaded tokens=1 removed=1 tunnels_closed=1");
     newcomer.wait_for("the token was removed from the server's configuration");
     common::echo_through(([127, 0, 0, 1], kept_port).into(), 4, 1 << 20).await;
+}
+
+#[actix_web::test]
+async fn changed_limits_apply_to_the_next_tunnels_and_listeners_keep_theirs() {
+    let dir = Dir(std::env::temp_dir().join(format!("zlt-limits-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let config = dir.0.join("server.toml");
+    let limits = |services: usize, control_path: &str| {
+        let hash = zlayer_tunnel::hash_token("a-token");
+        let toml = format!(
+            "listen = []\n[tunnel]\ncontrol_path = \"{control_path}\"\nmax_services_per_tunnel = {services}\n\
+             [[tokens]]\nhash = \"{hash}\"\n"
+        );
+        std::fs::write(&config, toml).unwrap();
+    };
+    limits(2, "/tunnel/v1");
+    let (_server, url, admin) = server_of(&config, 4);
+    let local = common::services::echo().await;
+    let two = |name: &str| {
+        let first = format!("{name}-a:{local}:0");
+        let second = format!("{name}-b:{local}:0");
+        let args = ["agent", "--server", &url, "--tcp", &first, "--tcp", &second];
+        Proc::spawn_with(&args, |c| {
+            c.env("ZLAYER_TUNNEL_TOKEN", "a-token");
+        })
+    };
+    let mut before = two("before");
+    let port = before.registered_port();
+    before.registered_port();
+
+    let transfer = tokio::spawn(common::echo_through(
+        ([127, 0, 0, 1], port).into(),
+        1,
+        16 << 20,
+    ));
+    limits(1, "/moved");
+    let (status, body) = reload(admin, Some("admin-secret")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("\"restart_needed\":[\"control_path\"]"),
+        "a changed listener key is reported, not applied: {body}"
+    );
+    assert_eq!(
+        transfer.await.unwrap(),
+        16 << 20,
+        "the running tunnel untouched"
+    );
+
+    // the next tunnel has the new limit, on the path the server still serves
+    let mut after = two("after");
+    let port = after.registered_port();
+    after.wait_for("tunnel is at its limit of 1 services");
+    common::echo_through(([127, 0, 0, 1], port).into(), 2, 1 << 20).await;
 }
 
 #[actix_web::test]

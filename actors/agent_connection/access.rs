@@ -15,6 +15,9 @@ pub(crate) struct OpenStream {
     /// A cluster's forwarded visitor: its address and the public address
     /// it reached (they go with the `Open`).
     pub(crate) visitor: Option<(String, String)>,
+    /// The service's bandwidth limit on this side (a cluster's forwarded
+    /// visitors are read no faster than the service allows).
+    pub(crate) bandwidth: Option<crate::actors::forwarded_connection::SharedBandwidth>,
     pub(crate) counters: CounterSet,
     pub(crate) cancel: CancellationToken,
 }
@@ -43,7 +46,7 @@ impl Handler<OpenStream> for AgentConnection {
             gate: link.gate.clone(),
             tuned: false,
             second_chance: None,
-            bandwidth: None,
+            bandwidth: msg.bandwidth,
         };
         link.streams
             .attach(id, ForwardedConnection::start(msg.socket, wiring));

@@ -15,7 +15,7 @@ impl ControlChannel {
             return;
         }
         let scope = self.shared.scope(token);
-        let config = &self.shared.config;
+        let config = &self.config;
         let open = OpenTunnel {
             token_hash: hash_token(token),
             client_id,
@@ -113,7 +113,7 @@ impl ControlChannel {
             flows: HashMap::new(),
             relays: Relays::default(),
             counters: self.counters.clone(),
-            gate: ReadGate::new(self.shared.config.read_ahead),
+            gate: ReadGate::new(self.config.read_ahead),
         });
         self.execute(ctx);
     }

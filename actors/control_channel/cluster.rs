@@ -91,7 +91,7 @@ impl ControlChannel {
         allowed: Option<&[(u16, u16)]>,
     ) -> Option<(Arc<dyn ClusterStore>, PortClaim)> {
         let store = self.shared.cluster.clone()?;
-        let config = &self.shared.config;
+        let config = &self.config;
         let claim = PortClaim {
             name: name.to_owned(),
             requested,

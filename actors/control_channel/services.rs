@@ -54,10 +54,10 @@ impl ControlChannel {
         } = registration;
         let tunnel_id = tunnel.tunnel_id;
         let registry = self.shared.registry.addr().clone();
-        let host = self.shared.config.bind_host.clone();
+        let host = self.config.bind_host.clone();
         let cluster = self.cluster_claim(&name, remote_port, allowed_ports.as_deref());
         let tunnel_cancel = tunnel.cancel.clone();
-        let range = self.shared.config.data_port_range;
+        let range = self.config.data_port_range;
         let forwards = self.shared.forwards.clone();
         let shared = self.shared.clone();
         // `wait` holds later frames until this answer is sent
@@ -161,7 +161,7 @@ impl ControlChannel {
             },
             cancel: cancel.clone(),
         };
-        let budget = Budget::new(self.shared.config.udp_in_flight);
+        let budget = Budget::new(self.config.udp_in_flight);
         let udp_replica = |view: FlowView| JoinUdpReplica {
             replica: UdpReplica {
                 tunnel_id,
@@ -179,7 +179,7 @@ impl ControlChannel {
         let listener = match bound {
             Bound::Tcp(socket) => {
                 let guards = self.shared.registry.guard_counters().clone();
-                let policy = self.shared.config.load_balance;
+                let policy = self.config.load_balance;
                 let first = tcp_replica();
                 Listener::Tcp(ServiceListener::start(socket, port, first, policy, guards))
             }
@@ -192,8 +192,8 @@ impl ControlChannel {
                 flows = Some(view.clone());
                 let settings = UdpSettings {
                     port,
-                    limits: self.shared.config.flow_limits(),
-                    policy: self.shared.config.load_balance,
+                    limits: self.config.flow_limits(),
+                    policy: self.config.load_balance,
                 };
                 let first = udp_replica(view);
                 Listener::Udp(

@@ -22,7 +22,7 @@ use crate::actors::io::{raw_connection, runtime};
 use crate::admission::{PendingAuth, PlaceId};
 use crate::auth::{LiveTokens, TokenScope, TokenStore, TokenValidator};
 use crate::cluster::ClusterStore;
-use crate::config::TunnelServerConfig;
+use crate::config::{LiveServerConfig, TunnelServerConfig};
 use crate::log_limit::RemoteEvent;
 use crate::protocol::MAX_MESSAGE_SIZE;
 use crate::{Result, TunnelError};
@@ -30,7 +30,8 @@ use crate::{Result, TunnelError};
 /// What every control channel of one server shares.
 pub(crate) struct ServerShared {
     pub(crate) registry: Arc<TunnelRegistry>,
-    pub(crate) config: TunnelServerConfig,
+    /// The settings now; each control channel takes them as it starts.
+    pub(crate) config: LiveServerConfig,
     pub(crate) validator: TokenValidator,
     /// Failed authentications per address (token guessing is slowed down).
     pub(crate) throttle: std::sync::Mutex<crate::throttle::AuthThrottle>,
@@ -62,7 +63,7 @@ impl ServerShared {
         );
         Self {
             registry,
-            config,
+            config: LiveServerConfig::new(config),
             validator,
             throttle: std::sync::Mutex::default(),
             scopes,
@@ -219,9 +220,14 @@ impl ControlHandler {
         self.shared.forwards.clone()
     }
 
-    /// The server configuration.
-    pub fn config(&self) -> &TunnelServerConfig {
-        &self.shared.config
+    /// The server configuration now.
+    pub fn config(&self) -> Arc<TunnelServerConfig> {
+        self.shared.config.current()
+    }
+
+    /// The server's settings, which a reload replaces.
+    pub(crate) fn live_config(&self) -> LiveServerConfig {
+        self.shared.config.clone()
     }
 
     /// A hook for the host's `HttpServer::on_connect` (plain TCP, or TLS
@@ -233,7 +239,7 @@ impl ControlHandler {
     /// but the actor, its socket and the visitors waiting in its mailbox stay
     /// until that connection dies. `serve` installs it.
     pub fn on_connect(&self) -> impl Fn(&dyn Any, &mut Extensions) + Send + Sync + 'static {
-        let timeout = self.shared.config.heartbeat_timeout;
+        let timeout = self.shared.config.current().heartbeat_timeout;
         move |connection, _| {
             let tls = connection.downcast_ref::<TlsStream<TcpStream>>();
             let tcp = connection
@@ -252,8 +258,10 @@ impl ControlHandler {
     /// `.on_connect(handler.on_connect())` (see [`Self::on_connect`]).
     pub fn configure(&self, cfg: &mut web::ServiceConfig) {
         let shared = self.shared.clone();
-        cfg.app_data(web::Data::from(Arc::new(shared)))
-            .route(&self.shared.config.control_path, web::get().to(upgrade));
+        cfg.app_data(web::Data::from(Arc::new(shared))).route(
+            &self.shared.config.current().control_path,
+            web::get().to(upgrade),
+        );
     }
 
     /// Serves one raw TCP connection: the HTTP upgrade, then the control
@@ -282,7 +290,7 @@ impl ControlHandler {
 impl std::fmt::Debug for ControlHandler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ControlHandler")
-            .field("config", &self.shared.config)
+            .field("config", &self.shared.config.current())
             .finish_non_exhaustive()
     }
 }

@@ -31,15 +31,16 @@ pub(crate) async fn serve(
     let mut stream = TcpStream::from_std(std)?;
     let place = AuthPlace::take(&shared, peer);
     stream.set_nodelay(true)?;
-    harden_control_socket(&stream, shared.config.heartbeat_timeout);
-    let deadline = shared.config.auth_timeout;
+    let config = shared.config.current();
+    harden_control_socket(&stream, config.heartbeat_timeout);
+    let deadline = config.auth_timeout;
     let (head, rest) = tokio::select! {
         head = tokio::time::timeout(deadline, read_head(&mut stream)) => {
             head.map_err(|_| TunnelError::Timeout)??
         }
         () = place.evicted() => return Err(TunnelError::connection_msg(EVICTED)),
     };
-    let key = match http_upgrade::check_upgrade(&head, &shared.config.control_path) {
+    let key = match http_upgrade::check_upgrade(&head, &config.control_path) {
         Ok(key) => key,
         Err(refusal) => return refuse_request(stream, refusal).await,
     };

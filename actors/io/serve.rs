@@ -10,7 +10,7 @@ use std::time::Duration;
 use actix_web::{App, HttpServer};
 
 use super::signals::shutdown_signal;
-use crate::actors::handles::reload::{Reloader, TokenReload};
+use crate::actors::handles::reload::{ConfigReload, ReloadedTokens, Reloader};
 use crate::actors::route_sync::{PeerOptions, RouteSync};
 use crate::actors::token_sync::TokenSync;
 use crate::actors::{ControlHandler, TunnelRegistry};
@@ -36,10 +36,12 @@ pub struct ServeOptions {
     ///
     /// [`AdminAccess::open`]: crate::admin_access::AdminAccess::open
     pub admin_access: crate::admin_access::AdminAccess,
-    /// Reads `tokens` again, on `SIGHUP` and `POST /reload` (admin token
-    /// required): new tokens are accepted, a removed token's tunnels closed;
-    /// none: no reload. Not in a cluster, whose tokens live in its store.
-    pub reload: Option<TokenReload>,
+    /// Reads the settings and `tokens` again, on `SIGHUP` and `POST /reload`
+    /// (admin token required): new tokens are accepted, a removed token's
+    /// tunnels closed, changed limits apply to the tunnels that connect
+    /// next; none: no reload. In a cluster only the settings are reloaded:
+    /// its tokens live in its store.
+    pub reload: Option<ConfigReload>,
     /// Serve `wss://` with this configuration (see [`crate::tls::server_config`]);
     /// none: plain `ws://`.
     pub tls: Option<rustls::ServerConfig>,
@@ -68,7 +70,7 @@ fn with_peer_token(fixed: TokenStore, token: &crate::auth::Secret) -> TokenStore
 /// Runs a tunnel server until SIGINT or SIGTERM; must run inside an actix `System`.
 pub async fn serve(options: ServeOptions) -> std::io::Result<()> {
     let registry = Arc::new(TunnelRegistry::new(options.config.data_port_range));
-    let mut reloader = None;
+    let mut reloaded_tokens = None;
     let handler = match (options.tokens, options.cluster) {
         (fixed, Some(store)) => {
             let mut fixed = fixed.unwrap_or_default();
@@ -90,14 +92,17 @@ pub async fn serve(options: ServeOptions) -> std::io::Result<()> {
         }
         (Some(store), None) => {
             let live = LiveTokens::new(store.clone());
-            if let Some(read) = options.reload {
-                let registry = (*registry).clone();
-                reloader = Some(Reloader::new(read, live.clone(), store, registry));
-            }
+            reloaded_tokens = Some(ReloadedTokens::new(live.clone(), store));
             ControlHandler::with_live_tokens(registry.clone(), options.config, live)
         }
         (None, None) => ControlHandler::new(registry.clone(), options.config, options.validator),
     };
+    let reloader = options.reload.map(|read| Reloader {
+        read,
+        settings: handler.live_config(),
+        tokens: reloaded_tokens,
+        registry: (*registry).clone(),
+    });
     let hardening = handler.on_connect();
     let server = HttpServer::new(move || {
         let handler = handler.clone();
@@ -155,7 +160,7 @@ pub async fn serve(options: ServeOptions) -> std::io::Result<()> {
     server.await
 }
 
-/// Reloads the tokens on each `SIGHUP` (unix), saying what changed or why
+/// Reloads the configuration on each `SIGHUP` (unix), saying what changed or why
 /// nothing did.
 async fn reload_on_hangup(reloader: Reloader) {
     #[cfg(unix)]

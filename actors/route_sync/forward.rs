@@ -5,7 +5,8 @@
 //! the one with the fewest open streams from here first.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
@@ -13,13 +14,16 @@ use super::*;
 use crate::accounting::CounterSet;
 use crate::actors::TunnelAgent;
 use crate::actors::agent_connection::OpenStream;
+use crate::actors::forwarded_connection::SharedBandwidth;
 use crate::actors::io::runtime;
 use crate::actors::service_listener::ServiceListener;
 use crate::actors::udp_forward::{PeerChoice, Peers, UdpForward};
 use crate::actors::udp_listener::UdpServiceListener;
 use crate::auth::Secret;
+use crate::bandwidth::Bandwidth;
 use crate::config::TunnelClientConfig;
 use crate::log_limit::{LogLimiter, RemoteEvent};
+use crate::visitor_rate::VisitorRate;
 use crate::visitor_rules::{Refusal, ServiceRules};
 
 /// How long a visitor waits for a new peer link to connect.
@@ -39,7 +43,34 @@ struct Inner {
     /// By forwarded port: the peers' URLs, the service's name there, and
     /// the address lists its visitors must pass.
     routes: HashMap<PortKey, Vec<(String, String, ServiceRules)>>,
+    /// By forwarded port: the service's visitor rate and bandwidth.
+    limits: HashMap<PortKey, PortLimits>,
     turn: usize,
+}
+
+/// A forwarded port's limits, from its routes (the strictest, should the
+/// peers' registrations differ): each lasts while its rate is unchanged.
+#[derive(Default)]
+struct PortLimits {
+    rate: Option<VisitorRate>,
+    bandwidth: Option<SharedBandwidth>,
+}
+
+impl PortLimits {
+    /// Keeps what `remote` (the port's routes) still asks for, and starts
+    /// what it changes.
+    fn follow(&mut self, remote: &[&&Route]) {
+        let rate = remote.iter().filter_map(|r| r.visitor_rate).min();
+        if self.rate.as_ref().map(VisitorRate::per_second) != rate {
+            self.rate = rate.map(VisitorRate::new);
+        }
+        let bandwidth = remote.iter().filter_map(|r| r.bandwidth).min();
+        let current = (self.bandwidth.as_ref()).and_then(|b| b.lock().ok().map(|b| b.per_second()));
+        if current != bandwidth {
+            self.bandwidth = bandwidth
+                .map(|per_second| Arc::new(Mutex::new(Bandwidth::new(per_second, Instant::now()))));
+        }
+    }
 }
 
 impl PeerLinks {
@@ -58,11 +89,28 @@ impl PeerLinks {
 
     /// The peers that route `port` now.
     pub(super) fn set_routes(&self, port: PortKey, remote: &[&Route]) {
-        let peers = (remote.iter())
+        let routes: Vec<&&Route> = (remote.iter())
             .filter(|r| (r.port, r.protocol) == port)
+            .collect();
+        let peers = (routes.iter())
             .map(|r| (r.advertise.clone(), r.service.clone(), r.visitors.clone()))
             .collect();
-        self.lock().routes.insert(port, peers);
+        let mut inner = self.lock();
+        inner.routes.insert(port, peers);
+        inner.limits.entry(port).or_default().follow(&routes);
+    }
+
+    /// Whether a new connection (or flow) from `ip` is within the visitor
+    /// rate of `port`'s service.
+    pub(super) fn admit(&self, port: PortKey, ip: IpAddr) -> bool {
+        let mut inner = self.lock();
+        let rate = inner.limits.get_mut(&port).and_then(|l| l.rate.as_mut());
+        rate.is_none_or(|rate| rate.admit(ip, Instant::now()))
+    }
+
+    /// The bandwidth bucket of `port`'s service, if it has a limit.
+    fn bandwidth(&self, port: PortKey) -> Option<SharedBandwidth> {
+        self.lock().limits.get(&port)?.bandwidth.clone()
     }
 
     /// Whether some peer that routes `port` admits a visitor from `ip`
@@ -174,7 +222,7 @@ pub(super) fn open(
             tokio::select! {
                 () = closed.cancelled() => return,
                 accepted = listener.accept() => match accepted {
-                    Ok((socket, visitor)) => match links.check((port, ServiceProtocol::Tcp), visitor.ip()) {
+                    Ok((socket, visitor)) => match admit(&links, port, visitor.ip()) {
                         Ok(()) => pass(&links, port, (socket, visitor), &counters),
                         Err(why) => refuse(port, (socket, visitor), why, (&counters, &mut logs)),
                     },
@@ -218,9 +266,23 @@ impl Peers for ForwardedPort {
         self.links.check(self.key, ip)
     }
 
+    fn admit_flow(&self, ip: IpAddr) -> bool {
+        self.links.admit(self.key, ip)
+    }
+
     fn pick(&self, ip: IpAddr) -> Option<PeerChoice> {
         let (link, peer, service) = self.links.pick(self.key, ip)?;
         Some((link.connection()?, peer, service))
+    }
+}
+
+/// Whether a TCP visitor from `ip` passes the lists and the rate of `port`'s service.
+fn admit(links: &PeerLinks, port: u16, ip: IpAddr) -> Result<(), Refusal> {
+    let key = (port, ServiceProtocol::Tcp);
+    links.check(key, ip)?;
+    match links.admit(key, ip) {
+        true => Ok(()),
+        false => Err(Refusal::RateLimited),
     }
 }
 
@@ -235,7 +297,7 @@ fn refuse(
     #[allow(deprecated)] // SO_LINGER 0: a reset, which never blocks
     let _ = socket.set_linger(Some(Duration::ZERO));
     counters.add_refused(why);
-    if let Some(held_back) = logs.admit(RemoteEvent::VisitorRefused, std::time::Instant::now()) {
+    if let Some(held_back) = logs.admit(RemoteEvent::VisitorRefused, Instant::now()) {
         tracing::info!(port, %visitor, reason = why.name(), held_back, "visitor refused by the service's rules");
     }
 }
@@ -254,6 +316,7 @@ fn pass(
     // the port over): it ends when either side does
     let cancel = CancellationToken::new();
     let counters = CounterSet::new(vec![counters.clone(), peer]);
+    let bandwidth = links.bandwidth((port, ServiceProtocol::Tcp));
     actix::spawn(async move {
         let deadline = tokio::time::Instant::now() + LINK_WAIT;
         while !matches!(
@@ -274,6 +337,7 @@ fn pass(
             service,
             target: String::new(),
             visitor: Some((visitor.to_string(), public)),
+            bandwidth,
             counters,
             cancel,
         };

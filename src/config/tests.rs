@@ -54,6 +54,15 @@ fn errors_name_the_key() {
         .with_service(ServiceConfig::tcp("a", 2));
     assert!(bad.validate().unwrap_err().to_string().contains("twice"));
 
+    let err = ServiceConfig::udp("dns", 53)
+        .with_bandwidth(1000)
+        .validate()
+        .unwrap_err();
+    assert!(
+        err.to_string().starts_with("service.bandwidth: is for TCP"),
+        "{err}"
+    );
+
     let long = "n".repeat(256);
     let err = ServiceConfig::tcp(long, 1).validate().unwrap_err();
     assert!(err.to_string().starts_with("service.name:"));

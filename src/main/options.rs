@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use zlayer_tunnel::actors::ServeOptions;
 use zlayer_tunnel::{
-    NodeTunnel, NodeTunnelManager, ServerFile, TokenScope, TokenStore, TokenValidator,
-    TunnelClientConfig,
+    NodeTunnel, NodeTunnelManager, ServerFile, ServiceProtocol, TokenScope, TokenStore,
+    TokenValidator, TunnelClientConfig, TunnelServerConfig,
 };
 
 use crate::cli::{AgentArgs, ServerArgs};
@@ -26,19 +26,7 @@ pub(crate) fn server_file(args: &ServerArgs) -> anyhow::Result<ServerFile> {
 
 /// The server's options: `file` (`--config`'s, or the defaults) under the flags.
 pub(crate) fn serve_options(args: &ServerArgs, file: &ServerFile) -> anyhow::Result<ServeOptions> {
-    let mut config = file.tunnel.clone();
-    if let Some((low, high)) = args.port_range {
-        config.data_port_range = (low, high);
-    }
-    if let Some(host) = &args.bind_host {
-        config.bind_host.clone_from(host);
-    }
-    config.load_balance = args.load_balance.unwrap_or(config.load_balance);
-    config.heartbeat_interval = args.heartbeat_interval.unwrap_or(config.heartbeat_interval);
-    config.heartbeat_timeout = args.heartbeat_timeout.unwrap_or(config.heartbeat_timeout);
-    config.port_hold = args.port_hold.unwrap_or(config.port_hold);
-    config.validate()?;
-    file.check_token_ports(Some(config.data_port_range))?;
+    let config = tunnel_settings(args, file)?;
     let listen = listen_addrs(args, file)?;
     let (validator, tokens) = if args.accept_any_token || file.accept_any_token {
         tracing::warn!("accepting any token (--accept-any-token): for development only");
@@ -59,11 +47,30 @@ pub(crate) fn serve_options(args: &ServerArgs, file: &ServerFile) -> anyhow::Res
         tokens,
         admin_listen,
         admin_access,
-        reload: reload_tokens(args),
+        reload: Some(reload_config(args)),
         tls,
         cluster: None,
         peer: None,
     })
+}
+
+/// The `[tunnel]` settings of `file` under the flags, validated (with the
+/// tokens' ports against the range).
+fn tunnel_settings(args: &ServerArgs, file: &ServerFile) -> anyhow::Result<TunnelServerConfig> {
+    let mut config = file.tunnel.clone();
+    if let Some((low, high)) = args.port_range {
+        config.data_port_range = (low, high);
+    }
+    if let Some(host) = &args.bind_host {
+        config.bind_host.clone_from(host);
+    }
+    config.load_balance = args.load_balance.unwrap_or(config.load_balance);
+    config.heartbeat_interval = args.heartbeat_interval.unwrap_or(config.heartbeat_interval);
+    config.heartbeat_timeout = args.heartbeat_timeout.unwrap_or(config.heartbeat_timeout);
+    config.port_hold = args.port_hold.unwrap_or(config.port_hold);
+    config.validate()?;
+    file.check_token_ports(Some(config.data_port_range))?;
+    Ok(config)
 }
 
 /// A server's id when `--server-id` is not given: its host name and first
@@ -162,7 +169,8 @@ pub(crate) fn agent_config(args: &AgentArgs) -> anyhow::Result<TunnelClientConfi
         if args.visitor_rate.is_some() {
             service.visitor_rate = args.visitor_rate;
         }
-        if args.bandwidth.is_some() {
+        if args.bandwidth.is_some() && service.protocol == ServiceProtocol::Tcp {
+            // a UDP service has no streams to slow
             service.bandwidth = args.bandwidth;
         }
         config = config.with_service(service);
@@ -310,22 +318,22 @@ pub(crate) fn admin_access(
     Ok(access)
 }
 
-/// Re-reads the tokens as at start (flags, the config file, token files),
-/// for `SIGHUP` and `POST /reload`; none for a server of a cluster (its
-/// tokens live in the store) or one that accepts any token.
-fn reload_tokens(args: &ServerArgs) -> Option<zlayer_tunnel::actors::TokenReload> {
-    if args.accept_any_token || !args.store.etcd.is_empty() {
-        return None;
-    }
+/// Re-reads the settings and tokens as at start (flags, the config file,
+/// token files), for `SIGHUP` and `POST /reload`. The tokens of a server of
+/// a cluster (they live in its store) or of one that accepts any token are
+/// not reloaded.
+fn reload_config(args: &ServerArgs) -> zlayer_tunnel::actors::ConfigReload {
     let args = args.clone();
-    Some(std::sync::Arc::new(move || {
+    std::sync::Arc::new(move || {
         let file = server_file(&args).map_err(|e| format!("{e:#}"))?;
-        if file.accept_any_token || !file.etcd.is_empty() {
-            return Err("accept_any_token and etcd need a restart to change".to_owned());
-        }
-        let range = args.port_range.unwrap_or(file.tunnel.data_port_range);
-        file.check_token_ports(Some(range))
-            .map_err(|e| format!("{e:#}"))?;
-        token_store(&args, &file, false).map_err(|e| format!("{e:#}"))
-    }))
+        let settings = tunnel_settings(&args, &file).map_err(|e| format!("{e:#}"))?;
+        let any = args.accept_any_token || file.accept_any_token;
+        let clustered = !args.store.etcd.is_empty() || !file.etcd.is_empty();
+        let tokens = if any || clustered {
+            None
+        } else {
+            Some(token_store(&args, &file, false).map_err(|e| format!("{e:#}"))?)
+        };
+        Ok(zlayer_tunnel::actors::ReloadedConfig { settings, tokens })
+    })
 }

@@ -502,8 +502,14 @@ pub fn assert_same(got: &[u8], sent: &[u8], what: &str) {
 /// behind `port` and checks its answer: the bytes' SHA-256 and their count.
 #[allow(dead_code)] // not every test binary uses it
 pub async fn upload_digest(port: u16, seed: u64, len: usize) {
+    upload_digest_to(([127, 0, 0, 1], port).into(), seed, len).await;
+}
+
+/// [`upload_digest`] to `addr`.
+#[allow(dead_code)] // not every test binary uses it
+pub async fn upload_digest_to(addr: SocketAddr, seed: u64, len: usize) {
     let data = pattern(seed, len);
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut s = TcpStream::connect(addr).await.unwrap();
     let (mut r, mut w) = s.split();
     let send = async {
         w.write_all(&data).await.unwrap();
