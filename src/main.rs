@@ -11,6 +11,8 @@ use std::process::ExitCode;
 
 #[path = "main/allocator.rs"]
 mod allocator;
+#[path = "main/check.rs"]
+mod check;
 #[path = "main/cli.rs"]
 mod cli;
 #[path = "main/cluster.rs"]
@@ -29,7 +31,7 @@ use cli::{Cli, Command, TokenCommand};
 fn main() -> ExitCode {
     allocator::settle();
     let cli = Cli::parse();
-    init_logs();
+    init_logs(cli.log_format);
     let result = match cli.command {
         Command::Server(args) => commands::run_server(args),
         Command::Agent(args) => commands::run_agent(args),
@@ -55,6 +57,13 @@ fn main() -> ExitCode {
             cluster::revoke_token(&store, &which)
         }
         Command::Token(TokenCommand::List { store }) => cluster::list_tokens(&store),
+        Command::CheckConfig { file, kind } => check::check_config(&file, kind),
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "zlayer-tunnel", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { dir } => man_pages(dir.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -65,10 +74,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// Writes the man pages to `dir` (one per command), or the main page to stdout.
+fn man_pages(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let command = <Cli as clap::CommandFactory>::command();
+    match dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            clap_mangen::generate_to(command, dir)?;
+            Ok(())
+        }
+        None => Ok(clap_mangen::Man::new(command).render(&mut std::io::stdout())?),
+    }
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (`info`, `zlayer_tunnel=debug,warn`:
 /// a default level and per-target levels), `info` without it. `Targets`, not
 /// `EnvFilter`: no regex engine compiled at startup and carried in every process.
-fn init_logs() {
+fn init_logs(format: cli::LogFormat) {
     use tracing_subscriber::filter::Targets;
     use tracing_subscriber::prelude::*;
     let wanted = std::env::var("RUST_LOG").ok();
@@ -78,13 +100,23 @@ fn init_logs() {
         _ => Targets::new().with_default(tracing::Level::INFO),
     };
     let stderr = std::io::stderr;
-    let ansi = std::io::IsTerminal::is_terminal(&stderr());
-    let layer = tracing_subscriber::fmt::layer()
-        .with_writer(stderr)
-        .with_ansi(ansi);
-    tracing_subscriber::registry()
-        .with(layer.with_filter(filter))
-        .init();
+    let layer = tracing_subscriber::fmt::layer().with_writer(stderr);
+    match format {
+        cli::LogFormat::Text => {
+            let ansi = std::io::IsTerminal::is_terminal(&stderr());
+            let layer = layer.with_ansi(ansi);
+            tracing_subscriber::registry()
+                .with(layer.with_filter(filter))
+                .init();
+        }
+        cli::LogFormat::Json => {
+            // the event's fields at the top level, its spans' in `spans`
+            let layer = layer.json().flatten_event(true).with_span_list(true);
+            tracing_subscriber::registry()
+                .with(layer.with_filter(filter))
+                .init();
+        }
+    }
     if let (Some(wanted), Some(Err(e))) = (wanted, parsed) {
         tracing::warn!(RUST_LOG = %wanted, error = %e, "RUST_LOG not understood; logging at info");
     }

@@ -6,39 +6,20 @@
 //! per datagram) is read by a service in this file.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-// a test skipped for a missing package says so on stderr
-#![allow(clippy::print_stderr)]
 
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use common::free_ports;
+use common::host::{TempDir, installed};
 use common::process::Proc;
 use common::wait::wait_until;
-
-/// A temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("zlt-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A child killed on drop.
 struct Killed(Child);
@@ -48,18 +29,6 @@ impl Drop for Killed {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// Where `program` is (on the PATH, or in /usr/sbin, which a user's PATH
-/// may lack); else says why the test is skipped.
-fn installed(program: &str, package: &str) -> Option<PathBuf> {
-    let found = [PathBuf::from(program), Path::new("/usr/sbin").join(program)]
-        .into_iter()
-        .find(|p| Command::new(p).arg("-v").output().is_ok());
-    if found.is_none() {
-        eprintln!("skipped: {program} not found (apt-get install {package}; `bash .ci/run` does)");
-    }
-    found
 }
 
 /// A server with public port `port` bound on `bind_host`; its control URL.

@@ -1,5 +1,6 @@
 //! The admin endpoints, on their own listener so that they can stay private:
-//! `GET /healthz`, `GET /status` (JSON) and `GET /metrics` (Prometheus text),
+//! `GET /` (the dashboard), `GET /healthz`, `GET /status` (JSON) and
+//! `GET /metrics` (Prometheus text),
 //! for a server (its registry) or an agent (its own session). Not an actor:
 //! actix-web handlers that read an [`AdminSource`]. Each request but
 //! `/healthz` is checked against the listener's [`AdminAccess`]; a refused
@@ -192,6 +193,7 @@ pub(crate) fn start_guarded(
         App::new()
             .app_data(data.clone())
             .app_data(guard.clone())
+            .route("/", web::get().to(dashboard))
             .route("/healthz", web::get().to(|| async { "ok\n" }))
             .route("/status", web::get().to(status))
             .route("/metrics", web::get().to(metrics))
@@ -205,7 +207,7 @@ pub(crate) fn start_guarded(
     .shutdown_timeout(1);
     let server = listen.iter().try_fold(server, |s, addr| s.bind(addr))?;
     for addr in server.addrs() {
-        tracing::info!(%addr, "admin endpoints listening (/healthz, /status, /metrics)");
+        tracing::info!(%addr, "admin endpoints listening (/ for the dashboard, /healthz, /status, /metrics)");
     }
     Ok(server.run())
 }
@@ -244,8 +246,37 @@ impl FromRequest for CanWrite {
     }
 }
 
+/// The dashboard: one page, everything embedded, that draws `/status`
+/// every second. It holds no data itself (what it reads is guarded like
+/// `/status`: it asks for the read token), so it is served to anyone.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// What the dashboard may do: run its own inline script and style, and
+/// read this listener; nothing else, and never inside another site's frame.
+const DASHBOARD_POLICY: &str = "default-src 'none'; script-src 'unsafe-inline'; \
+    style-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; form-action 'none'; \
+    frame-ancestors 'none'";
+
+async fn dashboard() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .insert_header(("Content-Security-Policy", DASHBOARD_POLICY))
+        .insert_header(("X-Content-Type-Options", "nosniff"))
+        .insert_header(("Referrer-Policy", "no-referrer"))
+        .insert_header(("Cache-Control", "no-store"))
+        .body(DASHBOARD)
+}
+
 async fn status(_: CanRead, source: web::Data<dyn AdminSource>) -> HttpResponse {
-    HttpResponse::Ok().json(source.status().await)
+    let mut status = source.status().await;
+    // when it was read (ms since the Unix epoch): a reader's rates come
+    // from this clock, not from when its answers arrived
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    if let (Some(fields), Ok(now)) = (status.as_object_mut(), now) {
+        let now = u64::try_from(now.as_millis()).unwrap_or(u64::MAX);
+        fields.insert("now_ms".into(), now.into());
+    }
+    HttpResponse::Ok().json(status)
 }
 
 async fn metrics(

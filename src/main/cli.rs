@@ -17,6 +17,25 @@ use crate::specs::{parse_node_tunnel, parse_range, parse_service, parse_udp_serv
 pub(crate) struct Cli {
     #[command(subcommand)]
     pub(crate) command: Command,
+    /// How logs are written to stderr: text (for people) or json (one
+    /// object per line, with the fields of its spans, for log pipelines).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "ZLAYER_TUNNEL_LOG_FORMAT"
+    )]
+    pub(crate) log_format: LogFormat,
+}
+
+/// How logs are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LogFormat {
+    /// Lines for people (colored on a terminal).
+    Text,
+    /// One JSON object per line: time, level, target, message, fields, spans.
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -32,6 +51,28 @@ pub(crate) enum Command {
     /// Token utilities.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Validates a server's or an agent's config file and says what it
+    /// would run, starting nothing; exits 1 naming the wrong key.
+    CheckConfig {
+        /// The file.
+        file: PathBuf,
+        /// What the file is for (default: guessed from its keys).
+        #[arg(long = "as", value_enum)]
+        kind: Option<crate::check::FileKind>,
+    },
+    /// Prints a shell's completion script: bash, zsh, fish (e.g.
+    /// `zlayer-tunnel completions bash > /etc/bash_completion.d/zlayer-tunnel`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Prints the man page, or writes one per command to DIR
+    /// (zlayer-tunnel.1, zlayer-tunnel-server.1, ...).
+    Man {
+        /// Where to write the pages.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]

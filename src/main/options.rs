@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use zlayer_tunnel::actors::ServeOptions;
 use zlayer_tunnel::{
-    NodeTunnel, NodeTunnelManager, ServerFile, ServiceProtocol, TokenScope, TokenStore,
-    TokenValidator, TunnelClientConfig, TunnelServerConfig,
+    ConfigError, NodeTunnel, NodeTunnelManager, ServerFile, ServiceProtocol, TokenScope,
+    TokenStore, TokenValidator, TunnelClientConfig, TunnelServerConfig,
 };
 
 use crate::cli::{AgentArgs, ServerArgs};
@@ -144,8 +144,45 @@ pub(crate) fn node_tunnels(
     Ok(Some(manager))
 }
 
-/// The agent's configuration: `--config`'s file (or an empty one) under the flags.
+/// The agent's configuration: `--config`'s file (or an empty one) under
+/// the flags, validated; an error names the flag and the file's key.
 pub(crate) fn agent_config(args: &AgentArgs) -> anyhow::Result<TunnelClientConfig> {
+    let config = merged_agent_config(args)?;
+    if config.token.expose().is_empty() {
+        bail!(
+            "no token: set ZLAYER_TUNNEL_TOKEN (or give --token, or `token` in the --config file)"
+        );
+    }
+    validate_agent(&config)?;
+    Ok(config)
+}
+
+/// Validates an agent's configuration, naming the flag beside the file's key.
+pub(crate) fn validate_agent(config: &TunnelClientConfig) -> anyhow::Result<()> {
+    if config.server_url.is_empty() {
+        bail!(
+            "no server: give --server ws://HOST:PORT/tunnel/v1 (or `server_url` in the --config file)"
+        );
+    }
+    config.validate().map_err(|e| match e {
+        ConfigError::Invalid { key, reason } => {
+            let flag = match key.as_str() {
+                "server_url" | "servers" => Some("--server"),
+                "token" => Some("--token, ZLAYER_TUNNEL_TOKEN"),
+                "ca_cert" => Some("--ca-cert"),
+                _ => None,
+            };
+            match flag {
+                Some(flag) => anyhow::anyhow!("{flag} (`{key}` in the --config file): {reason}"),
+                None => anyhow::anyhow!("{key}: {reason}"),
+            }
+        }
+        other => other.into(),
+    })
+}
+
+/// The agent's configuration, merged and not yet validated.
+pub(crate) fn merged_agent_config(args: &AgentArgs) -> anyhow::Result<TunnelClientConfig> {
     let mut config = match &args.config {
         Some(path) => toml::from_str::<TunnelClientConfig>(&read(path)?)
             .with_context(|| format!("--config {}", path.display()))?,
@@ -178,7 +215,6 @@ pub(crate) fn agent_config(args: &AgentArgs) -> anyhow::Result<TunnelClientConfi
     if let Some(path) = &args.ca_cert {
         config.ca_cert = Some(path.clone());
     }
-    config.validate()?;
     Ok(config)
 }
 

@@ -14,7 +14,9 @@ use tokio::net::TcpStream;
 use zlayer_tunnel::protocol::Message;
 use zlayer_tunnel::{ControlHandler, TokenStore, TunnelRegistry, TunnelServerConfig};
 
+pub mod browser;
 pub mod certs;
+pub mod host;
 pub mod ports;
 pub mod process;
 pub mod proxy;
