@@ -91,9 +91,12 @@ pub(crate) struct AgentConnection {
     backoff: Backoff,
     starts: u64,
     finished: bool,
-    /// Retry delays of services whose registration the server refused.
-    refused: HashMap<String, Backoff>,
+    /// Retry delays of services whose registration the server refused,
+    /// and the lasting reason last said for each.
+    refused: HashMap<String, (Backoff, Option<String>)>,
     link: Option<Link>,
+    /// The lasting fault last said (at ERROR), not said again until it changes.
+    told: Option<String>,
 }
 
 impl Actor for AgentConnection {
@@ -107,16 +110,29 @@ impl Actor for AgentConnection {
             return self.report_end(Ok(()));
         }
         self.starts += 1;
-        let delay = if self.starts == 1 {
-            std::time::Duration::ZERO
-        } else {
-            self.backoff.next_delay(Uuid::new_v4().as_u64_pair().0)
+        let jitter = Uuid::new_v4().as_u64_pair().0;
+        let permanent = self.shared.view.permanent_failure();
+        let delay = match (self.starts, &permanent) {
+            (1, _) => std::time::Duration::ZERO,
+            (_, Some(_)) => self.backoff.next_delay_at_max(jitter),
+            (_, None) => self.backoff.next_delay(jitter),
         };
         if self.starts > 1 {
             self.shared.view.reconnecting(delay);
         }
-        if !delay.is_zero() {
-            tracing::info!(delay = %humantime::format_duration(delay), attempt = self.backoff.attempt(), "reconnecting after a delay");
+        let retry_in = humantime::format_duration(delay);
+        match permanent {
+            // said once: each later attempt fails the same way until it is fixed
+            Some(error) if self.told.as_ref() != Some(&error) => {
+                tracing::error!(%error, %retry_in, "retrying soon cannot fix this: retrying at the longest delay until it is fixed");
+                self.told = Some(error);
+            }
+            Some(_) => tracing::debug!(%retry_in, "retrying after a lasting fault"),
+            None if !delay.is_zero() => {
+                self.told = None;
+                tracing::info!(%retry_in, attempt = self.backoff.attempt(), "reconnecting after a delay");
+            }
+            None => {}
         }
         // spawned, not awaited with `ctx.wait`: a StopAgent must not wait out
         // the backoff delay or the dial
@@ -209,6 +225,7 @@ impl AgentConnection {
             finished: false,
             refused: HashMap::new(),
             link: None,
+            told: None,
         }
     }
 
@@ -243,9 +260,11 @@ impl AgentConnection {
                     self.registered(service_id, &service, port);
                     self.watch_health(service_id, &service, ctx);
                 }
-                AgentAction::RegistrationRefused { service, reason } => {
-                    self.register_failed(service, &reason, ctx)
-                }
+                AgentAction::RegistrationRefused {
+                    service,
+                    reason,
+                    lasting,
+                } => self.register_failed(service, (&reason, lasting), ctx),
                 AgentAction::Ready => self.connected(),
                 AgentAction::Dial {
                     connection_id,

@@ -109,6 +109,16 @@ pub enum Error {
     Mailbox,
 }
 
+impl Error {
+    /// Whether a registration refused for this can succeed if asked again soon.
+    pub(crate) fn refusal(&self) -> crate::protocol::RegisterRefusal {
+        match self {
+            Self::Registry(e) => e.refusal(),
+            Self::Mailbox => crate::protocol::RegisterRefusal::Later,
+        }
+    }
+}
+
 impl From<actix::MailboxError> for Error {
     fn from(_: actix::MailboxError) -> Self {
         Self::Mailbox

@@ -52,9 +52,27 @@ impl Backoff {
     pub fn next_delay(&mut self, jitter: u64) -> Duration {
         let (low, high) = self.window(self.attempt);
         self.attempt = self.attempt.saturating_add(1);
-        let span = u64::try_from(high.saturating_sub(low).as_nanos()).unwrap_or(u64::MAX);
+        // whole milliseconds: what a person reads in the log and the status
+        let span = u64::try_from(high.saturating_sub(low).as_millis()).unwrap_or(u64::MAX);
         let offset = span.checked_add(1).map_or(jitter, |n| jitter % n);
-        low + Duration::from_nanos(offset)
+        low + Duration::from_millis(offset)
+    }
+
+    /// The delay before the next attempt after a failure that retrying soon
+    /// cannot fix (a certificate not trusted, a token's scope): at the cap,
+    /// drawn from `[max / 2, max]` as any delay there; counts the attempt.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use zlayer_tunnel::backoff::Backoff;
+    /// let s = Duration::from_secs(1);
+    /// let mut b = Backoff::new(s, 60 * s, 10 * s);
+    /// assert!(b.next_delay_at_max(0) >= 30 * s);
+    /// ```
+    pub fn next_delay_at_max(&mut self, jitter: u64) -> Duration {
+        // the step saturates at `max` from 2^31 * initial on
+        self.attempt = self.attempt.max(31);
+        self.next_delay(jitter)
     }
 
     /// Records that a connection ended after lasting `uptime`; a long one resets the delays.
@@ -142,7 +160,8 @@ mod tests {
             b.next_delay(0);
         }
         // the step is now 8 s: the window is [4 s, 8 s]
-        assert_eq!(b.next_delay(4_000_000_000), 8 * S);
+        // (jitter in whole milliseconds: 4,000 of them from the window's start)
+        assert_eq!(b.next_delay(4_000), 8 * S);
         assert_eq!(b.next_delay(0), 4 * S);
         assert!(b.next_delay(u64::MAX) <= 8 * S);
     }

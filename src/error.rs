@@ -62,6 +62,18 @@ impl TunnelError {
         }
     }
 
+    /// An authentication error from a refusal's text as a peer (or a
+    /// status) gives it, which may already begin with this variant's own
+    /// "authentication error: " (the original server's does): said once.
+    pub(crate) fn auth_refused(text: &str) -> Self {
+        const PREFIX: &str = "authentication error: ";
+        let said = text
+            .get(..PREFIX.len())
+            .filter(|head| head.eq_ignore_ascii_case(PREFIX))
+            .map_or(text, |_| &text[PREFIX.len()..]);
+        Self::auth(said)
+    }
+
     /// A registry error.
     pub fn registry(message: impl Into<String>) -> Self {
         Self::Registry {
@@ -126,5 +138,22 @@ impl From<PortError> for TunnelError {
 impl From<ConfigError> for TunnelError {
     fn from(e: ConfigError) -> Self {
         Self::config(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TunnelError;
+
+    #[test]
+    fn a_refusal_says_authentication_error_once() {
+        for text in [
+            "invalid tunnel token",
+            "authentication error: invalid tunnel token",
+            "Authentication error: invalid tunnel token",
+        ] {
+            let said = TunnelError::auth_refused(text).to_string();
+            assert_eq!(said, "authentication error: invalid tunnel token");
+        }
     }
 }

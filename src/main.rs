@@ -19,6 +19,8 @@ mod cli;
 mod cluster;
 #[path = "main/commands.rs"]
 mod commands;
+#[path = "main/demo.rs"]
+mod demo;
 #[path = "main/options.rs"]
 mod options;
 #[path = "main/specs.rs"]
@@ -33,6 +35,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_format);
     let result = match cli.command {
+        Command::Demo { mib } => demo::run(mib),
         Command::Server(args) => commands::run_server(args),
         Command::Agent(args) => commands::run_agent(args),
         Command::Access(args) => commands::run_access(args),

@@ -379,6 +379,9 @@ pub enum TunnelState {
     Reconnecting {
         /// Why the last link ended or could not be made.
         last_error: String,
+        /// Retrying soon cannot fix it (a certificate not trusted, a server
+        /// that does not speak TLS): attempts come at the longest delay.
+        permanent: bool,
         /// When the next attempt starts (seconds since the Unix epoch in JSON).
         #[serde(serialize_with = "unix_seconds")]
         next_attempt: SystemTime,
@@ -415,6 +418,20 @@ pub struct AgentStatus {
     pub stats: Snapshot,
     /// Each server the agent links to (the first is the one above).
     pub links: Vec<LinkStatus>,
+    /// Services the server above refuses now (each is asked for again).
+    pub refused: Vec<RefusedService>,
+}
+
+/// A service a server refuses to register, as the agent last heard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RefusedService {
+    /// The service's name.
+    pub name: String,
+    /// The server's reason.
+    pub reason: String,
+    /// The server said asking again soon cannot help (the token's scope, a
+    /// port another process holds): it is asked for at the longest delay.
+    pub lasting: bool,
 }
 
 /// One of an agent's links: a server and where the link to it stands.
@@ -431,6 +448,8 @@ pub struct LinkStatus {
     pub connected_since: Option<SystemTime>,
     /// Services registered on it, with their public ports there.
     pub services: Vec<ServiceInfo>,
+    /// Services it refuses now.
+    pub refused: Vec<RefusedService>,
 }
 
 fn unix_seconds_opt<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {

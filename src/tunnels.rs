@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::liveness::Liveness;
 use crate::ports::{PortError, PortPool};
-use crate::protocol::ServiceProtocol;
+use crate::protocol::{RegisterRefusal, ServiceProtocol};
 
 /// Why the registry refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -66,6 +66,25 @@ pub enum RegistryError {
         /// Its port.
         port: u16,
     },
+}
+
+impl RegistryError {
+    /// Whether asking again soon can help: a port or a place another
+    /// agent holds may free; what the request or its token asks cannot.
+    pub fn refusal(&self) -> RegisterRefusal {
+        match self {
+            Self::TooManyTunnels { .. }
+            | Self::UnknownTunnel
+            | Self::Port(
+                PortError::Taken(_) | PortError::Exhausted { .. } | PortError::NoneAllowed { .. },
+            ) => RegisterRefusal::Later,
+            Self::Port(_)
+            | Self::NameTaken { .. }
+            | Self::PortMismatch { .. }
+            | Self::ProtocolMismatch { .. }
+            | Self::PortOutsideScope { .. } => RegisterRefusal::Lasting,
+        }
+    }
 }
 
 /// What a registration asks of [`TunnelTable::allocate`].

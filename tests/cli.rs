@@ -202,7 +202,24 @@ async fn an_agent_with_a_wrong_token_exits_with_the_reason() {
     let status = agent.exited_within(common::DEADLINE);
     assert!(status.is_some_and(|s| !s.success()), "{status:?}");
     let err = agent.log();
-    assert!(err.contains("invalid tunnel token"), "{err}");
+    let said = "error: the server does not accept this token (ZLAYER_TUNNEL_TOKEN or --token): \
+                authentication error: invalid tunnel token";
+    assert!(err.contains(said), "{err}");
+    // so does access, saying it once
+    let access = [
+        "access",
+        "--server",
+        &url,
+        "--service",
+        "x",
+        "--token",
+        "wrong",
+    ];
+    let out = run(&access);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(said), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert_eq!(last.matches("authentication error").count(), 1, "{err}");
     assert!(
         !err.contains("wrong\n") && !err.contains("\"wrong\""),
         "the token leaked: {err}"
@@ -522,6 +539,74 @@ async fn a_udp_service_through_the_binaries() {
     }
 }
 
+/// What a user meets first, each error naming the flag (or the file's
+/// key) and what to do; none a `Debug` dump.
+#[actix_web::test]
+async fn errors_name_the_flag_and_what_to_do() {
+    let out = run(&[
+        "agent",
+        "--server",
+        "ws://127.0.0.1:1/tunnel/v1",
+        "--tcp",
+        "a:1:0",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("error: no token: set ZLAYER_TUNNEL_TOKEN (or give --token"),
+        "{err}"
+    );
+    let out = run(&["agent", "--token", "t", "--tcp", "a:1:0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("error: no server: give --server ws://"),
+        "{err}"
+    );
+    let out = run(&["agent", "--token", "t", "--server", "http://x/tunnel/v1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--server (`server_url` in the --config file): "),
+        "{err}"
+    );
+
+    // a control port another process holds: its address, and what to do
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap().to_string();
+    let out = Command::new(BIN)
+        .args(["server", "--listen", &addr, "--token", "t"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let said = format!("cannot listen on {addr} for the control channel (--listen)");
+    assert!(err.contains(&said), "{err}");
+    assert!(err.contains("another process listens there"), "{err}");
+    assert!(
+        !err.contains(" { ") && !err.contains("Os {"),
+        "a Debug dump: {err}"
+    );
+}
+
+/// The demo is the README's first command: one process, every byte checked,
+/// figures a person reads (no `Debug` dump).
+#[test]
+fn the_demo_moves_checksummed_bytes_and_prints_figures() {
+    let out = run(&["demo", "4"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("result    checksums match both ways"),
+        "{said}"
+    );
+    assert!(
+        said.contains("agent     1 connection, 4.0 MiB in, 4.0 MiB out"),
+        "{said}"
+    );
+    assert!(!said.contains('{'), "{said}");
+}
+
 #[actix_web::test]
 async fn the_access_command_opens_a_local_port_until_its_ttl() {
     let public = free_ports(1).0;
@@ -739,4 +824,64 @@ async fn warm_up_through_digest_gate(public: u16, gate: &tokio::sync::watch::Sen
     gate.send_replace(true);
     warm_up_through_digest(public).await;
     gate.send_replace(false);
+}
+
+/// A registration the token's scope refuses is a lasting refusal: the agent
+/// says so at ERROR, asks again only at its longest delay, keeps its other
+/// services, and shows the refused one under `refused` in `/status`.
+#[actix_web::test]
+async fn a_registration_the_scope_refuses_waits_the_longest_delay_and_is_shown() {
+    let (low, high) = free_ports(2);
+    let echo = services::echo().await;
+    let dir = temp_dir();
+    let server_toml = dir.join("server.toml");
+    let text = format!(
+        "listen = [\"127.0.0.1:0\"]\n[[tokens]]\nhash = \"{}\"\nregister = [\"web\"]\n[tunnel]\ndata_port_range = [{low}, {high}]\nbind_host = \"127.0.0.1\"\n",
+        zlayer_tunnel::hash_token(common::process::TOKEN)
+    );
+    std::fs::write(&server_toml, text).unwrap();
+    let mut server = Proc::spawn(&["server", "--config", server_toml.to_str().unwrap()]);
+    let url = control_url(&mut server);
+    let (web, db) = (format!("web:{echo}:0"), format!("db:{echo}:0"));
+    let args = [
+        "agent",
+        "--server",
+        &url,
+        "--tcp",
+        &web,
+        "--tcp",
+        &db,
+        "--admin-listen",
+        "127.0.0.1:0",
+    ];
+    let mut agent = Proc::spawn(&args);
+    let port = agent.registered_port();
+    let line = agent.wait_for("asking again soon cannot help");
+    assert!(
+        line.contains("ERROR") && line.contains("service=db"),
+        "{line}"
+    );
+    // at the longest delay (60 s by default: drawn from 30-60 s), not 1 s
+    let retry_in = line
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("retry_in="))
+        .unwrap();
+    let seconds: u64 = retry_in
+        .trim_end_matches(|c: char| !c.is_ascii_digit())
+        .parse()
+        .unwrap_or(0);
+    assert!(retry_in.ends_with('m') || seconds >= 30, "{line}");
+    let admin = agent.listening_addr("admin endpoints listening");
+    let status = common::http_get(&format!("http://{admin}/status")).await;
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let refused = &status["refused"][0];
+    assert_eq!(refused["name"], "db", "{status}");
+    assert_eq!(refused["lasting"], true, "{status}");
+    assert!(
+        refused["reason"].as_str().unwrap().contains("db"),
+        "{status}"
+    );
+    // the other service works meanwhile
+    echo_through(([127, 0, 0, 1], port).into(), 1, 64 << 10).await;
+    std::fs::remove_dir_all(&dir).unwrap();
 }

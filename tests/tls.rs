@@ -63,8 +63,10 @@ async fn an_agent_trusts_a_private_ca() {
     echo_through(([127, 0, 0, 1], public).into(), 7, 2 << 20).await;
 }
 
+/// The agent pins the server's own self-signed certificate with
+/// `--ca-cert`, and so does `access`.
 #[actix_web::test]
-async fn an_agent_pins_a_self_signed_ca_true_certificate() {
+async fn an_agent_and_access_pin_a_self_signed_ca_true_certificate() {
     let files = Files::new("pinned");
     let pem = certs::self_signed_ca_true();
     let public = free_ports(1).0;
@@ -74,6 +76,26 @@ async fn an_agent_pins_a_self_signed_ca_true_certificate() {
     let mut agent = agent(&url, &pinned, services::echo().await, public);
     assert_eq!(agent.registered_port(), public);
     echo_through(([127, 0, 0, 1], public).into(), 7, 2 << 20).await;
+    let args = [
+        "access",
+        "--server",
+        &url,
+        "--ca-cert",
+        &pinned,
+        "--service",
+        "echo",
+    ];
+    let mut access = Proc::spawn_with(&args, |c| {
+        c.stdout(std::process::Stdio::piped());
+    });
+    let line = access.wait_for("access open");
+    let local: std::net::SocketAddr = line
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("local="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    echo_through(local, 8, 1 << 20).await;
 }
 
 #[actix_web::test]
@@ -113,4 +135,18 @@ async fn an_agent_refuses_a_server_it_cannot_verify() {
         authenticated, 1,
         "an agent authenticated to a server it could not verify"
     );
+}
+
+/// A `wss://` URL at a plain `ws://` server: the agent says the server does
+/// not speak TLS there and what to use, not a TLS parser's complaint alone.
+#[actix_web::test]
+async fn wss_to_a_plain_server_says_to_use_ws() {
+    let public = free_ports(1).0;
+    let mut server = Proc::server((public, public), &[]);
+    let control = server.listening_addr("control channel listening");
+    let url = format!("wss://{control}/tunnel/v1");
+    let spec = format!("echo:1:{public}");
+    let mut agent = Proc::spawn(&["agent", "--server", &url, "--tcp", &spec]);
+    let line = agent.wait_for("does not speak TLS");
+    assert!(line.contains("use ws://"), "{line}");
 }

@@ -22,8 +22,13 @@ impl AgentConnection {
             Ok(framed) => act.linked(framed, ctx),
             Err(DialFailure::Untrusted(error)) => {
                 let hint = "give ca_cert (--ca-cert): the CA that signed it, or the server's own certificate";
-                tracing::error!(server = %act.shared.config.server_url, %error, hint, "the server's certificate is not trusted; not connecting");
-                act.drop_link(format!("the server's certificate is not trusted: {error}"), ctx);
+                tracing::warn!(server = %act.shared.config.server_url, %error, hint, "the server's certificate is not trusted");
+                act.drop_link_for_good(format!("the server's certificate is not trusted ({error}): {hint}"), ctx);
+            }
+            Err(DialFailure::NotTls(error)) => {
+                let hint = "use ws:// for it, or the address of its TLS listener";
+                tracing::warn!(server = %act.shared.config.server_url, %error, hint, "the server does not speak TLS at this address");
+                act.drop_link_for_good(format!("the server does not speak TLS at this address ({error}): {hint}"), ctx);
             }
             Err(DialFailure::Unreachable(error)) => {
                 tracing::warn!(server = %act.shared.config.server_url, %error, "cannot reach the server");
@@ -63,7 +68,7 @@ impl AgentConnection {
         match &error {
             LinkError::TokenRefused { reason } => {
                 tracing::error!(%reason, "the server refused the token; stopping");
-                return self.finish(Err(crate::TunnelError::auth(reason.clone())), ctx);
+                return self.finish(Err(crate::TunnelError::auth_refused(reason)), ctx);
             }
             LinkError::AuthRefused { reason } => {
                 tracing::warn!(%reason, "authentication refused; retrying")
@@ -89,6 +94,13 @@ impl AgentConnection {
     /// reconnects after a backoff delay.
     pub(super) fn drop_link(&mut self, error: impl Into<String>, ctx: &mut Context<Self>) {
         self.shared.view.link_failed(error);
+        ctx.stop();
+    }
+
+    /// Ends this link for `error`, a fault retrying soon cannot fix: the
+    /// supervisor tries again at the longest delay, and says so once.
+    fn drop_link_for_good(&mut self, error: String, ctx: &mut Context<Self>) {
+        self.shared.view.link_failed_for_good(error);
         ctx.stop();
     }
 
@@ -141,6 +153,9 @@ fn describe_refusal(error: &awc::error::WsClientError) -> String {
 enum DialFailure {
     /// The TLS handshake refused the server's certificate (rustls said so).
     Untrusted(String),
+    /// What answered the TLS handshake was not TLS: a `ws://` server at a
+    /// `wss://` URL.
+    NotTls(String),
     /// Anything else: no answer, a refused upgrade, a reset.
     Unreachable(String),
 }
@@ -160,6 +175,9 @@ impl DialFailure {
             Some(
                 e @ (rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented),
             ) => Self::Untrusted(e.to_string()),
+            Some(e @ rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)) => {
+                Self::NotTls(e.to_string())
+            }
             _ => Self::Unreachable(describe_refusal(error)),
         }
     }

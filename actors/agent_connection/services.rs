@@ -35,6 +35,8 @@ impl Handler<RemoveService> for AgentConnection {
             tracing::info!(service = %name, "service withdrawn");
         }
         self.shared.view.withdrawn(&name);
+        self.shared.view.refusal_ended(&name);
+        self.refused.remove(&name);
         self.execute(ctx);
     }
 }
@@ -83,6 +85,7 @@ impl AgentConnection {
         port: Option<u16>,
     ) {
         self.refused.remove(&service.name);
+        self.shared.view.refusal_ended(&service.name);
         match port {
             Some(port) => {
                 tracing::info!(service = %service.name, public_port = port, local = %service.local_addr(), "service registered");
@@ -140,10 +143,14 @@ impl AgentConnection {
         }
     }
 
+    /// The server refused `service` (`lasting`: it said asking again soon
+    /// cannot help): asked again after a backoff delay (the longest, for a
+    /// lasting refusal, said once at ERROR until the reason changes), and
+    /// shown in the status meanwhile.
     pub(super) fn register_failed(
         &mut self,
         service: ServiceConfig,
-        reason: &str,
+        (reason, lasting): (&str, bool),
         ctx: &mut Context<Self>,
     ) {
         let Some(link) = self.link.as_ref() else {
@@ -151,18 +158,32 @@ impl AgentConnection {
         };
         let generation = link.generation;
         let config = &self.shared.config;
-        let delay = self
-            .refused
-            .entry(service.name.clone())
-            .or_insert_with(|| {
-                Backoff::new(
-                    config.reconnect_interval,
-                    config.max_reconnect_interval,
-                    config.stable_after,
-                )
-            })
-            .next_delay(Uuid::new_v4().as_u64_pair().0);
-        tracing::warn!(service = %service.name, %reason, retry_in = %humantime::format_duration(delay), "registration refused");
+        let refused = self.refused.entry(service.name.clone()).or_insert_with(|| {
+            let backoff = Backoff::new(
+                config.reconnect_interval,
+                config.max_reconnect_interval,
+                config.stable_after,
+            );
+            (backoff, None)
+        });
+        let jitter = Uuid::new_v4().as_u64_pair().0;
+        let delay = match lasting {
+            true => refused.0.next_delay_at_max(jitter),
+            false => refused.0.next_delay(jitter),
+        };
+        let retry_in = humantime::format_duration(delay);
+        let name = &service.name;
+        self.shared.view.refused(name, reason, lasting);
+        match lasting {
+            true if refused.1.as_deref() != Some(reason) => {
+                tracing::error!(service = %name, %reason, %retry_in, "registration refused, and asking again soon cannot help: fix the token's scope or the service's configuration; asking again at the longest delay");
+                refused.1 = Some(reason.to_owned());
+            }
+            true => {
+                tracing::debug!(service = %name, %reason, %retry_in, "registration refused again")
+            }
+            false => tracing::warn!(service = %name, %reason, %retry_in, "registration refused"),
+        }
         // one server: its port may have gone to another agent meanwhile; with
         // several, the port is the one every server gives the service
         let forget = service.remote_port == 0 && !self.shared.several_links;

@@ -120,7 +120,8 @@ impl AgentConnection {
             Err(reason) => {
                 // visitors decide how often this happens: a line a second
                 if let Some(held_back) = self.shared.remote_event(RemoteEvent::VisitorRefused) {
-                    tracing::info!(stream = %id, %reason, held_back, "connection refused");
+                    let hint = "is the service running there? (its local_port, or --tcp NAME:LOCAL_PORT:PUBLIC_PORT)";
+                    tracing::warn!(%service, stream = %id, %reason, hint, held_back, "a visitor was reset: the local service cannot be reached");
                 }
                 link.streams.forget(id);
                 return link.session.refuse(id, &reason);

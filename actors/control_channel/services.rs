@@ -67,8 +67,9 @@ impl ControlChannel {
             let requested = match cluster {
                 Some((store, claim)) => {
                     let hold = claim.hold;
-                    let lease = lease(&*store, claim, &shared).await?;
-                    outside_range(lease.port, range)?;
+                    let lease = (lease(&*store, claim, &shared).await)
+                        .map_err(|e| (e, RegisterRefusal::Later))?;
+                    outside_range(lease.port, range).map_err(|e| (e, RegisterRefusal::Lasting))?;
                     actix::spawn(keep_port(store, lease, hold, tunnel_cancel));
                     lease.port
                 }
@@ -93,9 +94,10 @@ impl ControlChannel {
                     if joined.is_err() {
                         registry.do_send(ReleasePort { tunnel_id, port });
                     }
+                    let joined = joined.map_err(|e| (e, RegisterRefusal::Later));
                     return joined.map(|bound| (port, bound));
                 }
-                Ok(Err(e)) | Err(e) => return Err(e.to_string()),
+                Ok(Err(e)) | Err(e) => return Err((e.to_string(), e.refusal())),
             };
             // a port this server forwarded to a peer is taken over
             forwards.release((port, protocol));
@@ -107,17 +109,22 @@ impl ControlChannel {
                 Ok(bound) => Ok((port, bound)),
                 Err(e) => {
                     registry.do_send(ReleasePort { tunnel_id, port });
-                    Err(format!("cannot listen on {host}:{port}: {e}"))
+                    // another process holds it, or the host is wrong: asking
+                    // again soon finds the same
+                    let reason = format!("cannot listen on {host}:{port}: {e}");
+                    Err((reason, RegisterRefusal::Lasting))
                 }
             }
         }
         .into_actor(self)
-        .map(move |result: Result<_, String>, act, ctx| {
-            let limits = (visitor_rate, bandwidth);
-            let answer = act.registered((name, visitors, limits), result, ctx);
-            act.core.allocated(seq, answer);
-            act.execute(ctx);
-        })
+        .map(
+            move |result: Result<_, (String, RegisterRefusal)>, act, ctx| {
+                let limits = (visitor_rate, bandwidth);
+                let answer = act.registered((name, visitors, limits), result, ctx);
+                act.core.allocated(seq, answer);
+                act.execute(ctx);
+            },
+        )
         .wait(ctx);
     }
 
@@ -130,18 +137,18 @@ impl ControlChannel {
             ServiceRules,
             (Option<u32>, Option<u64>),
         ),
-        result: Result<(u16, Bound), String>,
+        result: Result<(u16, Bound), (String, RegisterRefusal)>,
         ctx: &mut ws::WebsocketContext<Self>,
-    ) -> Result<(Uuid, u16), String> {
+    ) -> Result<(Uuid, u16), (String, RegisterRefusal)> {
         let _span = self.span.enter();
         let Some(session) = self.link.as_mut() else {
-            return Err("session closed".to_owned());
+            return Err(("session closed".to_owned(), RegisterRefusal::Later));
         };
         let (port, bound) = match result {
             Ok(ok) => ok,
-            Err(reason) => {
-                tracing::warn!(service = %name, %reason, "registration refused");
-                return Err(reason);
+            Err((reason, refusal)) => {
+                tracing::warn!(service = %name, %reason, ?refusal, "registration refused");
+                return Err((reason, refusal));
             }
         };
         let service_id = Uuid::new_v4();

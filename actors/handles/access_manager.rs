@@ -93,6 +93,15 @@ impl AccessManager {
         self
     }
 
+    /// Relays sessions through the tunnel server `config` names (its
+    /// `server_url`, `token`, and `ca_cert` for a `wss://` server whose
+    /// certificate a private CA signed), instead of dialing directly.
+    #[must_use]
+    pub fn with_server_config(mut self, config: TunnelClientConfig) -> Self {
+        self.link = Some(TunnelAgent::new(config));
+        self
+    }
+
     /// Sets how long open connections may finish once their session expired.
     #[must_use]
     pub fn with_grace(mut self, grace: Duration) -> Self {
@@ -209,7 +218,7 @@ impl AccessManager {
             match status.state {
                 crate::status::TunnelState::Connected { .. } => return Ok(()),
                 crate::status::TunnelState::Failed { error } => {
-                    return Err(TunnelError::auth(error));
+                    return Err(TunnelError::auth_refused(&error));
                 }
                 state if tokio::time::Instant::now() >= deadline => {
                     return Err(TunnelError::config(format!(

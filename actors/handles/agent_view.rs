@@ -44,7 +44,11 @@ struct Session {
 pub(crate) struct AgentView {
     session: Mutex<Option<Session>>,
     state: Mutex<TunnelState>,
-    last_error: Mutex<Option<String>>,
+    /// Why the link last ended, and whether retrying soon cannot fix it.
+    last_error: Mutex<Option<(String, bool)>>,
+    /// The services this link's server refuses now, by name: why, and
+    /// whether it said asking again soon cannot help.
+    refusals: Mutex<std::collections::BTreeMap<String, (String, bool)>>,
     /// By service name; shared by the agent's links, and grown by the
     /// services added while it runs.
     service_counters: Arc<Mutex<HashMap<String, Arc<Counters>>>>,
@@ -64,6 +68,7 @@ impl AgentView {
             session: Mutex::new(None),
             state: Mutex::new(TunnelState::Connecting),
             last_error: Mutex::new(None),
+            refusals: Mutex::default(),
             service_counters: Arc::new(Mutex::new(service_counters)),
             bandwidths: Arc::default(),
         };
@@ -100,6 +105,7 @@ impl AgentView {
             session: Mutex::new(None),
             state: Mutex::new(TunnelState::Connecting),
             last_error: Mutex::new(None),
+            refusals: Mutex::default(),
             service_counters: self.service_counters.clone(),
             bandwidths: self.bandwidths.clone(),
         }
@@ -178,23 +184,68 @@ impl AgentView {
         }
     }
 
+    /// The server refused service `name` (`lasting`: for a reason asking
+    /// again soon cannot fix).
+    pub(crate) fn refused(&self, name: &str, reason: &str, lasting: bool) {
+        if let Ok(mut refusals) = self.refusals.lock() {
+            refusals.insert(name.to_owned(), (reason.to_owned(), lasting));
+        }
+    }
+
+    /// Service `name` is registered, or no longer asked for.
+    pub(crate) fn refusal_ended(&self, name: &str) {
+        if let Ok(mut refusals) = self.refusals.lock() {
+            refusals.remove(name);
+        }
+    }
+
+    /// The services refused now.
+    pub(crate) fn refusals(&self) -> Vec<crate::status::RefusedService> {
+        let Ok(refusals) = self.refusals.lock() else {
+            return Vec::new();
+        };
+        (refusals.iter())
+            .map(|(name, (reason, lasting))| crate::status::RefusedService {
+                name: name.clone(),
+                reason: reason.clone(),
+                lasting: *lasting,
+            })
+            .collect()
+    }
+
     /// Records why the link ended; reported with the next `Reconnecting`.
     pub(crate) fn link_failed(&self, error: impl Into<String>) {
         if let Ok(mut last) = self.last_error.lock() {
-            *last = Some(error.into());
+            *last = Some((error.into(), false));
         }
+    }
+
+    /// Records why the link ended, a fault retrying soon cannot fix.
+    pub(crate) fn link_failed_for_good(&self, error: impl Into<String>) {
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some((error.into(), true));
+        }
+    }
+
+    /// Why the link ended, if retrying soon cannot fix it.
+    pub(crate) fn permanent_failure(&self) -> Option<String> {
+        let last = self.last_error.lock().ok()?;
+        last.as_ref()
+            .filter(|(_, permanent)| *permanent)
+            .map(|(e, _)| e.clone())
     }
 
     /// The next attempt is `delay` away.
     pub(crate) fn reconnecting(&self, delay: std::time::Duration) {
-        let last_error = self
+        let (last_error, permanent) = self
             .last_error
             .lock()
             .ok()
             .and_then(|mut e| e.take())
-            .unwrap_or_else(|| "connection ended".to_owned());
+            .unwrap_or_else(|| ("connection ended".to_owned(), false));
         self.set_state(TunnelState::Reconnecting {
             last_error,
+            permanent,
             next_attempt: SystemTime::now() + delay,
         });
     }

@@ -111,6 +111,7 @@ impl TunnelAgent {
                 .iter()
                 .map(|(url, view)| link_status(url, view))
                 .collect(),
+            refused: self.view.refusals(),
         }
     }
 
@@ -321,6 +322,7 @@ fn link_status(url: &str, view: &AgentView) -> LinkStatus {
         state: view.state(),
         connected_since: session.as_ref().map(|s| s.1),
         services: session.map(|s| s.2).unwrap_or_default(),
+        refused: view.refusals(),
     }
 }
 

@@ -205,7 +205,10 @@ pub(crate) fn start_guarded(
     .workers(1)
     .disable_signals()
     .shutdown_timeout(1);
-    let server = listen.iter().try_fold(server, |s, addr| s.bind(addr))?;
+    let server = listen.iter().try_fold(server, |s, addr| {
+        s.bind(addr)
+            .map_err(|e| super::bind_error(e, *addr, "the admin endpoints (--admin-listen)"))
+    })?;
     for addr in server.addrs() {
         tracing::info!(%addr, "admin endpoints listening (/ for the dashboard, /healthz, /status, /metrics)");
     }

@@ -17,3 +17,26 @@ pub(crate) mod serve;
 pub(crate) mod signals;
 pub(crate) mod socket_options;
 pub(crate) mod stream_hub;
+
+/// A listener that could not bind, said with its address, what it is for
+/// (`what`, naming its flag) and what to do.
+pub(crate) fn bind_error(
+    error: std::io::Error,
+    addr: std::net::SocketAddr,
+    what: &str,
+) -> std::io::Error {
+    let hint = match error.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            ": another process listens there; stop it, or choose another address"
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            ": ports below 1024 need CAP_NET_BIND_SERVICE (or root); or choose a higher port"
+        }
+        std::io::ErrorKind::AddrNotAvailable => ": no interface of this machine has that address",
+        _ => "",
+    };
+    std::io::Error::new(
+        error.kind(),
+        format!("cannot listen on {addr} for {what}: {error}{hint}"),
+    )
+}

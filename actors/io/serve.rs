@@ -113,13 +113,13 @@ pub async fn serve(options: ServeOptions) -> std::io::Result<()> {
     .tcp_nodelay(true) // small frames must not wait for Nagle and delayed ACKs
     .shutdown_timeout(1);
     let tls = options.tls;
-    let server = options
-        .listen
-        .iter()
-        .try_fold(server, |s, addr| match &tls {
+    let server = options.listen.iter().try_fold(server, |s, addr| {
+        match &tls {
             Some(config) => s.bind_rustls_0_23(addr, config.clone()),
             None => s.bind(addr),
-        })?;
+        }
+        .map_err(|e| super::bind_error(e, *addr, "the control channel (--listen)"))
+    })?;
     let scheme = if tls.is_some() { "wss" } else { "ws" };
     for addr in server.addrs() {
         tracing::info!(%addr, scheme, "control channel listening");

@@ -41,6 +41,13 @@ pub(crate) enum LogFormat {
 #[derive(Subcommand)]
 #[allow(clippy::large_enum_variant)] // parsed once, at start
 pub(crate) enum Command {
+    /// Runs a tunnel server, an agent and a service on 127.0.0.1 in this
+    /// process, and sends MIB MiB each way through the tunnel, checksummed.
+    Demo {
+        /// MiB each way.
+        #[arg(default_value_t = 256)]
+        mib: usize,
+    },
     /// Runs a tunnel server: agents connect to it, visitors to its public ports.
     Server(ServerArgs),
     /// Runs an agent: publishes local services through a tunnel server.
@@ -96,6 +103,10 @@ pub(crate) struct AccessArgs {
     /// access_targets allow it.
     #[arg(long, default_value = "")]
     pub(crate) target: String,
+    /// A PEM file of the CA (or the certificate) that signed a wss://
+    /// server's certificate, when the system's roots do not cover it.
+    #[arg(long)]
+    pub(crate) ca_cert: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]

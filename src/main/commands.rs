@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use anyhow::Context;
 use zlayer_tunnel::{NodeTunnelManager, TunnelAgent, TunnelState, shutdown_signal};
 
 use crate::allocator;
@@ -16,6 +15,10 @@ use crate::options;
 pub(crate) fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     let file = options::server_file(&args)?;
     let mut server = options::serve_options(&args, &file)?;
+    if matches!(server.config.bind_host.as_str(), "0.0.0.0" | "::" | "[::]") {
+        let host = &server.config.bind_host;
+        tracing::info!(%host, "public ports listen on every interface; --bind-host 127.0.0.1 (or bind_host) keeps them on one");
+    }
     server.peer = options::peer_options(&args, &server)?;
     let nodes = options::node_tunnels(&args, &server)?;
     actix_web::rt::System::new().block_on(async move {
@@ -60,6 +63,12 @@ async fn log_node_tunnels(nodes: NodeTunnelManager) {
 /// signal stops it; prints each published service.
 pub(crate) fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let config = options::agent_config(&args)?;
+    if config.services.is_empty() {
+        tracing::warn!(
+            "no service to publish: give --tcp NAME:LOCAL_PORT:PUBLIC_PORT or --udp (or [[services]] \
+             in --config); connecting anyway (POST /services on --admin-listen adds them)"
+        );
+    }
     actix_web::rt::System::new().block_on(async {
         actix_web::rt::spawn(allocator::release_after_activity());
         let agent = TunnelAgent::new(config).on_published(std::sync::Arc::new(print_published));
@@ -84,8 +93,19 @@ pub(crate) fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         if let Some(admin) = admin {
             admin.stop(true).await;
         }
-        result.map_err(anyhow::Error::from)
+        result.map_err(|e| explained(e, None))
     })
+}
+
+/// `error` with what to do about it: a refused token names where the token
+/// comes from; anything else names the service asked for, if any.
+fn explained(error: zlayer_tunnel::TunnelError, service: Option<&str>) -> anyhow::Error {
+    match (&error, service) {
+        (zlayer_tunnel::TunnelError::Auth { .. }, _) => anyhow::Error::from(error)
+            .context("the server does not accept this token (ZLAYER_TUNNEL_TOKEN or --token)"),
+        (_, Some(service)) => anyhow::Error::from(error).context(format!("--service {service}")),
+        (_, None) => error.into(),
+    }
 }
 
 /// One line on stdout per published service: `NAME PROTOCOL PUBLIC_ADDR`.
@@ -108,11 +128,14 @@ pub(crate) fn run_access(args: AccessArgs) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         tokio::spawn(allocator::release_after_activity());
-        let manager = zlayer_tunnel::AccessManager::new().with_server(&args.server, &args.token);
+        let mut link = zlayer_tunnel::TunnelClientConfig::new(&args.server, &args.token);
+        link.ca_cert.clone_from(&args.ca_cert);
+        options::validate_agent(&link)?;
+        let manager = zlayer_tunnel::AccessManager::new().with_server_config(link);
         let session = manager
             .start_session(args.service.clone(), args.target, args.local_port, Some(args.ttl))
             .await
-            .with_context(|| format!("--service {}", args.service))?;
+            .map_err(|e| explained(e, Some(&args.service)))?;
         println!("{}", session.local_addr);
         tracing::info!(service = %args.service, local = %session.local_addr, ttl = %humantime::format_duration(args.ttl), "access open");
         tokio::select! {

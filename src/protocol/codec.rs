@@ -6,7 +6,8 @@ use uuid::Uuid;
 use super::message::UUID_LEN;
 use super::{
     AuthRefusal, Capabilities, CloseKind, DEFAULT_INITIAL_WINDOW, EXT_VERSION, Features,
-    HEADER_SIZE, MAX_MESSAGE_SIZE, MAX_WINDOW, Message, MessageType, ServiceProtocol,
+    HEADER_SIZE, MAX_MESSAGE_SIZE, MAX_WINDOW, Message, MessageType, RegisterRefusal,
+    ServiceProtocol,
 };
 use crate::auth::Secret;
 
@@ -87,7 +88,10 @@ impl Message {
             } => 2 + token.expose().len() + UUID_LEN + ext_len(capabilities),
             Self::AuthOk { capabilities, .. } => UUID_LEN + ext_len(capabilities),
             Self::AuthFail { reason, refusal } => 2 + reason.len() + usize::from(refusal.is_some()),
-            Self::RegisterFail { reason } | Self::Disconnect { reason } => 2 + reason.len(),
+            Self::RegisterFail { reason, refusal } => {
+                2 + reason.len() + usize::from(refusal.is_some())
+            }
+            Self::Disconnect { reason } => 2 + reason.len(),
             Self::Register {
                 name,
                 visitors,
@@ -256,7 +260,13 @@ impl Message {
                     buf.put_u8(refusal.to_byte());
                 }
             }
-            Self::RegisterFail { reason } | Self::Disconnect { reason } => put_str16(buf, reason),
+            Self::RegisterFail { reason, refusal } => {
+                put_str16(buf, reason);
+                if let Some(refusal) = refusal {
+                    buf.put_u8(refusal.to_byte());
+                }
+            }
+            Self::Disconnect { reason } => put_str16(buf, reason),
             Self::Register {
                 name,
                 protocol,
@@ -466,6 +476,7 @@ impl Reader {
             },
             MessageType::RegisterFail => Message::RegisterFail {
                 reason: self.str16("reason")?,
+                refusal: self.take_u8().and_then(RegisterRefusal::from_byte),
             },
             MessageType::Connect => self.connect()?,
             MessageType::ConnectAck => Message::ConnectAck {

@@ -235,6 +235,9 @@ pub enum Message {
     RegisterFail {
         /// Why the registration was refused.
         reason: String,
+        /// Whether asking again soon can help (extension: a trailing byte,
+        /// which the original decoder ignores; `None` from an original server).
+        refusal: Option<RegisterRefusal>,
     },
     /// A visitor connected (or a UDP flow began); opens a stream under STREAMS.
     #[non_exhaustive]
@@ -341,6 +344,37 @@ pub enum Message {
         /// Whether its checks pass.
         healthy: bool,
     },
+}
+
+/// Why the server refused a `Register`, as far as the agent must act on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RegisterRefusal {
+    /// Asking again soon cannot help: the token's scope, the request itself,
+    /// a port another process holds (wire byte 0).
+    Lasting,
+    /// A passing condition: a port another agent holds, a full range, a
+    /// store away (wire byte 1).
+    Later,
+}
+
+impl RegisterRefusal {
+    /// The wire byte.
+    pub const fn to_byte(self) -> u8 {
+        match self {
+            Self::Lasting => 0,
+            Self::Later => 1,
+        }
+    }
+
+    /// The refusal a wire byte names; `None` for a value a newer peer may
+    /// define (treated as no field).
+    pub const fn from_byte(byte: u8) -> Option<Self> {
+        match byte {
+            0 => Some(Self::Lasting),
+            1 => Some(Self::Later),
+            _ => None,
+        }
+    }
 }
 
 /// Why the server refused an `Auth`, as far as the agent must act on it.
@@ -485,6 +519,18 @@ impl Message {
     pub fn register_fail(reason: impl Into<String>) -> Result<Self, BuildError> {
         checked(Self::RegisterFail {
             reason: reason.into(),
+            refusal: None,
+        })
+    }
+
+    /// `RegisterFail` with a reason, saying whether asking again soon can help.
+    pub fn register_refused(
+        reason: impl Into<String>,
+        refusal: RegisterRefusal,
+    ) -> Result<Self, BuildError> {
+        checked(Self::RegisterFail {
+            reason: reason.into(),
+            refusal: Some(refusal),
         })
     }
 

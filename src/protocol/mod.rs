@@ -14,7 +14,7 @@ pub use features::{
 };
 pub use message::{
     AuthRefusal, BuildError, CloseKind, MAX_DATA_PAYLOAD, MAX_SERVICE_NAME_LEN, Message,
-    MessageType, ServiceProtocol,
+    MessageType, RegisterRefusal, ServiceProtocol,
 };
 
 /// True when a peer that announced `features` may be sent (or may send) a

@@ -21,6 +21,9 @@ fn one_of_each() -> Vec<Message> {
             capabilities: caps,
         },
         Message::auth_fail("no").unwrap(),
+        Message::register_fail("busy").unwrap(),
+        Message::register_refused("out of scope", RegisterRefusal::Lasting).unwrap(),
+        Message::register_refused("port taken", RegisterRefusal::Later).unwrap(),
         Message::register("ssh", ServiceProtocol::Tcp, 22, 2222).unwrap(),
         Message::register_with_visitors(
             "ssh",

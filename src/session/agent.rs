@@ -295,7 +295,9 @@ impl AgentSession {
             } => self.close(auth_failure(reason, refusal)),
             Message::Disconnect { reason, .. } => self.close(LinkError::Disconnected { reason }),
             Message::RegisterOk { service_id, port } => self.on_register_ok(service_id, port),
-            Message::RegisterFail { reason, .. } => self.on_register_fail(reason),
+            Message::RegisterFail {
+                reason, refusal, ..
+            } => self.on_register_fail(reason, refusal),
             Message::Heartbeat { timestamp } => self.send(Message::HeartbeatAck { timestamp }),
             Message::HeartbeatAck { .. } => {}
             Message::Connect {

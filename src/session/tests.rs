@@ -14,7 +14,9 @@ use crate::auth::{AuthError, TokenScope};
 use crate::config::ServiceConfig;
 use crate::connections::{ConnectionAction, StreamSettings};
 use crate::ports::PortPool;
-use crate::protocol::{AuthRefusal, CloseKind, Features, Message, MessageType, ServiceProtocol};
+use crate::protocol::{
+    AuthRefusal, CloseKind, Features, Message, MessageType, RegisterRefusal, ServiceProtocol,
+};
 use crate::throttle::AuthThrottle;
 
 const TOKEN: &str = "secret-token";
@@ -171,7 +173,7 @@ impl Pair {
                     .ports
                     .allocate(registration.remote_port)
                     .map(|port| (Uuid::from_u128(100 + registration.seq as u128), port))
-                    .map_err(|e| e.to_string());
+                    .map_err(|e| (e.to_string(), RegisterRefusal::Later));
                 self.server.allocated(registration.seq, result);
             }
             ServerAction::Unregister { port, .. } => {
@@ -240,6 +242,36 @@ fn decode(frame: &[u8]) -> Message {
     Message::decode(frame)
         .expect("every frame a session sends decodes")
         .0
+}
+
+/// What a registration asks that its token's scope refuses is refused as
+/// lasting: asking again soon would be refused again.
+#[test]
+fn a_scope_refusal_is_lasting() {
+    let now = Instant::now();
+    let mut server = ServerSession::new(server_settings(), now);
+    let auth = Message::auth(TOKEN, Uuid::from_u128(7), None).unwrap();
+    server.handle_frame(auth, now);
+    server.poll_action();
+    let scope = TokenScope {
+        register: Some(vec!["web".into()]),
+        ..TokenScope::default()
+    };
+    server.authenticated(Uuid::from_u128(1), scope, now, 0);
+    std::iter::from_fn(|| server.poll_action()).for_each(drop);
+    let register = Message::register("db", ServiceProtocol::Tcp, 1, 0).unwrap();
+    server.handle_frame(register, now);
+    let answers: Vec<_> = std::iter::from_fn(|| server.poll_action()).collect();
+    assert!(
+        matches!(
+            &answers[..],
+            [ServerAction::Send(Message::RegisterFail {
+                refusal: Some(RegisterRefusal::Lasting),
+                ..
+            })]
+        ),
+        "{answers:?}"
+    );
 }
 
 #[test]
@@ -395,9 +427,9 @@ fn registrations_are_answered_in_order_under_refusals() {
         .iter()
         .filter_map(|a| match a {
             AgentAction::Registered { service, .. } => Some(format!("{} ok", service.name)),
-            AgentAction::RegistrationRefused { service, reason } => {
-                Some(format!("{} refused: {reason}", service.name))
-            }
+            AgentAction::RegistrationRefused {
+                service, reason, ..
+            } => Some(format!("{} refused: {reason}", service.name)),
             _ => None,
         })
         .collect();
@@ -436,11 +468,14 @@ fn answers_wait_for_the_registrations_before_them() {
     // the second finishes first: nothing goes out until the first is answered
     server.allocated(1, Ok((Uuid::from_u128(11), 30_001)));
     assert_eq!(server.poll_action(), None);
-    server.allocated(0, Err("cannot listen".into()));
+    server.allocated(0, Err(("cannot listen".into(), RegisterRefusal::Later)));
     let answers: Vec<_> = std::iter::from_fn(|| server.poll_action()).collect();
     assert!(matches!(
         answers[0],
-        ServerAction::Send(Message::RegisterFail { .. })
+        ServerAction::Send(Message::RegisterFail {
+            refusal: Some(RegisterRefusal::Later),
+            ..
+        })
     ));
     assert!(matches!(
         answers[1],

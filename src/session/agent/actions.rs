@@ -93,6 +93,9 @@ pub enum AgentAction {
         service: ServiceConfig,
         /// The server's reason.
         reason: String,
+        /// Asking again soon cannot help (the server said so): retry at
+        /// the longest delay, and say it once.
+        lasting: bool,
     },
     /// Authenticated and every registration asked for so far answered (a
     /// refused one is retried on its own backoff).

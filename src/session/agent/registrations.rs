@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::connections::{ConnectionAction, ConnectionKind};
+use crate::protocol::RegisterRefusal;
 
 impl AgentSession {
     /// Asks the server for `service`, on public port `port` (0: any).
@@ -114,12 +115,16 @@ impl AgentSession {
         }
     }
 
-    pub(super) fn on_register_fail(&mut self, reason: String) {
+    pub(super) fn on_register_fail(&mut self, reason: String, refusal: Option<RegisterRefusal>) {
         let Some(service) = self.awaiting.pop_front() else {
             return self.close(ProtocolViolation::UnpairedReply(MessageType::RegisterFail).into());
         };
-        self.actions
-            .push_back(AgentAction::RegistrationRefused { service, reason });
+        self.actions.push_back(AgentAction::RegistrationRefused {
+            service,
+            reason,
+            // an original server says nothing: retried as before
+            lasting: refusal == Some(RegisterRefusal::Lasting),
+        });
         if self.awaiting.is_empty() {
             self.actions.push_back(AgentAction::Ready);
         }

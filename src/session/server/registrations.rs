@@ -3,13 +3,15 @@
 //! caller, and every one answered exactly once, in the order asked.
 
 use super::*;
+use crate::protocol::RegisterRefusal;
 use crate::visitor_rules::VisitorRules;
 
 impl ServerSession {
     /// The port of registration `seq` was allocated and listened on
-    /// (`Ok((service_id, port))`), or not (`Err(reason)`). Answers go out
-    /// in the order of the `Register`s.
-    pub fn allocated(&mut self, seq: u64, result: Result<(Uuid, u16), String>) {
+    /// (`Ok((service_id, port))`), or not (`Err((reason, refusal))`: why,
+    /// and whether asking again soon can help). Answers go out in the order
+    /// of the `Register`s.
+    pub fn allocated(&mut self, seq: u64, result: Result<(Uuid, u16), (String, RegisterRefusal)>) {
         let Phase::Open(open) = &mut self.phase else {
             return;
         };
@@ -24,7 +26,7 @@ impl ServerSession {
                     port: Some(port),
                 }
             }
-            Err(reason) => register_fail(reason),
+            Err((reason, refusal)) => register_fail(reason, refusal),
         };
         if let Some(p) = open.pending.iter_mut().find(|p| p.seq == seq) {
             p.answer = Some(answer);
@@ -58,7 +60,8 @@ impl ServerSession {
         open.pending.push_back(Pending {
             seq,
             name: name.clone(),
-            answer: refusal.map(register_fail),
+            // what the request itself asks is refused again if asked again
+            answer: refusal.map(|reason| register_fail(reason, RegisterRefusal::Lasting)),
         });
         if open.pending.back().is_some_and(|p| p.answer.is_none()) {
             let allowed_ports = open.scope.ports.clone();
@@ -145,9 +148,10 @@ fn registration_refusal(
     None
 }
 
-fn register_fail(reason: String) -> Message {
+fn register_fail(reason: String, refusal: RegisterRefusal) -> Message {
     // a reason too long for a frame is cut rather than lost
-    Message::register_fail(reason.clone()).unwrap_or_else(|_| Message::RegisterFail {
+    Message::register_refused(reason.clone(), refusal).unwrap_or_else(|_| Message::RegisterFail {
         reason: reason.chars().take(1024).collect(),
+        refusal: Some(refusal),
     })
 }

@@ -1,13 +1,8 @@
-//! The loopback demo: a tunnel server, an agent and a local service on
-//! 127.0.0.1, and a visitor that sends and receives through the tunnel. Every
-//! byte is checked (SHA-256 both ways) and the figures are printed.
-//!
-//! ```sh
-//! cargo run --release --example demo            # 256 MiB each way
-//! cargo run --release --example demo -- 1024    # MiB each way
-//! ```
-
-#![allow(clippy::print_stdout)]
+//! `zlayer-tunnel demo [MIB]`: a tunnel server, an agent and a local service
+//! on 127.0.0.1, all in this process, and a visitor that sends MIB MiB
+//! through the tunnel and gets them back. Every byte is checked (SHA-256
+//! both ways) and the figures are printed. It is the README's first
+//! command: the binary it builds is the one the Quick start runs next.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,31 +13,38 @@ use anyhow::{Context, bail, ensure};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use zlayer_tunnel::{
     ControlHandler, ServiceConfig, TokenStore, TunnelAgent, TunnelClientConfig, TunnelRegistry,
     TunnelServerConfig,
 };
 
-#[actix_web::main]
-async fn main() -> anyhow::Result<()> {
-    let mib: usize = std::env::args()
-        .nth(1)
-        .map_or(Ok(256), |a| a.parse())
-        .context("MiB each way")?;
-    let len = mib << 20;
+const TOKEN: &str = "demo-token";
 
+/// Runs the demo with `mib` MiB each way.
+pub(crate) fn run(mib: usize) -> anyhow::Result<()> {
+    actix_web::rt::System::new().block_on(demo(mib))
+}
+
+async fn demo(mib: usize) -> anyhow::Result<()> {
+    let len = mib << 20;
     let service = start_digest_service().await?;
     let control = start_server().await?;
-    let public = free_port()?;
-    println!("server    ws://{control}/tunnel/v1   public port {public}");
+    println!("server    ws://{control}/tunnel/v1 (public ports on 127.0.0.1)");
     println!("service   127.0.0.1:{service} (hashes what it receives, then sends it back)");
 
-    let config = TunnelClientConfig::new(format!("ws://{control}/tunnel/v1"), "demo-token")
-        .with_service(ServiceConfig::tcp("demo", service).with_remote_port(public));
-    let agent = TunnelAgent::new(config);
+    let (published, mut port) = watch::channel(0);
+    let config = TunnelClientConfig::new(format!("ws://{control}/tunnel/v1"), TOKEN)
+        .with_service(ServiceConfig::tcp("demo", service));
+    let agent = TunnelAgent::new(config).on_published(Arc::new(move |service| {
+        published.send_replace(service.public_port);
+    }));
     let runner = agent.clone();
-    let agent_task = tokio::spawn(async move { runner.run().await });
-    wait_listening(public).await?;
+    let agent_task = actix_web::rt::spawn(async move { runner.run().await });
+    let wait = port.wait_for(|port| *port != 0);
+    let public = *tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .context("the agent did not publish its service within 10 s")??;
     println!("agent     connected; service \"demo\" published on 127.0.0.1:{public}");
 
     let data: Vec<u8> = (0..len)
@@ -74,7 +76,13 @@ async fn main() -> anyhow::Result<()> {
     println!("sha256    sent     {}", hex(&sent_hash));
     println!("sha256    service  {}", hex(service_saw));
     println!("sha256    returned {}", hex(&echoed_hash));
-    println!("agent     {:?}", agent.stats());
+    let stats = agent.stats();
+    println!(
+        "agent     {} connection, {} in, {} out",
+        stats.connections_total,
+        mebibytes(stats.bytes_in),
+        mebibytes(stats.bytes_out)
+    );
     agent.stop();
     agent_task.await??;
     if !ok {
@@ -82,6 +90,10 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("result    checksums match both ways");
     Ok(())
+}
+
+fn mebibytes(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
 }
 
 /// Sends `data`, half-closes, and reads the reply (hash + echo).
@@ -104,9 +116,9 @@ async fn round_trip(port: u16, data: &[u8]) -> anyhow::Result<(Vec<u8>, Duration
 async fn start_digest_service() -> anyhow::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
-    tokio::spawn(async move {
+    actix_web::rt::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
-            tokio::spawn(async move {
+            actix_web::rt::spawn(async move {
                 let mut all = Vec::new();
                 socket.read_to_end(&mut all).await?;
                 socket.write_all(&Sha256::digest(&all)).await?;
@@ -118,12 +130,14 @@ async fn start_digest_service() -> anyhow::Result<u16> {
     Ok(port)
 }
 
+/// A server on 127.0.0.1 (any free port) accepting the demo's token, its
+/// public ports on 127.0.0.1 only.
 async fn start_server() -> anyhow::Result<SocketAddr> {
     let registry = Arc::new(TunnelRegistry::new((1024, 65535)));
     let config = TunnelServerConfig::new()
         .with_port_range(1024, 65535)
         .with_bind_host("127.0.0.1");
-    let validator = TokenStore::new().with_token("demo-token").into_validator();
+    let validator = TokenStore::new().with_token(TOKEN).into_validator();
     let handler = ControlHandler::new(registry, config, validator);
     let hardening = handler.on_connect(); // keepalive, TCP_USER_TIMEOUT
     let server = HttpServer::new(move || {
@@ -132,28 +146,13 @@ async fn start_server() -> anyhow::Result<SocketAddr> {
     })
     .on_connect(hardening)
     .workers(1)
+    .disable_signals()
     .tcp_nodelay(true)
     .shutdown_timeout(1)
     .bind("127.0.0.1:0")?;
     let addr = server.addrs()[0];
     actix_web::rt::spawn(server.run());
     Ok(addr)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-async fn wait_listening(port: u16) -> anyhow::Result<()> {
-    for _ in 0..500 {
-        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    bail!("the public port {port} never opened")
 }
 
 fn hex(bytes: &[u8]) -> String {
