@@ -47,7 +47,7 @@ mod writer;
 
 use flow_hub::{FlowEnd, FlowHub};
 
-pub(crate) use access::OpenStream;
+pub(crate) use access::{OpenStream, ProbeService};
 pub(crate) use services::{AddService, RemoveService};
 pub(crate) use udp::OpenFlow;
 
@@ -83,6 +83,8 @@ struct Link {
     since: Instant,
     /// The health checks of its services, by service id.
     health: HashMap<Uuid, (String, crate::health::HealthState)>,
+    /// Who awaits each probe's answer (as many as the session keeps).
+    probes: HashMap<Uuid, tokio::sync::oneshot::Sender<Result<(), String>>>,
 }
 
 /// The agent's connection actor.
@@ -266,6 +268,7 @@ impl AgentConnection {
                     lasting,
                 } => self.register_failed(service, (&reason, lasting), ctx),
                 AgentAction::Ready => self.connected(),
+                AgentAction::ProbeAnswered { id, answer } => self.probe_answered(id, answer),
                 AgentAction::Dial {
                     connection_id,
                     address,

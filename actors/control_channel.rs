@@ -266,7 +266,8 @@ impl ControlChannel {
                     target,
                     protocol,
                     visitor,
-                } => self.find_service(id, (service, target, visitor), protocol, ctx),
+                    probe,
+                } => self.find_service(id, (service, target, visitor), (protocol, probe), ctx),
                 ServerAction::Close(reason) => return self.close(&reason, ctx),
             }
         }

@@ -155,16 +155,28 @@ async fn a_hashed_token_server_and_an_agent_move_bytes_and_stop_cleanly() {
     let control = control_addr(&mut server);
     let url = format!("ws://{control}/tunnel/v1");
     let spec = format!("echo:{echo}:0");
-    let mut agent = Proc::spawn_with(&["agent", "--server", &url, "--tcp", &spec], |c| {
-        c.env("ZLAYER_TUNNEL_TOKEN", "s3cret");
-    });
+    let args = ["agent", "--server", &url, "--tcp", &spec];
+    let mut agent = Proc::spawn_with(
+        &[&args[..], &["--admin-listen", "127.0.0.1:0"]].concat(),
+        |c| {
+            c.env("ZLAYER_TUNNEL_TOKEN", "s3cret");
+        },
+    );
     assert_eq!(agent.registered_port(), public);
 
     echo_through(([127, 0, 0, 1], public).into(), 9, 3 << 20).await;
 
+    // a scraper's kept-alive connection to the admin listener does not
+    // hold the stop
+    let admin = agent.listening_addr("admin endpoints listening");
+    let mut scraper = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let request = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    scraper.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = [0; 64];
+    let _ = scraper.read(&mut answer).await.unwrap();
     let (status, took) = terminate(&mut agent);
     assert!(
-        status.success() && took < Duration::from_secs(2),
+        status.success() && took < Duration::from_secs(1),
         "agent: {status} after {took:?}"
     );
     assert!(
@@ -621,6 +633,22 @@ async fn the_access_command_opens_a_local_port_until_its_ttl() {
     let line = first_stdout_line(&mut access.child).await;
     let local: std::net::SocketAddr = line.trim().parse().unwrap();
     echo_through(local, 1, 64 << 10).await;
+    // an unknown service fails at once, with no local address printed
+    let nosuch = ["access", "--server", &url, "--service", "nosuch"];
+    let out = Command::new(BIN)
+        .args(nosuch)
+        .env("ZLAYER_TUNNEL_TOKEN", common::process::TOKEN)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(err.contains("error: --service nosuch: "), "{err}");
+    assert!(err.contains("no tcp service named \"nosuch\""), "{err}");
     // it exits by itself when the TTL ends
     let status = access.exited_within(Duration::from_secs(5));
     let status = status.expect("still running after its TTL");

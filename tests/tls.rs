@@ -110,6 +110,24 @@ async fn an_agent_refuses_a_server_it_cannot_verify() {
     let mut doubting = agent(&url, &other, services::echo().await, public);
     let line = doubting.wait_for("certificate");
     assert!(line.contains("not trusted"), "{line}");
+    // said once, and retried at the longest delay: retrying soon cannot help
+    let line = doubting.wait_for("retrying soon cannot fix this");
+    assert!(
+        line.contains("ERROR") && line.contains("--ca-cert"),
+        "{line}"
+    );
+    // access fails at once, saying what to give
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_zlayer-tunnel"))
+        .args(["access", "--server", &url, "--service", "echo"])
+        .env("ZLAYER_TUNNEL_TOKEN", common::process::TOKEN)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("error: ") && err.contains("not trusted") && err.contains("--ca-cert"),
+        "{err}"
+    );
     // without --ca-cert the system roots do not vouch for it either
     let spec = format!("echo:1:{public}");
     let mut system = Proc::spawn(&["agent", "--server", &url, "--tcp", &spec]);

@@ -54,3 +54,50 @@ impl Handler<OpenStream> for AgentConnection {
         self.execute(ctx);
     }
 }
+
+/// Asks the server whether a TCP service exists and this client may open
+/// streams to it: `Ok` if so, or if the server cannot be asked (an older
+/// one); why not otherwise.
+#[derive(Message)]
+#[rtype(result = "Result<(), String>")]
+pub(crate) struct ProbeService(pub(crate) String);
+
+impl Handler<ProbeService> for AgentConnection {
+    type Result = ResponseFuture<Result<(), String>>;
+
+    fn handle(
+        &mut self,
+        ProbeService(service): ProbeService,
+        ctx: &mut Self::Context,
+    ) -> Self::Result {
+        let Some(link) = self.link.as_mut() else {
+            return Box::pin(async { Err("no access link to the server yet".to_owned()) });
+        };
+        let id = Uuid::new_v4();
+        let asked = link.session.probe(id, &service);
+        let answer = match asked {
+            Ok(true) => {
+                let (answered, answer) = tokio::sync::oneshot::channel();
+                link.probes.insert(id, answered);
+                answer
+            }
+            Ok(false) => return Box::pin(async { Ok(()) }),
+            Err(error) => return Box::pin(async move { Err(error) }),
+        };
+        self.execute(ctx);
+        Box::pin(async move {
+            let ended = "the link to the server ended before it answered".to_owned();
+            answer.await.unwrap_or(Err(ended))
+        })
+    }
+}
+
+impl AgentConnection {
+    /// The server answered probe `id`.
+    pub(super) fn probe_answered(&mut self, id: Uuid, answer: Result<(), String>) {
+        let waiting = self.link.as_mut().and_then(|l| l.probes.remove(&id));
+        if let Some(waiting) = waiting {
+            let _ = waiting.send(answer);
+        }
+    }
+}

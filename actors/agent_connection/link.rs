@@ -59,6 +59,7 @@ impl AgentConnection {
             since: Instant::now(),
             gate: ReadGate::new(config.read_ahead),
             health: HashMap::new(),
+            probes: HashMap::new(),
         });
         self.execute(ctx);
     }

@@ -54,7 +54,7 @@ impl ControlChannel {
         &mut self,
         id: Uuid,
         (service, target, visitor): (String, String, (String, String)),
-        protocol: ServiceProtocol,
+        (protocol, probe): (ServiceProtocol, bool),
         ctx: &mut ws::WebsocketContext<Self>,
     ) {
         let find = FindService {
@@ -77,6 +77,10 @@ impl ControlChannel {
                     act.core.relay_not_found(id, &reason);
                     return act.execute(ctx);
                 };
+                if probe {
+                    act.core.probe_found(id);
+                    return act.execute(ctx);
+                }
                 if act.core.relay_found(id)
                     && let Some(tunnel) = act.link.as_mut()
                 {

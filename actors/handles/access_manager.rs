@@ -26,6 +26,7 @@ use crate::accounting::{CounterSet, Counters};
 use crate::actors::access_session::{AccessSession, EndSession, Route, SessionWiring};
 use crate::actors::io::{admin, runtime};
 use crate::config::TunnelClientConfig;
+use crate::status::TunnelState;
 use crate::{Result, TunnelError};
 
 /// A session just started: where to connect.
@@ -128,6 +129,10 @@ impl AccessManager {
             Some(link) => {
                 self.start_link(link)?;
                 Self::link_ready(link).await?;
+                // an unknown service fails now, not at each connection
+                link.probe_service(&endpoint)
+                    .await
+                    .map_err(TunnelError::registry)?;
                 Route::Relay {
                     link: Box::new(link.clone()),
                     endpoint: endpoint.clone(),
@@ -215,16 +220,26 @@ impl AccessManager {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let status = link.status();
+            let url = &status.server_url;
+            let unreachable = |why: &str| {
+                TunnelError::connection_msg(format!("cannot reach the tunnel server {url}: {why}"))
+            };
             match status.state {
-                crate::status::TunnelState::Connected { .. } => return Ok(()),
-                crate::status::TunnelState::Failed { error } => {
-                    return Err(TunnelError::auth_refused(&error));
+                TunnelState::Connected { .. } => return Ok(()),
+                TunnelState::Failed { error } => return Err(TunnelError::auth_refused(&error)),
+                // a certificate not trusted, not TLS: waiting cannot help
+                TunnelState::Reconnecting {
+                    last_error,
+                    permanent: true,
+                    ..
+                } => return Err(unreachable(&last_error)),
+                TunnelState::Reconnecting { last_error, .. }
+                    if tokio::time::Instant::now() >= deadline =>
+                {
+                    return Err(unreachable(&last_error));
                 }
-                state if tokio::time::Instant::now() >= deadline => {
-                    return Err(TunnelError::config(format!(
-                        "cannot reach the tunnel server {}: {state:?}",
-                        status.server_url
-                    )));
+                _ if tokio::time::Instant::now() >= deadline => {
+                    return Err(unreachable("no answer within 10 s"));
                 }
                 _ => tokio::time::sleep(Duration::from_millis(10)).await,
             }

@@ -15,7 +15,7 @@ use super::agent_shared::{AgentShared, client_tls};
 use super::agent_view::{AgentView, PublishedCallback};
 use crate::accounting::{Counters, Snapshot};
 use crate::actors::agent_connection::{
-    AddService, AgentConnection, OpenStream, RemoveService, StopAgent,
+    AddService, AgentConnection, OpenStream, ProbeService, RemoveService, StopAgent,
 };
 use crate::actors::io::{admin, runtime};
 use crate::config::{ServiceConfig, TunnelClientConfig};
@@ -119,6 +119,17 @@ impl TunnelAgent {
     /// is not running.
     pub(crate) fn open_stream(&self, open: OpenStream) -> bool {
         self.connection().map(|addr| addr.do_send(open)).is_some()
+    }
+
+    /// Whether TCP service `service` exists on the (first) server and this
+    /// agent's token may open streams to it; `Ok` too when the server cannot
+    /// be asked (it is older).
+    pub(crate) async fn probe_service(&self, service: &str) -> std::result::Result<(), String> {
+        let Some(link) = self.connection() else {
+            return Err("no access link to the server yet".to_owned());
+        };
+        let asked = link.send(ProbeService(service.to_owned())).await;
+        asked.unwrap_or_else(|_| Err("the access link stopped".to_owned()))
     }
 
     /// The agent's (first) link actor, while it runs.

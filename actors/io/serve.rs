@@ -152,7 +152,9 @@ pub async fn serve(options: ServeOptions) -> std::io::Result<()> {
             tracing::info!(agents, "shutting down");
             tokio::time::sleep(Duration::from_millis(50)).await; // let the Disconnects go out
             if let Some(admin) = admin_handle {
-                admin.stop(true).await;
+                // at once: a scraper's kept-alive connection must not hold
+                // the stop for the listener's graceful second
+                admin.stop(false).await;
             }
             handle.stop(true).await;
         }

@@ -91,7 +91,9 @@ pub(crate) fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         actix_web::rt::spawn(reload_services_on_hangup(args, agent.clone()));
         let result = agent.run().await;
         if let Some(admin) = admin {
-            admin.stop(true).await;
+            // at once: a scraper's kept-alive connection must not hold
+            // the stop for the listener's graceful second
+            admin.stop(false).await;
         }
         result.map_err(|e| explained(e, None))
     })

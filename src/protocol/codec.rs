@@ -137,11 +137,12 @@ impl Message {
                 target,
                 protocol,
                 visitor,
+                probe,
                 ..
             } => {
                 let forwarded = !visitor.0.is_empty() || !visitor.1.is_empty();
-                let with_protocol = forwarded || *protocol == ServiceProtocol::Udp;
-                let addresses = if forwarded {
+                let with_protocol = forwarded || *protocol == ServiceProtocol::Udp || *probe;
+                let addresses = if forwarded || *probe {
                     2 + visitor.0.len() + 2 + visitor.1.len()
                 } else {
                     0
@@ -153,6 +154,7 @@ impl Message {
                     + target.len()
                     + usize::from(with_protocol)
                     + addresses
+                    + usize::from(*probe)
             }
             Self::Health { .. } => UUID_LEN + 1,
         }
@@ -356,17 +358,22 @@ impl Message {
                 target,
                 protocol,
                 visitor: (client_addr, public_addr),
+                probe,
             } => {
                 buf.put_slice(connection_id.as_bytes());
                 put_str8(buf, service);
                 put_str16(buf, target);
                 let forwarded = !client_addr.is_empty() || !public_addr.is_empty();
-                if forwarded || *protocol == ServiceProtocol::Udp {
+                if forwarded || *protocol == ServiceProtocol::Udp || *probe {
                     buf.put_u8(protocol.to_byte());
                 }
-                if forwarded {
+                // a probe's flag follows the (empty) addresses
+                if forwarded || *probe {
                     put_str16(buf, client_addr);
                     put_str16(buf, public_addr);
+                }
+                if *probe {
+                    buf.put_u8(1);
                 }
             }
             Self::Health {
@@ -557,12 +564,15 @@ impl Reader {
         };
         // a forwarded visitor's addresses, both or neither
         let visitor = (self.trailing_pair("client_addr", "public_addr")).unwrap_or_default();
+        // ACCESS_PROBE: a flag byte after them (other values: no probe)
+        let probe = self.take_u8() == Some(1);
         Ok(Message::Open {
             connection_id,
             service,
             target,
             protocol,
             visitor,
+            probe,
         })
     }
 

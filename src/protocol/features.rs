@@ -40,8 +40,12 @@ impl Features {
     pub const PROXY: Self = Self(1 << 5);
     /// `Register` carries visitor address lists the server enforces.
     pub const VISITOR_RULES: Self = Self(1 << 6);
+    /// An `Open` may be a probe: the server answers whether the service
+    /// exists and may be reached (`ConnectAck` or `ConnectFail`) and relays
+    /// nothing.
+    pub const ACCESS_PROBE: Self = Self(1 << 7);
     /// Everything this implementation supports.
-    pub const ALL: Self = Self(0b111_1111);
+    pub const ALL: Self = Self(0b1111_1111);
 
     /// Builds a set from raw bits; unknown bits are kept (a newer peer's features).
     pub const fn from_bits(bits: u32) -> Self {
@@ -141,7 +145,7 @@ mod tests {
 
     #[test]
     fn accept_is_the_intersection() {
-        let offer = Capabilities::new(Features::from_bits(0b1000_0101));
+        let offer = Capabilities::new(Features::from_bits(0b1_0000_0101));
         let answer = Capabilities::accept(offer, Features::ALL, 4096);
         assert_eq!(answer.features, Features::STREAMS | Features::ACCESS);
         assert_eq!(answer.initial_window, 4096);

@@ -334,6 +334,9 @@ pub enum Message {
         /// address it reached, as text (empty: not forwarded; on the wire
         /// only when set).
         visitor: (String, String),
+        /// A probe (`ACCESS_PROBE`): the server only answers whether the
+        /// service exists and may be reached, and relays nothing.
+        probe: bool,
     },
     /// The agent's checks of a registered service's local end passed
     /// (`healthy`) or failed: an unhealthy replica gets no new visitor.
@@ -620,7 +623,31 @@ impl Message {
             target: target.into(),
             protocol: ServiceProtocol::Tcp,
             visitor: (String::new(), String::new()),
+            probe: false,
         })
+    }
+
+    /// A probe `Open` (`ACCESS_PROBE`): whether TCP service `service`
+    /// exists on the server and this client may open streams to it.
+    pub fn probe(connection_id: Uuid, service: impl Into<String>) -> Result<Self, BuildError> {
+        match Self::open(connection_id, service, "")? {
+            Self::Open {
+                connection_id,
+                service,
+                target,
+                protocol,
+                visitor,
+                ..
+            } => checked(Self::Open {
+                connection_id,
+                service,
+                target,
+                protocol,
+                visitor,
+                probe: true,
+            }),
+            other => Ok(other),
+        }
     }
 
     /// `Open` of a stream (TCP) or flow (UDP) for a visitor a server of a
@@ -649,6 +676,7 @@ impl Message {
                 target,
                 protocol,
                 visitor: (client_addr, public_addr),
+                probe: false,
             }),
             other => Ok(other),
         }

@@ -22,6 +22,7 @@ fn one_of_each() -> Vec<Message> {
         },
         Message::auth_fail("no").unwrap(),
         Message::register_fail("busy").unwrap(),
+        Message::probe(id(9), "ssh").unwrap(),
         Message::register_refused("out of scope", RegisterRefusal::Lasting).unwrap(),
         Message::register_refused("port taken", RegisterRefusal::Later).unwrap(),
         Message::register("ssh", ServiceProtocol::Tcp, 22, 2222).unwrap(),
@@ -51,6 +52,7 @@ fn one_of_each() -> Vec<Message> {
             port: Some(30000),
         },
         Message::register_fail("busy").unwrap(),
+        Message::probe(id(9), "ssh").unwrap(),
         Message::connect(id(3), id(4), "127.0.0.1:5").unwrap(),
         Message::connect_to(id(3), id(4), "[::1]:5", "[::1]:30000").unwrap(),
         Message::ConnectAck {

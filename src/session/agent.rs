@@ -70,7 +70,12 @@ struct Open {
     next_heartbeat: Instant,
     /// What a socket may send on a new visitor stream before a `Window`.
     server_window: u32,
+    /// Probes awaiting the server's answer (at most [`MAX_PROBES`]).
+    probes: std::collections::HashSet<Uuid>,
 }
+
+/// Probes one session keeps awaiting their answers at once.
+pub const MAX_PROBES: usize = 64;
 
 #[derive(Debug)]
 enum Phase {
@@ -313,6 +318,7 @@ impl AgentSession {
                 target,
                 protocol: ServiceProtocol::Tcp,
                 visitor,
+                ..
             } => self.on_open(connection_id, &service, &target, &visitor),
             Message::Open { connection_id, .. } => {
                 self.refuse(connection_id, "an agent takes no UDP flows by Open");
@@ -332,6 +338,7 @@ impl AgentSession {
             withdrawn: Vec::new(),
             next_heartbeat: now + self.settings.heartbeat_interval,
             server_window,
+            probes: std::collections::HashSet::new(),
         });
         self.data.start(StreamSettings {
             send_initial: server_window,

@@ -357,7 +357,8 @@ impl ServerSession {
                 target,
                 protocol,
                 visitor,
-            } => self.on_open(connection_id, service, (target, visitor), protocol),
+                probe,
+            } => self.on_open(connection_id, service, (target, visitor), (protocol, probe)),
             data_plane => self.on_data_plane(data_plane, frame),
         }
     }

@@ -244,6 +244,50 @@ fn decode(frame: &[u8]) -> Message {
         .0
 }
 
+/// A probe `Open` is looked up like any, answered by the server itself
+/// (`ConnectAck`) and never relayed; one from a client that did not
+/// announce `ACCESS_PROBE` is refused.
+#[test]
+fn a_probe_is_answered_by_the_server_and_relays_nothing() {
+    let now = Instant::now();
+    for (offered, answered) in [(Features::ALL, true), (Features::ACCESS, false)] {
+        let mut server = ServerSession::new(server_settings(), now);
+        let caps = crate::protocol::Capabilities::new(offered);
+        let auth = Message::auth(TOKEN, Uuid::from_u128(7), Some(caps)).unwrap();
+        server.handle_frame(auth, now);
+        server.poll_action();
+        server.authenticated(Uuid::from_u128(1), TokenScope::default(), now, 0);
+        std::iter::from_fn(|| server.poll_action()).for_each(drop);
+        let id = Uuid::from_u128(9);
+        server.handle_frame(Message::probe(id, "ssh").unwrap(), now);
+        let actions: Vec<_> = std::iter::from_fn(|| server.poll_action()).collect();
+        match answered {
+            true => {
+                assert!(
+                    matches!(
+                        &actions[..],
+                        [ServerAction::FindService { probe: true, .. }]
+                    ),
+                    "{actions:?}"
+                );
+                server.probe_found(id);
+                let answer = server.poll_action();
+                assert!(
+                    matches!(answer, Some(ServerAction::Send(Message::ConnectAck { connection_id })) if connection_id == id),
+                    "{answer:?}"
+                );
+            }
+            false => assert!(
+                matches!(
+                    &actions[..],
+                    [ServerAction::Send(Message::ConnectFail { .. })]
+                ),
+                "{actions:?}"
+            ),
+        }
+    }
+}
+
 /// What a registration asks that its token's scope refuses is refused as
 /// lasting: asking again soon would be refused again.
 #[test]
@@ -1565,6 +1609,7 @@ mod data_plane {
                 target,
                 protocol,
                 visitor,
+                ..
             } if *found == id => {
                 // an address claimed by a client that is not a peer server
                 // is not passed on (it would forge the service's PROXY header)

@@ -100,6 +100,14 @@ pub enum AgentAction {
     /// Authenticated and every registration asked for so far answered (a
     /// refused one is retried on its own backoff).
     Ready,
+    /// The server answered probe `id`: the service exists and may be
+    /// reached (`Ok`), or why not.
+    ProbeAnswered {
+        /// The probe.
+        id: Uuid,
+        /// Its answer.
+        answer: Result<(), String>,
+    },
     /// Dial `address` for stream `connection_id` (a visitor's, or an
     /// access client's relayed by the server), then answer
     /// [`AgentSession::dialed`](crate::session::AgentSession::dialed) or [`AgentSession::refuse`](crate::session::AgentSession::refuse).

@@ -59,6 +59,42 @@ impl AgentSession {
         Ok(())
     }
 
+    /// Asks the server whether TCP service `service` exists and this client
+    /// may open streams to it (`ACCESS_PROBE`); the answer comes as
+    /// [`AgentAction::ProbeAnswered`] with `id`. `Ok(false)`: this server
+    /// cannot be asked (it did not announce `ACCESS_PROBE`).
+    pub fn probe(&mut self, id: Uuid, service: &str) -> Result<bool, String> {
+        if !self.features().contains(Features::ACCESS_PROBE) {
+            return Ok(false);
+        }
+        let Phase::Open(open) = &mut self.phase else {
+            return Err("no access link to the server yet".to_owned());
+        };
+        if open.probes.len() >= MAX_PROBES {
+            return Err(format!("{MAX_PROBES} probes already await their answers"));
+        }
+        open.probes.insert(id);
+        self.send_built(Message::probe(id, service));
+        Ok(true)
+    }
+
+    /// The answer to a probe of this session, if `message` is one.
+    fn probe_answer(&mut self, message: &Message) -> Option<(Uuid, Result<(), String>)> {
+        let Phase::Open(open) = &mut self.phase else {
+            return None;
+        };
+        let answer = match message {
+            Message::ConnectAck { connection_id } => (*connection_id, Ok(())),
+            Message::ConnectFail {
+                connection_id,
+                reason,
+                ..
+            } => (*connection_id, Err(reason.clone())),
+            _ => return None,
+        };
+        open.probes.remove(&answer.0).then_some(answer)
+    }
+
     /// A server of a cluster forwards the visitor at `visitor` of UDP
     /// service `service` to this peer (`Open` of a flow): flow `id`, whose
     /// datagrams go both ways as any flow's.
@@ -231,6 +267,11 @@ impl AgentSession {
     /// A stream frame, datagram, `ConnectAck` or `ConnectFail`: whatever its
     /// connection, the table decides.
     pub(super) fn on_data_plane(&mut self, message: Message) {
+        if let Some((id, answer)) = self.probe_answer(&message) {
+            return self
+                .actions
+                .push_back(AgentAction::ProbeAnswered { id, answer });
+        }
         if let Message::ConnectFail {
             connection_id,
             reason,

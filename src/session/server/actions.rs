@@ -100,6 +100,10 @@ pub enum ServerAction {
         /// A peer's forwarded visitor: its address and the public address
         /// it reached (empty otherwise).
         visitor: (String, String),
+        /// Only whether it exists is asked: answer
+        /// [`ServerSession::probe_found`](crate::session::ServerSession::probe_found)
+        /// or `relay_not_found`, and relay nothing.
+        probe: bool,
     },
     /// End the session: close the WebSocket, free what it holds.
     Close(CloseReason),

@@ -109,6 +109,12 @@ impl ServerSession {
         opened
     }
 
+    /// The service a probe asked about exists and its agent takes access
+    /// streams: `ConnectAck`, and nothing relayed.
+    pub fn probe_found(&mut self, id: Uuid) {
+        self.send(Message::ConnectAck { connection_id: id });
+    }
+
     /// No agent registered the service an access client asked for.
     pub fn relay_not_found(&mut self, id: Uuid, reason: &str) {
         self.send_built(Message::connect_fail(id, reason));
@@ -193,17 +199,21 @@ impl ServerSession {
     }
 
     /// An access client's `Open`, checked against its token's scope (a UDP
-    /// flow only from a client that announced `ACCESS_UDP`).
+    /// flow only from a client that announced `ACCESS_UDP`, a probe only
+    /// from one that announced `ACCESS_PROBE`).
     pub(super) fn on_open(
         &mut self,
         id: Uuid,
         service: String,
         (target, visitor): (String, (String, String)),
-        protocol: ServiceProtocol,
+        (protocol, probe): (ServiceProtocol, bool),
     ) {
         let refusal = self.scope().and_then(|s| s.check_access(&service).err());
         if let Some(e) = refusal {
             return self.send_built(Message::connect_fail(id, e.to_string()));
+        }
+        if probe && !self.features().contains(Features::ACCESS_PROBE) {
+            return self.send_built(Message::connect_fail(id, "a probe needs ACCESS_PROBE"));
         }
         if protocol == ServiceProtocol::Udp && !self.features().contains(Features::ACCESS_UDP) {
             return self.send_built(Message::connect_fail(
@@ -220,6 +230,7 @@ impl ServerSession {
             target,
             protocol,
             visitor,
+            probe,
         });
     }
 
