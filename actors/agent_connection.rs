@@ -193,8 +193,9 @@ impl StreamHandler<Result<ws::Frame, actix_http::ws::ProtocolError>> for AgentCo
             Ok(ws::Frame::Binary(frame)) => self.on_frame(frame, ctx),
             Ok(ws::Frame::Ping(p)) => self.queue_raw(ws::Message::Pong(p), ctx),
             Ok(ws::Frame::Close(reason)) => {
-                tracing::info!(?reason, "server closed the connection");
-                self.drop_link(format!("server closed the connection ({reason:?})"), ctx);
+                let reason = closed_because(reason.as_ref());
+                tracing::info!(%reason, "server closed the connection");
+                self.drop_link(format!("server closed the connection ({reason})"), ctx);
             }
             Ok(_) => {}
             Err(e) => {
@@ -323,5 +324,19 @@ impl AgentConnection {
             act.execute(ctx);
         });
         link.timer = Some((deadline, handle));
+    }
+}
+
+/// A WebSocket close as a person reads it: its code and description.
+fn closed_because(reason: Option<&ws::CloseReason>) -> String {
+    match reason {
+        None => "no reason given".to_owned(),
+        Some(r) => {
+            let code = u16::from(r.code);
+            match &r.description {
+                Some(text) => format!("code {code}: {text}"),
+                None => format!("code {code}"),
+            }
+        }
     }
 }

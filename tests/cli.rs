@@ -635,13 +635,7 @@ async fn the_access_command_opens_a_local_port_until_its_ttl() {
     echo_through(local, 1, 64 << 10).await;
     // an unknown service fails at once, with no local address printed
     let nosuch = ["access", "--server", &url, "--service", "nosuch"];
-    let out = Command::new(BIN)
-        .args(nosuch)
-        .env("ZLAYER_TUNNEL_TOKEN", common::process::TOKEN)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    let (out, err) = Proc::failed(&nosuch);
     assert!(
         out.stdout.is_empty(),
         "{}",

@@ -117,13 +117,7 @@ async fn an_agent_refuses_a_server_it_cannot_verify() {
         "{line}"
     );
     // access fails at once, saying what to give
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_zlayer-tunnel"))
-        .args(["access", "--server", &url, "--service", "echo"])
-        .env("ZLAYER_TUNNEL_TOKEN", common::process::TOKEN)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    let (_, err) = Proc::failed(&["access", "--server", &url, "--service", "echo"]);
     assert!(
         err.contains("error: ") && err.contains("not trusted") && err.contains("--ca-cert"),
         "{err}"

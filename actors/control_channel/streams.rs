@@ -60,7 +60,7 @@ impl ControlChannel {
             tunnel.streams.refused(id);
         }
         if let Some(held_back) = self.shared.remote_event(RemoteEvent::AgentRefusedVisitor) {
-            (self.span).in_scope(|| tracing::info!(connection = %id, ?reason, held_back, "the agent refused a visitor"));
+            (self.span).in_scope(|| tracing::info!(connection = %id, %reason, held_back, "the agent refused a visitor"));
         }
     }
 

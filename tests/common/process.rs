@@ -69,6 +69,19 @@ impl Proc {
         Self::spawn_exe_with(exe, args, adjust)
     }
 
+    /// Runs the `zlayer-tunnel` binary with `args` (and the test's token)
+    /// to its end, which must be a failure: its output, and its stderr as text.
+    pub fn failed(args: &[&str]) -> (std::process::Output, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_zlayer-tunnel"))
+            .args(args)
+            .env("ZLAYER_TUNNEL_TOKEN", TOKEN)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{args:?} succeeded: {err}");
+        (out, err)
+    }
+
     /// Runs the program at `exe` with `args`.
     pub fn spawn_exe(exe: &Path, args: &[&str]) -> Self {
         Self::spawn_exe_with(exe, args, |_| {})
