@@ -60,7 +60,9 @@ impl Backoff {
 
     /// The delay before the next attempt after a failure that retrying soon
     /// cannot fix (a certificate not trusted, a token's scope): at the cap,
-    /// drawn from `[max / 2, max]` as any delay there; counts the attempt.
+    /// drawn from `[max / 2, max]` as any delay there. The steps are left
+    /// where they were: once the fault is fixed, a passing one is retried
+    /// as soon as before.
     ///
     /// ```
     /// use std::time::Duration;
@@ -71,8 +73,11 @@ impl Backoff {
     /// ```
     pub fn next_delay_at_max(&mut self, jitter: u64) -> Duration {
         // the step saturates at `max` from 2^31 * initial on
-        self.attempt = self.attempt.max(31);
-        self.next_delay(jitter)
+        let attempt = self.attempt;
+        self.attempt = 31;
+        let delay = self.next_delay(jitter);
+        self.attempt = attempt;
+        delay
     }
 
     /// Records that a connection ended after lasting `uptime`; a long one resets the delays.

@@ -114,6 +114,11 @@ async fn tokens_change_without_a_restart_and_the_other_tunnels_are_untouched() {
         "{body}"
     );
     common::echo_through(([127, 0, 0, 1], kept_port).into(), 3, 1 << 20).await;
+    // where tokens come from changes only with a restart
+    std::fs::write(&config, "listen = []\naccept_any_token = true\n").unwrap();
+    let (status, body) = reload(admin, Some("admin-secret")).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("only with a restart"), "{body}");
 
     // SIGHUP reloads too: the new token goes
     write_config(&config, &["keep-token"]);

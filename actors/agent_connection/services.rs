@@ -28,6 +28,8 @@ impl Handler<RemoveService> for AgentConnection {
     type Result = ();
 
     fn handle(&mut self, RemoveService(name): RemoveService, ctx: &mut Self::Context) {
+        self.shared.view.refusal_ended(&name);
+        self.refused.remove(&name);
         let Some(link) = self.link.as_mut() else {
             return;
         };
@@ -35,8 +37,6 @@ impl Handler<RemoveService> for AgentConnection {
             tracing::info!(service = %name, "service withdrawn");
         }
         self.shared.view.withdrawn(&name);
-        self.shared.view.refusal_ended(&name);
-        self.refused.remove(&name);
         self.execute(ctx);
     }
 }
@@ -196,11 +196,11 @@ impl AgentConnection {
             tracing::info!(service = %service.name, "asking for any port next time");
         }
         ctx.run_later(delay, move |act, ctx| {
-            if act
-                .link
-                .as_ref()
-                .is_some_and(|l| l.generation == generation)
-            {
+            let same_link = (act.link.as_ref()).is_some_and(|l| l.generation == generation);
+            // withdrawn or replaced meanwhile: not asked for again
+            let still_published =
+                (act.shared.services.lock()).is_ok_and(|services| services.contains(&service));
+            if same_link && still_published {
                 act.register(service);
                 act.execute(ctx);
             }

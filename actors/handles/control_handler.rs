@@ -239,14 +239,15 @@ impl ControlHandler {
     /// but the actor, its socket and the visitors waiting in its mailbox stay
     /// until that connection dies. `serve` installs it.
     pub fn on_connect(&self) -> impl Fn(&dyn Any, &mut Extensions) + Send + Sync + 'static {
-        let timeout = self.shared.config.current().heartbeat_timeout;
+        // the heartbeat timeout as it is now: a reload may change it
+        let settings = self.shared.config.clone();
         move |connection, _| {
             let tls = connection.downcast_ref::<TlsStream<TcpStream>>();
             let tcp = connection
                 .downcast_ref::<TcpStream>()
                 .or_else(|| tls.map(|s| s.get_ref().0));
             if let Some(tcp) = tcp {
-                harden_control_socket(tcp, timeout);
+                harden_control_socket(tcp, settings.current().heartbeat_timeout);
             }
         }
     }

@@ -117,7 +117,7 @@ impl Reloader {
                 tunnels_closed,
                 "configuration reloaded"
             ),
-            None => tracing::info!("configuration reloaded (tokens come from the cluster's store)"),
+            None => tracing::info!("configuration reloaded (its tokens are not read from files)"),
         }
         Ok(ReloadReport {
             tokens,

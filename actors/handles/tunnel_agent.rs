@@ -128,8 +128,11 @@ impl TunnelAgent {
         let Some(link) = self.connection() else {
             return Err("no access link to the server yet".to_owned());
         };
-        let asked = link.send(ProbeService(service.to_owned())).await;
-        asked.unwrap_or_else(|_| Err("the access link stopped".to_owned()))
+        let asked = link.send(ProbeService(service.to_owned()));
+        match tokio::time::timeout(std::time::Duration::from_secs(10), asked).await {
+            Ok(answer) => answer.unwrap_or_else(|_| Err("the access link stopped".to_owned())),
+            Err(_) => Err("the server did not answer within 10 s".to_owned()),
+        }
     }
 
     /// The agent's (first) link actor, while it runs.

@@ -27,6 +27,7 @@ pub(crate) fn server_file(args: &ServerArgs) -> anyhow::Result<ServerFile> {
 /// The server's options: `file` (`--config`'s, or the defaults) under the flags.
 pub(crate) fn serve_options(args: &ServerArgs, file: &ServerFile) -> anyhow::Result<ServeOptions> {
     let config = tunnel_settings(args, file)?;
+    file.check_token_ports(Some(config.data_port_range))?;
     let listen = listen_addrs(args, file)?;
     let (validator, tokens) = if args.accept_any_token || file.accept_any_token {
         tracing::warn!("accepting any token (--accept-any-token): for development only");
@@ -40,6 +41,7 @@ pub(crate) fn serve_options(args: &ServerArgs, file: &ServerFile) -> anyhow::Res
     let admin_listen = admin_addrs(args, file)?;
     let admin_access = admin_access(&args.admin_tokens)?;
     let tls = server_tls(args, file)?;
+    let reload = reload_config(args, file, config.data_port_range);
     Ok(ServeOptions {
         listen,
         config,
@@ -47,15 +49,14 @@ pub(crate) fn serve_options(args: &ServerArgs, file: &ServerFile) -> anyhow::Res
         tokens,
         admin_listen,
         admin_access,
-        reload: Some(reload_config(args)),
+        reload: Some(reload),
         tls,
         cluster: None,
         peer: None,
     })
 }
 
-/// The `[tunnel]` settings of `file` under the flags, validated (with the
-/// tokens' ports against the range).
+/// The `[tunnel]` settings of `file` under the flags, validated.
 fn tunnel_settings(args: &ServerArgs, file: &ServerFile) -> anyhow::Result<TunnelServerConfig> {
     let mut config = file.tunnel.clone();
     if let Some((low, high)) = args.port_range {
@@ -69,7 +70,6 @@ fn tunnel_settings(args: &ServerArgs, file: &ServerFile) -> anyhow::Result<Tunne
     config.heartbeat_timeout = args.heartbeat_timeout.unwrap_or(config.heartbeat_timeout);
     config.port_hold = args.port_hold.unwrap_or(config.port_hold);
     config.validate()?;
-    file.check_token_ports(Some(config.data_port_range))?;
     Ok(config)
 }
 
@@ -354,21 +354,39 @@ pub(crate) fn admin_access(
     Ok(access)
 }
 
+/// Where a server's tokens come from: any is accepted, the cluster's
+/// store, or its files (and flags).
+fn token_source(args: &ServerArgs, file: &ServerFile) -> (bool, bool) {
+    let any = args.accept_any_token || file.accept_any_token;
+    let clustered = !args.store.etcd.is_empty() || !file.etcd.is_empty();
+    (any, clustered)
+}
+
 /// Re-reads the settings and tokens as at start (flags, the config file,
-/// token files), for `SIGHUP` and `POST /reload`. The tokens of a server of
-/// a cluster (they live in its store) or of one that accepts any token are
-/// not reloaded.
-fn reload_config(args: &ServerArgs) -> zlayer_tunnel::actors::ConfigReload {
+/// token files), for `SIGHUP` and `POST /reload`; `started` is the file
+/// the server started with, `range` its public ports (kept until a
+/// restart: the tokens' ports are checked against it). The tokens of a
+/// server of a cluster (they live in its store) or of one that accepts any
+/// token are not reloaded, and where they come from changes only with a
+/// restart.
+fn reload_config(
+    args: &ServerArgs,
+    started: &ServerFile,
+    range: (u16, u16),
+) -> zlayer_tunnel::actors::ConfigReload {
     let args = args.clone();
+    let source = token_source(&args, started);
     std::sync::Arc::new(move || {
         let file = server_file(&args).map_err(|e| format!("{e:#}"))?;
+        if token_source(&args, &file) != source {
+            return Err("accept_any_token and etcd change only with a restart".to_owned());
+        }
         let settings = tunnel_settings(&args, &file).map_err(|e| format!("{e:#}"))?;
-        let any = args.accept_any_token || file.accept_any_token;
-        let clustered = !args.store.etcd.is_empty() || !file.etcd.is_empty();
-        let tokens = if any || clustered {
-            None
-        } else {
-            Some(token_store(&args, &file, false).map_err(|e| format!("{e:#}"))?)
+        file.check_token_ports(Some(range))
+            .map_err(|e| format!("{e:#}"))?;
+        let tokens = match source {
+            (false, false) => Some(token_store(&args, &file, false).map_err(|e| format!("{e:#}"))?),
+            _ => None,
         };
         Ok(zlayer_tunnel::actors::ReloadedConfig { settings, tokens })
     })

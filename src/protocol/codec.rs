@@ -563,9 +563,11 @@ impl Reader {
             Some(byte) => ServiceProtocol::from_byte(byte).map_err(|b| self.bad("protocol", b))?,
         };
         // a forwarded visitor's addresses, both or neither
-        let visitor = (self.trailing_pair("client_addr", "public_addr")).unwrap_or_default();
-        // ACCESS_PROBE: a flag byte after them (other values: no probe)
-        let probe = self.take_u8() == Some(1);
+        let pair = self.trailing_pair("client_addr", "public_addr");
+        // ACCESS_PROBE: a flag byte after them, only after them (other
+        // values: no probe)
+        let probe = pair.is_some() && self.take_u8() == Some(1);
+        let visitor = pair.unwrap_or_default();
         Ok(Message::Open {
             connection_id,
             service,

@@ -64,17 +64,18 @@ impl AgentSession {
     /// [`AgentAction::ProbeAnswered`] with `id`. `Ok(false)`: this server
     /// cannot be asked (it did not announce `ACCESS_PROBE`).
     pub fn probe(&mut self, id: Uuid, service: &str) -> Result<bool, String> {
-        if !self.features().contains(Features::ACCESS_PROBE) {
-            return Ok(false);
-        }
         let Phase::Open(open) = &mut self.phase else {
             return Err("no access link to the server yet".to_owned());
         };
+        if !open.features.contains(Features::ACCESS_PROBE) {
+            return Ok(false);
+        }
         if open.probes.len() >= MAX_PROBES {
             return Err(format!("{MAX_PROBES} probes already await their answers"));
         }
+        let probe = Message::probe(id, service).map_err(|e| e.to_string())?;
         open.probes.insert(id);
-        self.send_built(Message::probe(id, service));
+        self.send(probe);
         Ok(true)
     }
 
