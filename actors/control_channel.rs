@@ -45,7 +45,9 @@ use crate::budget::Budget;
 use crate::connections::ConnectionAction;
 use crate::log_limit::RemoteEvent;
 use crate::outbound::Outbound;
-use crate::protocol::{AuthRefusal, Message, MessageType, RegisterRefusal, ServiceProtocol};
+use crate::protocol::{
+    AuthRefusal, Features, Message, MessageType, RegisterRefusal, ServiceProtocol,
+};
 use crate::session::{
     CloseReason, ProtocolViolation, Registration, ServerAction, ServerSession, TokenRefusal,
     check_token,

@@ -268,3 +268,37 @@ async fn the_ttl_also_ends_relayed_connections() {
     assert!(rounds > 0, "nothing crossed before the expiry");
     assert!(wait_closed(session.local_addr.port(), DEADLINE).await);
 }
+
+/// A service whose agent takes no access streams (an original agent) is
+/// refused at the start of a session too: the probe says so, as every
+/// connection would.
+#[actix_web::test]
+async fn a_service_whose_agent_takes_no_access_streams_is_refused_at_start() {
+    use zlayer_tunnel::{Message, ServiceProtocol};
+    let (p, _) = free_ports(1);
+    let server = spawn_server(fast_config((p, p)), "secret");
+    let mut legacy = common::RawWs::connect(server.addr, "/tunnel/v1").await;
+    legacy.auth_legacy("secret").await;
+    let register = Message::register("legacy", ServiceProtocol::Tcp, 22, 0).unwrap();
+    legacy.send(&register).await;
+    loop {
+        match legacy.expect().await {
+            Some(Message::RegisterOk { .. }) => break,
+            Some(Message::Heartbeat { timestamp }) => {
+                legacy.send(&Message::HeartbeatAck { timestamp }).await;
+            }
+            other => panic!("expected RegisterOk, got {other:?}"),
+        }
+    }
+    let url = format!("ws://{}/tunnel/v1", server.addr);
+    let manager = AccessManager::new().with_server(url, "secret");
+    let refused = manager
+        .start_session("legacy".into(), String::new(), None, None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("does not take access streams"),
+        "{refused}"
+    );
+}

@@ -78,7 +78,10 @@ impl ControlChannel {
                     return act.execute(ctx);
                 };
                 if probe {
-                    act.core.probe_found(id);
+                    match agent.takes_access {
+                        true => act.core.probe_found(id),
+                        false => act.core.relay_not_found(id, NO_ACCESS),
+                    }
                     return act.execute(ctx);
                 }
                 if act.core.relay_found(id)
@@ -88,6 +91,7 @@ impl ControlChannel {
                     let from = RelayEnd {
                         to: ctx.address().recipient(),
                         datagrams: act.relay_inbox.clone(),
+                        takes_access: act.core.features().contains(Features::ACCESS),
                     };
                     agent.to.do_send(Relay::Open {
                         id,
@@ -103,6 +107,10 @@ impl ControlChannel {
             .wait(ctx);
     }
 }
+
+/// Why a probe of a service whose agent takes no access streams fails (as
+/// every `Open` to it would).
+const NO_ACCESS: &str = "the agent of this service does not take access streams";
 
 /// Refuses an access stream to the other end's channel, as its agent would.
 fn refuse_across(from: &Recipient<Relay>, id: Uuid, reason: &str) {

@@ -24,6 +24,7 @@ impl ControlChannel {
             relay: RelayEnd {
                 to: ctx.address().recipient(),
                 datagrams: self.relay_inbox.clone(),
+                takes_access: self.core.offered().contains(Features::ACCESS),
             },
             timeout: config.heartbeat_timeout + config.heartbeat_interval,
             max_tunnels: config.max_tunnels,

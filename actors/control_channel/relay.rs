@@ -24,6 +24,8 @@ use crate::protocol::{CloseKind, MessageType, ServiceProtocol};
 pub(crate) struct RelayEnd {
     pub(crate) to: Recipient<Relay>,
     pub(crate) datagrams: Budget,
+    /// Its peer announced `ACCESS`: access streams may be relayed to it.
+    pub(crate) takes_access: bool,
 }
 
 /// Between two control channels, about a relayed stream.

@@ -149,6 +149,19 @@ impl ServerSession {
         self.open().map(|o| o.tunnel_id)
     }
 
+    /// The features this session has, or will have once authenticated:
+    /// those both ends announce (none without an offer, or once closed).
+    pub fn offered(&self) -> Features {
+        let s = &self.settings;
+        match &self.phase {
+            Phase::Authenticating { offer: Some(offer) } => {
+                Capabilities::accept(*offer, s.supported, s.stream_window).features
+            }
+            Phase::Open(open) => open.features,
+            _ => Features::NONE,
+        }
+    }
+
     /// Features negotiated (none before authentication or with a legacy agent).
     pub fn features(&self) -> Features {
         self.open().map_or(Features::NONE, |o| o.features)
