@@ -54,16 +54,16 @@ fn agent(url: &str, protocol: &str, local: u16, version: &str) -> Proc {
 }
 
 /// Connects to `public` from a fresh socket, sends an HTTP request, reads
-/// the answer; the visitor's own address.
-async fn visit(public: SocketAddr) -> SocketAddr {
-    let mut visitor = tokio::net::TcpStream::connect(public).await.unwrap();
-    let me = visitor.local_addr().unwrap();
+/// the answer; the visitor's own address, or what went wrong.
+async fn visit(public: SocketAddr) -> std::io::Result<SocketAddr> {
+    let mut visitor = tokio::net::TcpStream::connect(public).await?;
+    let me = visitor.local_addr()?;
     let request = "GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n";
-    visitor.write_all(request.as_bytes()).await.unwrap();
+    visitor.write_all(request.as_bytes()).await?;
     let mut answer = String::new();
-    visitor.read_to_string(&mut answer).await.unwrap();
+    visitor.read_to_string(&mut answer).await?;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    me
+    Ok(me)
 }
 
 /// Waits until `file` has a line `want`.
@@ -158,7 +158,20 @@ async fn consumer_logs_the_visitor(
     let port = agent.registered_port();
     let public: SocketAddr = format!("{visitor_ip}:{port}").parse().unwrap();
     for _ in 0..3 {
-        let me = visit(public).await;
+        let me = match visit(public).await {
+            Ok(me) => me,
+            // the agent says why a visitor was reset, and the consumer's log
+            // what it saw: both in the failure
+            Err(e) => {
+                drop(_consumer);
+                let said = std::fs::read_to_string(&log).unwrap_or_default();
+                agent.signal("KILL");
+                panic!(
+                    "{consumer} visit: {e}\nagent:\n{}\n{consumer}:\n{said}",
+                    agent.log()
+                );
+            }
+        };
         logged(&log, format!("{} {}", me.ip(), me.port())).await;
     }
 }
