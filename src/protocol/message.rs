@@ -613,41 +613,15 @@ impl Message {
         service: impl Into<String>,
         target: impl Into<String>,
     ) -> Result<Self, BuildError> {
-        let service = service.into();
-        if service.len() > MAX_SERVICE_NAME_LEN {
-            return Err(BuildError::NameTooLong { len: service.len() });
-        }
-        checked(Self::Open {
-            connection_id,
-            service,
-            target: target.into(),
-            protocol: ServiceProtocol::Tcp,
-            visitor: (String::new(), String::new()),
-            probe: false,
-        })
+        let stream = (ServiceProtocol::Tcp, (String::new(), String::new()));
+        Self::open_with(connection_id, service.into(), target.into(), stream, false)
     }
 
     /// A probe `Open` (`ACCESS_PROBE`): whether TCP service `service`
     /// exists on the server and this client may open streams to it.
     pub fn probe(connection_id: Uuid, service: impl Into<String>) -> Result<Self, BuildError> {
-        match Self::open(connection_id, service, "")? {
-            Self::Open {
-                connection_id,
-                service,
-                target,
-                protocol,
-                visitor,
-                ..
-            } => checked(Self::Open {
-                connection_id,
-                service,
-                target,
-                protocol,
-                visitor,
-                probe: true,
-            }),
-            other => Ok(other),
-        }
+        let stream = (ServiceProtocol::Tcp, (String::new(), String::new()));
+        Self::open_with(connection_id, service.into(), String::new(), stream, true)
     }
 
     /// `Open` of a stream (TCP) or flow (UDP) for a visitor a server of a
@@ -658,28 +632,40 @@ impl Message {
         connection_id: Uuid,
         service: impl Into<String>,
         protocol: ServiceProtocol,
-        (client_addr, public_addr): (String, String),
+        visitor: (String, String),
     ) -> Result<Self, BuildError> {
         let target = match protocol {
             ServiceProtocol::Tcp => String::new(),
-            ServiceProtocol::Udp => client_addr.clone(),
+            ServiceProtocol::Udp => visitor.0.clone(),
         };
-        match Self::open(connection_id, service, target)? {
-            Self::Open {
-                connection_id,
-                service,
-                target,
-                ..
-            } => checked(Self::Open {
-                connection_id,
-                service,
-                target,
-                protocol,
-                visitor: (client_addr, public_addr),
-                probe: false,
-            }),
-            other => Ok(other),
+        Self::open_with(
+            connection_id,
+            service.into(),
+            target,
+            (protocol, visitor),
+            false,
+        )
+    }
+
+    /// Any `Open`; a service name over 255 bytes is refused.
+    fn open_with(
+        connection_id: Uuid,
+        service: String,
+        target: String,
+        (protocol, visitor): (ServiceProtocol, (String, String)),
+        probe: bool,
+    ) -> Result<Self, BuildError> {
+        if service.len() > MAX_SERVICE_NAME_LEN {
+            return Err(BuildError::NameTooLong { len: service.len() });
         }
+        checked(Self::Open {
+            connection_id,
+            service,
+            target,
+            protocol,
+            visitor,
+            probe,
+        })
     }
 
     /// A `Health` report for `service_id`.

@@ -244,6 +244,22 @@ fn decode(frame: &[u8]) -> Message {
         .0
 }
 
+/// A server session whose agent offered `caps` and was accepted with
+/// `scope`, with what it did so far consumed.
+fn authenticated_server(
+    caps: Option<crate::protocol::Capabilities>,
+    scope: TokenScope,
+    now: Instant,
+) -> ServerSession {
+    let mut server = ServerSession::new(server_settings(), now);
+    let auth = Message::auth(TOKEN, Uuid::from_u128(7), caps).unwrap();
+    server.handle_frame(auth, now);
+    server.poll_action();
+    server.authenticated(Uuid::from_u128(1), scope, now, 0);
+    std::iter::from_fn(|| server.poll_action()).for_each(drop);
+    server
+}
+
 /// A probe `Open` is looked up like any, answered by the server itself
 /// (`ConnectAck`) and never relayed; one from a client that did not
 /// announce `ACCESS_PROBE` is refused.
@@ -251,13 +267,8 @@ fn decode(frame: &[u8]) -> Message {
 fn a_probe_is_answered_by_the_server_and_relays_nothing() {
     let now = Instant::now();
     for (offered, answered) in [(Features::ALL, true), (Features::ACCESS, false)] {
-        let mut server = ServerSession::new(server_settings(), now);
         let caps = crate::protocol::Capabilities::new(offered);
-        let auth = Message::auth(TOKEN, Uuid::from_u128(7), Some(caps)).unwrap();
-        server.handle_frame(auth, now);
-        server.poll_action();
-        server.authenticated(Uuid::from_u128(1), TokenScope::default(), now, 0);
-        std::iter::from_fn(|| server.poll_action()).for_each(drop);
+        let mut server = authenticated_server(Some(caps), TokenScope::default(), now);
         let id = Uuid::from_u128(9);
         server.handle_frame(Message::probe(id, "ssh").unwrap(), now);
         let actions: Vec<_> = std::iter::from_fn(|| server.poll_action()).collect();
@@ -293,16 +304,11 @@ fn a_probe_is_answered_by_the_server_and_relays_nothing() {
 #[test]
 fn a_scope_refusal_is_lasting() {
     let now = Instant::now();
-    let mut server = ServerSession::new(server_settings(), now);
-    let auth = Message::auth(TOKEN, Uuid::from_u128(7), None).unwrap();
-    server.handle_frame(auth, now);
-    server.poll_action();
     let scope = TokenScope {
         register: Some(vec!["web".into()]),
         ..TokenScope::default()
     };
-    server.authenticated(Uuid::from_u128(1), scope, now, 0);
-    std::iter::from_fn(|| server.poll_action()).for_each(drop);
+    let mut server = authenticated_server(None, scope, now);
     let register = Message::register("db", ServiceProtocol::Tcp, 1, 0).unwrap();
     server.handle_frame(register, now);
     let answers: Vec<_> = std::iter::from_fn(|| server.poll_action()).collect();
@@ -492,12 +498,7 @@ fn registrations_are_answered_in_order_under_refusals() {
 #[test]
 fn answers_wait_for_the_registrations_before_them() {
     let now = Instant::now();
-    let mut server = ServerSession::new(server_settings(), now);
-    let auth = Message::auth(TOKEN, Uuid::from_u128(7), None).unwrap();
-    server.handle_frame(auth, now);
-    server.poll_action();
-    server.authenticated(Uuid::from_u128(1), TokenScope::default(), now, 0);
-    std::iter::from_fn(|| server.poll_action()).for_each(drop);
+    let mut server = authenticated_server(None, TokenScope::default(), now);
     for name in ["a", "b"] {
         let register = Message::register(name, ServiceProtocol::Tcp, 1, 0).unwrap();
         server.handle_frame(register, now);
