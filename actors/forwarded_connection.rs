@@ -25,11 +25,12 @@ use uuid::Uuid;
 
 use super::io::read_gate::ReadGate;
 use super::io::socket_options::limit_unsent;
+use super::io::turns::Turns;
 use super::service_listener::SecondChance;
 use crate::accounting::{CounterSet, Direction};
 use crate::protocol::MAX_DATA_PAYLOAD;
 use crate::session::SocketEvent;
-use reader::{Credit, CreditedReader, Pace, Unpaced, read_now};
+use reader::{Credit, CreditedReader, Pace, Unpaced, payload_read, read_now};
 use retry::Retry;
 
 mod reader;
@@ -279,20 +280,26 @@ impl ForwardedConnection {
             // a limited service's streams pace their reads; the others'
             // readers have no pacing to test
             match wiring.bandwidth.clone() {
-                Some(bucket) => ctx.add_stream(CreditedReader {
-                    id,
-                    socket: read_socket,
-                    credit: read_credit,
-                    gate,
-                    pace: Pace::new(bucket),
-                }),
-                None => ctx.add_stream(CreditedReader {
-                    id,
-                    socket: read_socket,
-                    credit: read_credit,
-                    gate,
-                    pace: Unpaced,
-                }),
+                Some(bucket) => ctx.add_stream(Turns::new(
+                    CreditedReader {
+                        id,
+                        socket: read_socket,
+                        credit: read_credit,
+                        gate,
+                        pace: Pace::new(bucket),
+                    },
+                    payload_read,
+                )),
+                None => ctx.add_stream(Turns::new(
+                    CreditedReader {
+                        id,
+                        socket: read_socket,
+                        credit: read_credit,
+                        gate,
+                        pace: Unpaced,
+                    },
+                    payload_read,
+                )),
             };
             Self {
                 wiring,

@@ -3,6 +3,15 @@
 //! refused token, a stop) or to reconnect after a backoff delay.
 
 use super::*;
+use crate::actors::io::turns::Turns;
+
+/// The bytes a frame from the server carries, as its thread's turns count them.
+fn frame_len(frame: &Result<ws::Frame, actix_http::ws::ProtocolError>) -> usize {
+    match frame {
+        Ok(ws::Frame::Binary(b) | ws::Frame::Text(b)) => b.len(),
+        _ => 0,
+    }
+}
 
 impl AgentConnection {
     pub(super) fn connect(&mut self, ctx: &mut Context<Self>) {
@@ -43,7 +52,7 @@ impl AgentConnection {
         ctx: &mut Context<Self>,
     ) {
         let (sink, stream) = framed.split();
-        ctx.add_stream(stream);
+        ctx.add_stream(Turns::new(stream, frame_len));
         let config = &self.shared.config;
         let settings = config.session_settings(self.shared.client_id);
         self.link = Some(Link {

@@ -131,6 +131,11 @@ pub(super) fn read_now(socket: &TcpStream, id: Uuid, want: usize) -> io::Result<
     }
 }
 
+/// The payload bytes a read carried, as its thread's turns count them.
+pub(super) fn payload_read(read: &io::Result<(Bytes, usize)>) -> usize {
+    read.as_ref().map_or(0, |(_, n)| *n)
+}
+
 /// The socket's read side, gated by credit, by the tunnel's read gate and
 /// by its service's bandwidth, if limited: returns `Pending` at zero
 /// credit, while the gate is closed, or until the bandwidth allows a read.

@@ -18,6 +18,7 @@ use super::tunnel_registry::TunnelRegistry;
 use crate::actors::control_channel::ControlChannel;
 use crate::actors::io::frame_guard::FrameGuard;
 use crate::actors::io::socket_options::harden_control_socket;
+use crate::actors::io::turns::{Turns, chunk_len};
 use crate::actors::io::{raw_connection, runtime};
 use crate::admission::{PendingAuth, PlaceId};
 use crate::auth::{LiveTokens, TokenScope, TokenStore, TokenValidator};
@@ -306,7 +307,8 @@ async fn upgrade(
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
     let place = AuthPlace::take(shared.get_ref(), peer);
     let channel = ControlChannel::new(shared.get_ref().clone(), peer, place);
-    ws::WsResponseBuilder::new(channel, &req, FrameGuard::new(payload, MAX_MESSAGE_SIZE))
+    let incoming = Turns::new(FrameGuard::new(payload, MAX_MESSAGE_SIZE), chunk_len);
+    ws::WsResponseBuilder::new(channel, &req, incoming)
         .frame_size(MAX_MESSAGE_SIZE)
         .start()
 }

@@ -3,7 +3,8 @@
 //! endpoints (actix-web servers), a control connection on a raw socket,
 //! shutdown signals, the WebSocket frame guard, the read gate that bounds
 //! what a tunnel side has read, the stream hub that joins a side's connection
-//! table to its sockets, the local dial and the socket options.
+//! table to its sockets, the turns a busy socket takes with the others on its
+//! thread, the local dial and the socket options.
 
 pub(crate) mod admin;
 #[cfg(feature = "etcd")]
@@ -17,6 +18,7 @@ pub(crate) mod serve;
 pub(crate) mod signals;
 pub(crate) mod socket_options;
 pub(crate) mod stream_hub;
+pub(crate) mod turns;
 
 /// A listener that could not bind, said with its address, what it is for
 /// (`what`, naming its flag) and what to do.

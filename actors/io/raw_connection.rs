@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 
 use super::frame_guard::FrameGuard;
 use super::socket_options::harden_control_socket;
+use super::turns::{Turns, chunk_len};
 use crate::actors::control_channel::ControlChannel;
 use crate::actors::handles::control_handler::{AuthPlace, EVICTED, ServerShared};
 use crate::http_upgrade::{self, UpgradeError};
@@ -52,7 +53,10 @@ pub(crate) async fn serve(
         tokio_util::io::ReaderStream::with_capacity(read, 64 * 1024)
             .map(|r| r.map_err(actix_web::error::PayloadError::Io)),
     );
-    let guarded = FrameGuard::new(Box::pin(incoming), MAX_MESSAGE_SIZE);
+    let guarded = Turns::new(
+        FrameGuard::new(Box::pin(incoming), MAX_MESSAGE_SIZE),
+        chunk_len,
+    );
     let codec = actix_http::ws::Codec::new().max_size(MAX_MESSAGE_SIZE);
     let mut outgoing = Box::pin(ws::WebsocketContext::with_codec(
         ControlChannel::new(shared, peer, place),
