@@ -7,14 +7,18 @@
 //! polls a stream 16 items at a time), and a 64-byte ping that became
 //! readable meanwhile waited for all of it: 1.2-1.5 ms at p50 beside one bulk
 //! transfer. After [`TURN_BYTES`] the stream yields as tokio's `yield_now`
-//! does: it is woken only after the runtime has looked at its sockets again,
-//! so whatever became ready meanwhile runs first (docs/BENCHMARKS.md).
+//! does, and stays pending, however often it is polled, until the runtime
+//! has looked at its sockets again: whatever became ready meanwhile runs
+//! first (docs/BENCHMARKS.md).
 
 use std::future::Future;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use futures::Stream;
+use futures::task::{ArcWake, AtomicWaker};
 
 /// Bytes a stream yields before it gives its thread back. Measured
 /// (`tcpload mixed`, probe p50 beside one download / one upload): 1 MiB (no
@@ -29,9 +33,26 @@ pub(crate) struct Turns<S: Stream> {
     weigh: fn(&S::Item) -> usize,
     /// Bytes yielded since the thread was last given back.
     taken: usize,
-    /// The yield under way: tokio's `yield_now`, which defers its wake-up
-    /// until the runtime has polled its sockets.
-    yielding: Option<Pin<Box<dyn Future<Output = ()>>>>,
+    /// The wake-up of the yield under way, if any.
+    yielding: Option<Arc<Deferred>>,
+}
+
+/// A wake-up that tokio defers until it has polled the runtime's sockets
+/// (what `yield_now` does), remembered, so that a yield lasts until then:
+/// `yield_now` itself is over at its next poll, and a task polled again at
+/// once (actix polls a context's items again when one of them queued work)
+/// would end it before the thread was given back.
+#[derive(Default)]
+struct Deferred {
+    fired: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl ArcWake for Deferred {
+    fn wake_by_ref(deferred: &Arc<Self>) {
+        deferred.fired.store(true, Ordering::Release);
+        deferred.task.wake();
+    }
 }
 
 impl<S: Stream> Turns<S> {
@@ -46,18 +67,31 @@ impl<S: Stream> Turns<S> {
         }
     }
 
-    /// `Pending` while the thread's other work goes first.
+    /// `Pending` while the thread's other work goes first: until tokio has
+    /// polled its sockets and fired the deferred wake-up.
     fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.taken < TURN_BYTES && self.yielding.is_none() {
-            return Poll::Ready(());
+        match &self.yielding {
+            None if self.taken < TURN_BYTES => Poll::Ready(()),
+            None => {
+                let deferred = Arc::new(Deferred::default());
+                deferred.task.register(cx.waker());
+                let waker = futures::task::waker(deferred.clone());
+                // invariant: `yield_now` is pending at its first poll (it
+                // defers `waker`, or wakes it at once outside a runtime)
+                let _ = pin!(tokio::task::yield_now()).poll(&mut Context::from_waker(&waker));
+                self.yielding = Some(deferred);
+                Poll::Pending
+            }
+            Some(deferred) => {
+                deferred.task.register(cx.waker());
+                if !deferred.fired.load(Ordering::Acquire) {
+                    return Poll::Pending;
+                }
+                self.yielding = None;
+                self.taken = 0;
+                Poll::Ready(())
+            }
         }
-        let yielding = self
-            .yielding
-            .get_or_insert_with(|| Box::pin(tokio::task::yield_now()));
-        futures::ready!(yielding.as_mut().poll(cx));
-        self.yielding = None;
-        self.taken = 0;
-        Poll::Ready(())
     }
 }
 
@@ -120,6 +154,30 @@ mod tests {
             // last 4 included, before the end is seen)
             assert_eq!(pendings, 16);
             assert!(turns.next().await.is_none());
+        });
+    }
+
+    /// A yield lasts until the runtime has polled its sockets, however
+    /// often the stream is polled meanwhile (actix polls a context's items
+    /// again, in the same task poll, when one of them queued work).
+    #[test]
+    fn a_yield_holds_until_the_runtime_has_polled_its_sockets() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let frames = futures::stream::iter((0..2u8).map(|i| vec![i; TURN_BYTES]));
+            let mut turns = Turns::new(frames, Vec::len);
+            let waker = futures::task::noop_waker();
+            let mut cx = Context::from_waker(&waker);
+            let first = Pin::new(&mut turns).poll_next(&mut cx);
+            assert!(matches!(first, Poll::Ready(Some(ref f)) if f[0] == 0));
+            for _ in 0..5 {
+                assert!(Pin::new(&mut turns).poll_next(&mut cx).is_pending());
+            }
+            tokio::task::yield_now().await;
+            let second = Pin::new(&mut turns).poll_next(&mut cx);
+            assert!(matches!(second, Poll::Ready(Some(ref f)) if f[0] == 1));
         });
     }
 }
