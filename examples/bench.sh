@@ -13,7 +13,8 @@
 # before/after of a change in one interleaved run), rathole and bore (from
 # `cargo install --root ~/.cache/tunnel-peers rathole@0.5.0 bore-cli@0.6.0`),
 # zlt-2 (zlt with two agents registering the service: replicas sharing its port;
-# zlt-base-2 the same with BASE_BIN),
+# zlt-base-2 the same with BASE_BIN), zlt-c2 (zlt with one agent and
+# `--connections 2`: two links, each on its own thread),
 # and two baselines that are not tunnels: relay (one plain TCP relay process,
 # `tcpload relay`: accept, dial the service, copy; the least work any tunnel
 # that ends the visitor's TCP and dials the service must do) and relay2 (two
@@ -75,7 +76,7 @@ up_target() {
     relay2)
       start "$LOAD" relay 127.0.0.1:$CTRL 127.0.0.1:$LOCAL; wait_tcp $CTRL || return 1
       start "$LOAD" relay 127.0.0.1:$PUB 127.0.0.1:$CTRL; PORT=$PUB ;;
-    zlt|zlt-base|zlt-2|zlt-base-2)
+    zlt|zlt-base|zlt-2|zlt-base-2|zlt-c2)
       local bin=$BIN
       if [ "${1#zlt-base}" != "$1" ]; then
         bin=${BASE_BIN:-}
@@ -83,7 +84,8 @@ up_target() {
       fi
       start "$bin" server --listen 127.0.0.1:$CTRL --port-range $PUB-$PUB --bind-host 127.0.0.1 --token bench-token
       wait_tcp $CTRL || return 1
-      start env ZLAYER_TUNNEL_TOKEN=bench-token "$bin" agent --server ws://127.0.0.1:$CTRL/tunnel/v1 --tcp svc:$LOCAL:$PUB
+      local links=1; [ "$1" = zlt-c2 ] && links=2
+      start env ZLAYER_TUNNEL_TOKEN=bench-token "$bin" agent --server ws://127.0.0.1:$CTRL/tunnel/v1 --connections $links --tcp svc:$LOCAL:$PUB
       # zlt-2: a second agent, a replica of the service: visitors spread over both
       if [ "${1%-2}" != "$1" ]; then
         env ZLAYER_TUNNEL_TOKEN=bench-token "$bin" agent --server ws://127.0.0.1:$CTRL/tunnel/v1 --tcp svc:$LOCAL:$PUB 2>"$work/replica-$CTRL.log" >/dev/null & TPIDS+=($!)

@@ -128,6 +128,13 @@ fn default_agent_flows() -> usize {
     1024
 }
 
+/// Most links an agent keeps to one server (`connections`).
+pub const MAX_CONNECTIONS: usize = 8;
+
+fn default_connections() -> usize {
+    1
+}
+
 /// Default of the UDP budgets (`udp_in_flight`, `udp_waiting`).
 pub const DEFAULT_UDP_BUDGET: usize = 4 * 1024 * 1024;
 
@@ -344,6 +351,15 @@ pub struct TunnelClientConfig {
     /// registers every service on every one, on the same public port.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub servers: Vec<String>,
+    /// Links to each server, each on a thread of its own (1 to 8). The
+    /// extra links register every service again, as replicas under client
+    /// ids of their own (the agent's with the link's number in its last
+    /// byte), and the server gives each visitor to the link with the fewest
+    /// open streams: a bulk transfer and an interactive session then
+    /// travel on different sockets and threads, and the small one does not
+    /// queue behind the big one. Default 1.
+    #[serde(default = "default_connections")]
+    pub connections: usize,
     /// The token, sent raw inside `Auth`; masked in logs. A file may leave it
     /// out and have it come from the environment.
     #[serde(default)]
@@ -469,6 +485,7 @@ impl TunnelClientConfig {
         Self {
             server_url: server_url.into(),
             servers: Vec::new(),
+            connections: 1,
             token: Secret::new(token.into()),
             client_id: None,
             reconnect_interval: default_reconnect(),
@@ -635,6 +652,9 @@ impl TunnelClientConfig {
         positive("udp_idle_timeout", self.udp_idle_timeout)?;
         at_least_a_frame("read_ahead", self.read_ahead)?;
         at_least_a_frame("udp_waiting", self.udp_waiting)?;
+        if !(1..=MAX_CONNECTIONS).contains(&self.connections) {
+            return Err(invalid("connections", "must be 1 to 8"));
+        }
         if self.max_flows == 0 {
             return Err(invalid("max_flows", "must be at least 1"));
         }

@@ -388,3 +388,48 @@ async fn a_visitor_the_first_replica_refuses_is_served_by_another_byte_exact() {
     );
     a.child.kill().unwrap();
 }
+
+/// `--connections 2`: one agent keeps two links to the server, the second
+/// a replica on a thread of its own; a visitor held open on one link does
+/// not keep the others from the other, every byte arrives both ways, and
+/// the agent stops at once with both links.
+#[actix_web::test]
+async fn an_agent_with_two_connections_is_two_replicas_and_every_byte_arrives() {
+    let public = free_ports(1).0;
+    let (mut server, url) = server((public, public), &[]);
+    let (local, served) = counting_echo().await;
+    let mut agent = Proc::spawn(&[
+        "agent",
+        "--server",
+        &url,
+        "--connections",
+        "2",
+        "--tcp",
+        &format!("svc:{local}:{public}"),
+    ]);
+    assert_eq!(agent.registered_port(), public);
+    server.wait_for("replica joined");
+
+    let addr = ([127, 0, 0, 1], public).into();
+    let mut held = tokio::net::TcpStream::connect(addr).await.unwrap();
+    held.write_all(b"held").await.unwrap();
+    let mut got = [0u8; 4];
+    held.read_exact(&mut got).await.unwrap();
+    let transfers: Vec<_> = (0..8)
+        .map(|seed| tokio::spawn(echo_through(addr, seed, 1 << 20)))
+        .collect();
+    for transfer in transfers {
+        transfer.await.unwrap();
+    }
+    held.write_all(b"more").await.unwrap();
+    held.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"more", "the held visitor's stream was not touched");
+    assert_eq!(served.load(Ordering::SeqCst), 9);
+
+    let (status, took) = agent.stop_with("TERM");
+    assert!(status.success(), "the agent exited with {status}");
+    assert!(
+        took < std::time::Duration::from_secs(3),
+        "the agent took {took:?} to stop its two links"
+    );
+}

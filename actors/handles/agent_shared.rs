@@ -125,3 +125,26 @@ pub(super) fn client_tls(config: &TunnelClientConfig) -> Result<Option<Arc<rustl
     };
     Ok(Some(Arc::new(tls)))
 }
+
+/// The client id of the agent's link number `connection` to one server:
+/// the agent's own for the first, and for each extra link (a replica, see
+/// `connections`) the agent's with the number XORed into its last byte.
+pub(crate) fn link_client_id(agent: Uuid, connection: usize) -> Uuid {
+    Uuid::from_u128(agent.as_u128() ^ (connection as u128 & 0xff))
+}
+
+/// Waits (at most `connect_timeout`) until the first link has been given a
+/// port for every service that asks for any, so that the other links ask
+/// their servers for the same ports.
+pub(crate) async fn first_grants(
+    config: &TunnelClientConfig,
+    assigned: &watch::Sender<HashMap<String, u16>>,
+) {
+    let wanted: Vec<String> = (config.services.iter())
+        .filter(|s| s.remote_port == 0)
+        .map(|s| s.name.clone())
+        .collect();
+    let mut grants = assigned.subscribe();
+    let all_given = grants.wait_for(|ports| wanted.iter().all(|n| ports.contains_key(n)));
+    let _ = tokio::time::timeout(config.connect_timeout, all_given).await;
+}

@@ -200,6 +200,19 @@ impl AgentView {
     }
 
     /// The services refused now.
+    /// Where this link, to `url`, stands, as `/status` reports it.
+    pub(crate) fn link_status(&self, url: &str) -> crate::status::LinkStatus {
+        let session = self.session();
+        crate::status::LinkStatus {
+            server_url: url.to_owned(),
+            connected: session.is_some(),
+            state: self.state(),
+            connected_since: session.as_ref().map(|s| s.1),
+            services: session.map(|s| s.2).unwrap_or_default(),
+            refused: self.refusals(),
+        }
+    }
+
     pub(crate) fn refusals(&self) -> Vec<crate::status::RefusedService> {
         let Ok(refusals) = self.refusals.lock() else {
             return Vec::new();

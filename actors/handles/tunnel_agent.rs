@@ -7,11 +7,11 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use actix::{Addr, Supervisor};
+use actix::{Addr, ArbiterHandle, Supervisor};
 use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
-use super::agent_shared::{AgentShared, client_tls};
+use super::agent_shared::{AgentShared, client_tls, first_grants, link_client_id};
 use super::agent_view::{AgentView, PublishedCallback};
 use crate::accounting::{Counters, Snapshot};
 use crate::actors::agent_connection::{
@@ -19,7 +19,7 @@ use crate::actors::agent_connection::{
 };
 use crate::actors::io::{admin, runtime};
 use crate::config::{ServiceConfig, TunnelClientConfig};
-use crate::status::{AgentStatus, LinkStatus};
+use crate::status::AgentStatus;
 use crate::{Result, TunnelError};
 use std::net::SocketAddr;
 
@@ -48,6 +48,8 @@ pub struct TunnelAgent {
 #[derive(Default)]
 struct Control {
     addrs: Vec<Addr<AgentConnection>>,
+    /// The threads of the extra links to a server (`connections`).
+    threads: Vec<ArbiterHandle>,
     stop_requested: bool,
 }
 
@@ -57,16 +59,21 @@ impl TunnelAgent {
     pub fn new(config: TunnelClientConfig) -> Self {
         let client_id = config.client_id.unwrap_or_else(Uuid::new_v4);
         let view = Arc::new(AgentView::new(&config.services));
-        let links = (config.server_urls().into_iter().enumerate())
-            .map(|(i, url)| {
-                let link_view = if i == 0 {
-                    view.clone()
-                } else {
-                    Arc::new(view.another_link())
-                };
-                (url, link_view)
-            })
-            .collect();
+        let each_server = |url: String| std::iter::repeat_n(url, config.connections.max(1));
+        let links = (config
+            .server_urls()
+            .into_iter()
+            .flat_map(each_server)
+            .enumerate())
+        .map(|(i, url)| {
+            let link_view = if i == 0 {
+                view.clone()
+            } else {
+                Arc::new(view.another_link())
+            };
+            (url, link_view)
+        })
+        .collect();
         Self {
             client_id,
             on_connection: None,
@@ -109,7 +116,7 @@ impl TunnelAgent {
             links: self
                 .links
                 .iter()
-                .map(|(url, view)| link_status(url, view))
+                .map(|(url, view)| view.link_status(url))
                 .collect(),
             refused: self.view.refusals(),
         }
@@ -247,13 +254,15 @@ impl TunnelAgent {
             let config = self.config.for_server(url);
             let tls = client_tls(&config)?;
             if i == 1 {
-                self.first_grants(&assigned).await;
+                first_grants(&self.config, &assigned).await;
             }
             let (done_tx, done_rx) = oneshot::channel();
+            // the how-manieth link to this server: the extra ones are replicas
+            let connection = (self.links[..i].iter()).filter(|(u, _)| u == url).count();
             let shared = Arc::new(AgentShared {
                 config,
                 services: self.services.clone(),
-                client_id: self.client_id,
+                client_id: link_client_id(self.client_id, connection),
                 on_connection: self.on_connection.clone(),
                 counters: self.counters.clone(),
                 view: view.clone(),
@@ -264,12 +273,13 @@ impl TunnelAgent {
                 done: Mutex::new(Some(done_tx)),
                 logs: Mutex::default(),
             });
-            self.start_link(shared)?;
+            self.start_link(shared, connection > 0)?;
             ends.push(done_rx);
         }
         let results = futures::future::join_all(ends).await;
         if let Ok(mut c) = self.control.lock() {
             c.addrs.clear(); // the last addresses: the actors end instead of restarting
+            c.threads.drain(..).for_each(|t| runtime::stop_thread(&t));
         }
         // Ok when any link ended Ok (a stop); the first error otherwise
         let mut results = results
@@ -279,10 +289,21 @@ impl TunnelAgent {
         results.fold(first, |acc, r| acc.or_else(|error| r.map_err(|_| error)))
     }
 
-    /// Starts one link's connection actor on the runtime thread.
-    fn start_link(&self, shared: Arc<AgentShared>) -> Result<()> {
+    /// Starts one link's connection actor on the runtime thread, or an
+    /// extra link to a server on a thread of its own.
+    fn start_link(&self, shared: Arc<AgentShared>, own_thread: bool) -> Result<()> {
         let control = self.control.clone();
-        let spawned = runtime::arbiter().spawn_fn(move || {
+        let thread = match own_thread {
+            true => {
+                let thread = runtime::thread("zlayer-tunnel-link");
+                if let Ok(mut c) = self.control.lock() {
+                    c.threads.push(thread.clone());
+                }
+                thread
+            }
+            false => runtime::arbiter().clone(),
+        };
+        let spawned = thread.spawn_fn(move || {
             let addr = Supervisor::start(move |_| AgentConnection::new(shared));
             if let Ok(mut c) = control.lock() {
                 if c.stop_requested {
@@ -298,19 +319,6 @@ impl TunnelAgent {
         }
     }
 
-    /// Waits (at most `connect_timeout`) until the first link has been given
-    /// a port for every service that asks for any, so that the other links
-    /// ask their servers for the same ports.
-    async fn first_grants(&self, assigned: &watch::Sender<HashMap<String, u16>>) {
-        let wanted: Vec<String> = (self.config.services.iter())
-            .filter(|s| s.remote_port == 0)
-            .map(|s| s.name.clone())
-            .collect();
-        let mut grants = assigned.subscribe();
-        let all_given = grants.wait_for(|ports| wanted.iter().all(|n| ports.contains_key(n)));
-        let _ = tokio::time::timeout(self.config.connect_timeout, all_given).await;
-    }
-
     /// Stops the agent: its streams are closed and `run()` returns `Ok`.
     pub fn stop(&self) {
         if let Ok(mut c) = self.control.lock() {
@@ -324,19 +332,6 @@ impl TunnelAgent {
     /// The seed's name for [`stop`](Self::stop).
     pub fn disconnect(&self) {
         self.stop();
-    }
-}
-
-/// Where the link to `url` stands, as `/status` reports it.
-fn link_status(url: &str, view: &AgentView) -> LinkStatus {
-    let session = view.session();
-    LinkStatus {
-        server_url: url.to_owned(),
-        connected: session.is_some(),
-        state: view.state(),
-        connected_since: session.as_ref().map(|s| s.1),
-        services: session.map(|s| s.2).unwrap_or_default(),
-        refused: view.refusals(),
     }
 }
 

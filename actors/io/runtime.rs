@@ -15,9 +15,15 @@ pub(crate) fn arbiter() -> &'static ArbiterHandle {
 }
 
 fn start() -> ArbiterHandle {
+    thread("zlayer-tunnel")
+}
+
+/// A thread of its own with an actix `System` (for an agent's extra link);
+/// [`stop_thread`] ends it.
+pub(crate) fn thread(name: &str) -> ArbiterHandle {
     let (tx, rx) = std::sync::mpsc::channel();
     let spawned = std::thread::Builder::new()
-        .name("zlayer-tunnel".into())
+        .name(name.into())
         .spawn(move || {
             let system = actix::System::new();
             let _ = tx.send(actix::Arbiter::current());
@@ -28,4 +34,9 @@ fn start() -> ArbiterHandle {
         // invariant: a thread that cannot start leaves the process unable to serve anything
         _ => panic!("zlayer-tunnel: cannot start the runtime thread"),
     }
+}
+
+/// Ends a thread started by [`thread`] once what is queued on it has run.
+pub(crate) fn stop_thread(thread: &ArbiterHandle) {
+    thread.spawn_fn(|| actix::System::current().stop());
 }

@@ -235,6 +235,11 @@ pub(crate) struct AgentArgs {
     /// several servers (high availability: every service on each).
     #[arg(long)]
     pub(crate) server: Vec<String>,
+    /// Links to each server, each on a thread of its own (1 to 8; default
+    /// 1): visitors spread over them, so that an interactive session does
+    /// not queue behind a bulk transfer.
+    #[arg(long)]
+    pub(crate) connections: Option<usize>,
     /// The token; prefer ZLAYER_TUNNEL_TOKEN, which stays out of `ps`.
     #[arg(long, env = "ZLAYER_TUNNEL_TOKEN", hide_env_values = true)]
     pub(crate) token: Option<String>,

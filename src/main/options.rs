@@ -170,6 +170,7 @@ pub(crate) fn validate_agent(config: &TunnelClientConfig) -> anyhow::Result<()> 
                 "server_url" | "servers" => Some("--server"),
                 "token" => Some("--token, ZLAYER_TUNNEL_TOKEN"),
                 "ca_cert" => Some("--ca-cert"),
+                "connections" => Some("--connections"),
                 _ => None,
             };
             match flag {
@@ -192,6 +193,9 @@ pub(crate) fn merged_agent_config(args: &AgentArgs) -> anyhow::Result<TunnelClie
     if let Some((first, more)) = args.server.split_first() {
         config.server_url.clone_from(first);
         config.servers = more.to_vec();
+    }
+    if let Some(connections) = args.connections {
+        config.connections = connections;
     }
     if let Some(token) = &args.token {
         config.token = token.clone().into();
