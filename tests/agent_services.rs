@@ -178,8 +178,14 @@ async fn sighup_rereads_the_agents_services() {
 
     std::fs::write(&config, services(&["a", "c"])).unwrap();
     agent.hangup();
-    agent.wait_for("configuration reloaded added=1 removed=1 changed=0");
+    // c's registration and the reload's summary come from two threads:
+    // either may be logged first, so c's is awaited first, then the summary
+    // (looked up among the lines read meanwhile too)
     let c_port = agent.registered_port();
+    let summary = "configuration reloaded added=1 removed=1 changed=0";
+    if !agent.seen().iter().any(|l| l.contains(summary)) {
+        agent.wait_for(summary);
+    }
     assert!(ends(b_stream).await, "b's stream ends");
     common::echo_through(([127, 0, 0, 1], c_port).into(), 4, 1 << 20).await;
     assert_eq!(transfer.await.unwrap(), 32 << 20, "a's transfer whole");
