@@ -439,6 +439,9 @@ pub struct RefusedService {
 pub struct LinkStatus {
     /// The server's control URL.
     pub server_url: String,
+    /// Which of the agent's links to that server (0 for the first; more
+    /// with `connections`).
+    pub connection: usize,
     /// True while authenticated to it.
     pub connected: bool,
     /// Where the link stands (`last_error` when reconnecting).
@@ -471,7 +474,8 @@ pub fn render_agent_metrics(status: &AgentStatus) -> String {
         let server = escape(&link.server_url);
         let _ = writeln!(
             out,
-            "{name}{{server=\"{server}\"}} {}",
+            "{name}{{server=\"{server}\",connection=\"{}\"}} {}",
+            link.connection,
             u8::from(link.connected)
         );
     }

@@ -409,7 +409,8 @@ async fn status_and_metrics_count_a_real_transfer_byte_for_byte() {
     assert_eq!(service["stats"]["bytes_out"].as_u64().unwrap(), LEN as u64);
     let body = agent_get("/metrics").await.unwrap().body().await.unwrap();
     let metrics = String::from_utf8(body.to_vec()).unwrap();
-    let connected = format!("zlayer_tunnel_agent_connected{{server=\"{url}\"}} 1\n");
+    let connected =
+        format!("zlayer_tunnel_agent_connected{{server=\"{url}\",connection=\"0\"}} 1\n");
     assert!(
         metrics.contains(&connected),
         "{connected} not in\n{metrics}"

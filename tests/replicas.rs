@@ -396,7 +396,8 @@ async fn a_visitor_the_first_replica_refuses_is_served_by_another_byte_exact() {
 #[actix_web::test]
 async fn an_agent_with_two_connections_is_two_replicas_and_every_byte_arrives() {
     let public = free_ports(1).0;
-    let (mut server, url) = server((public, public), &[]);
+    let (mut server, url) = server((public, public), &["--admin-listen", "127.0.0.1:0"]);
+    let server_admin = server.listening_addr("admin endpoints listening");
     let (local, served) = counting_echo().await;
     let mut agent = Proc::spawn(&[
         "agent",
@@ -404,9 +405,12 @@ async fn an_agent_with_two_connections_is_two_replicas_and_every_byte_arrives() 
         &url,
         "--connections",
         "2",
+        "--admin-listen",
+        "127.0.0.1:0",
         "--tcp",
         &format!("svc:{local}:{public}"),
     ]);
+    let agent_admin = agent.listening_addr("admin endpoints listening");
     assert_eq!(agent.registered_port(), public);
     server.wait_for("replica joined");
 
@@ -425,6 +429,22 @@ async fn an_agent_with_two_connections_is_two_replicas_and_every_byte_arrives() 
     held.read_exact(&mut got).await.unwrap();
     assert_eq!(&got, b"more", "the held visitor's stream was not touched");
     assert_eq!(served.load(Ordering::SeqCst), 9);
+    // both links carried visitors: the server counts them per replica
+    let metrics = common::http_get(&format!("http://{server_admin}/metrics")).await;
+    let per_link: Vec<u64> = (metrics.lines())
+        .filter(|l| l.starts_with("zlayer_tunnel_service_connections_total{service=\"svc\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(per_link.len(), 2, "{metrics}");
+    assert!(per_link.iter().all(|&n| n > 0), "{per_link:?}");
+    assert_eq!(per_link.iter().sum::<u64>(), 9);
+    // and the agent names each link by server and connection number
+    let metrics = common::http_get(&format!("http://{agent_admin}/metrics")).await;
+    for n in 0..2 {
+        let line =
+            format!("zlayer_tunnel_agent_connected{{server=\"{url}\",connection=\"{n}\"}} 1\n");
+        assert!(metrics.contains(&line), "{metrics}");
+    }
 
     let (status, took) = agent.stop_with("TERM");
     assert!(status.success(), "the agent exited with {status}");

@@ -200,11 +200,13 @@ impl AgentView {
     }
 
     /// The services refused now.
-    /// Where this link, to `url`, stands, as `/status` reports it.
-    pub(crate) fn link_status(&self, url: &str) -> crate::status::LinkStatus {
+    /// Where this link, the `connection`th to `url`, stands, as `/status`
+    /// reports it.
+    pub(crate) fn link_status(&self, url: &str, connection: usize) -> crate::status::LinkStatus {
         let session = self.session();
         crate::status::LinkStatus {
             server_url: url.to_owned(),
+            connection,
             connected: session.is_some(),
             state: self.state(),
             connected_since: session.as_ref().map(|s| s.1),

@@ -4,14 +4,11 @@
 //! and waits until the agent is stopped or every link met a fault that
 //! retrying cannot fix (the server refused the token).
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use actix::{Addr, ArbiterHandle, Supervisor};
-use tokio::sync::{oneshot, watch};
+use actix::{Addr, ArbiterHandle};
 use uuid::Uuid;
 
-use super::agent_shared::{AgentShared, client_tls, first_grants, link_client_id};
 use super::agent_view::{AgentView, PublishedCallback};
 use crate::accounting::{Counters, Snapshot};
 use crate::actors::agent_connection::{
@@ -22,6 +19,8 @@ use crate::config::{ServiceConfig, TunnelClientConfig};
 use crate::status::AgentStatus;
 use crate::{Result, TunnelError};
 use std::net::SocketAddr;
+
+mod links;
 
 /// Decides whether to accept a visitor: `(service_id, connection_id, client_addr) -> accept`.
 pub type ConnectionCallback = Arc<dyn Fn(Uuid, Uuid, String) -> bool + Send + Sync>;
@@ -113,10 +112,8 @@ impl TunnelAgent {
             connected_since: since,
             services,
             stats: self.counters.snapshot(),
-            links: self
-                .links
-                .iter()
-                .map(|(url, view)| view.link_status(url))
+            links: (self.links.iter().enumerate())
+                .map(|(i, (url, view))| view.link_status(url, self.connection_number(i)))
                 .collect(),
             refused: self.view.refusals(),
         }
@@ -247,76 +244,23 @@ impl TunnelAgent {
     /// backoff, each link on its own.
     pub async fn run(&self) -> Result<()> {
         self.config.validate()?;
-        let assigned = Arc::new(watch::Sender::new(HashMap::new()));
-        let several_links = self.links.len() > 1;
         let mut ends = Vec::new();
-        for (i, (url, view)) in self.links.iter().enumerate() {
-            let config = self.config.for_server(url);
-            let tls = client_tls(&config)?;
-            if i == 1 {
-                first_grants(&self.config, &assigned).await;
-            }
-            let (done_tx, done_rx) = oneshot::channel();
-            // the how-manieth link to this server: the extra ones are replicas
-            let connection = (self.links[..i].iter()).filter(|(u, _)| u == url).count();
-            let shared = Arc::new(AgentShared {
-                config,
-                services: self.services.clone(),
-                client_id: link_client_id(self.client_id, connection),
-                on_connection: self.on_connection.clone(),
-                counters: self.counters.clone(),
-                view: view.clone(),
-                on_published: self.on_published.clone(),
-                assigned: assigned.clone(),
-                several_links,
-                tls,
-                done: Mutex::new(Some(done_tx)),
-                logs: Mutex::default(),
-            });
-            self.start_link(shared, connection > 0)?;
-            ends.push(done_rx);
+        let started = self.start_links(&mut ends).await;
+        if started.is_err() {
+            self.stop(); // the links started already end too
         }
         let results = futures::future::join_all(ends).await;
         if let Ok(mut c) = self.control.lock() {
             c.addrs.clear(); // the last addresses: the actors end instead of restarting
             c.threads.drain(..).for_each(|t| runtime::stop_thread(&t));
         }
+        started?;
         // Ok when any link ended Ok (a stop); the first error otherwise
         let mut results = results
             .into_iter()
             .map(|r| r.unwrap_or(Err(TunnelError::Shutdown)));
         let first = results.next().unwrap_or(Err(TunnelError::Shutdown));
         results.fold(first, |acc, r| acc.or_else(|error| r.map_err(|_| error)))
-    }
-
-    /// Starts one link's connection actor on the runtime thread, or an
-    /// extra link to a server on a thread of its own.
-    fn start_link(&self, shared: Arc<AgentShared>, own_thread: bool) -> Result<()> {
-        let control = self.control.clone();
-        let thread = match own_thread {
-            true => {
-                let thread = runtime::thread("zlayer-tunnel-link");
-                if let Ok(mut c) = self.control.lock() {
-                    c.threads.push(thread.clone());
-                }
-                thread
-            }
-            false => runtime::arbiter().clone(),
-        };
-        let spawned = thread.spawn_fn(move || {
-            let addr = Supervisor::start(move |_| AgentConnection::new(shared));
-            if let Ok(mut c) = control.lock() {
-                if c.stop_requested {
-                    addr.do_send(StopAgent);
-                }
-                c.addrs.push(addr);
-            }
-        });
-        if spawned {
-            Ok(())
-        } else {
-            Err(TunnelError::Shutdown)
-        }
     }
 
     /// Stops the agent: its streams are closed and `run()` returns `Ok`.

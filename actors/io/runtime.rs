@@ -15,25 +15,26 @@ pub(crate) fn arbiter() -> &'static ArbiterHandle {
 }
 
 fn start() -> ArbiterHandle {
-    thread("zlayer-tunnel")
+    match thread("zlayer-tunnel") {
+        Ok(handle) => handle,
+        // invariant: without its runtime thread the library can serve nothing
+        Err(e) => panic!("zlayer-tunnel: cannot start the runtime thread: {e}"),
+    }
 }
 
 /// A thread of its own with an actix `System` (for an agent's extra link);
-/// [`stop_thread`] ends it.
-pub(crate) fn thread(name: &str) -> ArbiterHandle {
+/// [`stop_thread`] ends it. Fails when the OS refuses a thread (limits).
+pub(crate) fn thread(name: &str) -> std::io::Result<ArbiterHandle> {
     let (tx, rx) = std::sync::mpsc::channel();
-    let spawned = std::thread::Builder::new()
+    std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
             let system = actix::System::new();
             let _ = tx.send(actix::Arbiter::current());
             let _ = system.run();
-        });
-    match (spawned, rx.recv()) {
-        (Ok(_), Ok(handle)) => handle,
-        // invariant: a thread that cannot start leaves the process unable to serve anything
-        _ => panic!("zlayer-tunnel: cannot start the runtime thread"),
-    }
+        })?;
+    rx.recv()
+        .map_err(|_| std::io::Error::other("the thread ended before its runtime started"))
 }
 
 /// Ends a thread started by [`thread`] once what is queued on it has run.
