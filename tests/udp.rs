@@ -10,6 +10,7 @@ mod common;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use common::process::Proc;
@@ -51,35 +52,29 @@ async fn ten_thousand_datagrams_from_16_visitors_each_echoed_to_its_sender() {
     const VISITORS: u8 = 16;
     const TOTAL: u32 = 10_000;
     const MAX: usize = zlayer_tunnel::udp::MAX_DATAGRAM;
-    // what is tested is that every datagram reaches its sender intact; the
-    // budgets between sockets and WebSocket (4 MiB, 64 of the largest
-    // datagrams) bound memory under the flood below, and a debug build on a busy
-    // CI machine can stall long enough to fill them (6 dropped, once)
-    const BUDGET: usize = 64 << 20;
     let (port, _) = free_ports(1);
-    let mut config = udp_config(port);
-    config.udp_in_flight = BUDGET;
-    let server = spawn_server(config, "secret");
+    let server = spawn_server(udp_config(port), "secret");
     let echo = services::udp_echo();
-    let mut agent_config = common::agent_config(
+    let (agent, _task, published) = spawn_published(
         server.addr,
         "secret",
         vec![ServiceConfig::udp("echo", echo).with_remote_port(port)],
     );
-    agent_config.udp_waiting = BUDGET;
-    let (agent, _task, published) = common::run_published(TunnelAgent::new(agent_config));
     published.wait(1).await;
     let public: SocketAddr = ([127, 0, 0, 1], port).into();
     let mut sockets = Vec::new();
     for _ in 0..VISITORS {
         sockets.push(Arc::new(udp_socket().await));
     }
+    // replies seen by all receivers, for the sender's window
+    let answered = Arc::new((AtomicU32::new(0), tokio::sync::Notify::new()));
     // receivers: each checks every reply is one of its own, intact
     let receivers: Vec<_> = sockets
         .iter()
         .enumerate()
         .map(|(v, socket)| {
             let socket = socket.clone();
+            let answered = answered.clone();
             tokio::spawn(async move {
                 let v = v as u8;
                 let expected = (0..TOTAL)
@@ -106,16 +101,30 @@ async fn ten_thousand_datagrams_from_16_visitors_each_echoed_to_its_sender() {
                         "reply {seq} of visitor {v} corrupted"
                     );
                     assert!(seen.insert(seq), "reply {seq} of visitor {v} twice");
+                    answered.0.fetch_add(1, Ordering::SeqCst);
+                    answered.1.notify_one();
                 }
             })
         })
         .collect();
-    // the sender: 10,000 datagrams round robin, paced at 5,000 per second
-    // (the pace is what is tested, not a wait)
+    // the sender: 10,000 datagrams round robin, paced at 5,000 per second,
+    // with at most WINDOW unanswered: a slower machine (a debug build beside
+    // the flood test, on two cores) fell behind the pace and filled the 4 MiB
+    // that may wait between a socket and the WebSocket (drops, by design),
+    // which is not what this test is about; 48 of the largest datagrams fit
+    const WINDOW: u32 = 48;
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     for seq in 0..TOTAL {
         if seq % 5 == 0 {
             tick.tick().await;
+        }
+        while seq - answered.0.load(Ordering::SeqCst) >= WINDOW {
+            let more = answered.1.notified();
+            if seq - answered.0.load(Ordering::SeqCst) < WINDOW {
+                break;
+            }
+            let waited = tokio::time::timeout(DEADLINE, more).await;
+            assert!(waited.is_ok(), "no reply for {DEADLINE:?}; {seq} sent");
         }
         let v = (seq % u32::from(VISITORS)) as u8;
         sockets[v as usize]
