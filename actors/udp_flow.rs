@@ -39,6 +39,8 @@ pub(crate) struct CloseFlow;
 pub(crate) enum FlowEvent {
     /// A reply from the service, as an encoded `Datagram` frame.
     Reply {
+        /// The flow.
+        id: Uuid,
         /// The encoded frame.
         frame: Bytes,
     },
@@ -157,7 +159,10 @@ impl StreamHandler<io::Result<Bytes>> for UdpFlow {
         self.wiring
             .counters
             .add_datagram(Direction::Out, data.len() as u64);
-        self.wiring.connection.do_send(FlowEvent::Reply { frame });
+        let id = self.wiring.id;
+        self.wiring
+            .connection
+            .do_send(FlowEvent::Reply { id, frame });
     }
 
     fn finished(&mut self, ctx: &mut Self::Context) {

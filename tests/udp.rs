@@ -490,3 +490,58 @@ async fn one_flow_above_the_old_rate_cap_is_not_rate_limited() {
         "{SENT} datagrams in {seconds:.2} s: {rate_limited} dropped for the flow's rate ({stats:?})"
     );
 }
+
+/// A service that answers a datagram with a burst far larger than the
+/// agent's `udp_waiting` (64 KiB here): what does not fit is dropped, and
+/// counted on the service (as `/metrics` shows it) as well as on the agent
+/// (before, only on the agent, which `/metrics` does not show).
+#[actix_web::test]
+async fn replies_over_the_agents_budget_are_counted_on_their_service() {
+    const BURST: usize = 200;
+    let (port, _) = free_ports(1);
+    let server = spawn_server(udp_config(port), "secret");
+    let loud = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket2::SockRef::from(&loud)
+        .set_send_buffer_size(16 << 20)
+        .unwrap();
+    let loud_port = loud.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok((_, from)) = loud.recv_from(&mut buf) {
+            for _ in 0..BURST {
+                let _ = loud.send_to(&[9u8; 60_000], from);
+            }
+        }
+    });
+    let mut config = common::agent_config(
+        server.addr,
+        "secret",
+        vec![ServiceConfig::udp("loud", loud_port).with_remote_port(port)],
+    );
+    config.udp_waiting = 64 * 1024;
+    let (agent, _task, published) = common::run_published(TunnelAgent::new(config));
+    published.wait(1).await;
+    let visitor = udp_socket().await;
+    visitor.send_to(b"go", ("127.0.0.1", port)).await.unwrap();
+    let over_budget = zlayer_tunnel::accounting::DropKind::OverBudget.index();
+    common::wait_until(
+        "replies dropped over the agent's budget, on the service",
+        || {
+            let stats = agent.status().services[0].stats;
+            async move { stats.drops_by_kind[over_budget] > 0 }
+        },
+    )
+    .await;
+    // counted together: the agent's total is its services' sum
+    common::wait_until("the agent's drops are the service's", || {
+        let status = agent.status();
+        let (service, whole) = (status.services[0].stats, status.stats);
+        async move { whole.drops == service.drops && service.drops > 0 }
+    })
+    .await;
+    let service = agent.status().services[0].stats;
+    assert_eq!(
+        service.drops, service.drops_by_kind[over_budget],
+        "{service:?}"
+    );
+}

@@ -9,13 +9,15 @@ use actix::{Addr, Recipient};
 use bytes::Bytes;
 use uuid::Uuid;
 
+use crate::accounting::CounterSet;
 use crate::actors::udp_flow::{CloseFlow, ToService, UdpFlow};
 use crate::actors::udp_forward::ToVisitor;
 
 /// Where a flow's datagrams from the link go.
 pub(crate) enum FlowEnd {
-    /// A socket toward the local service (a visitor's flow).
-    Service(Addr<UdpFlow>),
+    /// A socket toward the local service (a visitor's flow), and the
+    /// counters of its service (and of the agent), for what is dropped here.
+    Service(Addr<UdpFlow>, CounterSet),
     /// A forwarded visitor (a cluster's UDP forward, over a peer link).
     Visitor(Recipient<ToVisitor>),
 }
@@ -45,6 +47,14 @@ impl FlowHub {
         self.flows.insert(id, flow);
     }
 
+    /// The counters of flow `id`'s service, if it is a service's flow.
+    pub(crate) fn counters(&self, id: Uuid) -> Option<&CounterSet> {
+        match self.flows.get(&id) {
+            Some(FlowEnd::Service(_, counters)) => Some(counters),
+            _ => None,
+        }
+    }
+
     /// True while flow `id` is open.
     pub(crate) fn contains(&self, id: Uuid) -> bool {
         self.flows.contains_key(&id)
@@ -53,7 +63,7 @@ impl FlowHub {
     /// A datagram from the server for flow `id`; false if the flow is unknown.
     pub(crate) fn deliver(&self, id: Uuid, data: Bytes) -> bool {
         match self.flows.get(&id) {
-            Some(FlowEnd::Service(flow)) => flow.do_send(ToService(data)),
+            Some(FlowEnd::Service(flow, _)) => flow.do_send(ToService(data)),
             Some(FlowEnd::Visitor(to)) => to.do_send(ToVisitor::Datagram { id, data }),
             None => return false,
         }
@@ -63,7 +73,7 @@ impl FlowHub {
     /// The server closed flow `id` (the table forgot it): its socket closes.
     pub(crate) fn close(&mut self, id: Uuid) {
         match self.flows.remove(&id) {
-            Some(FlowEnd::Service(flow)) => flow.do_send(CloseFlow),
+            Some(FlowEnd::Service(flow, _)) => flow.do_send(CloseFlow),
             Some(FlowEnd::Visitor(to)) => to.do_send(ToVisitor::Closed { id }),
             None => {}
         }

@@ -13,11 +13,11 @@ impl Handler<FlowEvent> for AgentConnection {
             return;
         };
         match event {
-            FlowEvent::Reply { frame } => {
+            FlowEvent::Reply { id, frame } => {
                 if link.flows.queue(frame) {
                     self.write_next(ctx);
                 } else {
-                    self.shared.counters.add_drop(DropKind::OverBudget);
+                    self.reply_dropped(id);
                 }
             }
             FlowEvent::Forwarded { id, frame, budget } => {
@@ -101,6 +101,20 @@ impl AgentConnection {
         }
     }
 
+    /// A service's reply found `udp_waiting` full: counted on its service
+    /// (and the agent), and logged at most once a second.
+    fn reply_dropped(&mut self, id: Uuid) {
+        let counters = self.link.as_ref().and_then(|l| l.flows.counters(id));
+        match counters {
+            Some(counters) => counters.add_drop(DropKind::OverBudget),
+            None => self.shared.counters.add_drop(DropKind::OverBudget),
+        }
+        if let Some(held_back) = self.shared.remote_event(RemoteEvent::VisitorRefused) {
+            let limit = self.shared.config.udp_waiting;
+            tracing::info!(flow = %id, udp_waiting = limit, held_back, "datagram to the server dropped: the WebSocket is behind (raise udp_waiting for longer bursts)");
+        }
+    }
+
     pub(super) fn start_flow(
         &mut self,
         (service_id, id): (Uuid, Uuid),
@@ -129,9 +143,10 @@ impl AgentConnection {
             cancel: link.cancel.child_token(),
             proxy_header,
         };
+        let counters = wiring.counters.clone();
         let flow = UdpFlow::start(target, wiring)
             .map_err(|e| format!("cannot open a socket toward {local}: {e}"))?;
-        link.flows.insert(id, FlowEnd::Service(flow));
+        link.flows.insert(id, FlowEnd::Service(flow, counters));
         tracing::debug!(flow = %id, visitor = %client_addr, %target, "udp flow opened");
         Ok(())
     }
