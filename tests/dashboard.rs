@@ -148,6 +148,18 @@ async fn the_dashboard_shows_services_and_live_rates_in_a_real_browser() {
         "{dom}"
     );
     assert!(dom.contains("agent of ws://"), "{dom}");
+    // its link, by server and connection number
+    let links = dom
+        .split("<section id=\"links\">")
+        .nth(1)
+        .unwrap_or_default();
+    assert!(links.contains("<th>connection</th>"), "{dom}");
+    assert!(
+        links.contains(&format!(
+            "<td>ws://{control}/tunnel/v1</td><td class=\"num\">1</td>"
+        )),
+        "{dom}"
+    );
 
     stop.store(true, Ordering::Relaxed);
     busy.await.unwrap();
