@@ -74,3 +74,31 @@ async fn one_agent_on_two_servers_keeps_one_port_and_survives_either() {
     echo_through(via_first, 4, 256 << 10).await;
     echo_through(via_second, 5, 256 << 10).await;
 }
+
+/// A link that cannot start (the second server's `wss://`, with a
+/// `ca_cert` that cannot be read) fails `run()` saying what is wrong, and
+/// the link already up to the first server ends with it: no session is
+/// left on that server, and the agent may run again.
+#[actix_web::test]
+async fn a_link_that_cannot_start_fails_run_and_ends_the_links_started() {
+    let (port, _) = free_ports(1);
+    let server = common::spawn_server(common::fast_config((port, port)), "secret");
+    let web = zlayer_tunnel::ServiceConfig::tcp("web", services::echo().await);
+    let config = common::agent_config(server.addr, "secret", vec![web])
+        .with_server("wss://127.0.0.1:9/tunnel/v1")
+        .with_ca_cert("/nonexistent/ca.pem");
+    let agent = zlayer_tunnel::TunnelAgent::new(config);
+    for _ in 0..2 {
+        let ran = tokio::time::timeout(common::DEADLINE, agent.run()).await;
+        let error = ran.expect("run() never returned").unwrap_err();
+        assert!(
+            matches!(error, zlayer_tunnel::TunnelError::Config { .. }),
+            "{error}"
+        );
+        assert!(error.to_string().contains("/nonexistent/ca.pem"), "{error}");
+        common::wait_until("the first link's session ended", || async {
+            server.registry.list_tunnels().await.is_empty()
+        })
+        .await;
+    }
+}

@@ -253,6 +253,8 @@ impl TunnelAgent {
         if let Ok(mut c) = self.control.lock() {
             c.addrs.clear(); // the last addresses: the actors end instead of restarting
             c.threads.drain(..).for_each(|t| runtime::stop_thread(&t));
+            // a start that failed stopped its links, not the agent: it may run again
+            c.stop_requested &= started.is_ok();
         }
         started?;
         // Ok when any link ended Ok (a stop); the first error otherwise
