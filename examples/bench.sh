@@ -86,7 +86,7 @@ up_target() {
       wait_tcp $CTRL || return 1
       # (the flag only where needed: builds before it do not know it)
       local links=(); [ "$1" = zlt-c2 ] && links=(--connections 2)
-      start env ZLAYER_TUNNEL_TOKEN=bench-token "$bin" agent --server ws://127.0.0.1:$CTRL/tunnel/v1 "${links[@]}" --tcp svc:$LOCAL:$PUB
+      start env ZLAYER_TUNNEL_TOKEN=bench-token "$bin" agent --server ws://127.0.0.1:$CTRL/tunnel/v1 ${links[@]+"${links[@]}"} --tcp svc:$LOCAL:$PUB
       # zlt-2: a second agent, a replica of the service: visitors spread over both
       if [ "${1%-2}" != "$1" ]; then
         env ZLAYER_TUNNEL_TOKEN=bench-token "$bin" agent --server ws://127.0.0.1:$CTRL/tunnel/v1 --tcp svc:$LOCAL:$PUB 2>"$work/replica-$CTRL.log" >/dev/null & TPIDS+=($!)

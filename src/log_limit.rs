@@ -70,11 +70,39 @@ impl RemoteEvent {
 /// The longest a kind of event stays unlogged while it keeps happening.
 pub const LOG_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Whether one kind of line may be logged now: at most one per
+/// [`LOG_INTERVAL`], with the count of those held back.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LogGate {
+    /// When the last line was logged.
+    last: Option<Instant>,
+    /// Lines held back since.
+    held: u64,
+}
+
+impl LogGate {
+    /// A line at `now`: `Some(held_back)` when it may be logged (with the
+    /// count of those not logged since the last one), `None` when it is
+    /// held back.
+    pub fn admit(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(at) if now.saturating_duration_since(at) < LOG_INTERVAL => {
+                self.held += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.held))
+            }
+        }
+    }
+}
+
 /// Which remote events may be logged now.
 #[derive(Debug, Default)]
 pub struct LogLimiter {
-    /// Per kind: when its last line was logged, and how many were held back since.
-    kinds: [(Option<Instant>, u64); RemoteEvent::ALL.len()],
+    /// One gate per kind.
+    kinds: [LogGate; RemoteEvent::ALL.len()],
 }
 
 impl LogLimiter {
@@ -87,17 +115,7 @@ impl LogLimiter {
     /// logged (with the count of those not logged since the last one),
     /// `None` when it is held back.
     pub fn admit(&mut self, kind: RemoteEvent, now: Instant) -> Option<u64> {
-        let (last, held) = &mut self.kinds[kind.index()];
-        match last {
-            Some(at) if now.saturating_duration_since(*at) < LOG_INTERVAL => {
-                *held += 1;
-                None
-            }
-            _ => {
-                *last = Some(now);
-                Some(std::mem::take(held))
-            }
-        }
+        self.kinds[kind.index()].admit(now)
     }
 }
 

@@ -156,7 +156,7 @@ async fn the_dashboard_shows_services_and_live_rates_in_a_real_browser() {
     assert!(links.contains("<th>connection</th>"), "{dom}");
     assert!(
         links.contains(&format!(
-            "<td>ws://{control}/tunnel/v1</td><td class=\"num\">1</td>"
+            "<td>ws://{control}/tunnel/v1</td><td class=\"num\">0</td>"
         )),
         "{dom}"
     );

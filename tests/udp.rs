@@ -114,7 +114,7 @@ async fn ten_thousand_datagrams_from_16_visitors_each_echoed_to_its_sender() {
     // which is not what this test is about; 48 of the largest datagrams fit
     const WINDOW: u32 = 48;
     let mut tick = tokio::time::interval(Duration::from_millis(1));
-    for seq in 0..TOTAL {
+    'sending: for seq in 0..TOTAL {
         if seq % 5 == 0 {
             tick.tick().await;
         }
@@ -123,8 +123,9 @@ async fn ten_thousand_datagrams_from_16_visitors_each_echoed_to_its_sender() {
             if seq - answered.0.load(Ordering::SeqCst) < WINDOW {
                 break;
             }
-            let waited = tokio::time::timeout(DEADLINE, more).await;
-            assert!(waited.is_ok(), "no reply for {DEADLINE:?}; {seq} sent");
+            if tokio::time::timeout(DEADLINE, more).await.is_err() {
+                break 'sending; // the receivers' check below says what is missing
+            }
         }
         let v = (seq % u32::from(VISITORS)) as u8;
         sockets[v as usize]
@@ -521,14 +522,18 @@ async fn replies_over_the_agents_budget_are_counted_on_their_service() {
     config.udp_waiting = 64 * 1024;
     let (agent, _task, published) = common::run_published(TunnelAgent::new(config));
     published.wait(1).await;
-    let visitor = udp_socket().await;
-    visitor.send_to(b"go", ("127.0.0.1", port)).await.unwrap();
+    let visitor = Arc::new(udp_socket().await);
     let over_budget = zlayer_tunnel::accounting::DropKind::OverBudget.index();
+    // a burst per poll: whether one overflows depends on the scheduling
     common::wait_until(
         "replies dropped over the agent's budget, on the service",
         || {
             let stats = agent.status().services[0].stats;
-            async move { stats.drops_by_kind[over_budget] > 0 }
+            let visitor = visitor.clone();
+            async move {
+                let _ = visitor.send_to(b"go", ("127.0.0.1", port)).await;
+                stats.drops_by_kind[over_budget] > 0
+            }
         },
     )
     .await;

@@ -246,6 +246,7 @@ impl TunnelAgent {
         self.config.validate()?;
         let mut ends = Vec::new();
         let started = self.start_links(&mut ends).await;
+        let stop_asked = self.control.lock().is_ok_and(|c| c.stop_requested);
         if started.is_err() {
             self.stop(); // the links started already end too
         }
@@ -253,8 +254,8 @@ impl TunnelAgent {
         if let Ok(mut c) = self.control.lock() {
             c.addrs.clear(); // the last addresses: the actors end instead of restarting
             c.threads.drain(..).for_each(|t| runtime::stop_thread(&t));
-            // a start that failed stopped its links, not the agent: it may run again
-            c.stop_requested &= started.is_ok();
+            // a start that failed stopped its links, not the agent
+            c.stop_requested = stop_asked || started.is_ok() && c.stop_requested;
         }
         started?;
         // Ok when any link ended Ok (a stop); the first error otherwise

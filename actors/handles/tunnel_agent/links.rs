@@ -21,9 +21,15 @@ impl TunnelAgent {
     ) -> Result<()> {
         let assigned = Arc::new(watch::Sender::new(HashMap::new()));
         let several_links = self.links.len() > 1;
-        for (i, (url, view)) in self.links.iter().enumerate() {
-            let config = self.config.for_server(url);
-            let tls = client_tls(&config)?;
+        // every link's settings first: one that cannot be used starts none
+        let configs = (self.links.iter())
+            .map(|(url, _)| {
+                let config = self.config.for_server(url);
+                client_tls(&config).map(|tls| (config, tls))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let links = self.links.iter().zip(configs);
+        for (i, ((_, view), (config, tls))) in links.enumerate() {
             if i == 1 {
                 first_grants(&self.config, &assigned).await;
             }
@@ -43,6 +49,7 @@ impl TunnelAgent {
                 tls,
                 done: Mutex::new(Some(done_tx)),
                 logs: Mutex::default(),
+                drop_log: Mutex::default(),
             });
             self.start_link(shared, connection > 0)?;
             ends.push(done_rx);
