@@ -479,6 +479,15 @@ pub fn render_agent_metrics(status: &AgentStatus) -> String {
             u8::from(link.connected)
         );
     }
+    let name = "zlayer_tunnel_agent_drops_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Datagrams the agent dropped, by reason: its services' and those of no service (a cluster's forwarded flows).\n# TYPE {name} counter"
+    );
+    for kind in DropKind::ALL {
+        let (reason, value) = (kind.name(), status.stats.drops_by_kind[kind.index()]);
+        let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {value}");
+    }
     let services: Vec<(&ServiceInfo, Option<Uuid>)> =
         status.services.iter().map(|s| (s, None)).collect();
     render_services(&mut out, &services);

@@ -544,9 +544,22 @@ async fn replies_over_the_agents_budget_are_counted_on_their_service() {
         async move { whole.drops == service.drops && service.drops > 0 }
     })
     .await;
-    let service = agent.status().services[0].stats;
+    let status = agent.status();
+    let service = status.services[0].stats;
     assert_eq!(
         service.drops, service.drops_by_kind[over_budget],
         "{service:?}"
     );
+    // `/metrics` shows them, on the service and for the whole agent
+    let metrics = zlayer_tunnel::status::render_agent_metrics(&status);
+    let whole = status.stats.drops_by_kind[over_budget];
+    let agent_line = format!("zlayer_tunnel_agent_drops_total{{reason=\"over_budget\"}} {whole}\n");
+    assert!(metrics.contains(&agent_line), "{metrics}");
+    let service_line = (metrics.lines()).find(|l| {
+        l.starts_with("zlayer_tunnel_service_drops_total{service=\"loud\"")
+            && l.contains("reason=\"over_budget\"")
+    });
+    let counted = service_line.and_then(|l| l.rsplit(' ').next());
+    let expected = service.drops_by_kind[over_budget].to_string();
+    assert_eq!(counted, Some(expected.as_str()), "{metrics}");
 }
