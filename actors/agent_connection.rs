@@ -99,6 +99,8 @@ pub(crate) struct AgentConnection {
     link: Option<Link>,
     /// The lasting fault last said (at ERROR), not said again until it changes.
     told: Option<String>,
+    /// The log of datagrams dropped on their way to the server.
+    drop_log: crate::log_limit::LogGate,
 }
 
 impl Actor for AgentConnection {
@@ -227,6 +229,7 @@ impl AgentConnection {
             starts: 0,
             finished: false,
             refused: HashMap::new(),
+            drop_log: Default::default(),
             link: None,
             told: None,
         }

@@ -109,7 +109,7 @@ impl AgentConnection {
             Some(counters) => counters.add_drop(DropKind::OverBudget),
             None => self.shared.counters.add_drop(DropKind::OverBudget),
         }
-        if let Some(held_back) = self.shared.drop_logged() {
+        if let Some(held_back) = self.drop_log.admit(Instant::now()) {
             let limit = self.shared.config.udp_waiting;
             tracing::info!(flow = %id, udp_waiting = limit, held_back, "datagram to the server dropped: the WebSocket is behind (raise udp_waiting for longer bursts)");
         }

@@ -42,8 +42,6 @@ pub(crate) struct AgentShared {
     pub(super) done: Mutex<Option<oneshot::Sender<Result<()>>>>,
     /// What visitors make the agent log, at most once a second per kind.
     pub(super) logs: Mutex<crate::log_limit::LogLimiter>,
-    /// The log of datagrams dropped on their way to the server.
-    pub(super) drop_log: Mutex<crate::log_limit::LogGate>,
 }
 
 impl AgentShared {
@@ -52,13 +50,6 @@ impl AgentShared {
     pub(crate) fn remote_event(&self, event: crate::log_limit::RemoteEvent) -> Option<u64> {
         let mut logs = self.logs.lock().ok()?;
         logs.admit(event, std::time::Instant::now())
-    }
-
-    /// Whether a datagram dropped on its way to the server may be logged
-    /// now (at most once a second): `Some(held_back)` if so.
-    pub(crate) fn drop_logged(&self) -> Option<u64> {
-        let mut log = self.drop_log.lock().ok()?;
-        log.admit(std::time::Instant::now())
     }
 
     /// Whether the `on_connection` callback, if any, lets visitor `id` from

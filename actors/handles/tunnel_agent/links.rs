@@ -49,7 +49,6 @@ impl TunnelAgent {
                 tls,
                 done: Mutex::new(Some(done_tx)),
                 logs: Mutex::default(),
-                drop_log: Mutex::default(),
             });
             self.start_link(shared, connection > 0)?;
             ends.push(done_rx);
