@@ -254,7 +254,7 @@ impl AgentConnection {
                     tunnel_id,
                     features,
                     ..
-                } => self.authenticated(tunnel_id, features),
+                } => self.authenticated(tunnel_id, features, ctx),
                 AgentAction::NotRegistered { service, reason } => {
                     tracing::error!(service = %service.name, reason, "not registered")
                 }

@@ -351,13 +351,15 @@ pub struct TunnelClientConfig {
     /// registers every service on every one, on the same public port.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub servers: Vec<String>,
-    /// Links to each server, each on a thread of its own (1 to 8). The
-    /// extra links register every service again, as replicas under client
-    /// ids of their own (the agent's with the link's number in its last
-    /// byte), and the server gives each visitor to the link with the fewest
-    /// open streams: a bulk transfer and an interactive session then
-    /// travel on different sockets and threads, and the small one does not
-    /// queue behind the big one. Default 1.
+    /// Links to each server (1 to 8), the extra ones each on a thread of
+    /// its own, opened only to a server that takes several (`LINKS`; an
+    /// original server gets one). The extra links register every service
+    /// again, as replicas under client ids of their own (the agent's with
+    /// the link's number in its last byte), and the server gives each
+    /// visitor to the link with the fewest open streams: a bulk transfer
+    /// and an interactive session then travel on different sockets and
+    /// threads, and the small one does not queue behind the big one.
+    /// Default 1.
     #[serde(default = "default_connections")]
     pub connections: usize,
     /// The token, sent raw inside `Auth`; masked in logs. A file may leave it
@@ -485,7 +487,7 @@ impl TunnelClientConfig {
         Self {
             server_url: server_url.into(),
             servers: Vec::new(),
-            connections: 1,
+            connections: default_connections(),
             token: Secret::new(token.into()),
             client_id: None,
             reconnect_interval: default_reconnect(),
@@ -527,6 +529,13 @@ impl TunnelClientConfig {
     #[must_use]
     pub fn with_servers<I: IntoIterator<Item = S>, S: Into<String>>(mut self, urls: I) -> Self {
         self.servers.extend(urls.into_iter().map(Into::into));
+        self
+    }
+
+    /// Keeps `n` links to each server (`connections`, 1 to 8).
+    #[must_use]
+    pub fn with_connections(mut self, n: usize) -> Self {
+        self.connections = n;
         self
     }
 

@@ -17,37 +17,14 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use uuid::Uuid;
-use zlayer_tunnel::ServiceConfig;
 use zlayer_tunnel::protocol::Message;
+use zlayer_tunnel::{ServiceConfig, TunnelState};
 
-/// Accepts one agent and answers like the original server; reports every message it gets.
+/// Accepts one agent and answers like the original server (with a
+/// `Heartbeat` of its own after `AuthOk`); reports every message it gets.
 async fn original_server(listener: TcpListener, seen: mpsc::UnboundedSender<Message>) {
-    let (mut socket, _) = listener.accept().await.unwrap();
-    let mut buf = accept_upgrade(&mut socket).await;
-    while let Some(payload) = read_frame(&mut socket, &mut buf).await {
-        let (message, _) = Message::decode(&payload).unwrap();
-        let reply = match &message {
-            Message::Auth { .. } => vec![
-                Message::AuthOk {
-                    tunnel_id: Uuid::new_v4(),
-                    capabilities: None,
-                },
-                Message::Heartbeat { timestamp: 42 },
-            ],
-            Message::Register { .. } => vec![Message::RegisterOk {
-                service_id: Uuid::new_v4(),
-                port: None,
-            }],
-            Message::Heartbeat { timestamp } => vec![Message::HeartbeatAck {
-                timestamp: *timestamp,
-            }],
-            _ => vec![],
-        };
-        seen.send(message).unwrap();
-        for m in reply {
-            write_frame(&mut socket, &m.encode()).await;
-        }
-    }
+    let (socket, _) = listener.accept().await.unwrap();
+    answer_as_original(socket, seen, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -431,4 +408,141 @@ async fn a_stream_is_acknowledged_before_its_first_reply_or_by_the_next_heartbea
         "expected the ack, got {ack:?}"
     );
     agent.stop();
+}
+
+/// What one connection to [`original_servers`] saw: a message, or its end.
+type Seen = (usize, Option<Message>);
+
+/// Accepts agents, each connection numbered in order, and answers each like
+/// the original server (no `Heartbeat` of its own); reports every message with its connection's number,
+/// and `None` when a connection ends.
+async fn original_servers(listener: TcpListener, seen: mpsc::UnboundedSender<Seen>) {
+    let mut number = 0;
+    while let Ok((socket, _)) = listener.accept().await {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let serve = answer_as_original(socket, tx, false);
+            let forward = async {
+                while let Some(m) = rx.recv().await {
+                    let _ = seen.send((number, Some(m)));
+                }
+            };
+            tokio::join!(serve, forward);
+            let _ = seen.send((number, None));
+        });
+        number += 1;
+    }
+}
+
+/// Answers the agent on `socket` as the original server does, a
+/// `Heartbeat` after `AuthOk` when `heartbeat` says; reports every message.
+async fn answer_as_original(
+    mut socket: TcpStream,
+    seen: mpsc::UnboundedSender<Message>,
+    heartbeat: bool,
+) {
+    let mut buf = accept_upgrade(&mut socket).await;
+    while let Some(payload) = read_frame(&mut socket, &mut buf).await {
+        let (message, _) = Message::decode(&payload).unwrap();
+        let reply = match &message {
+            Message::Auth { .. } => vec![
+                Message::AuthOk {
+                    tunnel_id: Uuid::new_v4(),
+                    capabilities: None,
+                },
+                Message::Heartbeat { timestamp: 42 },
+            ],
+            Message::Register { .. } => vec![Message::RegisterOk {
+                service_id: Uuid::new_v4(),
+                port: None,
+            }],
+            Message::Heartbeat { timestamp } => vec![Message::HeartbeatAck {
+                timestamp: *timestamp,
+            }],
+            _ => vec![],
+        };
+        let _ = seen.send(message);
+        let own = |m: &Message| heartbeat || !matches!(m, Message::Heartbeat { .. });
+        for m in reply.iter().filter(|m| own(m)) {
+            write_frame(&mut socket, &m.encode()).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extra_connection_to_an_original_server_stands_down_and_the_first_carries_on() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, mut seen) = mpsc::unbounded_channel();
+    tokio::spawn(original_servers(listener, tx));
+    let config = common::agent_config(
+        addr,
+        "token",
+        vec![ServiceConfig::tcp("ssh", 22).with_remote_port(2222)],
+    )
+    .with_connections(2);
+    let (agent, task) = common::run_agent(zlayer_tunnel::TunnelAgent::new(config));
+
+    // both links authenticate; the server announces no LINKS: one registers,
+    // the other closes having sent nothing but its Auth
+    let mut got: Vec<Seen> = Vec::new();
+    let of = |got: &[Seen], n: usize| -> Vec<Option<Message>> {
+        (got.iter().filter(|(c, _)| *c == n))
+            .map(|(_, m)| m.clone())
+            .collect()
+    };
+    let registered = |got: &[Seen]| {
+        (got.iter()).find_map(|(c, m)| matches!(m, Some(Message::Register { .. })).then_some(*c))
+    };
+    let heartbeats = |got: &[Seen], n: usize| {
+        (of(got, n).iter())
+            .filter(|m| matches!(m, Some(Message::Heartbeat { .. })))
+            .count()
+    };
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut next = async |got: &mut Vec<Seen>| {
+        let m = tokio::time::timeout_at(deadline, seen.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no extra connection stood down: {got:?}"))
+            .unwrap();
+        got.push(m);
+    };
+    let stood_down = |got: &[Seen]| got.iter().any(|(_, m)| m.is_none());
+    while registered(&got).is_none() || !stood_down(&got) {
+        next(&mut got).await;
+    }
+    let first = registered(&got).unwrap();
+    let (other, _) = *got.iter().find(|(_, m)| m.is_none()).unwrap();
+    assert_ne!(first, other, "{got:?}");
+    let others = of(&got, other);
+    assert!(
+        matches!(others.as_slice(), [Some(Message::Auth { .. }), None]),
+        "the extra connection sent more than its Auth: {others:?}"
+    );
+    // it is not retried: a retry (50 ms apart here) would come before two
+    // more heartbeats of the first link (200 ms apart)
+    let enough = heartbeats(&got, first) + 2;
+    while heartbeats(&got, first) < enough {
+        next(&mut got).await;
+    }
+    let connections: std::collections::HashSet<usize> = got.iter().map(|(c, _)| *c).collect();
+    assert_eq!(connections.len(), 2, "a third connection: {got:?}");
+    let status = agent.status();
+    let links: Vec<_> = (status.links.iter())
+        .map(|l| (l.connection, l.state.clone()))
+        .collect();
+    assert!(
+        matches!(
+            links.as_slice(),
+            [
+                (0, TunnelState::Connected { .. }),
+                (1, TunnelState::Stopped)
+            ]
+        ),
+        "{links:?}"
+    );
+    agent.stop();
+    let ended = tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap();
+    assert!(ended.is_ok(), "{ended:?}");
 }

@@ -42,7 +42,15 @@ impl Handler<RemoveService> for AgentConnection {
 }
 
 impl AgentConnection {
-    pub(super) fn authenticated(&mut self, tunnel_id: Uuid, features: Features) {
+    pub(super) fn authenticated(
+        &mut self,
+        tunnel_id: Uuid,
+        features: Features,
+        ctx: &mut Context<Self>,
+    ) {
+        if self.shared.connection > 0 && !features.contains(Features::LINKS) {
+            return self.stand_down(ctx);
+        }
         let Some(link) = self.link.as_mut() else {
             return;
         };
@@ -64,6 +72,21 @@ impl AgentConnection {
         for service in services {
             self.register(service);
         }
+    }
+
+    /// An extra link to a server that takes one link per agent (`LINKS`
+    /// not announced): it registers nothing, closes, and is not retried;
+    /// `run()` goes on with the agent's other links.
+    fn stand_down(&mut self, ctx: &mut Context<Self>) {
+        tracing::warn!(
+            server = %self.shared.config.server_url,
+            connection = self.shared.connection,
+            "the server takes one link per agent (it did not announce LINKS): this extra connection closes; `connections = 1` avoids it"
+        );
+        self.shared.stand_down();
+        self.shared.view.disconnected();
+        self.shared.view.set_state(TunnelState::Stopped);
+        ctx.notify(StopAgent);
     }
 
     /// Registers a service, asking for the port it had before when it was

@@ -90,16 +90,19 @@ impl AccessManager {
     /// `wss://`), authenticated with `token`, instead of dialing directly.
     #[must_use]
     pub fn with_server(mut self, url: impl Into<String>, token: impl Into<String>) -> Self {
-        self.link = Some(TunnelAgent::new(TunnelClientConfig::new(url, token)));
+        self.link = Some(TunnelAgent::new(
+            TunnelClientConfig::new(url, token).with_connections(1),
+        ));
         self
     }
 
     /// Relays sessions through the tunnel server `config` names (its
     /// `server_url`, `token`, and `ca_cert` for a `wss://` server whose
-    /// certificate a private CA signed), instead of dialing directly.
+    /// certificate a private CA signed), instead of dialing directly; one
+    /// link (its sessions' streams all travel on the first).
     #[must_use]
     pub fn with_server_config(mut self, config: TunnelClientConfig) -> Self {
-        self.link = Some(TunnelAgent::new(config));
+        self.link = Some(TunnelAgent::new(config.with_connections(1)));
         self
     }
 

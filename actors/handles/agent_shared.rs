@@ -26,6 +26,9 @@ pub(crate) struct AgentShared {
     /// authentication.
     pub(crate) services: Arc<Mutex<Vec<crate::config::ServiceConfig>>>,
     pub(crate) client_id: Uuid,
+    /// Which of the agent's links to its server this is (0 for the first;
+    /// the others open only to a server that takes several, `LINKS`).
+    pub(crate) connection: usize,
     pub(crate) on_connection: Option<ConnectionCallback>,
     pub(crate) counters: Arc<Counters>,
     pub(crate) view: Arc<AgentView>,
@@ -89,6 +92,12 @@ impl AgentShared {
     /// Whether the end of the agent was reported.
     pub(crate) fn is_done(&self) -> bool {
         self.done.lock().map_or(true, |d| d.is_none())
+    }
+
+    /// Leaves `run()`'s answer to the agent's other links: an extra link
+    /// the server does not take ends without a verdict.
+    pub(crate) fn stand_down(&self) {
+        drop(self.done.lock().ok().and_then(|mut d| d.take()));
     }
 
     /// Reports the end of the agent to `run()`.

@@ -46,7 +46,10 @@ pub struct TunnelAgent {
 
 #[derive(Default)]
 struct Control {
-    addrs: Vec<Addr<AgentConnection>>,
+    /// The link actors, each with its link's number (the order they
+    /// started in is not the links' order: the extra ones start on threads
+    /// of their own).
+    addrs: Vec<(usize, Addr<AgentConnection>)>,
     /// The threads of the extra links to a server (`connections`).
     threads: Vec<ArbiterHandle>,
     stop_requested: bool,
@@ -142,7 +145,8 @@ impl TunnelAgent {
     /// The agent's (first) link actor, while it runs.
     pub(crate) fn connection(&self) -> Option<Addr<AgentConnection>> {
         let control = self.control.lock().ok()?;
-        control.addrs.first().cloned()
+        let first = control.addrs.iter().min_by_key(|(i, _)| *i);
+        first.map(|(_, addr)| addr.clone())
     }
 
     /// Publishes `service` while the agent runs, on every server it is
@@ -197,7 +201,7 @@ impl TunnelAgent {
 
     fn each_link(&self, send: impl Fn(&Addr<AgentConnection>)) {
         if let Ok(control) = self.control.lock() {
-            control.addrs.iter().for_each(send);
+            control.addrs.iter().map(|(_, addr)| addr).for_each(send);
         }
     }
 
@@ -258,10 +262,9 @@ impl TunnelAgent {
             c.stop_requested = stop_asked || started.is_ok() && c.stop_requested;
         }
         started?;
-        // Ok when any link ended Ok (a stop); the first error otherwise
-        let mut results = results
-            .into_iter()
-            .map(|r| r.unwrap_or(Err(TunnelError::Shutdown)));
+        // Ok when any link ended Ok (a stop); the first error otherwise; a
+        // link that stood down (its sender dropped) gives no verdict
+        let mut results = results.into_iter().filter_map(|r| r.ok());
         let first = results.next().unwrap_or(Err(TunnelError::Shutdown));
         results.fold(first, |acc, r| acc.or_else(|error| r.map_err(|_| error)))
     }
@@ -270,7 +273,7 @@ impl TunnelAgent {
     pub fn stop(&self) {
         if let Ok(mut c) = self.control.lock() {
             c.stop_requested = true;
-            for addr in &c.addrs {
+            for (_, addr) in &c.addrs {
                 addr.do_send(StopAgent);
             }
         }

@@ -194,7 +194,7 @@ impl PeerLinks {
 
 /// A peer link: an access link that reconnects on its own.
 fn start_link(url: &str, token: &Secret) -> TunnelAgent {
-    let link = TunnelAgent::new(TunnelClientConfig::new(url, token.expose()));
+    let link = TunnelAgent::new(TunnelClientConfig::new(url, token.expose()).with_connections(1));
     let runner = link.clone();
     let url = url.to_owned();
     runtime::arbiter().spawn(async move {

@@ -44,8 +44,12 @@ impl Features {
     /// exists and may be reached (`ConnectAck` or `ConnectFail`) and relays
     /// nothing.
     pub const ACCESS_PROBE: Self = Self(1 << 7);
+    /// The server takes several links from one agent, each registering the
+    /// agent's services as replicas (`connections`): an agent opens links
+    /// beyond its first only to a server that announces it.
+    pub const LINKS: Self = Self(1 << 8);
     /// Everything this implementation supports.
-    pub const ALL: Self = Self(0b1111_1111);
+    pub const ALL: Self = Self(0b1_1111_1111);
 
     /// Builds a set from raw bits; unknown bits are kept (a newer peer's features).
     pub const fn from_bits(bits: u32) -> Self {
@@ -92,6 +96,8 @@ impl fmt::Debug for Features {
             (Self::ACCESS_UDP, "ACCESS_UDP"),
             (Self::PROXY, "PROXY"),
             (Self::VISITOR_RULES, "VISITOR_RULES"),
+            (Self::ACCESS_PROBE, "ACCESS_PROBE"),
+            (Self::LINKS, "LINKS"),
         ];
         let mut list = f.debug_set();
         for (bit, name) in names {
@@ -145,7 +151,7 @@ mod tests {
 
     #[test]
     fn accept_is_the_intersection() {
-        let offer = Capabilities::new(Features::from_bits(0b1_0000_0101));
+        let offer = Capabilities::new(Features::from_bits(0b10_0000_0101));
         let answer = Capabilities::accept(offer, Features::ALL, 4096);
         assert_eq!(answer.features, Features::STREAMS | Features::ACCESS);
         assert_eq!(answer.initial_window, 4096);
@@ -153,8 +159,8 @@ mod tests {
 
     #[test]
     fn debug_names_bits_and_keeps_unknown_ones() {
-        let f = Features::STREAMS | Features::from_bits(0x100);
-        assert_eq!(format!("{f:?}"), "{STREAMS, 0x100}");
+        let f = Features::STREAMS | Features::LINKS | Features::from_bits(0x400);
+        assert_eq!(format!("{f:?}"), "{STREAMS, LINKS, 0x400}");
     }
 
     #[test]

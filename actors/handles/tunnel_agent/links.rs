@@ -40,6 +40,7 @@ impl TunnelAgent {
                 config,
                 services: self.services.clone(),
                 client_id: link_client_id(self.client_id, connection),
+                connection,
                 on_connection: self.on_connection.clone(),
                 counters: self.counters.clone(),
                 view: view.clone(),
@@ -50,7 +51,7 @@ impl TunnelAgent {
                 done: Mutex::new(Some(done_tx)),
                 logs: Mutex::default(),
             });
-            self.start_link(shared, connection > 0)?;
+            self.start_link(i, shared, connection > 0)?;
             ends.push(done_rx);
         }
         Ok(())
@@ -64,7 +65,7 @@ impl TunnelAgent {
 
     /// Starts one link's connection actor on the runtime thread, or an
     /// extra link to a server on a thread of its own.
-    fn start_link(&self, shared: Arc<AgentShared>, own_thread: bool) -> Result<()> {
+    fn start_link(&self, i: usize, shared: Arc<AgentShared>, own_thread: bool) -> Result<()> {
         let control = self.control.clone();
         let thread = match own_thread {
             true => {
@@ -86,7 +87,7 @@ impl TunnelAgent {
                 if c.stop_requested {
                     addr.do_send(StopAgent);
                 }
-                c.addrs.push(addr);
+                c.addrs.push((i, addr));
             }
         });
         if spawned {
