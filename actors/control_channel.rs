@@ -103,6 +103,8 @@ struct Flow {
 /// sockets, flows' listeners and relay recipients.
 struct Link {
     tunnel_id: Uuid,
+    /// The agent whose link this is (`replicas::agent_of` its client id).
+    agent: Uuid,
     cancel: CancellationToken,
     services: HashMap<Uuid, Service>,
     streams: StreamHub,

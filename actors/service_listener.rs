@@ -13,7 +13,7 @@
 //! its service is unregistered (`LeaveReplica`); it gets no visitor from that
 //! moment. A visitor whose replica's agent refuses it (its local dial
 //! failed) comes back once (`RetryVisitor`, with what it had sent) and goes
-//! to another healthy replica, if there is one. The listener stops when the
+//! to a healthy replica of another agent, if there is one. The listener stops when the
 //! last replica leaves.
 
 use std::io;
@@ -36,6 +36,7 @@ use crate::visitor_rate::VisitorRate;
 use crate::visitor_rules::{Refusal, ServiceRules};
 use socket::{accept, reset};
 
+mod retry;
 mod socket;
 
 /// Accepted sockets inherit `TCP_NODELAY` and `TCP_NOTSENT_LOWAT` from their
@@ -98,6 +99,9 @@ type Accepted = io::Result<(TcpStream, SocketAddr, OwnedSemaphorePermit)>;
 pub(crate) struct Replica {
     /// The service's id in that agent's tunnel.
     pub(crate) service_id: Uuid,
+    /// The agent (`replicas::agent_of` its link's client id): a visitor one
+    /// link refuses is not offered to another link of the same agent.
+    pub(crate) agent: Uuid,
     pub(crate) channel: Recipient<VisitorArrived>,
     /// The registration's counters: its open streams are its load.
     pub(crate) counters: Arc<Counters>,
@@ -241,37 +245,6 @@ impl StreamHandler<Accepted> for ServiceListener {
             }
             Err(e) => tracing::warn!(port = self.port, error = %e, "accept failed"),
         }
-    }
-}
-
-impl Handler<RetryVisitor> for ServiceListener {
-    type Result = ();
-
-    fn handle(&mut self, msg: RetryVisitor, _: &mut Self::Context) {
-        let open_streams = |r: &Replica| r.counters.open_connections();
-        let ip = msg.peer.ip();
-        let other = |r: &Replica| {
-            r.healthy && r.service_id != msg.refused_by && r.visitors.check(ip).is_ok()
-        };
-        let place = self.waiting.clone().try_acquire_owned().ok();
-        let replica = place
-            .is_some()
-            .then(|| self.replicas.pick(self.policy, other, open_streams))
-            .flatten();
-        let (Some(replica), Some(place)) = (replica, place) else {
-            // no other replica (or the channels are not taking visitors):
-            // refused, as it would have been without a second chance
-            return reset(&msg.socket);
-        };
-        tracing::debug!(port = self.port, visitor = %msg.peer, "visitor refused by one replica; offered to another");
-        replica.channel.do_send(VisitorArrived {
-            service_id: replica.service_id,
-            socket: msg.socket,
-            peer: msg.peer,
-            _waiting: place,
-            second_chance: None,
-            sent: msg.sent,
-        });
     }
 }
 

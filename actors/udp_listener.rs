@@ -29,13 +29,14 @@ use uuid::Uuid;
 use super::registry::FlowView;
 use crate::accounting::{Counters, Direction, DropKind};
 use crate::budget::Budget;
-use crate::log_limit::LogLimiter;
+use crate::log_limit::LogGate;
 use crate::protocol::Message;
 use crate::replicas::{LoadBalance, ReplicaSet};
 use crate::udp::{FlowLimits, FlowTable, Verdict};
 
 mod refusals;
 mod replicas;
+mod socket;
 
 pub(crate) use replicas::{JoinUdpReplica, LeaveUdpReplica, UdpReplica};
 
@@ -104,9 +105,10 @@ pub(crate) struct UdpServiceListener {
     replicas: ReplicaSet<Uuid, UdpReplica>,
     /// Which replica (tunnel) each flow is on.
     owners: std::collections::HashMap<Uuid, Uuid>,
-    /// Drops a visitor causes are logged at most once a second (each is
-    /// counted by reason in the service's counters).
-    logs: LogLimiter,
+    /// The logs of datagrams dropped and refused, each a line a second at
+    /// most (every one is counted, by reason, on the service).
+    drop_log: LogGate,
+    refusal_log: LogGate,
     /// The address visitors send to (for PROXY protocol headers).
     public: Option<SocketAddr>,
     /// New flows per visitor address (the first replica's `visitor_rate`).
@@ -172,19 +174,6 @@ impl Handler<ForgetFlow> for UdpServiceListener {
 }
 
 impl UdpServiceListener {
-    /// Binds `host:port` for UDP, with a receive buffer for bursts.
-    pub(crate) fn bind(host: &str, port: u16) -> io::Result<UdpSocket> {
-        let addr = super::service_listener::ServiceListener::resolve(host, port)?;
-        let domain = socket2::Domain::for_address(addr);
-        let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, None)?;
-        socket.set_reuse_address(true)?;
-        let _ = socket.set_recv_buffer_size(4 << 20);
-        let _ = socket.set_send_buffer_size(4 << 20);
-        socket.set_nonblocking(true)?;
-        socket.bind(&addr.into())?;
-        UdpSocket::from_std(socket.into())
-    }
-
     /// Starts serving `socket` for the service, whose first replica is `first`.
     pub(crate) fn start(
         socket: UdpSocket,
@@ -202,7 +191,8 @@ impl UdpServiceListener {
                 socket,
                 replicas: ReplicaSet::default(),
                 owners: std::collections::HashMap::new(),
-                logs: LogLimiter::new(),
+                drop_log: LogGate::default(),
+                refusal_log: LogGate::default(),
                 public,
                 rate: None,
             };

@@ -69,7 +69,8 @@ pub struct TunnelServerConfig {
     pub max_unauthenticated: usize,
     /// Most of those from one address (an IPv6 /64). Default 64.
     pub max_unauthenticated_per_address: usize,
-    /// Most agents connected at once. Default 1000.
+    /// Most tunnels connected at once: agents' links (an agent with
+    /// `connections = 2` holds two). Default 1000.
     pub max_tunnels: usize,
     /// Most services one agent may register. Default 50.
     pub max_services_per_tunnel: usize,
@@ -414,17 +415,18 @@ pub struct TunnelClientConfig {
     /// and counted; at least 64 KiB. Default 4 MiB.
     #[serde(default = "default_udp_budget")]
     pub udp_waiting: usize,
-    /// UDP flows this agent keeps open at once, whatever the server asks:
-    /// each is a socket of the agent's; past it, a new flow is refused with
-    /// `ConnectFail`. Default 1024.
+    /// UDP flows each of this agent's links keeps open at once, whatever
+    /// the server asks: each is a socket of the agent's; past it, a new
+    /// flow is refused with `ConnectFail`. Default 1024.
     #[serde(default = "default_agent_flows")]
     pub max_flows: usize,
-    /// TCP streams this agent keeps open at once, whatever the server asks:
-    /// each is a connection to a local service (a descriptor); past it, a
-    /// new stream is refused with `ConnectFail`. Keep it, with `max_flows`,
-    /// below the process's open-file limit (`ulimit -n`), so that the
-    /// control link can always reconnect. Default 16384 (the server's own
-    /// `max_streams_per_tunnel`).
+    /// TCP streams each of this agent's links keeps open at once, whatever
+    /// the server asks: each is a connection to a local service (a
+    /// descriptor); past it, a new stream is refused with `ConnectFail`.
+    /// Keep it plus `max_flows`, times the links (servers x
+    /// `connections`), below the process's open-file limit (`ulimit -n`),
+    /// so that the control links can always reconnect. Default 16384 (the
+    /// server's own `max_streams_per_tunnel`).
     #[serde(default = "default_agent_streams")]
     pub max_streams: usize,
     /// Addresses an access client may ask this agent to dial (`Open` with a

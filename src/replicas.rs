@@ -8,6 +8,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 /// How a service's visitors are spread over its replicas.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +45,29 @@ impl FromStr for LoadBalance {
             other => Err(UnknownLoadBalance(other.to_owned())),
         }
     }
+}
+
+/// The bits of a link's client id that hold its number among its agent's
+/// links to one server (`connections`, at most
+/// [`MAX_CONNECTIONS`](crate::config::MAX_CONNECTIONS)).
+const LINK_NUMBER_BITS: u128 = (crate::config::MAX_CONNECTIONS - 1) as u128;
+
+const _: () = assert!(crate::config::MAX_CONNECTIONS.is_power_of_two());
+
+/// The client id of an agent's link number `connection` to one server: the
+/// agent's own for the first, and for each extra link the agent's with the
+/// number XORed into its last bits (docs/PROTOCOL.md §4.9).
+pub fn link_client_id(agent: Uuid, connection: usize) -> Uuid {
+    Uuid::from_u128(agent.as_u128() ^ (connection as u128 & LINK_NUMBER_BITS))
+}
+
+/// The agent a link belongs to, from the link's client id: the links of one
+/// agent differ only in the bits that hold their number, which this clears.
+/// Two agents with random client ids share all other bits by a chance of
+/// 2^-119; two whose configured ids differ only in those bits are taken for
+/// one (a visitor one refuses is then not offered to the other).
+pub fn agent_of(client_id: Uuid) -> Uuid {
+    Uuid::from_u128(client_id.as_u128() & !LINK_NUMBER_BITS)
 }
 
 /// The replicas of one service, keyed by `K` (the tunnel each belongs to).
@@ -165,6 +189,20 @@ mod tests {
             picks(&mut s, LoadBalance::LeastStreams, 6),
             [0, 1, 2, 0, 1, 2]
         );
+    }
+
+    #[test]
+    fn an_agents_links_name_the_agent_and_no_other() {
+        let agent = Uuid::new_v4();
+        let links: Vec<Uuid> = (0..crate::config::MAX_CONNECTIONS)
+            .map(|n| link_client_id(agent, n))
+            .collect();
+        assert_eq!(links[0], agent);
+        let distinct: std::collections::HashSet<_> = links.iter().collect();
+        assert_eq!(distinct.len(), links.len());
+        assert!(links.iter().all(|l| agent_of(*l) == agent_of(agent)));
+        let other = Uuid::from_u128(agent.as_u128() ^ (1 << 3));
+        assert_ne!(agent_of(other), agent_of(agent));
     }
 
     #[test]

@@ -345,16 +345,29 @@ async fn a_replica_whose_service_fails_its_checks_gets_no_visitor_until_it_passe
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Agent A's service is down and A keeps two links (`--connections 2`):
+/// a visitor one of A's links refuses is offered to B, never to A's other
+/// link (which would dial the same dead service).
 #[actix_web::test]
 async fn a_visitor_the_first_replica_refuses_is_served_by_another_byte_exact() {
     let public = free_ports(1).0;
     let (mut server, url) = server((public, public), &[]);
     let down = free_ports(1).0; // nothing listens there: agent A's dial fails
     let (local_b, served_b) = counting_echo().await;
-    let mut a = agent(&url, down, public);
+    let mut a = Proc::spawn(&[
+        "agent",
+        "--server",
+        &url,
+        "--connections",
+        "2",
+        "--tcp",
+        &format!("svc:{down}:{public}"),
+    ]);
     assert_eq!(a.registered_port(), public);
     let mut b = agent(&url, local_b, public);
     assert_eq!(b.registered_port(), public);
+    // three replicas: the first starts the listener, two join it
+    server.wait_for("replica joined");
     server.wait_for("replica joined");
 
     // every visitor sends its bytes and its FIN at once, before any agent

@@ -37,7 +37,10 @@ impl ControlChannel {
             .into_actor(self)
             .map(move |result, act, ctx| {
                 match result.map_err(crate::actors::Error::from).and_then(|r| r) {
-                    Ok((tunnel_id, cancel)) => act.accepted(tunnel_id, cancel, scope, ctx),
+                    Ok((tunnel_id, cancel)) => {
+                        let agent = crate::replicas::agent_of(client_id);
+                        act.accepted((tunnel_id, agent), cancel, scope, ctx)
+                    }
                     Err(e) => {
                         if let Some(held_back) = act.shared.remote_event(RemoteEvent::AuthRefused) {
                             act.span.in_scope(|| {
@@ -93,7 +96,7 @@ impl ControlChannel {
 
     fn accepted(
         &mut self,
-        tunnel_id: Uuid,
+        (tunnel_id, agent): (Uuid, Uuid),
         cancel: CancellationToken,
         scope: TokenScope,
         ctx: &mut ws::WebsocketContext<Self>,
@@ -108,6 +111,7 @@ impl ControlChannel {
             .in_scope(|| tracing::info!(?features, "agent authenticated"));
         self.link = Some(Link {
             tunnel_id,
+            agent,
             cancel,
             services: HashMap::new(),
             streams: StreamHub::default(),

@@ -154,12 +154,13 @@ impl ControlChannel {
         let service_id = Uuid::new_v4();
         let counters = Arc::new(Counters::new());
         let cancel = session.cancel.child_token();
-        let tunnel_id = session.tunnel_id;
+        let (tunnel_id, agent) = (session.tunnel_id, session.agent);
         let mut flows = None;
         let tcp_replica = || JoinReplica {
             tunnel_id,
             replica: Replica {
                 service_id,
+                agent,
                 channel: ctx.address().recipient(),
                 counters: counters.clone(),
                 healthy: true,

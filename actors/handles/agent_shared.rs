@@ -135,13 +135,6 @@ pub(super) fn client_tls(config: &TunnelClientConfig) -> Result<Option<Arc<rustl
     Ok(Some(Arc::new(tls)))
 }
 
-/// The client id of the agent's link number `connection` to one server:
-/// the agent's own for the first, and for each extra link (a replica, see
-/// `connections`) the agent's with the number XORed into its last byte.
-pub(crate) fn link_client_id(agent: Uuid, connection: usize) -> Uuid {
-    Uuid::from_u128(agent.as_u128() ^ (connection as u128 & 0xff))
-}
-
 /// Waits (at most `connect_timeout`) until the first link has been given a
 /// port for every service that asks for any, so that the other links ask
 /// their servers for the same ports.

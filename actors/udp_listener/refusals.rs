@@ -9,7 +9,6 @@ use uuid::Uuid;
 
 use super::UdpServiceListener;
 use crate::accounting::DropKind;
-use crate::log_limit::RemoteEvent;
 use crate::visitor_rules::Refusal;
 
 impl UdpServiceListener {
@@ -27,7 +26,7 @@ impl UdpServiceListener {
         if let Some(replica) = replica.or_else(|| self.replicas.iter().next()) {
             replica.counters.add_drop(kind);
         }
-        if let Some(held_back) = self.logs.admit(RemoteEvent::VisitorRefused, Instant::now()) {
+        if let Some(held_back) = self.drop_log.admit(Instant::now()) {
             tracing::info!(port = self.settings.port, %visitor, reason, drop = kind.name(), held_back, "datagram dropped");
         }
     }
@@ -54,7 +53,7 @@ impl UdpServiceListener {
         if let Some(replica) = self.replicas.iter().next() {
             replica.counters.add_refused(why);
         }
-        if let Some(held_back) = self.logs.admit(RemoteEvent::VisitorRefused, Instant::now()) {
+        if let Some(held_back) = self.refusal_log.admit(Instant::now()) {
             tracing::info!(port = self.settings.port, %visitor, reason = why.name(), held_back, "datagram refused by the service's rules");
         }
     }

@@ -9,8 +9,9 @@ use tokio::sync::{oneshot, watch};
 
 use super::TunnelAgent;
 use crate::actors::agent_connection::{AgentConnection, StopAgent};
-use crate::actors::handles::agent_shared::{AgentShared, client_tls, first_grants, link_client_id};
+use crate::actors::handles::agent_shared::{AgentShared, client_tls, first_grants};
 use crate::actors::io::runtime;
+use crate::replicas::link_client_id;
 use crate::{Result, TunnelError};
 
 impl TunnelAgent {
