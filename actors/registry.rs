@@ -146,6 +146,16 @@ impl Handler<OpenTunnel> for Registry {
             tracing::info!(tunnel_id = %old.id, peer = %msg.peer, "session taken over by a reconnecting agent");
             ended(old, Some("taken over by a new session of the same agent"));
         }
+        if let Some(extra) = opened.displaced {
+            let max = msg.max_tunnels;
+            tracing::info!(tunnel_id = %extra.id, peer = %msg.peer, max, "an agent's extra link gives way to an agent without one (at the limit of tunnels)");
+            ended(
+                extra,
+                Some(
+                    "the server is at its limit of tunnels: an agent's extra link gives way to an agent without one (raise max_tunnels)",
+                ),
+            );
+        }
         opened.result?;
         Ok((id, cancel))
     }

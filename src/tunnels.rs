@@ -157,6 +157,8 @@ pub struct ClosedTunnel<T> {
 #[derive(Debug)]
 struct Entry<T> {
     key: AgentKey,
+    /// When it opened: of an agent's links, the newest gives way first.
+    opened: Instant,
     liveness: Liveness,
     ports: Vec<u16>,
     /// The service each port was allocated for.
@@ -186,6 +188,9 @@ pub struct TunnelTable<T> {
 pub struct Opened<T> {
     /// The agent's previous tunnel, taken over (closed) first, if it had one.
     pub taken_over: Option<ClosedTunnel<T>>,
+    /// Another agent's extra link, closed to make room at the limit of
+    /// tunnels for an agent that had none.
+    pub displaced: Option<ClosedTunnel<T>>,
     /// Whether the new tunnel is open.
     pub result: Result<(), RegistryError>,
 }
@@ -212,8 +217,10 @@ impl<T> TunnelTable<T> {
 
     /// Opens tunnel `id` for `agent` at `now`, silent for at most `timeout`.
     /// The agent's previous tunnel, if it still has one (a half-dead
-    /// connection), is taken over first: closed, its ports freed. Past `max`
-    /// tunnels the new one is refused.
+    /// connection), is taken over first: closed, its ports freed. At `max`
+    /// tunnels, an agent that has none displaces the newest link of the
+    /// agent with the most (`connections`: that agent keeps the others);
+    /// anyone else is refused.
     pub fn open(
         &mut self,
         id: Uuid,
@@ -223,12 +230,23 @@ impl<T> TunnelTable<T> {
         max: usize,
     ) -> Opened<T> {
         let taken_over = (self.by_agent.get(&agent).copied()).and_then(|old| self.close(old));
+        let mut displaced = None;
         if self.tunnels.len() >= max {
-            let result = Err(RegistryError::TooManyTunnels { max });
-            return Opened { taken_over, result };
+            displaced = self
+                .extra_link_for(&agent)
+                .and_then(|extra| self.close(extra));
+            if displaced.is_none() {
+                let result = Err(RegistryError::TooManyTunnels { max });
+                return Opened {
+                    taken_over,
+                    displaced,
+                    result,
+                };
+            }
         }
         let entry = Entry {
             key: agent.clone(),
+            opened: now,
             liveness: Liveness::new(now, timeout),
             ports: Vec::new(),
             names: Vec::new(),
@@ -239,8 +257,31 @@ impl<T> TunnelTable<T> {
         self.tunnels.insert(id, entry);
         Opened {
             taken_over,
+            displaced,
             result: Ok(()),
         }
+    }
+
+    /// The tunnel that gives way to `arriving` at the limit: none when the
+    /// arriving link's agent already has one (an extra link waits its
+    /// turn); else the newest link of the agent with the most links, if
+    /// any has two (an agent is its token and `replicas::agent_of` its
+    /// client id).
+    fn extra_link_for(&self, arriving: &AgentKey) -> Option<Uuid> {
+        let agent = |(hash, client): &AgentKey| (hash.clone(), crate::replicas::agent_of(*client));
+        let mut links: HashMap<(String, Uuid), Vec<(Instant, Uuid)>> = HashMap::new();
+        for (id, entry) in &self.tunnels {
+            let group = links.entry(agent(&entry.key)).or_default();
+            group.push((entry.opened, *id));
+        }
+        if links.contains_key(&agent(arriving)) {
+            return None;
+        }
+        let most = links
+            .into_values()
+            .filter(|l| l.len() > 1)
+            .max_by_key(Vec::len)?;
+        most.into_iter().max().map(|(_, id)| id)
     }
 
     /// Tunnel `id` reported at `now`.
@@ -535,6 +576,31 @@ mod tests {
         assert_eq!(t.len(), 1);
         let again = t.open(id(3), agent(1), (), (now, S), 1);
         assert!(again.taken_over.is_some() && again.result.is_ok());
+    }
+
+    #[test]
+    fn at_the_limit_an_agent_without_a_link_displaces_anothers_newest_extra_one() {
+        let now = Instant::now();
+        let mut t = TunnelTable::new((30_000, 30_009));
+        let a = 0x100_u128; // agent A's first link; its extra link is a ^ 1
+        let (b, c) = (0x200_u128, 0x300_u128);
+        let open = |t: &mut TunnelTable<()>, n: u128, key: u128, at: Duration| {
+            t.open(id(n), agent(key), (), (now + at, S), 3)
+        };
+        assert!(open(&mut t, 1, a, Duration::ZERO).result.is_ok());
+        assert!(open(&mut t, 2, a ^ 1, S).result.is_ok());
+        assert!(open(&mut t, 3, b, S).result.is_ok());
+        // C has no link: A's newest link gives way
+        let opened = open(&mut t, 4, c, 2 * S);
+        assert!(opened.result.is_ok());
+        assert_eq!(opened.displaced.map(|d| d.id), Some(id(2)));
+        assert_eq!(t.len(), 3);
+        // now no agent has two: a newcomer is refused, and so is an extra link
+        let refused = open(&mut t, 5, 0x400, 3 * S);
+        assert!(refused.result.is_err() && refused.displaced.is_none());
+        let extra = open(&mut t, 6, b ^ 1, 3 * S);
+        assert!(extra.result.is_err() && extra.displaced.is_none());
+        assert_eq!(t.len(), 3);
     }
 
     #[test]

@@ -756,3 +756,52 @@ async fn a_legacy_agent_answering_heartbeats_keeps_its_port_until_it_falls_silen
     assert!(common::wait_closed(p, Duration::from_secs(1)).await);
     assert_eq!(server.registry.tunnel_count().await, 0);
 }
+
+/// At the limit of tunnels, an agent without a link displaces another
+/// agent's extra link (`connections = 2`): that agent keeps serving on its
+/// other link, the newcomer serves too, and the displaced link waits its
+/// turn (refused while the server stays at its limit).
+#[actix_web::test]
+async fn at_the_limit_of_tunnels_an_extra_link_gives_way_to_an_agent_without_one() {
+    use zlayer_tunnel::{ServiceConfig, TunnelAgent, TunnelState};
+    let (low, high) = free_ports(2);
+    let mut config = fast_config((low, high));
+    config.max_tunnels = 2;
+    let server = spawn_server(config, "t");
+    let (echo_a, echo_b) = (
+        common::services::echo().await,
+        common::services::echo().await,
+    );
+    let a_service = ServiceConfig::tcp("a", echo_a).with_remote_port(low);
+    let a_config = common::agent_config(server.addr, "t", vec![a_service]).with_connections(2);
+    let (a, _a_task, a_published) = common::run_published(TunnelAgent::new(a_config));
+    a_published.wait(2).await; // both of A's links registered
+    assert_eq!(server.registry.tunnel_count().await, 2);
+
+    let b_service = ServiceConfig::tcp("b", echo_b).with_remote_port(high);
+    let (b, _b_task, b_published) = common::spawn_published(server.addr, "t", vec![b_service]);
+    b_published.wait(1).await;
+    let states = || {
+        let links = a.status().links;
+        let up = |l: &&zlayer_tunnel::status::LinkStatus| {
+            matches!(l.state, TunnelState::Connected { .. })
+        };
+        let waiting = |l: &&zlayer_tunnel::status::LinkStatus| {
+            matches!(
+                l.state,
+                TunnelState::Reconnecting { .. } | TunnelState::Connecting
+            )
+        };
+        (
+            links.iter().filter(up).count(),
+            links.iter().filter(waiting).count(),
+        )
+    };
+    common::wait_until("one of A's links gave way", || async { states() == (1, 1) }).await;
+    common::echo_through(([127, 0, 0, 1], low).into(), 1, 256 << 10).await;
+    common::echo_through(([127, 0, 0, 1], high).into(), 2, 256 << 10).await;
+    assert_eq!(server.registry.tunnel_count().await, 2);
+    assert!(matches!(b.status().state, TunnelState::Connected { .. }));
+    a.stop();
+    b.stop();
+}
