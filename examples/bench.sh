@@ -14,7 +14,9 @@
 # `cargo install --root ~/.cache/tunnel-peers rathole@0.5.0 bore-cli@0.6.0`),
 # zlt-2 (zlt with two agents registering the service: replicas sharing its port;
 # zlt-base-2 the same with BASE_BIN), zlt-c2 (zlt with one agent and
-# `--connections 2`: two links, each on its own thread),
+# `--connections 2`: two links, each on its own thread; the default since
+# 2026-12-04, the flag for builds before it), zlt-c1 (`--connections 1`:
+# one link, the default before),
 # and two baselines that are not tunnels: relay (one plain TCP relay process,
 # `tcpload relay`: accept, dial the service, copy; the least work any tunnel
 # that ends the visitor's TCP and dials the service must do) and relay2 (two
@@ -76,7 +78,7 @@ up_target() {
     relay2)
       start "$LOAD" relay 127.0.0.1:$CTRL 127.0.0.1:$LOCAL; wait_tcp $CTRL || return 1
       start "$LOAD" relay 127.0.0.1:$PUB 127.0.0.1:$CTRL; PORT=$PUB ;;
-    zlt|zlt-base|zlt-2|zlt-base-2|zlt-c2)
+    zlt|zlt-base|zlt-2|zlt-base-2|zlt-c2|zlt-c1)
       local bin=$BIN
       if [ "${1#zlt-base}" != "$1" ]; then
         bin=${BASE_BIN:-}
@@ -85,7 +87,9 @@ up_target() {
       start "$bin" server --listen 127.0.0.1:$CTRL --port-range $PUB-$PUB --bind-host 127.0.0.1 --token bench-token
       wait_tcp $CTRL || return 1
       # (the flag only where needed: builds before it do not know it)
-      local links=(); [ "$1" = zlt-c2 ] && links=(--connections 2)
+      local links=()
+      [ "$1" = zlt-c2 ] && links=(--connections 2)
+      [ "$1" = zlt-c1 ] && links=(--connections 1)
       start env ZLAYER_TUNNEL_TOKEN=bench-token "$bin" agent --server ws://127.0.0.1:$CTRL/tunnel/v1 ${links[@]+"${links[@]}"} --tcp svc:$LOCAL:$PUB
       # zlt-2: a second agent, a replica of the service: visitors spread over both
       if [ "${1%-2}" != "$1" ]; then

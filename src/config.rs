@@ -69,8 +69,9 @@ pub struct TunnelServerConfig {
     pub max_unauthenticated: usize,
     /// Most of those from one address (an IPv6 /64). Default 64.
     pub max_unauthenticated_per_address: usize,
-    /// Most tunnels connected at once: agents' links (an agent with
-    /// `connections = 2` holds two). Default 1000.
+    /// Most tunnels connected at once: agents' links (an agent holds its
+    /// `connections`, 2 by default; at the limit, an agent without a link
+    /// displaces the newest of the agent with the most). Default 1000.
     pub max_tunnels: usize,
     /// Most services one agent may register. Default 50.
     pub max_services_per_tunnel: usize,
@@ -133,7 +134,7 @@ fn default_agent_flows() -> usize {
 pub const MAX_CONNECTIONS: usize = 8;
 
 fn default_connections() -> usize {
-    1
+    2
 }
 
 /// Default of the UDP budgets (`udp_in_flight`, `udp_waiting`).
@@ -360,7 +361,7 @@ pub struct TunnelClientConfig {
     /// visitor to the link with the fewest open streams: a bulk transfer
     /// and an interactive session then travel on different sockets and
     /// threads, and the small one does not queue behind the big one.
-    /// Default 1.
+    /// Default 2.
     #[serde(default = "default_connections")]
     pub connections: usize,
     /// The token, sent raw inside `Auth`; masked in logs. A file may leave it

@@ -332,7 +332,7 @@ pub fn render_metrics(tunnels: &[TunnelInfo], free_ports: usize) -> String {
     gauge(
         &mut out,
         "zlayer_tunnel_tunnels",
-        "Connected tunnels: agents' links (an agent with connections = 2 has two).",
+        "Connected tunnels: agents' links (2 per agent by default, its connections setting).",
         tunnels.len() as u64,
     );
     gauge(

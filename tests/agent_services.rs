@@ -89,6 +89,8 @@ async fn services_added_and_removed_through_the_admin_api_leave_the_others_untou
         &keep,
         "--admin-listen",
         "127.0.0.1:0",
+        "--connections",
+        "1",
     ];
     let mut agent = Proc::spawn_with(&args, |c| {
         c.env("ZLAYER_TUNNEL_ADMIN_TOKEN", "admin-secret");

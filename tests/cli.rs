@@ -328,7 +328,7 @@ async fn status_and_metrics_count_a_real_transfer_byte_for_byte() {
     let spec = format!("web:{echo}:{public}");
     let agent_args = ["agent", "--server", &url, "--token", "t", "--tcp", &spec];
     let mut agent = Proc::spawn_with(&agent_args, |c| {
-        c.args(["--admin-listen", "127.0.0.1:0"])
+        c.args(["--admin-listen", "127.0.0.1:0", "--connections", "1"])
             .stdout(Stdio::piped());
     });
     let agent_admin = agent.listening_addr("admin endpoints listening");
@@ -441,6 +441,8 @@ async fn a_frozen_agent_is_dropped_and_comes_back_when_thawed() {
     let url = control_url(&mut server);
     let spec = format!("echo:{echo}:{public}");
     let mut agent = spawn(&["agent", "--server", &url, "--token", "t", "--tcp", &spec]);
+    // each of its two links (the default) registers
+    assert_eq!(agent.registered_port(), public);
     assert_eq!(agent.registered_port(), public);
     let public_addr = ([127, 0, 0, 1], public).into();
     echo_through(public_addr, 1, 64 << 10).await;
@@ -463,7 +465,8 @@ async fn a_frozen_agent_is_dropped_and_comes_back_when_thawed() {
     );
 
     agent.signal("CONT");
-    // the agent noticed, reconnected, got its port back
+    // the agent noticed, reconnected, got its port back on both links
+    assert_eq!(agent.registered_port(), public);
     assert_eq!(agent.registered_port(), public);
     echo_through(public_addr, 1, 64 << 10).await;
     terminate(&mut agent);

@@ -190,9 +190,14 @@ fn agent(url: &str, token: &str, local: u16) -> Proc {
 fn named_agent(url: &str, token: &str, name: &str, local: u16) -> Proc {
     let service = format!("{name}:{local}:0");
     Proc::spawn_with(&["agent", "--server", url, "--tcp", &service], |c| {
-        c.env("ZLAYER_TUNNEL_TOKEN", token);
+        c.args(ONE_LINK).env("ZLAYER_TUNNEL_TOKEN", token);
     })
 }
+
+/// The cluster's agents keep one link to a server: these tests follow one
+/// registration per server in the agents' logs (tests/replicas.rs has
+/// agents of two links).
+const ONE_LINK: [&str; 2] = ["--connections", "1"];
 
 /// Waits until `proc` logs `text`; how long that took from `since`.
 fn logged_within(proc: &mut Proc, text: &str, since: Instant) -> Duration {
@@ -428,7 +433,7 @@ async fn any_server_answers_any_visitor_and_a_dead_one_stops_being_routed_to() {
             "agent", "--server", &url_1, "--server", &url_2, "--tcp", &service,
         ],
         |c| {
-            c.env("ZLAYER_TUNNEL_TOKEN", "ha-token");
+            c.args(ONE_LINK).env("ZLAYER_TUNNEL_TOKEN", "ha-token");
         },
     );
     let port = agent.registered_port();
@@ -585,7 +590,7 @@ async fn two_servers_with_agent(token: &str, agent_args: &[&str]) -> TwoServers 
     let mut args = vec!["agent", "--server", &url_1];
     args.extend_from_slice(agent_args);
     let mut agent = Proc::spawn_with(&args, |c| {
-        c.env("ZLAYER_TUNNEL_TOKEN", token);
+        c.args(ONE_LINK).env("ZLAYER_TUNNEL_TOKEN", token);
     });
     let port = agent.registered_port();
     two.wait_for("forwarding public port to a peer");

@@ -774,8 +774,13 @@ async fn at_the_limit_of_tunnels_an_extra_link_gives_way_to_an_agent_without_one
     );
     let a_service = ServiceConfig::tcp("a", echo_a).with_remote_port(low);
     let a_config = common::agent_config(server.addr, "t", vec![a_service]).with_connections(2);
-    let (a, _a_task, a_published) = common::run_published(TunnelAgent::new(a_config));
-    a_published.wait(2).await; // both of A's links registered
+    let (a, _a_task) = common::run_agent(TunnelAgent::new(a_config));
+    let connected =
+        |l: &zlayer_tunnel::status::LinkStatus| matches!(l.state, TunnelState::Connected { .. });
+    common::wait_until("both of A's links registered", || async {
+        a.status().links.iter().all(connected)
+    })
+    .await;
     assert_eq!(server.registry.tunnel_count().await, 2);
 
     let b_service = ServiceConfig::tcp("b", echo_b).with_remote_port(high);
@@ -783,9 +788,7 @@ async fn at_the_limit_of_tunnels_an_extra_link_gives_way_to_an_agent_without_one
     b_published.wait(1).await;
     let states = || {
         let links = a.status().links;
-        let up = |l: &&zlayer_tunnel::status::LinkStatus| {
-            matches!(l.state, TunnelState::Connected { .. })
-        };
+        let up = |l: &&zlayer_tunnel::status::LinkStatus| connected(l);
         let waiting = |l: &&zlayer_tunnel::status::LinkStatus| {
             matches!(
                 l.state,

@@ -45,6 +45,8 @@ async fn one_agent_on_two_servers_keeps_one_port_and_survives_either() {
         &url(c1),
         "--server",
         &url(c2),
+        "--connections",
+        "1",
         "--tcp",
         &spec,
     ]);

@@ -90,15 +90,21 @@ async fn a_node_tunnel_carries_bytes_and_tells_the_truth_through_a_restart() {
     .await;
     let second = echo_through(([127, 0, 0, 1], public).into(), 2, 1 << 20).await;
     moved += second;
-    // node B's side (the public socket) counted the same bytes, exactly
-    common::wait_until("node B's connection closed", || async {
+    // node B's side (the public socket) counted the same bytes, exactly, on
+    // the node tunnel's links together (two by default)
+    let on_b = || async {
         let tunnels = node_b.registry.list_tunnels().await;
-        tunnels[0].services[0].stats.connections_active == 0
+        let all = tunnels.iter().flat_map(|t| &t.services).map(|s| s.stats);
+        all.fold((0, 0, 0), |(open, i, o), s| {
+            (open + s.connections_active, i + s.bytes_in, o + s.bytes_out)
+        })
+    };
+    common::wait_until("node B's connection closed", || async {
+        on_b().await.0 == 0
     })
     .await;
-    let tunnels = node_b.registry.list_tunnels().await;
-    let stats = tunnels[0].services[0].stats;
-    assert_eq!((stats.bytes_in, stats.bytes_out), (second, second));
+    let (_, bytes_in, bytes_out) = on_b().await;
+    assert_eq!((bytes_in, bytes_out), (second, second));
 
     // accounting: exactly the payload, each way, across both sessions
     let stats = node_a.get_status("db").unwrap().stats;

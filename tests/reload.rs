@@ -33,8 +33,9 @@ async fn reload(admin: SocketAddr, token: Option<&str>) -> (u16, String) {
 /// An agent with `token` publishing service `name` on `url`.
 fn agent(url: &str, token: &str, name: &str, local: u16) -> Proc {
     let service = format!("{name}:{local}:0");
+    let one_link = ["--connections", "1"];
     Proc::spawn_with(&["agent", "--server", url, "--tcp", &service], |c| {
-        c.env("ZLAYER_TUNNEL_TOKEN", token);
+        c.args(one_link).env("ZLAYER_TUNNEL_TOKEN", token);
     })
 }
 

@@ -319,14 +319,18 @@ async fn a_replica_whose_service_fails_its_checks_gets_no_visitor_until_it_passe
         replicas >= 2 && status.contains("\"healthy\":false"),
         "{status}"
     );
-    let metrics = common::http_get(&format!("http://{admin}/metrics")).await;
-    let healthy = |v: &str| {
-        metrics
-            .lines()
+    let healthy = |metrics: &str, v: &str| {
+        (metrics.lines())
             .filter(|l| l.starts_with("zlayer_tunnel_replica_healthy{") && l.ends_with(v))
             .count()
     };
-    assert_eq!((healthy(" 0"), healthy(" 1")), (1, 1), "{metrics}");
+    // each agent's two links (`connections` by default) are two replicas,
+    // each link checking and reporting on its own
+    wait_until("both of A's links out, both of B's in", || async {
+        let metrics = common::http_get(&format!("http://{admin}/metrics")).await;
+        (healthy(&metrics, " 0"), healthy(&metrics, " 1")) == (2, 2)
+    })
+    .await;
 
     let _service_a = Switchable::start(service_a.port, service_a.served.clone()).await;
     a.wait_for("passes its health check again");

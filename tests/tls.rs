@@ -47,7 +47,13 @@ fn tls_server(files: &Files, pem: &Pem, public: u16) -> (Proc, u16) {
 
 fn agent(url: &str, ca: &str, service: u16, public: u16) -> Proc {
     let spec = format!("echo:{service}:{public}");
-    Proc::spawn(&["agent", "--server", url, "--ca-cert", ca, "--tcp", &spec])
+    let one_link = ["--connections", "1"];
+    Proc::spawn_with(
+        &["agent", "--server", url, "--ca-cert", ca, "--tcp", &spec],
+        |c| {
+            c.args(one_link);
+        },
+    )
 }
 
 #[actix_web::test]

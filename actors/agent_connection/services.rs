@@ -155,7 +155,9 @@ impl AgentConnection {
     /// Records a published service and tells the `on_published` callback.
     pub(super) fn published(&self, service_id: Uuid, service: &ServiceConfig, port: u16) {
         self.shared.view.registered(service_id, service, port);
-        if let Some(callback) = &self.shared.on_published {
+        // an extra link to a server publishes what its first did: told once
+        let callback = self.shared.on_published.as_ref();
+        if let Some(callback) = callback.filter(|_| self.shared.connection == 0) {
             callback(&PublishedService {
                 name: service.name.clone(),
                 protocol: service.protocol,

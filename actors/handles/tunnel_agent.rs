@@ -90,7 +90,8 @@ impl TunnelAgent {
     }
 
     /// Sets the callback told of each service the server publishes, with its
-    /// public address (after every reconnect too).
+    /// public address (after every reconnect too; once per server, by the
+    /// first of the links to it).
     #[must_use]
     pub fn on_published(mut self, callback: PublishedCallback) -> Self {
         self.on_published = Some(callback);

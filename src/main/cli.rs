@@ -236,7 +236,7 @@ pub(crate) struct AgentArgs {
     #[arg(long)]
     pub(crate) server: Vec<String>,
     /// Links to each server, each on a thread of its own (1 to 8; default
-    /// 1; a server that takes no more gets one): visitors spread over
+    /// 2; a server that takes no more gets one): visitors spread over
     /// them, so that an interactive session does not queue behind a bulk
     /// transfer.
     #[arg(long)]

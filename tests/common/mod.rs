@@ -292,7 +292,9 @@ fn status_kib(pid: u32, field: &str) -> u64 {
 /// An agent's running task: `run()`'s result.
 pub type AgentTask = tokio::task::JoinHandle<zlayer_tunnel::Result<()>>;
 
-/// The test agents' configuration: fast heartbeats and reconnects.
+/// The test agents' configuration: fast heartbeats and reconnects, and one
+/// link (`connections = 1`): these tests reason about one session; those of
+/// several links say so (`with_connections`).
 pub fn agent_config(
     server: SocketAddr,
     token: &str,
@@ -300,7 +302,8 @@ pub fn agent_config(
 ) -> zlayer_tunnel::TunnelClientConfig {
     let mut config =
         zlayer_tunnel::TunnelClientConfig::new(format!("ws://{server}/tunnel/v1"), token)
-            .with_reconnect(Duration::from_millis(50), Duration::from_millis(500));
+            .with_reconnect(Duration::from_millis(50), Duration::from_millis(500))
+            .with_connections(1);
     config.heartbeat_interval = Duration::from_millis(200);
     config.heartbeat_timeout = Duration::from_secs(2);
     for s in services {
