@@ -267,7 +267,17 @@ async fn a_server_that_lies_about_its_window_cannot_make_the_agent_buffer() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("ws://{}/tunnel/v1", listener.local_addr().unwrap());
     let spec = format!("bulk:{service_port}:2222");
-    let agent = common::process::Proc::spawn(&["agent", "--server", &url, "--tcp", &spec]);
+    // one link: this server serves the first connection it accepts
+    let args = [
+        "agent",
+        "--server",
+        &url,
+        "--connections",
+        "1",
+        "--tcp",
+        &spec,
+    ];
+    let agent = common::process::Proc::spawn(&args);
     let (mut socket, mut buf, caps) = upgraded(&listener, i32::MAX as u32).await;
     let mut service_id = None;
     while service_id.is_none() {
