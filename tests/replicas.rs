@@ -49,12 +49,16 @@ fn server(range: (u16, u16), flags: &[&str]) -> (Proc, String) {
     (server, format!("ws://{control}/tunnel/v1"))
 }
 
-/// An agent publishing `svc` from local port `local` on `public`.
+/// An agent publishing `svc` from local port `local` on `public`, with one
+/// link: one agent is one replica (the tests follow "replica joined" and
+/// "replica left" once per agent).
 fn agent(url: &str, local: u16, public: u16) -> Proc {
     Proc::spawn(&[
         "agent",
         "--server",
         url,
+        "--connections",
+        "1",
         "--tcp",
         &format!("svc:{local}:{public}"),
     ])
@@ -191,10 +195,13 @@ async fn udp_flows_spread_over_replicas_and_stay_on_theirs() {
     let public = free_ports(1).0;
     let (mut server, url) = server((public, public), &[]);
     let spec = |local: u16| format!("dns:{local}:{public}");
+    // one link each: one agent is one replica
     let mut a = Proc::spawn(&[
         "agent",
         "--server",
         &url,
+        "--connections",
+        "1",
         "--udp",
         &spec(tagged_udp(b'a').await),
     ]);
@@ -203,6 +210,8 @@ async fn udp_flows_spread_over_replicas_and_stay_on_theirs() {
         "agent",
         "--server",
         &url,
+        "--connections",
+        "1",
         "--udp",
         &spec(tagged_udp(b'b').await),
     ]);

@@ -222,6 +222,10 @@ async fn a_flood_is_dropped_and_counted_while_tcp_keeps_working() {
         &echo_spec,
         "--admin-listen",
         "127.0.0.1:0",
+        // one link: the flood and the transfer share one WebSocket, and the
+        // two lines read below are its two registrations
+        "--connections",
+        "1",
     ]);
     let agent_admin = agent.listening_addr("admin endpoints listening");
     let mut public = [agent.registered_port(), agent.registered_port()];
