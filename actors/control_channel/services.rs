@@ -75,29 +75,38 @@ impl ControlChannel {
                 }
                 None => remote_port,
             };
-            let alloc = AllocatePort {
-                tunnel_id,
-                name: service_name.clone(),
-                protocol,
-                requested,
-                allowed: allowed_ports,
-                named_in_scope,
-            };
-            let grant = registry
-                .send(alloc)
-                .await
-                .map_err(crate::actors::Error::from);
-            let port = match grant {
-                Ok(Ok(PortGrant::New(port))) => port,
-                Ok(Ok(PortGrant::Joined(port, listener))) => {
-                    let joined = joinable(&service_name, protocol, listener);
-                    if joined.is_err() {
+            let mut waits = 0;
+            let port = loop {
+                let alloc = AllocatePort {
+                    tunnel_id,
+                    name: service_name.clone(),
+                    protocol,
+                    requested,
+                    allowed: allowed_ports.clone(),
+                    named_in_scope,
+                };
+                let grant = registry
+                    .send(alloc)
+                    .await
+                    .map_err(crate::actors::Error::from);
+                match grant {
+                    Ok(Ok(PortGrant::New(port))) => break port,
+                    Ok(Ok(PortGrant::Joined(port, listener))) => {
+                        let error = match joinable(&service_name, protocol, listener) {
+                            Ok(bound) => return Ok((port, bound)),
+                            Err(error) => error,
+                        };
                         registry.do_send(ReleasePort { tunnel_id, port });
+                        // the replica that holds it is still binding it (an
+                        // agent's two links register at once): a moment more
+                        if waits == SETUP_WAITS {
+                            return Err((error, RegisterRefusal::Later));
+                        }
+                        waits += 1;
+                        tokio::time::sleep(SETUP_WAIT).await;
                     }
-                    let joined = joined.map_err(|e| (e, RegisterRefusal::Later));
-                    return joined.map(|bound| (port, bound));
+                    Ok(Err(e)) | Err(e) => return Err((e.to_string(), e.refusal())),
                 }
-                Ok(Err(e)) | Err(e) => return Err((e.to_string(), e.refusal())),
             };
             // a port this server forwarded to a peer is taken over
             forwards.release((port, protocol));
@@ -317,6 +326,11 @@ fn joinable(
         )),
     }
 }
+
+/// How often, 20 ms apart, a registration joining a replica whose listener
+/// is still being set up asks again before it is refused.
+const SETUP_WAITS: u32 = 25;
+const SETUP_WAIT: Duration = Duration::from_millis(20);
 
 /// Binds a public port, retrying briefly while a closing listener (takeover) still holds it.
 async fn bind_with_retry(host: &str, port: u16) -> std::io::Result<tokio::net::TcpListener> {
