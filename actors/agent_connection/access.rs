@@ -3,6 +3,7 @@
 //! arrive as the session's `Dial`s.
 
 use super::*;
+use crate::actors::io::runtime;
 
 /// Opens an access stream for `socket` to `service` through the server
 /// (`AccessManager` with a server).
@@ -30,6 +31,13 @@ impl Handler<OpenStream> for AgentConnection {
             // the socket is dropped: the local client sees the connection close
             return tracing::warn!(service = %msg.service, "no access link to the server yet; connection closed");
         };
+        // accepted on the access session's (or a cluster forward's) thread
+        let socket = match runtime::onto_this_thread(msg.socket) {
+            Ok(socket) => socket,
+            Err(error) => {
+                return tracing::warn!(service = %msg.service, %error, "access connection lost before its stream opened");
+            }
+        };
         let id = Uuid::new_v4();
         let opened = (link.session).open_access(id, &msg.service, &msg.target, msg.visitor);
         if let Err(error) = opened {
@@ -49,7 +57,7 @@ impl Handler<OpenStream> for AgentConnection {
             bandwidth: msg.bandwidth,
         };
         link.streams
-            .attach(id, ForwardedConnection::start(msg.socket, wiring));
+            .attach(id, ForwardedConnection::start(socket, wiring));
         tracing::debug!(stream = %id, service = %msg.service, "access stream opened");
         self.execute(ctx);
     }

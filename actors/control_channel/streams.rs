@@ -3,15 +3,24 @@
 //! (deliver, credit, shut, reset; datagrams and flows of the UDP side).
 
 use super::*;
+use crate::actors::io::runtime;
 use crate::session::SocketEvent;
 
 impl Handler<VisitorArrived> for ControlChannel {
     type Result = ();
 
     fn handle(&mut self, msg: VisitorArrived, ctx: &mut Self::Context) {
+        let socket = match runtime::onto_this_thread(msg.socket) {
+            Ok(socket) => socket,
+            // the visitor's socket is gone (its fd could not be registered):
+            // nothing to forward, nothing to tell it
+            Err(error) => {
+                return tracing::debug!(visitor = %msg.peer, %error, "visitor's socket not registered");
+            }
+        };
         let opened = self.open_stream(
             msg.service_id,
-            msg.socket,
+            socket,
             &msg.peer.to_string(),
             Opening {
                 second_chance: msg.second_chance,

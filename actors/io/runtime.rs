@@ -41,3 +41,78 @@ pub(crate) fn thread(name: &str) -> std::io::Result<ArbiterHandle> {
 pub(crate) fn stop_thread(thread: &ArbiterHandle) {
     thread.spawn_fn(|| actix::System::current().stop());
 }
+
+/// `socket`, its readiness watched by this thread's reactor.
+///
+/// A tokio socket stays registered with the reactor of the thread that
+/// accepted it: a service listener runs on the thread of the link that
+/// registered the service first, so a visitor it gives to another link (a
+/// replica, an agent's second link) would be woken through that thread, and
+/// wait whenever that thread is busy with its own streams. Costs two system
+/// calls (`epoll_ctl` out and in).
+pub(crate) fn onto_this_thread(
+    socket: tokio::net::TcpStream,
+) -> std::io::Result<tokio::net::TcpStream> {
+    tokio::net::TcpStream::from_std(socket.into_std()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::time::Duration;
+
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    fn current_thread() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// A socket accepted on a thread that then stops turning (blocked) is
+    /// read on another thread once moved onto it: without the move, its
+    /// readiness would wait for the blocked thread's reactor.
+    #[test]
+    fn a_socket_moved_onto_this_thread_is_read_while_its_first_thread_is_blocked() {
+        let (to_reader, accepted) = std::sync::mpsc::channel();
+        let (release, blocked) = std::sync::mpsc::channel::<()>();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (waiting_tx, waiting) = std::sync::mpsc::channel();
+        let acceptor = std::thread::spawn(move || {
+            let runtime = current_thread();
+            runtime.block_on(async {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                let (socket, _) = listener.accept().await.unwrap();
+                to_reader.send(socket).unwrap();
+            });
+            // this thread's reactor turns no more until the test ends
+            let _ = blocked.recv();
+        });
+        let mut visitor = std::net::TcpStream::connect(addr_rx.recv().unwrap()).unwrap();
+        let socket = accepted.recv().unwrap();
+        let reader = std::thread::spawn(move || {
+            current_thread().block_on(async move {
+                let mut socket = onto_this_thread(socket).unwrap();
+                let mut got = [0u8; 4];
+                // nothing sent yet: from here on, only a reactor says when to read
+                let nothing = socket.try_read(&mut got);
+                assert_eq!(nothing.unwrap_err().kind(), std::io::ErrorKind::WouldBlock);
+                waiting_tx.send(()).unwrap();
+                let read = socket.read_exact(&mut got);
+                tokio::time::timeout(Duration::from_secs(10), read)
+                    .await
+                    .map(|r| r.map(|_| got))
+            })
+        });
+        waiting.recv().unwrap();
+        visitor.write_all(b"ping").unwrap();
+        let read = reader.join().unwrap();
+        let _ = release.send(());
+        acceptor.join().unwrap();
+        assert_eq!(read.expect("read in time").unwrap(), *b"ping");
+    }
+}
