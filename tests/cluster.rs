@@ -509,6 +509,48 @@ async fn any_server_answers_any_visitor_and_a_dead_one_stops_being_routed_to() {
     assert!(echoes(([127, 0, 0, 2], port).into(), 30, 1 << 20).await);
 }
 
+/// An agent's two links (the default) to one server of a cluster register
+/// its service once: one port leased (two were free), each link a replica of
+/// it, and visitors of either server reach the service through both links,
+/// byte for byte.
+#[actix_web::test]
+async fn an_agents_two_links_share_one_leased_port_and_both_carry_visitors() {
+    let etcd = Etcd::start().await;
+    token_command(&["add", "--etcd", &etcd.url, "--token", "links-token"]);
+    let range = free_ports(2);
+    let controls = free_ports(2).0;
+    let (mut one, url_1) = peer_server(&etcd.url, "127.0.0.1", range, controls);
+    let (mut two, _) = peer_server(&etcd.url, "127.0.0.2", range, controls + 1);
+    let local = common::services::echo().await;
+    let service = format!("svc:{local}:0");
+    let mut agent = Proc::spawn_with(&["agent", "--server", &url_1, "--tcp", &service], |c| {
+        c.env("ZLAYER_TUNNEL_TOKEN", "links-token");
+    });
+    let port = agent.registered_port();
+    assert_eq!(
+        agent.registered_port(),
+        port,
+        "the second link took another port"
+    );
+    two.wait_for("forwarding public port to a peer");
+    let visits = (0..8u64).map(|seed| {
+        let host = [127, 0, 0, 1 + (seed % 2) as u8];
+        common::echo_through((host, port).into(), 40 + seed, 1 << 20)
+    });
+    futures::future::join_all(visits).await;
+    // server 1 counts each link's streams under the link's client id
+    let admin = one.listening_addr("admin endpoints listening");
+    let both_carried = || async move {
+        let metrics = common::http_get(&format!("http://{admin}/metrics")).await;
+        let counts = metrics.lines().filter(|l| {
+            l.starts_with("zlayer_tunnel_service_connections_total{service=\"svc\"")
+                && !l.ends_with(" 0")
+        });
+        counts.count() == 2
+    };
+    wait_until("server 1 counts visitors on both links", both_carried).await;
+}
+
 /// Sends `count` datagrams of 1 B to 9 KB from `socket` to `to`, one at a
 /// time, each resent until its echo comes back whole (UDP may lose one);
 /// false if one never does within two seconds.
