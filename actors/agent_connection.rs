@@ -101,6 +101,8 @@ pub(crate) struct AgentConnection {
     told: Option<String>,
     /// The log of datagrams dropped on their way to the server.
     drop_log: crate::log_limit::LogGate,
+    /// The log of access connections closed before their stream opened.
+    access_log: crate::log_limit::LogGate,
 }
 
 impl Actor for AgentConnection {
@@ -230,6 +232,7 @@ impl AgentConnection {
             finished: false,
             refused: HashMap::new(),
             drop_log: Default::default(),
+            access_log: Default::default(),
             link: None,
             told: None,
         }

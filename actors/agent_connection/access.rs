@@ -27,21 +27,34 @@ impl Handler<OpenStream> for AgentConnection {
     type Result = ();
 
     fn handle(&mut self, msg: OpenStream, ctx: &mut Self::Context) {
+        if let Err((service, why)) = self.open_access_stream(msg, ctx) {
+            // a cluster's forwarded visitors decide how often: one line a second
+            if let Some(held_back) = self.access_log.admit(Instant::now()) {
+                tracing::warn!(%service, %why, held_back, "access stream not opened; connection closed");
+            }
+        }
+    }
+}
+
+impl AgentConnection {
+    /// Opens `msg`'s stream; the service and why not if it cannot (the
+    /// socket is dropped: the local client sees the connection close).
+    fn open_access_stream(
+        &mut self,
+        msg: OpenStream,
+        ctx: &mut Context<Self>,
+    ) -> Result<(), (String, String)> {
         let Some(link) = self.link.as_mut() else {
-            // the socket is dropped: the local client sees the connection close
-            return tracing::warn!(service = %msg.service, "no access link to the server yet; connection closed");
+            return Err((msg.service, "no access link to the server yet".to_owned()));
         };
         // accepted on the access session's (or a cluster forward's) thread
         let socket = match runtime::onto_this_thread(msg.socket) {
             Ok(socket) => socket,
-            Err(error) => {
-                return tracing::warn!(service = %msg.service, %error, "access connection lost before its stream opened");
-            }
+            Err(error) => return Err((msg.service, format!("its connection is gone: {error}"))),
         };
         let id = Uuid::new_v4();
-        let opened = (link.session).open_access(id, &msg.service, &msg.target, msg.visitor);
-        if let Err(error) = opened {
-            return tracing::warn!(service = %msg.service, %error, "access stream not opened; connection closed");
+        if let Err(why) = (link.session).open_access(id, &msg.service, &msg.target, msg.visitor) {
+            return Err((msg.service, why));
         }
         link.streams.expect(id);
         let wiring = StreamWiring {
@@ -60,6 +73,7 @@ impl Handler<OpenStream> for AgentConnection {
             .attach(id, ForwardedConnection::start(socket, wiring));
         tracing::debug!(stream = %id, service = %msg.service, "access stream opened");
         self.execute(ctx);
+        Ok(())
     }
 }
 

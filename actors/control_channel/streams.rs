@@ -10,24 +10,16 @@ impl Handler<VisitorArrived> for ControlChannel {
     type Result = ();
 
     fn handle(&mut self, msg: VisitorArrived, ctx: &mut Self::Context) {
-        let socket = match runtime::onto_this_thread(msg.socket) {
-            Ok(socket) => socket,
-            // the visitor's socket is gone (its fd could not be registered):
-            // nothing to forward, nothing to tell it
-            Err(error) => {
-                return tracing::debug!(visitor = %msg.peer, %error, "visitor's socket not registered");
-            }
+        let opening = Opening {
+            second_chance: msg.second_chance,
+            sent: msg.sent,
         };
-        let opened = self.open_stream(
-            msg.service_id,
-            socket,
-            &msg.peer.to_string(),
-            Opening {
-                second_chance: msg.second_chance,
-                sent: msg.sent,
-            },
-            ctx,
-        );
+        let opened = match runtime::onto_this_thread(msg.socket) {
+            Ok(socket) => {
+                self.open_stream(msg.service_id, socket, &msg.peer.to_string(), opening, ctx)
+            }
+            Err(_) => Err("its socket could not be watched here"),
+        };
         match opened {
             // the visitor's first bytes ride in the same write as `Connect`
             Ok(Some(first)) => <Self as Handler<StreamEvent>>::handle(self, first, ctx),
