@@ -1,7 +1,9 @@
 //! The library's own actix `System`, on a dedicated thread, so that the
 //! registry and raw-socket sessions work from any host: an actix-web app or a
 //! plain `#[tokio::main]` program (where starting an actor the naive way
-//! panics). It hands out an `ArbiterHandle`, which is `Send`.
+//! panics). It hands out an `ArbiterHandle`, which is `Send`. Also the
+//! threads of an agent's extra links ([`thread`]), and the move of a socket
+//! accepted on one thread onto another's reactor ([`onto_this_thread`]).
 
 use std::sync::OnceLock;
 
